@@ -1,0 +1,405 @@
+"""The Python API, mirroring the CLI: ``fit``, ``load``, ``evaluate``, ``predict``.
+
+    run = transferkit.fit("fashion-mnist", strategy="finetune", limit_per_class=20, out="runs/fm")
+    model = transferkit.load("runs/fm")
+    model.predict(["shoe.png"])
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from transferkit.config import FitConfig, build, load_yaml_config
+from transferkit.errors import TransferkitError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+# --- runs ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """A finished run folder: ``model/``, ``metrics.json``, ``history.jsonl``."""
+
+    path: Path
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def load(self) -> LoadedModel:
+        return load(self.path)
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.metrics["accuracy"])
+
+
+def _is_finished_run(path: Path) -> bool:
+    return (path / "metrics.json").is_file() and (path / "model").is_dir()
+
+
+def staging_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def _default_out(fit: FitConfig) -> Path:
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(fit.data).name or fit.data).strip("-") or "run"
+    return Path("runs") / f"{stem}-{fit.strategy}"
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def resolve_options(options: dict[str, Any], config_file: str | Path | None = None):
+    """Split a flat option dict (YAML file < explicit options) into the run's config objects."""
+    from transferkit.config import option_fields
+    from transferkit.engine.trainer import TrainConfig
+    from transferkit.extensions import list_extensions
+    from transferkit.strategies import list_strategies, strategy_class
+
+    merged: dict[str, Any] = load_yaml_config(config_file) if config_file else {}
+    merged.update({k.replace("-", "_"): v for k, v in options.items() if v is not None})
+    fit = build(FitConfig, merged)
+    fit.validate()
+    train = build(TrainConfig, merged)
+    train.validate()
+    extensions = []
+    for ext_cls in list_extensions().values():
+        ext = ext_cls(build(ext_cls.config_class, merged))
+        ext.config.validate()
+        extensions.append(ext)
+    cls = strategy_class(fit.strategy)
+    strategy = cls(build(cls.config_class, merged))
+    if merged:
+        other = {f.name for c in list_strategies().values() for f in option_fields(c.config_class)}
+        foreign = sorted(k for k in merged if k in other)
+        if foreign:
+            raise TransferkitError(
+                f"option(s) {', '.join('--' + k.replace('_', '-') for k in foreign)} do not apply to strategy "
+                f"'{fit.strategy}'", "remove them or choose the strategy they belong to")
+        raise TransferkitError(f"unknown option(s): {', '.join(sorted(merged))}", "see `transferkit fit --help`")
+    active = [e for e in extensions if e.active()]
+    for ext in active:
+        ext.check(fit, strategy)
+    return fit, train, strategy, active
+
+
+def fit(data: str | None = None, *, config: str | Path | None = None, **options: Any) -> Run:
+    """Train a model on ``data`` and write a run folder; see ``transferkit fit --help`` for every option."""
+    from accelerate import PartialState
+
+    from transferkit.backbones import create_backbone, default_backbone
+    from transferkit.data import load_data
+    from transferkit.engine.context import RunContext
+    from transferkit.engine.trainer import seed_everything
+    from transferkit.model import TaskSpec, TransferModel, save_model
+
+    if data is not None:
+        options["data"] = data
+    fit_cfg, train_cfg, strategy, extensions = resolve_options(options, config)
+    out = Path(fit_cfg.out) if fit_cfg.out else _default_out(fit_cfg)
+    stage = staging_dir(out)
+    all_options = {"fit": asdict(fit_cfg), "train": train_cfg.to_dict(), "strategy": strategy.to_dict(),
+                   "extensions": {e.name: asdict(e.config) for e in extensions}}
+    comparable = _comparable(all_options)
+
+    state = PartialState(cpu=train_cfg.device == "cpu" or not torch.cuda.is_available())
+    if _is_finished_run(out) and not fit_cfg.overwrite:
+        raise TransferkitError(f"'{out}' already holds a finished run", "pass --overwrite to replace it or choose "
+                               "another --out")
+    if out.exists() and not _is_finished_run(out) and any(out.iterdir()) and not fit_cfg.overwrite:
+        raise TransferkitError(f"'{out}' exists and is not a transferkit run", "choose an empty or new --out folder")
+    if stage.exists():
+        if fit_cfg.resume:
+            saved = json.loads((stage / "run_config.json").read_text()) if (stage / "run_config.json").is_file() \
+                else None
+            if saved is not None and _comparable(saved) != comparable:
+                raise TransferkitError(f"the interrupted run in '{stage}' used other options",
+                                       "resume with the same options, or pass --overwrite to start again")
+        elif fit_cfg.overwrite:
+            state.wait_for_everyone()
+            if state.is_main_process:
+                shutil.rmtree(stage)
+        else:
+            raise TransferkitError(f"an interrupted run for '{out}' exists in '{stage}'",
+                                   "pass --resume to continue it or --overwrite to start again")
+    state.wait_for_everyone()
+    if state.is_main_process:
+        stage.mkdir(parents=True, exist_ok=True)
+        (stage / "run_config.json").write_text(json.dumps(all_options, indent=2, default=str))
+    state.wait_for_everyone()
+
+    started = time.perf_counter()
+    splits = load_data(fit_cfg.data, text_column=fit_cfg.text_column, label_column=fit_cfg.label_column,
+                       limit_per_class=fit_cfg.limit_per_class, seed=train_cfg.seed,
+                       val_fraction=fit_cfg.val_fraction, test_fraction=fit_cfg.test_fraction,
+                       test_limit=fit_cfg.test_limit)
+    for note in splits.notes:
+        logger.info("data: %s", note)
+    backbone_name = fit_cfg.backbone or default_backbone(splits.modality)
+    backbone_options: dict[str, Any] = {}
+    if splits.modality == "image":
+        backbone_options["augment"] = fit_cfg.augment
+        if fit_cfg.image_size:
+            backbone_options["image_size"] = fit_cfg.image_size
+    seed_everything(train_cfg.seed)
+    backbone = create_backbone(backbone_name, pretrained=fit_cfg.pretrained, **backbone_options)
+    if backbone.modality != splits.modality:
+        raise TransferkitError(f"backbone '{backbone_name}' takes {backbone.modality} input but the data is "
+                               f"{splits.modality}", f"choose a {splits.modality} backbone (`transferkit backbones`)")
+    seed_everything(train_cfg.seed)
+    model = TransferModel(backbone, [TaskSpec("label", "classify", list(splits.class_names))],
+                          head_dropout=fit_cfg.head_dropout)
+    strategy.prepare(model)
+    cache_dir = Path(fit_cfg.cache_dir) if fit_cfg.cache_dir else None
+    if cache_dir is None:
+        from transferkit.engine.features import default_cache_dir
+
+        cache_dir = default_cache_dir()
+    context = RunContext(splits=splits, train=train_cfg, label_smoothing=fit_cfg.label_smoothing,
+                         checkpoint_dir=stage / "checkpoint", cache_dir=cache_dir, progress=fit_cfg.progress,
+                         notes=list(splits.notes))
+    for ext in extensions:
+        ext.configure(context, model, fit_cfg)
+    logger.info("training %s on %s (%s) with %s: %d train / %d val / %d test items, %d classes",
+                backbone_name, fit_cfg.data, splits.modality, strategy.name, len(splits.train), len(splits.val),
+                len(splits.test) if splits.test else 0, len(splits.class_names))
+    result = strategy.train(model, context)
+    train_seconds = time.perf_counter() - started
+
+    if not state.is_main_process:
+        return Run(out, {}, result.history)
+
+    eval_split, eval_data = ("test", splits.test) if splits.test is not None and len(splits.test) else \
+        ("val", splits.val)
+    report = evaluate_model(model, eval_data, batch_size=max(32, train_cfg.batch_size), progress=fit_cfg.progress)
+    trainable, total = model.count_parameters()
+    metrics: dict[str, Any] = {
+        "accuracy": report["accuracy"],
+        "macro_f1": report["macro_f1"],
+        **({"top5_accuracy": report["top5_accuracy"]} if "top5_accuracy" in report else {}),
+        "accuracy_split": eval_split if eval_split == "test" or strategy.frozen_backbone
+        else "val (also used for early stopping: no test split)",
+        "n_eval": report["n"],
+        "trainable_params": trainable,
+        "total_params": total,
+        "train_seconds": round(train_seconds, 3),
+        "peak_memory_mb": round(_peak_memory_mb(), 1),
+        "dataset_sizes": splits.sizes(),
+        "num_classes": len(splits.class_names),
+        "class_names": list(splits.class_names),
+        "backbone": backbone_name,
+        "strategy": strategy.name,
+        "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early,
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "notes": context.notes,
+        "evaluation": report,
+        "config": all_options,
+    }
+    for ext in extensions:
+        metrics.update(ext.metrics(context, model))
+    save_model(model, stage / "model", strategy.to_dict(), extra={"data": fit_cfg.data})
+    (stage / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
+    with open(stage / "history.jsonl", "w") as fh:
+        for row in result.history:
+            fh.write(json.dumps(row, default=_json_default) + "\n")
+    shutil.rmtree(stage / "checkpoint", ignore_errors=True)
+    _publish(stage, out)
+    logger.info("%s accuracy %.4f, macro F1 %.4f; run written to %s", eval_split, metrics["accuracy"],
+                metrics["macro_f1"], out)
+    return Run(out, metrics, result.history)
+
+
+def _comparable(options: dict[str, Any]) -> str:
+    fit_opts = dict(options.get("fit", {}))
+    for key in ("resume", "overwrite", "progress"):
+        fit_opts.pop(key, None)
+    train_opts = dict(options.get("train", {}))
+    for key in ("device", "threads"):
+        train_opts.pop(key, None)
+    return json.dumps({**options, "fit": fit_opts, "train": train_opts}, sort_keys=True, default=str)
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Move the finished staging folder into place; an existing finished run is replaced only at the end."""
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, trash)
+        os.replace(stage, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(stage, out)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+# --- prediction and evaluation -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict_proba_model(model, data, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    """Class probabilities of the first task for every item of a LabeledData."""
+    from tqdm.auto import tqdm
+
+    from transferkit.backbones import move_to
+    from transferkit.data.loader import make_loader
+
+    model.eval()
+    device = next(model.parameters()).device
+    loader = make_loader(data, model.backbone, batch_size=batch_size, train=False)
+    chunks = []
+    for batch in tqdm(loader, desc="predicting", leave=False, file=sys.stderr, disable=not progress,
+                      mininterval=1.0):
+        logits = model(move_to(batch["inputs"], device)).logits
+        chunks.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
+    return np.concatenate(chunks) if chunks else np.zeros((0, len(model.class_names)))
+
+
+def evaluate_model(model, data, batch_size: int = 64, progress: bool = False) -> dict[str, Any]:
+    from transferkit.evaluation.metrics import classification_report
+
+    probabilities = predict_proba_model(model, data, batch_size, progress)
+    keep = data.labels >= 0
+    return classification_report(data.labels[keep], probabilities[keep], model.class_names)
+
+
+class LoadedModel:
+    """A trained model restored from a run folder, with a scikit-learn-like interface."""
+
+    def __init__(self, module, config: dict[str, Any], path: Path) -> None:
+        self.module = module
+        self.config = config
+        self.path = path
+
+    @property
+    def classes_(self) -> list[str]:
+        return list(self.module.class_names)
+
+    @property
+    def modality(self) -> str:
+        return self.module.backbone.modality
+
+    def _as_data(self, items: Any):
+        from transferkit.data.base import LabeledData
+
+        if isinstance(items, (str, Path)) or not isinstance(items, (list, tuple)):
+            items = [items]
+        raw, ids = [], []
+        for i, item in enumerate(items):
+            if self.modality == "image":
+                raw.append(_open_image(item))
+                ids.append(str(item) if isinstance(item, (str, Path)) else f"item[{i}]")
+            else:
+                raw.append(str(item))
+                ids.append(f"item[{i}]")
+        return LabeledData(raw, np.full(len(raw), -1), self.classes_, self.modality, ids, name="inputs")
+
+    def predict_proba(self, items: Any, batch_size: int = 64) -> np.ndarray:
+        return predict_proba_model(self.module, self._as_data(items), batch_size)
+
+    def predict(self, items: Any, batch_size: int = 64) -> list[str]:
+        probabilities = self.predict_proba(items, batch_size)
+        return [self.classes_[i] for i in probabilities.argmax(axis=1)]
+
+    def evaluate(self, data: str, **options: Any) -> dict[str, Any]:
+        return evaluate(self, data, **options)
+
+
+def _open_image(item: Any):
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(item, Image.Image):
+        return item
+    path = Path(item)
+    if not path.is_file():
+        raise TransferkitError(f"image '{path}' does not exist", "check the path")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise TransferkitError(f"cannot read image '{path}' ({exc.__class__.__name__})",
+                               "remove or replace the file") from None
+
+
+def load(path: str | Path) -> LoadedModel:
+    """Restore a model from a run folder (or its ``model/`` subfolder)."""
+    from transferkit.model import load_model
+
+    path = Path(path)
+    if not path.exists():
+        raise TransferkitError(f"model folder '{path}' does not exist", "pass the --out folder of a finished fit")
+    module, config = load_model(path)
+    return LoadedModel(module, config, path)
+
+
+def evaluate(model: str | Path | LoadedModel, data: str, *, text_column: str | None = None,
+             label_column: str | None = None, batch_size: int = 64, progress: bool = True) -> dict[str, Any]:
+    """Accuracy, macro-F1, top-5, confusion matrix and per-class scores of ``model`` on labelled ``data``."""
+    from transferkit.data import load_for_evaluation
+
+    loaded = model if isinstance(model, LoadedModel) else load(model)
+    eval_data = load_for_evaluation(data, loaded.classes_, text_column=text_column, label_column=label_column)
+    if eval_data.modality != loaded.modality:
+        raise TransferkitError(f"the model takes {loaded.modality} input but '{data}' is {eval_data.modality} data",
+                               "evaluate on data of the kind the model was trained on")
+    return evaluate_model(loaded.module, eval_data, batch_size=batch_size, progress=progress)
+
+
+def expand_inputs(inputs: list[str], modality: str) -> list[str]:
+    """Image paths, with folders expanded to the images below them (sorted)."""
+    if modality != "image":
+        return inputs
+    expanded: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise TransferkitError(f"folder '{path}' holds no images", "pass image files or a folder of images")
+            expanded.extend(str(p) for p in files)
+        else:
+            expanded.append(item)
+    return expanded
+
+
+def predict(model: str | Path | LoadedModel, inputs: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
+    """One row per input: ``{"input", "prediction", "probabilities": {class: p}}``."""
+    loaded = model if isinstance(model, LoadedModel) else load(model)
+    items = expand_inputs(list(inputs), loaded.modality)
+    probabilities = loaded.predict_proba(items, batch_size)
+    return [
+        {"input": item, "prediction": loaded.classes_[int(p.argmax())],
+         "probabilities": {c: float(v) for c, v in zip(loaded.classes_, p)}}
+        for item, p in zip(items, probabilities)
+    ]

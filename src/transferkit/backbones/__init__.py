@@ -1,0 +1,116 @@
+"""Backbone registry: ``create_backbone("efficientnet_lite0")``, ``create_backbone("timm:resnet18")``, ...
+
+Exact names are registered with ``@register_backbone``; prefixed names (``timm:<name>``, ``hf:<name-or-path>``)
+with ``@register_prefix``. Modules that register entries are imported lazily on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from transferkit.backbones.base import Backbone, BackboneInfo, BackboneSpec, batch_size_of, move_to
+from transferkit.errors import TransferkitError
+
+__all__ = [
+    "Backbone",
+    "BackboneInfo",
+    "BackboneSpec",
+    "create_backbone",
+    "backbone_from_spec",
+    "list_backbones",
+    "default_backbone",
+    "register_backbone",
+    "register_prefix",
+    "move_to",
+    "batch_size_of",
+]
+
+# Modules whose import registers backbones. Kept explicit so the registry is predictable.
+_BACKBONE_MODULES = [
+    "transferkit.backbones.efficientnet",
+    "transferkit.backbones.text",
+    "transferkit.backbones.timm_backbone",
+    "transferkit.backbones.small_cnn",
+    "transferkit.backbones.causal_lm",
+    "transferkit.sequence.backbones",
+]
+
+
+@dataclass
+class _Entry:
+    factory: Callable[..., Backbone]
+    info: Callable[[], BackboneInfo]
+
+
+_REGISTRY: dict[str, _Entry] = {}
+_PREFIXES: dict[str, _Entry] = {}
+_loaded = False
+
+
+def register_backbone(name: str, info: Callable[[], BackboneInfo]):
+    """Decorator: register ``factory(pretrained: bool, **options) -> Backbone`` under ``name``."""
+
+    def wrap(factory: Callable[..., Backbone]) -> Callable[..., Backbone]:
+        _REGISTRY[name] = _Entry(factory, info)
+        return factory
+
+    return wrap
+
+
+def register_prefix(prefix: str, info: Callable[[], BackboneInfo]):
+    """Decorator: register ``factory(target: str, pretrained: bool, **options)`` for names ``prefix:target``."""
+
+    def wrap(factory: Callable[..., Backbone]) -> Callable[..., Backbone]:
+        _PREFIXES[prefix] = _Entry(factory, info)
+        return factory
+
+    return wrap
+
+
+def _load_modules() -> None:
+    global _loaded
+    if _loaded:
+        return
+    for module in _BACKBONE_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:  # a module not written yet must not break the others
+            if exc.name != module:
+                raise
+    _loaded = True
+
+
+def create_backbone(name: str, pretrained: bool = True, **options: Any) -> Backbone:
+    """Build a backbone by registry name. ``pretrained=False`` builds the architecture only (random weights)."""
+    _load_modules()
+    if name in _REGISTRY:
+        backbone = _REGISTRY[name].factory(pretrained=pretrained, **options)
+    elif ":" in name and name.split(":", 1)[0] in _PREFIXES:
+        prefix, target = name.split(":", 1)
+        if not target:
+            raise TransferkitError(f"backbone '{name}' names no model", f"write it as '{prefix}:<model name or path>'")
+        backbone = _PREFIXES[prefix].factory(target, pretrained=pretrained, **options)
+    else:
+        known = ", ".join(sorted(_REGISTRY) + [f"{p}:<name>" for p in sorted(_PREFIXES)])
+        raise TransferkitError(f"unknown backbone '{name}'", f"choose one of: {known} (see `transferkit backbones`)")
+    return backbone
+
+
+def backbone_from_spec(spec: dict[str, Any] | BackboneSpec, pretrained: bool = False) -> Backbone:
+    """Rebuild a backbone from its saved spec (architecture only unless ``pretrained``)."""
+    if isinstance(spec, dict):
+        spec = BackboneSpec(name=spec["name"], options=dict(spec.get("options", {})))
+    return create_backbone(spec.name, pretrained=pretrained, **spec.options)
+
+
+def list_backbones() -> list[BackboneInfo]:
+    """Every registered backbone (prefix entries describe the family), in registration order."""
+    _load_modules()
+    return [entry.info() for entry in _REGISTRY.values()] + [entry.info() for entry in _PREFIXES.values()]
+
+
+def default_backbone(modality: str) -> str:
+    return {"image": "efficientnet_lite0", "text": "minilm"}.get(modality, "small_cnn")

@@ -1,0 +1,212 @@
+"""Any timm image model as a backbone: ``timm:<model_name>`` (R. Wightman, PyTorch Image Models).
+
+The model is built with ``num_classes=0`` so ``forward_head(forward_features(x), pre_logits=True)`` is the
+pooled embedding. Layer groups come from timm's own ``group_matcher(coarse=True)`` (the stem, then each stage;
+the same grouping timm uses for layer-wise learning-rate decay); preprocessing from
+``timm.data.resolve_data_config`` with the input size replaced by the ``image_size`` option.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.data import create_transform, resolve_data_config
+from timm.models._manipulate import group_with_matcher
+from torch import nn
+from torchvision import transforms
+
+from transferkit.backbones import register_prefix
+from transferkit.backbones.base import (
+    Backbone,
+    BackboneInfo,
+    BackboneSpec,
+    as_pil_image,
+    group_from_parameter_names,
+)
+from transferkit.errors import TransferkitError
+
+logger = logging.getLogger(__name__)
+
+
+def image_transform(
+    image_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    interpolation: str,
+    crop_pct: float,
+    train: bool,
+) -> Callable[[Any], torch.Tensor]:
+    """Eval: timm's resize to ``floor(image_size / crop_pct)`` + centre crop + normalise.
+
+    Train: light augmentation for small datasets: random resized crop (scale 0.7-1), horizontal flip, mild
+    colour jitter (brightness/contrast/saturation 0.2), then the same normalisation.
+    """
+    if not train:
+        return create_transform(
+            input_size=(len(mean), image_size, image_size),
+            interpolation=interpolation,
+            mean=mean,
+            std=std,
+            crop_pct=crop_pct,
+        )
+    mode = transforms.InterpolationMode(interpolation)
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(image_size, scale=(0.7, 1.0), interpolation=mode),
+            transforms.RandomHorizontalFlip(),
+            transforms.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
+
+
+class TimmBackbone(Backbone):
+    """A timm model without classifier; the embedding is its pooled pre-logits features."""
+
+    modality = "image"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: BackboneSpec,
+        image_size: int | None,
+        augment: bool,
+        in_chans: int = 3,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.spec = spec
+        self.feature_dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
+        config = resolve_data_config({}, model=model)
+        if in_chans not in (1, 3):
+            raise TransferkitError(
+                f"backbone '{spec.name}' expects {in_chans} input channels", "use in_chans=1 or in_chans=3"
+            )
+        mean, std = tuple(config["mean"]), tuple(config["std"])
+        if len(mean) != in_chans:  # grey input to an RGB-normalised model: average the statistics
+            mean, std = (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans
+        self.image_mode = "L" if in_chans == 1 else "RGB"
+        self.image_size = int(image_size or config["input_size"][-1])
+        self.augment = augment
+        self.normalization = {
+            "mean": mean,
+            "std": std,
+            "interpolation": config["interpolation"],
+            "crop_pct": float(config["crop_pct"]),
+        }
+        self._eval_transform = image_transform(self.image_size, train=False, **self.normalization)
+        self._train_transform = image_transform(self.image_size, train=augment, **self.normalization)
+
+    def forward_features(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(inputs), pre_logits=True)
+
+    def _groups(self, coarse: bool) -> list[nn.Module]:
+        named = list(self.model.named_parameters())
+        if hasattr(self.model, "group_matcher"):
+            by_group = group_with_matcher(named, self.model.group_matcher(coarse=coarse))
+            name_lists = [by_group[k] for k in sorted(by_group)]
+        else:  # every top-level child that holds parameters is one group
+            name_lists = []
+            for child, _ in self.model.named_children():
+                names = [n for n, _ in named if n.startswith(child + ".")]
+                if names:
+                    name_lists.append(names)
+        return [group_from_parameter_names(self.model, names) for names in name_lists]
+
+    def layer_groups(self) -> list[nn.Module]:
+        return self._groups(coarse=True)
+
+    def blocks(self) -> list[nn.Module]:
+        return self._groups(coarse=False)
+
+    def suggested_lora_targets(self) -> list[str]:
+        """``qkv`` for vision transformers, else the names of the pointwise (1x1, ungrouped) convolutions, else
+        of all ungrouped convolutions (peft LoRA on grouped / depthwise convs needs rank % groups == 0)."""
+        modules = {n.rsplit(".", 1)[-1]: m for n, m in self.model.named_modules() if "." in n}
+        if isinstance(modules.get("qkv"), nn.Linear):
+            return ["qkv"]
+        convs = {
+            name: m
+            for name, m in self.model.named_modules()
+            if isinstance(m, nn.Conv2d) and m.groups == 1 and not name.rsplit(".", 1)[-1].isdigit()
+        }
+        pointwise = {n.rsplit(".", 1)[-1] for n, m in convs.items() if m.kernel_size == (1, 1)}
+        return sorted(pointwise or {n.rsplit(".", 1)[-1] for n in convs})
+
+    def preprocess(self, item: Any, train: bool = False) -> torch.Tensor:
+        transform = self._train_transform if train else self._eval_transform
+        return transform(as_pil_image(item, self.image_mode))
+
+    def preprocess_signature(self) -> str:
+        norm = self.normalization
+        return (
+            f"{self.spec.name}|{self.image_mode}|size={self.image_size}|{norm['interpolation']}"
+            f"|crop_pct={norm['crop_pct']}|mean={norm['mean']}|std={norm['std']}"
+        )
+
+
+def _timm_info() -> BackboneInfo:
+    return BackboneInfo(
+        name="timm:<model_name>",
+        modality="image",
+        params=None,
+        feature_dim=None,
+        weights="timm / Hugging Face hub (needs a network), or a local file via checkpoint_path=",
+        offline_available=False,
+        description="any timm image model; offline with pretrained=False or checkpoint_path=<weights file>",
+    )
+
+
+@register_prefix("timm", _timm_info)
+def create_timm_backbone(
+    target: str,
+    pretrained: bool,
+    image_size: int | None = None,
+    augment: bool = True,
+    checkpoint_path: str | None = None,
+    **timm_kwargs: Any,
+) -> TimmBackbone:
+    """``timm.create_model(target, pretrained=..., num_classes=0, **timm_kwargs)``.
+
+    ``checkpoint_path`` loads local weights through timm's pretrained path (so a 1000-class classifier in the
+    file is dropped cleanly); it is ignored when ``pretrained`` is False (a saved run rebuilds the architecture
+    and loads its own state dict).
+    """
+    if not timm.is_model(target):
+        raise TransferkitError(
+            f"timm has no model '{target}'",
+            'list the names with python -c "import timm; print(timm.list_models())"',
+        )
+    kwargs: dict[str, Any] = {"num_classes": 0, **timm_kwargs}
+    if pretrained and checkpoint_path is not None:
+        if not Path(checkpoint_path).is_file():
+            raise TransferkitError(
+                f"checkpoint_path '{checkpoint_path}' is not a file", "pass a local weights file"
+            )
+        kwargs["pretrained_cfg_overlay"] = {"file": str(checkpoint_path)}
+    try:
+        model = timm.create_model(target, pretrained=pretrained, **kwargs)
+    except TypeError as exc:
+        raise TransferkitError(
+            f"timm model '{target}' rejected an option: {exc}", "remove or rename it"
+        ) from exc
+    except Exception as exc:  # hub download / file format problems surface here
+        if not pretrained:
+            raise
+        raise TransferkitError(
+            f"could not load pretrained weights for timm model '{target}': {exc}",
+            "connect to the network, pass checkpoint_path=<local file>, or use pretrained=False",
+        ) from exc
+    options: dict[str, Any] = {"augment": augment, **timm_kwargs}
+    if checkpoint_path is not None:
+        options["checkpoint_path"] = str(checkpoint_path)
+    in_chans = int(timm_kwargs.get("in_chans", 3))
+    backbone = TimmBackbone(model, BackboneSpec(f"timm:{target}", options), image_size, augment, in_chans)
+    backbone.spec.options["image_size"] = backbone.image_size
+    return backbone

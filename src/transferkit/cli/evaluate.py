@@ -1,0 +1,31 @@
+"""``transferkit evaluate``: score a trained model on labelled data."""
+
+from __future__ import annotations
+
+import argparse
+
+from transferkit.cli.options import print_json
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("evaluate", help="Accuracy, macro-F1, top-5 and confusion matrix on labelled data.")
+    parser.add_argument("--model", required=True, help="Run folder written by `transferkit fit`.")
+    parser.add_argument("--data", required=True, help="Labelled data: folder, .csv/.jsonl, or built-in name.")
+    parser.add_argument("--text-column")
+    parser.add_argument("--label-column")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--json", action="store_true", help="Print exactly one JSON document on stdout.")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from transferkit.api import evaluate
+    from transferkit.evaluation.metrics import format_report
+
+    report = evaluate(args.model, args.data, text_column=args.text_column, label_column=args.label_column,
+                      batch_size=args.batch_size, progress=not args.json)
+    if args.json:
+        print_json(report)
+    else:
+        print(format_report(report))
+    return 0

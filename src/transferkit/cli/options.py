@@ -1,0 +1,60 @@
+"""argparse flags generated from option dataclasses, so the CLI and the Python API share one definition."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from transferkit.config import field_base_type, option_fields, register_option_class
+
+
+def add_dataclass_options(parser: argparse.ArgumentParser | Any, cls: type, seen: set[str],
+                          title: str | None = None) -> None:
+    """Add ``--<field>`` for every field of ``cls`` not already in ``seen`` (defaults suppressed, so only the
+    flags a user typed reach the merged options and a ``--config`` file can fill the rest)."""
+    register_option_class(cls)
+    group = parser.add_argument_group(title) if title else parser
+    for f in option_fields(cls):
+        if f.name in seen:
+            continue
+        seen.add(f.name)
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not f.default_factory else None  # type: ignore[comparison-overlap]
+        if default is not None and default != "":
+            help_text += f" (default: {default})"
+        tp = field_base_type(f)
+        if tp is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=help_text)
+        elif tp in (int, float, str):
+            group.add_argument(flag, dest=f.name, type=tp, default=argparse.SUPPRESS, help=help_text,
+                               metavar=f.name.upper())
+        else:  # lists: repeatable flag
+            group.add_argument(flag, dest=f.name, action="append", default=argparse.SUPPRESS, help=help_text,
+                               metavar=f.name.upper())
+
+
+def print_json(document: Any) -> None:
+    """Exactly one JSON document on stdout."""
+    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A plain aligned text table."""
+    cells = [[_fmt(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10000:
+        return f"{value:,}"
+    return str(value)

@@ -1,0 +1,61 @@
+"""``transferkit predict``: classify images (files or folders) or texts with a trained model."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+from pathlib import Path
+
+from transferkit.cli.options import format_table, print_json
+from transferkit.errors import TransferkitError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("predict", help="Predict classes for image files, folders or texts.")
+    parser.add_argument("--model", required=True, help="Run folder written by `transferkit fit`.")
+    parser.add_argument("inputs", nargs="+", help="Image files or folders (image models), or texts (text models).")
+    parser.add_argument("--csv", help="Write predictions with class probabilities to this CSV file "
+                                      "(default predictions.csv when a folder is given).")
+    parser.add_argument("--top", type=int, default=3, help="Classes shown per input in the table.")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--json", action="store_true", help="Print exactly one JSON document on stdout.")
+    parser.set_defaults(func=run)
+
+
+def write_predictions_csv(rows: list[dict], path: Path) -> None:
+    """Atomically write input, prediction and one probability column per class."""
+    classes = list(rows[0]["probabilities"]) if rows else []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["input", "prediction", *[f"p({c})" for c in classes]])
+        for row in rows:
+            writer.writerow([row["input"], row["prediction"], *[f"{row['probabilities'][c]:.6f}" for c in classes]])
+    os.replace(tmp, path)
+
+
+def run(args: argparse.Namespace) -> int:
+    from transferkit.api import load, predict
+
+    if args.top < 1:
+        raise TransferkitError(f"invalid --top {args.top}", "use a whole number >= 1")
+    model = load(args.model)
+    rows = predict(model, args.inputs, batch_size=args.batch_size)
+    csv_path = args.csv or ("predictions.csv" if model.modality == "image" and any(Path(i).is_dir()
+                                                                                   for i in args.inputs) else None)
+    if csv_path:
+        write_predictions_csv(rows, Path(csv_path))
+    if args.json:
+        print_json({"predictions": rows, **({"csv": str(csv_path)} if csv_path else {})})
+        return 0
+    table = []
+    for row in rows:
+        ranked = sorted(row["probabilities"].items(), key=lambda kv: -kv[1])[: args.top]
+        table.append({"input": row["input"], "prediction": row["prediction"],
+                      "top classes": ", ".join(f"{c} {p:.3f}" for c, p in ranked)})
+    print(format_table(table, ["input", "prediction", "top classes"]))
+    if csv_path:
+        print(f"predictions written to {csv_path}")
+    return 0

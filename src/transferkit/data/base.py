@@ -1,0 +1,173 @@
+"""Datasets as raw items plus labels; splits; the bridge to torch DataLoaders through a backbone.
+
+Raw items are what a user has: PIL images (loaded lazily from files or arrays) or strings. A backbone turns
+them into tensors (``Backbone.preprocess`` / ``Backbone.collate``), so one dataset serves every backbone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+class ItemSource(Sequence):
+    """A lazy sequence of raw items: ``source[i]`` loads item i (e.g. opens an image file)."""
+
+    def __init__(self, n: int, load: Callable[[int], Any], fingerprint_parts: Callable[[], bytes]) -> None:
+        self._n = n
+        self._load = load
+        self._fingerprint_parts = fingerprint_parts
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self._load(j) for j in range(*i.indices(self._n))]
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(i)
+        return self._load(i)
+
+    def content_bytes(self) -> bytes:
+        return self._fingerprint_parts()
+
+
+class SubsetSource(Sequence):
+    """Items ``indices`` of another sequence, without copying."""
+
+    def __init__(self, base: Sequence, indices: np.ndarray) -> None:
+        self.base = base
+        self.indices = np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self.base[int(j)] for j in self.indices[i]]
+        return self.base[int(self.indices[i])]
+
+
+@dataclass
+class LabeledData:
+    """Raw items with integer labels in ``range(len(class_names))`` (``-1`` marks an unlabelled item).
+
+    ``ids`` are stable, human-readable identifiers (a file's path relative to the dataset root, or
+    ``name[row]``); ``columns`` holds further per-item values (e.g. a ``domain`` column, extra targets).
+    """
+
+    items: Sequence[Any]
+    labels: np.ndarray
+    class_names: list[str]
+    modality: str  # "image" | "text" | "sequence"
+    ids: list[str]
+    name: str = "data"
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
+    content_key: str | None = None  # precomputed fingerprint of the full dataset, if cheap to know
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if not (len(self.items) == len(self.labels) == len(self.ids)):
+            raise ValueError("items, labels and ids must have the same length")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def subset(self, indices: Sequence[int] | np.ndarray, name: str | None = None) -> LabeledData:
+        """Items ``indices`` (positions in this dataset) without copying; subsets of subsets stay one level
+        deep so that ``fingerprint`` can always reach the underlying ``ItemSource``."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if isinstance(self.items, SubsetSource):
+            items = SubsetSource(self.items.base, self.items.indices[idx])
+        else:
+            items = SubsetSource(self.items, idx)
+        return LabeledData(
+            items=items,
+            labels=self.labels[idx],
+            class_names=list(self.class_names),
+            modality=self.modality,
+            ids=[self.ids[i] for i in idx],
+            name=name or self.name,
+            columns={k: np.asarray(v)[idx] for k, v in self.columns.items()},
+            content_key=None,
+        )
+
+    def class_counts(self) -> np.ndarray:
+        labelled = self.labels[self.labels >= 0]
+        return np.bincount(labelled, minlength=self.num_classes)
+
+    def fingerprint(self) -> str:
+        """A hash of the content (items, labels, order): keys the on-disk feature cache."""
+        h = hashlib.sha256()
+        h.update(self.modality.encode())
+        h.update(self.labels.tobytes())
+        h.update("\0".join(self.ids).encode())
+        base = self.items
+        if isinstance(base, SubsetSource):
+            h.update(base.indices.tobytes())
+            base = base.base
+        if isinstance(base, ItemSource):
+            h.update(base.content_bytes())
+        elif self.modality == "text":
+            h.update("\0".join(map(str, self.items)).encode())
+        else:  # in-memory items (small datasets only): hash their pixels / values, else their repr
+            for item in self.items:
+                h.update(_item_bytes(item))
+        return h.hexdigest()[:24]
+
+    def without_labels(self, name: str | None = None) -> LabeledData:
+        """The same items marked unlabelled (labels ``-1``, no class names), e.g. a domain-adaptation target."""
+        return LabeledData(
+            items=self.items,
+            labels=np.full(len(self), -1, dtype=np.int64),
+            class_names=[],
+            modality=self.modality,
+            ids=list(self.ids),
+            name=name or self.name,
+            columns=dict(self.columns),
+            content_key=None,
+        )
+
+
+def _item_bytes(item: Any) -> bytes:
+    """Deterministic bytes for one in-memory item: a PIL image's mode, size and pixels, an array's bytes."""
+    if hasattr(item, "mode") and hasattr(item, "size") and hasattr(item, "tobytes"):  # PIL.Image
+        return f"{item.mode}{item.size}".encode() + item.tobytes()
+    if isinstance(item, np.ndarray):
+        return f"{item.dtype}{item.shape}".encode() + np.ascontiguousarray(item).tobytes()
+    if hasattr(item, "detach"):  # torch.Tensor
+        array = item.detach().cpu().numpy()
+        return f"{array.dtype}{array.shape}".encode() + np.ascontiguousarray(array).tobytes()
+    return repr(item).encode() + b"\0"
+
+
+@dataclass
+class DataSplits:
+    """Train / validation / optional test; ``notes`` are human-readable remarks made while splitting."""
+
+    train: LabeledData
+    val: LabeledData
+    test: LabeledData | None
+    notes: list[str] = field(default_factory=list)
+    source: str = ""  # what --data pointed at
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.train.class_names
+
+    @property
+    def modality(self) -> str:
+        return self.train.modality
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test) if self.test else 0}

@@ -1,0 +1,342 @@
+"""Text datasets from ``.csv`` / ``.tsv`` / ``.jsonl`` files (one example per row) or folders holding
+``train`` / ``val`` / ``test`` files of those kinds.
+
+Column choice: ``text_column`` defaults to the first of ``TEXT_COLUMN_CANDIDATES`` present (case-insensitive),
+else the only non-numeric column; ``label_column`` to the first of ``LABEL_COLUMN_CANDIDATES``. Every other
+column is kept in ``LabeledData.columns`` (numeric columns as int64/float64 arrays, the rest as object arrays).
+Empty texts and missing labels are errors naming the line: silently dropping rows would change what is measured.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from transferkit.data.base import LabeledData
+from transferkit.errors import TransferkitError
+
+logger = logging.getLogger(__name__)
+
+TEXT_EXTENSIONS = (".csv", ".tsv", ".jsonl")
+TEXT_COLUMN_CANDIDATES = ("text", "sentence", "content", "review", "document")
+LABEL_COLUMN_CANDIDATES = ("label", "labels", "class", "category", "sentiment", "target")
+_MISSING_STRINGS = {"", "nan", "null"}
+
+
+@dataclass
+class Table:
+    """Rows of a text file: ``columns`` in file order, ``values[column][row]``, ``lines[row]`` (1-based)."""
+
+    path: Path
+    columns: list[str]
+    values: dict[str, list[Any]]
+    lines: list[int]
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+
+def _decode(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        logger.warning("'%s' is not valid UTF-8; reading it as latin-1", path)
+        return raw.decode("latin-1")
+
+
+def read_table(path: Path) -> Table:
+    """Parse a ``.csv`` / ``.tsv`` (header row required) or ``.jsonl`` (one JSON object per line) file."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in TEXT_EXTENSIONS:
+        raise TransferkitError(
+            f"'{path}' is not a supported text file ({suffix or 'no extension'})",
+            "use a .csv, .tsv or .jsonl file, or a folder of images",
+        )
+    content = _decode(path)
+    columns: list[str] = []
+    rows: list[dict[str, Any]] = []
+    lines: list[int] = []
+    if suffix == ".jsonl":
+        for line_number, line in enumerate(content.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise TransferkitError(
+                    f"line {line_number} of '{path}' is not valid JSON ({error.msg})", "write one JSON object per line"
+                ) from error
+            if not isinstance(row, dict):
+                raise TransferkitError(f"line {line_number} of '{path}' is not a JSON object", "write one JSON object per line")
+            for key in row:
+                if key not in columns:
+                    columns.append(key)
+            rows.append(row)
+            lines.append(line_number)
+    else:
+        csv.field_size_limit(2**31 - 1)  # long documents exceed the default of 131,072 characters
+        reader = csv.reader(io.StringIO(content, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        header = next(reader, None)
+        if header is None:
+            raise TransferkitError(f"'{path}' is empty", "add a header row and one row per example")
+        columns = [h.strip() for h in header]
+        duplicates = sorted({c for c in columns if columns.count(c) > 1})
+        if duplicates:
+            raise TransferkitError(f"'{path}' has duplicate column names {duplicates}", "rename the columns")
+        for fields in reader:
+            if not fields or (len(fields) == 1 and not fields[0].strip()):
+                continue
+            if len(fields) != len(columns):
+                raise TransferkitError(
+                    f"line {reader.line_num} of '{path}' has {len(fields)} fields but the header has {len(columns)}",
+                    'quote fields that contain the delimiter or line breaks ("like, this")',
+                )
+            rows.append(dict(zip(columns, fields)))
+            lines.append(reader.line_num)
+    if not rows:
+        raise TransferkitError(f"'{path}' has no data rows", "add one row per example")
+    values = {c: [row.get(c) for row in rows] for c in columns}
+    return Table(path=path, columns=columns, values=values, lines=lines)
+
+
+def _is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, str) and value.strip().lower() in _MISSING_STRINGS
+
+
+def _as_number(value: Any) -> float | int | None:
+    """The number a cell holds (``int`` if integral text/int), or None if it is not numeric."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            try:
+                return float(value)
+            except ValueError:
+                return None
+    return None
+
+
+def column_array(values: list[Any]) -> np.ndarray:
+    """int64 if every present cell is an integer, float64 (NaN = missing) if numeric, else an object array."""
+    present = [v for v in values if not _is_missing(v)]
+    numbers = [_as_number(v) for v in present]
+    if present and all(n is not None for n in numbers):
+        if all(isinstance(n, int) for n in numbers) and len(present) == len(values):
+            return np.asarray([_as_number(v) for v in values], dtype=np.int64)
+        return np.asarray([np.nan if _is_missing(v) else float(_as_number(v)) for v in values], dtype=np.float64)
+    return np.asarray(["" if _is_missing(v) else v for v in values], dtype=object)
+
+
+def _is_numeric_column(values: list[Any]) -> bool:
+    return column_array(values).dtype != object
+
+
+def _find_column(table: Table, wanted: str, option: str) -> str:
+    if wanted in table.columns:
+        return wanted
+    folded = {c.lower(): c for c in table.columns}
+    if wanted.lower() in folded:
+        return folded[wanted.lower()]
+    raise TransferkitError(
+        f"'{table.path}' has no column '{wanted}'; its columns are: {', '.join(table.columns)}",
+        f"pass one of them with {option}",
+    )
+
+
+def choose_columns(table: Table, text_column: str | None, label_column: str | None, labelled: bool) -> tuple[str, str | None]:
+    """Resolve the text and label columns (explicit names, else the documented defaults)."""
+    folded = {c.lower(): c for c in table.columns}
+    if label_column is not None:
+        label = _find_column(table, label_column, "--label-column") if labelled else None
+    else:
+        label = next((folded[c] for c in LABEL_COLUMN_CANDIDATES if c in folded), None)
+        if label is None and labelled:
+            raise TransferkitError(
+                f"'{table.path}' has no label column (looked for {', '.join(LABEL_COLUMN_CANDIDATES)}); "
+                f"its columns are: {', '.join(table.columns)}",
+                "name the label column with --label-column",
+            )
+    if text_column is not None:
+        text = _find_column(table, text_column, "--text-column")
+    else:
+        text = next((folded[c] for c in TEXT_COLUMN_CANDIDATES if c in folded), None)
+        if text is None:
+            string_columns = [c for c in table.columns if c != label and not _is_numeric_column(table.values[c])]
+            if len(string_columns) != 1:
+                raise TransferkitError(
+                    f"cannot tell which column of '{table.path}' holds the text "
+                    f"(looked for {', '.join(TEXT_COLUMN_CANDIDATES)}); its columns are: {', '.join(table.columns)}",
+                    "name the text column with --text-column",
+                )
+            text = string_columns[0]
+    if text == label:
+        raise TransferkitError(f"the text column and the label column are both '{text}'", "choose two different columns")
+    return text, label
+
+
+def _label_string(value: Any) -> str:
+    if isinstance(value, (list, dict)):
+        raise ValueError("multi-label")
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def sort_class_names(names: set[str]) -> list[str]:
+    """Numeric labels sort by value (so "2" < "10" and label "k" gets index k for 0..K-1), others as strings."""
+    if all(_as_number(n) is not None for n in names):
+        return sorted(names, key=lambda n: (float(_as_number(n)), n))  # type: ignore[arg-type]
+    return sorted(names)
+
+
+def _texts(table: Table, column: str) -> list[str]:
+    texts = []
+    for value, line in zip(table.values[column], table.lines):
+        if _is_missing(value) or (isinstance(value, str) and not value.strip()):
+            raise TransferkitError(
+                f"line {line} of '{table.path}' has an empty text in column '{column}'", "fill in the text or remove the row"
+            )
+        if isinstance(value, (list, dict)):
+            raise TransferkitError(f"line {line} of '{table.path}': column '{column}' is not a string", "store the text as a string")
+        texts.append(str(value))
+    return texts
+
+
+def _label_strings(table: Table, column: str) -> list[str]:
+    labels = []
+    for value, line in zip(table.values[column], table.lines):
+        if _is_missing(value):
+            raise TransferkitError(
+                f"line {line} of '{table.path}' has no label in column '{column}'", "fill in the label or remove the row"
+            )
+        try:
+            labels.append(_label_string(value))
+        except ValueError as error:
+            raise TransferkitError(
+                f"line {line} of '{table.path}' has a list of labels; multi-label data is not supported",
+                "give each row a single label",
+            ) from error
+    return labels
+
+
+def _ids(table: Table) -> list[str]:
+    folded = {c.lower(): c for c in table.columns}
+    if "id" in folded:
+        ids = [str(v) for v in table.values[folded["id"]]]
+        if all(not _is_missing(v) for v in table.values[folded["id"]]) and len(set(ids)) == len(ids):
+            return ids
+        logger.warning("column '%s' of '%s' is not a unique id; using row numbers as ids", folded["id"], table.path)
+    return [f"{table.path.name}[{i}]" for i in range(len(table))]
+
+
+def read_text_file(
+    path: Path,
+    *,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    labelled: bool = True,
+    class_names: list[str] | None = None,
+    name: str | None = None,
+) -> LabeledData:
+    """Read one text file into a ``LabeledData`` (modality "text").
+
+    ``class_names`` fixes the label index (e.g. from the training file); a label outside it is an error.
+    With ``labelled=False`` labels are -1 and the label column (if any) stays in ``columns``.
+    """
+    table = read_table(path)
+    text, label = choose_columns(table, text_column, label_column, labelled)
+    texts = _texts(table, text)
+    if labelled:
+        assert label is not None
+        label_strings = _label_strings(table, label)
+        if class_names is None:
+            class_names = sort_class_names(set(label_strings))
+            if len(class_names) < 2:
+                raise TransferkitError(
+                    f"'{path}' has a single class ('{class_names[0]}') in column '{label}'; a classifier needs at least two",
+                    "add examples of other classes or choose another --label-column",
+                )
+        index = {c: i for i, c in enumerate(class_names)}
+        unknown = sorted(set(label_strings) - set(index))
+        if unknown:
+            raise TransferkitError(
+                f"'{path}' has label(s) {unknown} that the training data does not have (classes: {', '.join(class_names)})",
+                "add training examples of these classes or remove the rows",
+            )
+        labels = np.asarray([index[s] for s in label_strings], dtype=np.int64)
+    else:
+        class_names, labels = [], np.full(len(texts), -1, dtype=np.int64)
+    extra = [c for c in table.columns if c not in (text, label if labelled else None)]
+    return LabeledData(
+        items=texts,
+        labels=labels,
+        class_names=list(class_names),
+        modality="text",
+        ids=_ids(table),
+        name=name or Path(path).stem,
+        columns={c: column_array(table.values[c]) for c in extra},
+    )
+
+
+def find_split_files(folder: Path) -> dict[str, Path] | None:
+    """``{"train": train.csv, "val": val.jsonl, ...}`` when ``folder`` holds split text files, else None."""
+    from transferkit.data.images import SPLIT_FOLDER_NAMES
+
+    files = {p.name.lower(): p for p in Path(folder).iterdir() if p.is_file()}
+    found: dict[str, Path] = {}
+    for split, spellings in SPLIT_FOLDER_NAMES.items():
+        matches = [files[s + ext] for s in spellings for ext in TEXT_EXTENSIONS if s + ext in files]
+        if len(matches) > 1:
+            raise TransferkitError(
+                f"'{folder}' has several {split} files ({', '.join(m.name for m in matches)})", "keep one of them"
+            )
+        if matches:
+            found[split] = matches[0]
+    if not found:
+        return None
+    if "train" not in found:
+        raise TransferkitError(
+            f"'{folder}' has {', '.join(p.name for p in found.values())} but no train file",
+            "add train.csv (or .tsv/.jsonl) with the training examples",
+        )
+    return found
+
+
+def read_text_folder(
+    folder: Path, *, text_column: str | None = None, label_column: str | None = None, name: str | None = None
+) -> dict[str, LabeledData]:
+    """Read ``train`` / ``val`` / ``test`` text files of ``folder``; class names come from the train file."""
+    files = find_split_files(folder)
+    if files is None:
+        raise TransferkitError(f"'{folder}' holds no train.csv / train.tsv / train.jsonl", "add one or pass the file itself")
+    name = name or Path(folder).resolve().name
+    train = read_text_file(files["train"], text_column=text_column, label_column=label_column, name=f"{name}/train")
+    result = {"train": train}
+    for split in ("val", "test"):
+        if split in files:
+            result[split] = read_text_file(
+                files[split],
+                text_column=text_column,
+                label_column=label_column,
+                class_names=train.class_names,
+                name=f"{name}/{split}",
+            )
+    return result

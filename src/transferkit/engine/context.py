@@ -1,0 +1,115 @@
+"""RunContext: what a strategy needs to train (data splits, engine settings, extra objectives, caches).
+
+Strategies call ``train_with_engine`` (the one engine on raw inputs), ``train_head_on_features`` (the same
+engine on cached embeddings) or ``features`` (cached extraction). Regularisers and domain-adaptation methods
+enter as ``objectives`` and ``aux_data`` without any strategy knowing about them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from transferkit.data.base import DataSplits, LabeledData
+from transferkit.engine.features import extract_features
+from transferkit.engine.objectives import CrossEntropyObjective, Objective
+from transferkit.engine.sampling import EpochShuffleSampler
+from transferkit.engine.trainer import TrainConfig, Trainer, TrainResult, default_forward
+
+if TYPE_CHECKING:
+    from transferkit.backbones import Backbone
+    from transferkit.model import TransferModel
+    from transferkit.strategies.base import Strategy
+
+
+@dataclass
+class RunContext:
+    splits: DataSplits
+    train: TrainConfig
+    #: loss terms added to every engine run (anchoring regularisers, domain alignment, ...)
+    objectives: list[Objective] = field(default_factory=list)
+    #: the task loss; default cross-entropy with ``label_smoothing``
+    task_objectives: list[Objective] | None = None
+    label_smoothing: float = 0.0
+    #: unlabelled / auxiliary datasets fed next to every training batch under their name (e.g. "target")
+    aux_data: dict[str, LabeledData] = field(default_factory=dict)
+    checkpoint_dir: Path | None = None
+    cache_dir: Path | None = None
+    progress: bool = True
+    forward_fn: Callable = default_forward
+    evaluate_fn: Callable | None = None
+    monitor: tuple[str, str] = ("accuracy", "max")
+    notes: list[str] = field(default_factory=list)
+
+    def checkpoint_is_fresh(self) -> bool:
+        """True unless an engine checkpoint exists (a resumed run must not redo one-off initialisations)."""
+        return self.checkpoint_dir is None or not (self.checkpoint_dir / "checkpoint.pt").exists()
+
+    # --- features ------------------------------------------------------------------------------------------
+    def features(self, backbone: Backbone, data: LabeledData) -> np.ndarray:
+        return extract_features(backbone, data, batch_size=max(32, self.train.batch_size),
+                                cache_dir=self.cache_dir, progress=self.progress)
+
+    # --- loaders -------------------------------------------------------------------------------------------
+    def loader(self, data: LabeledData, backbone: Backbone, train: bool) -> DataLoader:
+        from transferkit.data.loader import make_loader
+
+        return make_loader(data, backbone, batch_size=self.train.batch_size, train=train, seed=self.train.seed)
+
+    def all_objectives(self, model: TransferModel, strategy: Strategy) -> list[Objective]:
+        task = self.task_objectives or [CrossEntropyObjective(label_smoothing=self.label_smoothing)]
+        return [*task, *strategy.objectives(model), *self.objectives]
+
+    def _trainer(self, model: torch.nn.Module, objectives: list[Objective], groups: list[dict[str, Any]],
+                 forward_fn: Callable) -> Trainer:
+        kwargs: dict[str, Any] = {}
+        if self.evaluate_fn is not None:
+            kwargs["evaluate_fn"] = self.evaluate_fn
+        return Trainer(model, objectives, self.train, param_groups=groups, forward_fn=forward_fn,
+                       monitor=self.monitor, checkpoint_dir=self.checkpoint_dir, progress=self.progress, **kwargs)
+
+    # --- training ------------------------------------------------------------------------------------------
+    def train_with_engine(self, model: TransferModel, strategy: Strategy) -> TrainResult:
+        """End-to-end training on raw inputs (augmentation on) through the one engine."""
+        backbone = model.backbone
+        train_loader = self.loader(self.splits.train, backbone, train=True)
+        val_loader = self.loader(self.splits.val, backbone, train=False) if len(self.splits.val) else None
+        aux = {name: self.loader(data, backbone, train=True) for name, data in self.aux_data.items()}
+        trainer = self._trainer(model, self.all_objectives(model, strategy),
+                                strategy.param_groups(model, self.train), self.forward_fn)
+        return trainer.fit(train_loader, val_loader, aux)
+
+    def train_head_on_features(self, model: TransferModel, strategy: Strategy) -> TrainResult:
+        """Train only the heads on cached embeddings through the one engine (inputs are feature vectors)."""
+        loaders = []
+        for i, data in enumerate((self.splits.train, self.splits.val)):
+            x = torch.as_tensor(self.features(model.backbone, data))
+            y = torch.as_tensor(data.labels)
+            dataset = _IndexedTensors(x, y)
+            sampler = EpochShuffleSampler(len(dataset), self.train.seed) if i == 0 else None
+            loaders.append(DataLoader(dataset, batch_size=self.train.batch_size, sampler=sampler,
+                                      collate_fn=_collate_features) if len(dataset) else None)
+        trainer = self._trainer(model, self.all_objectives(model, strategy), strategy.param_groups(model, self.train),
+                                _head_forward)
+        return trainer.fit(loaders[0], loaders[1])
+
+
+class _IndexedTensors(TensorDataset):
+    def __getitem__(self, i: int):
+        x, y = super().__getitem__(i)
+        return x, y, i
+
+
+def _collate_features(rows: list) -> dict[str, torch.Tensor]:
+    xs, ys, idx = zip(*rows)
+    return {"inputs": torch.stack(xs), "labels": torch.stack(ys), "index": torch.tensor(idx)}
+
+
+def _head_forward(model: TransferModel, batch: dict[str, Any]):
+    return model.forward_head(batch["inputs"])

@@ -1,0 +1,79 @@
+"""Embedding extraction with an on-disk cache keyed by backbone weights, preprocessing and data content.
+
+A frozen backbone gives the same features every time, so strategies that keep it frozen (linear probe,
+prototypes, kNN, classical CORAL, backbone ranking) extract once and reuse: the second fit on the same data
+skips the forward passes entirely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from transferkit.backbones import Backbone, move_to
+from transferkit.data.base import LabeledData
+
+logger = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    """``$TRANSFERKIT_CACHE`` or ``~/.cache/transferkit``."""
+    return Path(os.environ.get("TRANSFERKIT_CACHE", Path.home() / ".cache" / "transferkit"))
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha1()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def feature_cache_key(backbone: Backbone, data: LabeledData) -> str:
+    h = hashlib.sha1()
+    h.update(backbone.preprocess_signature().encode())
+    h.update(weights_digest(backbone).encode())
+    h.update(data.fingerprint().encode())
+    return h.hexdigest()[:24]
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: Backbone,
+    data: LabeledData,
+    batch_size: int = 64,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """``(len(data), feature_dim)`` float32 embeddings (eval-mode preprocessing, no augmentation)."""
+    from transferkit.data.loader import make_loader
+
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / "features" / f"{feature_cache_key(backbone, data)}.npy"
+        if path.is_file():
+            logger.info("features of %d %s items loaded from the cache", len(data), data.name)
+            return np.load(path)
+    was_training = backbone.training
+    backbone.eval().to(device)
+    loader = make_loader(data, backbone, batch_size=batch_size, train=False)
+    chunks = []
+    for batch in tqdm(loader, desc=f"features ({data.name})", leave=False, file=sys.stderr,
+                      disable=not progress, mininterval=1.0):
+        chunks.append(backbone.forward_features(move_to(batch["inputs"], device)).float().cpu().numpy())
+    backbone.train(was_training)
+    features = np.concatenate(chunks) if chunks else np.zeros((0, backbone.feature_dim), np.float32)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.stem + f".{os.getpid()}.tmp.npy")
+        np.save(tmp, features)
+        os.replace(tmp, path)
+    return features

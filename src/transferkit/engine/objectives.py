@@ -1,0 +1,67 @@
+"""Training objectives: small loss terms the one engine sums, ``L = sum_i w_i * L_i``.
+
+An objective is an ``nn.Module`` so that any trainable part it owns (a domain classifier, learned loss weights)
+is optimised, synchronised across processes and checkpointed with the model. Methods that change *what* is
+trained (LoRA, adapters, masks) are strategies; methods that change *what is minimised* (anchoring, domain
+alignment, multi-task weighting) are objectives.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Objective(nn.Module):
+    """One loss term. Subclasses implement ``forward(model, batch, outputs) -> scalar tensor``.
+
+    ``model`` is the unwrapped :class:`~transferkit.model.TransferModel` (call it for extra forward passes,
+    e.g. on a target-domain batch), ``batch`` the dict from the data loader (``inputs``, ``labels``, ``index``,
+    and ``<name>`` batches of auxiliary loaders such as ``target``), ``outputs`` the model's output on
+    ``batch["inputs"]``.
+    """
+
+    name: str = "objective"
+
+    def __init__(self, weight: float = 1.0) -> None:
+        super().__init__()
+        self.weight = float(weight)
+
+    def setup(self, model: nn.Module, train_loader: Any | None = None) -> None:
+        """Called once before training (snapshot pretrained weights, estimate statistics, ...)."""
+
+    def on_step(self, step: int, total_steps: int) -> None:
+        """Called before every optimisation step (e.g. to follow a coefficient schedule)."""
+
+    def forward(self, model: nn.Module, batch: dict[str, Any], outputs: Any) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+def primary_logits(outputs: Any) -> torch.Tensor:
+    """The classification logits of a model output (a tensor, or an object/dict with ``logits``)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, dict):
+        return outputs["logits"]
+    return outputs.logits
+
+
+class CrossEntropyObjective(Objective):
+    """Cross-entropy on the labelled examples, with optional label smoothing (Szegedy et al. 2016).
+
+    Items labelled ``-1`` (unlabelled) are ignored.
+    """
+
+    name = "cross_entropy"
+
+    def __init__(self, weight: float = 1.0, label_smoothing: float = 0.0) -> None:
+        super().__init__(weight)
+        self.label_smoothing = float(label_smoothing)
+
+    def forward(self, model: nn.Module, batch: dict[str, Any], outputs: Any) -> torch.Tensor:
+        logits = primary_logits(outputs)
+        labels = batch["labels"]
+        return F.cross_entropy(logits, labels, ignore_index=-1, label_smoothing=self.label_smoothing)

@@ -1,0 +1,73 @@
+"""Strategy registry: ``create_strategy("finetune", {"unfreeze": "2"})``.
+
+Adding a method = one module with a ``StrategyConfig`` dataclass and a ``Strategy`` subclass decorated with
+``@register_strategy``, plus its name in ``_STRATEGY_MODULES``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any
+
+from transferkit.errors import TransferkitError
+from transferkit.strategies.base import Strategy, StrategyConfig, freeze, unfreeze
+
+__all__ = ["Strategy", "StrategyConfig", "create_strategy", "list_strategies", "register_strategy", "freeze",
+           "unfreeze", "strategy_class"]
+
+_STRATEGY_MODULES = [
+    "transferkit.strategies.linear_probe",
+    "transferkit.strategies.finetune",
+    "transferkit.strategies.lora",
+    "transferkit.strategies.adapters",
+    "transferkit.strategies.fish",
+    "transferkit.strategies.fewshot",
+]
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+_loaded = False
+
+
+def register_strategy(cls: type[Strategy]) -> type[Strategy]:
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_modules() -> None:
+    global _loaded
+    if _loaded:
+        return
+    for module in _STRATEGY_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+    _loaded = True
+
+
+def list_strategies() -> dict[str, type[Strategy]]:
+    _load_modules()
+    return dict(_REGISTRY)
+
+
+def strategy_class(name: str) -> type[Strategy]:
+    _load_modules()
+    if name not in _REGISTRY:
+        raise TransferkitError(f"unknown strategy '{name}'", f"choose one of: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def create_strategy(name: str, options: dict[str, Any] | None = None) -> Strategy:
+    """Build a strategy from its name and a dict of options (unknown options are an error)."""
+    cls = strategy_class(name)
+    fields = {f.name: f for f in dataclasses.fields(cls.config_class)}
+    options = {k.replace("-", "_"): v for k, v in (options or {}).items()}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        known = ", ".join(f"--{f.replace('_', '-')}" for f in fields) or "none"
+        raise TransferkitError(f"strategy '{name}' has no option {', '.join(unknown)}", f"its options are: {known}")
+    return cls(cls.config_class(**options))
