@@ -108,9 +108,12 @@ def test_fingerprint_changes_when_a_file_changes(tmp_path):
 
 def test_unlabelled_folder(tmp_path):
     for i in range(3):
-        _png(tmp_path / "target" / f"{i}.jpg".replace(".jpg", ".png"), i)
+        _png(tmp_path / "target" / f"{i}.png", i)
+    Image.new("RGB", (5, 4), "red").save(tmp_path / "target" / "photo.JPG")
+    (tmp_path / "target" / "notes.txt").write_text("not an image")
     data = load_unlabelled(tmp_path / "target")
-    assert len(data) == 3 and data.class_names == [] and set(data.labels) == {-1}
+    assert len(data) == 4 and data.class_names == [] and set(data.labels) == {-1}
+    assert data.items[data.ids.index("photo.JPG")].mode == "RGB"
 
 
 # --- text files ---------------------------------------------------------------------------------------------
@@ -147,6 +150,10 @@ def test_missing_label_and_empty_text_name_the_line(tmp_path):
     path.write_text("text,label\na,x\n,y\n")
     with pytest.raises(TransferkitError, match="line 3 .* empty text"):
         load_data(path)
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": NaN}\n')
+    with pytest.raises(TransferkitError, match="line 2 .* no label.*fill in the label or remove the row"):
+        load_data(jsonl)
 
 
 # --- splits -------------------------------------------------------------------------------------------------

@@ -175,7 +175,7 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
 
         cache_dir = default_cache_dir()
     context = RunContext(splits=splits, train=train_cfg, label_smoothing=fit_cfg.label_smoothing,
-                         checkpoint_dir=stage / "checkpoint", cache_dir=cache_dir, progress=fit_cfg.progress,
+                         checkpoint_dir=stage / "checkpoint", run_dir=stage, cache_dir=cache_dir, progress=fit_cfg.progress,
                          notes=list(splits.notes))
     for ext in extensions:
         ext.configure(context, model, fit_cfg)
@@ -364,16 +364,23 @@ def load(path: str | Path) -> LoadedModel:
 
 
 def evaluate(model: str | Path | LoadedModel, data: str, *, text_column: str | None = None,
-             label_column: str | None = None, batch_size: int = 64, progress: bool = True) -> dict[str, Any]:
-    """Accuracy, macro-F1, top-5, confusion matrix and per-class scores of ``model`` on labelled ``data``."""
+             label_column: str | None = None, batch_size: int = 64, progress: bool = True,
+             **options: Any) -> dict[str, Any]:
+    """Accuracy, macro-F1, top-5, confusion matrix and per-class scores of ``model`` on labelled ``data``.
+
+    ``options`` go to the evaluation hooks (see ``transferkit.evaluation.hooks``), e.g. ``attack="fgsm"``.
+    """
     from transferkit.data import load_for_evaluation
+    from transferkit.evaluation.hooks import run_evaluation_hooks
 
     loaded = model if isinstance(model, LoadedModel) else load(model)
     eval_data = load_for_evaluation(data, loaded.classes_, text_column=text_column, label_column=label_column)
     if eval_data.modality != loaded.modality:
         raise TransferkitError(f"the model takes {loaded.modality} input but '{data}' is {eval_data.modality} data",
                                "evaluate on data of the kind the model was trained on")
-    return evaluate_model(loaded.module, eval_data, batch_size=batch_size, progress=progress)
+    report = evaluate_model(loaded.module, eval_data, batch_size=batch_size, progress=progress)
+    report.update(run_evaluation_hooks(loaded, eval_data, report, options))
+    return report
 
 
 def expand_inputs(inputs: list[str], modality: str) -> list[str]:

@@ -2,9 +2,9 @@
 
 Embedding = mean of the last hidden states over the non-padding tokens, then L2 normalisation (Reimers &
 Gurevych 2019, Sentence-BERT); for all-MiniLM-L6-v2 this is exactly the sentence-transformers output.
-``pooling="cls"`` takes the first token instead. The model's pooler (a dense layer on [CLS] trained for next
-sentence prediction) is not used by either pooling, so it is removed: every remaining parameter is trainable
-and belongs to exactly one layer group.
+``pooling="cls"`` takes the first token, ``pooling="last"`` the last non-padding token (decoder-only models).
+The model's pooler (a dense layer on [CLS] trained for next sentence prediction) is used by none of them, so it
+is removed: every remaining parameter is trainable and belongs to exactly one layer group.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from transferkit.errors import TransferkitError
 
 logger = logging.getLogger(__name__)
 
-_POOLINGS = ("mean", "cls")
+_POOLINGS = ("mean", "cls", "last")
 _OPTIONS = ("max_length", "normalize", "pooling", "config_overrides")
 # (query, value) projection names per architecture family, tried in order (LoRA's default targets).
 _ATTENTION_PAIRS = (("query", "value"), ("q_proj", "v_proj"), ("q_lin", "v_lin"), ("q", "v"))
@@ -42,6 +42,7 @@ class HFTextBackbone(Backbone):
     """A Hugging Face encoder (``AutoModel``) with its tokenizer; output = pooled sentence embedding."""
 
     modality = "text"
+    auto_class = "AutoModel"  # the transformers Auto class that builds ``self.model``
 
     def __init__(
         self,
@@ -56,7 +57,7 @@ class HFTextBackbone(Backbone):
         if pooling not in _POOLINGS:
             raise TransferkitError(f"unknown pooling '{pooling}'", f"use one of: {', '.join(_POOLINGS)}")
         if getattr(model, "pooler", None) is not None:
-            model.pooler = None  # unused by mean / cls pooling (see module docstring)
+            model.pooler = None  # unused by every pooling (see module docstring)
         if tokenizer.pad_token is None and getattr(tokenizer, "eos_token", None) is not None:
             tokenizer.pad_token = tokenizer.eos_token
         self.model = model
@@ -86,13 +87,21 @@ class HFTextBackbone(Backbone):
         )
         return dict(encoded)
 
+    def hidden_states(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Last-layer token states ``(batch, tokens, hidden)``."""
+        return self.model(**inputs).last_hidden_state
+
     def forward_features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = self.model(**inputs).last_hidden_state
+        hidden = self.hidden_states(inputs)
+        mask = inputs["attention_mask"]
         if self.pooling == "cls":
             embedding = hidden[:, 0]
+        elif self.pooling == "last":  # last position whose mask is 1, whatever the padding side
+            last = mask.shape[1] - 1 - mask.flip(dims=[1]).argmax(dim=1)
+            embedding = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         else:
-            mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            embedding = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            embedding = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
         return F.normalize(embedding, p=2, dim=-1) if self.normalize else embedding
 
     def _layer_list(self) -> tuple[str, nn.ModuleList]:
@@ -159,18 +168,22 @@ def build_hf_text_backbone(
     normalize: bool = True,
     pooling: str = "mean",
     config_overrides: dict[str, Any] | None = None,
+    backbone_class: type[HFTextBackbone] = HFTextBackbone,
 ) -> HFTextBackbone:
     """``AutoTokenizer`` + ``AutoModel.from_pretrained(source)``, or ``AutoModel.from_config`` (random init)
-    when ``pretrained`` is False; ``config_overrides`` change the config (e.g. a tiny random model for tests)."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    when ``pretrained`` is False; ``config_overrides`` change the config (e.g. a tiny random model for tests).
+    ``backbone_class.auto_class`` names the Auto class (``AutoModelForCausalLM`` for decoder-only LMs)."""
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
 
+    auto_model = getattr(transformers, backbone_class.auto_class)
     overrides = dict(config_overrides or {})
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         if pretrained:
-            model = AutoModel.from_pretrained(source, **overrides)
+            model = auto_model.from_pretrained(source, **overrides)
         else:
-            model = AutoModel.from_config(AutoConfig.from_pretrained(source, **overrides))
+            model = auto_model.from_config(AutoConfig.from_pretrained(source, **overrides))
     except (OSError, ValueError) as exc:
         raise TransferkitError(
             f"could not load text model '{source}': {str(exc).splitlines()[0]}",
@@ -183,7 +196,7 @@ def build_hf_text_backbone(
     options: dict[str, Any] = {"max_length": max_length, "normalize": normalize, "pooling": pooling}
     if overrides:
         options["config_overrides"] = overrides
-    return HFTextBackbone(model, tokenizer, BackboneSpec(name, options), max_length, normalize, pooling)
+    return backbone_class(model, tokenizer, BackboneSpec(name, options), max_length, normalize, pooling)
 
 
 # --- registry entries ---------------------------------------------------------------------------------

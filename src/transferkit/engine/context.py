@@ -40,6 +40,8 @@ class RunContext:
     #: unlabelled / auxiliary datasets fed next to every training batch under their name (e.g. "target")
     aux_data: dict[str, LabeledData] = field(default_factory=dict)
     checkpoint_dir: Path | None = None
+    #: the run's staging folder (files written here end up in the finished run folder)
+    run_dir: Path | None = None
     cache_dir: Path | None = None
     progress: bool = True
     forward_fn: Callable = default_forward

@@ -64,9 +64,12 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"items: {report['n']}", f"accuracy: {report['accuracy']:.4f}", f"macro F1: {report['macro_f1']:.4f}"]
     if "top5_accuracy" in report:
         lines.append(f"top-5 accuracy: {report['top5_accuracy']:.4f}")
-    for key in ("source_only_accuracy", "ece"):
-        if key in report:
-            lines.append(f"{key.replace('_', ' ')}: {report[key]:.4f}")
+    standard = {"n", "accuracy", "macro_f1", "top5_accuracy", "labels", "confusion_matrix", "per_class"}
+    for key, value in report.items():  # scalar entries added by evaluation hooks (calibration, attacks, ...)
+        if key not in standard and isinstance(value, (int, float)) and not isinstance(value, bool):
+            lines.append(f"{key.replace('_', ' ')}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+        elif key not in standard and isinstance(value, str):
+            lines.append(f"{key.replace('_', ' ')}: {value}")
     width = max([len(n) for n in report["labels"]] + [5])
     lines.append("")
     lines.append(f"{'class':<{width}}  precision  recall     f1  support")

@@ -1,0 +1,42 @@
+"""Evaluation hooks: extra measurements that ``transferkit evaluate`` adds to its report.
+
+A hook module defines ``add_arguments(parser)`` (its CLI flags for ``evaluate``) and
+``evaluate_hook(model, data, report, options) -> dict`` (entries merged into the report; return ``{}`` when
+the hook's options are not set). Examples: calibration, adversarial robustness, source-only baselines of
+domain-adapted runs. Register a module by adding it to ``HOOK_MODULES``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any
+
+HOOK_MODULES = [
+    "transferkit.evaluation.calibration",
+    "transferkit.evaluation.attacks",
+    "transferkit.adaptation.evaluation",
+]
+
+
+def hook_modules() -> list[ModuleType]:
+    modules = []
+    for name in HOOK_MODULES:
+        try:
+            modules.append(importlib.import_module(name))
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+    return modules
+
+
+def add_hook_arguments(parser: Any) -> None:
+    for module in hook_modules():
+        module.add_arguments(parser)
+
+
+def run_evaluation_hooks(model: Any, data: Any, report: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    for module in hook_modules():
+        extra.update(module.evaluate_hook(model, data, report, options))
+    return extra
