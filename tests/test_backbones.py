@@ -15,6 +15,7 @@ from transferkit.backbones.base import check_layer_groups, group_from_parameter_
 from transferkit.errors import TransferkitError
 
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+TINY_LLAMA = {**TINY_BERT, "num_key_value_heads": 1, "head_dim": 16}
 WORDS = [
     "the",
     "a",
@@ -67,6 +68,7 @@ CASES = [
     ("timm:resnet10t", {"image_size": 64, "in_chans": 1}),
     ("minilm", {"config_overrides": TINY_BERT, "max_length": 16}),
     ("hf:TINY", {"normalize": False}),
+    ("smollm2-135m", {"config_overrides": TINY_LLAMA, "max_length": 16, "pooling": "last"}),
 ]
 
 
@@ -216,6 +218,11 @@ def test_hf_local_folder_pretrained_loads_saved_weights(tiny_bert_dir):
     assert inputs["input_ids"].shape == (2, 8)  # truncated to max_length, padded
     assert backbone.suggested_lora_targets() == ["query", "value"]
     assert backbone.encode([]).shape == (0, 32)
+    texts = ["dog", "the cat sat on the mat"]  # "dog" gets padded in the batch: pooling must ignore padding
+    for pooling in ("mean", "last", "cls"):
+        pooled = create_backbone(f"hf:{tiny_bert_dir}", pooling=pooling)
+        alone = np.concatenate([pooled.encode([t]) for t in texts])
+        np.testing.assert_allclose(pooled.encode(texts), alone, atol=1e-5)
     with pytest.raises(TransferkitError, match="give it strings"):
         backbone.preprocess(3)
 
@@ -282,3 +289,15 @@ def test_group_from_parameter_names_keeps_loose_parameters():
     assert {id(p) for p in first.parameters()} == {id(toy.token), id(toy.embed.weight), id(toy.embed.bias)}
     assert group_from_parameter_names(toy, ["body.weight", "body.bias"]) is toy.body
     assert group_from_parameter_names(toy, [n for n, _ in toy.named_parameters()]) is toy
+
+
+@pytest.mark.slow
+def test_smollm2_real_weights_generate_and_embed():
+    backbone = create_backbone("smollm2-135m")  # first use converts the GGUF once into the cache (~20 s)
+    assert backbone.feature_dim == 576 and backbone.suggested_lora_targets() == ["q_proj", "v_proj"]
+    assert len(backbone.layer_groups()) == 32  # embeddings, 30 decoder layers, final norm (lm_head is tied)
+    assert "paris" in backbone.generate("What is the capital of France?", max_new_tokens=12).lower()
+    cat, cat_again, money = backbone.encode(
+        ["The cat sat on the mat.", "A cat was sitting on a mat.", "Earnings rose."]
+    )
+    assert cat @ cat_again > cat @ money

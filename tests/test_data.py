@@ -86,6 +86,12 @@ def test_empty_class_single_class_and_no_images_are_errors(tmp_path):
         load_data(tmp_path / "nothing")
 
 
+def test_numeric_class_folders_sort_by_value(tmp_path):
+    data = read_image_folder(_image_folder(tmp_path / "d", {"10": 2, "2": 2, "1": 2}))["all"]
+    assert data.class_names == ["1", "2", "10"]
+    assert data.ids[data.labels.tolist().index(2)].startswith("10/")
+
+
 def test_missing_path_lists_builtins():
     with pytest.raises(TransferkitError, match="no such file or folder 'no/such/place'.*fashion-mnist"):
         load_data("no/such/place")
@@ -140,6 +146,8 @@ def test_jsonl_default_columns_and_unknown_column(tmp_path):
     assert splits.class_names == ["neg", "pos"] and sum(splits.sizes().values()) == 12
     with pytest.raises(TransferkitError, match="no column 'body'.*sentence, label, weight"):
         load_data(path, text_column="body")
+    target = load_unlabelled(path)
+    assert set(target.labels) == {-1} and "label" not in target.columns and "weight" in target.columns
 
 
 def test_missing_label_and_empty_text_name_the_line(tmp_path):

@@ -13,7 +13,6 @@ import os
 import re
 import resource
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -141,12 +140,10 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
         else:
             raise TransferkitError(f"an interrupted run for '{out}' exists in '{stage}'",
                                    "pass --resume to continue it or --overwrite to start again")
-    state.wait_for_everyone()
-    if state.is_main_process:
-        stage.mkdir(parents=True, exist_ok=True)
-        (stage / "run_config.json").write_text(json.dumps(all_options, indent=2, default=str))
-    state.wait_for_everyone()
+    from transferkit.backbones import backbone_modality, check_backbone_name
 
+    if fit_cfg.backbone:
+        check_backbone_name(fit_cfg.backbone)
     started = time.perf_counter()
     splits = load_data(fit_cfg.data, text_column=fit_cfg.text_column, label_column=fit_cfg.label_column,
                        limit_per_class=fit_cfg.limit_per_class, seed=train_cfg.seed,
@@ -155,6 +152,10 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
     for note in splits.notes:
         logger.info("data: %s", note)
     backbone_name = fit_cfg.backbone or default_backbone(splits.modality)
+    modality = backbone_modality(backbone_name)
+    if modality != splits.modality:
+        raise TransferkitError(f"backbone '{backbone_name}' takes {modality} input but the data is "
+                               f"{splits.modality}", f"choose a {splits.modality} backbone (`transferkit backbones`)")
     backbone_options: dict[str, Any] = {}
     if splits.modality == "image":
         backbone_options["augment"] = fit_cfg.augment
@@ -182,6 +183,11 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
     logger.info("training %s on %s (%s) with %s: %d train / %d val / %d test items, %d classes",
                 backbone_name, fit_cfg.data, splits.modality, strategy.name, len(splits.train), len(splits.val),
                 len(splits.test) if splits.test else 0, len(splits.class_names))
+    state.wait_for_everyone()  # every input is checked: only now does anything get written
+    if state.is_main_process:
+        stage.mkdir(parents=True, exist_ok=True)
+        (stage / "run_config.json").write_text(json.dumps(all_options, indent=2, default=str))
+    state.wait_for_everyone()
     result = strategy.train(model, context)
     train_seconds = time.perf_counter() - started
 
@@ -269,17 +275,15 @@ def _json_default(value: Any) -> Any:
 @torch.no_grad()
 def predict_proba_model(model, data, batch_size: int = 64, progress: bool = False) -> np.ndarray:
     """Class probabilities of the first task for every item of a LabeledData."""
-    from tqdm.auto import tqdm
-
     from transferkit.backbones import move_to
     from transferkit.data.loader import make_loader
+    from transferkit.progress import progress as progress_bar
 
     model.eval()
     device = next(model.parameters()).device
     loader = make_loader(data, model.backbone, batch_size=batch_size, train=False)
     chunks = []
-    for batch in tqdm(loader, desc="predicting", leave=False, file=sys.stderr, disable=not progress,
-                      mininterval=1.0):
+    for batch in progress_bar(loader, "predicting", enabled=progress):
         logits = model(move_to(batch["inputs"], device)).logits
         chunks.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
     return np.concatenate(chunks) if chunks else np.zeros((0, len(model.class_names)))
@@ -370,7 +374,7 @@ def evaluate(model: str | Path | LoadedModel, data: str, *, text_column: str | N
 
     ``options`` go to the evaluation hooks (see ``transferkit.evaluation.hooks``), e.g. ``attack="fgsm"``.
     """
-    from transferkit.data import load_for_evaluation
+    from transferkit.data.evaluation import load_for_evaluation
     from transferkit.evaluation.hooks import run_evaluation_hooks
 
     loaded = model if isinstance(model, LoadedModel) else load(model)

@@ -21,6 +21,8 @@ _MODULES = [
     "transferkit.strategies.regularizers",
     "transferkit.adaptation.extension",
     "transferkit.tasks.extension",
+    "transferkit.evaluation.calibration",
+    "transferkit.evaluation.datacheck",
 ]
 
 

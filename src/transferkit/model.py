@@ -55,6 +55,10 @@ class ModelOutput:
 
 def make_head(in_features: int, task: TaskSpec, dropout: float = 0.0) -> nn.Module:
     """A linear head (with optional dropout) producing ``task.num_outputs`` values."""
+    if task.kind != "classify":  # regression / quantile heads live in the tasks package
+        from transferkit.tasks import build_head
+
+        return build_head(in_features, task, dropout)
     linear = nn.Linear(in_features, task.num_outputs)
     return nn.Sequential(nn.Dropout(dropout), linear) if dropout > 0 else nn.Sequential(linear)
 

@@ -83,6 +83,22 @@ def _load_modules() -> None:
     _loaded = True
 
 
+def check_backbone_name(name: str) -> None:
+    """Raise the unknown-backbone error early, before any data is loaded."""
+    _load_modules()
+    if name in _REGISTRY or (":" in name and name.split(":", 1)[0] in _PREFIXES):
+        return
+    known = ", ".join(sorted(_REGISTRY) + [f"{p}:<name>" for p in sorted(_PREFIXES)])
+    raise TransferkitError(f"unknown backbone '{name}'", f"choose one of: {known} (see `transferkit backbones`)")
+
+
+def backbone_modality(name: str) -> str:
+    """The input modality of a registered backbone, known without building it."""
+    check_backbone_name(name)
+    entry = _REGISTRY.get(name) or _PREFIXES[name.split(":", 1)[0]]
+    return entry.info().modality
+
+
 def create_backbone(name: str, pretrained: bool = True, **options: Any) -> Backbone:
     """Build a backbone by registry name. ``pretrained=False`` builds the architecture only (random weights)."""
     _load_modules()
@@ -94,8 +110,10 @@ def create_backbone(name: str, pretrained: bool = True, **options: Any) -> Backb
             raise TransferkitError(f"backbone '{name}' names no model", f"write it as '{prefix}:<model name or path>'")
         backbone = _PREFIXES[prefix].factory(target, pretrained=pretrained, **options)
     else:
-        known = ", ".join(sorted(_REGISTRY) + [f"{p}:<name>" for p in sorted(_PREFIXES)])
-        raise TransferkitError(f"unknown backbone '{name}'", f"choose one of: {known} (see `transferkit backbones`)")
+        check_backbone_name(name)
+        raise AssertionError("unreachable")
+    # True when the weights come from pretraining (a from-scratch architecture never has them).
+    backbone.is_pretrained = bool(pretrained and getattr(backbone, "has_pretrained_weights", True))
     return backbone
 
 

@@ -63,6 +63,10 @@ class Backbone(nn.Module, ABC):
     spec: BackboneSpec
     modality: Modality
     feature_dim: int
+    #: False for architectures that only exist with random initialisation (set on the class)
+    has_pretrained_weights: bool = True
+    #: set by ``create_backbone``: whether this instance carries pretrained weights
+    is_pretrained: bool = False
 
     @abstractmethod
     def forward_features(self, inputs: Any) -> torch.Tensor: ...

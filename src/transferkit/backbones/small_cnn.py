@@ -41,6 +41,7 @@ def _conv_stage(in_channels: int, out_channels: int) -> nn.Sequential:
 
 class SmallCNN(Backbone):
     modality = "image"
+    has_pretrained_weights = False
 
     def __init__(
         self,

@@ -53,6 +53,7 @@ __all__ = [
     "load_data",
     "load_unlabelled",
     "limit_per_class",
+    "read_labelled_parts",
     "split_data",
 ]
 
@@ -83,7 +84,7 @@ def _read_labelled(
 ) -> tuple[dict[str, LabeledData], str]:
     """The parts of a labelled dataset: ``{"all": data}`` or ``{"train", ["val"], ["test"]}``, and a
     description of where its test split comes from."""
-    path = Path(spec)
+    path = Path(spec).expanduser()
     if path.is_dir():
         parts = _read_folder(path, text_column, label_column)
         return parts, "the test folder/file" if "test" in parts else ""
@@ -102,6 +103,9 @@ def _read_labelled(
         parts = _builtin_parts(load_builtin(str(spec)))
         return parts, "the official test set" if "test" in parts else ""
     raise _not_found(str(spec))
+
+
+read_labelled_parts = _read_labelled  # public name (transferkit.data.evaluation reads a dataset's parts)
 
 
 def _builtin_parts(builtin: BuiltinData) -> dict[str, LabeledData]:
@@ -130,7 +134,7 @@ def _check_options(val_fraction: float, test_fraction: float, limit: int | None,
 
 
 def _dataset_name(spec: str | Path) -> str:
-    path = Path(spec)
+    path = Path(spec).expanduser()
     return path.resolve().name if path.exists() else str(spec).strip().lower()
 
 
@@ -209,7 +213,7 @@ def load_unlabelled(spec: str | Path, *, text_column: str | None = None, test_fr
     ``train`` folder); a .csv/.tsv/.jsonl file gives its text column; a built-in gives every example except
     its test split (official, or the same fixed carve ``load_data`` uses), so target-test labels stay unseen.
     """
-    path = Path(spec)
+    path = Path(spec).expanduser()
     if path.is_dir():
         splits = find_split_folders(path)
         if splits is not None:

@@ -7,7 +7,7 @@ them into tensors (``Backbone.preprocess`` / ``Backbone.collate``), so one datas
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,6 +137,22 @@ class LabeledData:
             columns=dict(self.columns),
             content_key=None,
         )
+
+
+def sort_class_names(names: Iterable[str]) -> list[str]:
+    """Class names in label order: by numeric value when every name is a number (so "2" < "10" and class
+    "k" gets index k for names 0..K-1), else alphabetically. Used for class folders and label columns alike."""
+    unique = set(names)
+
+    def number(name: str) -> float | None:
+        try:
+            return float(name)
+        except ValueError:
+            return None
+
+    if unique and all(number(n) is not None for n in unique):
+        return sorted(unique, key=lambda n: (number(n), n))
+    return sorted(unique)
 
 
 def _item_bytes(item: Any) -> bytes:

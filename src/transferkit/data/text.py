@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from transferkit.data.base import LabeledData
+from transferkit.data.base import LabeledData, sort_class_names
 from transferkit.errors import TransferkitError
 
 logger = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def choose_columns(table: Table, text_column: str | None, label_column: str | No
     """Resolve the text and label columns (explicit names, else the documented defaults)."""
     folded = {c.lower(): c for c in table.columns}
     if label_column is not None:
-        label = _find_column(table, label_column, "--label-column") if labelled else None
+        label = _find_column(table, label_column, "--label-column")
     else:
         label = next((folded[c] for c in LABEL_COLUMN_CANDIDATES if c in folded), None)
         if label is None and labelled:
@@ -198,13 +198,6 @@ def _label_string(value: Any) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value).strip()
-
-
-def sort_class_names(names: set[str]) -> list[str]:
-    """Numeric labels sort by value (so "2" < "10" and label "k" gets index k for 0..K-1), others as strings."""
-    if all(_as_number(n) is not None for n in names):
-        return sorted(names, key=lambda n: (float(_as_number(n)), n))  # type: ignore[arg-type]
-    return sorted(names)
 
 
 def _texts(table: Table, column: str) -> list[str]:
@@ -259,7 +252,8 @@ def read_text_file(
     """Read one text file into a ``LabeledData`` (modality "text").
 
     ``class_names`` fixes the label index (e.g. from the training file); a label outside it is an error.
-    With ``labelled=False`` labels are -1 and the label column (if any) stays in ``columns``.
+    With ``labelled=False`` labels are -1 and a label column, if present, is dropped (not kept in ``columns``),
+    so target-domain labels cannot leak into training batches.
     """
     table = read_table(path)
     text, label = choose_columns(table, text_column, label_column, labelled)
@@ -284,7 +278,9 @@ def read_text_file(
         labels = np.asarray([index[s] for s in label_strings], dtype=np.int64)
     else:
         class_names, labels = [], np.full(len(texts), -1, dtype=np.int64)
-    extra = [c for c in table.columns if c not in (text, label if labelled else None)]
+    if not labelled and label is not None:
+        logger.info("column '%s' of '%s' is ignored: the data is used unlabelled", label, path)
+    extra = [c for c in table.columns if c not in (text, label)]
     return LabeledData(
         items=texts,
         labels=labels,

@@ -10,15 +10,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from transferkit.backbones import Backbone, move_to
 from transferkit.data.base import LabeledData
+from transferkit.progress import progress as progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +31,7 @@ def weights_digest(module: torch.nn.Module) -> str:
     h = hashlib.sha1()
     for name, tensor in sorted(module.state_dict().items()):
         h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -66,8 +65,7 @@ def extract_features(
     backbone.eval().to(device)
     loader = make_loader(data, backbone, batch_size=batch_size, train=False)
     chunks = []
-    for batch in tqdm(loader, desc=f"features ({data.name})", leave=False, file=sys.stderr,
-                      disable=not progress, mininterval=1.0):
+    for batch in progress_bar(loader, f"features ({data.name})", enabled=progress):
         chunks.append(backbone.forward_features(move_to(batch["inputs"], device)).float().cpu().numpy())
     backbone.train(was_training)
     features = np.concatenate(chunks) if chunks else np.zeros((0, backbone.feature_dim), np.float32)

@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import random
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -28,11 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from transferkit.engine.objectives import Objective, primary_logits
 from transferkit.engine.schedules import SCHEDULES, noam, warmup_constant, warmup_cosine
 from transferkit.errors import TransferkitError
+from transferkit.progress import progress as progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -365,13 +364,17 @@ class Trainer:
                 stopped_early = True
                 break
             epoch_start = time.perf_counter()
+            # The data order depends only on (seed, epoch). Accelerate's loader re-applies its own epoch counter
+            # to the sampler at every pass, so it is the loader's counter that must be set (resume-safe).
+            if hasattr(train_loader, "set_epoch"):
+                train_loader.set_epoch(epoch)
             if sampler is not None and hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
             loss_module.train()
             sums: dict[str, float] = {}
             n_batches = 0
-            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
-                       disable=not (self.progress and acc.is_main_process), mininterval=1.0)
+            bar = progress_bar(train_loader, f"epoch {epoch + 1}/{cfg.epochs}",
+                               enabled=self.progress and acc.is_main_process)
             for batch in bar:
                 for name, it in aux_iters.items():
                     batch[name] = next(it)
@@ -394,7 +397,8 @@ class Trainer:
                 sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + v
-                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
                 if trace_file is not None:
                     trace_file.write(json.dumps({
                         "rank": acc.process_index, "epoch": epoch, "step": step,

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from transferkit.engine.trainer import TrainConfig, TrainResult
     from transferkit.model import TransferModel
 
-HEAD_INITS = ("probe", "random")
+HEAD_INITS = ("auto", "probe", "random")
 
 
 @dataclass
@@ -33,14 +33,19 @@ class FinetuneConfig(StrategyConfig):
         default=1.0, metadata={"help": "Learning-rate factor per layer group going down (1.0: no decay)."}
     )
     backbone_lr: float | None = field(
-        default=None, metadata={"help": "Learning rate of the top backbone group (default: --lr / 10)."}
+        default=None,
+        metadata={"help": "Learning rate of the top backbone group (default: --lr / 10 for pretrained weights, "
+                  "--lr for a randomly initialised backbone)."},
     )
-    freeze_bn: bool = field(
-        default=True, metadata={"help": "Keep batch-norm statistics frozen (recommended with few labels)."}
+    freeze_bn: bool | None = field(
+        default=None,
+        metadata={"help": "Keep batch-norm statistics frozen (default: yes for pretrained weights, where few labels "
+                  "would corrupt them; no for a randomly initialised backbone, which needs them)."},
     )
     head_init: str = field(
-        default="probe",
-        metadata={"help": "probe: start the head from the linear-probe solution (LP-FT); random: a new head."},
+        default="auto",
+        metadata={"help": "probe: start the head from the linear-probe solution (LP-FT); random: a new head; "
+                  "auto: probe for pretrained weights, random otherwise."},
     )
 
     def validate(self) -> None:
@@ -77,10 +82,12 @@ class Finetune(Strategy):
         for group in trained_groups(model, self.config.unfreeze):
             unfreeze(group)
         unfreeze(model.heads)
-        model.freeze_norm_stats = self.config.freeze_bn
+        freeze_bn = self.config.freeze_bn
+        model.freeze_norm_stats = model.backbone.is_pretrained if freeze_bn is None else freeze_bn
 
     def param_groups(self, model: TransferModel, train: TrainConfig) -> list[dict[str, Any]]:
-        backbone_lr = self.config.backbone_lr or train.lr / 10
+        default_lr = train.lr / 10 if model.backbone.is_pretrained else train.lr
+        backbone_lr = self.config.backbone_lr or default_lr
         groups: list[dict[str, Any]] = [{"params": list(model.heads.parameters()), "lr": train.lr, "name": "head"}]
         trained = trained_groups(model, self.config.unfreeze)
         for depth, group in enumerate(reversed(trained)):
@@ -91,7 +98,10 @@ class Finetune(Strategy):
         return groups
 
     def train(self, model: TransferModel, context: RunContext) -> TrainResult:
-        if self.config.head_init == "probe" and context.checkpoint_is_fresh():
+        head_init = self.config.head_init
+        if head_init == "auto":
+            head_init = "probe" if model.backbone.is_pretrained else "random"
+        if head_init == "probe" and context.checkpoint_is_fresh():
             metrics = fit_probe(model, context, c=1.0, max_iter=1000)
             context.notes.append(f"head initialised from the linear probe (validation accuracy "
                                  f"{metrics.get('val_accuracy', float('nan')):.3f})")

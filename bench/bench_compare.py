@@ -1,0 +1,171 @@
+"""Compare benchmark (issue 7): `transferkit compare` on Fashion-MNIST few-shot, and how well `rank-backbones`
+(LogME, LEEP, H-score from one forward pass) predicts measured accuracy.
+
+1. compare: Fashion-MNIST, 20 labelled images per class (validation carved from them), a fixed stratified
+   2,000-image test subset, EfficientNet-Lite0 at 112 px, strategies linear-probe, finetune and lora, 3 seeds,
+   through ``transferkit.evaluation.compare.run_compare`` (each cell in its own process). Leaderboard and wall
+   time are reported (goal: under 20 minutes on 2 CPU cores).
+2. rank study: 9 candidates (EfficientNet-Lite0/1/2 x 64/96/128 px) on two datasets (Fashion-MNIST and MNIST-5k,
+   20 labelled images per class). For each candidate: the transferability scores on the labelled pool and the
+   measured test accuracy of a linear probe (L2 logistic regression, C = 1, on the same pool). Kendall's tau
+   between each score and the measured accuracy.
+
+    .venv/bin/python -m bench.bench_compare [--quick] [--skip-compare] [--skip-rank]
+
+Finished cells are cached (the compare folder's run folders, and bench/cache/compare/*.json), so an
+interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+CACHE = ROOT / "cache" / "compare"
+RESULTS = ROOT / "results"
+
+COMPARE_STRATEGIES = ["linear-probe", "finetune", "lora"]
+RANK_BACKBONES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+RANK_SIZES = [64, 96, 128]
+RANK_DATASETS = ["fashion-mnist", "mnist-5k"]  # more than one dataset, both offline
+
+
+def _cell(name: str, compute):
+    path = CACHE / f"{name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+    return value
+
+
+def run_compare_section(quick: bool) -> list[str]:
+    from transferkit.evaluation.compare import CompareConfig, format_leaderboard, run_compare
+
+    seeds = 2 if quick else 3
+    strategies = COMPARE_STRATEGIES[:2] if quick else COMPARE_STRATEGIES
+    options = {"limit_per_class": 20, "test_limit": 200 if quick else 2000, "image_size": 112,
+               "epochs": 2 if quick else 8, "cache_dir": str(CACHE / "features")}
+    out = CACHE / ("compare-quick" if quick else "compare-fashion")
+    started = time.perf_counter()
+    document = run_compare(CompareConfig(data="fashion-mnist", backbones=["efficientnet_lite0"],
+                                         strategies=strategies, seeds=seeds, out=str(out), isolate=True,
+                                         time_budget=1200, fit_options=options))
+    wall = time.perf_counter() - started
+    fresh = [c for c in document["cells"] if c["status"] == "done" and not c["reused"]]
+    first_run = CACHE / f"{out.name}-first-run.json"  # timing of the invocation that trained every cell
+    if len(fresh) == len(document["cells"]):
+        first_run.write_text(json.dumps({"wall_seconds": wall, "cells": len(fresh)}))
+    elif first_run.is_file():
+        first = json.loads(first_run.read_text())
+        wall, fresh = first["wall_seconds"], document["cells"][: first["cells"]]
+    total_train = sum(c["train_seconds"] for c in document["cells"] if c["status"] == "done")
+    opts = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items() if k != "cache_dir")
+    lines = [
+        "### `transferkit compare` on Fashion-MNIST few-shot",
+        "",
+        f"Equivalent CLI: `transferkit compare --data fashion-mnist --backbones efficientnet_lite0 --strategies "
+        f"{','.join(strategies)} --seeds {seeds} {opts} --out runs/compare`",
+        "",
+        "```",
+        format_leaderboard(document),
+        "```",
+        "",
+        f"Wall time of this compare run: {wall:.0f} s ({len(fresh)} cells trained in this run, "
+        f"{len(document['cells']) - len(fresh)} reused from an earlier interrupted run); sum of the cells' own "
+        f"train+evaluation times {total_train:.0f} s. Peak memory is the resident peak of each cell's process.",
+        "",
+    ]
+    if len(fresh) == len(document["cells"]):
+        verdict = "within" if wall <= 1200 else "NOT within"
+        lines.append(f"All {len(fresh)} cells ran in this invocation: {wall / 60:.1f} minutes, {verdict} the "
+                     "20-minute goal on this machine (2 cores shared with other jobs).")
+        lines.append("")
+    return lines
+
+
+def _rank_cell(dataset: str, backbone: str, size: int, limit: int, test_limit: int) -> dict:
+    from transferkit.backbones import create_backbone
+    from transferkit.data import load_data
+    from transferkit.engine.features import extract_features
+    from transferkit.engine.solvers import fit_logistic_regression
+    from transferkit.evaluation.transferability import labelled_pool, score_features, source_probabilities
+
+    splits = load_data(dataset, limit_per_class=limit, seed=0, test_limit=test_limit)
+    pool = labelled_pool(splits)
+    backbone_module = create_backbone(backbone, pretrained=True, image_size=size)
+    started = time.perf_counter()
+    features = extract_features(backbone_module, pool, cache_dir=CACHE / "features", progress=False)
+    scores = score_features(features, pool.labels, source_probabilities(backbone_module, features))
+    score_seconds = time.perf_counter() - started
+    test_features = extract_features(backbone_module, splits.test, cache_dir=CACHE / "features", progress=False)
+    weight, bias = fit_logistic_regression(features, pool.labels, pool.num_classes)
+    logits = np.asarray(test_features, dtype=np.float64) @ weight.detach().numpy().T + bias.detach().numpy()
+    accuracy = float((logits.argmax(axis=1) == splits.test.labels).mean())
+    return {"dataset": dataset, "candidate": f"{backbone}@{size}", **scores, "accuracy": accuracy,
+            "score_seconds": round(score_seconds, 2), "n_pool": len(pool), "n_test": len(splits.test)}
+
+
+def run_rank_section(quick: bool) -> list[str]:
+    from transferkit.evaluation.transferability import kendall_tau
+
+    limit, test_limit = (10, 200) if quick else (20, 500)
+    backbones = RANK_BACKBONES[:2] if quick else RANK_BACKBONES
+    sizes = RANK_SIZES[:2] if quick else RANK_SIZES
+    lines = ["### `rank-backbones`: transferability scores vs measured accuracy", "",
+             f"Candidates: {', '.join(backbones)} x {', '.join(map(str, sizes))} px ({len(backbones) * len(sizes)} "
+             f"per dataset). Scores on the labelled pool ({limit} images per class, train + validation), measured "
+             f"accuracy = linear probe (logistic regression, C = 1) trained on the same pool, tested on a fixed "
+             f"stratified {test_limit}-image test subset. Kendall's tau-b between each score and the accuracy "
+             "(1 = same order, 0 = unrelated).", ""]
+    summary = []
+    for dataset in RANK_DATASETS:
+        rows = [_cell(f"rank-{'quick-' if quick else ''}{dataset}-{b}-{s}",
+                      lambda b=b, s=s, d=dataset: _rank_cell(d, b, s, limit, test_limit))
+                for b in backbones for s in sizes]
+        rows.sort(key=lambda r: -r["accuracy"])
+        lines += [f"**{dataset}**", "", "| candidate | linear-probe accuracy | LogME | LEEP | H-score | "
+                  "scoring seconds |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['candidate']} | {r['accuracy']:.4f} | {r['logme']:.4f} | {r['leep']:.4f} | "
+                  f"{r['h_score']:.2f} | {r['score_seconds']:.1f} |" for r in rows]
+        acc = [r["accuracy"] for r in rows]
+        taus = {score: kendall_tau([r[score] for r in rows], acc) for score in ("logme", "leep", "h_score")}
+        summary.append((dataset, len(rows), taus))
+        lines.append("")
+    lines += ["| dataset | candidates | tau(LogME, acc) | tau(LEEP, acc) | tau(H-score, acc) |", "|---|---|---|---|---|"]
+    lines += [f"| {d} | {n} | {t['logme']:+.3f} | {t['leep']:+.3f} | {t['h_score']:+.3f} |" for d, n, t in summary]
+    lines.append("")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="Reduced smoke version (minutes).")
+    parser.add_argument("--skip-compare", action="store_true")
+    parser.add_argument("--skip-rank", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "timm", "peft", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    command = "python -m bench.bench_compare" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    lines = ["## Strategy comparison and backbone ranking (issue 7)", "", f"Command: `{command}`", ""]
+    if not args.skip_compare:
+        lines += run_compare_section(args.quick)
+    if not args.skip_rank:
+        lines += run_rank_section(args.quick)
+    target = RESULTS / "quick" if args.quick else RESULTS  # a smoke run never replaces the full results
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "compare.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

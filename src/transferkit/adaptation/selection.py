@@ -1,0 +1,75 @@
+"""Unsupervised model-selection signals on unlabelled target data (target labels are never used).
+
+* ``entropy``: mean prediction entropy ``-sum_k p_k log p_k`` on target items (lower = more confident;
+  Morerio et al. 2018 select by it). Can be fooled by confident collapse, hence reported next to the others.
+* ``snd``: soft neighbourhood density (Saito et al. 2021, "Tune it the right way"): L2-normalised target
+  probability vectors, cosine similarities with the diagonal removed, a softmax per row at temperature
+  ``tau = 0.05``, and the mean entropy of those rows (higher = denser clusters = better).
+* ``source-val``: the source validation accuracy (the usual, adaptation-blind choice).
+
+:func:`selection_evaluate_fn` builds an engine ``evaluate_fn`` that reports source validation loss/accuracy
+and the target signals each epoch, so ``monitor`` can early-stop and select the epoch on any of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from transferkit.engine.objectives import primary_logits
+from transferkit.engine.trainer import classification_metrics
+
+SIGNALS = ("snd", "entropy", "source-val")
+#: the engine's monitored metric name and direction for each signal
+MONITORS: dict[str, tuple[str, str]] = {
+    "snd": ("target_snd", "max"),
+    "entropy": ("target_entropy", "min"),
+    "source-val": ("accuracy", "max"),
+}
+
+
+def prediction_entropy(probabilities: torch.Tensor) -> float:
+    """Mean Shannon entropy (nats) of the rows of a probability matrix."""
+    p = probabilities.clamp_min(1e-12)
+    return float(-(p * p.log()).sum(dim=1).mean())
+
+
+def soft_neighbourhood_density(probabilities: torch.Tensor, temperature: float = 0.05) -> float:
+    """SND of Saito et al. (2021) on ``(n, k)`` target probabilities (needs n >= 2)."""
+    normalised = F.normalize(probabilities.float(), dim=1)
+    similarity = normalised @ normalised.T
+    similarity.fill_diagonal_(float("-inf"))
+    neighbours = torch.softmax(similarity / temperature, dim=1)
+    return prediction_entropy(neighbours)
+
+
+@torch.no_grad()
+def target_probabilities(model: Any, loader: DataLoader, forward_fn: Callable) -> torch.Tensor:
+    from transferkit.backbones import move_to
+
+    device = next(model.parameters()).device
+    chunks = []
+    for batch in loader:
+        batch = move_to(batch, device)
+        chunks.append(torch.softmax(primary_logits(forward_fn(model, batch)).float(), dim=-1).cpu())
+    return torch.cat(chunks)
+
+
+def target_signals(probabilities: torch.Tensor) -> dict[str, float]:
+    return {"target_entropy": prediction_entropy(probabilities),
+            "target_snd": soft_neighbourhood_density(probabilities)}
+
+
+def selection_evaluate_fn(target_loader: DataLoader) -> Callable:
+    """An engine ``evaluate_fn``: source validation metrics plus ``target_entropy`` and ``target_snd``."""
+
+    def evaluate(model: Any, loader: DataLoader, accelerator: Any, forward_fn: Callable) -> dict[str, float]:
+        metrics = classification_metrics(model, loader, accelerator, forward_fn) if loader is not None else {}
+        metrics.update(target_signals(target_probabilities(model, target_loader, forward_fn)))
+        return metrics
+
+    return evaluate

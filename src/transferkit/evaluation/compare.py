@@ -1,0 +1,362 @@
+"""Which transfer works for my data? Run every backbone x strategy x seed through ``transferkit.api.fit`` and
+rank the configurations honestly.
+
+* Cells run seed-major (every configuration once, then every configuration again with the next seed), so a
+  time budget that cuts the run short still leaves each configuration measured at least once.
+* Each cell is a normal run folder ``<out>/runs/<backbone>__<strategy>__seed<k>``; finished cells are skipped
+  and interrupted ones resumed, so an interrupted compare continues where it stopped. The on-disk feature
+  cache is shared by every cell (frozen-backbone strategies extract each split once).
+* Statistics over seeds (each seed draws its own few-shot subset; the test set is the same for every seed):
+  mean accuracy, sample standard deviation, a two-sided 95% Student-t confidence interval
+  ``mean +- t_{0.975, n-1} s / sqrt(n)``, and a paired t-test between the top two configurations on the seeds
+  both finished (differences per seed, ``t = mean(d) / (sd(d) / sqrt(n))``, n - 1 degrees of freedom).
+* Recommendation: the most accurate configuration, unless another one's mean accuracy lies inside the best
+  one's confidence interval at a fraction (``cost_ratio``, default one half) of its training time; then the
+  cheapest such configuration, with the reason spelled out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from transferkit.errors import TransferkitError
+
+logger = logging.getLogger(__name__)
+
+LEADERBOARD_FILE = "leaderboard.json"
+RUNS_FOLDER = "runs"
+CONFIDENCE = 0.95
+#: options compare sets itself for every cell; callers may not pass them through
+CELL_OPTIONS = ("data", "backbone", "strategy", "seed", "out", "overwrite", "resume")
+
+
+@dataclass
+class Cell:
+    backbone: str
+    strategy: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.backbone} / {self.strategy}"
+
+    @property
+    def folder_name(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.@-]+", "-", f"{self.backbone}__{self.strategy}__seed{self.seed}")
+
+
+@dataclass
+class CellResult:
+    backbone: str
+    strategy: str
+    seed: int
+    status: str  # "done" | "failed" | "skipped"
+    path: str
+    accuracy: float | None = None
+    macro_f1: float | None = None
+    trainable_params: int | None = None
+    total_params: int | None = None
+    train_seconds: float | None = None
+    peak_memory_mb: float | None = None
+    reused: bool = False
+    message: str = ""
+
+
+# --- statistics --------------------------------------------------------------------------------------------
+
+
+def t_interval(values: list[float] | np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float] | None:
+    """Two-sided Student-t confidence interval of the mean; None with fewer than two values."""
+    from scipy.stats import t
+
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return None
+    mean, sd = float(values.mean()), float(values.std(ddof=1))
+    half = float(t.ppf(0.5 + confidence / 2, len(values) - 1)) * sd / math.sqrt(len(values))
+    return mean - half, mean + half
+
+
+def paired_t_test(first: dict[int, float], second: dict[int, float]) -> dict[str, Any]:
+    """Paired t-test of two configurations' accuracies over the seeds both have (first - second)."""
+    from scipy.stats import t
+
+    seeds = sorted(set(first) & set(second))
+    result: dict[str, Any] = {"seeds": seeds, "n": len(seeds)}
+    if len(seeds) < 2:
+        result.update(testable=False, reason=f"{len(seeds)} common seed(s): a paired test needs at least 2 "
+                      "(run with --seeds 2 or more)")
+        return result
+    diffs = np.array([first[s] - second[s] for s in seeds])
+    mean, sd = float(diffs.mean()), float(diffs.std(ddof=1))
+    result.update(mean_difference=mean, sd_difference=sd, testable=True)
+    if sd <= 1e-12 * max(1.0, abs(mean)):  # rounding noise of equal differences
+        result.update(t=None, p_value=1.0 if mean == 0 else None,
+                      reason="the difference is identical on every seed, so the t statistic is undefined")
+        return result
+    statistic = mean / (sd / math.sqrt(len(seeds)))
+    result.update(t=statistic, df=len(seeds) - 1, p_value=float(2 * t.sf(abs(statistic), len(seeds) - 1)),
+                  ci=t_interval(diffs))
+    return result
+
+
+def leaderboard_rows(results: list[CellResult]) -> list[dict[str, Any]]:
+    """One row per backbone/strategy over its finished seeds, most accurate first."""
+    groups: dict[tuple[str, str], list[CellResult]] = {}
+    for r in results:
+        if r.status == "done" and r.accuracy is not None:
+            groups.setdefault((r.backbone, r.strategy), []).append(r)
+    rows = []
+    for (backbone, strategy), cells in groups.items():
+        acc = np.array([c.accuracy for c in cells], dtype=float)
+        ci = t_interval(acc)
+        rows.append({
+            "backbone": backbone,
+            "strategy": strategy,
+            "seeds": len(cells),
+            "accuracy_by_seed": {c.seed: c.accuracy for c in sorted(cells, key=lambda c: c.seed)},
+            "accuracy_mean": float(acc.mean()),
+            "accuracy_sd": float(acc.std(ddof=1)) if len(acc) > 1 else None,
+            "accuracy_ci": list(ci) if ci else None,
+            "macro_f1_mean": float(np.mean([c.macro_f1 for c in cells])),
+            "trainable_params": int(np.median([c.trainable_params for c in cells])),
+            "total_params": int(np.median([c.total_params for c in cells])),
+            "train_seconds": float(np.mean([c.train_seconds for c in cells])),
+            "peak_memory_mb": float(np.max([c.peak_memory_mb for c in cells])),
+        })
+    rows.sort(key=lambda r: (-r["accuracy_mean"], r["train_seconds"]))
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    return rows
+
+
+def recommend(rows: list[dict[str, Any]], cost_ratio: float = 0.5) -> dict[str, Any] | None:
+    """The recommended configuration and why (see the module docstring for the rule)."""
+    if not rows:
+        return None
+    best = rows[0]
+    name = f"{best['strategy']} on {best['backbone']}"
+    if best["accuracy_ci"] is None:
+        return {"backbone": best["backbone"], "strategy": best["strategy"], "rule": "best accuracy",
+                "reason": f"{name} has the highest accuracy ({best['accuracy_mean']:.4f}); with a single seed "
+                          "there is no confidence interval, so no cheaper configuration can be called "
+                          "'nearly as good' (run with --seeds 2 or more)"}
+    low = best["accuracy_ci"][0]
+    cheaper = [r for r in rows[1:] if r["accuracy_mean"] >= low
+               and r["train_seconds"] <= cost_ratio * best["train_seconds"]]
+    if not cheaper:
+        return {"backbone": best["backbone"], "strategy": best["strategy"], "rule": "best accuracy",
+                "reason": f"{name} has the highest mean accuracy ({best['accuracy_mean']:.4f}, 95% CI "
+                          f"{best['accuracy_ci'][0]:.4f}-{best['accuracy_ci'][1]:.4f}) and no configuration "
+                          f"inside that interval trains in under {cost_ratio:g}x its time"}
+    pick = min(cheaper, key=lambda r: (r["train_seconds"], r["trainable_params"]))
+    time_ratio = pick["train_seconds"] / max(best["train_seconds"], 1e-9)
+    param_ratio = pick["trainable_params"] / max(best["trainable_params"], 1)
+    return {"backbone": pick["backbone"], "strategy": pick["strategy"], "rule": "nearly as good, cheaper",
+            "time_ratio": time_ratio, "param_ratio": param_ratio,
+            "reason": f"{pick['strategy']} on {pick['backbone']} reaches {pick['accuracy_mean']:.4f}, inside the "
+                      f"95% CI of the best ({name}: {best['accuracy_mean']:.4f}, CI "
+                      f"{best['accuracy_ci'][0]:.4f}-{best['accuracy_ci'][1]:.4f}), at {time_ratio:.2g}x its "
+                      f"training time and {param_ratio:.2g}x its trainable parameters"}
+
+
+# --- running -----------------------------------------------------------------------------------------------
+
+
+def plan_cells(backbones: list[str], strategies: list[str], seeds: int) -> list[Cell]:
+    """Seed-major order: every configuration with seed 0, then with seed 1, ..."""
+    return [Cell(b, s, seed) for seed in range(seeds) for b in backbones for s in strategies]
+
+
+def options_for_strategy(strategy: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Drop pass-through options that belong only to *other* registered strategies (so ``--probe-c`` can be
+    given once for a compare that also runs finetune)."""
+    from transferkit.config import option_fields
+    from transferkit.strategies import list_strategies, strategy_class
+
+    own = {f.name for f in option_fields(strategy_class(strategy).config_class)}
+    foreign = {f.name for c in list_strategies().values() for f in option_fields(c.config_class)} - own
+    return {k: v for k, v in options.items() if k.replace("-", "_") not in foreign}
+
+
+def _result_from_metrics(cell: Cell, path: Path, metrics: dict[str, Any], reused: bool) -> CellResult:
+    return CellResult(cell.backbone, cell.strategy, cell.seed, "done", str(path),
+                      accuracy=float(metrics["accuracy"]), macro_f1=float(metrics.get("macro_f1", 0.0)),
+                      trainable_params=int(metrics["trainable_params"]), total_params=int(metrics["total_params"]),
+                      train_seconds=float(metrics["train_seconds"]),
+                      peak_memory_mb=float(metrics.get("peak_memory_mb", float("nan"))), reused=reused)
+
+
+def _fit_cell(options: dict[str, Any], log_level: int | None = None) -> dict[str, Any]:
+    """Run one cell (in this or a fresh process); returns its metrics or ``{"error": message}``."""
+    from transferkit.api import fit
+
+    if log_level is not None:  # a spawned process: log to stderr like the parent
+        from transferkit.cli.main import setup_logging
+
+        setup_logging(verbose=log_level <= logging.DEBUG, quiet=log_level > logging.INFO)
+    try:
+        return fit(**options).metrics
+    except TransferkitError as exc:
+        return {"error": str(exc)}
+
+
+def _fit_isolated(options: dict[str, Any]) -> dict[str, Any]:
+    """One cell in a fresh spawned process: its peak memory (ru_maxrss) is then the cell's own."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_fit_cell, options, logging.getLogger("transferkit").getEffectiveLevel()).result()
+
+
+@dataclass
+class CompareConfig:
+    data: str
+    backbones: list[str]
+    strategies: list[str]
+    seeds: int = 3
+    out: str = "runs/compare"
+    time_budget: float | None = None
+    isolate: bool = True
+    cost_ratio: float = 0.5
+    fit_options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        from transferkit.strategies import list_strategies
+
+        if not self.backbones or not self.strategies:
+            raise TransferkitError("compare needs at least one backbone and one strategy",
+                                   "pass --backbones a,b and --strategies x,y")
+        known = list_strategies()
+        unknown = [s for s in self.strategies if s not in known]
+        if unknown:
+            raise TransferkitError(f"unknown strategy {', '.join(unknown)}", f"choose from: {', '.join(known)}")
+        if self.seeds < 1:
+            raise TransferkitError(f"invalid --seeds {self.seeds}", "pass a count of at least 1")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise TransferkitError(f"invalid --time-budget {self.time_budget}", "pass a number of seconds above 0")
+        clash = sorted(k for k in self.fit_options if k in CELL_OPTIONS)
+        if clash:
+            raise TransferkitError(f"compare sets {', '.join(clash)} itself for every cell",
+                                   "remove those options (use --backbones, --strategies, --seeds, --out)")
+
+
+def run_compare(config: CompareConfig) -> dict[str, Any]:
+    """Run (or resume) a comparison; writes ``leaderboard.json`` and ``report.html`` into ``config.out``."""
+    config.validate()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    previous = out / LEADERBOARD_FILE
+    if previous.is_file():
+        old = json.loads(previous.read_text())
+        if old.get("data") != config.data:
+            raise TransferkitError(f"'{out}' holds a comparison on other data ({old.get('data')})",
+                                   "choose another --out folder")
+    started = time.perf_counter()
+    results: list[CellResult] = []
+    cells = plan_cells(config.backbones, config.strategies, config.seeds)
+    for i, cell in enumerate(cells, 1):
+        path = out / RUNS_FOLDER / cell.folder_name
+        metrics_file = path / "metrics.json"
+        if metrics_file.is_file() and (path / "model").is_dir():
+            results.append(_result_from_metrics(cell, path, json.loads(metrics_file.read_text()), reused=True))
+            logger.info("[%d/%d] %s seed %d: finished earlier, reused", i, len(cells), cell.key, cell.seed)
+            continue
+        elapsed = time.perf_counter() - started
+        if config.time_budget is not None and elapsed >= config.time_budget:
+            results.append(CellResult(cell.backbone, cell.strategy, cell.seed, "skipped", str(path),
+                                      message=f"time budget of {config.time_budget:g} s used up"))
+            continue
+        logger.info("[%d/%d] %s seed %d ...", i, len(cells), cell.key, cell.seed)
+        options = {**options_for_strategy(cell.strategy, config.fit_options), "data": config.data,
+                   "backbone": cell.backbone, "strategy": cell.strategy, "seed": cell.seed, "out": str(path),
+                   "resume": True}
+        options.setdefault("progress", False)
+        metrics = _fit_isolated(options) if config.isolate else _fit_cell(options)
+        if "error" in metrics:
+            logger.warning("%s seed %d failed: %s", cell.key, cell.seed, metrics["error"])
+            results.append(CellResult(cell.backbone, cell.strategy, cell.seed, "failed", str(path),
+                                      message=metrics["error"]))
+            continue
+        result = _result_from_metrics(cell, path, metrics, reused=False)
+        results.append(result)
+        logger.info("[%d/%d] %s seed %d: accuracy %.4f in %.1f s", i, len(cells), cell.key, cell.seed,
+                    result.accuracy, result.train_seconds)
+    document = summarise(results, config)
+    document["wall_seconds"] = round(time.perf_counter() - started, 1)
+    previous.write_text(json.dumps(document, indent=2, default=str))
+    from transferkit.evaluation.report import write_report
+
+    write_report(out)
+    return document
+
+
+def summarise(results: list[CellResult], config: CompareConfig) -> dict[str, Any]:
+    rows = leaderboard_rows(results)
+    paired = None
+    if len(rows) >= 2:
+        paired = {"first": f"{rows[0]['strategy']} on {rows[0]['backbone']}",
+                  "second": f"{rows[1]['strategy']} on {rows[1]['backbone']}",
+                  **paired_t_test(rows[0]["accuracy_by_seed"], rows[1]["accuracy_by_seed"])}
+    return {
+        "data": config.data,
+        "backbones": config.backbones,
+        "strategies": config.strategies,
+        "seeds": config.seeds,
+        "fit_options": config.fit_options,
+        "confidence": CONFIDENCE,
+        "leaderboard": rows,
+        "recommendation": recommend(rows, config.cost_ratio),
+        "paired_test": paired,
+        "cells": [asdict(r) for r in results],
+        "peak_memory_note": "peak resident memory of the process that trained the cell" if config.isolate else
+        "peak resident memory of the whole compare process so far (run isolated for per-cell numbers)",
+    }
+
+
+def format_leaderboard(document: dict[str, Any]) -> str:
+    """The leaderboard, recommendation and paired test as text."""
+    from transferkit.cli.options import format_table
+
+    table = []
+    for r in document["leaderboard"]:
+        ci = r["accuracy_ci"]
+        table.append({
+            "rank": r["rank"], "backbone": r["backbone"], "strategy": r["strategy"], "seeds": r["seeds"],
+            "accuracy": f"{r['accuracy_mean']:.4f}",
+            "sd": f"{r['accuracy_sd']:.4f}" if r["accuracy_sd"] is not None else "-",
+            "95% CI": f"{ci[0]:.4f}-{ci[1]:.4f}" if ci else "-",
+            "trainable": r["trainable_params"], "train s": f"{r['train_seconds']:.1f}",
+            "peak MB": f"{r['peak_memory_mb']:.0f}",
+        })
+    lines = [format_table(table, list(table[0])) if table else "no finished cells"]
+    rec = document.get("recommendation")
+    if rec:
+        lines += ["", f"recommendation: {rec['strategy']} on {rec['backbone']} ({rec['rule']})", f"  why: {rec['reason']}"]
+    lines.append("")
+    lines.append(describe_paired_test(document.get("paired_test")))
+    problems = [c for c in document["cells"] if c["status"] != "done"]
+    for c in problems:
+        lines.append(f"{c['status']}: {c['backbone']} / {c['strategy']} seed {c['seed']}: {c['message']}")
+    return "\n".join(lines)
+
+
+def describe_paired_test(paired: dict[str, Any] | None) -> str:
+    if not paired:
+        return "paired test: needs at least two configurations"
+    head = f"paired t-test, {paired['first']} vs {paired['second']}"
+    if not paired["testable"] or paired.get("t") is None:
+        return f"{head}: cannot be tested ({paired['reason']})"
+    verdict = "significant" if paired["p_value"] < 0.05 else "not significant"
+    return (f"{head} over {paired['n']} seeds: mean difference {paired['mean_difference']:+.4f}, "
+            f"t = {paired['t']:.2f}, p = {paired['p_value']:.3g} ({verdict} at 0.05)")

@@ -1,0 +1,292 @@
+"""``--task causal-lm``: adapt a causal language model (``smollm2-135m``, ``hf-causal:<folder>``) to a text domain
+with LoRA (or any strategy) through the one engine, and report held-out perplexity before and after.
+
+Objective: next-token cross-entropy ``-1/T sum_t log p(w_t | w_<t)`` over the non-padding tokens (transformers'
+``labels=`` shift); perplexity ``exp`` of the token-weighted mean over the held-out passages. Data: a ``.txt`` file
+(passages separated by blank lines; long passages cut into pieces of about ``words_per_passage`` words) or a
+``.jsonl`` / ``.csv`` file with a text column (``--text-column``, default ``text``). A seeded
+``heldout_fraction`` of passages is never trained on.
+
+The hook into ``transferkit fit`` (owned by the tasks package / api): when ``--task causal-lm`` is given, call
+:func:`run_causal_lm` instead of the classification flow; it writes ``model/`` into the run's staging folder and
+returns the metrics for ``metrics.json``. :func:`fit_causal_lm` does the whole run from Python.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from transferkit.backbones import move_to, register_prefix
+from transferkit.backbones.base import BackboneInfo, reject_unknown_options
+from transferkit.data.base import DataSplits, LabeledData
+from transferkit.engine.objectives import Objective
+from transferkit.errors import TransferkitError
+
+if TYPE_CHECKING:
+    from transferkit.backbones.causal_lm import CausalLMBackbone
+    from transferkit.engine.trainer import TrainConfig
+    from transferkit.model import TransferModel
+    from transferkit.strategies.base import Strategy
+
+logger = logging.getLogger(__name__)
+
+TASK_TYPE = "causal-lm"
+TASK_NAME = "lm"
+IGNORE_INDEX = -100
+
+
+# --- backbones: hf-causal:<name-or-folder> ---------------------------------------------------------------------
+
+
+def _hf_causal_info() -> BackboneInfo:
+    return BackboneInfo(name="hf-causal:<name-or-path>", modality="text", params=None, feature_dim=None,
+                        weights="Hugging Face hub (needs a network) or a local folder", offline_available=False,
+                        description="any transformers causal LM (AutoModelForCausalLM): LoRA, generation")
+
+
+@register_prefix("hf-causal", _hf_causal_info)
+def create_hf_causal(target: str, pretrained: bool = True, **options: Any) -> CausalLMBackbone:
+    """A local or hub causal LM as a :class:`CausalLMBackbone` (``hf:`` builds encoders without the LM head)."""
+    from transferkit.backbones.causal_lm import CausalLMBackbone
+    from transferkit.backbones.text import build_hf_text_backbone
+
+    reject_unknown_options(f"hf-causal:{target}", options, ("max_length", "normalize", "pooling",
+                                                            "config_overrides"))
+    options.setdefault("pooling", "last")
+    backbone = build_hf_text_backbone(target, f"hf-causal:{target}", pretrained, backbone_class=CausalLMBackbone,
+                                      **options)
+    return backbone  # type: ignore[return-value]
+
+
+# --- data ------------------------------------------------------------------------------------------------------
+
+
+def read_passages(path: str | Path, text_column: str | None = None, words_per_passage: int = 120) -> list[str]:
+    """Passages of a .txt (blank-line separated, cut to about ``words_per_passage`` words) or a table's column."""
+    path = Path(path)
+    if not path.is_file():
+        raise TransferkitError(f"text file '{path}' does not exist", "pass a .txt, .jsonl or .csv file")
+    if path.suffix.lower() in (".jsonl", ".csv"):
+        from transferkit.data.text import read_table
+
+        table = read_table(path)
+        column = text_column or "text"
+        if column not in table.columns:
+            raise TransferkitError(f"'{path}' has no column '{column}' (columns: {', '.join(table.columns)})",
+                                   "name the text column with --text-column")
+        documents = [str(value) for value in table.values[column] if value not in (None, "")]
+    else:
+        documents = re.split(r"\n\s*\n", path.read_text(encoding="utf-8", errors="replace"))
+    passages = []
+    for document in documents:
+        words = document.split()
+        for start in range(0, len(words), words_per_passage):
+            piece = " ".join(words[start : start + words_per_passage])
+            if len(piece) >= 20:
+                passages.append(piece)
+    if len(passages) < 2:
+        raise TransferkitError(f"'{path}' holds fewer than 2 passages of text", "give a longer text file")
+    return passages
+
+
+def passage_splits(passages: list[str], heldout_fraction: float, seed: int) -> DataSplits:
+    """Seeded train / held-out split of passages (held-out = validation = test: it is never trained on)."""
+    order = np.random.default_rng(seed).permutation(len(passages))
+    n_heldout = max(1, round(len(passages) * heldout_fraction))
+    held, train = sorted(order[:n_heldout].tolist()), sorted(order[n_heldout:].tolist())
+
+    def part(indices: list[int], name: str) -> LabeledData:
+        return LabeledData([passages[i] for i in indices], np.full(len(indices), -1), [], "text",
+                           [f"passage[{i}]" for i in indices], name=name)
+
+    heldout = part(held, "heldout")
+    return DataSplits(part(train, "train"), heldout, heldout,
+                      notes=[f"{len(train)} training and {len(held)} held-out passages"])
+
+
+# --- objective, forward, evaluation ------------------------------------------------------------------------------
+
+
+def lm_labels(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Targets for transformers' shifted LM loss: the input ids, padding replaced by -100."""
+    return inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, IGNORE_INDEX)
+
+
+def lm_forward(model: TransferModel, batch: dict[str, Any]) -> Any:
+    """The LM's own forward (logits over the vocabulary and the mean next-token loss)."""
+    inputs = batch["inputs"]
+    return model.backbone.model(**inputs, labels=lm_labels(inputs), use_cache=False)
+
+
+class CausalLMObjective(Objective):
+    """Mean next-token cross-entropy over non-padding tokens (computed by the model from ``labels``)."""
+
+    name = "next_token"
+
+    def forward(self, model: torch.nn.Module, batch: dict[str, Any], outputs: Any) -> torch.Tensor:
+        return outputs.loss
+
+
+@torch.no_grad()
+def token_nll(model: TransferModel, loader: Any, device: torch.device | str | None = None) -> tuple[float, int]:
+    """(sum of next-token negative log-likelihoods, number of predicted tokens) over ``loader``."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in loader:
+            inputs = move_to(batch["inputs"], device)
+            logits = model.backbone.model(**inputs, use_cache=False).logits[:, :-1].float()
+            targets = lm_labels(inputs)[:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                     ignore_index=IGNORE_INDEX, reduction="sum")
+            total += float(loss)
+            count += int((targets != IGNORE_INDEX).sum())
+    finally:
+        model.train(was_training)
+    return total, count
+
+
+def perplexity(model: TransferModel, loader: Any) -> float:
+    total, count = token_nll(model, loader)
+    return math.exp(total / max(1, count))
+
+
+def lm_evaluate(model: TransferModel, loader: Any, accelerator: Any, forward_fn: Any) -> dict[str, float]:
+    """Validation ``loss`` (mean token NLL) and ``perplexity`` for the engine's early stopping."""
+    total, count = token_nll(model, loader)
+    if accelerator.num_processes > 1:
+        summed = accelerator.reduce(torch.tensor([total, float(count)], device=accelerator.device), "sum")
+        total, count = float(summed[0]), int(summed[1])
+    loss = total / max(1, count)
+    return {"loss": loss, "perplexity": math.exp(loss)}
+
+
+# --- runs ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CausalLMOptions:
+    text_column: str | None = None
+    heldout_fraction: float = 0.1
+    words_per_passage: int = 120
+    max_length: int = 128
+
+
+def build_lm_model(backbone_name: str, pretrained: bool, max_length: int, **backbone_options: Any) -> TransferModel:
+    from transferkit.backbones import create_backbone
+    from transferkit.model import TaskSpec, TransferModel
+
+    backbone = create_backbone(backbone_name, pretrained=pretrained, max_length=max_length, **backbone_options)
+    if not hasattr(backbone, "generate") or not hasattr(getattr(backbone, "model", None), "lm_head"):
+        raise TransferkitError(f"--task causal-lm needs a causal language model, not '{backbone_name}'",
+                               "use --backbone smollm2-135m or hf-causal:<folder>")
+    # The LM head is the backbone's own; the TransferModel head slot is an empty placeholder (a 0-output linear
+    # layer, kind "classify" because model.make_head knows no "causal-lm" kind yet; options["type"] marks it).
+    return TransferModel(backbone, [TaskSpec(TASK_NAME, "classify", [], 0, {"type": TASK_TYPE})])
+
+
+def run_causal_lm(data: str, backbone_name: str, strategy: Strategy, train: TrainConfig, stage: Path,
+                  options: CausalLMOptions | None = None, pretrained: bool = True, progress: bool = False,
+                  cache_dir: Path | None = None, backbone_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train ``strategy`` (e.g. lora) on the passages of ``data``; writes ``stage/model``; returns the metrics."""
+    from transferkit.data.loader import make_loader
+    from transferkit.engine.context import RunContext
+    from transferkit.engine.trainer import seed_everything
+    from transferkit.model import save_model
+
+    options = options or CausalLMOptions()
+    started = time.perf_counter()
+    splits = passage_splits(read_passages(data, options.text_column, options.words_per_passage),
+                            options.heldout_fraction, train.seed)
+    seed_everything(train.seed)
+    model = build_lm_model(backbone_name, pretrained, options.max_length, **(backbone_options or {}))
+    strategy.prepare(model)
+    heldout_loader = make_loader(splits.val, model.backbone, batch_size=max(8, train.batch_size), train=False)
+    before = perplexity(model, heldout_loader)
+    logger.info("held-out perplexity before training: %.2f", before)
+    context = RunContext(splits=splits, train=train, task_objectives=[CausalLMObjective()],
+                         checkpoint_dir=stage / "checkpoint", run_dir=stage, cache_dir=cache_dir, progress=progress,
+                         forward_fn=lm_forward, evaluate_fn=lm_evaluate, monitor=("loss", "min"),
+                         notes=list(splits.notes))
+    result = strategy.train(model, context)
+    after = perplexity(model, heldout_loader)
+    logger.info("held-out perplexity after training: %.2f (before %.2f)", after, before)
+    trainable, total = model.count_parameters()
+    metrics: dict[str, Any] = {
+        "task": TASK_TYPE, "perplexity_before": before, "perplexity_after": after,
+        "perplexity_ratio": after / before, "heldout_passages": len(splits.val),
+        "heldout_tokens": token_nll(model, heldout_loader)[1], "train_passages": len(splits.train),
+        "trainable_params": trainable, "total_params": total, "backbone": backbone_name, "strategy": strategy.name,
+        "train_seconds": round(time.perf_counter() - started, 3), "best_epoch": result.best_epoch,
+        "notes": context.notes,
+    }
+    save_model(model, stage / "model", strategy.to_dict(), extra={"data": str(data), "task": TASK_TYPE})
+    with open(stage / "history.jsonl", "w") as fh:
+        for row in result.history:
+            fh.write(json.dumps(row, default=str) + "\n")
+    import shutil
+
+    shutil.rmtree(stage / "checkpoint", ignore_errors=True)
+    return metrics
+
+
+def fit_causal_lm(data: str, out: str | Path, backbone: str = "smollm2-135m", strategy: str = "lora",
+                  strategy_options: dict[str, Any] | None = None, lm_options: CausalLMOptions | None = None,
+                  pretrained: bool = True, backbone_options: dict[str, Any] | None = None,
+                  **train_options: Any) -> dict[str, Any]:
+    """Python entry point: ``fit_causal_lm("notes.txt", "runs/lm", epochs=2, lr=2e-4)`` -> metrics (also in
+    ``out/metrics.json``). ``out`` must not hold a finished run."""
+    from transferkit.engine.trainer import TrainConfig
+    from transferkit.strategies import create_strategy
+
+    out = Path(out)
+    if (out / "metrics.json").exists():
+        raise TransferkitError(f"'{out}' already holds a finished run", "choose another out folder")
+    out.mkdir(parents=True, exist_ok=True)
+    train = TrainConfig(**{"early_stopping": 0, "lr": 2e-4, **train_options})
+    train.validate()
+    chosen = create_strategy(strategy, strategy_options or {})
+    metrics = run_causal_lm(data, backbone, chosen, train, out, lm_options, pretrained,
+                            backbone_options=backbone_options)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    return metrics
+
+
+def generate_text(backbone: CausalLMBackbone, prompt: str, max_new_tokens: int = 64, chat: bool = False,
+                  temperature: float = 0.0, seed: int = 0) -> str:
+    """Continue ``prompt`` (``chat``: as a user turn of the tokenizer's chat template). ``temperature`` 0 is
+    greedy decoding, above 0 sampling from ``softmax(logits / temperature)`` with a seeded generator."""
+    if chat:
+        if temperature == 0:
+            return backbone.generate(prompt, max_new_tokens=max_new_tokens)
+        encoded = backbone.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                         add_generation_prompt=True, return_tensors="pt",
+                                                         return_dict=True)
+    else:
+        encoded = backbone.tokenizer(prompt, return_tensors="pt")
+    device = next(backbone.parameters()).device
+    inputs = {k: v.to(device) for k, v in dict(encoded).items()}
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else \
+        {"do_sample": False}
+    torch.manual_seed(seed)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            output = backbone.model.generate(**inputs, max_new_tokens=max_new_tokens,
+                                             pad_token_id=backbone.tokenizer.pad_token_id, **sampling)
+    finally:
+        backbone.train(was_training)
+    return backbone.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()

@@ -1,0 +1,213 @@
+"""``--task [COLUMN:]TYPE`` (repeatable): several prediction heads on one shared trunk.
+
+    transferkit fit --data stars --backbone small_cnn --strategy finetune --head-init random \
+        --task count:classify --task size:quantile --quantiles 0.1,0.5,0.9 --loss-weighting uncertainty
+
+The first task must classify the dataset's label (the run's standard evaluation reports it); further tasks
+read other columns of the data (``LabeledData.columns``). Per-task test metrics go to ``metrics.json`` under
+``tasks``, the first task's also at the top level.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from torch import nn
+
+from transferkit.engine.trainer import default_forward
+from transferkit.errors import TransferkitError
+from transferkit.extensions import ExtensionConfig, FitExtension, register_extension
+from transferkit.model import TaskSpec, make_head
+from transferkit.tasks import TASK_TYPES, parse_task
+from transferkit.tasks.multitask import WEIGHTINGS, MultiTaskObjective, collect, multitask_evaluate_fn, task_metrics
+
+if TYPE_CHECKING:
+    from transferkit.config import FitConfig
+    from transferkit.data.base import DataSplits, LabeledData
+    from transferkit.engine.context import RunContext
+    from transferkit.model import TransferModel
+    from transferkit.strategies.base import Strategy
+
+logger = logging.getLogger(__name__)
+
+
+def parse_floats(text: str, option: str) -> list[float]:
+    try:
+        return [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise TransferkitError(f"invalid --{option} '{text}'", "give comma-separated numbers, e.g. 0.1,0.5,0.9") \
+            from None
+
+
+@dataclass
+class TasksConfig(ExtensionConfig):
+    task: list[str] | None = field(default=None, metadata={
+        "help": "A prediction target as [COLUMN:]TYPE, repeatable (TYPE: " + ", ".join(TASK_TYPES) + "); "
+        "e.g. --task count:classify --task size:regress. The first must classify the label."})
+    quantiles: str = field(default="0.1,0.5,0.9", metadata={
+        "help": "Quantile levels of quantile tasks (increasing, in (0, 1)); the outermost give the interval."})
+    task_weights: str | None = field(default=None, metadata={
+        "help": "Fixed loss weights, one per --task, comma-separated (default: all 1)."})
+    loss_weighting: str = field(default="fixed", metadata={
+        "help": "How task losses combine: fixed, uncertainty (Kendall et al. 2018, learned variances) or "
+        "gradnorm (Chen et al. 2018)."})
+    gradnorm_alpha: float = field(default=1.5, metadata={"help": "gradnorm: strength alpha of the rate balancing."})
+
+    def parsed(self) -> list[tuple[str | None, str]]:
+        return [parse_task(t) for t in self.task or []]
+
+    def validate(self) -> None:
+        tasks = self.parsed()
+        names = [column or "label" for column, _ in tasks]
+        if len(set(names)) != len(names):
+            raise TransferkitError(f"--task names a column twice ({', '.join(names)})", "give each column once")
+        quantiles = parse_floats(self.quantiles, "quantiles")
+        if len(quantiles) < 2 or any(not 0 < q < 1 for q in quantiles) or quantiles != sorted(set(quantiles)):
+            raise TransferkitError(f"invalid --quantiles '{self.quantiles}'",
+                                   "give at least two increasing levels in (0, 1), e.g. 0.1,0.5,0.9")
+        if self.loss_weighting not in WEIGHTINGS:
+            raise TransferkitError(f"invalid --loss-weighting '{self.loss_weighting}'",
+                                   f"choose one of {', '.join(WEIGHTINGS)}")
+        if self.task_weights is not None:
+            weights = parse_floats(self.task_weights, "task-weights")
+            if len(weights) != len(tasks) or any(w < 0 for w in weights):
+                raise TransferkitError(f"--task-weights has {len(weights)} values for {len(tasks)} tasks",
+                                       "give one non-negative weight per --task")
+            if self.loss_weighting != "fixed":
+                raise TransferkitError("--task-weights only applies to --loss-weighting fixed",
+                                       "drop --task-weights or use --loss-weighting fixed")
+        if self.gradnorm_alpha < 0:
+            raise TransferkitError(f"invalid --gradnorm-alpha {self.gradnorm_alpha}", "use a number >= 0")
+
+
+def _column(data: LabeledData, column: str | None) -> np.ndarray:
+    if column is None:
+        return data.labels
+    if column not in data.columns:
+        available = ", ".join(sorted(data.columns)) or "none"
+        raise TransferkitError(f"the data has no column '{column}' (columns: {available})",
+                               "name an existing column in --task COLUMN:TYPE")
+    return np.asarray(data.columns[column])
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, (float, np.floating)) and np.isnan(value)) or value == ""
+
+
+def _class_name(value: Any) -> str:
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def build_tasks(splits: DataSplits, config: TasksConfig, label_smoothing: float = 0.0) -> list[TaskSpec]:
+    """TaskSpecs from ``--task`` options, writing each task's targets into the splits as ``target:<name>``."""
+    parts = [p for p in (splits.train, splits.val, splits.test) if p is not None]
+    quantiles = parse_floats(config.quantiles, "quantiles")
+    tasks = []
+    for column, task_type in config.parsed():
+        kind, loss = TASK_TYPES[task_type]
+        name = column or "label"
+        options: dict[str, Any] = {"column": column, "type": task_type, "loss": loss}
+        if kind == "classify":
+            if column is None:
+                class_names = list(splits.class_names)
+            else:
+                values = {v for p in parts for v in _column(p, column).tolist() if not _is_missing(v)}
+                ordered = sorted(values, key=lambda v: (not isinstance(v, (int, float)), v))
+                class_names = [_class_name(v) for v in ordered]
+                lookup = {v: i for i, v in enumerate(ordered)}
+                for p in parts:
+                    p.columns[f"target:{name}"] = np.asarray(
+                        [-1 if _is_missing(v) else lookup[v] for v in _column(p, column).tolist()], dtype=np.int64)
+            options["label_smoothing"] = label_smoothing if loss == "cross_entropy" else 0.0
+            tasks.append(TaskSpec(name, "classify", class_names, len(class_names), options))
+            continue
+        if column is None:
+            raise TransferkitError(f"--task {task_type} needs a numeric column",
+                                   f"write it as --task COLUMN:{task_type}")
+        for p in parts:
+            try:
+                p.columns[f"target:{name}"] = np.asarray(
+                    [np.nan if _is_missing(v) else float(v) for v in _column(p, column).tolist()], dtype=np.float32)
+            except (TypeError, ValueError):
+                raise TransferkitError(f"column '{column}' is not numeric", f"use a number column for {task_type}") \
+                    from None
+        train_values = splits.train.columns[f"target:{name}"]
+        finite = train_values[np.isfinite(train_values)]
+        if len(finite) == 0:
+            raise TransferkitError(f"column '{column}' has no values in the training split", "check the data")
+        options["target_mean"] = float(finite.mean())
+        options["target_std"] = float(finite.std()) or 1.0
+        if kind == "quantile":
+            options["quantiles"] = quantiles
+        tasks.append(TaskSpec(name, kind, [], len(quantiles) if kind == "quantile" else 1, options))
+    _check_first_task(tasks[0], splits, parts)
+    return tasks
+
+
+def _check_first_task(task: TaskSpec, splits: DataSplits, parts: list[LabeledData]) -> None:
+    """The run's standard evaluation scores the first head against the label: it must be that classifier."""
+    same = task.kind == "classify" and (
+        task.options["column"] is None
+        or (task.class_names == list(splits.class_names)
+            and all(np.array_equal(p.columns[f"target:{task.name}"], p.labels) for p in parts)))
+    if not same:
+        raise TransferkitError(
+            f"the first --task ({task.options['column'] or 'label'}:{task.options['type']}) does not classify the "
+            "dataset's label", "put the label's classification first, e.g. --task classify --task size:regress")
+
+
+@register_extension
+class TasksExtension(FitExtension):
+    name = "tasks"
+    config_class = TasksConfig
+    config: TasksConfig
+
+    def active(self) -> bool:
+        return bool(self.config.task)
+
+    def check(self, fit: FitConfig, strategy: Strategy) -> None:
+        if strategy.frozen_backbone:
+            raise TransferkitError(
+                f"--task needs a strategy trained by the engine on raw inputs; '{strategy.name}' fits only the "
+                "first head on cached features", "use --strategy finetune (add --unfreeze 0 to keep the trunk frozen)")
+
+    def configure(self, context: RunContext, model: TransferModel, fit: FitConfig) -> None:
+        tasks = build_tasks(context.splits, self.config, context.label_smoothing)
+        model.tasks = tasks
+        model.heads = nn.ModuleDict({t.name: make_head(model.backbone.feature_dim, t, model.head_dropout)
+                                     for t in tasks})
+        weights = parse_floats(self.config.task_weights, "task-weights") if self.config.task_weights else None
+        self.objective = MultiTaskObjective(tasks, self.config.loss_weighting, weights, self.config.gradnorm_alpha)
+        context.task_objectives = [self.objective]
+        context.evaluate_fn = multitask_evaluate_fn(tasks)
+        context.monitor = ("loss", "min")
+        described = ", ".join(f"{t.name} ({t.options['type']})" for t in tasks)
+        context.notes.append(f"tasks: {described}; "
+                             f"losses combined by {self.config.loss_weighting} weighting")
+
+    def metrics(self, context: RunContext, model: TransferModel) -> dict[str, Any]:
+        from transferkit.data.loader import make_loader
+
+        splits = context.splits
+        split, data = ("test", splits.test) if splits.test is not None and len(splits.test) else ("val", splits.val)
+        loader = make_loader(data, model.backbone, batch_size=max(32, context.train.batch_size), train=False)
+        model.eval()
+        collected = collect(model, loader, model.tasks, default_forward)
+        per_task = {t.name: {"type": t.options["type"], "split": split, **task_metrics(t, *collected[t.name])}
+                    for t in model.tasks}
+        objective = getattr(self, "objective", None)
+        weighting: dict[str, Any] = {"method": self.config.loss_weighting}
+        if objective is not None:
+            weighting["final_weights"] = dict(zip([t.name for t in model.tasks],
+                                                  objective.current_weights().tolist()))
+            if self.config.loss_weighting == "uncertainty":
+                weighting["learned_log_variances"] = dict(zip([t.name for t in model.tasks],
+                                                              objective.log_variances.detach().tolist()))
+        first = per_task[model.tasks[0].name]
+        top = {k: v for k, v in first.items() if k in ("accuracy", "mae", "rmse", "coverage")}
+        return {**top, "tasks": per_task, "task_weighting": weighting}

@@ -1,0 +1,274 @@
+"""Domain adaptation: each method's maths on hand-checkable cases, the validity rules, and tiny end-to-end runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from transferkit.adaptation.coral import coral_matrix, coral_transform, covariance, deep_coral_loss
+from transferkit.adaptation.feature_augmentation import SOURCE, TARGET, augment_features, fit_augmented_head
+from transferkit.adaptation.framing import frame_array
+from transferkit.adaptation.grl import GradientReversal, grl_schedule, reverse_gradient
+from transferkit.adaptation.importance import density_ratio_weights, effective_sample_size
+from transferkit.adaptation.selection import prediction_entropy, soft_neighbourhood_density
+from transferkit.cli.main import main
+
+# --- gradient reversal -------------------------------------------------------------------------------------------
+
+
+def test_gradient_reversal_is_identity_forward_and_flips_and_scales_gradients():
+    x = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
+    y = reverse_gradient(x, 0.25)
+    assert torch.equal(y, x)
+    (y * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert torch.allclose(x.grad, torch.tensor([-0.25, -0.5, -0.75]))
+
+    layer = GradientReversal(2.0)
+    x2 = torch.ones(2, requires_grad=True)
+    layer(x2).sum().backward()
+    assert torch.allclose(x2.grad, torch.full((2,), -2.0))
+
+
+def test_grl_schedule_follows_ganin_lempitsky():
+    assert grl_schedule(0.0) == 0.0
+    assert grl_schedule(0.5) == pytest.approx(2 / (1 + math.exp(-5)) - 1)
+    assert grl_schedule(1.0) == pytest.approx(2 / (1 + math.exp(-10)) - 1)
+    assert grl_schedule(2.0) == grl_schedule(1.0)  # progress is clipped to [0, 1]
+
+
+# --- CORAL ---------------------------------------------------------------------------------------------------------
+
+
+def test_deep_coral_loss_by_hand():
+    # source covariance [[2, 0], [0, 0]], target [[0, 0], [0, 2]]: ||diff||_F^2 = 8, d = 2 -> 8 / (4 * 4) = 0.5
+    source = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+    target = torch.tensor([[0.0, 0.0], [0.0, 2.0]])
+    assert torch.allclose(covariance(source), torch.tensor([[2.0, 0.0], [0.0, 0.0]]))
+    assert deep_coral_loss(source, target).item() == pytest.approx(0.5)
+    assert deep_coral_loss(source, source).item() == pytest.approx(0.0)
+
+
+def _correlated(rng: np.random.Generator, n: int, d: int, scale: float) -> np.ndarray:
+    mixing = rng.normal(size=(d, d)) * scale
+    return rng.normal(size=(n, d)) @ mixing + rng.normal(size=d)
+
+
+def test_coral_transform_gives_source_the_target_covariance():
+    rng = np.random.default_rng(0)
+    source, target = _correlated(rng, 400, 5, 1.0), _correlated(rng, 300, 5, 3.0)
+    assert not np.allclose(np.cov(source, rowvar=False), np.cov(target, rowvar=False), atol=0.5)
+    # without regularisation the re-coloured source covariance equals the target covariance
+    moved = coral_transform(source, target, regularisation=1e-10).astype(np.float64)
+    np.testing.assert_allclose(np.cov(moved, rowvar=False), np.cov(target, rowvar=False), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(moved.mean(0), target.mean(0), atol=1e-3)
+    # with the paper's r = 1: A^T (C_s + I) A = C_t + I exactly
+    a = coral_matrix(source, target, 1.0)
+    eye = np.eye(5)
+    np.testing.assert_allclose(a.T @ (np.cov(source, rowvar=False) + eye) @ a, np.cov(target, rowvar=False) + eye,
+                               rtol=1e-8, atol=1e-8)
+
+
+# --- feature augmentation ------------------------------------------------------------------------------------------
+
+
+def test_feature_augmentation_shapes_and_layout():
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    source, target = augment_features(x, SOURCE), augment_features(x, TARGET)
+    assert source.shape == target.shape == (2, 9)
+    np.testing.assert_array_equal(source, np.concatenate([x, x, np.zeros_like(x)], axis=1))
+    np.testing.assert_array_equal(target, np.concatenate([x, np.zeros_like(x), x], axis=1))
+    with pytest.raises(ValueError):
+        augment_features(x, 2)
+
+
+def test_feature_augmentation_learns_a_target_specific_rule():
+    rng = np.random.default_rng(0)
+    # feature 0 decides the class in both domains; feature 1 agrees with it in the source, opposes it in target
+    def domain(n: int, sign: float) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, 2, n)
+        s = 2.0 * y - 1
+        return np.stack([s + 0.8 * rng.normal(size=n), 3 * sign * s + 0.3 * rng.normal(size=n)], 1), y
+
+    xs, ys = domain(400, 1.0)
+    xt, yt = domain(20, -1.0)
+    xtest, ytest = domain(500, -1.0)
+    weight, bias = fit_augmented_head(xs, ys, xt, yt, 2, c=10.0)
+    assert weight.shape == (2, 2)
+    accuracy = ((torch.as_tensor(xtest, dtype=torch.float32) @ weight.T + bias).argmax(1).numpy() == ytest).mean()
+    from transferkit.engine.solvers import fit_logistic_regression
+
+    w_src, b_src = fit_logistic_regression(xs, ys, 2, c=10.0)
+    source_only = ((torch.as_tensor(xtest, dtype=torch.float32) @ w_src.T + b_src).argmax(1).numpy() == ytest).mean()
+    assert source_only < 0.3 and accuracy > 0.85
+
+
+# --- importance weighting ------------------------------------------------------------------------------------------
+
+
+def test_importance_weights_recover_a_known_density_ratio():
+    rng = np.random.default_rng(0)
+    source = rng.normal(0.0, 1.0, size=(3000, 1))
+    target = rng.normal(1.0, 1.0, size=(3000, 1))
+    weights = density_ratio_weights(source, target, clip=50.0)
+    true_ratio = np.exp(source[:, 0] - 0.5)  # N(1,1) / N(0,1)
+    assert weights.mean() == pytest.approx(1.0, abs=1e-5)
+    assert np.corrcoef(np.log(weights), np.log(true_ratio))[0, 1] > 0.99
+    weighted_mean = float((weights * source[:, 0]).sum() / weights.sum())
+    assert weighted_mean == pytest.approx(1.0, abs=0.15)  # the re-weighted source looks like the target
+    assert effective_sample_size(np.ones(10)) == pytest.approx(10.0)
+    assert effective_sample_size(weights) < len(weights)
+
+
+def test_weighted_logistic_regression_matches_duplication():
+    from transferkit.engine.solvers import fit_logistic_regression
+
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(30, 3)), rng.integers(0, 2, 30)
+    w = np.ones(30)
+    w[:10] = 2.0
+    weighted = fit_logistic_regression(x, y, 2, c=1.0, sample_weight=w * 40 / w.sum())
+    duplicated = fit_logistic_regression(np.concatenate([x, x[:10]]), np.concatenate([y, y[:10]]), 2, c=1.0)
+    assert torch.allclose(weighted[0], duplicated[0], atol=1e-3)
+
+
+# --- selection signals and framing -------------------------------------------------------------------------------------
+
+
+def test_selection_signals():
+    uniform = torch.full((6, 3), 1 / 3)
+    assert prediction_entropy(uniform) == pytest.approx(math.log(3))
+    confident = torch.eye(3).repeat(2, 1) * 0.98 + 0.01
+    assert prediction_entropy(confident) < 0.2
+    # identical predictions: every other item is an equally near neighbour -> entropy log(n - 1)
+    assert soft_neighbourhood_density(uniform) == pytest.approx(math.log(5), abs=1e-5)
+    # tight class clusters have denser neighbourhoods (higher SND) than the same clusters blurred by noise
+    rng = torch.Generator().manual_seed(0)
+    centres = 8 * torch.eye(5)[torch.randint(0, 5, (60,), generator=rng)]
+    tight = torch.softmax(centres + 0.1 * torch.randn(60, 5, generator=rng), 1)
+    loose = torch.softmax(centres + 6.0 * torch.randn(60, 5, generator=rng), 1)
+    assert soft_neighbourhood_density(tight) > soft_neighbourhood_density(loose) + 0.05
+
+
+def test_framing_puts_a_full_frame_digit_in_a_20px_box():
+    digit = np.zeros((8, 8), dtype=np.uint8)
+    digit[:, 3:5] = 255  # a '1' from top to bottom of its 8x8 grid
+    framed = frame_array(digit)
+    rows, cols = np.where(framed > 25)
+    assert framed.shape == (28, 28)
+    assert rows.max() - rows.min() + 1 == 20  # longer side scaled to MNIST's 20 px box
+    assert abs((rows.min() + rows.max()) / 2 - 13.5) <= 1 and abs((cols.min() + cols.max()) / 2 - 13.5) <= 1
+
+
+# --- validity rules (exit code 2, before any data is read) --------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra", [
+    ["--target-data", "digits"],  # no --adapt
+    ["--adapt", "dann"],  # no target data
+    ["--adapt", "dann", "--target-data", "digits"],  # linear-probe keeps the backbone frozen
+    ["--adapt", "coral", "--target-data", "digits", "--strategy", "finetune"],  # coral needs frozen features
+    ["--adapt", "feature-augmentation", "--target-data", "digits"],  # needs --target-labelled
+    ["--adapt", "feature-matching"],  # needs --pairs
+    ["--adapt", "feature-matching", "--pairs", "missing.csv"],
+    ["--adapt", "deep-coral", "--target-data", "digits", "--strategy", "finetune", "--pairs", "x.csv"],
+    ["--adapt", "magic", "--target-data", "digits"],
+    ["--adapt", "dann", "--target-data", "digits", "--strategy", "finetune", "--adapt-selection", "oracle"],
+])
+def test_invalid_combinations_exit_2(extra, tmp_path, capsys):
+    code = main(["fit", "--data", "digits", "--backbone", "small_cnn", "--out", str(tmp_path / "run"), *extra])
+    assert code == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+# --- tiny end-to-end runs ----------------------------------------------------------------------------------------
+
+
+def _write_domain(root: Path, n_per_class: int, seed: int, invert: bool) -> Path:
+    """Two classes of 12x12 images: a bright bar on the left vs on the right; the target domain is noisier
+    and has inverted contrast (dark bars on a bright ground)."""
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(("left", "right")):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            image = rng.normal(30, 20 if invert else 10, size=(12, 12))
+            cols = slice(1, 5) if label == 0 else slice(7, 11)
+            image[2:10, cols] += 180
+            if invert:
+                image = 255 - image
+            Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def domains(tmp_path):
+    return (_write_domain(tmp_path / "source", 16, 0, False), _write_domain(tmp_path / "target", 12, 1, True),
+            _write_domain(tmp_path / "target_test", 10, 2, True))
+
+
+FAST = ["--backbone", "small_cnn", "--epochs", "2", "--batch-size", "16", "--threads", "1", "--no-progress",
+        "--cache-dir"]
+
+
+def test_fit_dann_end_to_end_writes_baseline_and_evaluate_compares(domains, tmp_path, capsys):
+    source, target, target_test = domains
+    out = tmp_path / "dann"
+    code = main(["fit", "--data", str(source), *FAST, str(tmp_path / "cache"), "--strategy", "finetune",
+                 "--head-init", "random", "--no-freeze-bn", "--adapt", "dann", "--target-data", str(target),
+                 "--adapt-plot", "--out", str(out), "--json"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["adaptation"]["method"] == "dann" and metrics["adaptation"]["selection"] == "snd"
+    assert (out / "source_only" / "model" / "model.safetensors").is_file()
+    assert (out / "adaptation_tsne.png").stat().st_size > 1000
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert all("val_target_snd" in row and "train_domain_adversarial" in row for row in history)
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out), "--data", str(target_test), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0 <= report["source_only_accuracy"] <= 1
+    assert report["adaptation_gain"] == pytest.approx(report["accuracy"] - report["source_only_accuracy"])
+    assert main(["evaluate", "--model", str(out), "--data", str(target_test), "--json", "--no-source-only"]) == 0
+    assert "source_only_accuracy" not in json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("method,flag", [("coral", "--target-data"), ("importance-weighting", "--target-data"),
+                                         ("feature-augmentation", "--target-labelled")])
+def test_frozen_feature_methods_end_to_end(method, flag, domains, tmp_path):
+    source, target, _ = domains
+    if method == "importance-weighting":  # needs overlapping supports: a target of mostly "left" source images
+        target = source / "left"
+    out = tmp_path / method
+    code = main(["fit", "--data", str(source), *FAST, str(tmp_path / "cache"), "--adapt", method, flag,
+                 str(target), "--out", str(out), "--json"])
+    assert code == 0
+    from safetensors.torch import load_file
+
+    adapted = load_file(str(out / "model" / "model.safetensors"))
+    baseline = load_file(str(out / "source_only" / "model" / "model.safetensors"))
+    head = next(k for k in adapted if k.startswith("heads.") and k.endswith("weight"))
+    assert (adapted[head] - baseline[head]).abs().max() > 1e-3 * baseline[head].abs().max()  # head changed
+    backbone_key = next(k for k in adapted if k.startswith("backbone.") and k.endswith("weight"))
+    assert torch.equal(adapted[backbone_key], baseline[backbone_key])  # frozen features: same backbone
+
+
+def test_feature_matching_end_to_end(domains, tmp_path):
+    source, target, _ = domains
+    rows = ["source,target"]
+    for name in ("left", "right"):
+        for i in range(12):
+            rows.append(f"source/{name}/{i}.png,target/{name}/{i}.png")
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "fm"
+    assert main(["fit", "--data", str(source), *FAST, str(tmp_path / "cache"), "--adapt", "feature-matching",
+                 "--pairs", str(pairs), "--out", str(out), "--json"]) == 0
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    matching = [row for row in history if row.get("stage") == "feature-matching"]
+    assert len(matching) == 2 and matching[-1]["train_feature_matching"] < matching[0]["train_feature_matching"]

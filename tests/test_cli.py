@@ -1,0 +1,271 @@
+"""End-to-end: fit / evaluate / predict through the CLI and the Python API, run folders, bad input, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import transferkit
+from transferkit.cli.main import main
+
+SMALL = ["--backbone", "small_cnn", "--epochs", "3", "--batch-size", "8", "--lr", "0.01"]
+
+
+def stripes(direction: str, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 60, (28, 28)).astype(np.uint8)
+    period = 4 + seed % 3
+    if direction == "h":
+        image[::period, :] = 255
+    else:
+        image[:, ::period] = 255
+    return Image.fromarray(image)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("stripes")
+    for cls, direction in (("horizontal", "h"), ("vertical", "v")):
+        (root / cls).mkdir()
+        for i in range(14):
+            stripes(direction, i).save(root / cls / f"{i:02d}.png")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("TRANSFERKIT_PROGRESS", "0")
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained_run(image_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "stripes"
+    os.environ["TRANSFERKIT_PROGRESS"] = "0"
+    assert main(["fit", "--data", str(image_folder), "--strategy", "finetune", *SMALL, "--out", str(out)]) == 0
+    return out
+
+
+def test_fit_writes_a_complete_run(trained_run):
+    assert (trained_run / "model" / "model.safetensors").is_file()
+    assert (trained_run / "model" / "config.json").is_file()
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    for key in ("accuracy", "macro_f1", "trainable_params", "total_params", "train_seconds", "peak_memory_mb",
+                "dataset_sizes", "config", "accuracy_split"):
+        assert key in metrics
+    assert 0 <= metrics["accuracy"] <= 1 and metrics["accuracy_split"] == "test"
+    assert metrics["accuracy"] >= 0.75  # stripes are easy
+    assert metrics["config"]["strategy"]["name"] == "finetune"
+    history = [json.loads(line) for line in (trained_run / "history.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in history] == list(range(1, len(history) + 1))
+    assert not list(trained_run.parent.glob(".stripes.partial"))  # staging folder moved into place
+
+
+def test_evaluate_json_is_one_document(trained_run, image_folder, capsys):
+    code, out, err = run_cli(["evaluate", "--model", trained_run, "--data", image_folder, "--json"], capsys)
+    assert code == 0
+    report = json.loads(out)  # exactly one JSON document on stdout
+    assert set(report) >= {"accuracy", "macro_f1", "n", "labels", "confusion_matrix", "per_class"}
+    assert report["n"] == 28 and report["labels"] == ["horizontal", "vertical"]
+    assert sum(map(sum, report["confusion_matrix"])) == 28
+
+
+def test_evaluate_table(trained_run, image_folder, capsys):
+    code, out, _ = run_cli(["evaluate", "--model", trained_run, "--data", image_folder], capsys)
+    assert code == 0 and "accuracy" in out and "confusion matrix" in out
+
+
+def test_predict_folder_writes_csv(trained_run, image_folder, tmp_path, capsys):
+    csv_path = tmp_path / "preds.csv"
+    code, out, _ = run_cli(["predict", "--model", trained_run, image_folder, "--csv", csv_path, "--json"], capsys)
+    assert code == 0
+    rows = json.loads(out)["predictions"]
+    assert len(rows) == 28 and all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in rows)
+    lines = csv_path.read_text().splitlines()
+    assert lines[0] == "input,prediction,p(horizontal),p(vertical)" and len(lines) == 29
+
+
+def test_python_api_mirrors_cli(trained_run, image_folder):
+    model = transferkit.load(trained_run)
+    files = sorted(str(p) for p in (image_folder / "vertical").glob("*.png"))[:3]
+    assert model.classes_ == ["horizontal", "vertical"]
+    probabilities = model.predict_proba(files)
+    assert probabilities.shape == (3, 2)
+    assert model.predict(files) == [model.classes_[i] for i in probabilities.argmax(1)]
+    # the saved model reproduces the fitted one exactly: evaluating the test split gives the stored accuracy
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    report = transferkit.evaluate(model, str(image_folder))
+    assert report["n"] == 28 and 0 <= report["accuracy"] <= 1
+    assert metrics["evaluation"]["n"] == metrics["dataset_sizes"]["test"]
+
+
+def test_finished_run_is_not_overwritten(trained_run, image_folder, capsys):
+    before = (trained_run / "metrics.json").read_text()
+    code, _, err = run_cli(["fit", "--data", image_folder, *SMALL, "--out", trained_run], capsys)
+    assert code == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert (trained_run / "metrics.json").read_text() == before
+
+
+def test_linear_probe_feature_cache(image_folder, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="transferkit")
+    first = transferkit.fit(str(image_folder), backbone="small_cnn", out=str(tmp_path / "a"), progress=False)
+    assert not any("from the cache" in r.message for r in caplog.records)
+    caplog.clear()
+    second = transferkit.fit(str(image_folder), backbone="small_cnn", out=str(tmp_path / "b"), progress=False)
+    assert any("from the cache" in r.message for r in caplog.records)
+    assert first.metrics["accuracy"] == second.metrics["accuracy"]
+    assert first.metrics["trainable_params"] == 2 * 128 + 2  # only the head: feature_dim x classes + bias
+
+
+def test_config_file_and_flags(image_folder, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("strategy: finetune\nepochs: 1\nbackbone: small_cnn\nbatch-size: 8\n")
+    out = tmp_path / "cfg"
+    code, stdout, err = run_cli(["fit", "--config", config, "--data", image_folder, "--epochs", "2", "--out", out,
+                                 "--json"], capsys)
+    assert code == 0, err
+    metrics = json.loads(stdout)
+    assert metrics["config"]["train"]["epochs"] == 2  # the flag wins over the file
+    assert metrics["config"]["train"]["batch_size"] == 8 and metrics["strategy"] == "finetune"
+
+
+def corrupt_folder(tmp_path: Path) -> Path:
+    root = tmp_path / "corrupt"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            stripes("h", i).save(root / cls / f"{i}.png")
+    (root / "a" / "broken.png").write_bytes(b"not an image at all")
+    return root
+
+
+def empty_class_folder(tmp_path: Path) -> Path:
+    root = tmp_path / "empty"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    for i in range(3):
+        stripes("h", i).save(root / "a" / f"{i}.png")
+    return root
+
+
+def single_class_folder(tmp_path: Path) -> Path:
+    root = tmp_path / "single"
+    (root / "a").mkdir(parents=True)
+    for i in range(4):
+        stripes("h", i).save(root / "a" / f"{i}.png")
+    return root
+
+
+def text_file(tmp_path: Path, label: str = "label", nan: bool = False) -> Path:
+    path = tmp_path / "texts.csv"
+    rows = ["text,label"] + [f"good day number {i},pos" for i in range(6)] + [f"bad day {i},neg" for i in range(6)]
+    if nan:
+        rows.append("missing label row,")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "make_args, expected",
+    [
+        (lambda t: ["fit", "--data", t / "nope"], "no such"),
+        (lambda t: ["fit", "--data", corrupt_folder(t), *SMALL], "broken.png"),
+        (lambda t: ["fit", "--data", empty_class_folder(t), *SMALL], "'b'"),
+        (lambda t: ["fit", "--data", single_class_folder(t), *SMALL], "class"),
+        (lambda t: ["fit", "--data", text_file(t), "--label-column", "stars"], "stars"),
+        (lambda t: ["fit", "--data", text_file(t, nan=True)], "label"),
+        (lambda t: ["fit", "--data", "digits", "--backbone", "resnet9000"], "unknown backbone"),
+        (lambda t: ["fit", "--data", "digits", "--strategy", "magic"], "unknown strategy"),
+        (lambda t: ["fit", "--data", "digits", "--backbone", "minilm"], "text"),
+        (lambda t: ["fit", "--data", "digits", "--epochs", "0"], "--epochs"),
+        (lambda t: ["fit", "--data", "digits", "--strategy", "linear-probe", "--unfreeze", "2"], "--unfreeze"),
+        (lambda t: ["evaluate", "--model", t / "missing-run", "--data", "digits"], "does not exist"),
+        (lambda t: ["predict", "--model", t / "missing-run", "x.png"], "does not exist"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(make_args, expected, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    args = [str(a) for a in make_args(tmp_path)]
+    if args[0] == "fit":
+        args += ["--out", str(out_dir)]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2
+    errors = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err  # one error line, the last
+    assert expected.lower() in errors[0].lower()
+    assert "Traceback" not in err
+    assert not out_dir.exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_incompatible_checkpoint(trained_run, tmp_path, image_folder, capsys):
+    import shutil
+
+    broken = tmp_path / "broken-run"
+    shutil.copytree(trained_run, broken)
+    config_path = broken / "model" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["backbone"]["options"]["width"] = 16  # a different architecture than the weights
+    config_path.write_text(json.dumps(config))
+    code, _, err = run_cli(["evaluate", "--model", broken, "--data", image_folder], capsys)
+    assert code == 2 and "do not fit backbone" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    env = dict(os.environ, TRANSFERKIT_CACHE=str(tmp_path / "cache"), TRANSFERKIT_PROGRESS="0",
+               OMP_NUM_THREADS="1")
+    args = [sys.executable, "-m", "transferkit", "fit", "--data", "digits", "--backbone", "small_cnn", "--strategy",
+            "finetune", "--epochs", "5", "--early-stopping", "0", "--lr", "0.003", "--threads", "1"]
+    reference = subprocess.run([*args, "--out", str(tmp_path / "ref")], env=env, capture_output=True, text=True,
+                               timeout=600)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*args, "--out", str(out)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / ".run.partial" / "checkpoint" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if checkpoint.exists():
+            state = torch.load(checkpoint, weights_only=False)
+            if state["epoch"] >= 1:
+                break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "an interrupted run must not appear as finished"
+    assert checkpoint.exists()
+
+    refused = subprocess.run([*args, "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+
+    resumed = subprocess.run([*args, "--out", str(out), "--resume"], env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    ref_metrics = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from_epoch"] is not None and metrics["resumed_from_epoch"] >= 2
+    assert metrics["accuracy"] == ref_metrics["accuracy"]
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "ref" / "model" / "model.safetensors"))
+    b = load_file(str(out / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,151 @@
+"""compare: leaderboard statistics, the recommendation rule, the paired test, option routing, and a tiny
+end-to-end comparison (small_cnn, linear-probe + finetune, 2 seeds) that resumes and honours a time budget."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from transferkit.errors import TransferkitError
+from transferkit.evaluation.compare import (
+    CellResult,
+    CompareConfig,
+    format_leaderboard,
+    leaderboard_rows,
+    options_for_strategy,
+    paired_t_test,
+    plan_cells,
+    recommend,
+    run_compare,
+    t_interval,
+)
+
+
+def _cells(strategy: str, accuracies: list[float], seconds: float, params: int, backbone: str = "b") -> list[CellResult]:
+    return [CellResult(backbone, strategy, seed, "done", f"/x/{strategy}{seed}", accuracy=a, macro_f1=a,
+                       trainable_params=params, total_params=10 * params, train_seconds=seconds, peak_memory_mb=100.0)
+            for seed, a in enumerate(accuracies)]
+
+
+def test_t_interval_matches_scipy():
+    values = [0.70, 0.74, 0.72]
+    low, high = t_interval(values)
+    expected = stats.t.interval(0.95, 2, loc=np.mean(values), scale=stats.sem(values))
+    assert (low, high) == pytest.approx(expected)
+    assert t_interval([0.7]) is None
+
+
+def test_leaderboard_rows_aggregate_over_seeds_and_sort():
+    results = (_cells("finetune", [0.80, 0.82, 0.84], 100.0, 1000)
+               + _cells("linear-probe", [0.70, 0.71, 0.72], 5.0, 10)
+               + [CellResult("b", "lora", 0, "failed", "/x", message="boom")])
+    rows = leaderboard_rows(results)
+    assert [r["strategy"] for r in rows] == ["finetune", "linear-probe"]  # failed cells are left out
+    top = rows[0]
+    assert top["rank"] == 1 and top["seeds"] == 3
+    assert top["accuracy_mean"] == pytest.approx(0.82)
+    assert top["accuracy_sd"] == pytest.approx(0.02)
+    assert top["accuracy_by_seed"] == {0: 0.80, 1: 0.82, 2: 0.84}
+    assert top["trainable_params"] == 1000 and top["train_seconds"] == pytest.approx(100.0)
+
+
+def test_recommend_best_accuracy_when_nothing_cheap_is_close():
+    rows = leaderboard_rows(_cells("finetune", [0.80, 0.81, 0.82], 100.0, 1000)
+                            + _cells("linear-probe", [0.60, 0.61, 0.62], 5.0, 10))
+    rec = recommend(rows)
+    assert rec["strategy"] == "finetune" and rec["rule"] == "best accuracy"
+    assert "highest mean accuracy" in rec["reason"]
+
+
+def test_recommend_cheaper_configuration_inside_the_confidence_interval():
+    rows = leaderboard_rows(_cells("finetune", [0.78, 0.84, 0.81], 100.0, 1000)
+                            + _cells("lora", [0.79, 0.81, 0.80], 60.0, 100)  # close but not cheap enough
+                            + _cells("linear-probe", [0.79, 0.80, 0.80], 5.0, 10))
+    assert rows[0]["strategy"] == "finetune"
+    rec = recommend(rows, cost_ratio=0.5)
+    assert rec["strategy"] == "linear-probe" and rec["rule"] == "nearly as good, cheaper"
+    assert rec["time_ratio"] == pytest.approx(0.05)
+    assert "inside the 95% CI" in rec["reason"]
+    # with a stricter cost ratio nothing qualifies and the best stays recommended
+    assert recommend(rows, cost_ratio=0.01)["strategy"] == "finetune"
+
+
+def test_recommend_single_seed_says_no_interval():
+    rows = leaderboard_rows(_cells("finetune", [0.8], 100.0, 1000) + _cells("linear-probe", [0.79], 1.0, 10))
+    rec = recommend(rows)
+    assert rec["strategy"] == "finetune" and "single seed" in rec["reason"]
+    assert recommend([]) is None
+
+
+def test_paired_t_test_matches_scipy_and_needs_two_seeds():
+    a = {0: 0.80, 1: 0.85, 2: 0.83, 3: 0.90}
+    b = {0: 0.78, 1: 0.80, 2: 0.82, 3: 0.84, 7: 0.5}  # seed 7 has no partner and is ignored
+    result = paired_t_test(a, b)
+    reference = stats.ttest_rel([a[s] for s in range(4)], [b[s] for s in range(4)])
+    assert result["n"] == 4 and result["t"] == pytest.approx(reference.statistic)
+    assert result["p_value"] == pytest.approx(reference.pvalue)
+    single = paired_t_test({0: 0.8}, {0: 0.7})
+    assert single["testable"] is False and "at least 2" in single["reason"]
+    constant = paired_t_test({0: 0.8, 1: 0.9}, {0: 0.7, 1: 0.8})
+    assert constant["t"] is None and "identical" in constant["reason"]
+
+
+def test_plan_is_seed_major_and_options_are_routed_per_strategy():
+    cells = plan_cells(["a", "b"], ["linear-probe", "finetune"], 2)
+    assert [(c.backbone, c.strategy, c.seed) for c in cells[:4]] == [
+        ("a", "linear-probe", 0), ("a", "finetune", 0), ("b", "linear-probe", 0), ("b", "finetune", 0)]
+    assert cells[-1].seed == 1 and cells[0].folder_name == "a__linear-probe__seed0"
+    options = {"probe_c": 0.5, "unfreeze": "2", "epochs": 3}
+    assert options_for_strategy("linear-probe", options) == {"probe_c": 0.5, "epochs": 3}
+    assert options_for_strategy("finetune", options) == {"unfreeze": "2", "epochs": 3}
+
+
+def test_config_validation():
+    with pytest.raises(TransferkitError, match="unknown strategy"):
+        CompareConfig("digits", ["small_cnn"], ["no-such-strategy"]).validate()
+    with pytest.raises(TransferkitError, match="sets seed"):
+        CompareConfig("digits", ["small_cnn"], ["finetune"], fit_options={"seed": 3}).validate()
+
+
+def _tiny_image_folder(root):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label, base in (("dark", 40), ("light", 200)):
+        (root / label).mkdir(parents=True)
+        for i in range(14):
+            pixels = np.clip(base + rng.normal(0, 25, (10, 10)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / label / f"{i}.png")
+    return root
+
+
+def test_compare_end_to_end_resumes_and_respects_time_budget(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path / "cache"))
+    data = _tiny_image_folder(tmp_path / "data")
+    out = tmp_path / "cmp"
+    fit_options = {"epochs": 1, "image_size": 8, "batch_size": 8}
+    config = CompareConfig(str(data), ["small_cnn"], ["linear-probe", "finetune"], seeds=2, out=str(out),
+                           isolate=False, fit_options=fit_options)
+    document = run_compare(config)
+    assert [c["status"] for c in document["cells"]] == ["done"] * 4
+    assert not any(c["reused"] for c in document["cells"])
+    saved = json.loads((out / "leaderboard.json").read_text())
+    assert {r["strategy"] for r in saved["leaderboard"]} == {"linear-probe", "finetune"}
+    assert all(r["seeds"] == 2 and r["accuracy_ci"] is not None for r in saved["leaderboard"])
+    assert saved["paired_test"]["n"] == 2 and saved["recommendation"]["strategy"] in ("linear-probe", "finetune")
+    assert (out / "report.html").is_file()
+    for cell in saved["cells"]:
+        assert (tmp_path / "cmp" / "runs" / cell["path"].split("/runs/")[1] / "metrics.json").is_file()
+    text = format_leaderboard(saved)
+    assert "recommendation:" in text and "paired t-test" in text
+
+    # a second invocation with one more seed reuses the finished cells and, with the budget spent, skips the rest
+    again = run_compare(CompareConfig(str(data), ["small_cnn"], ["linear-probe", "finetune"], seeds=3, out=str(out),
+                                      isolate=False, time_budget=1e-9, fit_options=fit_options))
+    statuses = [(c["seed"], c["status"], c["reused"]) for c in again["cells"]]
+    assert statuses[:4] == [(0, "done", True), (0, "done", True), (1, "done", True), (1, "done", True)]
+    assert [s[1] for s in statuses[4:]] == ["skipped", "skipped"]
+    assert "skipped" in format_leaderboard(again)

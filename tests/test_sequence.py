@@ -1,0 +1,217 @@
+"""Sequence models: the NumPy LSTM gradient check, backbone shapes and masking, encoder-decoder with attention,
+greedy and beam decoding, label smoothing, checkpoint averaging and the character language model."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from transferkit.backbones import create_backbone
+from transferkit.backbones.base import check_layer_groups
+from transferkit.errors import TransferkitError
+from transferkit.sequence.numpy_lstm import lstm_step_backward, lstm_step_forward
+from transferkit.sequence.seq2seq import (
+    Attention,
+    Seq2Seq,
+    Vocabulary,
+    binary_to_decimal_pairs,
+    collate_pairs,
+    split_pairs,
+)
+from transferkit.sequence.training import SequenceCrossEntropy, average_state_dicts
+
+
+def test_numpy_lstm_step_gradients_match_torch_autograd() -> None:
+    rng = np.random.default_rng(0)
+    n, d, h = 3, 4, 5
+    x, h_prev, c_prev = rng.normal(size=(n, d)), rng.normal(size=(n, h)), rng.normal(size=(n, h))
+    wx, wh, b = rng.normal(size=(d, 4 * h)) * 0.5, rng.normal(size=(h, 4 * h)) * 0.5, rng.normal(size=4 * h) * 0.1
+    dh_next, dc_next = rng.normal(size=(n, h)), rng.normal(size=(n, h))
+    h_np, c_np, cache = lstm_step_forward(x, h_prev, c_prev, wx, wh, b)
+    grads = lstm_step_backward(dh_next, dc_next, cache)
+
+    t = {k: torch.tensor(v, requires_grad=True) for k, v in
+         {"x": x, "h_prev": h_prev, "c_prev": c_prev, "Wx": wx, "Wh": wh, "b": b}.items()}
+    a = t["x"] @ t["Wx"] + t["h_prev"] @ t["Wh"] + t["b"]
+    i, f, o, g = torch.sigmoid(a[:, :h]), torch.sigmoid(a[:, h:2 * h]), torch.sigmoid(a[:, 2 * h:3 * h]), \
+        torch.tanh(a[:, 3 * h:])
+    c = f * t["c_prev"] + i * g
+    h_t = o * torch.tanh(c)
+    ((h_t * torch.tensor(dh_next)).sum() + (c * torch.tensor(dc_next)).sum()).backward()
+    np.testing.assert_allclose(h_np, h_t.detach().numpy(), atol=1e-12)
+    np.testing.assert_allclose(c_np, c.detach().numpy(), atol=1e-12)
+    for name, tensor in t.items():
+        np.testing.assert_allclose(grads[name], tensor.grad.numpy(), atol=1e-10, err_msg=name)
+
+    # and the forward pass equals torch's own LSTM cell (gate order i, f, g, o; transposed weights)
+    cell = torch.nn.LSTMCell(d, h).double()
+    reorder = np.concatenate([np.arange(0, h), np.arange(h, 2 * h), np.arange(3 * h, 4 * h), np.arange(2 * h, 3 * h)])
+    with torch.no_grad():
+        cell.weight_ih.copy_(torch.tensor(wx[:, reorder].T))
+        cell.weight_hh.copy_(torch.tensor(wh[:, reorder].T))
+        cell.bias_ih.copy_(torch.tensor(b[reorder]))
+        cell.bias_hh.zero_()
+        h_torch, c_torch = cell(torch.tensor(x), (torch.tensor(h_prev), torch.tensor(c_prev)))
+    np.testing.assert_allclose(h_np, h_torch.numpy(), atol=1e-12)
+    np.testing.assert_allclose(c_np, c_torch.numpy(), atol=1e-12)
+
+
+@pytest.mark.parametrize("cell,bidirectional,layers,expected_dim", [
+    ("rnn", False, 1, 16), ("lstm", True, 2, 32), ("gru", True, 3, 32), ("transformer", False, 2, 16)])
+def test_sequence_backbones_shapes_and_padding_masks(cell, bidirectional, layers, expected_dim) -> None:
+    torch.manual_seed(0)
+    backbone = create_backbone(cell, pretrained=False, input_type="chars", vocab="abcd", embedding_dim=8,
+                               hidden_size=16, num_layers=layers, bidirectional=bidirectional, num_heads=2)
+    check_layer_groups(backbone)
+    backbone.eval()
+    assert backbone.feature_dim == expected_dim and backbone.modality == "sequence"
+    batch = backbone.collate([backbone.preprocess(s) for s in ["abcdab", "ca", "dddd"]])
+    assert batch["x"].shape == (3, 6) and batch["lengths"].tolist() == [6, 2, 4]
+    features = backbone.forward_features(batch)
+    outputs, mask = backbone.forward_sequence(batch)
+    assert features.shape == (3, expected_dim) and outputs.shape == (3, 6, expected_dim)
+    assert mask.tolist()[1] == [True, True, False, False, False, False]
+    alone = backbone.forward_features(backbone.collate([backbone.preprocess("ca")]))
+    torch.testing.assert_close(features[1], alone[0], atol=1e-5, rtol=1e-5)  # padding changes nothing
+
+
+def test_numeric_and_token_inputs_and_learned_positions() -> None:
+    series = create_backbone("gru", pretrained=False, input_type="numeric", input_dim=2, hidden_size=8)
+    batch = series.collate([series.preprocess(np.zeros((5, 2))), series.preprocess(np.ones((3, 2)))])
+    assert series.forward_features(batch).shape == (2, 8)
+    tokens = create_backbone("transformer", pretrained=False, input_type="tokens", vocab_size=10, hidden_size=8,
+                             num_heads=2, positions="learned", max_len=16)
+    assert tokens.forward_features(tokens.collate([tokens.preprocess([3, 4, 5])])).shape == (1, 8)
+    with pytest.raises(TransferkitError):
+        create_backbone("lstm", pretrained=False, input_type="tokens")  # no vocab_size
+    with pytest.raises(TransferkitError):
+        create_backbone("lstm", pretrained=False, input_type="chars", vocab="ab", colour="red")
+
+
+def test_transfer_model_over_a_sequence_backbone_round_trips(tmp_path) -> None:
+    from transferkit.model import TaskSpec, TransferModel, load_model, save_model
+
+    backbone = create_backbone("lstm", pretrained=False, input_type="chars", vocab="ab", hidden_size=8)
+    model = TransferModel(backbone, [TaskSpec("label", "classify", ["x", "y"])]).eval()
+    save_model(model, tmp_path / "m", {"name": "finetune", "options": {}})
+    loaded, _ = load_model(tmp_path / "m")
+    batch = backbone.collate([backbone.preprocess("abba")])
+    torch.testing.assert_close(loaded(batch).logits, model(batch).logits)
+
+
+@pytest.mark.parametrize("kind", ["bahdanau", "dot"])
+def test_attention_ignores_padding_and_sums_to_one(kind) -> None:
+    torch.manual_seed(0)
+    attention = Attention(kind, 6, 4)
+    memory = torch.randn(2, 5, 4)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    context, weights = attention(torch.randn(2, 6), attention.keys(memory), memory, mask)
+    assert context.shape == (2, 4)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2))
+    assert (weights[1, 2:] == 0).all()
+
+
+def _tiny_seq2seq(attention: str) -> tuple[Seq2Seq, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = Seq2Seq(5, 13, embedding_dim=8, hidden_size=12, attention=attention, dropout=0.0).eval()
+    batch = collate_pairs([([3, 4, 4, 3], [5, 6], 0), ([4, 3], [7, 8, 9], 1)])
+    return model, batch
+
+
+@pytest.mark.parametrize("attention", ["none", "bahdanau", "dot"])
+def test_seq2seq_shapes_masking_and_decoding(attention) -> None:
+    model, batch = _tiny_seq2seq(attention)
+    logits = model(batch["src"], batch["src_lengths"], batch["tgt_in"])
+    assert logits.shape == (2, 4, 13)
+    alone = collate_pairs([([4, 3], [7, 8, 9], 0)])
+    torch.testing.assert_close(model(alone["src"], alone["src_lengths"], alone["tgt_in"])[0], logits[1, :4],
+                               atol=1e-5, rtol=1e-5)
+    greedy = model.greedy(batch["src"], batch["src_lengths"], max_len=6)
+    assert greedy.shape[0] == 2 and greedy.shape[1] <= 6
+    beam1 = model.beam_search(batch["src"], batch["src_lengths"], max_len=6, beam_size=1)
+    for row, hypothesis in zip(greedy.tolist(), beam1):  # beam width 1 is greedy decoding
+        expected = row[: row.index(Vocabulary.EOS)] if Vocabulary.EOS in row else row
+        assert hypothesis == expected
+    beam4 = model.beam_search(batch["src"], batch["src_lengths"], max_len=6, beam_size=4)
+    assert len(beam4) == 2 and all(len(h) <= 6 for h in beam4)
+
+
+def test_vocabulary_and_binary_to_decimal_split() -> None:
+    pairs = binary_to_decimal_pairs(12)
+    assert len(pairs) == 4096 and ("111101001010", "3914") in pairs
+    splits = split_pairs(pairs, 0.7, 0.1, seed=0)
+    seen = {s for s, _ in splits["train"] + splits["val"]}
+    assert len(seen) == round(0.7 * 4096) and not seen & {s for s, _ in splits["test"]}
+    vocab = Vocabulary.from_texts(["3914", "15"])
+    assert vocab.decode(vocab.encode("3914") + [Vocabulary.EOS, 5]) == "3914"
+    with pytest.raises(TransferkitError):
+        vocab.encode("3a")
+
+
+def test_label_smoothed_token_cross_entropy_by_hand() -> None:
+    logits = torch.tensor([[[2.0, 0.0, 1.0], [0.0, 0.0, 0.0]]])
+    targets = torch.tensor([[2, 0]])  # the second position is padding (id 0) and ignored
+    log_p = torch.log_softmax(logits[0, 0], -1)
+    eps = 0.1
+    expected = -((1 - eps) * log_p[2] + eps / 3 * log_p.sum())
+    value = SequenceCrossEntropy("t", label_smoothing=eps)(None, {"t": targets}, logits)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_checkpoint_averaging() -> None:
+    states = [{"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(1)}, {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(2)}]
+    averaged = average_state_dicts(states)
+    torch.testing.assert_close(averaged["w"], torch.tensor([2.0, 4.0]))
+    assert int(averaged["n"]) == 2
+
+
+def test_train_seq2seq_through_the_engine_and_save_load(tmp_path) -> None:
+    from transferkit.engine import TrainConfig
+    from transferkit.sequence.seq2seq import Seq2SeqConfig, load_seq2seq, save_seq2seq, train_seq2seq, translate
+
+    splits = split_pairs(binary_to_decimal_pairs(6), 0.8, 0.2, seed=0)
+    config = Seq2SeqConfig(attention="dot", embedding_dim=8, hidden_size=24, dropout=0.0, average_last=2,
+                           label_smoothing=0.05)
+    train = TrainConfig(epochs=4, batch_size=8, lr=0.01, early_stopping=0, device="cpu", threads=1)
+    run = train_seq2seq(splits, config, train, progress=False)
+    losses = [row["train_loss"] for row in run.history]
+    assert losses[-1] < losses[0] * 0.8
+    assert "checkpoint_averaging" in run.metrics and 0 <= run.metrics["test_exact_match"] <= 1
+    save_seq2seq(run, tmp_path / "model")
+    model, source, target, max_len = load_seq2seq(tmp_path)
+    texts = [s for s, _ in splits["test"][:5]]
+    assert translate(model, source, target, texts, max_len) == translate(run.model, run.source, run.target, texts,
+                                                                         max_len)
+
+
+def test_char_language_model_trains_with_truncated_bptt_and_samples(tmp_path) -> None:
+    from transferkit.engine import TrainConfig
+    from transferkit.sequence.charlm import (
+        CharLMConfig,
+        TruncatedBPTT,
+        load_charlm,
+        sample,
+        save_charlm,
+        train_charlm,
+    )
+
+    text = "hello world. " * 300
+    config = CharLMConfig(cell="lstm", embedding_dim=8, hidden_size=32, num_layers=1, dropout=0.0, bptt=20)
+    train = TrainConfig(epochs=3, batch_size=8, lr=0.02, early_stopping=0, device="cpu", threads=1,
+                        schedule="constant")
+    run = train_charlm(text, config, train, progress=False)
+    assert run.metrics["val_bits_per_character"] < math.log2(len(run.vocab.symbols)) / 2  # far below uniform
+    generated = sample(run.model, run.vocab, length=24, prime="hello", temperature=0.5, seed=1)
+    assert generated.startswith("hello") and len(generated) == 29
+    assert "world" in generated
+    save_charlm(run, tmp_path / "model")
+    model, vocab = load_charlm(tmp_path)
+    assert sample(model, vocab, 24, "hello", 0.5, seed=1) == generated
+    # the carried state is detached (gradients stop at the window) and reset at a new epoch
+    forward = TruncatedBPTT()
+    batch = {"inputs": torch.tensor([[3, 4]]), "index": torch.tensor([0])}
+    forward(run.model, batch)
+    assert all(not s.requires_grad for s in forward.state)

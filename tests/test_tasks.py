@@ -1,0 +1,199 @@
+"""Multi-task learning: losses against hand-computed values, crossing-free quantiles, learned loss weights,
+the --task extension and a quick multi-task fit on the stars dataset."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from transferkit.errors import TransferkitError
+from transferkit.model import TaskSpec, TransferModel, make_head
+from transferkit.tasks import QuantileHead, parse_task
+from transferkit.tasks.extension import TasksConfig
+from transferkit.tasks.losses import classification_loss, pinball_loss, regression_loss
+from transferkit.tasks.multitask import MultiTaskObjective, task_metrics
+
+
+def test_parse_task() -> None:
+    assert parse_task("size:regress") == ("size", "regress")
+    assert parse_task("classify") == (None, "classify")
+    assert parse_task("a:b:quantile") == ("a:b", "quantile")
+    for bad in ("size:cluster", ":regress", "regression"):
+        with pytest.raises(TransferkitError):
+            parse_task(bad)
+
+
+def test_cross_entropy_and_hinge_by_hand() -> None:
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.5, 0.0]])
+    target = torch.tensor([0, 2])
+    ce = [-math.log(math.exp(2) / (math.exp(2) + 1 + math.exp(-1))), -math.log(1 / (2 + math.exp(0.5)))]
+    assert classification_loss(logits, target).item() == pytest.approx(sum(ce) / 2, rel=1e-6)
+    # hinge: sum_{j != y} max(0, 1 - z_y + z_j) / C; row 1: (0 + 0)/3, row 2: (1 + 1.5)/3
+    assert classification_loss(logits, target, "hinge").item() == pytest.approx((0 + 2.5 / 3) / 2, rel=1e-6)
+    # a missing label (-1) is ignored
+    assert classification_loss(logits, torch.tensor([0, -1])).item() == pytest.approx(ce[0], rel=1e-6)
+
+
+def test_regression_losses_by_hand() -> None:
+    prediction = torch.tensor([1.0, 2.0, 4.0, 0.0])
+    target = torch.tensor([1.5, 0.0, 4.0, float("nan")])
+    # residuals 0.5, -2, 0 (NaN target ignored)
+    assert regression_loss(prediction, target).item() == pytest.approx((0.25 + 4 + 0) / 3)
+    # smooth L1 (beta 1): 0.5 * 0.25, 2 - 0.5, 0
+    assert regression_loss(prediction, target, "smooth_l1").item() == pytest.approx((0.125 + 1.5) / 3)
+    # scaled residuals: (r / 2)^2
+    assert regression_loss(prediction, target, scale=2.0).item() == pytest.approx((0.0625 + 1 + 0) / 3)
+
+
+def test_pinball_loss_by_hand_with_several_quantiles() -> None:
+    q = torch.tensor([[1.0, 2.0, 3.0]])
+    taus = [0.1, 0.5, 0.9]
+    # y = 2.5: residuals 1.5, 0.5, -0.5 -> 0.1*1.5, 0.5*0.5, 0.1*0.5
+    assert pinball_loss(q, torch.tensor([2.5]), taus).item() == pytest.approx((0.15 + 0.25 + 0.05) / 3)
+    # y = 0: residuals -1, -2, -3 -> 0.9*1, 0.5*2, 0.1*3
+    assert pinball_loss(q, torch.tensor([0.0]), taus).item() == pytest.approx((0.9 + 1.0 + 0.3) / 3)
+
+
+def test_quantile_head_never_crosses_even_after_training() -> None:
+    torch.manual_seed(0)
+    head = QuantileHead(8, [0.05, 0.25, 0.5, 0.75, 0.95], mean=10.0, std=3.0)
+    x = torch.randn(256, 8) * 5
+    assert (torch.diff(head(x), dim=1) >= 0).all()
+    optimizer = torch.optim.Adam(head.parameters(), lr=0.05)
+    y = 10 + 3 * x[:, 0] + torch.randn(256) * torch.exp(x[:, 1] / 5)  # heteroscedastic
+    for _ in range(200):
+        optimizer.zero_grad()
+        pinball_loss(head(x), y, head.quantiles, scale=3.0).backward()
+        optimizer.step()
+    predictions = head(torch.randn(1000, 8) * 10)
+    assert (torch.diff(predictions, dim=1) >= 0).all()
+    coverage = ((y >= head(x)[:, 0]) & (y <= head(x)[:, -1])).float().mean().item()
+    assert 0.75 < coverage < 0.99  # a 90% interval fitted on the training data
+
+
+def test_task_metrics_interval_coverage() -> None:
+    task = TaskSpec("size", "quantile", [], 3, {"quantiles": [0.1, 0.5, 0.9]})
+    predictions = np.array([[0.0, 1.0, 2.0], [0.0, 1.0, 2.0], [5.0, 6.0, 7.0], [1.0, 1.0, 1.0]])
+    targets = np.array([1.5, 3.0, 6.0, np.nan])
+    m = task_metrics(task, predictions, targets)
+    assert m["n"] == 3 and m["coverage"] == pytest.approx(2 / 3) and m["mae"] == pytest.approx((0.5 + 2 + 0) / 3)
+    assert m["nominal_coverage"] == pytest.approx(0.8) and m["crossings"] == 0
+
+
+class _Trunk(nn.Module):
+    feature_dim = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 4)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.linear(x))
+
+
+def _toy_tasks() -> list[TaskSpec]:
+    return [TaskSpec("label", "classify", ["a", "b"], 2, {"column": None, "loss": "cross_entropy"}),
+            TaskSpec("y", "regress", [], 1, {"column": "y", "loss": "mse", "target_mean": 0.0, "target_std": 1.0})]
+
+
+def _toy_batches(n_batches: int = 30) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for i in range(n_batches):
+        x = torch.randn(32, 2, generator=g)
+        batches.append({"inputs": x, "labels": (x[:, 0] > 0).long(), "target:y": 3 * x[:, 1] + torch.randn(32, generator=g),
+                        "index": torch.arange(32) + 32 * i})
+    return batches
+
+
+def _train_toy(weighting: str, steps: int = 30) -> MultiTaskObjective:
+    """A hand-made TransferModel-like module trained through the engine with the multi-task objective."""
+    from transferkit.engine import TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    tasks = _toy_tasks()
+    model = TransferModel.__new__(TransferModel)
+    nn.Module.__init__(model)
+    model.backbone, model.tasks, model.head_dropout, model.freeze_norm_stats = _Trunk(), tasks, 0.0, False
+    model.heads = nn.ModuleDict({t.name: make_head(4, t) for t in tasks})
+    objective = MultiTaskObjective(tasks, weighting)
+    config = TrainConfig(epochs=1, lr=0.05, schedule="constant", early_stopping=0, device="cpu")
+    Trainer(model, [objective], config, progress=False).fit(_toy_batches(steps))
+    return objective
+
+
+def test_uncertainty_weights_are_learned() -> None:
+    objective = _train_toy("uncertainty")
+    log_variances = objective.log_variances.detach()
+    assert log_variances.abs().min() > 0.05  # moved away from the initial 0
+    # the noisy regression task (noise variance 1 on top of MSE) keeps a larger variance than the easy classifier
+    assert log_variances[1] > log_variances[0]
+
+
+def test_gradnorm_weights_move_and_stay_normalised() -> None:
+    objective = _train_toy("gradnorm")
+    objective.on_step(0, 1)
+    weights = objective.task_weights.detach()
+    assert weights.sum().item() == pytest.approx(2.0, rel=1e-5)
+    assert (weights - 1).abs().max() > 0.01
+
+
+def test_tasks_config_rejects_bad_input() -> None:
+    with pytest.raises(TransferkitError):
+        TasksConfig(task=["size:regress", "size:quantile"]).validate()
+    with pytest.raises(TransferkitError):
+        TasksConfig(task=["classify"], quantiles="0.9,0.1").validate()
+    with pytest.raises(TransferkitError):
+        TasksConfig(task=["classify", "size:regress"], task_weights="1").validate()
+    with pytest.raises(TransferkitError):
+        TasksConfig(task=["classify"], loss_weighting="magic").validate()
+
+
+def test_stars_dataset_has_both_labels() -> None:
+    from transferkit.data.stars import make_stars
+
+    data = make_stars(count=60, image_size=32, seed=1)
+    assert len(data) == 60 and data.class_names == ["3", "4", "5", "6", "7", "8"]
+    assert np.array_equal(data.columns["count"] - 3, data.labels)
+    assert np.asarray(data.items[0]).shape == (32, 32)
+    assert data.columns["size"].min() >= 6.0
+    again = make_stars.__wrapped__(count=60, image_size=32, seed=1)
+    assert np.array_equal(np.asarray(again.items[5]), np.asarray(data.items[5]))
+
+
+def test_multitask_fit_on_stars_writes_per_task_metrics_and_reloads(tmp_path) -> None:
+    import transferkit
+
+    run = transferkit.fit("stars", backbone="small_cnn", strategy="finetune", head_init="random", freeze_bn=False,
+                          task=["count:classify", "size:quantile"], loss_weighting="uncertainty", limit_per_class=6,
+                          epochs=1, batch_size=16, image_size=16, test_limit=24, out=str(tmp_path / "run"),
+                          progress=False, device="cpu")
+    tasks = run.metrics["tasks"]
+    assert set(tasks) == {"count", "size"}
+    assert tasks["size"]["n"] == 24 and tasks["size"]["crossings"] == 0 and 0 <= tasks["size"]["coverage"] <= 1
+    assert run.metrics["accuracy"] == pytest.approx(tasks["count"]["accuracy"])
+    loaded = transferkit.load(run.path)
+    assert [t.kind for t in loaded.module.tasks] == ["classify", "quantile"]
+    x = torch.randn(3, 1, 16, 16)
+    out = loaded.module(x).outputs
+    assert out["size"].shape == (3, 3) and (torch.diff(out["size"], dim=1) >= 0).all()
+
+
+def test_multitask_rejects_frozen_feature_strategies_and_unknown_columns(tmp_path) -> None:
+    import transferkit
+
+    with pytest.raises(TransferkitError, match="strategy"):
+        transferkit.fit("stars", backbone="small_cnn", strategy="linear-probe", task=["classify", "size:regress"],
+                        out=str(tmp_path / "a"), progress=False)
+    with pytest.raises(TransferkitError, match="no column"):
+        transferkit.fit("stars", backbone="small_cnn", strategy="finetune", head_init="random",
+                        task=["classify", "weight:regress"], limit_per_class=3, out=str(tmp_path / "b"),
+                        progress=False, epochs=1, image_size=16)
+    with pytest.raises(TransferkitError, match="first --task"):
+        transferkit.fit("stars", backbone="small_cnn", strategy="finetune", head_init="random",
+                        task=["size:regress", "classify"], limit_per_class=3, out=str(tmp_path / "c"),
+                        progress=False, epochs=1, image_size=16)
