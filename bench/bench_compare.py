@@ -47,26 +47,26 @@ def _cell(name: str, compute):
     return value
 
 
-def run_compare_section(quick: bool) -> list[str]:
+def run_compare_section(quick: bool, threads: int) -> list[str]:
     from transferkit.evaluation.compare import CompareConfig, format_leaderboard, run_compare
 
     seeds = 2 if quick else 3
     strategies = COMPARE_STRATEGIES[:2] if quick else COMPARE_STRATEGIES
     options = {"limit_per_class": 20, "test_limit": 200 if quick else 2000, "image_size": 112,
-               "epochs": 2 if quick else 8, "cache_dir": str(CACHE / "features")}
+               "epochs": 2 if quick else 4, "cache_dir": str(CACHE / "features"),
+               **({"threads": threads} if threads else {})}
     out = CACHE / ("compare-quick" if quick else "compare-fashion")
     started = time.perf_counter()
     document = run_compare(CompareConfig(data="fashion-mnist", backbones=["efficientnet_lite0"],
                                          strategies=strategies, seeds=seeds, out=str(out), isolate=True,
-                                         time_budget=1200, fit_options=options))
+                                         fit_options=options))
     wall = time.perf_counter() - started
     fresh = [c for c in document["cells"] if c["status"] == "done" and not c["reused"]]
-    first_run = CACHE / f"{out.name}-first-run.json"  # timing of the invocation that trained every cell
-    if len(fresh) == len(document["cells"]):
-        first_run.write_text(json.dumps({"wall_seconds": wall, "cells": len(fresh)}))
-    elif first_run.is_file():
-        first = json.loads(first_run.read_text())
-        wall, fresh = first["wall_seconds"], document["cells"][: first["cells"]]
+    record_file = CACHE / f"{out.name}-timing.json"  # the invocation that trained the most cells
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {"trained": 0}
+    if len(fresh) and len(fresh) >= record["trained"]:
+        record = {"wall_seconds": wall, "trained": len(fresh), "reused": len(document["cells"]) - len(fresh)}
+        record_file.write_text(json.dumps(record))
     total_train = sum(c["train_seconds"] for c in document["cells"] if c["status"] == "done")
     opts = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items() if k != "cache_dir")
     lines = [
@@ -79,16 +79,19 @@ def run_compare_section(quick: bool) -> list[str]:
         format_leaderboard(document),
         "```",
         "",
-        f"Wall time of this compare run: {wall:.0f} s ({len(fresh)} cells trained in this run, "
-        f"{len(document['cells']) - len(fresh)} reused from an earlier interrupted run); sum of the cells' own "
-        f"train+evaluation times {total_train:.0f} s. Peak memory is the resident peak of each cell's process.",
+        f"Wall time of the compare invocation that trained the most cells: {record.get('wall_seconds', wall):.0f} s "
+        f"({record['trained']} cells trained, {record.get('reused', 0)} reused from an earlier interrupted run); "
+        f"sum of all cells' own training times (data loading + training, without the test evaluation) "
+        f"{total_train:.0f} s. Peak memory is the resident peak of each cell's process.",
         "",
     ]
-    if len(fresh) == len(document["cells"]):
-        verdict = "within" if wall <= 1200 else "NOT within"
-        lines.append(f"All {len(fresh)} cells ran in this invocation: {wall / 60:.1f} minutes, {verdict} the "
-                     "20-minute goal on this machine (2 cores shared with other jobs).")
-        lines.append("")
+    if record["trained"] < len(document["cells"]) and record.get("wall_seconds", 0) > 1200:
+        lines += [f"That invocation alone took {record['wall_seconds'] / 60:.1f} minutes: NOT within the 20-minute goal "
+                  "on this machine as measured (see the machine line: the 2 cores were shared with other jobs).", ""]
+    if record["trained"] == len(document["cells"]):
+        verdict = "within" if record["wall_seconds"] <= 1200 else "NOT within"
+        lines += [f"All {record['trained']} cells ran in one invocation: {record['wall_seconds'] / 60:.1f} minutes, "
+                  f"{verdict} the 20-minute goal on this machine.", ""]
     return lines
 
 
@@ -117,7 +120,7 @@ def _rank_cell(dataset: str, backbone: str, size: int, limit: int, test_limit: i
 def run_rank_section(quick: bool) -> list[str]:
     from transferkit.evaluation.transferability import kendall_tau
 
-    limit, test_limit = (10, 200) if quick else (20, 500)
+    limit, test_limit = (10, 200) if quick else (20, 1000)
     backbones = RANK_BACKBONES[:2] if quick else RANK_BACKBONES
     sizes = RANK_SIZES[:2] if quick else RANK_SIZES
     lines = ["### `rank-backbones`: transferability scores vs measured accuracy", "",
@@ -137,12 +140,19 @@ def run_rank_section(quick: bool) -> list[str]:
         lines += [f"| {r['candidate']} | {r['accuracy']:.4f} | {r['logme']:.4f} | {r['leep']:.4f} | "
                   f"{r['h_score']:.2f} | {r['score_seconds']:.1f} |" for r in rows]
         acc = [r["accuracy"] for r in rows]
+        se = float(np.sqrt(np.mean(acc) * (1 - np.mean(acc)) / rows[0]["n_test"]))
+        lines.append("")
+        lines.append(f"Accuracy range across candidates: {min(acc):.4f}-{max(acc):.4f}; binomial standard error of "
+                     f"one measured accuracy: {se:.4f} (differences below about {2 * se:.3f} are within noise, so "
+                     "the measured order itself is uncertain).")
         taus = {score: kendall_tau([r[score] for r in rows], acc) for score in ("logme", "leep", "h_score")}
         summary.append((dataset, len(rows), taus))
         lines.append("")
     lines += ["| dataset | candidates | tau(LogME, acc) | tau(LEEP, acc) | tau(H-score, acc) |", "|---|---|---|---|---|"]
     lines += [f"| {d} | {n} | {t['logme']:+.3f} | {t['leep']:+.3f} | {t['h_score']:+.3f} |" for d, n, t in summary]
-    lines.append("")
+    lines += ["", "H-score uses Ledoit-Wolf shrinkage (Ibrahim et al. 2022): with fewer labelled items than feature "
+              "dimensions the plain H-score is (classes - 1) for every candidate. LEEP uses each backbone's ImageNet "
+              "head on the same pooled features.", ""]
     return lines
 
 
@@ -151,14 +161,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="Reduced smoke version (minutes).")
     parser.add_argument("--skip-compare", action="store_true")
     parser.add_argument("--skip-rank", action="store_true")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads per process (0: torch's default; 1 avoids oversubscription when "
+                             "the machine is shared)")
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     for noisy in ("transformers", "timm", "peft", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     command = "python -m bench.bench_compare" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     lines = ["## Strategy comparison and backbone ranking (issue 7)", "", f"Command: `{command}`", ""]
     if not args.skip_compare:
-        lines += run_compare_section(args.quick)
+        lines += run_compare_section(args.quick, args.threads)
     if not args.skip_rank:
         lines += run_rank_section(args.quick)
     target = RESULTS / "quick" if args.quick else RESULTS  # a smoke run never replaces the full results

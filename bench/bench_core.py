@@ -48,10 +48,10 @@ def timm_sklearn_image_pipeline(train, test, image_size: int) -> dict:
     from transferkit.backbones.efficientnet import lukemelas_to_timm, weights_path
 
     start = time.perf_counter()
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     state = torch.load(weights_path(0), map_location="cpu", weights_only=True)
-    state = {k: v for k, v in lukemelas_to_timm(state, model).items() if not k.startswith("classifier")}
-    model.load_state_dict(state)
+    model.load_state_dict(lukemelas_to_timm(state, model))
+    model.reset_classifier(0)  # pooled 1280-d features
     model.eval()
     config = resolve_data_config({"input_size": (3, image_size, image_size)}, model=model)
     transform = create_transform(**config)

@@ -72,8 +72,10 @@ def run_benchmark(topic: str, quick: bool) -> tuple[int, float]:
 
 def assemble(command: str, statuses: dict[str, tuple[int, float]], quick: bool) -> Path:
     """BENCHMARKS.md = header (command, machine, date) + every results section in topic order."""
-    folder = RESULTS / "quick" if quick else RESULTS
-    sections = sorted(folder.glob("*.md"))
+    if quick:  # smoke results: bench/results/quick/<topic>.md (or bench/results/<topic>-quick.md)
+        sections = sorted([*(RESULTS / "quick").glob("*.md"), *RESULTS.glob("*-quick.md")])
+    else:
+        sections = sorted(p for p in RESULTS.glob("*.md") if not p.stem.endswith("-quick"))
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     lines = [
         "# transferkit benchmarks",

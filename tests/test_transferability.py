@@ -72,6 +72,18 @@ def test_h_score_hand_computed():
     assert h_score(np.array([[0.0], [1.0], [0.0], [1.0]]), labels) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_h_score_shrinkage_avoids_saturation_with_fewer_items_than_dimensions():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 10)
+    noise = rng.normal(size=(40, 200))
+    informative = noise.copy()
+    informative[:, :4] += 3 * np.eye(4)[labels]
+    # the plain score saturates at classes - 1 = 3 for any features when n < d
+    assert h_score(noise, labels, shrinkage=False) == pytest.approx(3.0)
+    assert h_score(informative, labels, shrinkage=False) == pytest.approx(3.0)
+    assert h_score(informative, labels) > h_score(noise, labels)
+
+
 def test_kendall_tau_and_bad_input():
     assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)

@@ -77,8 +77,9 @@ class AdaptationConfig(ExtensionConfig):
     domain_hidden: int = field(default=256, metadata={"help": "DANN: hidden units of the domain classifier."})
     grl_gamma: float = field(default=10.0, metadata={"help": "DANN: gamma of the reversal schedule "
                                                      "2/(1+exp(-gamma p))-1 (0: constant coefficient 1)."})
-    adapt_selection: str = field(default="snd", metadata={"help": "Epoch selection / early stopping signal "
-                                                          "without target labels: snd, entropy or source-val."})
+    adapt_selection: str = field(default="entropy", metadata={"help": "Epoch selection / early stopping signal "
+                                                              "without target labels: entropy, snd or "
+                                                              "source-val."})
     frame: str = field(default="none", metadata={"help": "Image framing of source and target: none, or mnist "
                                                  "(crop to the ink, fit a 20x20 box in 28x28, centre by mass)."})
     coral_reg: float = field(default=1.0, metadata={"help": "CORAL: the r of (C + r I), in units of the mean "
@@ -246,8 +247,8 @@ class AdaptationExtension(FitExtension):
 
     def _train_aligned(self, original_train: Any, model: TransferModel, context: RunContext) -> TrainResult:
         """DANN / Deep CORAL: an objective on (source batch, target batch) added to the engine's loss."""
-        from transferkit.adaptation.dann import DANNObjective
         from transferkit.adaptation.coral import DeepCoralObjective
+        from transferkit.adaptation.dann import DANNObjective
 
         c = self.config
         assert self.target is not None
@@ -289,7 +290,8 @@ class AdaptationExtension(FitExtension):
 
         context.features = coral_features  # type: ignore[method-assign]
         context.notes.append("CORAL: source features whitened with (C_s + rI)^-1/2 and re-coloured with "
-                             f"(C_t + rI)^1/2 and moved to the target mean, r = {self.config.coral_reg} x mean source variance ({scale:.3g})")
+                             f"(C_t + rI)^1/2 and moved to the target mean, r = {self.config.coral_reg} x "
+                             f"mean source variance ({scale:.3g})")
         try:
             return original_train(model, context)
         finally:

@@ -78,7 +78,7 @@ def read_pairs(csv_path: str | Path, frame: str = "none") -> tuple[LabeledData, 
         raise TransferkitError(f"pairs file '{csv_path}' does not exist", "pass a CSV of source path,target path")
     with open(csv_path, newline="") as fh:
         rows = [r for r in csv.reader(fh) if r and any(cell.strip() for cell in r)]
-    if rows and not (csv_path.parent / rows[0][0].strip()).exists():
+    if rows and not (csv_path.parent / rows[0][0].strip()).is_file():
         rows = rows[1:]  # header
     if not rows:
         raise TransferkitError(f"pairs file '{csv_path}' holds no pairs", "write one 'source,target' row per pair")

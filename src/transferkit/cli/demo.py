@@ -16,9 +16,8 @@ logger = logging.getLogger(__name__)
 
 DEMO_RUNS = [
     ("linear probe, ImageNet weights", {"strategy": "linear-probe"}),
-    ("fine-tune, ImageNet weights", {"strategy": "finetune", "epochs": 8}),
-    ("fine-tune, random init", {"strategy": "finetune", "pretrained": False, "head_init": "random", "epochs": 8,
-                                "lr": 3e-3, "backbone_lr": 3e-3}),
+    ("fine-tune, ImageNet weights", {"strategy": "finetune", "epochs": 8, "unfreeze": "3", "backbone_lr": 3e-4}),
+    ("fine-tune, random init", {"strategy": "finetune", "pretrained": False, "epochs": 8, "lr": 3e-3}),
 ]
 
 

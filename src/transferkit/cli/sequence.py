@@ -23,7 +23,7 @@ from transferkit.errors import TransferkitError
 
 SEQ2SEQ_TASKS = ("binary-to-decimal",)
 #: engine defaults that suit these small from-scratch models (any flag overrides them)
-SEQ2SEQ_TRAIN_DEFAULTS = {"epochs": 60, "batch_size": 32, "lr": 3e-3, "weight_decay": 0.0, "warmup_steps": 100,
+SEQ2SEQ_TRAIN_DEFAULTS = {"epochs": 40, "batch_size": 32, "lr": 5e-3, "weight_decay": 0.0, "warmup_steps": 100,
                           "early_stopping": 0, "threads": 1}
 CHARLM_TRAIN_DEFAULTS = {"epochs": 20, "batch_size": 32, "lr": 2e-3, "weight_decay": 0.0, "early_stopping": 3,
                          "threads": 1}
@@ -156,8 +156,13 @@ def read_pairs(path: str | Path) -> list[tuple[str, str]]:
 
 
 def run_seq2seq_train(args: argparse.Namespace) -> int:
-    from transferkit.sequence.seq2seq import Seq2SeqConfig, binary_to_decimal_pairs, save_seq2seq, split_pairs, \
-        train_seq2seq
+    from transferkit.sequence.seq2seq import (
+        Seq2SeqConfig,
+        binary_to_decimal_pairs,
+        save_seq2seq,
+        split_pairs,
+        train_seq2seq,
+    )
 
     options = _options(args, SEQ2SEQ_TRAIN_DEFAULTS, ("task", "pairs", "bits", "train_fraction", "val_fraction"))
     config, train = _build_configs(options, Seq2SeqConfig)

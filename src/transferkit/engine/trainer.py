@@ -113,12 +113,8 @@ def make_accelerator(device: str = "auto"):
     runs, so CPU is requested explicitly (facts in OFFLINE_ASSETS.md).
     """
     from accelerate import Accelerator, DistributedDataParallelKwargs
-    from accelerate.state import AcceleratorState
 
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    state = AcceleratorState._shared_state
-    if state and getattr(AcceleratorState(), "_cpu", cpu) != cpu:  # a previous run in this process used another device
-        AcceleratorState._reset_state(reset_partial_state=False)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     return Accelerator(cpu=cpu, kwargs_handlers=[ddp])
 
@@ -351,7 +347,7 @@ class Trainer:
             resumed_from = start_epoch
             logger.info("resuming from the checkpoint after epoch %d", start_epoch)
         else:
-            seed_everything(cfg.seed + acc.process_index * 0)  # same seed in every process: same augmentations order
+            seed_everything(cfg.seed)  # the same seed in every process
 
         trace_file = self._open_trace()
         aux_iters = {name: _cycle(loader) for name, loader in aux.items()}

@@ -8,7 +8,7 @@ rank the configurations honestly.
   cache is shared by every cell (frozen-backbone strategies extract each split once).
 * Statistics over seeds (each seed draws its own few-shot subset; the test set is the same for every seed):
   mean accuracy, sample standard deviation, a two-sided 95% Student-t confidence interval
-  ``mean +- t_{0.975, n-1} s / sqrt(n)``, and a paired t-test between the top two configurations on the seeds
+  ``mean +- t_{0.975, n-1} s / sqrt(n)`` (clipped to [0, 1]), and a paired t-test between the top two configurations on the seeds
   both finished (differences per seed, ``t = mean(d) / (sd(d) / sqrt(n))``, n - 1 degrees of freedom).
 * Recommendation: the most accurate configuration, unless another one's mean accuracy lies inside the best
   one's confidence interval at a fraction (``cost_ratio``, default one half) of its training time; then the
@@ -126,7 +126,7 @@ def leaderboard_rows(results: list[CellResult]) -> list[dict[str, Any]]:
             "accuracy_by_seed": {c.seed: c.accuracy for c in sorted(cells, key=lambda c: c.seed)},
             "accuracy_mean": float(acc.mean()),
             "accuracy_sd": float(acc.std(ddof=1)) if len(acc) > 1 else None,
-            "accuracy_ci": list(ci) if ci else None,
+            "accuracy_ci": [max(0.0, ci[0]), min(1.0, ci[1])] if ci else None,  # accuracy lies in [0, 1]
             "macro_f1_mean": float(np.mean([c.macro_f1 for c in cells])),
             "trainable_params": int(np.median([c.trainable_params for c in cells])),
             "total_params": int(np.median([c.total_params for c in cells])),
@@ -154,10 +154,12 @@ def recommend(rows: list[dict[str, Any]], cost_ratio: float = 0.5) -> dict[str, 
     cheaper = [r for r in rows[1:] if r["accuracy_mean"] >= low
                and r["train_seconds"] <= cost_ratio * best["train_seconds"]]
     if not cheaper:
+        fastest = min(rows, key=lambda r: r["train_seconds"])
+        cost = (f"; it is also the fastest to train ({best['train_seconds']:.1f} s per run)" if fastest is best else
+                f" and no configuration inside that interval trains in under {cost_ratio:g}x its time")
         return {"backbone": best["backbone"], "strategy": best["strategy"], "rule": "best accuracy",
                 "reason": f"{name} has the highest mean accuracy ({best['accuracy_mean']:.4f}, 95% CI "
-                          f"{best['accuracy_ci'][0]:.4f}-{best['accuracy_ci'][1]:.4f}) and no configuration "
-                          f"inside that interval trains in under {cost_ratio:g}x its time"}
+                          f"{best['accuracy_ci'][0]:.4f}-{best['accuracy_ci'][1]:.4f}){cost}"}
     pick = min(cheaper, key=lambda r: (r["train_seconds"], r["trainable_params"]))
     time_ratio = pick["train_seconds"] / max(best["train_seconds"], 1e-9)
     param_ratio = pick["trainable_params"] / max(best["trainable_params"], 1)
@@ -204,10 +206,18 @@ def _fit_cell(options: dict[str, Any], log_level: int | None = None) -> dict[str
         from transferkit.cli.main import setup_logging
 
         setup_logging(verbose=log_level <= logging.DEBUG, quiet=log_level > logging.INFO)
+    if options.get("threads"):  # for the whole cell (feature extraction and evaluation too), not only training
+        import torch
+
+        torch.set_num_threads(int(options["threads"]))
     try:
         return fit(**options).metrics
     except TransferkitError as exc:
         return {"error": str(exc)}
+    except Exception as exc:  # one broken cell (e.g. a strategy that cannot wrap a backbone) must not stop the rest
+        logger.exception("cell %s / %s seed %s crashed", options.get("backbone"), options.get("strategy"),
+                         options.get("seed"))
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def _fit_isolated(options: dict[str, Any]) -> dict[str, Any]:

@@ -82,7 +82,7 @@ def _img(uri: str, alt: str) -> str:
 def learning_curves_figure(history: list[dict[str, Any]]) -> Any | None:
     """Loss and accuracy curves per epoch (every numeric column of history.jsonl)."""
     rows = [r for r in history if "epoch" in r]
-    if not rows:
+    if len(rows) < 2:  # a one-shot fit (closed-form probe) has no curve
         return None
     plt = _pyplot()
     epochs = [r["epoch"] for r in rows]
@@ -320,7 +320,7 @@ def run_sections(run_dir: Path, with_examples: bool = True) -> list[str]:
     curves = learning_curves_figure(history)
     parts.append("<h2>Learning curves</h2>")
     parts.append(_img(figure_to_data_uri(curves), "learning curves") if curves else
-                 "<p>No per-epoch history (e.g. a closed-form linear probe).</p>")
+                 "<p>No per-epoch history to draw (e.g. a closed-form linear probe: one fit, no epochs).</p>")
     if evaluation.get("confusion_matrix"):
         parts += ["<h2>Confusion matrix</h2>",
                   _img(figure_to_data_uri(confusion_figure(evaluation["confusion_matrix"], evaluation["labels"])),
@@ -356,7 +356,7 @@ def run_sections(run_dir: Path, with_examples: bool = True) -> list[str]:
 
 
 def compare_sections(folder: Path) -> list[str]:
-    from transferkit.evaluation.compare import LEADERBOARD_FILE, describe_paired_test
+    from transferkit.evaluation.compare import LEADERBOARD_FILE, RUNS_FOLDER, describe_paired_test
 
     document = json.loads((folder / LEADERBOARD_FILE).read_text())
     rows = document["leaderboard"]
@@ -388,7 +388,8 @@ def compare_sections(folder: Path) -> list[str]:
                  and c["strategy"] == best["strategy"]]
         if cells:
             path = Path(cells[0]["path"])
-            path = path if path.is_absolute() or path.exists() else folder / path
+            if not path.exists():  # the compare folder was moved or the path was relative to another directory
+                path = folder / RUNS_FOLDER / path.name
             if (path / "metrics.json").is_file():
                 parts.append(f"<h1>Best configuration, seed {cells[0]['seed']}: {html.escape(best['strategy'])} on "
                              f"{html.escape(best['backbone'])}</h1>")

@@ -10,7 +10,8 @@ training? All three scores need one forward pass over the labelled data (feature
   ``P(y | z) = sum_i theta_z(x_i) [y_i = y] / sum_i theta_z(x_i)`` and
   ``LEEP = 1/n sum_i log sum_z P(y_i | z) theta_z(x_i)``. Needs a source classifier (e.g. ImageNet's head).
 * H-score (Bao et al. 2019, "An Information-theoretic Approach to Transferability in Task Transfer Learning"):
-  ``H(f) = tr(cov(f)^-1 cov(E[f | y]))``, with a pseudo-inverse for a singular covariance.
+  ``H(f) = tr(cov(f)^-1 cov(E[f | y]))``; cov(f) with Ledoit-Wolf shrinkage by default (Ibrahim et al. 2022),
+  because with fewer items than dimensions the plain score saturates at (classes - 1) for every backbone.
 
 ``rank_backbones`` scores several candidates (``name`` or ``name@pixels``) on one labelled dataset.
 """
@@ -113,13 +114,25 @@ def leep(source_probabilities: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.log(np.maximum(eep, 1e-300))))
 
 
-def h_score(features: np.ndarray, labels: np.ndarray) -> float:
-    """H-score ``tr(cov(f)^+ cov(E[f | y]))`` (covariances with 1/n; pseudo-inverse)."""
+def h_score(features: np.ndarray, labels: np.ndarray, shrinkage: bool = True) -> float:
+    """H-score ``tr(cov(f)^-1 cov(E[f | y]))`` (covariances with 1/n).
+
+    With fewer items than feature dimensions the sample covariance is singular and the plain score (with a
+    pseudo-inverse) saturates at ``rank(cov(E[f|y])) = classes - 1`` for every backbone, so by default cov(f)
+    is the Ledoit-Wolf shrinkage estimate, ``(1 - a) S + a tr(S)/d I`` (the shrinkage H-score of Ibrahim et al.
+    2022, "Newer is not always better: rethinking transferability metrics"). ``shrinkage=False``: Bao et al.'s
+    original with a pseudo-inverse.
+    """
     f = np.asarray(features, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     _check(f, labels)
     f = f - f.mean(axis=0)
-    cov_f = f.T @ f / len(f)
+    if shrinkage:
+        from sklearn.covariance import ledoit_wolf
+
+        cov_f = ledoit_wolf(f, assume_centered=True)[0]
+    else:
+        cov_f = f.T @ f / len(f)
     class_means = np.zeros_like(f)
     for c in np.unique(labels):
         class_means[labels == c] = f[labels == c].mean(axis=0)

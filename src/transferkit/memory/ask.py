@@ -24,6 +24,7 @@ from transferkit.memory.index import SearchHit, VectorIndex, embed
 logger = logging.getLogger(__name__)
 
 ASK_MODES = ("generate", "extractive")
+_WORD = re.compile(r"[^\W\d_]{2,}")
 _SENTENCE_END = re.compile(r"(?<=[.!?:])\s+|\n\s*\n")
 _CITATION = re.compile(r"\[(\d+)\]")
 _ECHOED_PASSAGE = re.compile(r"\n\s*\[\d+\]\s*\(from ")  # the model starts copying the passage list
@@ -46,8 +47,9 @@ class Answer:
                 "passages": [h.to_json() for h in self.passages]}
 
 
-def sentence_windows(text: str, max_sentences: int = 2) -> list[tuple[int, int]]:
-    """Character spans of windows of up to ``max_sentences`` consecutive sentences of ``text``."""
+def sentence_windows(text: str, max_sentences: int = 2, min_words: int = 1) -> list[tuple[int, int]]:
+    """Character spans of windows of up to ``max_sentences`` consecutive sentences of ``text`` (sentences of
+    fewer than ``min_words`` words, such as headings, are skipped)."""
     bounds, start = [], 0
     for match in _SENTENCE_END.finditer(text):
         if text[start:match.start()].strip():
@@ -55,6 +57,7 @@ def sentence_windows(text: str, max_sentences: int = 2) -> list[tuple[int, int]]
         start = match.end()
     if text[start:].strip():
         bounds.append((start, len(text)))
+    bounds = [(s, e) for s, e in bounds if len(_WORD.findall(text[s:e])) >= min_words]  # no headings / rules
     windows = []
     for i in range(len(bounds)):
         for width in range(1, max_sentences + 1):
@@ -68,7 +71,8 @@ def extractive_answer(index: VectorIndex, question: str, hits: list[SearchHit],
     """The sentence window of the retrieved chunks most similar to the question."""
     candidates: list[tuple[SearchHit, int, int]] = []
     for hit in hits:
-        candidates += [(hit, s, e) for s, e in sentence_windows(hit.text, max_sentences)]
+        spans = sentence_windows(hit.text, max_sentences, min_words=4) or sentence_windows(hit.text, max_sentences)
+        candidates += [(hit, s, e) for s, e in spans]
     if not candidates:
         return Answer(question, "", "extractive", [], hits, True)
     vectors = embed(index.encoder, [hit.text[s:e] for hit, s, e in candidates])

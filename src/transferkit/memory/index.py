@@ -62,7 +62,7 @@ class IndexMeta:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(slots=True)
 class SearchHit:
     """One search result: the chunk (or image) and its cosine similarity to the query."""
 
@@ -264,14 +264,18 @@ class VectorIndex:
         return self.remove_ids([i for i, r in self.records.items() if matches(r["source"])])
 
     # search -----------------------------------------------------------------------------------------------
-    def search_vectors(self, queries: np.ndarray, k: int = 5) -> list[list[SearchHit]]:
-        """The ``k`` stored vectors most similar (inner product) to each query, best first."""
+    def search_ids(self, queries: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, ids)`` arrays ``(n_queries, k)`` of the most similar stored vectors (id -1: none)."""
         if k < 1:
             raise TransferkitError(f"invalid -k {k}", "use a whole number of at least 1")
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.meta.dim)
         if not len(self):
-            return [[] for _ in range(len(queries))]
-        scores, ids = self.faiss_index.search(queries, min(k, len(self)))
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        return self.faiss_index.search(queries, min(k, len(self)))
+
+    def search_vectors(self, queries: np.ndarray, k: int = 5) -> list[list[SearchHit]]:
+        """The ``k`` stored vectors most similar (inner product) to each query, best first, with records."""
+        scores, ids = self.search_ids(queries, k)
         results = []
         for row_scores, row_ids in zip(scores, ids):
             hits = []

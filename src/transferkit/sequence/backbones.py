@@ -10,7 +10,8 @@ numeric time series (``"numeric"``: arrays ``(T,)`` or ``(T, input_dim)``). ``co
   are sinusoidal, ``PE(t, 2i) = sin(t / 10000^(2i/d))``, ``PE(t, 2i+1) = cos(...)``, or learned embeddings.
 
 Elman RNN: ``h_t = tanh(W x_t + U h_{t-1} + b)``. LSTM (Hochreiter & Schmidhuber 1997): gates
-``i, f, o = sigmoid(.)``, ``c_t = f * c_{t-1} + i * tanh(.)``, ``h_t = o * tanh(c_t)`` (see ``numpy_lstm``).
+``i, f, o = sigmoid(.)``, ``c_t = f * c_{t-1} + i * tanh(.)``, ``h_t = o * tanh(c_t)`` (see ``numpy_lstm``);
+the forget-gate (LSTM) and update-gate (GRU) biases start at 1.
 GRU (Cho et al. 2014): ``z, r = sigmoid(.)``, ``h_t = (1 - z) * h_{t-1} + z * tanh(W x_t + U (r * h_{t-1}))``.
 """
 
@@ -48,6 +49,17 @@ def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
     table[:, 0::2] = torch.sin(position * frequency)
     table[:, 1::2] = torch.cos(position * frequency)[:, : dim // 2]
     return table
+
+
+def init_forget_bias(layer: nn.LSTM | nn.GRU, value: float = 1.0) -> None:
+    """Start the gates that keep the old state open (total bias ``value``; Gers et al. 2000, Jozefowicz et al.
+    2015): the LSTM forget gate, the GRU update gate ``z`` (torch: ``h_t = (1 - z) n + z h_{t-1}``), so the
+    state carries information over long spans from the first step of training."""
+    hidden = layer.hidden_size
+    with torch.no_grad():
+        for name, bias in layer.named_parameters():
+            if name.startswith("bias_"):  # gate order: LSTM input, forget, cell, output; GRU reset, update, new
+                bias[hidden:2 * hidden] = value if name.startswith("bias_ih") else 0.0
 
 
 class InputEmbedding(nn.Module):
@@ -112,7 +124,10 @@ class SequenceBackbone(Backbone):
             directions = 2 if bidirectional else 1
             width = embedding_dim
             for _ in range(num_layers):
-                self.layers.append(_RECURRENT[cell](width, hidden_size, batch_first=True, bidirectional=bidirectional))
+                layer = _RECURRENT[cell](width, hidden_size, batch_first=True, bidirectional=bidirectional)
+                if cell in ("lstm", "gru"):
+                    init_forget_bias(layer, 1.0)
+                self.layers.append(layer)
                 width = hidden_size * directions
             self.feature_dim = width
 

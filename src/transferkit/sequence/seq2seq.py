@@ -1,6 +1,6 @@
 """Encoder-decoder (sequence-to-sequence) models for n-to-m tasks, e.g. binary-to-decimal "111101001010" -> "3914".
 
-Encoder: a bidirectional GRU over the source symbols; its final states initialise the decoder
+Encoder: a GRU (optionally bidirectional) over the source symbols; its final states initialise the decoder
 (``h_0 = tanh(W [h_fwd; h_bwd])``). Decoder: a GRU cell that at step t reads the previous output symbol and a
 context vector ``c_t``, and predicts the next symbol from ``[h_t; c_t; y_{t-1}]``:
 
@@ -118,16 +118,16 @@ class Seq2Seq(nn.Module):
     """GRU encoder-decoder with optional attention (see the module docstring)."""
 
     def __init__(self, src_vocab_size: int, tgt_vocab_size: int, embedding_dim: int = 64, hidden_size: int = 128,
-                 attention: str = "bahdanau", dropout: float = 0.1) -> None:
+                 attention: str = "bahdanau", dropout: float = 0.1, bidirectional: bool = True) -> None:
         super().__init__()
         if attention not in ATTENTIONS:
             raise TransferkitError(f"unknown attention '{attention}'", f"choose one of {', '.join(ATTENTIONS)}")
         self.config = {"src_vocab_size": src_vocab_size, "tgt_vocab_size": tgt_vocab_size,
                        "embedding_dim": embedding_dim, "hidden_size": hidden_size, "attention": attention,
-                       "dropout": dropout}
-        context = 2 * hidden_size
+                       "dropout": dropout, "bidirectional": bidirectional}
+        context = (2 if bidirectional else 1) * hidden_size
         self.src_embedding = nn.Embedding(src_vocab_size, embedding_dim, padding_idx=Vocabulary.PAD)
-        self.encoder = nn.GRU(embedding_dim, hidden_size, batch_first=True, bidirectional=True)
+        self.encoder = nn.GRU(embedding_dim, hidden_size, batch_first=True, bidirectional=bidirectional)
         self.bridge = nn.Linear(context, hidden_size)
         self.tgt_embedding = nn.Embedding(tgt_vocab_size, embedding_dim, padding_idx=Vocabulary.PAD)
         self.decoder = nn.GRUCell(embedding_dim + context, hidden_size)
@@ -141,7 +141,7 @@ class Seq2Seq(nn.Module):
         packed = pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, final = self.encoder(packed)
         memory, _ = pad_packed_sequence(out, batch_first=True, total_length=src.shape[1])
-        summary = torch.cat([final[0], final[1]], dim=-1)
+        summary = torch.cat(list(final), dim=-1)
         mask = torch.arange(src.shape[1], device=src.device)[None] < lengths.to(src.device)[:, None]
         keys = self.attention.keys(memory) if self.attention is not None else None
         return EncoderState(memory, mask, summary, keys), torch.tanh(self.bridge(summary))
@@ -307,6 +307,8 @@ class Seq2SeqConfig:
                                                          "dot-product)."})
     embedding_dim: int = field(default=32, metadata={"help": "Symbol embedding size."})
     hidden_size: int = field(default=128, metadata={"help": "GRU state size (encoder: per direction)."})
+    bidirectional: bool = field(default=True, metadata={"help": "Bidirectional encoder (--no-bidirectional: "
+                                                        "left to right only)."})
     dropout: float = field(default=0.1, metadata={"help": "Dropout on embeddings and before the output layer."})
     teacher_forcing: float = field(default=1.0, metadata={"help": "Probability of feeding the true previous "
                                                           "symbol during training (else the model's own)."})
@@ -384,7 +386,7 @@ def train_seq2seq(splits: dict[str, list[tuple[str, str]]], config: Seq2SeqConfi
     max_len = max(len(t) for _, t in splits["train"]) + 2
     seed_everything(train.seed)
     model = Seq2Seq(len(source), len(target), config.embedding_dim, config.hidden_size, config.attention,
-                    config.dropout)
+                    config.dropout, config.bidirectional)
     train_loader = pair_loader(splits["train"], source, target, train.batch_size, True, train.seed)
     val_loader = pair_loader(splits["val"], source, target, 256, False)
     averager = None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from transferkit.backbones import move_to
+from transferkit.engine.trainer import CHECKPOINT_NAME
 from transferkit.errors import TransferkitError
 from transferkit.strategies import register_strategy
 from transferkit.strategies.base import Strategy, StrategyConfig, freeze, unfreeze
@@ -165,6 +167,8 @@ class Fish(Strategy):
             with torch.no_grad():
                 for name, value in masks.items():
                     mask.mask_of(name).copy_(value)
+        else:  # the parameter groups depend on the mask, so it is needed before the engine loads the checkpoint
+            restore_mask(mask, context.checkpoint_dir / CHECKPOINT_NAME)
         handles = []
         for name, param in self.masked_parameters(model).items():
             param.requires_grad_(True)
@@ -182,6 +186,16 @@ class Fish(Strategy):
         mask: FishMask = getattr(model, MASK_MODULE)
         heads = sum(p.numel() for p in model.heads.parameters())
         return {"fish_mask_size": mask.kept(), "fish_mask_total": mask.total(), "trainable_params": mask.kept() + heads}
+
+
+def restore_mask(mask: FishMask, checkpoint: Path) -> None:
+    """Copy the mask buffers saved in an engine checkpoint (``model.fish_mask.*`` of the loss module)."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["loss_module"]
+    prefix = f"model.{MASK_MODULE}."
+    with torch.no_grad():
+        for key, value in state.items():
+            if key.startswith(prefix):
+                mask.get_buffer(key[len(prefix):]).copy_(value)
 
 
 class _MaskGradient:

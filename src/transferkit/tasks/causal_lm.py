@@ -244,7 +244,7 @@ def run_causal_lm(data: str, backbone_name: str, strategy: Strategy, train: Trai
 
 def fit_causal_lm(data: str, out: str | Path, backbone: str = "smollm2-135m", strategy: str = "lora",
                   strategy_options: dict[str, Any] | None = None, lm_options: CausalLMOptions | None = None,
-                  pretrained: bool = True, backbone_options: dict[str, Any] | None = None,
+                  pretrained: bool = True, backbone_options: dict[str, Any] | None = None, progress: bool = False,
                   **train_options: Any) -> dict[str, Any]:
     """Python entry point: ``fit_causal_lm("notes.txt", "runs/lm", epochs=2, lr=2e-4)`` -> metrics (also in
     ``out/metrics.json``). ``out`` must not hold a finished run."""
@@ -258,7 +258,7 @@ def fit_causal_lm(data: str, out: str | Path, backbone: str = "smollm2-135m", st
     train = TrainConfig(**{"early_stopping": 0, "lr": 2e-4, **train_options})
     train.validate()
     chosen = create_strategy(strategy, strategy_options or {})
-    metrics = run_causal_lm(data, backbone, chosen, train, out, lm_options, pretrained,
+    metrics = run_causal_lm(data, backbone, chosen, train, out, lm_options, pretrained, progress=progress,
                             backbone_options=backbone_options)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     return metrics

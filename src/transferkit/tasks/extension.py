@@ -22,7 +22,13 @@ from transferkit.errors import TransferkitError
 from transferkit.extensions import ExtensionConfig, FitExtension, register_extension
 from transferkit.model import TaskSpec, make_head
 from transferkit.tasks import TASK_TYPES, parse_task
-from transferkit.tasks.multitask import WEIGHTINGS, MultiTaskObjective, collect, multitask_evaluate_fn, task_metrics
+from transferkit.tasks.multitask import (
+    WEIGHTINGS,
+    MultiTaskObjective,
+    collect,
+    multitask_evaluate_fn,
+    task_metrics,
+)
 
 if TYPE_CHECKING:
     from transferkit.config import FitConfig

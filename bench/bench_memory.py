@@ -1,0 +1,431 @@
+"""Memory, few-shot and zero-shot benchmark (issue 5), measured side by side in one run:
+
+1. retrieval on the Python documentation topics (``pydoc_data.topics``) with 30 hand-written questions whose
+   answering topic is known: recall@1 / recall@5 of ``transferkit`` search against exact brute-force search
+   with sentence-transformers on the same encoder (all-MiniLM-L6-v2) and the same chunks;
+2. query throughput of the index against FAISS used directly, on a 100,000-vector synthetic index (exact and
+   approximate), with the approximate kinds' recall@10 against exact search;
+3. ``ask`` citation accuracy (does the answer cite a chunk of the right topic?) for both modes;
+4. few-shot text on ``tweets`` (8 and 16 labels per class): prototypes, kNN, contrastive, and SetFit itself
+   (same encoder, run offline from the local path with the SetFit venv's interpreter; accuracy computed here);
+5. zero-, one- and few-shot in-context accuracy of SmolLM2-135M on tweets.
+
+    .venv/bin/python -m bench.bench_memory [--quick] [--setfit-python /tmp/tk/.venv/bin/python]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+CACHE = ROOT / "cache" / "memory"
+RESULTS = ROOT / "results"
+
+# question -> topics of pydoc_data.topics that answer it ("compound" is the whole compound-statements chapter)
+QUESTIONS: list[tuple[str, set[str]]] = [
+    ("How do I catch an exception and handle it?", {"try", "compound", "exceptions"}),
+    ("What does the with statement do?", {"with", "context-managers", "compound"}),
+    ("How do I raise an exception with a cause?", {"raise"}),
+    ("What is the precedence of Python operators?", {"operator-summary"}),
+    ("How does the power operator bind compared to unary minus?", {"power", "operator-summary"}),
+    ("How do I break out of a loop early?", {"break", "while", "for", "compound"}),
+    ("What does continue do in a loop?", {"continue", "while", "for", "compound"}),
+    ("How do I define a function with default parameter values?", {"function", "compound"}),
+    ("What does the global statement do?", {"global"}),
+    ("How do nonlocal variables work in nested functions?", {"nonlocal", "naming"}),
+    ("How do I write an anonymous function?", {"lambda"}),
+    ("What does the yield expression do in a generator?", {"yield"}),
+    ("How does the import statement find modules?", {"import"}),
+    ("What values are considered false in a boolean context?", {"truth", "booleans"}),
+    ("How do f-strings and the format specification mini-language work?", {"formatstrings", "strings"}),
+    ("Which methods do string objects have, like split and join?", {"string-methods"}),
+    ("How do slices with a step work?", {"slicings", "typesseq", "sequence-types"}),
+    ("What operations do dictionaries support?", {"typesmapping", "dict"}),
+    ("How do I compare objects for equality and identity?", {"comparisons"}),
+    ("What do the bitwise operators &, | and ^ do?", {"bitwise"}),
+    ("How does shifting with << and >> work?", {"shifting"}),
+    ("How do I make an object callable with __call__?", {"callable-types", "specialnames", "customization"}),
+    ("How do __getattr__ and __setattr__ customise attribute access?", {"attribute-access", "specialnames"}),
+    ("What does the assert statement do?", {"assert"}),
+    ("What does the del statement do?", {"del"}),
+    ("How do augmented assignments like += work?", {"augassign"}),
+    ("How do async and await coroutines work?", {"async", "await", "compound"}),
+    ("What is the pass statement for?", {"pass"}),
+    ("How are integer literals written in hexadecimal or binary?", {"integers", "numbers"}),
+    ("How do I use the Python debugger pdb?", {"debugger"}),
+]
+QUICK_QUESTIONS = 8
+
+
+def _cell(name: str, compute):
+    """Cache a finished measurement as JSON so an interrupted benchmark resumes."""
+    path = CACHE / f"{name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+    return value
+
+
+# --- 1. retrieval -----------------------------------------------------------------------------------------------
+def _pydoc_index(folder: Path):
+    from transferkit.memory.index import VectorIndex, build_index
+
+    if (folder / "meta.json").is_file():
+        return VectorIndex.load(folder)
+    return build_index(folder, docs="pydoc-topics", progress=False, overwrite=True)
+
+
+def retrieval(index, questions) -> dict:
+    from sentence_transformers import SentenceTransformer
+
+    from transferkit.backbones.text import minilm_path
+
+    ids = sorted(index.records)
+    chunks = [index.records[i]["text"] for i in ids]
+    sources = [index.records[i]["source"] for i in ids]
+    texts = [q for q, _ in questions]
+    start = time.perf_counter()
+    hits = index.search(texts, k=5)
+    ours_seconds = time.perf_counter() - start
+    model = SentenceTransformer(minilm_path(), device="cpu")
+    model.max_seq_length = index.encoder.max_length  # same truncation as the index's encoder
+    start = time.perf_counter()
+    doc_vectors = model.encode(chunks, batch_size=32, normalize_embeddings=True)
+    query_vectors = model.encode(texts, normalize_embeddings=True)
+    order = np.argsort(-(query_vectors @ doc_vectors.T), axis=1)[:, :5]  # exact brute force
+    reference_seconds = time.perf_counter() - start
+    rows = {}
+    for name, ranked in (("transferkit (FAISS flat)", [[h.source for h in row] for row in hits]),
+                         ("sentence-transformers brute force", [[sources[j] for j in row] for row in order])):
+        r1 = np.mean([r[0] in good for r, (_, good) in zip(ranked, questions)])
+        r5 = np.mean([any(s in good for s in r[:5]) for r, (_, good) in zip(ranked, questions)])
+        rows[name] = {"recall@1": float(r1), "recall@5": float(r5)}
+    same_top5 = np.mean([[h.source for h in a] == [sources[j] for j in b] for a, b in zip(hits, order)])
+    return {"rows": rows, "chunks": len(chunks), "questions": len(questions), "same_top5_sources": float(same_top5),
+            "search_seconds": ours_seconds, "reference_encode_and_search_seconds": reference_seconds}
+
+
+# --- 2. throughput ------------------------------------------------------------------------------------------------
+def throughput(n: int, dim: int, n_queries: int, seed: int = 0) -> dict:
+    import faiss
+
+    from transferkit.memory.index import IndexMeta, VectorIndex, _new_faiss_index
+
+    rng = np.random.default_rng(seed)
+    # clustered like real embeddings: 1,000 random centres, each vector a centre plus isotropic noise
+    centres = rng.normal(size=(1000, dim)).astype(np.float32)
+    base = centres[rng.integers(0, 1000, n)] + rng.normal(size=(n, dim)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    queries = base[rng.choice(n, n_queries, replace=False)] + 0.3 * rng.normal(size=(n_queries, dim)).astype(
+        np.float32) / np.sqrt(dim)
+    queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    records = [{"source": f"v{i}", "text": ""} for i in range(n)]
+    results = {}
+    exact_ids = None
+    for kind in ("flat", "hnsw", "ivf"):
+        meta = IndexMeta(encoder={"name": "synthetic", "options": {}}, preprocess_signature="synthetic",
+                         modality="text", dim=dim, kind=kind, ivf_nlist=256, nprobe=16, hnsw_m=32, ef_search=64)
+        ours = VectorIndex(meta, _new_faiss_index(meta), {})
+        start = time.perf_counter()
+        ours.add_vectors(base, records)
+        build_seconds = time.perf_counter() - start
+        # FAISS directly, the same structure and parameters
+        if kind == "flat":
+            direct = faiss.IndexFlatIP(dim)
+        elif kind == "hnsw":
+            direct = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+            direct.hnsw.efSearch = 64
+        else:
+            direct = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, 256, faiss.METRIC_INNER_PRODUCT)
+            direct.train(base)
+            direct.nprobe = 16
+        direct.add(base)
+
+        def timed(fn) -> float:
+            best = float("inf")
+            for _ in range(3):
+                start = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - start)
+            return n_queries / best
+
+        ours_qps = timed(lambda ours=ours: ours.search_ids(queries, k=10))
+        hits_qps = timed(lambda ours=ours: ours.search_vectors(queries, k=10))
+        direct_qps = timed(lambda direct=direct: direct.search(queries, 10))
+        ids = np.array([[h.id for h in row] for row in ours.search_vectors(queries, k=10)])
+        if kind == "flat":
+            exact_ids = ids
+        recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact_ids)]))
+        results[kind] = {"ours_qps": ours_qps, "faiss_qps": direct_qps, "ratio": ours_qps / direct_qps,
+                         "hits_qps": hits_qps, "hits_ratio": hits_qps / direct_qps,
+                         "recall@10_vs_exact": recall, "build_seconds": build_seconds}
+    return {"n": n, "dim": dim, "queries": n_queries, "kinds": results}
+
+
+# --- 3. ask -----------------------------------------------------------------------------------------------------
+def ask_accuracy(index, questions, mode: str, lm=None) -> dict:
+    from transferkit.memory.ask import ask
+
+    correct, explicit, seconds, examples = 0, 0, [], []
+    for question, good in questions:
+        start = time.perf_counter()
+        answer = ask(index, question, k=3, mode=mode, lm=lm, max_new_tokens=48)
+        seconds.append(time.perf_counter() - start)
+        correct += any(c.source in good for c in answer.citations)
+        explicit += answer.cited_by_model
+        examples.append({"question": question, "answer": answer.answer[:200],
+                         "cited": [c.source for c in answer.citations]})
+    n = len(questions)
+    return {"citation_accuracy": correct / n, "explicit_citation_rate": explicit / n, "n": n,
+            "seconds_per_question": float(np.mean(seconds)), "examples": examples[:3]}
+
+
+# --- 4. few-shot --------------------------------------------------------------------------------------------------
+def _tweets(test_limit: int):
+    from transferkit.data import load_data
+
+    return load_data("tweets", test_limit=test_limit, seed=0)
+
+
+def _few_shot_train(splits, k: int, seed: int):
+    from transferkit.data.base import LabeledData
+
+    pool = splits.train
+    rng = np.random.default_rng(seed)
+    chosen = np.concatenate([rng.choice(np.flatnonzero(pool.labels == c), k, replace=False)
+                             for c in range(pool.num_classes)])
+    train = pool.subset(np.sort(chosen), name=f"tweets/train-{k}-{seed}")
+    empty = pool.subset(np.zeros(0, dtype=np.int64), name="tweets/none")
+    assert isinstance(train, LabeledData)
+    return train, empty
+
+
+def transferkit_few_shot(splits, k: int, seed: int, strategy_name: str) -> dict:
+    import torch
+
+    from transferkit.api import evaluate_model
+    from transferkit.backbones import create_backbone
+    from transferkit.data.base import DataSplits
+    from transferkit.engine.context import RunContext
+    from transferkit.engine.features import default_cache_dir
+    from transferkit.engine.trainer import TrainConfig, seed_everything
+    from transferkit.model import TaskSpec, TransferModel
+    from transferkit.strategies import create_strategy
+
+    train, empty = _few_shot_train(splits, k, seed)
+    seed_everything(seed)
+    model = TransferModel(create_backbone("minilm"), [TaskSpec("label", "classify", list(splits.class_names))])
+    strategy = create_strategy(strategy_name, {"knn_k": 5} if strategy_name == "knn" else {})
+    strategy.prepare(model)
+    context = RunContext(splits=DataSplits(train, empty, splits.test), train=TrainConfig(seed=seed),
+                         cache_dir=default_cache_dir(), progress=False)
+    start = time.perf_counter()
+    strategy.train(model, context)
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        report = evaluate_model(model, splits.test, batch_size=64)
+    return {"accuracy": report["accuracy"], "train_seconds": seconds}
+
+
+SETFIT_SCRIPT = r"""
+import json, sys, time
+from datasets import Dataset
+from setfit import SetFitModel, Trainer, TrainingArguments
+payload = json.load(open(sys.argv[1]))
+model = SetFitModel.from_pretrained(payload["model"])
+args = TrainingArguments(batch_size=16, num_epochs=1, seed=payload["seed"], show_progress_bar=False)
+trainer = Trainer(model=model, args=args,
+                  train_dataset=Dataset.from_dict({"text": payload["train_texts"], "label": payload["train_labels"]}))
+start = time.perf_counter()
+trainer.train()
+seconds = time.perf_counter() - start
+predictions = [int(p) for p in model.predict(payload["test_texts"])]
+print(json.dumps({"predictions": predictions, "train_seconds": seconds}))
+"""
+
+
+def setfit_few_shot(splits, k: int, seed: int, python: str) -> dict:
+    from transferkit.backbones.text import minilm_path
+
+    train, _ = _few_shot_train(splits, k, seed)
+    payload = {"model": minilm_path(), "seed": seed, "train_texts": list(train.items),
+               "train_labels": [int(x) for x in train.labels], "test_texts": list(splits.test.items)}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "payload.json").write_text(json.dumps(payload))
+        (Path(tmp) / "run.py").write_text(SETFIT_SCRIPT)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        done = subprocess.run([python, str(Path(tmp) / "run.py"), str(Path(tmp) / "payload.json")],
+                              capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    accuracy = float(np.mean(np.asarray(out["predictions"]) == splits.test.labels))
+    return {"accuracy": accuracy, "train_seconds": out["train_seconds"]}
+
+
+# --- 5. in-context --------------------------------------------------------------------------------------------------
+def in_context(splits, lm, shots: int, n_test: int, seed: int = 0) -> dict:
+    from transferkit.zeroshot.incontext import InContextClassifier, PromptBuilder, pick_examples
+
+    names = list(splits.class_names)
+    builder = PromptBuilder(names, "Classify the sentiment of each tweet as one of: {labels}.",
+                            "Tweet: {text}\nSentiment: {label}")
+    examples = pick_examples(splits.train.items, splits.train.labels, names, shots, seed) if shots else []
+    chosen = np.random.default_rng(1234).choice(len(splits.test), n_test, replace=False)  # the test is sorted by class
+    texts = [splits.test.items[int(i)] for i in chosen]
+    start = time.perf_counter()
+    predicted = InContextClassifier(lm, builder, examples).predict_proba(texts).argmax(1)
+    seconds = time.perf_counter() - start
+    labels = splits.test.labels[chosen]
+    return {"accuracy": float(np.mean(predicted == labels)), "n": n_test, "seconds_per_text": seconds / n_test,
+            "majority_baseline": float(np.bincount(labels).max() / len(labels))}
+
+
+# --- report ---------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="reduced smoke version")
+    parser.add_argument("--setfit-python", default="/tmp/tk/.venv/bin/python",
+                        help="interpreter of a venv with setfit installed")
+    parser.add_argument("--seeds", type=int, default=1, help="few-shot seeds")
+    parser.add_argument("--generate-questions", type=int, default=10,
+                        help="questions answered by generation (slow on CPU)")
+    parser.add_argument("--fewshot-methods", default="prototypes,knn,contrastive,setfit",
+                        help="comma-separated few-shot methods to run")
+    parser.add_argument("--incontext-shots", default="0,1,4", help="comma-separated shots per class")
+    parser.add_argument("--incontext-n", type=int, default=90, help="test tweets for in-context accuracy")
+    parser.add_argument("--skip", action="append", default=[],
+                        help="sections to skip: retrieval, throughput, ask, fewshot, incontext")
+    args = parser.parse_args(argv)
+    global CACHE
+    if args.quick:
+        CACHE = CACHE / "quick"
+    questions = QUESTIONS[:QUICK_QUESTIONS] if args.quick else QUESTIONS
+    lines = ["## Memory, few-shot and zero-shot (issue 5)", "",
+             f"Command: `.venv/bin/python -m bench.bench_memory {' '.join(argv if argv is not None else sys.argv[1:])}`"
+             .rstrip() + f" on {platform.machine()} CPU (2 cores shared with other jobs), one run.", ""]
+    index = None
+    if "retrieval" not in args.skip or "ask" not in args.skip:
+        index = _pydoc_index(CACHE / "pydoc-index")
+
+    if "retrieval" not in args.skip:
+        r = _cell("retrieval", lambda: retrieval(index, questions))
+        lines += ["### Retrieval on the pydoc topics", "",
+                  f"{r['questions']} hand-written questions with known answering topics; {r['chunks']} chunks "
+                  "(500 characters, overlap 100), all-MiniLM-L6-v2 (128 tokens). A hit = a chunk of an answering "
+                  "topic.", "", "| search | recall@1 | recall@5 |", "|---|---|---|"]
+        lines += [f"| {name} | {v['recall@1']:.3f} | {v['recall@5']:.3f} |" for name, v in r["rows"].items()]
+        lines += ["", f"Identical top-5 source lists for {r['same_top5_sources']:.0%} of the questions.", ""]
+
+    if "throughput" not in args.skip:
+        n = 10_000 if args.quick else 100_000
+        t = _cell(f"throughput-clustered-{n}", lambda: throughput(n, 384, 1000))
+        lines += ["### Query throughput (synthetic index)", "",
+                  f"{t['n']:,} unit vectors of dimension {t['dim']} (1,000 Gaussian clusters), {t['queries']} "
+                  "noisy copies of stored vectors as queries, k = 10, best of 3 timings. HNSW: M = 32, efSearch = 64; "
+                  "IVF: 256 cells, nprobe = 16. `search_ids` returns FAISS's arrays; `search_vectors` also builds "
+                  "one result object (source, text, offsets) per hit.", "",
+                  "| index | FAISS direct q/s | `search_ids` q/s (ratio) | `search_vectors` q/s (ratio) | "
+                  "recall@10 vs exact |", "|---|---|---|---|---|"]
+        lines += [f"| {kind} | {v['faiss_qps']:,.0f} | {v['ours_qps']:,.0f} ({v['ratio']:.2f}x) | "
+                  f"{v['hits_qps']:,.0f} ({v['hits_ratio']:.2f}x) | {v['recall@10_vs_exact']:.3f} |"
+                  for kind, v in t["kinds"].items()]
+        lines.append("")
+
+    if "ask" not in args.skip:
+        extractive = _cell("ask-extractive", lambda: ask_accuracy(index, questions, "extractive"))
+        n_gen = min(args.generate_questions, len(questions))
+
+        def generate() -> dict:
+            from transferkit.zeroshot.incontext import load_causal_lm
+
+            return ask_accuracy(index, questions[:n_gen], "generate", load_causal_lm("smollm2-135m"))
+
+        generated = _cell(f"ask-generate-{n_gen}", generate)
+        lines += ["### `ask` citation accuracy", "",
+                  "Share of questions whose answer cites a chunk of an answering topic (top 3 chunks retrieved).",
+                  "", "| mode | questions | citation accuracy | model cited explicitly | seconds/question |",
+                  "|---|---|---|---|---|",
+                  f"| extractive | {extractive['n']} | {extractive['citation_accuracy']:.3f} | - | "
+                  f"{extractive['seconds_per_question']:.2f} |",
+                  f"| generate (SmolLM2-135M) | {generated['n']} | {generated['citation_accuracy']:.3f} | "
+                  f"{generated['explicit_citation_rate']:.3f} | {generated['seconds_per_question']:.1f} |", "",
+                  "When the model cites no passage number its answer is attributed to the best-retrieved chunk; "
+                  "the explicit rate says how often it cited by itself.", ""]
+
+    if "fewshot" not in args.skip or "incontext" not in args.skip:
+        splits = _tweets(150 if args.quick else 600)
+
+    if "fewshot" not in args.skip:
+        ks = (8,) if args.quick else (8, 16)
+        methods = [m.strip() for m in args.fewshot_methods.split(",") if m.strip()]
+        table: dict[tuple[int, str], list[dict]] = {}
+        for k in ks:
+            for seed in range(args.seeds):
+                for method in methods:
+                    if method == "setfit":
+                        cell = _cell(f"fewshot-{k}-{seed}-setfit",
+                                     lambda k=k, seed=seed: setfit_few_shot(splits, k, seed, args.setfit_python))
+                    else:
+                        cell = _cell(f"fewshot-{k}-{seed}-{method}",
+                                     lambda k=k, seed=seed, method=method: transferkit_few_shot(splits, k, seed, method))
+                    table.setdefault((k, method), []).append(cell)
+        lines += ["### Few-shot text: tweets sentiment (3 classes)", "",
+                  f"all-MiniLM-L6-v2; K labelled tweets per class drawn with each seed ({args.seeds} seed(s)); "
+                  f"{len(splits.test)} test tweets (fixed stratified subset). SetFit 1.2 run offline from the same "
+                  "local model folder (batch 16, 1 epoch, its default pair sampling); contrastive = transferkit's "
+                  "SetFit-style strategy (same pairs recipe, lr 2e-5) trained by the transferkit engine.", "",
+                  "| K | method | accuracy | train seconds |", "|---|---|---|---|"]
+        for (k, method), cells in table.items():
+            ok = [c for c in cells if "accuracy" in c]
+            if not ok:
+                lines.append(f"| {k} | {method} | failed: {cells[0].get('error', '')[:80]} | |")
+                continue
+            acc = np.mean([c["accuracy"] for c in ok])
+            lines.append(f"| {k} | {method} | {acc:.3f} | {np.mean([c['train_seconds'] for c in ok]):.1f} |")
+        missing = [m for m in ("prototypes", "knn", "contrastive", "setfit") if m not in methods]
+        if missing:
+            lines.append(f"\nNot run in this session: {', '.join(missing)} (--fewshot-methods).")
+        lines.append("")
+
+    if "incontext" not in args.skip:
+        from transferkit.zeroshot.incontext import load_causal_lm
+
+        n_test = 30 if args.quick else args.incontext_n
+        lm = None
+        rows = []
+        for shots in [int(x) for x in args.incontext_shots.split(",")]:
+            def compute(shots=shots) -> dict:
+                nonlocal lm
+                lm = lm or load_causal_lm("smollm2-135m")
+                return in_context(splits, lm, shots, n_test)
+
+            rows.append((shots, _cell(f"incontext-{shots}-{n_test}", compute)))
+        lines += ["### In-context classification with SmolLM2-135M (tweets sentiment)", "",
+                  f"{n_test} tweets drawn at random from the test subset; label = argmax of the log-likelihood of "
+                  "' negative' / ' neutral' / ' positive' after the prompt; shots = examples per class.", "",
+                  "| shots per class | accuracy | seconds/text |", "|---|---|---|"]
+        lines += [f"| {s} | {c['accuracy']:.3f} | {c['seconds_per_text']:.2f} |" for s, c in rows]
+        lines += ["", f"Majority-class baseline on these tweets: {rows[0][1]['majority_baseline']:.3f}.", ""]
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    target = RESULTS / ("quick" if args.quick else "") / "memory.md"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
