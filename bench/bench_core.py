@@ -150,7 +150,8 @@ def run_benchmark(seeds: int, image_size: int, limit: int, test_limit: int, quic
 
     # 2. strategies over seeds: linear probe, fine-tune, fine-tune from random initialisation
     rows = {"linear-probe (ImageNet weights)": {"strategy": "linear-probe"},
-            "finetune (ImageNet weights)": {"strategy": "finetune", "epochs": 8 if not quick else 2},
+            "finetune (ImageNet weights)": {"strategy": "finetune", "epochs": 10 if not quick else 2, "unfreeze": "3",
+                                            "backbone_lr": 3e-4},
             "finetune (random init)": {"strategy": "finetune", "pretrained": False, "epochs": 8 if not quick else 2,
                                        "lr": 3e-3}}
     table = {}

@@ -221,6 +221,8 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
         "evaluation": report,
         "config": all_options,
     }
+    if hasattr(strategy, "metrics"):  # strategy-specific counts (e.g. FISH's mask size)
+        metrics.update(strategy.metrics(model))
     for ext in extensions:
         metrics.update(ext.metrics(context, model))
     save_model(model, stage / "model", strategy.to_dict(), extra={"data": fit_cfg.data})
