@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import cached
+
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / "cache" / "compare"
 RESULTS = ROOT / "results"
@@ -38,13 +40,7 @@ RANK_DATASETS = ["fashion-mnist", "mnist-5k"]  # more than one dataset, both off
 
 
 def _cell(name: str, compute):
-    path = CACHE / f"{name}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value))
-    return value
+    return cached(CACHE, name, compute)
 
 
 def run_compare_section(quick: bool, threads: int) -> list[str]:

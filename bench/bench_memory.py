@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import cached
+
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / "cache" / "memory"
 RESULTS = ROOT / "results"
@@ -68,14 +70,7 @@ QUICK_QUESTIONS = 8
 
 
 def _cell(name: str, compute):
-    """Cache a finished measurement as JSON so an interrupted benchmark resumes."""
-    path = CACHE / f"{name}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value))
-    return value
+    return cached(CACHE, name, compute)
 
 
 # --- 1. retrieval -----------------------------------------------------------------------------------------------

@@ -20,19 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import cached
+
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / "cache" / "multitask"
 RESULTS = ROOT / "results"
 
 
 def _cell(name: str, compute):
-    path = CACHE / f"{name}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value))
-    return value
+    return cached(CACHE, name, compute)
 
 
 MODELS = {

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -24,19 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import cached
+
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / "cache" / "sequence"
 RESULTS = ROOT / "results"
 
 
 def _cell(name: str, compute):
-    path = CACHE / f"{name}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value))
-    return value
+    return cached(CACHE, name, compute)
 
 
 # --- 1. binary-to-decimal ------------------------------------------------------------------------------------

@@ -196,7 +196,10 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
 
     eval_split, eval_data = ("test", splits.test) if splits.test is not None and len(splits.test) else \
         ("val", splits.val)
-    report = evaluate_model(model, eval_data, batch_size=max(32, train_cfg.batch_size), progress=fit_cfg.progress)
+    if strategy.frozen_backbone:  # the backbone is unchanged: score from (cached) features, not raw inputs
+        report = evaluate_features(model, context.features(model.backbone, eval_data), eval_data)
+    else:
+        report = evaluate_model(model, eval_data, batch_size=max(32, train_cfg.batch_size), progress=fit_cfg.progress)
     trainable, total = model.count_parameters()
     metrics: dict[str, Any] = {
         "accuracy": report["accuracy"],
@@ -289,6 +292,19 @@ def predict_proba_model(model, data, batch_size: int = 64, progress: bool = Fals
         logits = model(move_to(batch["inputs"], device)).logits
         chunks.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
     return np.concatenate(chunks) if chunks else np.zeros((0, len(model.class_names)))
+
+
+@torch.no_grad()
+def evaluate_features(model, features: np.ndarray, data) -> dict[str, Any]:
+    """The report of a model whose backbone is frozen, computed from that backbone's features of ``data``."""
+    from transferkit.evaluation.metrics import classification_report
+
+    model.eval()
+    device = next(model.parameters()).device
+    logits = model.forward_head(torch.as_tensor(features, dtype=torch.float32, device=device)).logits
+    probabilities = torch.softmax(logits.float(), dim=-1).numpy()
+    keep = data.labels >= 0
+    return classification_report(data.labels[keep], probabilities[keep], model.class_names)
 
 
 def evaluate_model(model, data, batch_size: int = 64, progress: bool = False) -> dict[str, Any]:
