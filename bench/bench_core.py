@@ -99,6 +99,18 @@ def mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def gains(table: dict[str, list[dict]]) -> str:
+    """The two comparisons the issue asks for, as mean differences with the seeds' spread beside them."""
+    means = [statistics.mean(r["accuracy"] for r in results) for results in table.values()]
+    probe, finetune, scratch = means
+    spread = max(statistics.stdev(r["accuracy"] for r in results) if len(results) > 1 else 0.0
+                 for results in list(table.values())[:2])  # the probe's and fine-tuning's seed spread
+    verdict = "a clear gain" if finetune - probe > spread else "within the spread between seeds: not a clear gain"
+    return (f"Fine-tuning minus linear probe: {(finetune - probe) * 100:+.1f} points ({verdict}, largest seed "
+            f"sd {spread * 100:.1f}). Pretrained minus random initialisation (both fine-tuned): "
+            f"{(finetune - scratch) * 100:+.1f} points.")
+
+
 def run_benchmark(seeds: int, image_size: int, limit: int, test_limit: int, quick: bool) -> str:
     from transferkit.data import load_data
 
@@ -174,7 +186,7 @@ def run_benchmark(seeds: int, image_size: int, limit: int, test_limit: int, quic
     for label, results in table.items():
         lines.append(f"| {label} | {mean_spread([r['accuracy'] for r in results])} | {results[0]['trainable']:,} | "
                      f"{statistics.mean(r['train_seconds'] for r in results):.1f} |")
-    lines.append("")
+    lines += ["", gains(table), ""]
 
     # 3. text: one tweets topic with MiniLM
     topic = "tweets:airline"
@@ -211,7 +223,7 @@ def run_benchmark(seeds: int, image_size: int, limit: int, test_limit: int, quic
     for label, results in text_table.items():
         lines.append(f"| {label} | {mean_spread([r['accuracy'] for r in results])} | {results[0]['trainable']:,} | "
                      f"{statistics.mean(r['train_seconds'] for r in results):.1f} |")
-    lines.append("")
+    lines += ["", gains(text_table), ""]
     return "\n".join(lines)
 
 
