@@ -99,6 +99,28 @@ def mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def strategy_table(kind: str, data: str, rows: dict[str, dict], common: dict, seeds: int, tag: str,
+                   cache: Path) -> dict[str, list[dict]]:
+    """Fit every row's options on ``data`` for each seed (cached cells); results by row label."""
+    table = {}
+    for label, options in rows.items():
+        results = []
+        for seed in range(seeds):
+            init = "pre" if options.get("pretrained", True) else "rand"
+            opts = {**common, **options, "seed": seed}
+            out = cache.parent / f"{kind}-{label[:6]}-{init}-{seed}"
+            results.append(_cell(f"{kind}-{label.split()[0]}-{init}-{seed}-{tag}",
+                                 lambda opts=opts, out=out: tk_fit(data, out, cache, **opts)))
+        table[label] = results
+    return table
+
+
+def table_rows(table: dict[str, list[dict]]) -> list[str]:
+    """Markdown rows: accuracy mean and spread over seeds, trainable parameters, mean train time."""
+    return [f"| {label} | {mean_spread([r['accuracy'] for r in results])} | {results[0]['trainable']:,} | "
+            f"{statistics.mean(r['train_seconds'] for r in results):.1f} |" for label, results in table.items()]
+
+
 def gains(table: dict[str, list[dict]]) -> str:
     """The two comparisons the issue asks for, as mean differences with the seeds' spread beside them."""
     means = [statistics.mean(r["accuracy"] for r in results) for results in table.values()]
@@ -175,21 +197,11 @@ def run_benchmark(seeds: int, image_size: int, limit: int, test_limit: int, quic
                                             "label_smoothing": 0.1, "early_stopping": 0},
             "finetune (random init)": {"strategy": "finetune", "pretrained": False, "epochs": 8 if not quick else 2,
                                        "lr": 3e-3}}
-    table = {}
-    for label, options in rows.items():
-        results = []
-        for seed in range(seeds):
-            name = f"image-{label.split()[0]}-{'pre' if options.get('pretrained', True) else 'rand'}-{seed}-{tag}"
-            opts = {**image_common, **options, "seed": seed}
-            results.append(_cell(name, lambda opts=opts, seed=seed, label=label: tk_fit(
-                "fashion-mnist", work / f"{label[:6]}-{seed}", work / "cache-seeds", **opts)))
-        table[label] = results
+    table = strategy_table("image", "fashion-mnist", rows, image_common, seeds, tag, work / "cache-seeds")
     lines += [f"### Strategies on Fashion-MNIST few-shot ({limit}/class, {test_limit} test images, "
               f"{image_size} px, {seeds} seeds)", "",
               "| strategy | test accuracy (mean ± sd) | trainable params | train time (s, mean) |", "|---|---|---|---|"]
-    for label, results in table.items():
-        lines.append(f"| {label} | {mean_spread([r['accuracy'] for r in results])} | {results[0]['trainable']:,} | "
-                     f"{statistics.mean(r['train_seconds'] for r in results):.1f} |")
+    lines += table_rows(table)
     lines += ["", gains(table), ""]
 
     # 3. text: one tweets topic with MiniLM
@@ -209,24 +221,14 @@ def run_benchmark(seeds: int, image_size: int, limit: int, test_limit: int, quic
                                                   "lr": 1e-3, "backbone_lr": 5e-5},
                  "finetune (random init)": {"strategy": "finetune", "pretrained": False,
                                             "epochs": 8 if not quick else 2, "lr": 1e-3, "backbone_lr": 1e-4}}
-    text_table = {}
-    for label, options in text_rows.items():
-        results = []
-        for seed in range(seeds):
-            name = f"text-{label.split()[0]}-{'pre' if options.get('pretrained', True) else 'rand'}-{seed}-{tag}"
-            opts = {**text_common, **options, "seed": seed}
-            results.append(_cell(name, lambda opts=opts, seed=seed, label=label: tk_fit(
-                topic, work / f"t-{label[:6]}-{seed}", work / "cache-text", **opts)))
-        text_table[label] = results
+    text_table = strategy_table("text", topic, text_rows, text_common, seeds, tag, work / "cache-text")
     lines += [f"### Text: `{topic}` (negative / neutral / positive), {text_limit} labelled tweets per class, "
               f"{len(text_splits.test)} test tweets, MiniLM", "",
               f"Linear probe {tp['first']['accuracy']:.4f} vs sentence-transformers + scikit-learn "
               f"{tp['baseline']['accuracy']:.4f} (same training texts); wall-time ratio "
               f"{tp['first']['seconds'] / tp['baseline']['seconds']:.2f}.", "",
               "| strategy | test accuracy (mean ± sd) | trainable params | train time (s, mean) |", "|---|---|---|---|"]
-    for label, results in text_table.items():
-        lines.append(f"| {label} | {mean_spread([r['accuracy'] for r in results])} | {results[0]['trainable']:,} | "
-                     f"{statistics.mean(r['train_seconds'] for r in results):.1f} |")
+    lines += table_rows(text_table)
     lines += ["", gains(text_table), ""]
     return "\n".join(lines)
 
