@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from transferkit.errors import TransferkitError
-from transferkit.sequence.seq2seq import Vocabulary
+from transferkit.sequence.seq2seq import Vocabulary, read_saved_config
 
 FORMAT = "transferkit-charlm"
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
@@ -215,14 +215,8 @@ def save_charlm(run: CharLMRun, folder: str | Path) -> None:
 def load_charlm(folder: str | Path) -> tuple[CharLanguageModel, Vocabulary]:
     from safetensors.torch import load_file
 
-    folder = Path(folder)
-    if (folder / "model").is_dir():
-        folder = folder / "model"
-    path = folder / "config.json"
-    config = json.loads(path.read_text()) if path.is_file() else {}
-    if config.get("format") != FORMAT:
-        raise TransferkitError(f"'{folder}' holds no character language model", "pass the --out folder of "
-                               "`transferkit charlm train`")
+    folder, config = read_saved_config(folder, FORMAT, "character language model",
+                                       "pass the --out folder of `transferkit charlm train`")
     model = CharLanguageModel(**config["model"])
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     return model.eval(), Vocabulary(config["symbols"])

@@ -441,16 +441,22 @@ def save_seq2seq(run: Seq2SeqRun, folder: str | Path, extra: dict[str, Any] | No
     save_file({k: v.contiguous() for k, v in run.model.state_dict().items()}, str(folder / "model.safetensors"))
 
 
-def load_seq2seq(folder: str | Path) -> tuple[Seq2Seq, Vocabulary, Vocabulary, int]:
-    from safetensors.torch import load_file
-
+def read_saved_config(folder: str | Path, fmt: str, what: str, fix: str) -> tuple[Path, dict[str, Any]]:
+    """The ``model/`` folder of a run (or the folder itself) and its config.json, checked to be of format ``fmt``."""
     folder = Path(folder)
     if (folder / "model").is_dir():
         folder = folder / "model"
     path = folder / "config.json"
     config = json.loads(path.read_text()) if path.is_file() else {}
-    if config.get("format") != FORMAT:
-        raise TransferkitError(f"'{folder}' holds no seq2seq model", "pass the --out folder of `seq2seq train`")
+    if config.get("format") != fmt:
+        raise TransferkitError(f"'{folder}' holds no {what}", fix)
+    return folder, config
+
+
+def load_seq2seq(folder: str | Path) -> tuple[Seq2Seq, Vocabulary, Vocabulary, int]:
+    from safetensors.torch import load_file
+
+    folder, config = read_saved_config(folder, FORMAT, "seq2seq model", "pass the --out folder of `seq2seq train`")
     model = Seq2Seq(**config["model"])
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     model.eval()
