@@ -7,10 +7,10 @@
    approximate), with the approximate kinds' recall@10 against exact search;
 3. ``ask`` citation accuracy (does the answer cite a chunk of the right topic?) for both modes;
 4. few-shot text on ``tweets`` (8 and 16 labels per class): prototypes, kNN, contrastive, and SetFit itself
-   (same encoder, run offline from the local path with the SetFit venv's interpreter; accuracy computed here);
+   (same encoder, run offline from the local path in a subprocess; accuracy computed here);
 5. zero-, one- and few-shot in-context accuracy of SmolLM2-135M on tweets.
 
-    .venv/bin/python -m bench.bench_memory [--quick] [--setfit-python /tmp/tk/.venv/bin/python]
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_memory [--quick] [--seeds 3]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -113,11 +114,30 @@ def retrieval(index, questions) -> dict:
 
 
 # --- 2. throughput ------------------------------------------------------------------------------------------------
-def throughput(n: int, dim: int, n_queries: int, seed: int = 0) -> dict:
+def _interleaved_qps(variants: dict[str, Callable[[], object]], n_queries: int, rounds: int) -> dict[str, dict[str, float]]:
+    """Time each variant ``rounds`` times, interleaved (A, B, C, B, C, A, ...: the order rotates every round) so
+    shared load on the machine hits every variant alike. Returns per variant the best and median queries/second
+    and, against the first variant, the median of the per-round time ratios."""
+    names = list(variants)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            variants[name]()
+            times[name].append(time.perf_counter() - start)
+    reference = np.asarray(times[names[0]])
+    return {name: {"best_qps": n_queries / min(t), "median_qps": n_queries / float(np.median(t)),
+                   "ratio": float(np.median(reference / np.asarray(t)))} for name, t in times.items()}
+
+
+def throughput(n: int, dim: int, n_queries: int, threads: int = 1, rounds: int = 5, seed: int = 0) -> dict:
+    """transferkit's index against the same FAISS index built and searched directly, timed interleaved, with
+    FAISS's OpenMP thread count set to ``threads`` for both (they run in this one process)."""
     import faiss
 
     from transferkit.memory.index import IndexMeta, VectorIndex, _new_faiss_index
 
+    faiss.omp_set_num_threads(threads)
     rng = np.random.default_rng(seed)
     # clustered like real embeddings: 1,000 random centres, each vector a centre plus isotropic noise
     centres = rng.normal(size=(1000, dim)).astype(np.float32)
@@ -136,7 +156,7 @@ def throughput(n: int, dim: int, n_queries: int, seed: int = 0) -> dict:
         start = time.perf_counter()
         ours.add_vectors(base, records)
         build_seconds = time.perf_counter() - start
-        # FAISS directly, the same structure and parameters
+        # FAISS directly: the same structure and parameters, built separately (same data, same training set)
         if kind == "flat":
             direct = faiss.IndexFlatIP(dim)
         elif kind == "hnsw":
@@ -147,26 +167,18 @@ def throughput(n: int, dim: int, n_queries: int, seed: int = 0) -> dict:
             direct.train(base)
             direct.nprobe = 16
         direct.add(base)
-
-        def timed(fn) -> float:
-            best = float("inf")
-            for _ in range(3):
-                start = time.perf_counter()
-                fn()
-                best = min(best, time.perf_counter() - start)
-            return n_queries / best
-
-        ours_qps = timed(lambda ours=ours: ours.search_ids(queries, k=10))
-        hits_qps = timed(lambda ours=ours: ours.search_vectors(queries, k=10))
-        direct_qps = timed(lambda direct=direct: direct.search(queries, 10))
+        timing = _interleaved_qps({"faiss": lambda d=direct: d.search(queries, 10),
+                                   "search_ids": lambda o=ours: o.search_ids(queries, k=10),
+                                   "search_vectors": lambda o=ours: o.search_vectors(queries, k=10)},
+                                  n_queries, rounds)
         ids = np.array([[h.id for h in row] for row in ours.search_vectors(queries, k=10)])
+        same_as_direct = float(np.mean(ids == direct.search(queries, 10)[1]))
         if kind == "flat":
             exact_ids = ids
         recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact_ids)]))
-        results[kind] = {"ours_qps": ours_qps, "faiss_qps": direct_qps, "ratio": ours_qps / direct_qps,
-                         "hits_qps": hits_qps, "hits_ratio": hits_qps / direct_qps,
-                         "recall@10_vs_exact": recall, "build_seconds": build_seconds}
-    return {"n": n, "dim": dim, "queries": n_queries, "kinds": results}
+        results[kind] = {"timing": timing, "recall@10_vs_exact": recall, "same_ids_as_direct": same_as_direct,
+                         "build_seconds": build_seconds}
+    return {"n": n, "dim": dim, "queries": n_queries, "threads": threads, "rounds": rounds, "kinds": results}
 
 
 # --- 3. ask -----------------------------------------------------------------------------------------------------
@@ -292,9 +304,10 @@ def in_context(splits, lm, shots: int, n_test: int, seed: int = 0) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced smoke version")
-    parser.add_argument("--setfit-python", default="/tmp/tk/.venv/bin/python",
-                        help="interpreter of a venv with setfit installed")
-    parser.add_argument("--seeds", type=int, default=1, help="few-shot seeds")
+    parser.add_argument("--setfit-python", default=sys.executable,
+                        help="interpreter of a venv with setfit installed (default: this one)")
+    parser.add_argument("--seeds", type=int, default=3, help="few-shot seeds")
+    parser.add_argument("--threads", type=int, default=1, help="FAISS OpenMP threads (both sides)")
     parser.add_argument("--generate-questions", type=int, default=10,
                         help="questions answered by generation (slow on CPU)")
     parser.add_argument("--fewshot-methods", default="prototypes,knn,contrastive,setfit",
@@ -326,17 +339,22 @@ def main(argv: list[str] | None = None) -> None:
 
     if "throughput" not in args.skip:
         n = 10_000 if args.quick else 100_000
-        t = _cell(f"throughput-clustered-{n}", lambda: throughput(n, 384, 1000))
+        t = _cell(f"throughput-interleaved-{n}-t{args.threads}",
+                  lambda: throughput(n, 384, 1000, threads=args.threads, rounds=3 if args.quick else 5))
         lines += ["### Query throughput (synthetic index)", "",
                   f"{t['n']:,} unit vectors of dimension {t['dim']} (1,000 Gaussian clusters), {t['queries']} "
-                  "noisy copies of stored vectors as queries, k = 10, best of 3 timings. HNSW: M = 32, efSearch = 64; "
-                  "IVF: 256 cells, nprobe = 16. `search_ids` returns FAISS's arrays; `search_vectors` also builds "
-                  "one result object (source, text, offsets) per hit.", "",
+                  "noisy copies of stored vectors as queries, k = 10. HNSW: M = 32, efSearch = 64; IVF: 256 cells, "
+                  f"nprobe = 16. FAISS OpenMP threads = {t['threads']} for both sides (same process, "
+                  f"OMP_NUM_THREADS=1); the three searches are timed interleaved, {t['rounds']} rounds in rotating "
+                  "order; ratio = median over rounds of (FAISS time / transferkit time). `search_ids` returns FAISS's "
+                  "arrays; `search_vectors` also builds one result object (source, text, offsets) per hit.", "",
                   "| index | FAISS direct q/s | `search_ids` q/s (ratio) | `search_vectors` q/s (ratio) | "
-                  "recall@10 vs exact |", "|---|---|---|---|---|"]
-        lines += [f"| {kind} | {v['faiss_qps']:,.0f} | {v['ours_qps']:,.0f} ({v['ratio']:.2f}x) | "
-                  f"{v['hits_qps']:,.0f} ({v['hits_ratio']:.2f}x) | {v['recall@10_vs_exact']:.3f} |"
-                  for kind, v in t["kinds"].items()]
+                  "same ids as direct | recall@10 vs exact |", "|---|---|---|---|---|---|"]
+        for kind, v in t["kinds"].items():
+            f, i, h = (v["timing"][name] for name in ("faiss", "search_ids", "search_vectors"))
+            lines.append(f"| {kind} | {f['median_qps']:,.0f} | {i['median_qps']:,.0f} ({i['ratio']:.2f}x) | "
+                         f"{h['median_qps']:,.0f} ({h['ratio']:.2f}x) | {v['same_ids_as_direct']:.3f} | "
+                         f"{v['recall@10_vs_exact']:.3f} |")
         lines.append("")
 
     if "ask" not in args.skip:

@@ -4,7 +4,7 @@ model, strategy or engine): the reference that ``bench.bench_peft`` compares tra
 It mirrors what a careful user would write, with the same choices the transferkit run makes so that the two
 produce the same losses from the same seed, config and data: timm ``tf_efficientnet_lite0`` with the offline
 weights, a new linear head, ``peft.get_peft_model`` with LoRA on the pointwise convolutions, batch-norm in eval
-mode, AdamW (weight decay on weight tensors, not on biases), a cosine schedule per step, gradient clipping at 1.0,
+mode, AdamW (weight decay on weight tensors, not on biases; groups head / LoRA in that order), a cosine schedule per step, gradient clipping at 1.0,
 batches in the order of ``torch.randperm`` seeded with ``seed + epoch``, and a validation pass after every
 epoch. Only ``transferkit.backbones.efficientnet``'s weight-file lookup and key mapping are reused (they load
 the weights; they do not train).
@@ -88,12 +88,21 @@ def run(train_items: list[Any], train_labels: np.ndarray, val_items: list[Any], 
     train_loader = DataLoader(Images(train_items, train_labels, transform), batch_size=batch_size, sampler=sampler)
     val_loader = DataLoader(Images(val_items, val_labels, transform), batch_size=batch_size)
 
-    trainable = [("head." + n, p) for n, p in head.named_parameters()] + \
-        [(n, p) for n, p in body.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trainable if p.ndim > 1 and not n.endswith(".bias")]
-    no_decay = [p for n, p in trainable if not (p.ndim > 1 and not n.endswith(".bias"))]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    # One optimiser group per (module, decayed or not): head weights, head bias, LoRA matrices. The order matters
+    # for equal losses: the global gradient norm that clipping divides by is a float sum over the per-tensor
+    # norms in this order, so another order changes its last bits and, from the second AdamW step on (the first
+    # step is ~lr * sign(g), blind to a common scale), the losses drift apart by ~1e-4.
+    def decayed(name: str, p: torch.Tensor) -> bool:
+        return p.ndim > 1 and not name.endswith(".bias")
+
+    head_params = list(head.named_parameters())
+    lora_params = [(n, p) for n, p in body.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in head_params if decayed(n, p)], "weight_decay": weight_decay},
+              {"params": [p for n, p in head_params if not decayed(n, p)], "weight_decay": 0.0},
+              {"params": [p for n, p in lora_params if decayed(n, p)], "weight_decay": weight_decay},
+              {"params": [p for n, p in lora_params if not decayed(n, p)], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    trainable = head_params + lora_params
     total_steps = len(train_loader) * epochs
 
     def cosine(step: int) -> float:

@@ -14,6 +14,7 @@ from transferkit.evaluation.attacks import fgsm, input_normalisation
 from transferkit.evaluation.calibration import (
     expected_calibration_error,
     fit_temperature,
+    model_logits,
     reliability_diagram,
     softmax,
 )
@@ -112,6 +113,12 @@ def test_fit_with_temperature_then_evaluate_with_fgsm(tmp_path, monkeypatch):
 
     model = transferkit.load(tmp_path / "run")
     assert input_normalisation(model.module.backbone) is not None
+    assert model.temperature == pytest.approx(saved["temperature"]) and model.temperature != 1.0
+    images = sorted(str(f) for f in data.rglob("*.png"))[:4]
+    calibrated = model.predict_proba(images)
+    logits = model_logits(model.module, model._as_data(images))
+    np.testing.assert_allclose(calibrated, softmax(logits, saved["temperature"]), atol=1e-5)
+    assert model.predict(images) == [model.classes_[i] for i in logits.argmax(1)]  # argmax unchanged by T
     report = transferkit.evaluate(model, str(data), progress=False, attack="fgsm", epsilon=0.5,
                                   temperature_scale=True, attack_image=str(tmp_path / "flip.png"))
     assert 0 <= report["ece"] <= 1 and sum(report["reliability"]["count"]) == report["n"]

@@ -205,6 +205,18 @@ def test_limit_per_class_takes_all_of_short_classes():
     assert limit_per_class(_toy([30, 3]), 5, seed=1).ids != limited.ids
 
 
+def test_one_example_per_class_trains_without_validation_and_two_still_carve(tmp_path):
+    root = _image_folder(tmp_path / "imgs", {"a": 6, "b": 6})
+    one = load_data(root, limit_per_class=1, test_fraction=0.0, seed=3)
+    assert list(one.train.class_counts()) == [1, 1] and len(one.val) == 0
+    assert any("no validation split" in n for n in one.notes)
+    assert one.train.ids != load_data(root, limit_per_class=1, test_fraction=0.0, seed=4).train.ids
+    two = load_data(root, limit_per_class=2, test_fraction=0.0, seed=3)
+    assert list(two.train.class_counts()) == [1, 1] and list(two.val.class_counts()) == [1, 1]
+    with pytest.raises(TransferkitError, match="single example"):
+        load_data(_image_folder(tmp_path / "short", {"a": 1, "b": 6}), limit_per_class=2, test_fraction=0.0)
+
+
 # --- built-ins ----------------------------------------------------------------------------------------------
 
 

@@ -186,6 +186,11 @@ def test_multitask_fit_on_stars_writes_per_task_metrics_and_reloads(tmp_path) ->
     x = torch.randn(3, 1, 16, 16)
     out = loaded.module(x).outputs
     assert out["size"].shape == (3, 3) and (torch.diff(out["size"], dim=1) >= 0).all()
+    report = transferkit.evaluate(loaded, "stars", progress=False)  # every head scored, not only the first
+    assert set(report["tasks"]) == {"count", "size"}
+    assert report["tasks"]["count"]["accuracy"] == pytest.approx(report["accuracy"])
+    assert report["tasks"]["size"]["n"] == report["n"] and 0 <= report["size_coverage"] <= 1
+    assert report["tasks"]["size"]["mae"] > 0 and report["tasks"]["size"]["crossings"] == 0
 
 
 def test_multitask_rejects_frozen_feature_strategies_and_unknown_columns(tmp_path) -> None:

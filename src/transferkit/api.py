@@ -141,9 +141,14 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
             raise TransferkitError(f"an interrupted run for '{out}' exists in '{stage}'",
                                    "pass --resume to continue it or --overwrite to start again")
     from transferkit.backbones import backbone_modality, check_backbone_name
+    from transferkit.tasks import causal_lm_requested
 
     if fit_cfg.backbone:
         check_backbone_name(fit_cfg.backbone)
+    tasks_extension = next((e for e in extensions if e.name == "tasks"), None)
+    if tasks_extension is not None and causal_lm_requested(tasks_extension.config.task):
+        return _fit_causal_lm(fit_cfg, train_cfg, strategy, tasks_extension.config.parsed()[0][0], stage, out,
+                              all_options, state)
     started = time.perf_counter()
     splits = load_data(fit_cfg.data, text_column=fit_cfg.text_column, label_column=fit_cfg.label_column,
                        limit_per_class=fit_cfg.limit_per_class, seed=train_cfg.seed,
@@ -161,6 +166,8 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
         backbone_options["augment"] = fit_cfg.augment
         if fit_cfg.image_size:
             backbone_options["image_size"] = fit_cfg.image_size
+    elif fit_cfg.max_length:
+        backbone_options["max_length"] = fit_cfg.max_length
     seed_everything(train_cfg.seed)
     backbone = create_backbone(backbone_name, pretrained=fit_cfg.pretrained, **backbone_options)
     if backbone.modality != splits.modality:
@@ -188,7 +195,9 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
         stage.mkdir(parents=True, exist_ok=True)
         (stage / "run_config.json").write_text(json.dumps(all_options, indent=2, default=str))
     state.wait_for_everyone()
-    result = strategy.train(model, context)
+    result = next((r for ext in extensions if (r := ext.train(context, model, strategy)) is not None), None)
+    if result is None:  # no extension took over training (FitExtension.train)
+        result = strategy.train(model, context)
     train_seconds = time.perf_counter() - started
 
     if not state.is_main_process:
@@ -240,6 +249,35 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
     return Run(out, metrics, result.history)
 
 
+def _fit_causal_lm(fit_cfg: FitConfig, train_cfg, strategy, column: str | None, stage: Path, out: Path,
+                   all_options: dict[str, Any], state) -> Run:
+    """``--task causal-lm``: next-token training of a causal LM on a text file (see ``tasks.causal_lm``)."""
+    from transferkit.engine.features import default_cache_dir
+    from transferkit.tasks.causal_lm import CausalLMOptions, check_lm_strategy, read_passages, run_causal_lm
+
+    check_lm_strategy(strategy)
+    read_passages(fit_cfg.data, column or fit_cfg.text_column)  # checks the file before anything is written
+    lm_options = CausalLMOptions(text_column=column or fit_cfg.text_column, heldout_fraction=fit_cfg.val_fraction,
+                                 max_length=fit_cfg.max_length or 128)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        stage.mkdir(parents=True, exist_ok=True)
+        (stage / "run_config.json").write_text(json.dumps(all_options, indent=2, default=str))
+    state.wait_for_everyone()
+    metrics = run_causal_lm(fit_cfg.data, fit_cfg.backbone or "smollm2-135m", strategy, train_cfg, stage,
+                            lm_options, fit_cfg.pretrained, progress=fit_cfg.progress,
+                            cache_dir=Path(fit_cfg.cache_dir) if fit_cfg.cache_dir else default_cache_dir())
+    if not state.is_main_process:
+        return Run(out, {})
+    metrics.update({"peak_memory_mb": round(_peak_memory_mb(), 1), "config": all_options})
+    (stage / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
+    history = [json.loads(line) for line in (stage / "history.jsonl").read_text().splitlines() if line.strip()]
+    _publish(stage, out)
+    logger.info("held-out perplexity %.2f -> %.2f; run written to %s", metrics["perplexity_before"],
+                metrics["perplexity_after"], out)
+    return Run(out, metrics, history)
+
+
 def _comparable(options: dict[str, Any]) -> str:
     fit_opts = dict(options.get("fit", {}))
     for key in ("resume", "overwrite", "progress"):
@@ -278,8 +316,9 @@ def _json_default(value: Any) -> Any:
 
 
 @torch.no_grad()
-def predict_proba_model(model, data, batch_size: int = 64, progress: bool = False) -> np.ndarray:
-    """Class probabilities of the first task for every item of a LabeledData."""
+def predict_proba_model(model, data, batch_size: int = 64, progress: bool = False,
+                        temperature: float = 1.0) -> np.ndarray:
+    """Class probabilities ``softmax(logits / temperature)`` of the first task for every item of a LabeledData."""
     from transferkit.backbones import move_to
     from transferkit.data.loader import make_loader
     from transferkit.progress import progress as progress_bar
@@ -290,7 +329,7 @@ def predict_proba_model(model, data, batch_size: int = 64, progress: bool = Fals
     chunks = []
     for batch in progress_bar(loader, "predicting", enabled=progress):
         logits = model(move_to(batch["inputs"], device)).logits
-        chunks.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
+        chunks.append(torch.softmax(logits.float() / temperature, dim=-1).cpu().numpy())
     return np.concatenate(chunks) if chunks else np.zeros((0, len(model.class_names)))
 
 
@@ -319,9 +358,13 @@ class LoadedModel:
     """A trained model restored from a run folder, with a scikit-learn-like interface."""
 
     def __init__(self, module, config: dict[str, Any], path: Path) -> None:
+        from transferkit.evaluation.calibration import read_temperature
+
         self.module = module
         self.config = config
         self.path = path
+        #: softmax temperature fitted by ``fit --temperature-scale`` (1.0 without): applied by predict_proba
+        self.temperature = read_temperature(path) or 1.0
 
     @property
     def classes_(self) -> list[str]:
@@ -330,6 +373,11 @@ class LoadedModel:
     @property
     def modality(self) -> str:
         return self.module.backbone.modality
+
+    @property
+    def is_language_model(self) -> bool:
+        """A ``--task causal-lm`` run: it scores perplexity and generates text instead of predicting classes."""
+        return self.config.get("task") == "causal-lm"
 
     def _as_data(self, items: Any):
         from transferkit.data.base import LabeledData
@@ -347,7 +395,10 @@ class LoadedModel:
         return LabeledData(raw, np.full(len(raw), -1), self.classes_, self.modality, ids, name="inputs")
 
     def predict_proba(self, items: Any, batch_size: int = 64) -> np.ndarray:
-        return predict_proba_model(self.module, self._as_data(items), batch_size)
+        if self.is_language_model:
+            raise TransferkitError(f"'{self.path}' is a language model: it has no classes to predict",
+                                   "use `transferkit generate --model RUN \"prompt\"` or evaluate its perplexity")
+        return predict_proba_model(self.module, self._as_data(items), batch_size, temperature=self.temperature)
 
     def predict(self, items: Any, batch_size: int = 64) -> list[str]:
         probabilities = self.predict_proba(items, batch_size)
@@ -396,6 +447,10 @@ def evaluate(model: str | Path | LoadedModel, data: str, *, text_column: str | N
     from transferkit.evaluation.hooks import run_evaluation_hooks
 
     loaded = model if isinstance(model, LoadedModel) else load(model)
+    if loaded.is_language_model:
+        from transferkit.tasks.causal_lm import evaluate_perplexity
+
+        return evaluate_perplexity(loaded.module, data, text_column, batch_size)
     eval_data = load_for_evaluation(data, loaded.classes_, text_column=text_column, label_column=label_column)
     if eval_data.modality != loaded.modality:
         raise TransferkitError(f"the model takes {loaded.modality} input but '{data}' is {eval_data.modality} data",

@@ -41,6 +41,8 @@ class FitConfig:
                                                     "the same architecture from random initialisation)."})
     image_size: int | None = field(default=None, metadata={"help": "Input resolution in pixels (default: the "
                                                             "backbone's own)."})
+    max_length: int | None = field(default=None, metadata={"help": "Token limit of text backbones (default: the "
+                                   "backbone's own; 128 for --task causal-lm)."})
     augment: bool = field(default=True, metadata={"help": "Training-time augmentation (flips, crops, jitter)."})
     head_dropout: float = field(default=0.0, metadata={"help": "Dropout before the new head."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing of the cross-entropy."})
@@ -52,7 +54,7 @@ class FitConfig:
     def validate(self) -> None:
         if not self.data:
             raise TransferkitError("no data given", "pass --data PATH or a built-in dataset name")
-        for name in ("limit_per_class", "test_limit", "image_size"):
+        for name in ("limit_per_class", "test_limit", "image_size", "max_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise TransferkitError(f"invalid --{name.replace('_', '-')} {value}", "use a whole number >= 1")

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     from transferkit.config import FitConfig
     from transferkit.engine.context import RunContext
+    from transferkit.engine.trainer import TrainResult
     from transferkit.model import TransferModel
     from transferkit.strategies.base import Strategy
 
@@ -46,6 +47,11 @@ class FitExtension:
 
     def configure(self, context: RunContext, model: TransferModel, fit: FitConfig) -> None:
         """Add objectives / auxiliary data / notes to the run."""
+
+    def train(self, context: RunContext, model: TransferModel, strategy: Strategy) -> TrainResult | None:
+        """Take over training (e.g. train a baseline first, then call ``strategy.train`` on an adapted context);
+        ``None`` (the default) leaves it to ``strategy.train``. At most one active extension may take over."""
+        return None
 
     def metrics(self, context: RunContext, model: TransferModel) -> dict[str, Any]:
         """Extra entries for metrics.json after training."""

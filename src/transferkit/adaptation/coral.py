@@ -39,12 +39,20 @@ def _symmetric_power(matrix: np.ndarray, power: float) -> np.ndarray:
     return (vectors * values**power) @ vectors.T
 
 
-def coral_matrix(source: np.ndarray, target: np.ndarray, regularisation: float = 1.0) -> np.ndarray:
-    """The CORAL map ``A = (C_s + r I)^(-1/2) (C_t + r I)^(1/2)`` (``x_s -> x_s A``), r = 1 as in the paper."""
+def coral_matrix(source: np.ndarray, target: np.ndarray, regularisation: float = 1.0,
+                 relative: bool = False) -> np.ndarray:
+    """The CORAL map ``A = (C_s + r_s I)^(-1/2) (C_t + r_t I)^(1/2)`` (``x_s -> x_s A``).
+
+    ``relative=False``: ``r_s = r_t = regularisation`` (the paper's ``+I``, r = 1). ``relative=True``: each
+    domain's ``r`` is ``regularisation`` times that domain's mean feature variance ``tr(C)/d``, i.e. the paper's
+    ``+I`` on features scaled to unit mean variance; it equals SKADA's ``CORALAdapter(reg=rho)`` (shrinkage
+    ``(1-rho) C + rho tr(C)/d I``) for ``regularisation = rho / (1 - rho)``, since scalar factors cancel in ``A``.
+    """
     eye = np.eye(source.shape[1])
-    c_s = np.cov(source, rowvar=False) + regularisation * eye
-    c_t = np.cov(target, rowvar=False) + regularisation * eye
-    return _symmetric_power(c_s, -0.5) @ _symmetric_power(c_t, 0.5)
+    c_s, c_t = np.cov(source, rowvar=False), np.cov(target, rowvar=False)
+    r_s, r_t = ((regularisation * np.trace(c_s) / len(eye), regularisation * np.trace(c_t) / len(eye))
+                if relative else (regularisation, regularisation))
+    return _symmetric_power(c_s + r_s * eye, -0.5) @ _symmetric_power(c_t + r_t * eye, 0.5)
 
 
 class CoralMap:
@@ -55,10 +63,11 @@ class CoralMap:
     and a classifier trained on mapped source features then applies to raw target features unchanged.
     """
 
-    def __init__(self, source: np.ndarray, target: np.ndarray, regularisation: float = 1.0) -> None:
+    def __init__(self, source: np.ndarray, target: np.ndarray, regularisation: float = 1.0,
+                 relative: bool = False) -> None:
         source = np.asarray(source, dtype=np.float64)
         target = np.asarray(target, dtype=np.float64)
-        self.matrix = coral_matrix(source, target, regularisation)
+        self.matrix = coral_matrix(source, target, regularisation, relative)
         self.source_mean = source.mean(axis=0)
         self.target_mean = target.mean(axis=0)
 
@@ -67,9 +76,10 @@ class CoralMap:
         return mapped.astype(np.float32)
 
 
-def coral_transform(source: np.ndarray, target: np.ndarray, regularisation: float = 1.0) -> np.ndarray:
+def coral_transform(source: np.ndarray, target: np.ndarray, regularisation: float = 1.0,
+                    relative: bool = False) -> np.ndarray:
     """Source features with the target's covariance (up to the ``r I`` regularisation) and mean."""
-    return CoralMap(source, target, regularisation)(source)
+    return CoralMap(source, target, regularisation, relative)(source)
 
 
 class DeepCoralObjective(Objective):

@@ -1,8 +1,9 @@
 """``fit --adapt METHOD``: domain adaptation as a fit extension (objectives, auxiliary target data, head fitting).
 
-Every adapted run also trains the **source-only baseline** with the same strategy, options and budget (and the
+Every adapted run first trains the **source-only baseline** with the same strategy, options and budget (and the
 same initial weights) and saves it as ``<run>/source_only/model``, so ``transferkit evaluate`` on labelled
-target data prints both accuracies side by side.
+target data prints both accuracies side by side. The extension takes over training through the
+``FitExtension.train`` hook: baseline first, then ``strategy.train`` on the adapted context.
 
 Valid combinations (anything else exits with code 2 and the reason):
 
@@ -82,9 +83,9 @@ class AdaptationConfig(ExtensionConfig):
                                                               "source-val."})
     frame: str = field(default="none", metadata={"help": "Image framing of source and target: none, or mnist "
                                                  "(crop to the ink, fit a 20x20 box in 28x28, centre by mass)."})
-    coral_reg: float = field(default=1.0, metadata={"help": "CORAL: the r of (C + r I), in units of the mean "
-                                                    "source feature variance (1: the paper's +I on features "
-                                                    "scaled to unit variance)."})
+    coral_reg: float = field(default=1.0, metadata={"help": "CORAL: the r of (C + r I), in units of each "
+                                                    "domain's mean feature variance (1: the paper's +I on "
+                                                    "features scaled to unit variance; SKADA's reg=0.5)."})
     importance_clip: float = field(default=10.0, metadata={"help": "importance-weighting: clip weights to "
                                                            "[1/clip, clip]."})
     adapt_baseline: bool = field(default=True, metadata={"help": "Also train and save the source-only "
@@ -125,7 +126,7 @@ class AdaptationExtension(FitExtension):
 
     def __init__(self, config: AdaptationConfig) -> None:
         super().__init__(config)
-        self.strategy: Strategy | None = None
+        self.fit: FitConfig | None = None
         self.baseline: TransferModel | None = None
         self.target: LabeledData | None = None
         self.summary: dict[str, Any] = {}
@@ -163,11 +164,11 @@ class AdaptationExtension(FitExtension):
                                    "trains the backbone", "use --strategy linear-probe")
         if c.adapt == "feature-matching" and not Path(c.pairs).is_file():
             raise TransferkitError(f"pairs file '{c.pairs}' does not exist", "pass a CSV of source path,target path")
-        self.strategy = strategy
 
     # --- configuration -------------------------------------------------------------------------------------
     def configure(self, context: RunContext, model: TransferModel, fit: FitConfig) -> None:
         c = self.config
+        self.fit = fit
         splits = context.splits
         if c.frame != "none":
             splits.train, splits.val = framed(splits.train, c.frame), framed(splits.val, c.frame)
@@ -183,14 +184,13 @@ class AdaptationExtension(FitExtension):
                                                       c.frame), splits.modality, "--target-data")
             context.notes.append(f"adaptation: {c.adapt}, unlabelled target '{c.target_data}' "
                                  f"({len(self.target)} items)")
-        assert self.strategy is not None, "check() runs before configure()"
-        strategy, original_train = self.strategy, self.strategy.train
 
-        def adapted_train(model: TransferModel, context: RunContext) -> TrainResult:
-            self._train_baseline(original_train, model, context)
-            return self._train_adapted(original_train, model, context, fit)
-
-        strategy.train = adapted_train  # type: ignore[method-assign]
+    def train(self, context: RunContext, model: TransferModel, strategy: Strategy) -> TrainResult | None:
+        """The source-only baseline first (same strategy, budget and initial weights), then the adapted run."""
+        if self.config.adapt is None:
+            return None
+        self._train_baseline(strategy, model, context)
+        return self._train_adapted(strategy, model, context)
 
     @staticmethod
     def _check_modality(data: LabeledData, modality: str, flag: str) -> LabeledData:
@@ -200,12 +200,12 @@ class AdaptationExtension(FitExtension):
         return data
 
     # --- the source-only baseline --------------------------------------------------------------------------
-    def _train_baseline(self, original_train: Any, model: TransferModel, context: RunContext) -> None:
+    def _train_baseline(self, strategy: Strategy, model: TransferModel, context: RunContext) -> None:
         """Same strategy, options, budget and initial weights as the adapted run, without adaptation."""
         from transferkit.api import evaluate_model
         from transferkit.model import load_model, save_model
 
-        assert context.run_dir is not None and self.strategy is not None
+        assert context.run_dir is not None
         if not self.config.adapt_baseline:
             return
         folder = context.run_dir / BASELINE_DIR
@@ -217,8 +217,8 @@ class AdaptationExtension(FitExtension):
                                                checkpoint_dir=folder / "checkpoint", notes=[])
         logger.info("training the source-only baseline (same strategy and budget, no adaptation)")
         started = time.perf_counter()
-        result = original_train(baseline, baseline_context)
-        save_model(baseline, folder / "model", self.strategy.to_dict(), extra={"data": context.splits.source,
+        result = strategy.train(baseline, baseline_context)
+        save_model(baseline, folder / "model", strategy.to_dict(), extra={"data": context.splits.source,
                                                                               "role": "source-only baseline"})
         test = context.splits.test if context.splits.test is not None and len(context.splits.test) else None
         report = evaluate_model(baseline, test, batch_size=max(32, context.train.batch_size)) if test else {}
@@ -232,20 +232,19 @@ class AdaptationExtension(FitExtension):
         self.summary["source_only_source_test_accuracy"] = report.get("accuracy")
 
     # --- the adapted run -----------------------------------------------------------------------------------
-    def _train_adapted(self, original_train: Any, model: TransferModel, context: RunContext,
-                       fit: FitConfig) -> TrainResult:
+    def _train_adapted(self, strategy: Strategy, model: TransferModel, context: RunContext) -> TrainResult:
         c = self.config
         if c.adapt in TRAINS_BACKBONE:
-            return self._train_aligned(original_train, model, context)
+            return self._train_aligned(strategy, model, context)
         if c.adapt == "coral":
-            return self._train_coral(original_train, model, context)
+            return self._train_coral(strategy, model, context)
         if c.adapt == "importance-weighting":
-            return self._train_weighted(original_train, model, context)
+            return self._train_weighted(strategy, model, context)
         if c.adapt == "feature-augmentation":
-            return self._train_augmented(model, context, fit)
-        return self._train_matched(original_train, model, context)
+            return self._train_augmented(strategy, model, context)
+        return self._train_matched(strategy, model, context)
 
-    def _train_aligned(self, original_train: Any, model: TransferModel, context: RunContext) -> TrainResult:
+    def _train_aligned(self, strategy: Strategy, model: TransferModel, context: RunContext) -> TrainResult:
         """DANN / Deep CORAL: an objective on (source batch, target batch) added to the engine's loss."""
         from transferkit.adaptation.coral import DeepCoralObjective
         from transferkit.adaptation.dann import DANNObjective
@@ -258,7 +257,7 @@ class AdaptationExtension(FitExtension):
         context.objectives.append(objective)
         context.aux_data["target"] = self.target
         self._select_without_labels(model, context)
-        return original_train(model, context)
+        return strategy.train(model, context)
 
     def _select_without_labels(self, model: TransferModel, context: RunContext) -> None:
         """Monitor an unlabelled-target signal (or source validation) for early stopping and epoch choice."""
@@ -271,7 +270,7 @@ class AdaptationExtension(FitExtension):
         context.notes.append(f"epoch selection and early stopping on '{self.config.adapt_selection}' "
                              f"({context.monitor[0]}, {context.monitor[1]}); no target labels used")
 
-    def _train_coral(self, original_train: Any, model: TransferModel, context: RunContext) -> TrainResult:
+    def _train_coral(self, strategy: Strategy, model: TransferModel, context: RunContext) -> TrainResult:
         """Classical CORAL: the head is fitted on re-coloured source features, applied to raw target features."""
         from transferkit.adaptation.coral import CoralMap
 
@@ -280,24 +279,23 @@ class AdaptationExtension(FitExtension):
         plain_features = context.features
         source = plain_features(model.backbone, context.splits.train)
         target = plain_features(model.backbone, self.target)
-        # r relative to the features' scale: the paper's +I on features scaled to unit mean variance
-        scale = float(np.var(source.astype(np.float64), axis=0).mean()) or 1.0
-        mapping = CoralMap(source, target, self.config.coral_reg * scale)
+        # r relative to each domain's feature scale: the paper's +I on features scaled to unit mean variance
+        mapping = CoralMap(source, target, self.config.coral_reg, relative=True)
 
         def coral_features(backbone: Any, data: LabeledData) -> np.ndarray:
             features = plain_features(backbone, data)
             return mapping(features) if any(data is part for part in source_parts) else features
 
         context.features = coral_features  # type: ignore[method-assign]
-        context.notes.append("CORAL: source features whitened with (C_s + rI)^-1/2 and re-coloured with "
-                             f"(C_t + rI)^1/2 and moved to the target mean, r = {self.config.coral_reg} x "
-                             f"mean source variance ({scale:.3g})")
+        context.notes.append("CORAL: source features whitened with (C_s + r_s I)^-1/2, re-coloured with "
+                             f"(C_t + r_t I)^1/2 and moved to the target mean; r = {self.config.coral_reg} x each "
+                             "domain's mean feature variance")
         try:
-            return original_train(model, context)
+            return strategy.train(model, context)
         finally:
             context.features = plain_features  # type: ignore[method-assign]
 
-    def _train_weighted(self, original_train: Any, model: TransferModel, context: RunContext) -> TrainResult:
+    def _train_weighted(self, strategy: Strategy, model: TransferModel, context: RunContext) -> TrainResult:
         """Importance weighting: each source example's loss times the domain classifier's density ratio."""
         from transferkit.adaptation.importance import (
             WeightedCrossEntropy,
@@ -305,7 +303,7 @@ class AdaptationExtension(FitExtension):
             effective_sample_size,
         )
 
-        assert self.target is not None and self.strategy is not None
+        assert self.target is not None
         train = context.splits.train
         weights = density_ratio_weights(context.features(model.backbone, train),
                                         context.features(model.backbone, self.target),
@@ -314,22 +312,23 @@ class AdaptationExtension(FitExtension):
         self.summary.update({"importance_weight_max": float(weights.max()), "effective_sample_size": ess})
         context.notes.append(f"importance weights from a domain classifier on the initial features: effective "
                              f"sample size {ess:.0f} of {len(weights)}")
-        if getattr(self.strategy.config, "solver", None) == "lbfgs":
+        options: Any = strategy.config
+        if getattr(options, "solver", None) == "lbfgs":
             from transferkit.engine.solvers import fit_logistic_regression
 
             return self._fit_head(model, context, lambda x, y: fit_logistic_regression(
-                x, y, train.num_classes, c=self.strategy.config.probe_c,  # type: ignore[attr-defined]
-                max_iter=self.strategy.config.probe_max_iter, sample_weight=weights))  # type: ignore[attr-defined]
+                x, y, train.num_classes, c=options.probe_c, max_iter=options.probe_max_iter, sample_weight=weights))
         context.task_objectives = [WeightedCrossEntropy(weights, label_smoothing=context.label_smoothing)]
-        return original_train(model, context)
+        return strategy.train(model, context)
 
-    def _train_augmented(self, model: TransferModel, context: RunContext, fit: FitConfig) -> TrainResult:
+    def _train_augmented(self, strategy: Strategy, model: TransferModel, context: RunContext) -> TrainResult:
         """Daumé's feature augmentation on frozen features with a few labelled target examples."""
         from transferkit.adaptation.feature_augmentation import fit_augmented_head
         from transferkit.data import load_data
 
         c = self.config
-        assert c.target_labelled is not None and self.strategy is not None
+        assert c.target_labelled is not None and self.fit is not None
+        fit = self.fit
         target_splits = load_data(c.target_labelled, text_column=fit.text_column, label_column=fit.label_column,
                                   limit_per_class=c.target_limit_per_class, seed=context.train.seed)
         target = framed(target_splits.train, c.frame)
@@ -340,7 +339,7 @@ class AdaptationExtension(FitExtension):
         context.notes.append(f"feature augmentation with {len(target)} labelled target examples (their test "
                              "split is left untouched)")
         target_x = context.features(model.backbone, target)
-        options = self.strategy.config
+        options = strategy.config
         return self._fit_head(model, context, lambda x, y: fit_augmented_head(
             x, y, target_x, target.labels, len(context.splits.class_names), c=getattr(options, "probe_c", 1.0),
             max_iter=getattr(options, "probe_max_iter", 1000)))
@@ -365,12 +364,12 @@ class AdaptationExtension(FitExtension):
         row["seconds"] = round(time.perf_counter() - started, 3)
         return TrainResult([row], 1, row.get("val_accuracy"), False, time.perf_counter() - started)
 
-    def _train_matched(self, original_train: Any, model: TransferModel, context: RunContext) -> TrainResult:
+    def _train_matched(self, strategy: Strategy, model: TransferModel, context: RunContext) -> TrainResult:
         """de Vos et al.: the trained source pipeline stays the reference; a copy becomes the target pipeline."""
         from transferkit.adaptation.feature_matching import match_features, read_pairs
 
         assert self.config.pairs is not None
-        result = original_train(model, context)
+        result = strategy.train(model, context)
         pairs = read_pairs(self.config.pairs, self.config.frame)
         history = match_features(model, pairs, context)
         context.notes.append(f"feature matching on {len(pairs[0])} source/target pairs: the target pipeline "

@@ -9,8 +9,10 @@ same event the target backbone is trained to reproduce the frozen source pipelin
 Paired demo data (``python -m transferkit.adaptation.feature_matching OUT``): Fashion-MNIST beside a
 degraded-sensor copy of the same images (Gaussian blur radius 1, contrast halved, Gaussian noise sigma 25
 grey levels), written as ``OUT/source/<class>/`` (clean, labelled), ``OUT/pairs/{source,target}/`` plus
-``OUT/pairs.csv`` (clean, degraded; disjoint from the labelled source images) and ``OUT/target_test/<class>/``
-(degraded copies of the official test images, labelled: for ``evaluate``).
+``OUT/pairs.csv`` (clean, degraded; disjoint from the labelled source images), ``OUT/target_test/<class>/``
+(degraded copies of the official test images, labelled: for ``evaluate``) and ``OUT/target_train/<class>/``
+(degraded copies of the labelled source images: the labelled target set of a target-only baseline). All images
+are 28x28 in both domains, so no resizing or framing is needed (``--frame none``).
 """
 
 from __future__ import annotations
@@ -169,9 +171,10 @@ def make_fashion_pairs(out: str | Path, n_source: int = 2000, n_pairs: int = 200
     chosen = rng.permutation(train_index)[: n_source + n_pairs]
     folders = [name.replace("/", "-") for name in class_names]
     for i in chosen[:n_source]:
-        path = out / "source" / folders[labels[i]] / f"{i}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(images[i]).save(path)
+        for part, image in (("source", images[i]), ("target_train", degrade(images[i], rng))):
+            path = out / part / folders[labels[i]] / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(path)
     (out / "pairs" / "source").mkdir(parents=True, exist_ok=True)
     (out / "pairs" / "target").mkdir(parents=True, exist_ok=True)
     with open(out / "pairs.csv", "w", newline="") as fh:

@@ -19,7 +19,7 @@ from typing import Any, cast
 
 import torch
 
-from transferkit.backbones import register_backbone
+from transferkit.backbones import register_backbone, register_prefix
 from transferkit.backbones.base import BackboneInfo, reject_unknown_options
 from transferkit.backbones.text import HFTextBackbone, build_hf_text_backbone
 from transferkit.errors import TransferkitError
@@ -136,4 +136,23 @@ def create_smollm2(pretrained: bool = True, **options: Any) -> CausalLMBackbone:
     backbone = build_hf_text_backbone(
         str(folder), "smollm2-135m", pretrained, backbone_class=CausalLMBackbone, **options
     )
+    return cast(CausalLMBackbone, backbone)
+
+
+# --- backbones: hf-causal:<name-or-folder> ---------------------------------------------------------------------
+
+
+def _hf_causal_info() -> BackboneInfo:
+    return BackboneInfo(name="hf-causal:<name-or-path>", modality="text", params=None, feature_dim=None,
+                        weights="Hugging Face hub (needs a network) or a local folder", offline_available=False,
+                        description="any transformers causal LM (AutoModelForCausalLM): LoRA, generation")
+
+
+@register_prefix("hf-causal", _hf_causal_info)
+def create_hf_causal(target: str, pretrained: bool = True, **options: Any) -> CausalLMBackbone:
+    """A local or hub causal LM as a :class:`CausalLMBackbone` (``hf:`` builds encoders without the LM head)."""
+    reject_unknown_options(f"hf-causal:{target}", options, _OPTIONS)
+    options.setdefault("pooling", "last")
+    backbone = build_hf_text_backbone(target, f"hf-causal:{target}", pretrained, backbone_class=CausalLMBackbone,
+                                      **options)
     return cast(CausalLMBackbone, backbone)

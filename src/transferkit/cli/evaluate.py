@@ -32,6 +32,9 @@ def run(args: argparse.Namespace) -> int:
                       **{k: v for k, v in vars(args).items() if k not in _BASE_ARGS})
     if args.json:
         print_json(report)
+    elif report.get("task") == "causal-lm":
+        print(f"perplexity {report['perplexity']:.2f} (mean token NLL {report['mean_token_nll']:.4f}) over "
+              f"{report['passages']} passages, {report['tokens']} tokens")
     else:
         print(format_report(report))
     return 0

@@ -46,6 +46,13 @@ def run(args: argparse.Namespace) -> int:
         print_json({k: v for k, v in result.metrics.items() if k != "evaluation"})
         return 0
     m = result.metrics
+    if m.get("task") == "causal-lm":
+        row = {"perplexity_before": m["perplexity_before"], "perplexity_after": m["perplexity_after"],
+               "heldout_passages": m["heldout_passages"], "trainable": m["trainable_params"],
+               "total": m["total_params"], "seconds": m["train_seconds"]}
+        print(format_table([row], list(row)))
+        print(f"run written to {result.path}")
+        return 0
     row = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "split": m["accuracy_split"],
            "trainable": m["trainable_params"], "total": m["total_params"], "seconds": m["train_seconds"]}
     if "top5_accuracy" in m:

@@ -158,6 +158,7 @@ def load_data(
     * validation: a ``val`` folder/file, else carved (with ``seed``) per class from the training pool, at
       least one per class: ``val_fraction`` of the whole data when the test was carved from it too, of the
       training pool when the test is given, and of the K examples when ``limit_per_class`` is set.
+      With ``limit_per_class`` 1 there is nothing to carve: the validation split is empty (with a note).
     """
     _check_options(val_fraction, test_fraction, limit_per_class, test_limit)
     notes: list[str] = []
@@ -174,18 +175,18 @@ def load_data(
             pool_val_fraction = val_fraction / (1 - test_fraction)  # both fractions are of the whole data
             test_origin = f"a stratified {test_fraction:.0%} of the data (fixed seed, the same for every seed)"
     if limit_per_class is not None:
-        if limit_per_class < 2 and "val" not in parts:
-            raise TransferkitError(
-                f"limit per class {limit_per_class} leaves no example to validate with",
-                "use a limit of 2 or more (the validation split is carved out of the K examples per class)",
-            )
         pool = splitting.limit_per_class(pool, limit_per_class, seed, notes)
         pool_val_fraction = val_fraction  # few-shot: the validation share is of the K examples per class
-        notes.append(f"few-shot: at most {limit_per_class} labelled examples per class (seed {seed}), validation included")
+        carved = ", validation included" if limit_per_class > 1 and "val" not in parts else ""
+        notes.append(f"few-shot: at most {limit_per_class} labelled examples per class (seed {seed}){carved}")
     if "val" in parts:
         train, val = pool, parts["val"]
         if limit_per_class is not None:
             notes.append("the validation folder/file is used as given (the per-class limit applies to training only)")
+    elif limit_per_class == 1:
+        # one-shot: nothing can be spared for validation; train on all K=1 examples, fixed epochs, last weights
+        train, val = pool, pool.subset(np.arange(0))
+        notes.append("one labelled example per class: no validation split (fixed epochs, last weights kept)")
     else:
         train_positions, val_positions = carve_validation(pool, np.arange(len(pool)), pool_val_fraction, seed)
         train, val = pool.subset(train_positions), pool.subset(val_positions)

@@ -10,8 +10,9 @@
 
 Where the temperature lives: ``fit --temperature-scale`` (the :class:`TemperatureScaling` fit extension) fits T
 on the validation split right after training and writes ``calibration.json`` (``{"temperature": T, ...}``) into
-the run folder, next to ``model/``. ``evaluate --temperature-scale`` reads it and reports the ECE with and
-without it. Every evaluation reports ``ece`` and ``reliability`` (the evaluation hook below).
+the run folder, next to ``model/``. ``transferkit.load`` reads it, so ``predict_proba`` and ``transferkit predict``
+return the calibrated probabilities; ``evaluate`` reports the raw model's ECE and, with ``--temperature-scale``,
+the ECE after T beside it. Every evaluation reports ``ece`` and ``reliability`` (the evaluation hook below).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ HOOK_MODULES = [
     "transferkit.evaluation.calibration",
     "transferkit.evaluation.attacks",
     "transferkit.adaptation.evaluation",
+    "transferkit.tasks.extension",  # every task's metrics of a multi-task model
 ]
 
 

@@ -276,15 +276,16 @@ class VectorIndex:
     def search_vectors(self, queries: np.ndarray, k: int = 5) -> list[list[SearchHit]]:
         """The ``k`` stored vectors most similar (inner product) to each query, best first, with records."""
         scores, ids = self.search_ids(queries, k)
+        records = self.records
         results = []
-        for row_scores, row_ids in zip(scores, ids):
+        for row_scores, row_ids in zip(scores.tolist(), ids.tolist()):  # Python floats/ints: no numpy scalars
             hits = []
             for score, record_id in zip(row_scores, row_ids):
                 if record_id < 0:
                     continue
-                r = self.records[int(record_id)]
-                hits.append(SearchHit(len(hits) + 1, float(score), r["source"], r.get("text", ""), r.get("start"),
-                                      r.get("end"), int(record_id), r.get("record", 0)))
+                r = records[record_id]
+                hits.append(SearchHit(len(hits) + 1, score, r["source"], r.get("text", ""), r.get("start"),
+                                      r.get("end"), record_id, r.get("record", 0)))
             results.append(hits)
         return results
 

@@ -101,6 +101,8 @@ class Finetune(Strategy):
         head_init = self.config.head_init
         if head_init == "auto":
             head_init = "probe" if model.backbone.is_pretrained else "random"
+        if model.tasks[0].kind != "classify":  # e.g. a causal LM: its output layer is the pretrained one
+            head_init = "random"
         if head_init == "probe" and context.checkpoint_is_fresh():
             metrics = fit_probe(model, context, c=1.0, max_iter=1000)
             context.notes.append(f"head initialised from the linear probe (validation accuracy "

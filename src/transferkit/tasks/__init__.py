@@ -11,6 +11,8 @@ hinge      classify  multi-class hinge (Weston & Watkins)
 regress    regress   mean squared error
 smooth-l1  regress   smooth L1 / Huber
 quantile   quantile  pinball loss at ``--quantiles`` (crossing-free monotone head)
+causal-lm  causal_lm next-token cross-entropy of a causal LM on a text file (a run of
+                     its own: see :mod:`transferkit.tasks.causal_lm`)
 ========== ========= ============================================================
 """
 
@@ -34,6 +36,7 @@ TASK_TYPES: dict[str, tuple[str, str]] = {
     "regress": ("regress", "mse"),
     "smooth-l1": ("regress", "smooth_l1"),
     "quantile": ("quantile", "pinball"),
+    "causal-lm": ("causal_lm", "next_token"),
 }
 
 __all__ = [
@@ -41,6 +44,7 @@ __all__ = [
     "QuantileHead",
     "RegressionHead",
     "build_head",
+    "causal_lm_requested",
     "classification_loss",
     "parse_task",
     "pinball_loss",
@@ -60,6 +64,17 @@ def parse_task(text: str) -> tuple[str | None, str]:
     return (column.strip() or None), kind
 
 
+def causal_lm_requested(tasks: list[str] | None) -> bool:
+    """True when ``--task [COLUMN:]causal-lm`` is given; it trains a language model and takes no other task."""
+    parsed = [parse_task(t) for t in tasks or []]
+    if not any(kind == "causal-lm" for _, kind in parsed):
+        return False
+    if len(parsed) > 1:
+        raise TransferkitError("--task causal-lm cannot be combined with other --task options",
+                               "train the language model in a run of its own")
+    return True
+
+
 def build_head(in_features: int, task: TaskSpec, dropout: float = 0.0) -> nn.Module:
     """The head of a ``regress`` or ``quantile`` task (``classify`` heads are built by ``model.make_head``)."""
     mean = float(task.options.get("target_mean", 0.0))
@@ -68,7 +83,9 @@ def build_head(in_features: int, task: TaskSpec, dropout: float = 0.0) -> nn.Mod
         return RegressionHead(in_features, mean, std, dropout)
     if task.kind == "quantile":
         return QuantileHead(in_features, task.options["quantiles"], mean, std, dropout)
-    raise TransferkitError(f"unknown task kind '{task.kind}'", "use classify, regress or quantile")
+    if task.kind == "causal_lm":  # head-less: the language model's own (tied) output layer is in the backbone
+        return nn.Identity()
+    raise TransferkitError(f"unknown task kind '{task.kind}'", "use classify, regress, quantile or causal_lm")
 
 
 def task_loss(task: TaskSpec, prediction, target):

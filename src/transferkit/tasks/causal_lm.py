@@ -7,9 +7,10 @@ Objective: next-token cross-entropy ``-1/T sum_t log p(w_t | w_<t)`` over the no
 ``.jsonl`` / ``.csv`` file with a text column (``--text-column``, default ``text``). A seeded
 ``heldout_fraction`` of passages is never trained on.
 
-The hook into ``transferkit fit`` (owned by the tasks package / api): when ``--task causal-lm`` is given, call
-:func:`run_causal_lm` instead of the classification flow; it writes ``model/`` into the run's staging folder and
-returns the metrics for ``metrics.json``. :func:`fit_causal_lm` does the whole run from Python.
+``transferkit fit --task causal-lm --data notes.txt --strategy lora`` runs :func:`run_causal_lm` instead of the
+classification flow (``api.fit``: same staging folder, resume and publishing); ``--val-fraction`` is the held-out
+share, ``--max-length`` the token window (default 128); ``transferkit evaluate`` reports perplexity on a text file
+and ``transferkit generate`` samples. :func:`fit_causal_lm` does the whole run from Python.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from transferkit.backbones import move_to, register_prefix
-from transferkit.backbones.base import BackboneInfo, reject_unknown_options
+from transferkit.backbones import move_to
 from transferkit.data.base import DataSplits, LabeledData
 from transferkit.engine.objectives import Objective
 from transferkit.errors import TransferkitError
@@ -40,32 +40,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: strategies that train a causal LM (FISH's Fisher estimate and the probes need class labels)
+LM_STRATEGIES = ("lora", "adapter", "finetune")
 TASK_TYPE = "causal-lm"
 TASK_NAME = "lm"
 IGNORE_INDEX = -100
-
-
-# --- backbones: hf-causal:<name-or-folder> ---------------------------------------------------------------------
-
-
-def _hf_causal_info() -> BackboneInfo:
-    return BackboneInfo(name="hf-causal:<name-or-path>", modality="text", params=None, feature_dim=None,
-                        weights="Hugging Face hub (needs a network) or a local folder", offline_available=False,
-                        description="any transformers causal LM (AutoModelForCausalLM): LoRA, generation")
-
-
-@register_prefix("hf-causal", _hf_causal_info)
-def create_hf_causal(target: str, pretrained: bool = True, **options: Any) -> CausalLMBackbone:
-    """A local or hub causal LM as a :class:`CausalLMBackbone` (``hf:`` builds encoders without the LM head)."""
-    from transferkit.backbones.causal_lm import CausalLMBackbone
-    from transferkit.backbones.text import build_hf_text_backbone
-
-    reject_unknown_options(f"hf-causal:{target}", options, ("max_length", "normalize", "pooling",
-                                                            "config_overrides"))
-    options.setdefault("pooling", "last")
-    backbone = build_hf_text_backbone(target, f"hf-causal:{target}", pretrained, backbone_class=CausalLMBackbone,
-                                      **options)
-    return backbone  # type: ignore[return-value]
 
 
 # --- data ------------------------------------------------------------------------------------------------------
@@ -173,6 +152,20 @@ def lm_evaluate(model: TransferModel, loader: Any, accelerator: Any, forward_fn:
     return {"loss": loss, "perplexity": math.exp(loss)}
 
 
+def evaluate_perplexity(model: TransferModel, data: str, text_column: str | None = None,
+                        batch_size: int = 8) -> dict[str, Any]:
+    """Perplexity of a language-model run on every passage of a text file (``transferkit evaluate``)."""
+    from transferkit.data.loader import make_loader
+
+    passages = read_passages(data, text_column)
+    loader = make_loader(LabeledData(passages, np.full(len(passages), -1), [], "text",
+                                     [f"passage[{i}]" for i in range(len(passages))]),
+                         model.backbone, batch_size=batch_size, train=False)
+    total, count = token_nll(model, loader)
+    return {"task": TASK_TYPE, "perplexity": math.exp(total / max(1, count)), "mean_token_nll": total / max(1, count),
+            "passages": len(passages), "tokens": count, "n": len(passages)}
+
+
 # --- runs ------------------------------------------------------------------------------------------------------
 
 
@@ -184,6 +177,12 @@ class CausalLMOptions:
     max_length: int = 128
 
 
+def check_lm_strategy(strategy: Strategy) -> None:
+    if strategy.name not in LM_STRATEGIES:
+        raise TransferkitError(f"--task causal-lm cannot train with --strategy {strategy.name}",
+                               f"use one of {', '.join(LM_STRATEGIES)}")
+
+
 def build_lm_model(backbone_name: str, pretrained: bool, max_length: int, **backbone_options: Any) -> TransferModel:
     from transferkit.backbones import create_backbone
     from transferkit.model import TaskSpec, TransferModel
@@ -192,9 +191,8 @@ def build_lm_model(backbone_name: str, pretrained: bool, max_length: int, **back
     if not hasattr(backbone, "generate") or not hasattr(getattr(backbone, "model", None), "lm_head"):
         raise TransferkitError(f"--task causal-lm needs a causal language model, not '{backbone_name}'",
                                "use --backbone smollm2-135m or hf-causal:<folder>")
-    # The LM head is the backbone's own; the TransferModel head slot is an empty placeholder (a 0-output linear
-    # layer, kind "classify" because model.make_head knows no "causal-lm" kind yet; options["type"] marks it).
-    return TransferModel(backbone, [TaskSpec(TASK_NAME, "classify", [], 0, {"type": TASK_TYPE})])
+    # head-less task: the LM head is the backbone's own, the TransferModel's head slot holds no parameters
+    return TransferModel(backbone, [TaskSpec(TASK_NAME, "causal_lm", [], 0, {"type": TASK_TYPE})])
 
 
 def run_causal_lm(data: str, backbone_name: str, strategy: Strategy, train: TrainConfig, stage: Path,
@@ -206,6 +204,7 @@ def run_causal_lm(data: str, backbone_name: str, strategy: Strategy, train: Trai
     from transferkit.engine.trainer import seed_everything
     from transferkit.model import save_model
 
+    check_lm_strategy(strategy)
     options = options or CausalLMOptions()
     started = time.perf_counter()
     splits = passage_splits(read_passages(data, options.text_column, options.words_per_passage),
@@ -277,7 +276,8 @@ def generate_text(backbone: CausalLMBackbone, prompt: str, max_new_tokens: int =
     else:
         encoded = backbone.tokenizer(prompt, return_tensors="pt")
     device = next(backbone.parameters()).device
-    inputs = {k: v.to(device) for k, v in dict(encoded).items()}
+    # only what a decoder takes (a BERT-style tokenizer also returns token_type_ids, which generate() rejects)
+    inputs = {k: v.to(device) for k, v in dict(encoded).items() if k in ("input_ids", "attention_mask")}
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else \
         {"do_sample": False}
     torch.manual_seed(seed)

@@ -109,6 +109,24 @@ def _class_name(value: Any) -> str:
     return str(value)
 
 
+def task_targets(data: LabeledData, column: str | None, kind: str,
+                 class_names: list[str] | None = None) -> np.ndarray:
+    """A task's targets from ``data``: class indices into ``class_names`` (-1: missing or unknown) for a classify
+    task, float32 values (NaN: missing) otherwise; ``column=None`` is the dataset's own label."""
+    if kind == "classify":
+        if column is None:
+            return np.asarray(data.labels, dtype=np.int64)
+        lookup = {c: i for i, c in enumerate(class_names or [])}
+        return np.asarray([-1 if _is_missing(v) else lookup.get(_class_name(v), -1)
+                           for v in _column(data, column).tolist()], dtype=np.int64)
+    try:
+        return np.asarray([np.nan if _is_missing(v) else float(v) for v in _column(data, column).tolist()],
+                          dtype=np.float32)
+    except (TypeError, ValueError):
+        raise TransferkitError(f"column '{column}' is not numeric", f"use a number column for a {kind} task") \
+            from None
+
+
 def build_tasks(splits: DataSplits, config: TasksConfig, label_smoothing: float = 0.0) -> list[TaskSpec]:
     """TaskSpecs from ``--task`` options, writing each task's targets into the splits as ``target:<name>``."""
     parts = [p for p in (splits.train, splits.val, splits.test) if p is not None]
@@ -125,10 +143,8 @@ def build_tasks(splits: DataSplits, config: TasksConfig, label_smoothing: float 
                 values = {v for p in parts for v in _column(p, column).tolist() if not _is_missing(v)}
                 ordered = sorted(values, key=lambda v: (not isinstance(v, (int, float)), v))
                 class_names = [_class_name(v) for v in ordered]
-                lookup = {v: i for i, v in enumerate(ordered)}
                 for p in parts:
-                    p.columns[f"target:{name}"] = np.asarray(
-                        [-1 if _is_missing(v) else lookup[v] for v in _column(p, column).tolist()], dtype=np.int64)
+                    p.columns[f"target:{name}"] = task_targets(p, column, "classify", class_names)
             options["label_smoothing"] = label_smoothing if loss == "cross_entropy" else 0.0
             tasks.append(TaskSpec(name, "classify", class_names, len(class_names), options))
             continue
@@ -136,12 +152,7 @@ def build_tasks(splits: DataSplits, config: TasksConfig, label_smoothing: float 
             raise TransferkitError(f"--task {task_type} needs a numeric column",
                                    f"write it as --task COLUMN:{task_type}")
         for p in parts:
-            try:
-                p.columns[f"target:{name}"] = np.asarray(
-                    [np.nan if _is_missing(v) else float(v) for v in _column(p, column).tolist()], dtype=np.float32)
-            except (TypeError, ValueError):
-                raise TransferkitError(f"column '{column}' is not numeric", f"use a number column for {task_type}") \
-                    from None
+            p.columns[f"target:{name}"] = task_targets(p, column, kind)
         train_values = splits.train.columns[f"target:{name}"]
         finite = train_values[np.isfinite(train_values)]
         if len(finite) == 0:
@@ -197,15 +208,10 @@ class TasksExtension(FitExtension):
                              f"losses combined by {self.config.loss_weighting} weighting")
 
     def metrics(self, context: RunContext, model: TransferModel) -> dict[str, Any]:
-        from transferkit.data.loader import make_loader
-
         splits = context.splits
         split, data = ("test", splits.test) if splits.test is not None and len(splits.test) else ("val", splits.val)
-        loader = make_loader(data, model.backbone, batch_size=max(32, context.train.batch_size), train=False)
-        model.eval()
-        collected = collect(model, loader, model.tasks, default_forward)
-        per_task = {t.name: {"type": t.options["type"], "split": split, **task_metrics(t, *collected[t.name])}
-                    for t in model.tasks}
+        per_task = {name: {"split": split, **scores} for name, scores in
+                    evaluate_tasks(model, data, batch_size=max(32, context.train.batch_size)).items()}
         objective = getattr(self, "objective", None)
         weighting: dict[str, Any] = {"method": self.config.loss_weighting}
         if objective is not None:
@@ -217,3 +223,45 @@ class TasksExtension(FitExtension):
         first = per_task[model.tasks[0].name]
         top = {k: v for k, v in first.items() if k in ("accuracy", "mae", "rmse", "coverage")}
         return {**top, "tasks": per_task, "task_weighting": weighting}
+
+
+def evaluate_tasks(model: TransferModel, data: LabeledData, batch_size: int = 64) -> dict[str, dict[str, Any]]:
+    """Per task of ``model``: its type and :func:`task_metrics` on ``data``, whose columns hold the targets (a
+    classify column's values are matched to the task's class names by their text)."""
+    from dataclasses import replace
+
+    from transferkit.data.loader import make_loader
+
+    columns = dict(data.columns)
+    for t in model.tasks:
+        columns[f"target:{t.name}"] = task_targets(data, t.options.get("column"), t.kind, t.class_names)
+    loader = make_loader(replace(data, columns=columns), model.backbone, batch_size=batch_size, train=False)
+    model.eval()
+    collected = collect(model, loader, model.tasks, default_forward)
+    return {t.name: {"type": t.options.get("type", t.kind), **task_metrics(t, *collected[t.name])}
+            for t in model.tasks if t.name in collected}
+
+
+# --- evaluation hook (``transferkit evaluate``; listed in transferkit.evaluation.hooks.HOOK_MODULES) -----------
+
+
+def add_arguments(parser: Any) -> None:
+    """No flags: a model with several tasks is always scored on each."""
+
+
+def evaluate_hook(model: Any, data: LabeledData, report: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """``tasks``: every task's metrics (accuracy / MAE / interval coverage), as in ``fit``'s metrics.json, plus
+    ``<task>_<metric>`` scalars for the readable report; ``{}`` for a model with the label's head only."""
+    module = getattr(model, "module", model)
+    tasks = getattr(module, "tasks", [])
+    if len(tasks) < 2 and all(t.kind == "classify" and t.options.get("column") is None for t in tasks):
+        return {}
+    missing = sorted({t.options["column"] for t in tasks
+                      if t.options.get("column") is not None and t.options["column"] not in data.columns})
+    if missing:
+        raise TransferkitError(f"the evaluation data has no column(s) {', '.join(missing)} for the model's tasks",
+                               "evaluate on data with every task's column")
+    per_task = evaluate_tasks(module, data, batch_size=int(options.get("batch_size", 64)))
+    flat = {f"{name}_{key}": value for name, scores in per_task.items() for key, value in scores.items()
+            if key in ("accuracy", "mae", "rmse", "coverage", "mean_interval_width")}
+    return {"tasks": per_task, **flat}
