@@ -5,7 +5,8 @@
    2,000-image test subset, EfficientNet-Lite0 at 112 px, strategies linear-probe, finetune and lora, 3 seeds,
    through ``transferkit.evaluation.compare.run_compare`` (each cell in its own process). Leaderboard and wall
    time are reported (goal: under 20 minutes on 2 CPU cores).
-2. rank study: 9 candidates (EfficientNet-Lite0/1/2 x 64/96/128 px) on two datasets (Fashion-MNIST and MNIST-5k,
+2. rank study: 18 candidates (EfficientNet-Lite0/1/2: final layer at 64/96/128 px, feature stages 2/3/4 at
+   112 px) on two datasets (Fashion-MNIST and MNIST-5k,
    20 labelled images per class). For each candidate: the transferability scores on the labelled pool and the
    measured test accuracy of a linear probe (L2 logistic regression, C = 1, on the same pool). Kendall's tau
    between each score and the measured accuracy.
@@ -35,7 +36,9 @@ RESULTS = ROOT / "results"
 
 COMPARE_STRATEGIES = ["linear-probe", "finetune", "lora"]
 RANK_BACKBONES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
-RANK_SIZES = [64, 96, 128]
+RANK_SIZES = [64, 96, 128]  # final-layer embeddings at three resolutions
+RANK_STAGES = [2, 3, 4]  # earlier feature stages (40 / 112 / 320 channels) at RANK_STAGE_SIZE
+RANK_STAGE_SIZE = 112
 RANK_DATASETS = ["fashion-mnist", "mnist-5k"]  # more than one dataset, both offline
 
 
@@ -49,7 +52,7 @@ def run_compare_section(quick: bool, threads: int) -> list[str]:
     seeds = 2 if quick else 3
     strategies = COMPARE_STRATEGIES[:2] if quick else COMPARE_STRATEGIES
     options = {"limit_per_class": 20, "test_limit": 200 if quick else 2000, "image_size": 112,
-               "epochs": 2 if quick else 4, "cache_dir": str(CACHE / "features"),
+               "epochs": 2 if quick else 8, "cache_dir": str(CACHE / "features"),
                **({"threads": threads} if threads else {})}
     out = CACHE / ("compare-quick" if quick else "compare-fashion")
     started = time.perf_counter()
@@ -91,7 +94,16 @@ def run_compare_section(quick: bool, threads: int) -> list[str]:
     return lines
 
 
-def _rank_cell(dataset: str, backbone: str, size: int, limit: int, test_limit: int) -> dict:
+def _rank_candidates(quick: bool) -> list[tuple[str, int, int | None]]:
+    """(backbone, pixels, feature stage or None for the final layer): resolutions x depths."""
+    backbones = RANK_BACKBONES[:2] if quick else RANK_BACKBONES
+    sizes = RANK_SIZES[:2] if quick else RANK_SIZES
+    stages = RANK_STAGES[-1:] if quick else RANK_STAGES
+    return [(b, s, None) for b in backbones for s in sizes] + [(b, RANK_STAGE_SIZE, k) for b in backbones
+                                                                for k in stages]
+
+
+def _rank_cell(dataset: str, backbone: str, size: int, stage: int | None, limit: int, test_limit: int) -> dict:
     from transferkit.backbones import create_backbone
     from transferkit.data import load_data
     from transferkit.engine.features import extract_features
@@ -100,7 +112,8 @@ def _rank_cell(dataset: str, backbone: str, size: int, limit: int, test_limit: i
 
     splits = load_data(dataset, limit_per_class=limit, seed=0, test_limit=test_limit)
     pool = labelled_pool(splits)
-    backbone_module = create_backbone(backbone, pretrained=True, image_size=size)
+    backbone_module = create_backbone(backbone, pretrained=True, image_size=size,
+                                      **({"feature_stage": stage} if stage is not None else {}))
     started = time.perf_counter()
     features = extract_features(backbone_module, pool, cache_dir=CACHE / "features", progress=False)
     scores = score_features(features, pool.labels, source_probabilities(backbone_module, features))
@@ -109,7 +122,8 @@ def _rank_cell(dataset: str, backbone: str, size: int, limit: int, test_limit: i
     weight, bias = fit_logistic_regression(features, pool.labels, pool.num_classes)
     logits = np.asarray(test_features, dtype=np.float64) @ weight.detach().numpy().T + bias.detach().numpy()
     accuracy = float((logits.argmax(axis=1) == splits.test.labels).mean())
-    return {"dataset": dataset, "candidate": f"{backbone}@{size}", **scores, "accuracy": accuracy,
+    return {"dataset": dataset, "candidate": f"{backbone}@{size}" + (f"#{stage}" if stage is not None else ""),
+            "depth": "final" if stage is None else f"stage {stage}", **scores, "accuracy": accuracy,
             "score_seconds": round(score_seconds, 2), "n_pool": len(pool), "n_test": len(splits.test)}
 
 
@@ -117,23 +131,29 @@ def run_rank_section(quick: bool) -> list[str]:
     from transferkit.evaluation.transferability import kendall_tau
 
     limit, test_limit = (10, 200) if quick else (20, 1000)
-    backbones = RANK_BACKBONES[:2] if quick else RANK_BACKBONES
-    sizes = RANK_SIZES[:2] if quick else RANK_SIZES
+    candidates = _rank_candidates(quick)
+    backbones = sorted({b for b, _, _ in candidates})
+    sizes = sorted({s for _, s, k in candidates if k is None})
+    stages = sorted({k for _, _, k in candidates if k is not None})
     lines = ["### `rank-backbones`: transferability scores vs measured accuracy", "",
-             f"Candidates: {', '.join(backbones)} x {', '.join(map(str, sizes))} px ({len(backbones) * len(sizes)} "
-             f"per dataset). Scores on the labelled pool ({limit} images per class, train + validation), measured "
+             f"Candidates ({len(candidates)} per dataset): {', '.join(backbones)}, each with its final-layer embedding "
+             f"at {', '.join(map(str, sizes))} px and with the pooled output of feature stage "
+             f"{', '.join(map(str, stages))} at {RANK_STAGE_SIZE} px (`NAME@PIXELS#STAGE` in `rank-backbones "
+             f"--backbones`, `--feature-stage` in `fit`). Scores on the labelled pool ({limit} images per class, "
+             "train + validation), measured "
              f"accuracy = linear probe (logistic regression, C = 1) trained on the same pool, tested on a fixed "
              f"stratified {test_limit}-image test subset. Kendall's tau-b between each score and the accuracy "
              "(1 = same order, 0 = unrelated).", ""]
     summary = []
     for dataset in RANK_DATASETS:
-        rows = [_cell(f"rank-{'quick-' if quick else ''}{dataset}-{b}-{s}",
-                      lambda b=b, s=s, d=dataset: _rank_cell(d, b, s, limit, test_limit))
-                for b in backbones for s in sizes]
+        rows = [_cell(f"rank-{'quick-' if quick else ''}{dataset}-{b}-{s}" + (f"-stage{k}" if k is not None else ""),
+                      lambda b=b, s=s, k=k, d=dataset: _rank_cell(d, b, s, k, limit, test_limit))
+                for b, s, k in candidates]
         rows.sort(key=lambda r: -r["accuracy"])
         lines += [f"**{dataset}**", "", "| candidate | linear-probe accuracy | LogME | LEEP | H-score | "
                   "scoring seconds |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['candidate']} | {r['accuracy']:.4f} | {r['logme']:.4f} | {r['leep']:.4f} | "
+        lines += [f"| {r['candidate']} | {r['accuracy']:.4f} | {r['logme']:.4f} | "
+                  f"{'-' if r['leep'] is None else format(r['leep'], '.4f')} | "
                   f"{r['h_score']:.2f} | {r['score_seconds']:.1f} |" for r in rows]
         acc = [r["accuracy"] for r in rows]
         se = float(np.sqrt(np.mean(acc) * (1 - np.mean(acc)) / rows[0]["n_test"]))
@@ -141,14 +161,25 @@ def run_rank_section(quick: bool) -> list[str]:
         lines.append(f"Accuracy range across candidates: {min(acc):.4f}-{max(acc):.4f}; binomial standard error of "
                      f"one measured accuracy: {se:.4f} (differences below about {2 * se:.3f} are within noise, so "
                      "the measured order itself is uncertain).")
-        taus = {score: kendall_tau([r[score] for r in rows], acc) for score in ("logme", "leep", "h_score")}
-        summary.append((dataset, len(rows), taus))
+        final = [r for r in rows if r["leep"] is not None]
+
+        def tau(score: str, subset: list[dict]) -> float:
+            return kendall_tau([r[score] for r in subset], [r["accuracy"] for r in subset])
+
+        picked = max(rows, key=lambda r: r["logme"])
+        summary.append({"dataset": dataset, "n": len(rows), "logme": tau("logme", rows),
+                        "h_score": tau("h_score", rows), "n_final": len(final), "leep": tau("leep", final),
+                        "logme_final": tau("logme", final), "pick": picked["candidate"],
+                        "regret": max(acc) - picked["accuracy"], "spread": max(acc) - min(acc)})
         lines.append("")
-    lines += ["| dataset | candidates | tau(LogME, acc) | tau(LEEP, acc) | tau(H-score, acc) |", "|---|---|---|---|---|"]
-    lines += [f"| {d} | {n} | {t['logme']:+.3f} | {t['leep']:+.3f} | {t['h_score']:+.3f} |" for d, n, t in summary]
+    lines += ["| dataset | candidates | tau(LogME, acc) | tau(H-score, acc) | final-layer candidates only: tau(LogME) / "
+              "tau(LEEP) | LogME's pick | its accuracy below the best (range of all) |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {t['dataset']} | {t['n']} | {t['logme']:+.3f} | {t['h_score']:+.3f} | {t['n_final']}: "
+              f"{t['logme_final']:+.3f} / {t['leep']:+.3f} | {t['pick']} | {t['regret']:.4f} ({t['spread']:.4f}) |"
+              for t in summary]
     lines += ["", "H-score uses Ledoit-Wolf shrinkage (Ibrahim et al. 2022): with fewer labelled items than feature "
-              "dimensions the plain H-score is (classes - 1) for every candidate. LEEP uses each backbone's ImageNet "
-              "head on the same pooled features.", ""]
+              "dimensions the plain H-score is (classes - 1) for every candidate. LEEP needs the backbone's ImageNet "
+              "head, which reads final-layer features only: it is scored on the final-layer candidates.", ""]
     return lines
 
 

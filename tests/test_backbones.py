@@ -303,3 +303,27 @@ def test_smollm2_real_weights_generate_and_embed():
         ["The cat sat on the mat.", "A cat was sitting on a mat.", "Earnings rose."]
     )
     assert cat @ cat_again > cat @ money
+
+
+def test_feature_stage_embeds_an_earlier_depth_and_round_trips(tmp_path):
+    from transferkit.data.base import LabeledData
+    from transferkit.engine.features import feature_cache_key
+
+    torch.manual_seed(0)
+    full = create_backbone("efficientnet_lite0", pretrained=False, image_size=32, augment=False)
+    torch.manual_seed(0)
+    early = create_backbone("efficientnet_lite0", pretrained=False, image_size=32, augment=False, feature_stage=2)
+    assert early.feature_dim == 40 and early.spec.options["feature_stage"] == 2 and early.pretrained_head() is None
+    early.load_state_dict(full.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    early.eval(), full.eval()
+    with torch.no_grad():
+        expected = full.model.blocks[:3](full.model.bn1(full.model.conv_stem(x))).mean(dim=(2, 3))
+        np.testing.assert_allclose(early.forward_features(x).numpy(), expected.numpy(), atol=1e-5)
+        assert full.forward_features(x).shape == (2, 1280)
+    data = LabeledData([np.zeros((8, 8), np.uint8)], np.array([0]), ["a"], "image", ["x"])
+    assert feature_cache_key(early, data) != feature_cache_key(full, data)  # cached features never mix depths
+    rebuilt = backbone_from_spec(early.spec)
+    assert rebuilt.feature_dim == 40 and rebuilt.feature_stage == 2
+    with pytest.raises(TransferkitError, match="out of range"):
+        create_backbone("efficientnet_lite0", pretrained=False, image_size=32, feature_stage=7)

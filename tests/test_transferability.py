@@ -90,6 +90,10 @@ def test_kendall_tau_and_bad_input():
     with pytest.raises(TransferkitError):
         logme(np.zeros((3, 2)), np.array([0, 1]))
     assert Candidate.parse("efficientnet_lite0@96").options == {"image_size": 96}
+    depth = Candidate.parse("efficientnet_lite0@64#3")
+    assert depth.options == {"image_size": 64, "feature_stage": 3} and depth.label == "efficientnet_lite0@64#3"
+    with pytest.raises(TransferkitError):
+        Candidate.parse("efficientnet_lite0#last")
     with pytest.raises(TransferkitError):
         Candidate.parse("efficientnet_lite0@big")
 

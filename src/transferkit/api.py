@@ -166,6 +166,8 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
         backbone_options["augment"] = fit_cfg.augment
         if fit_cfg.image_size:
             backbone_options["image_size"] = fit_cfg.image_size
+        if fit_cfg.feature_stage is not None:
+            backbone_options["feature_stage"] = fit_cfg.feature_stage
     elif fit_cfg.max_length:
         backbone_options["max_length"] = fit_cfg.max_length
     seed_everything(train_cfg.seed)

@@ -41,6 +41,9 @@ class FitConfig:
                                                     "the same architecture from random initialisation)."})
     image_size: int | None = field(default=None, metadata={"help": "Input resolution in pixels (default: the "
                                                             "backbone's own)."})
+    feature_stage: int | None = field(default=None, metadata={"help": "Image backbones: embed with the pooled output "
+                                      "of this earlier feature stage (e.g. 0-4 for EfficientNet) instead of the last "
+                                      "layer; `transferkit rank-backbones` scores depths as NAME#STAGE."})
     max_length: int | None = field(default=None, metadata={"help": "Token limit of text backbones (default: the "
                                    "backbone's own; 128 for --task causal-lm)."})
     augment: bool = field(default=True, metadata={"help": "Training-time augmentation (flips, crops, jitter)."})

@@ -136,8 +136,9 @@ class EfficientNetLite(TimmBackbone):
         image_size: int,
         augment: bool,
         imagenet_head: nn.Linear | None,
+        feature_stage: int | None = None,
     ) -> None:
-        super().__init__(model, spec, image_size, augment)
+        super().__init__(model, spec, image_size, augment, feature_stage=feature_stage)
         # Stored outside the module tree: not a backbone parameter, not in state_dict(), never trained.
         self.__dict__["_imagenet_head"] = imagenet_head
 
@@ -154,10 +155,10 @@ class EfficientNetLite(TimmBackbone):
         return ["conv_pw", "conv_pwl"]
 
     def pretrained_head(self) -> nn.Module | None:
-        return self._imagenet_head
+        return self._imagenet_head if self.feature_stage is None else None  # it reads the final features
 
     def pretrained_class_names(self) -> list[str] | None:
-        if self._imagenet_head is None:
+        if self.pretrained_head() is None:
             return None
         return list(timm.data.ImageNetInfo().label_descriptions())
 
@@ -180,11 +181,13 @@ def create_efficientnet_lite(
     image_size: int | None = None,
     augment: bool = True,
     drop_path_rate: float = 0.0,
+    feature_stage: int | None = None,
     **options: Any,
 ) -> EfficientNetLite:
-    """Build EfficientNet-Lite``variant``; ``pretrained=False`` never touches the weight file."""
+    """Build EfficientNet-Lite``variant``; ``pretrained=False`` never touches the weight file. ``feature_stage``
+    (0-4, channels 16 / 24 / 40 / 112 / 320) takes the pooled output of an earlier stage as the embedding."""
     name = f"efficientnet_lite{variant}"
-    reject_unknown_options(name, options, ["image_size", "augment", "drop_path_rate"])
+    reject_unknown_options(name, options, ["image_size", "augment", "drop_path_rate", "feature_stage"])
     image_size = int(image_size or _NATIVE_SIZE[variant])
     if image_size < 32:
         raise TransferkitError(
@@ -208,7 +211,7 @@ def create_efficientnet_lite(
     spec = BackboneSpec(
         name, {"image_size": image_size, "augment": augment, "drop_path_rate": drop_path_rate}
     )
-    return EfficientNetLite(model, spec, image_size, augment, imagenet_head)
+    return EfficientNetLite(model, spec, image_size, augment, imagenet_head, feature_stage)
 
 
 for _variant in (0, 1, 2):

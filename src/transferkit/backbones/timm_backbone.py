@@ -78,11 +78,24 @@ class TimmBackbone(Backbone):
         image_size: int | None,
         augment: bool,
         in_chans: int = 3,
+        feature_stage: int | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.spec = spec
         self.feature_dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
+        self.feature_stage = None
+        if feature_stage is not None:  # embeddings from an earlier depth: pooled output of that feature stage
+            stages = [info["num_chs"] for info in getattr(model, "feature_info", [])]
+            if not stages or not hasattr(model, "forward_intermediates"):
+                raise TransferkitError(f"backbone '{spec.name}' cannot take features from an earlier stage",
+                                       "drop feature_stage")
+            if not -len(stages) <= feature_stage < len(stages):
+                raise TransferkitError(f"feature_stage {feature_stage} is out of range for '{spec.name}'",
+                                       f"use 0..{len(stages) - 1} (channels per stage: {stages})")
+            self.feature_stage = feature_stage % len(stages)
+            self.feature_dim = int(stages[self.feature_stage])
+            spec.options["feature_stage"] = self.feature_stage
         config = resolve_data_config({}, model=model)
         if in_chans not in (1, 3):
             raise TransferkitError(
@@ -104,6 +117,10 @@ class TimmBackbone(Backbone):
         self._train_transform = image_transform(self.image_size, train=augment, **self.normalization)
 
     def forward_features(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.feature_stage is not None:  # global average pool of an intermediate feature map
+            (feature_map,) = self.model.forward_intermediates(inputs, indices=[self.feature_stage],
+                                                             intermediates_only=True, stop_early=True)
+            return feature_map.mean(dim=(2, 3))
         return self.model.forward_head(self.model.forward_features(inputs), pre_logits=True)
 
     def _groups(self, coarse: bool) -> list[nn.Module]:
@@ -148,6 +165,7 @@ class TimmBackbone(Backbone):
         return (
             f"{self.spec.name}|{self.image_mode}|size={self.image_size}|{norm['interpolation']}"
             f"|crop_pct={norm['crop_pct']}|mean={norm['mean']}|std={norm['std']}"
+            + (f"|stage={self.feature_stage}" if self.feature_stage is not None else "")
         )
 
 
@@ -170,6 +188,7 @@ def create_timm_backbone(
     image_size: int | None = None,
     augment: bool = True,
     checkpoint_path: str | None = None,
+    feature_stage: int | None = None,
     **timm_kwargs: Any,
 ) -> TimmBackbone:
     """``timm.create_model(target, pretrained=..., num_classes=0, **timm_kwargs)``.
@@ -207,6 +226,7 @@ def create_timm_backbone(
     if checkpoint_path is not None:
         options["checkpoint_path"] = str(checkpoint_path)
     in_chans = int(timm_kwargs.get("in_chans", 3))
-    backbone = TimmBackbone(model, BackboneSpec(f"timm:{target}", options), image_size, augment, in_chans)
+    backbone = TimmBackbone(model, BackboneSpec(f"timm:{target}", options), image_size, augment, in_chans,
+                            feature_stage)
     backbone.spec.options["image_size"] = backbone.image_size
     return backbone

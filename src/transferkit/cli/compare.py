@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from transferkit.cli.options import add_dataclass_options, format_table, print_json
+from transferkit.cli.options import add_fit_options, format_table, print_json
 from transferkit.errors import TransferkitError
 
 _GLOBAL_ARGS = {"func", "command", "verbose", "quiet"}
@@ -26,9 +26,6 @@ def register(subparsers) -> None:
 
 
 def _register_compare(subparsers) -> None:
-    from transferkit.config import FitConfig
-    from transferkit.engine.trainer import TrainConfig
-    from transferkit.extensions import list_extensions
     from transferkit.strategies import list_strategies
 
     strategies = list_strategies()
@@ -50,13 +47,8 @@ def _register_compare(subparsers) -> None:
                         help="A configuration within the best's CI is recommended if it trains in at most this "
                              "fraction of the best's time.")
     parser.add_argument("--json", action="store_true", help="Print leaderboard.json on stdout.")
-    seen = {"data", "backbone", "strategy", "out", "seed", "overwrite", "resume"}
-    add_dataclass_options(parser, FitConfig, seen, "fit options for every cell")
-    add_dataclass_options(parser, TrainConfig, seen, "training engine")
-    for name, cls in strategies.items():
-        add_dataclass_options(parser, cls.config_class, seen, f"strategy {name}")
-    for name, ext in list_extensions().items():
-        add_dataclass_options(parser, ext.config_class, seen, name)
+    add_fit_options(parser, {"data", "backbone", "strategy", "out", "seed", "overwrite", "resume"},
+                    "fit options for every cell")
     parser.set_defaults(func=run_compare_command)
 
 

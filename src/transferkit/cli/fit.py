@@ -5,15 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 
-from transferkit.cli.options import add_dataclass_options, format_table, print_json
-from transferkit.config import FitConfig
+from transferkit.cli.options import add_fit_options, format_table, print_json
 
 logger = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
-    from transferkit.engine.trainer import TrainConfig
-    from transferkit.extensions import list_extensions
     from transferkit.strategies import list_strategies
 
     strategies = list_strategies()
@@ -24,13 +21,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--config", help="YAML file with the same options as the flags (flags win).")
     parser.add_argument("--json", action="store_true", help="Print the metrics as one JSON document on stdout.")
-    seen: set[str] = set()
-    add_dataclass_options(parser, FitConfig, seen, "data, backbone and output")
-    add_dataclass_options(parser, TrainConfig, seen, "training engine")
-    for name, cls in strategies.items():
-        add_dataclass_options(parser, cls.config_class, seen, f"strategy {name}")
-    for name, ext in list_extensions().items():
-        add_dataclass_options(parser, ext.config_class, seen, name)
+    add_fit_options(parser, set(), "data, backbone and output")
     parser.set_defaults(func=run)
 
 

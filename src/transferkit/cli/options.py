@@ -37,6 +37,22 @@ def add_dataclass_options(parser: argparse.ArgumentParser | Any, cls: type, seen
                                metavar=f.name.upper())
 
 
+def add_fit_options(parser: argparse.ArgumentParser, seen: set[str], fit_title: str) -> None:
+    """Every option of ``fit``: data/backbone/output, the training engine, each strategy and each fit extension
+    (``seen``: names already taken, e.g. by the command's own arguments)."""
+    from transferkit.config import FitConfig
+    from transferkit.engine.trainer import TrainConfig
+    from transferkit.extensions import list_extensions
+    from transferkit.strategies import list_strategies
+
+    add_dataclass_options(parser, FitConfig, seen, fit_title)
+    add_dataclass_options(parser, TrainConfig, seen, "training engine")
+    for name, cls in list_strategies().items():
+        add_dataclass_options(parser, cls.config_class, seen, f"strategy {name}")
+    for name, ext in list_extensions().items():
+        add_dataclass_options(parser, ext.config_class, seen, name)
+
+
 def print_json(document: Any) -> None:
     """Exactly one JSON document on stdout."""
     sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")

@@ -160,26 +160,33 @@ def kendall_tau(x: list[float] | np.ndarray, y: list[float] | np.ndarray) -> flo
 
 @dataclass
 class Candidate:
-    """A backbone to score: registry name plus options (``efficientnet_lite1@96`` -> image_size 96)."""
+    """A backbone to score: ``NAME[@PIXELS][#STAGE]``, e.g. ``efficientnet_lite1@96`` (image_size 96) or
+    ``efficientnet_lite0@128#3`` (embedding = pooled output of feature stage 3 instead of the final layer)."""
 
     name: str
     options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
-        size = self.options.get("image_size")
-        return f"{self.name}@{size}" if size else self.name
+        size, stage = self.options.get("image_size"), self.options.get("feature_stage")
+        return self.name + (f"@{size}" if size else "") + (f"#{stage}" if stage is not None else "")
 
     @classmethod
     def parse(cls, text: str) -> Candidate:
-        name, _, size = text.strip().partition("@")
+        rest, _, stage = text.strip().partition("#")
+        name, _, size = rest.partition("@")
         if not name:
             raise TransferkitError(f"empty backbone in '{text}'", "write e.g. efficientnet_lite0 or efficientnet_lite0@96")
+        options: dict[str, Any] = {}
         if size:
             if not size.isdigit() or int(size) < 8:
                 raise TransferkitError(f"invalid resolution in '{text}'", "write NAME@PIXELS, e.g. efficientnet_lite0@96")
-            return cls(name, {"image_size": int(size)})
-        return cls(name)
+            options["image_size"] = int(size)
+        if stage:
+            if not stage.isdigit():
+                raise TransferkitError(f"invalid feature stage in '{text}'", "write NAME#STAGE, e.g. efficientnet_lite0#3")
+            options["feature_stage"] = int(stage)
+        return cls(name, options)
 
 
 def score_features(features: np.ndarray, labels: np.ndarray,
