@@ -55,6 +55,10 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     root.setLevel(level)
     root.propagate = False
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transferkit.progress import progress_enabled
+
+    if not progress_enabled():  # no terminal: also silence the Hugging Face libraries' own bars (read at import)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for noisy in ("transformers", "accelerate", "sentence_transformers", "timm", "peft", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     import warnings
