@@ -316,6 +316,9 @@ def test_fit_task_causal_lm_trains_lora_and_reports_perplexity(tiny_llama_dir, t
     assert code == 0  # (a 3-epoch tiny model may emit only special tokens: the text can be empty)
     code, _, err = run_cli(["predict", "--model", out, "the cat"], capsys)
     assert code == 2 and "language model" in err
+    code, _, err = run_cli(["report", out], capsys)
+    page = (out / "report.html").read_text()
+    assert code == 0 and "held-out perplexity before" in page and "Learning curves" in page
 
 
 def test_fit_task_causal_lm_rejects_other_tasks_and_missing_file(tmp_path, capsys):

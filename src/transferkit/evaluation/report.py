@@ -307,11 +307,14 @@ def run_sections(run_dir: Path, with_examples: bool = True) -> list[str]:
     history = [json.loads(line) for line in history_file.read_text().splitlines() if line.strip()] \
         if history_file.is_file() else []
     evaluation = metrics.get("evaluation", {})
+    language_model = metrics.get("task") == "causal-lm"
+    scores = {"held-out perplexity before": metrics.get("perplexity_before"),
+              "after": metrics.get("perplexity_after")} if language_model else \
+        {"accuracy": metrics["accuracy"], "macro F1": metrics.get("macro_f1", float("nan")),
+         "split": str(metrics.get("accuracy_split", ""))}
     parts = ["<h2>Summary</h2>", _table([{
-        "backbone": metrics.get("backbone", "?"), "strategy": metrics.get("strategy", "?"),
-        "accuracy": metrics["accuracy"], "macro F1": metrics.get("macro_f1", float("nan")),
-        "split": str(metrics.get("accuracy_split", "")), "trainable params": metrics.get("trainable_params", 0),
-        "train s": metrics.get("train_seconds", 0.0)}])]
+        "backbone": metrics.get("backbone", "?"), "strategy": metrics.get("strategy", "?"), **scores,
+        "trainable params": metrics.get("trainable_params", 0), "train s": metrics.get("train_seconds", 0.0)}])]
     sizes = metrics.get("dataset_sizes")
     if sizes:
         parts.append(f"<p class='note'>data: {html.escape(json.dumps(sizes))}</p>")
@@ -327,7 +330,7 @@ def run_sections(run_dir: Path, with_examples: bool = True) -> list[str]:
                        "confusion matrix"),
                   "<h2>Per-class accuracy</h2>",
                   _img(figure_to_data_uri(per_class_figure(evaluation["per_class"])), "per-class accuracy")]
-    if not with_examples or not (run_dir / "model").is_dir():
+    if language_model or not with_examples or not (run_dir / "model").is_dir():  # an LM has no classes to show
         return parts
     try:
         from transferkit.model import load_model
@@ -417,5 +420,5 @@ def write_report(folder: str | Path, output: str | Path | None = None) -> Path:
     path = Path(output) if output else folder / REPORT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(html_text, encoding="utf-8")
-    logger.info("report written to %s", path)
+    logger.debug("report written to %s", path)
     return path
