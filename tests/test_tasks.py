@@ -3,6 +3,7 @@ the --task extension and a quick multi-task fit on the stars dataset."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -15,7 +16,7 @@ from transferkit.model import TaskSpec, TransferModel, make_head
 from transferkit.tasks import QuantileHead, parse_task
 from transferkit.tasks.extension import TasksConfig
 from transferkit.tasks.losses import classification_loss, pinball_loss, regression_loss
-from transferkit.tasks.multitask import MultiTaskObjective, task_metrics
+from transferkit.tasks.multitask import MultiTaskObjective, conformal_offset, task_metrics
 
 
 def test_parse_task() -> None:
@@ -89,6 +90,27 @@ def test_task_metrics_interval_coverage() -> None:
     assert m["nominal_coverage"] == pytest.approx(0.8) and m["crossings"] == 0
 
 
+def test_conformal_offset_by_hand_and_calibrated_head_never_crosses() -> None:
+    # interval [0, 2] for every item; scores max(0 - y, y - 2) = -0.5, -1, 0.5, 1.5, 3 (sorted)
+    predictions = np.tile([0.0, 1.0, 2.0], (6, 1))
+    targets = np.array([1.5, 1.0, 2.5, 3.5, 5.0, np.nan])
+    # n = 5, coverage 0.5: rank ceil(6 * 0.5) = 3 -> 0.5; coverage 0.9: rank min(5, 6) = 5 -> 3
+    assert conformal_offset(predictions, targets, 0.5) == pytest.approx(0.5)
+    assert conformal_offset(predictions, targets, 0.9) == pytest.approx(3.0)
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    for quantiles in ([0.1, 0.5, 0.9], [0.1, 0.9]):
+        trained = QuantileHead(4, quantiles)
+        raw = trained(x)
+        for offset in (0.7, -0.2, -50.0):  # wider, narrower, collapsed onto the inner quantiles
+            q = QuantileHead(4, quantiles, interval_offset=offset)
+            q.load_state_dict(trained.state_dict())
+            out = q(x)
+            assert (torch.diff(out, dim=1) >= 0).all()
+            if offset == 0.7:
+                assert torch.allclose(out[:, 0], raw[:, 0] - 0.7) and torch.allclose(out[:, -1], raw[:, -1] + 0.7)
+
+
 class _Trunk(nn.Module):
     feature_dim = 4
 
@@ -131,12 +153,46 @@ def _train_toy(weighting: str, steps: int = 30) -> MultiTaskObjective:
     return objective
 
 
+def test_validation_loss_leaves_out_tasks_of_weight_zero() -> None:
+    from transferkit.engine.trainer import default_forward
+    from transferkit.tasks.multitask import multitask_evaluate_fn
+
+    torch.manual_seed(0)
+    tasks = _toy_tasks()
+    model = TransferModel.__new__(TransferModel)
+    nn.Module.__init__(model)
+    model.backbone, model.tasks, model.head_dropout, model.freeze_norm_stats = _Trunk(), tasks, 0.0, False
+    model.heads = nn.ModuleDict({t.name: make_head(4, t) for t in tasks})
+    batches = _toy_batches(2)
+    both = multitask_evaluate_fn(tasks)(model, batches, None, default_forward)
+    size_only = multitask_evaluate_fn(tasks, [0.0, 1.0])(model, batches, None, default_forward)
+    assert size_only["loss"] < both["loss"] and "label_accuracy" in size_only  # still measured, not selected on
+    y = torch.cat([b["target:y"] for b in batches])
+    with torch.no_grad():
+        predictions = torch.cat([model(b["inputs"]).outputs["y"] for b in batches])
+    assert size_only["loss"] == pytest.approx(float(((predictions - y) ** 2).mean()), rel=1e-5)
+
+
 def test_uncertainty_weights_are_learned() -> None:
     objective = _train_toy("uncertainty")
     log_variances = objective.log_variances.detach()
     assert log_variances.abs().min() > 0.05  # moved away from the initial 0
     # the noisy regression task (noise variance 1 on top of MSE) keeps a larger variance than the easy classifier
     assert log_variances[1] > log_variances[0]
+
+
+def test_uncertainty_weights_reach_their_optimum_at_fine_tuning_learning_rates() -> None:
+    # with fixed losses L_i, sum c_i exp(-s_i) L_i + s_i / 2 is minimal at s_i = log(2 c_i L_i)
+    objective = MultiTaskObjective(_toy_tasks(), "uncertainty")
+    losses = torch.tensor([0.05, 0.5])
+    objective.task_losses = lambda batch, outputs: losses
+    optimizer = torch.optim.Adam(objective.parameters(), lr=3e-3)
+    for _ in range(400):
+        optimizer.zero_grad()
+        objective(None, {}, None).backward()
+        optimizer.step()
+    expected = torch.log(2 * torch.tensor([1.0, 0.5]) * losses)
+    torch.testing.assert_close(objective.log_variances.detach(), expected, atol=0.15, rtol=0)
 
 
 def test_gradnorm_weights_move_and_stay_normalised() -> None:
@@ -181,7 +237,10 @@ def test_multitask_fit_on_stars_writes_per_task_metrics_and_reloads(tmp_path) ->
     assert set(tasks) == {"count", "size"}
     assert tasks["size"]["n"] == 24 and tasks["size"]["crossings"] == 0 and 0 <= tasks["size"]["coverage"] <= 1
     assert run.metrics["accuracy"] == pytest.approx(tasks["count"]["accuracy"])
+    calibration = tasks["size"]["calibration"]  # conformal interval correction from the validation split
+    assert calibration["n"] > 0 and "coverage_uncalibrated" in calibration
     loaded = transferkit.load(run.path)
+    assert loaded.module.heads["size"].interval_offset == pytest.approx(calibration["interval_offset"])
     assert [t.kind for t in loaded.module.tasks] == ["classify", "quantile"]
     x = torch.randn(3, 1, 16, 16)
     out = loaded.module(x).outputs
@@ -215,3 +274,30 @@ def test_cli_task_flag_is_repeatable() -> None:
     args = build_parser().parse_args(["fit", "--data", "stars", "--task", "count:classify", "--task", "size:quantile",
                                       "--quantiles", "0.1,0.5,0.9", "--loss-weighting", "gradnorm"])
     assert args.task == ["count:classify", "size:quantile"] and args.loss_weighting == "gradnorm"
+
+
+def test_regression_first_task_lists_fit_evaluate_and_predict(tmp_path, capsys):
+    """``--task size:quantile --task count:classify`` and a lone ``--task size:regress``: no label classifier first."""
+    from PIL import Image
+
+    import transferkit
+    from transferkit.cli.main import main
+    from transferkit.evaluation.metrics import format_report
+
+    common = dict(backbone="small_cnn", strategy="finetune", freeze_bn=False, limit_per_class=6, epochs=1,
+                  batch_size=16, image_size=16, test_limit=24, progress=False, device="cpu")
+    transferkit.fit("stars", task=["size:quantile", "count:classify"], out=str(tmp_path / "a"), **common)
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert "accuracy" not in metrics and "coverage" in metrics
+    assert metrics["mae"] == pytest.approx(metrics["tasks"]["size"]["mae"])
+    report = transferkit.evaluate(str(tmp_path / "a"), "stars", progress=False)
+    assert set(report["tasks"]) == {"size", "count"} and report["mae"] > 0
+    single = transferkit.fit("stars", task=["size:regress"], out=str(tmp_path / "b"), **common)
+    assert set(single.metrics["tasks"]) == {"size"} and single.metrics["mae"] > 0
+    Image.fromarray(np.full((16, 16), 128, dtype=np.uint8)).save(tmp_path / "x.png")
+    assert isinstance(transferkit.predict(str(tmp_path / "b"), [str(tmp_path / "x.png")])[0]["prediction"], float)
+    row = transferkit.predict(str(tmp_path / "a"), [str(tmp_path / "x.png")])[0]
+    assert set(row["prediction"]) == {"0.1", "0.5", "0.9"} and row["tasks"]["count"] in [str(i) for i in range(3, 9)]
+    assert "size mae" in format_report(transferkit.evaluate(str(tmp_path / "b"), "stars", progress=False))
+    assert main(["predict", "--model", str(tmp_path / "b"), str(tmp_path / "x.png")]) == 0
+    assert "x.png" in capsys.readouterr().out

@@ -207,14 +207,17 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
 
     eval_split, eval_data = ("test", splits.test) if splits.test is not None and len(splits.test) else \
         ("val", splits.val)
-    if strategy.frozen_backbone:  # the backbone is unchanged: score from (cached) features, not raw inputs
+    if model.tasks[0].kind != "classify":  # regression first (--task size:regress ...): scored by the task metrics
+        from transferkit.tasks.extension import first_task_report
+
+        report = first_task_report(model, eval_data, batch_size=max(32, train_cfg.batch_size))
+    elif strategy.frozen_backbone:  # the backbone is unchanged: score from (cached) features, not raw inputs
         report = evaluate_features(model, context.features(model.backbone, eval_data), eval_data)
     else:
         report = evaluate_model(model, eval_data, batch_size=max(32, train_cfg.batch_size), progress=fit_cfg.progress)
     trainable, total = model.count_parameters()
     metrics: dict[str, Any] = {
-        "accuracy": report["accuracy"],
-        "macro_f1": report["macro_f1"],
+        **{k: report[k] for k in ("accuracy", "macro_f1") if k in report},
         **({"top5_accuracy": report["top5_accuracy"]} if "top5_accuracy" in report else {}),
         "accuracy_split": eval_split if eval_split == "test" or strategy.frozen_backbone
         else "val (also used for early stopping: no test split)",
@@ -246,8 +249,8 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
             fh.write(json.dumps(row, default=_json_default) + "\n")
     shutil.rmtree(stage / "checkpoint", ignore_errors=True)
     _publish(stage, out)
-    logger.info("%s accuracy %.4f, macro F1 %.4f; run written to %s", eval_split, metrics["accuracy"],
-                metrics["macro_f1"], out)
+    logger.info("%s %s; run written to %s", eval_split, ", ".join(f"{k} {metrics[k]:.4f}" for k in
+                ("accuracy", "macro_f1", "mae", "coverage") if isinstance(metrics.get(k), float)), out)
     return Run(out, metrics, result.history)
 
 
@@ -457,6 +460,10 @@ def evaluate(model: str | Path | LoadedModel, data: str, *, text_column: str | N
     if eval_data.modality != loaded.modality:
         raise TransferkitError(f"the model takes {loaded.modality} input but '{data}' is {eval_data.modality} data",
                                "evaluate on data of the kind the model was trained on")
+    if loaded.module.tasks[0].kind != "classify":  # regression first: the task metrics are the report
+        from transferkit.tasks.extension import first_task_report
+
+        return first_task_report(loaded.module, eval_data, batch_size)  # the hooks measure classifiers
     report = evaluate_model(loaded.module, eval_data, batch_size=batch_size, progress=progress)
     report.update(run_evaluation_hooks(loaded, eval_data, report, options))
     return report
@@ -483,9 +490,19 @@ def predict(model: str | Path | LoadedModel, inputs: list[str], batch_size: int 
     """One row per input: ``{"input", "prediction", "probabilities": {class: p}}``."""
     loaded = model if isinstance(model, LoadedModel) else load(model)
     items = expand_inputs(list(inputs), loaded.modality)
+    if loaded.module.tasks[0].kind != "classify" or len(loaded.module.tasks) > 1:  # every task's prediction
+        from transferkit.tasks.extension import predict_task_rows
+
+        rows = predict_task_rows(loaded.module, loaded._as_data(items), batch_size)
+        first = loaded.module.tasks[0]
+        if first.kind != "classify":
+            return [{"input": item, "prediction": row[first.name], "tasks": row} for item, row in zip(items, rows)]
+        extra = rows
+    else:
+        extra = [{} for _ in items]
     probabilities = loaded.predict_proba(items, batch_size)
     return [
         {"input": item, "prediction": loaded.classes_[int(p.argmax())],
-         "probabilities": {c: float(v) for c, v in zip(loaded.classes_, p)}}
-        for item, p in zip(items, probabilities)
+         "probabilities": {c: float(v) for c, v in zip(loaded.classes_, p)}, **({"tasks": e} if e else {})}
+        for item, p, e in zip(items, probabilities, extra)
     ]

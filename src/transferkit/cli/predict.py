@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     table = []
     for row in rows:
-        ranked = sorted(row["probabilities"].items(), key=lambda kv: -kv[1])[: args.top]
+        ranked = sorted(row.get("probabilities", {}).items(), key=lambda kv: -kv[1])[: args.top]
         table.append({"input": row["input"], "prediction": row["prediction"],
                       "top classes": ", ".join(f"{c} {p:.3f}" for c, p in ranked)})
     print(format_table(table, ["input", "prediction", "top classes"]))

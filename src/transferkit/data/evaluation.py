@@ -25,6 +25,8 @@ def load_for_evaluation(spec: str | Path, class_names: list[str], *, text_column
         data = parts["all"].subset(test_positions if test_positions is not None else positions)
     else:
         data = parts["all"] if "all" in parts else parts["train"]
+    if not class_names:  # a model without a label classifier (regression first): keep the data's own classes
+        class_names = list(data.class_names)
     unknown = sorted(set(data.class_names) - set(class_names))
     if unknown:
         raise TransferkitError(

@@ -61,6 +61,10 @@ def classification_report(labels: np.ndarray, probabilities: np.ndarray, class_n
 
 def format_report(report: dict[str, Any]) -> str:
     """A readable table of an evaluation (the CLI's non-JSON output)."""
+    if "accuracy" not in report:  # a regression-first multi-task model: one line per task metric
+        return "\n".join([f"items: {report['n']}"] + [
+            f"{name} {key.replace('_', ' ')}: {value:.4f}" for name, scores in report.get("tasks", {}).items()
+            for key, value in scores.items() if isinstance(value, float)])
     lines = [f"items: {report['n']}", f"accuracy: {report['accuracy']:.4f}", f"macro F1: {report['macro_f1']:.4f}"]
     if "top5_accuracy" in report:
         lines.append(f"top-5 accuracy: {report['top5_accuracy']:.4f}")

@@ -82,7 +82,8 @@ def build_head(in_features: int, task: TaskSpec, dropout: float = 0.0) -> nn.Mod
     if task.kind == "regress":
         return RegressionHead(in_features, mean, std, dropout)
     if task.kind == "quantile":
-        return QuantileHead(in_features, task.options["quantiles"], mean, std, dropout)
+        return QuantileHead(in_features, task.options["quantiles"], mean, std, dropout,
+                            float(task.options.get("interval_offset", 0.0)))
     if task.kind == "causal_lm":  # head-less: the language model's own (tied) output layer is in the backbone
         return nn.Identity()
     raise TransferkitError(f"unknown task kind '{task.kind}'", "use classify, regress, quantile or causal_lm")

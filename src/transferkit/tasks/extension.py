@@ -5,7 +5,10 @@
 
 The first task must classify the dataset's label (the run's standard evaluation reports it); further tasks
 read other columns of the data (``LabeledData.columns``). Per-task test metrics go to ``metrics.json`` under
-``tasks``, the first task's also at the top level.
+``tasks``, the first task's also at the top level; ``transferkit evaluate`` reports the same under ``tasks`` (this
+module is also an evaluation hook). After training, each quantile task's interval is calibrated on the validation
+split by split-conformal quantile regression (``--no-calibrate-intervals``: off); the correction is saved with the
+model.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from transferkit.engine.trainer import default_forward
@@ -26,6 +30,7 @@ from transferkit.tasks.multitask import (
     WEIGHTINGS,
     MultiTaskObjective,
     collect,
+    conformal_offset,
     multitask_evaluate_fn,
     task_metrics,
 )
@@ -61,6 +66,9 @@ class TasksConfig(ExtensionConfig):
         "help": "How task losses combine: fixed, uncertainty (Kendall et al. 2018, learned variances) or "
         "gradnorm (Chen et al. 2018)."})
     gradnorm_alpha: float = field(default=1.5, metadata={"help": "gradnorm: strength alpha of the rate balancing."})
+    calibrate_intervals: bool = field(default=True, metadata={
+        "help": "After training, widen or narrow each quantile task's interval by split-conformal calibration on "
+        "the validation split so that it covers its nominal share (--no-calibrate-intervals: off)."})
 
     def parsed(self) -> list[tuple[str | None, str]]:
         return [parse_task(t) for t in self.task or []]
@@ -167,7 +175,10 @@ def build_tasks(splits: DataSplits, config: TasksConfig, label_smoothing: float 
 
 
 def _check_first_task(task: TaskSpec, splits: DataSplits, parts: list[LabeledData]) -> None:
-    """The run's standard evaluation scores the first head against the label: it must be that classifier."""
+    """A classifying first task must classify the label (the run's standard evaluation scores it against the
+    label); a regression / quantile first task is scored by the task metrics instead."""
+    if task.kind != "classify":
+        return
     same = task.kind == "classify" and (
         task.options["column"] is None
         or (task.class_names == list(splits.class_names)
@@ -175,7 +186,8 @@ def _check_first_task(task: TaskSpec, splits: DataSplits, parts: list[LabeledDat
     if not same:
         raise TransferkitError(
             f"the first --task ({task.options['column'] or 'label'}:{task.options['type']}) does not classify the "
-            "dataset's label", "put the label's classification first, e.g. --task classify --task size:regress")
+            "dataset's label", "put the label's classification or a regression first, e.g. --task classify "
+            "--task size:regress")
 
 
 @register_extension
@@ -201,17 +213,23 @@ class TasksExtension(FitExtension):
         weights = parse_floats(self.config.task_weights, "task-weights") if self.config.task_weights else None
         self.objective = MultiTaskObjective(tasks, self.config.loss_weighting, weights, self.config.gradnorm_alpha)
         context.task_objectives = [self.objective]
-        context.evaluate_fn = multitask_evaluate_fn(tasks)
+        context.evaluate_fn = multitask_evaluate_fn(tasks, weights)
         context.monitor = ("loss", "min")
         described = ", ".join(f"{t.name} ({t.options['type']})" for t in tasks)
         context.notes.append(f"tasks: {described}; "
                              f"losses combined by {self.config.loss_weighting} weighting")
 
     def metrics(self, context: RunContext, model: TransferModel) -> dict[str, Any]:
+        """Per-task test metrics. Quantile intervals are first calibrated on the validation split (this runs after
+        training and before the model is saved, so the saved heads carry the correction)."""
         splits = context.splits
         split, data = ("test", splits.test) if splits.test is not None and len(splits.test) else ("val", splits.val)
-        per_task = {name: {"split": split, **scores} for name, scores in
-                    evaluate_tasks(model, data, batch_size=max(32, context.train.batch_size)).items()}
+        batch_size = max(32, context.train.batch_size)
+        calibration = {}
+        if self.config.calibrate_intervals and any(t.kind == "quantile" for t in model.tasks):
+            calibration = calibrate_intervals(model, splits.val, data if split == "test" else None, batch_size)
+        per_task = {name: {"split": split, **scores, **calibration.get(name, {})} for name, scores in
+                    evaluate_tasks(model, data, batch_size=batch_size).items()}
         objective = getattr(self, "objective", None)
         weighting: dict[str, Any] = {"method": self.config.loss_weighting}
         if objective is not None:
@@ -228,6 +246,40 @@ class TasksExtension(FitExtension):
 def evaluate_tasks(model: TransferModel, data: LabeledData, batch_size: int = 64) -> dict[str, dict[str, Any]]:
     """Per task of ``model``: its type and :func:`task_metrics` on ``data``, whose columns hold the targets (a
     classify column's values are matched to the task's class names by their text)."""
+    collected = _collect_on(model, data, batch_size)
+    return {t.name: {"type": t.options.get("type", t.kind), **task_metrics(t, *collected[t.name])}
+            for t in model.tasks if t.name in collected}
+
+
+def calibrate_intervals(model: TransferModel, calibration_data: LabeledData | None, test_data: LabeledData | None,
+                        batch_size: int = 64) -> dict[str, dict[str, Any]]:
+    """Set each quantile head's ``interval_offset`` by :func:`conformal_offset` on ``calibration_data`` (recorded
+    in the task's options, so saved models keep it); per task, the offset, the calibration size and, when
+    ``test_data`` is given, the coverage the uncalibrated interval had on it."""
+    quantile_tasks = [t for t in model.tasks if t.kind == "quantile"]
+    if calibration_data is None or not len(calibration_data):
+        logger.warning("no validation split: quantile intervals are not calibrated")
+        return {}
+    for t in quantile_tasks:  # measure the heads as trained
+        t.options["interval_offset"] = model.heads[t.name].interval_offset = 0.0
+    before = evaluate_tasks(model, test_data, batch_size) if test_data is not None else {}
+    collected = _collect_on(model, calibration_data, batch_size)
+    result = {}
+    for t in quantile_tasks:
+        predictions, targets = collected[t.name]
+        nominal = float(t.options["quantiles"][-1] - t.options["quantiles"][0])
+        offset = conformal_offset(predictions, targets, nominal)
+        t.options["interval_offset"] = model.heads[t.name].interval_offset = offset
+        result[t.name] = {"calibration": {"method": "split conformal (CQR) on the validation split",
+                                          "interval_offset": offset, "n": int(np.isfinite(targets).sum())}}
+        if t.name in before:
+            result[t.name]["calibration"]["coverage_uncalibrated"] = before[t.name]["coverage"]
+            result[t.name]["calibration"]["mean_interval_width_uncalibrated"] = before[t.name]["mean_interval_width"]
+    return result
+
+
+def _collect_on(model: TransferModel, data: LabeledData, batch_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """:func:`collect` over ``data`` with each task's targets attached as ``target:<name>`` columns."""
     from dataclasses import replace
 
     from transferkit.data.loader import make_loader
@@ -237,9 +289,7 @@ def evaluate_tasks(model: TransferModel, data: LabeledData, batch_size: int = 64
         columns[f"target:{t.name}"] = task_targets(data, t.options.get("column"), t.kind, t.class_names)
     loader = make_loader(replace(data, columns=columns), model.backbone, batch_size=batch_size, train=False)
     model.eval()
-    collected = collect(model, loader, model.tasks, default_forward)
-    return {t.name: {"type": t.options.get("type", t.kind), **task_metrics(t, *collected[t.name])}
-            for t in model.tasks if t.name in collected}
+    return collect(model, loader, model.tasks, default_forward)
 
 
 # --- evaluation hook (``transferkit evaluate``; listed in transferkit.evaluation.hooks.HOOK_MODULES) -----------
@@ -265,3 +315,36 @@ def evaluate_hook(model: Any, data: LabeledData, report: dict[str, Any], options
     flat = {f"{name}_{key}": value for name, scores in per_task.items() for key, value in scores.items()
             if key in ("accuracy", "mae", "rmse", "coverage", "mean_interval_width")}
     return {"tasks": per_task, **flat}
+
+
+def first_task_report(model: TransferModel, data: LabeledData, batch_size: int = 64) -> dict[str, Any]:
+    """The evaluation report of a model whose first task is not a classifier: ``n`` and the first task's
+    metrics (``mae``, ``rmse`` / ``coverage``, ...) at the top level, every task under ``tasks``."""
+    per_task = evaluate_tasks(model, data, batch_size)
+    first = per_task[model.tasks[0].name]
+    return {**{k: v for k, v in first.items() if k != "type"}, "task": first["type"], "tasks": per_task}
+
+
+@torch.no_grad()
+def predict_task_rows(model: TransferModel, data: LabeledData, batch_size: int = 64) -> list[dict[str, Any]]:
+    """Per item: every task's prediction (class name, value, or ``{quantile: value}``)."""
+    from transferkit.backbones import move_to
+    from transferkit.data.loader import make_loader
+
+    model.eval()
+    device = next(model.parameters()).device
+    rows: list[dict[str, Any]] = []
+    for batch in make_loader(data, model.backbone, batch_size=batch_size, train=False):
+        outputs = model(move_to(batch["inputs"], device)).outputs
+        for i in range(len(batch["index"])):
+            row = {}
+            for t in model.tasks:
+                value = outputs[t.name][i].float().cpu()
+                if t.kind == "classify":
+                    row[t.name] = t.class_names[int(value.argmax())]
+                elif t.kind == "quantile":
+                    row[t.name] = {f"{q:g}": float(v) for q, v in zip(t.options["quantiles"], value.tolist())}
+                else:
+                    row[t.name] = float(value)
+            rows.append(row)
+    return rows

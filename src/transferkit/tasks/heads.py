@@ -34,9 +34,10 @@ class QuantileHead(nn.Module):
     """
 
     def __init__(self, in_features: int, quantiles: Sequence[float], mean: float = 0.0, std: float = 1.0,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, interval_offset: float = 0.0) -> None:
         super().__init__()
         self.quantiles = [float(q) for q in quantiles]
+        self.interval_offset = float(interval_offset)  # conformal correction, see ``calibrated``
         self.dropout = nn.Dropout(dropout)
         self.linear = nn.Linear(in_features, len(self.quantiles))
         self.mean, self.std = float(mean), float(std)
@@ -50,4 +51,17 @@ class QuantileHead(nn.Module):
         raw = self.linear(self.dropout(features))
         base, increments = raw[:, :1], F.softplus(raw[:, 1:])
         standardised = torch.cat([base, base + torch.cumsum(increments, dim=1)], dim=1)
-        return self.mean + self.std * standardised
+        return self.calibrated(self.mean + self.std * standardised)
+
+    def calibrated(self, quantiles: torch.Tensor) -> torch.Tensor:
+        """The outermost quantiles moved out (offset > 0) or in (< 0) by ``interval_offset`` target units
+        (conformalised quantile regression, Romano et al. 2019), never past their inner neighbours."""
+        if self.interval_offset == 0.0 or quantiles.shape[1] < 2:
+            return quantiles
+        if quantiles.shape[1] > 2:
+            inner_low, inner_high = quantiles[:, 1:2], quantiles[:, -2:-1]
+        else:
+            inner_low = inner_high = quantiles.mean(dim=1, keepdim=True)
+        low = torch.minimum(quantiles[:, :1] - self.interval_offset, inner_low)
+        high = torch.maximum(quantiles[:, -1:] + self.interval_offset, inner_high)
+        return torch.cat([low, quantiles[:, 1:-1], high], dim=1)

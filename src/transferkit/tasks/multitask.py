@@ -28,6 +28,7 @@ from transferkit.model import TaskSpec
 from transferkit.tasks import task_loss
 
 WEIGHTINGS = ("fixed", "uncertainty", "gradnorm")
+LOG_VARIANCE_RATE = 10.0  # uncertainty weighting: learning-rate multiplier of the log-variances (see __init__)
 
 
 def target_key(task: TaskSpec) -> str:
@@ -55,12 +56,20 @@ class MultiTaskObjective(Objective):
         count = len(self.tasks)
         self.register_buffer("fixed_weights", torch.tensor(list(weights) if weights else [1.0] * count))
         if weighting == "uncertainty":
-            self.log_variances = nn.Parameter(torch.zeros(count))
+            # s_i = LOG_VARIANCE_RATE * raw_i: Adam moves a parameter by about lr per step, so without the factor s
+            # would take thousands of steps at fine-tuning learning rates to reach its optimum log(2 c_i L_i)
+            # (a small pinball loss wants a weight of 10 or more) and the weights would stay near 1.
+            self.log_variance_raw = nn.Parameter(torch.zeros(count))
             self.register_buffer("likelihood_factors", torch.tensor(
                 [0.5 if t.kind == "regress" and t.options.get("loss") == "mse" else 1.0 for t in self.tasks]))
         if weighting == "gradnorm":
             self.task_weights = nn.Parameter(torch.ones(count))
             self.register_buffer("initial_losses", torch.zeros(count))
+
+    @property
+    def log_variances(self) -> torch.Tensor:
+        """The learned ``s_i = log sigma_i^2`` of uncertainty weighting."""
+        return LOG_VARIANCE_RATE * self.log_variance_raw
 
     def task_losses(self, batch: dict[str, Any], outputs: Any) -> torch.Tensor:
         """``(T,)`` losses, one per task, on this batch."""
@@ -146,6 +155,23 @@ def task_metrics(task: TaskSpec, predictions: np.ndarray, targets: np.ndarray) -
     }
 
 
+def conformal_offset(quantile_predictions: np.ndarray, targets: np.ndarray, coverage: float) -> float:
+    """Split-conformal correction of the interval ``[q_low, q_high]`` (the outermost quantiles), from held-out data
+    (conformalised quantile regression, Romano, Patterson & Candes 2019).
+
+    Scores ``E_i = max(q_low(x_i) - y_i, y_i - q_high(x_i))`` (negative inside the interval); the offset is the
+    ``ceil((n + 1) * coverage)``-th smallest score, so ``[q_low - offset, q_high + offset]`` covers a new
+    exchangeable item with probability at least ``coverage``. Positive widens, negative narrows.
+    """
+    keep = np.isfinite(targets)
+    y, q = targets[keep].astype(np.float64), quantile_predictions[keep].astype(np.float64)
+    if len(y) == 0:
+        return 0.0
+    scores = np.sort(np.maximum(q[:, 0] - y, y - q[:, -1]))
+    rank = min(len(scores), int(np.ceil((len(scores) + 1) * coverage)))
+    return float(scores[rank - 1])
+
+
 def collect(model: nn.Module, loader: Any, tasks: Sequence[TaskSpec], forward_fn: Any,
             accelerator: Any | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per task: ``(predictions, targets)`` over a loader (gathered across processes when an accelerator is given)."""
@@ -167,18 +193,21 @@ def collect(model: nn.Module, loader: Any, tasks: Sequence[TaskSpec], forward_fn
     return {name: (np.concatenate(p), np.concatenate(y)) for name, (p, y) in parts.items() if p}
 
 
-def multitask_evaluate_fn(tasks: Sequence[TaskSpec]):
-    """An ``evaluate_fn`` for the engine: ``loss`` (unweighted sum of task losses) and ``<task>_<metric>``."""
+def multitask_evaluate_fn(tasks: Sequence[TaskSpec], weights: Sequence[float] | None = None):
+    """An ``evaluate_fn`` for the engine: ``loss`` (sum of task losses times the fixed ``weights``, default 1: a
+    task of weight 0 does not steer model selection) and ``<task>_<metric>``."""
+    weights = list(weights) if weights else [1.0] * len(tasks)
 
     def evaluate(model: nn.Module, loader: Any, accelerator: Any, forward_fn: Any) -> dict[str, float]:
         collected = collect(model, loader, tasks, forward_fn, accelerator)
         row: dict[str, float] = {}
         total = 0.0
-        for t in tasks:
+        for t, weight in zip(tasks, weights):
             if t.name not in collected:
                 continue
             predictions, targets = collected[t.name]
-            total += float(task_loss(t, torch.as_tensor(predictions), torch.as_tensor(targets)))
+            if weight:
+                total += weight * float(task_loss(t, torch.as_tensor(predictions), torch.as_tensor(targets)))
             for key, value in task_metrics(t, predictions, targets).items():
                 if isinstance(value, float):
                     row[f"{t.name}_{key}"] = value
