@@ -5,6 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+TINY_LLAMA = {**TINY_BERT, "num_key_value_heads": 1, "head_dim": 16}
+BERT_WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "man", "plays", "guitar", "someone", "market", "fell",
+              "today", "is", "playing"]
 LM_WORDS = ["good", "bad", "movie", "great", "awful", "film", "text", "label", ":", "positive", "negative", "the",
             "was", "classify", "into", "one", "of", "these", "labels", ",", ".", "cat", "sat", "on", "mat", "dog"]
 
@@ -24,4 +28,18 @@ def tiny_llama_dir(tmp_path_factory) -> str:
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
                          pad_token_id=0, bos_token_id=2, eos_token_id=3)
     LlamaForCausalLM(config).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> str:
+    """A local hf folder: tiny BERT config + random weights + a BertTokenizer with a hand-written vocab."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *BERT_WORDS]) + "\n")
+    BertTokenizer(vocab=str(vocab)).save_pretrained(folder)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=5 + len(BERT_WORDS), max_position_embeddings=64, **TINY_BERT)).save_pretrained(folder)
     return str(folder)

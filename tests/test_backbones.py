@@ -8,48 +8,13 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_BERT, TINY_LLAMA  # tests/ is on sys.path under pytest
 from PIL import Image
 from torch import nn
 
 from transferkit.backbones import backbone_from_spec, create_backbone, list_backbones
 from transferkit.backbones.base import check_layer_groups, group_from_parameter_names
 from transferkit.errors import TransferkitError
-
-TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
-TINY_LLAMA = {**TINY_BERT, "num_key_value_heads": 1, "head_dim": 16}
-WORDS = [
-    "the",
-    "a",
-    "cat",
-    "dog",
-    "sat",
-    "on",
-    "mat",
-    "man",
-    "plays",
-    "guitar",
-    "someone",
-    "market",
-    "fell",
-    "today",
-    "is",
-    "playing",
-]
-
-
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory) -> str:
-    """A local hf folder: tiny BERT config + random weights + a BertTokenizer with a hand-written vocab."""
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    BertTokenizer(vocab=str(vocab)).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=5 + len(WORDS), max_position_embeddings=64, **TINY_BERT)
-    BertModel(config).save_pretrained(folder)
-    return str(folder)
 
 
 def _images(n: int = 2) -> list[Image.Image]:

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_LLAMA  # tests/ is on sys.path under pytest
 from torch import nn
 
 from transferkit.backbones import create_backbone, move_to
@@ -22,23 +23,8 @@ from transferkit.strategies.adapters import analytic_adapter_count
 from transferkit.strategies.fish import MASK_MODULE
 from transferkit.strategies.lora import analytic_lora_count, export_lora, inner_network, load_lora_export
 
-TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
-TINY_LLAMA = {**TINY_BERT, "num_key_value_heads": 1, "head_dim": 16}
 WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "man", "plays", "guitar", "market", "fell", "today"]
 CLASSES = ["a", "b", "c"]
-
-
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory) -> str:
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    BertTokenizer(vocab=str(vocab)).save_pretrained(folder)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=5 + len(WORDS), max_position_embeddings=64, **TINY_BERT)).save_pretrained(folder)
-    return str(folder)
 
 
 def image_data(n: int = 12, size: int = 24, seed: int = 0) -> LabeledData:
@@ -149,6 +135,32 @@ def test_lora_adapter_export_restores_predictions_on_pretrained_base(tmp_path, m
     monkeypatch.setattr(backbones, "create_backbone", seeded)
     restored, _ = load_lora_export(out)
     torch.testing.assert_close(predictions(restored, data), predictions(model, data), rtol=0, atol=0)
+
+
+def test_one_shot_lora_trains_fixed_epochs_on_one_example_per_class(tmp_path):
+    """K = 1 (personalisation): the loader gives no validation split, the engine runs every epoch and keeps the
+    last weights, and still only LoRA + head parameters move."""
+    from PIL import Image
+
+    from transferkit.data import load_data
+
+    rng = np.random.default_rng(0)
+    for c in CLASSES:
+        for i in range(3):
+            path = tmp_path / "imgs" / c / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
+    splits = load_data(tmp_path / "imgs", limit_per_class=1, test_fraction=0.0, seed=0)
+    assert list(splits.train.class_counts()) == [1, 1, 1] and len(splits.val) == 0
+    model, strategy = build("small_cnn", "lora", {"lora_r": 2, "lora_targets": [r"re:stages\.\d\.[03]"]}, width=4,
+                            feature_dim=8, in_chans=3, image_size=16)
+    before = snapshot(model)
+    config = TrainConfig(epochs=3, batch_size=4, lr=0.05, early_stopping=2, device="cpu", seed=0)
+    result = strategy.train(model, RunContext(splits, config, progress=False))
+    assert [row["epoch"] for row in result.history] == [1, 2, 3] and result.best_epoch == 3
+    assert not any("val_accuracy" in row for row in result.history)
+    changed = changed_keys(before, model)
+    assert changed and all(".lora_" in k or k.startswith("heads.") for k in changed)
 
 
 def test_lora_text_encoder_query_value_count(tiny_bert_dir):
