@@ -70,6 +70,11 @@ QUESTIONS: list[tuple[str, set[str]]] = [
 QUICK_QUESTIONS = 8
 
 
+def _omp_prefix() -> str:
+    threads = os.environ.get("OMP_NUM_THREADS")
+    return f"OMP_NUM_THREADS={threads} " if threads else ""
+
+
 def _cell(name: str, compute):
     return cached(CACHE, name, compute)
 
@@ -183,20 +188,31 @@ def throughput(n: int, dim: int, n_queries: int, threads: int = 1, rounds: int =
 
 # --- 3. ask -----------------------------------------------------------------------------------------------------
 def ask_accuracy(index, questions, mode: str, lm=None) -> dict:
+    """Per question: does the answer's first citation (and, in generate mode, the passage its words overlap
+    most) come from an answering topic?"""
     from transferkit.memory.ask import ask
 
-    correct, explicit, seconds, examples = 0, 0, [], []
+    cited_right, overlap_right, retrieved_right, first_rank, seconds, examples = [], [], [], [], [], []
     for question, good in questions:
         start = time.perf_counter()
         answer = ask(index, question, k=3, mode=mode, lm=lm, max_new_tokens=48)
         seconds.append(time.perf_counter() - start)
-        correct += any(c.source in good for c in answer.citations)
-        explicit += answer.cited_by_model
-        examples.append({"question": question, "answer": answer.answer[:200],
-                         "cited": [c.source for c in answer.citations]})
+        cited_right.append(bool(answer.citations) and answer.citations[0].source in good)
+        overlap_right.append(answer.overlap is not None and answer.overlap.source in good)
+        retrieved_right.append(any(h.source in good for h in answer.passages))
+        first_rank.append(answer.citations[0].rank if answer.citations else 0)
+        examples.append({"question": question, "answer": answer.answer[:300],
+                         "cited": [c.source for c in answer.citations],
+                         "retrieved": [h.source for h in answer.passages]})
     n = len(questions)
-    return {"citation_accuracy": correct / n, "explicit_citation_rate": explicit / n, "n": n,
-            "seconds_per_question": float(np.mean(seconds)), "examples": examples[:3]}
+    return {"citation_accuracy": float(np.mean(cited_right)), "overlap_accuracy": float(np.mean(overlap_right)),
+            "retrieved_right": float(np.mean(retrieved_right)), "first_cited_rank": first_rank,
+            "cited_right": cited_right, "n": n, "seconds_per_question": float(np.mean(seconds)),
+            "examples": examples}
+
+
+def _ceiling(cell: dict) -> str:
+    return f"{cell['retrieved_right']:.3f}" if "retrieved_right" in cell else "-"
 
 
 # --- 4. few-shot --------------------------------------------------------------------------------------------------
@@ -252,7 +268,8 @@ from datasets import Dataset
 from setfit import SetFitModel, Trainer, TrainingArguments
 payload = json.load(open(sys.argv[1]))
 model = SetFitModel.from_pretrained(payload["model"])
-args = TrainingArguments(batch_size=16, num_epochs=1, seed=payload["seed"], show_progress_bar=False)
+args = TrainingArguments(output_dir=payload["output_dir"], batch_size=16, num_epochs=1, seed=payload["seed"],
+                         show_progress_bar=False)
 trainer = Trainer(model=model, args=args,
                   train_dataset=Dataset.from_dict({"text": payload["train_texts"], "label": payload["train_labels"]}))
 start = time.perf_counter()
@@ -270,6 +287,7 @@ def setfit_few_shot(splits, k: int, seed: int, python: str) -> dict:
     payload = {"model": minilm_path(), "seed": seed, "train_texts": list(train.items),
                "train_labels": [int(x) for x in train.labels], "test_texts": list(splits.test.items)}
     with tempfile.TemporaryDirectory() as tmp:
+        payload["output_dir"] = str(Path(tmp) / "checkpoints")  # SetFit's trainer saves checkpoints there
         (Path(tmp) / "payload.json").write_text(json.dumps(payload))
         (Path(tmp) / "run.py").write_text(SETFIT_SCRIPT)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -322,8 +340,10 @@ def main(argv: list[str] | None = None) -> None:
         CACHE = CACHE / "quick"
     questions = QUESTIONS[:QUICK_QUESTIONS] if args.quick else QUESTIONS
     lines = ["## Memory, few-shot and zero-shot (issue 5)", "",
-             f"Command: `.venv/bin/python -m bench.bench_memory {' '.join(argv if argv is not None else sys.argv[1:])}`"
-             .rstrip() + f" on {platform.machine()} CPU (2 cores shared with other jobs), one run.", ""]
+             f"Command: `{_omp_prefix()}.venv/bin/python -m bench.bench_memory {' '.join(argv if argv is not None else sys.argv[1:])}`"
+             .rstrip() + f" on {platform.machine()} CPU (2 cores shared with other jobs). Every cell is cached as JSON under "
+             "`bench/cache/memory/` (an interrupted run resumes), so cells can come from earlier runs of the same "
+             "code; ratios are always measured within one cell (interleaved).", ""]
     index = None
     if "retrieval" not in args.skip or "ask" not in args.skip:
         index = _pydoc_index(CACHE / "pydoc-index")
@@ -339,44 +359,70 @@ def main(argv: list[str] | None = None) -> None:
 
     if "throughput" not in args.skip:
         n = 10_000 if args.quick else 100_000
-        t = _cell(f"throughput-interleaved-{n}-t{args.threads}",
-                  lambda: throughput(n, 384, 1000, threads=args.threads, rounds=3 if args.quick else 5))
+        rounds = 3 if args.quick else 11
+        t = _cell(f"throughput-interleaved-{n}-t{args.threads}-r{rounds}",
+                  lambda: throughput(n, 384, 1000, threads=args.threads, rounds=rounds))
         lines += ["### Query throughput (synthetic index)", "",
                   f"{t['n']:,} unit vectors of dimension {t['dim']} (1,000 Gaussian clusters), {t['queries']} "
                   "noisy copies of stored vectors as queries, k = 10. HNSW: M = 32, efSearch = 64; IVF: 256 cells, "
                   f"nprobe = 16. FAISS OpenMP threads = {t['threads']} for both sides (same process, "
                   f"OMP_NUM_THREADS=1); the three searches are timed interleaved, {t['rounds']} rounds in rotating "
                   "order; ratio = median over rounds of (FAISS time / transferkit time). `search_ids` returns FAISS's "
-                  "arrays; `search_vectors` also builds one result object (source, text, offsets) per hit.", "",
+                  "arrays (ids -> records on demand); `search_vectors` also builds one Python result object (source, text, "
+                  "offsets) per hit, whose cost per hit is shown (median time difference / hits).", "",
                   "| index | FAISS direct q/s | `search_ids` q/s (ratio) | `search_vectors` q/s (ratio) | "
-                  "same ids as direct | recall@10 vs exact |", "|---|---|---|---|---|---|"]
+                  "result objects µs/hit | same ids as direct | recall@10 vs exact |", "|---|---|---|---|---|---|---|"]
         for kind, v in t["kinds"].items():
             f, i, h = (v["timing"][name] for name in ("faiss", "search_ids", "search_vectors"))
             lines.append(f"| {kind} | {f['median_qps']:,.0f} | {i['median_qps']:,.0f} ({i['ratio']:.2f}x) | "
-                         f"{h['median_qps']:,.0f} ({h['ratio']:.2f}x) | {v['same_ids_as_direct']:.3f} | "
+                         f"{h['median_qps']:,.0f} ({h['ratio']:.2f}x) | "
+                         f"{1e6 * (1 / h['median_qps'] - 1 / i['median_qps']) / 10:.1f} | {v['same_ids_as_direct']:.3f} | "
                          f"{v['recall@10_vs_exact']:.3f} |")
         lines.append("")
 
     if "ask" not in args.skip:
         extractive = _cell("ask-extractive", lambda: ask_accuracy(index, questions, "extractive"))
         n_gen = min(args.generate_questions, len(questions))
+        first = _cell(f"ask-extractive-first-{n_gen}", lambda: ask_accuracy(index, questions[:n_gen], "extractive"))
 
         def generate() -> dict:
             from transferkit.zeroshot.incontext import load_causal_lm
 
             return ask_accuracy(index, questions[:n_gen], "generate", load_causal_lm("smollm2-135m"))
 
-        generated = _cell(f"ask-generate-{n_gen}", generate)
+        generated = _cell(f"ask-generate-constrained-{n_gen}", generate)
+        old = CACHE / "ask-generate-6.json"  # the free-form prompt of an earlier session (code since replaced)
+        free = json.loads(old.read_text()) if old.is_file() and not args.quick else None
         lines += ["### `ask` citation accuracy", "",
-                  "Share of questions whose answer cites a chunk of an answering topic (top 3 chunks retrieved).",
-                  "", "| mode | questions | citation accuracy | model cited explicitly | seconds/question |",
-                  "|---|---|---|---|---|",
-                  f"| extractive | {extractive['n']} | {extractive['citation_accuracy']:.3f} | - | "
+                  "Share of questions whose answer cites (first citation) a chunk of an answering topic; top 3 "
+                  "chunks retrieved from the flat index above. Generate mode: SmolLM2-135M-Instruct, greedy, 48 new "
+                  "tokens, constrained format `According to passage [n], ...` (the token after `[` restricted to the "
+                  "passage numbers, so the citation is the model's most likely source). \"Overlap\" = the passage "
+                  "sharing the most words with the generated answer, an independent check of what the answer used.",
+                  "", "| mode | questions | right source among the 3 retrieved | citation accuracy | overlap accuracy "
+                  "| seconds/question |", "|---|---|---|---|---|---|",
+                  f"| extractive | {extractive['n']} | {_ceiling(extractive)} | {extractive['citation_accuracy']:.3f} | - | "
                   f"{extractive['seconds_per_question']:.2f} |",
-                  f"| generate (SmolLM2-135M) | {generated['n']} | {generated['citation_accuracy']:.3f} | "
-                  f"{generated['explicit_citation_rate']:.3f} | {generated['seconds_per_question']:.1f} |", "",
-                  "When the model cites no passage number its answer is attributed to the best-retrieved chunk; "
-                  "the explicit rate says how often it cited by itself.", ""]
+                  f"| extractive (same questions as generate) | {first['n']} | {_ceiling(first)} | "
+                  f"{first['citation_accuracy']:.3f} | - "
+                  f"| {first['seconds_per_question']:.2f} |",
+                  f"| generate, constrained citation | {generated['n']} | {_ceiling(generated)} | "
+                  f"{generated['citation_accuracy']:.3f} | "
+                  f"{generated['overlap_accuracy']:.3f} | {generated['seconds_per_question']:.1f} |"]
+        if free is not None:
+            lines.append(f"| generate, free-form \"cite like [1]\" prompt (earlier session, replaced) | {free['n']} "
+                         f"| - | {free['citation_accuracy']:.3f} (cited by itself: {free['explicit_citation_rate']:.3f})"
+                         f" | - | {free['seconds_per_question']:.1f} |")
+        if "first_cited_rank" in generated:
+            ranks = generated["first_cited_rank"]
+            mostly_first = ranks.count(1) >= 0.75 * len(ranks)
+            lines += ["", f"The model cited passage [1] (the best-retrieved chunk) for {ranks.count(1)} of {len(ranks)} "
+                      "questions" + (", so its citation accuracy mostly follows retrieval rank 1 here." if mostly_first
+                                     else ".")]
+        lines += ["", "Generated answers (first 3):", ""]
+        lines += [f"- *{e['question']}* -> cited {e['cited'][:1]} (retrieved {e['retrieved']}): "
+                  f"\"{' '.join(e['answer'].split())[:220]}\"" for e in generated["examples"][:3]]
+        lines.append("")
 
     if "fewshot" not in args.skip or "incontext" not in args.skip:
         splits = _tweets(150 if args.quick else 600)
@@ -396,18 +442,34 @@ def main(argv: list[str] | None = None) -> None:
                                      lambda k=k, seed=seed, method=method: transferkit_few_shot(splits, k, seed, method))
                     table.setdefault((k, method), []).append(cell)
         lines += ["### Few-shot text: tweets sentiment (3 classes)", "",
-                  f"all-MiniLM-L6-v2; K labelled tweets per class drawn with each seed ({args.seeds} seed(s)); "
-                  f"{len(splits.test)} test tweets (fixed stratified subset). SetFit 1.2 run offline from the same "
-                  "local model folder (batch 16, 1 epoch, its default pair sampling); contrastive = transferkit's "
-                  "SetFit-style strategy (same pairs recipe, lr 2e-5) trained by the transferkit engine.", "",
-                  "| K | method | accuracy | train seconds |", "|---|---|---|---|"]
+                  f"all-MiniLM-L6-v2; K labelled tweets per class drawn with each seed (seeds 0-{args.seeds - 1}); "
+                  f"{len(splits.test)} test tweets (fixed stratified subset), accuracy computed here for every "
+                  "method. SetFit 1.2 run offline from the same local model folder in a subprocess (batch 16, 1 "
+                  "epoch, its default oversampling pairs, CosineSimilarityLoss, body lr 2e-5, logistic-regression "
+                  "head); contrastive = transferkit's SetFit-style strategy (same pair recipe, cosine-similarity "
+                  "loss, lr 2e-5, warm-up 10 % then cosine decay (SetFit: linear), then an L2-regularised logistic-regression head on the normalised "
+                  "embeddings) trained by the transferkit engine. Per seed the two run back to back (interleaved), "
+                  "OMP_NUM_THREADS=1 for both.", "",
+                  "| K | method | accuracy (mean ± sd over seeds) | per seed | train seconds (mean) |",
+                  "|---|---|---|---|---|"]
         for (k, method), cells in table.items():
             ok = [c for c in cells if "accuracy" in c]
             if not ok:
-                lines.append(f"| {k} | {method} | failed: {cells[0].get('error', '')[:80]} | |")
+                lines.append(f"| {k} | {method} | failed: {cells[0].get('error', '')[:80]} | | |")
                 continue
-            acc = np.mean([c["accuracy"] for c in ok])
-            lines.append(f"| {k} | {method} | {acc:.3f} | {np.mean([c['train_seconds'] for c in ok]):.1f} |")
+            accs = [c["accuracy"] for c in ok]
+            lines.append(f"| {k} | {method} | {np.mean(accs):.3f} ± {np.std(accs):.3f} | "
+                         f"{', '.join(f'{a:.3f}' for a in accs)} | "
+                         f"{np.mean([c['train_seconds'] for c in ok]):.1f} |")
+        for k in ks:
+            pairs = [(a, b) for a, b in zip(table.get((k, "contrastive"), []), table.get((k, "setfit"), []))
+                     if "accuracy" in a and "accuracy" in b]
+            if pairs:
+                gaps = [100 * (a["accuracy"] - b["accuracy"]) for a, b in pairs]
+                times = [a["train_seconds"] / b["train_seconds"] for a, b in pairs]
+                lines.append(f"\nK = {k}: contrastive minus SetFit = {', '.join(f'{g:+.1f}' for g in gaps)} points "
+                             f"per seed (mean {np.mean(gaps):+.1f}); train time ratio contrastive / SetFit "
+                             f"{np.mean(times):.2f}x.")
         missing = [m for m in ("prototypes", "knn", "contrastive", "setfit") if m not in methods]
         if missing:
             lines.append(f"\nNot run in this session: {', '.join(missing)} (--fewshot-methods).")

@@ -19,8 +19,10 @@ def tiny_llama_dir(tmp_path_factory) -> str:
     from transformers import BertTokenizerFast, LlamaConfig, LlamaForCausalLM
 
     folder = tmp_path_factory.mktemp("tiny-llama-shared")
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *LM_WORDS]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *LM_WORDS]
+    # a vocab dict, not vocab_file=: transformers 5's fast BERT tokenizer ignores the file (every word -> [UNK])
+    tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(vocabulary)})
+    assert tokenizer("the cat")["input_ids"][1:-1] == [vocabulary.index("the"), vocabulary.index("cat")]
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)

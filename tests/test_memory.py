@@ -1,5 +1,6 @@
 """Memory: chunking boundaries, index persistence, add/remove, metadata, encoder mismatch, approximate kinds,
-the CLI (search --json), and ``ask`` (extractive cites the right source; generated citations are parsed)."""
+the CLI (text and image search --json), and ``ask`` (extractive cites the right source; generate cites the
+LM's most likely passage)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ import pytest
 import torch
 
 from transferkit.errors import TransferkitError
-from transferkit.memory.ask import Answer, generated_answer, sentence_windows
+from transferkit.memory.ask import (
+    CITATION_PREFIX,
+    generated_answer,
+    overlap_passage,
+    passage_number_tokens,
+    read_citations,
+    sentence_windows,
+    trim_echo,
+)
 from transferkit.memory.chunking import Document, chunk_document, read_documents
 from transferkit.memory.index import SearchHit, VectorIndex, add_to_index, build_index
 
@@ -23,8 +32,8 @@ def tiny_encoder(tmp_path_factory) -> str:
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     folder = tmp_path_factory.mktemp("tiny-bert")
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]  # vocab_file= gives an empty vocabulary
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocabulary)}).save_pretrained(folder)
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=5 + len(WORDS), max_position_embeddings=64, hidden_size=16,
                          num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(folder)
@@ -151,26 +160,52 @@ def test_sentence_windows_are_spans():
                                              "Second one!\n\nThird", "Third"]
 
 
-def test_generated_answer_reads_citations():
-    hits = [SearchHit(i, 0.9, f"doc{i}.md", f"text {i}", 0, 6) for i in (1, 2, 3)]
+def test_read_citations_and_overlap_passage():
+    hits = [SearchHit(1, 0.9, "a.md", "hold the reset button", 0, 5), SearchHit(2, 0.8, "b.md", "bake bread", 0, 5)]
+    assert [h.source for h in read_citations("see [2], then [1] and [2] and [7]", hits)] == ["b.md", "a.md"]
+    assert overlap_passage("You bake the bread.", hits).source == "b.md"
+    assert overlap_passage("Hold the button to reset.", hits).source == "a.md"
+    assert overlap_passage("nothing shared", hits) is None
+    assert trim_echo("According to passage [1], hold it.\n\nQuestion: what else?") == "According to passage [1], hold it."
+    assert trim_echo("Bake it [2].\n[1] (from a.md) hold the reset button") == "Bake it [2]."
 
-    class FakeLM:
-        def __init__(self, reply: str) -> None:
-            self.reply = reply
-            self.prompt = ""
 
-        def generate(self, prompt: str, max_new_tokens: int = 64, system: str | None = None) -> str:
-            self.prompt = prompt
-            return self.reply
+@pytest.fixture(scope="module")
+def tiny_chat_lm():
+    """A tiny random Llama whose word-level tokenizer spells the passage numbers 1-3 as single tokens."""
+    from types import SimpleNamespace
 
-    lm = FakeLM("Use the switch [2], see also [3] and [9].\n[1] (from doc1.md) text 1")
-    answer = generated_answer(lm, "how?", hits)
-    assert "[2] (from doc2.md) text 2" in lm.prompt and "Question: how?" in lm.prompt
-    assert [h.source for h in answer.citations] == ["doc2.md", "doc3.md"] and answer.cited_by_model
-    assert "(from doc1.md)" not in answer.answer  # an echoed passage list is cut off
-    fallback = generated_answer(FakeLM("No idea."), "how?", hits)
-    assert isinstance(fallback, Answer) and not fallback.cited_by_model
-    assert [h.source for h in fallback.citations] == ["doc1.md"]
+    from transformers import BertTokenizerFast, LlamaConfig, LlamaForCausalLM
+
+    words = ["according", "to", "passage", "[", "]", ",", "1", "2", "3", "the", "reset", "router", "question",
+             "answer", "passages", "from", ":", "(", ")", "."]
+    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocabulary)})
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=5 + len(words), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                         max_position_embeddings=512, pad_token_id=0, bos_token_id=2,
+                                         eos_token_id=3))
+    return SimpleNamespace(tokenizer=tokenizer, model=model)
+
+
+def test_generated_answer_cites_the_models_most_likely_passage(tiny_chat_lm):
+    from transferkit.memory.ask import build_rag_prompt, chat_prefix
+
+    hits = [SearchHit(i, 0.9, f"doc{i}.md", f"the router {i}", 0, 6) for i in (1, 2, 3)]
+    answer = generated_answer(tiny_chat_lm, "reset the router?", hits, max_new_tokens=5)
+    assert answer.answer.startswith(CITATION_PREFIX) and answer.mode == "generate"
+    # the cited passage is the argmax of the next-token probability over the tokens "1", "2", "3"
+    tokenizer = tiny_chat_lm.tokenizer
+    text = chat_prefix(tiny_chat_lm, build_rag_prompt("reset the router?", hits)) + CITATION_PREFIX
+    with torch.no_grad():
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        logits = tiny_chat_lm.model(input_ids=ids).logits[0, -1]
+    best = int(logits[passage_number_tokens(tokenizer, 3)].argmax())
+    assert answer.citations[0] is hits[best]
+    with pytest.raises(TransferkitError, match="single tokens"):
+        passage_number_tokens(tokenizer, 4)  # "4" is not in the vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -212,18 +247,37 @@ def test_cli_search_json(minilm_corpus_index, capsys):
     assert "differs from the index's encoder" in capsys.readouterr().err
 
 
-def test_image_index_finds_the_same_photo(tmp_path):
+def test_cli_similar_image_search(tmp_path, capsys):
     from PIL import Image
     from skimage import data
 
+    from transferkit.cli.main import main
+
     folder = tmp_path / "photos"
-    folder.mkdir()
-    for name in ("coffee", "chelsea", "rocket"):
-        Image.fromarray(getattr(data, name)()).resize((96, 96)).save(folder / f"{name}.png")
-    index = build_index(tmp_path / "idx", images=folder, progress=False)
-    query = Image.fromarray(data.coffee()).resize((80, 80))
-    hits = index.search([query], k=3)[0]
-    assert hits[0].source == "coffee.png" and hits[0].start is None and len(hits) == 3
+    (folder / "more").mkdir(parents=True)
+    for name in ("coffee", "chelsea", "rocket", "astronaut", "horse"):
+        Image.fromarray(getattr(data, name)()).convert("RGB").resize((64, 64)).save(folder / f"{name}.jpg")
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / "more" / f"noise{i}.png")
+    out = str(tmp_path / "idx")
+    assert main(["index", "build", "--images", str(folder), "--encoder", "efficientnet_lite0", "--out", out]) == 0
+    capsys.readouterr()
+    assert main(["search", out, "--image", str(folder / "chelsea.jpg"), "-k", "6", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["query"] == str(folder / "chelsea.jpg")
+    results = document["results"]
+    assert [set(r) for r in results] == [{"rank", "score", "source", "text", "start", "end"}] * 6
+    assert results[0]["source"] == "chelsea.jpg" and results[0]["score"] > 0.999  # the identical image first
+    assert [r["rank"] for r in results] == [1, 2, 3, 4, 5, 6]
+    assert all(a["score"] >= b["score"] for a, b in zip(results, results[1:]))
+    assert {r["source"] for r in results} <= {f"{n}.jpg" for n in ("coffee", "chelsea", "rocket", "astronaut",
+                                                                  "horse")} | {"more/noise0.png", "more/noise1.png"}
+    query = tmp_path / "coffee-small.png"
+    Image.fromarray(data.coffee()).resize((40, 40)).save(query)
+    assert main(["search", out, "--image", str(query), "-k", "6"]) == 0  # table output, resized query
+    assert capsys.readouterr().out.splitlines()[2].split()[2] == "coffee.jpg"
+    assert main(["search", out, "a text query"]) == 2  # an image index needs --image
 
 
 def test_cli_index_build_add_remove_info(notes, tmp_path, tiny_encoder, capsys):

@@ -80,28 +80,6 @@ def test_clip_code_path_with_random_model():
 
 
 # --- in-context ------------------------------------------------------------------------------------------------
-WORDS = ["good", "bad", "movie", "great", "awful", "film", "text", "label", ":", "positive", "negative", "the",
-         "was", "classify", "into", "one", "of", "these", "labels", ",", "."]
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> str:
-    """A tiny random Llama with a word-level BERT tokenizer and a one-line chat template, saved locally."""
-    from transformers import BertTokenizerFast, LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=5 + len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                         pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return str(folder)
-
-
 def test_prompt_builder_zero_and_few_shot():
     builder = PromptBuilder(["positive", "negative"])
     assert builder.build("great film") == (
@@ -121,8 +99,8 @@ def test_pick_examples_balanced_and_interleaved():
         pick_examples(texts, labels, ["a", "b", "c"], shots=3)
 
 
-def test_label_log_likelihood_equals_full_sequence(tiny_llama):
-    lm = load_causal_lm(f"hf:{tiny_llama}")
+def test_label_log_likelihood_equals_full_sequence(tiny_llama_dir):
+    lm = load_causal_lm(f"hf:{tiny_llama_dir}")
     prompt = "classify : the movie was great . label :"
     labels = ["positive", "negative", "good movie"]
     scores = label_log_likelihoods(lm, prompt, labels)
@@ -138,13 +116,13 @@ def test_label_log_likelihood_equals_full_sequence(tiny_llama):
     assert normalised[2] == pytest.approx(scores[2] / 2, abs=1e-5)
 
 
-def test_cli_prompt_classifies_inputs(tiny_llama, tmp_path, capsys):
+def test_cli_prompt_classifies_inputs(tiny_llama_dir, tmp_path, capsys):
     from transferkit.cli.main import main
 
     rows = ["text,label"] + [f"good movie {i},positive" for i in range(6)] + \
         [f"awful film {i},negative" for i in range(6)]
     (tmp_path / "reviews.csv").write_text("\n".join(rows) + "\n")
-    code = main(["prompt", "--data", str(tmp_path / "reviews.csv"), "--lm", f"hf:{tiny_llama}", "--shots", "0",
+    code = main(["prompt", "--data", str(tmp_path / "reviews.csv"), "--lm", f"hf:{tiny_llama_dir}", "--shots", "0",
                  "--shots", "1", "--input", "great film", "--json"])
     assert code == 0
     document = json.loads(capsys.readouterr().out)

@@ -399,10 +399,13 @@ class LoadedModel:
                 ids.append(f"item[{i}]")
         return LabeledData(raw, np.full(len(raw), -1), self.classes_, self.modality, ids, name="inputs")
 
-    def predict_proba(self, items: Any, batch_size: int = 64) -> np.ndarray:
+    def refuse_language_model(self) -> None:
         if self.is_language_model:
             raise TransferkitError(f"'{self.path}' is a language model: it has no classes to predict",
                                    "use `transferkit generate --model RUN \"prompt\"` or evaluate its perplexity")
+
+    def predict_proba(self, items: Any, batch_size: int = 64) -> np.ndarray:
+        self.refuse_language_model()
         return predict_proba_model(self.module, self._as_data(items), batch_size, temperature=self.temperature)
 
     def predict(self, items: Any, batch_size: int = 64) -> list[str]:
@@ -489,6 +492,7 @@ def expand_inputs(inputs: list[str], modality: str) -> list[str]:
 def predict(model: str | Path | LoadedModel, inputs: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
     """One row per input: ``{"input", "prediction", "probabilities": {class: p}}``."""
     loaded = model if isinstance(model, LoadedModel) else load(model)
+    loaded.refuse_language_model()
     items = expand_inputs(list(inputs), loaded.modality)
     if loaded.module.tasks[0].kind != "classify" or len(loaded.module.tasks) > 1:  # every task's prediction
         from transferkit.tasks.extension import predict_task_rows

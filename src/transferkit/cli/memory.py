@@ -168,8 +168,7 @@ def run_ask(args: argparse.Namespace) -> int:
         return 0
     print(answer.answer)
     print()
-    note = "" if answer.cited_by_model else " (the model cited no passage: attributed to the best match)"
-    print(f"sources{note}:")
+    print("sources:")
     for hit in answer.citations:
         span = "" if hit.start is None else f" [{hit.start}:{hit.end}]"
         print(f"  [{hit.rank}] {hit.source}{span} (score {hit.score:.3f})")

@@ -274,7 +274,10 @@ class VectorIndex:
         return self.faiss_index.search(queries, min(k, len(self)))
 
     def search_vectors(self, queries: np.ndarray, k: int = 5) -> list[list[SearchHit]]:
-        """The ``k`` stored vectors most similar (inner product) to each query, best first, with records."""
+        """The ``k`` stored vectors most similar (inner product) to each query, best first, with records.
+
+        One Python object per hit costs a few microseconds on top of FAISS; for bulk search use :meth:`search_ids`
+        and read ``records[id]`` only for the hits you need."""
         scores, ids = self.search_ids(queries, k)
         records = self.records
         results = []
