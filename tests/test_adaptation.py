@@ -74,6 +74,24 @@ def test_coral_transform_gives_source_the_target_covariance():
                                rtol=1e-8, atol=1e-8)
 
 
+def test_relative_coral_regularisation_equals_skada_shrinkage():
+    """relative=True, r = 1: (C_s + tr(C_s)/d I)^-1/2 (C_t + tr(C_t)/d I)^1/2, which is SKADA's CORALAdapter(reg=0.5)
+    (sklearn's shrunk covariance 0.5 C + 0.5 tr(C)/d I: the scalar 0.5 cancels between the two factors)."""
+    from sklearn.covariance import shrunk_covariance
+
+    rng = np.random.default_rng(1)
+    source, target = _correlated(rng, 300, 4, 1.0), 10.0 * _correlated(rng, 300, 4, 3.0)  # different scales
+
+    def power(m: np.ndarray, p: float) -> np.ndarray:
+        values, vectors = np.linalg.eigh(m)
+        return (vectors * values**p) @ vectors.T
+
+    skada = power(shrunk_covariance(np.cov(source, rowvar=False), 0.5), -0.5) @ \
+        power(shrunk_covariance(np.cov(target, rowvar=False), 0.5), 0.5)
+    np.testing.assert_allclose(coral_matrix(source, target, 1.0, relative=True), skada, rtol=1e-8, atol=1e-10)
+    assert not np.allclose(coral_matrix(source, target, 1.0), skada, atol=1e-3)  # absolute r differs
+
+
 # --- feature augmentation ------------------------------------------------------------------------------------------
 
 
@@ -273,3 +291,27 @@ def test_feature_matching_end_to_end(domains, tmp_path):
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     matching = [row for row in history if row.get("stage") == "feature-matching"]
     assert len(matching) == 2 and matching[-1]["train_feature_matching"] < matching[0]["train_feature_matching"]
+
+
+def test_extension_training_hook_defaults_and_adaptation_takes_over_only_when_adapting():
+    """api.fit calls FitExtension.train first; None (the default) leaves training to the strategy."""
+    from transferkit.adaptation.extension import AdaptationConfig, AdaptationExtension
+    from transferkit.extensions import ExtensionConfig, FitExtension
+
+    assert FitExtension(ExtensionConfig()).train(None, None, None) is None  # type: ignore[arg-type]
+    assert AdaptationExtension(AdaptationConfig(frame="mnist")).train(None, None, None) is None  # type: ignore[arg-type]
+
+
+def test_fashion_pairs_have_a_labelled_degraded_copy_of_the_source(tmp_path):
+    from transferkit.adaptation.feature_matching import make_fashion_pairs, read_pairs
+
+    out = make_fashion_pairs(tmp_path / "pairs", n_source=12, n_pairs=6, n_test=5, seed=0)
+    source = sorted(p.relative_to(out / "source") for p in (out / "source").rglob("*.png"))
+    degraded = sorted(p.relative_to(out / "target_train") for p in (out / "target_train").rglob("*.png"))
+    assert len(source) == 12 and source == degraded  # same class folders and file names
+    clean = np.asarray(Image.open(out / "source" / source[0]), dtype=np.float32)
+    noisy = np.asarray(Image.open(out / "target_train" / source[0]), dtype=np.float32)
+    assert clean.shape == noisy.shape == (28, 28) and noisy.std() < clean.std()  # contrast halved
+    pair_source, pair_target = read_pairs(out / "pairs.csv")
+    assert len(pair_source) == len(pair_target) == 6
+    assert len(list((out / "target_test").rglob("*.png"))) == 5
