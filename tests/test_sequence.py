@@ -102,7 +102,7 @@ def test_transfer_model_over_a_sequence_backbone_round_trips(tmp_path) -> None:
     torch.testing.assert_close(loaded(batch).logits, model(batch).logits)
 
 
-@pytest.mark.parametrize("kind", ["bahdanau", "dot"])
+@pytest.mark.parametrize("kind", ["bahdanau", "dot", "multihead"])
 def test_attention_ignores_padding_and_sums_to_one(kind) -> None:
     torch.manual_seed(0)
     attention = Attention(kind, 6, 4)
@@ -114,6 +114,53 @@ def test_attention_ignores_padding_and_sums_to_one(kind) -> None:
     assert (weights[1, 2:] == 0).all()
 
 
+def test_multihead_attention_concatenates_independent_heads() -> None:
+    torch.manual_seed(0)
+    attention = Attention("multihead", 6, 4, heads=2)
+    memory, query = torch.randn(2, 5, 4), torch.randn(2, 6)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    context, weights = attention(query, attention.keys(memory), memory, mask)
+    q, k, v = attention.query(query), attention.key(memory), attention.value(memory)
+    for head in range(2):  # head j: softmax(q_j . k_j / sqrt(d / heads)) over valid positions, reading v_j
+        part = slice(3 * head, 3 * head + 3)
+        scores = torch.einsum("bd,bsd->bs", q[:, part], k[..., part]) / 3**0.5
+        w = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)
+        torch.testing.assert_close(context[:, 2 * head:2 * head + 2],
+                                   torch.einsum("bs,bsd->bd", w, v[..., 2 * head:2 * head + 2]))
+    assert (weights[1, 3:] == 0).all()
+    with pytest.raises(TransferkitError, match="heads"):
+        Attention("multihead", 6, 4, heads=3)
+
+
+def test_stacked_encoder_summarises_the_top_layer() -> None:
+    torch.manual_seed(0)
+    model = Seq2Seq(5, 13, embedding_dim=8, hidden_size=6, attention="multihead", dropout=0.0, encoder_layers=2,
+                    attention_heads=2).eval()
+    assert model.encoder.num_layers == 2
+    batch = collate_pairs([([3, 4, 4, 3], [5, 6], 0), ([4, 3], [7, 8, 9], 1)])
+    state, _ = model.encode(batch["src"], batch["src_lengths"])
+    # top layer: the forward state after the last real symbol, the backward state at the first symbol
+    torch.testing.assert_close(state.summary[1, :6], state.memory[1, 1, :6])
+    torch.testing.assert_close(state.summary[:, 6:], state.memory[:, 0, 6:])
+    assert model(batch["src"], batch["src_lengths"], batch["tgt_in"]).shape == (2, 4, 13)
+
+
+def test_mlp_output_layer() -> None:
+    torch.manual_seed(0)
+    model = Seq2Seq(5, 13, embedding_dim=8, hidden_size=6, dropout=0.0, output_hidden=10).eval()
+    assert isinstance(model.output, torch.nn.Sequential) and model.output[0].out_features == 10
+    batch = collate_pairs([([3, 4, 4, 3], [5, 6], 0)])
+    logits = model(batch["src"], batch["src_lengths"], batch["tgt_in"])
+    with torch.no_grad():
+        model.output[-1].weight.zero_()
+    torch.testing.assert_close(model(batch["src"], batch["src_lengths"], batch["tgt_in"]),
+                               model.output[-1].bias.expand_as(logits))  # logits come from the MLP's last layer
+    from transferkit.sequence.seq2seq import Seq2SeqConfig
+
+    with pytest.raises(TransferkitError):
+        Seq2SeqConfig(output_hidden=-1).validate()
+
+
 def _tiny_seq2seq(attention: str) -> tuple[Seq2Seq, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
     model = Seq2Seq(5, 13, embedding_dim=8, hidden_size=12, attention=attention, dropout=0.0).eval()
@@ -121,7 +168,7 @@ def _tiny_seq2seq(attention: str) -> tuple[Seq2Seq, dict[str, torch.Tensor]]:
     return model, batch
 
 
-@pytest.mark.parametrize("attention", ["none", "bahdanau", "dot"])
+@pytest.mark.parametrize("attention", ["none", "bahdanau", "dot", "multihead"])
 def test_seq2seq_shapes_masking_and_decoding(attention) -> None:
     model, batch = _tiny_seq2seq(attention)
     logits = model(batch["src"], batch["src_lengths"], batch["tgt_in"])
@@ -137,6 +184,20 @@ def test_seq2seq_shapes_masking_and_decoding(attention) -> None:
         assert hypothesis == expected
     beam4 = model.beam_search(batch["src"], batch["src_lengths"], max_len=6, beam_size=4)
     assert len(beam4) == 2 and all(len(h) <= 6 for h in beam4)
+
+
+def test_seq2seq_source_positions_shift_the_encoding_and_bound_the_length() -> None:
+    torch.manual_seed(0)
+    model = Seq2Seq(5, 13, embedding_dim=8, hidden_size=16, attention="bahdanau", dropout=0.0, max_source_len=4)
+    model.eval()
+    batch = collate_pairs([([3, 4, 4, 3], [5, 6], 0)])
+    with_positions = model(batch["src"], batch["src_lengths"], batch["tgt_in"])
+    with torch.no_grad():
+        model.src_positions.weight.zero_()  # zero positions: the plain symbol embedding
+    assert not torch.allclose(with_positions, model(batch["src"], batch["src_lengths"], batch["tgt_in"]))
+    too_long = collate_pairs([([3, 4, 4, 3, 3], [5], 0)])
+    with pytest.raises(TransferkitError, match="longer"):
+        model(too_long["src"], too_long["src_lengths"], too_long["tgt_in"])
 
 
 def test_vocabulary_and_binary_to_decimal_split() -> None:

@@ -8,7 +8,14 @@ context vector ``c_t``, and predicts the next symbol from ``[h_t; c_t; y_{t-1}]`
   "thought vector", like Keras' ``RepeatVector``);
 * ``"bahdanau"`` (additive; Bahdanau, Cho & Bengio 2015): ``e_ts = v^T tanh(W_q h_{t-1} + W_k m_s)``,
   ``alpha_t = softmax(e_t)`` over the valid source positions, ``c_t = sum_s alpha_ts m_s``;
-* ``"dot"`` (scaled dot-product; Luong et al. 2015, Vaswani et al. 2017): ``e_ts = h_{t-1} . W_k m_s / sqrt(d)``.
+* ``"dot"`` (scaled dot-product; Luong et al. 2015, Vaswani et al. 2017): ``e_ts = h_{t-1} . W_k m_s / sqrt(d)``;
+* ``"multihead"`` (Vaswani et al. 2017): ``heads`` scaled dot-product attentions in parallel, head ``j`` scoring
+  ``(W_q h_{t-1})_j . (W_k m_s)_j / sqrt(d / heads)`` and reading ``(W_v m_s)_j``; the heads' contexts are
+  concatenated, so the decoder sees several source positions at once at every step.
+
+The encoder may stack ``encoder_layers`` GRU layers (each bidirectional if the encoder is). The output layer is
+linear in ``[h_t; c_t; y_{t-1}]`` or, with ``output_hidden > 0``, a one-hidden-layer GELU MLP (more room for
+non-linear read-outs such as a digit of a number).
 
 Training uses teacher forcing (the true previous symbol is fed, with probability ``teacher_forcing``; otherwise
 the model's own prediction), decoding is greedy or beam search (length-normalised log-probability).
@@ -35,7 +42,7 @@ from transferkit.errors import TransferkitError
 
 logger = logging.getLogger(__name__)
 
-ATTENTIONS = ("none", "bahdanau", "dot")
+ATTENTIONS = ("none", "bahdanau", "dot", "multihead")
 FORMAT = "transferkit-seq2seq"
 
 
@@ -74,27 +81,50 @@ class Vocabulary:
 
 
 class Attention(nn.Module):
-    """Additive (Bahdanau) or scaled dot-product attention of a decoder state over encoder outputs."""
+    """Additive (Bahdanau), scaled dot-product or multi-head attention of a decoder state over encoder outputs.
 
-    def __init__(self, kind: str, query_dim: int, key_dim: int, attention_dim: int | None = None) -> None:
+    The context has the encoder outputs' size ``key_dim`` (multi-head: ``key_dim`` must divide by ``heads``).
+    """
+
+    def __init__(self, kind: str, query_dim: int, key_dim: int, attention_dim: int | None = None,
+                 heads: int = 1) -> None:
         super().__init__()
         self.kind = kind
+        self.heads = heads if kind == "multihead" else 1
         attention_dim = attention_dim or query_dim
         if kind == "bahdanau":
             self.query = nn.Linear(query_dim, attention_dim, bias=False)
             self.key = nn.Linear(key_dim, attention_dim)
             self.score = nn.Linear(attention_dim, 1, bias=False)
+        elif kind == "multihead":
+            if key_dim % heads or attention_dim % heads:
+                raise TransferkitError(f"{heads} attention heads do not divide the sizes {key_dim} / "
+                                       f"{attention_dim}", "choose a number of heads dividing the hidden size")
+            self.query = nn.Linear(query_dim, attention_dim, bias=False)
+            self.key = nn.Linear(key_dim, attention_dim, bias=False)
+            self.value = nn.Linear(key_dim, key_dim, bias=False)
+            query_dim = attention_dim // heads
         else:
             self.key = nn.Linear(key_dim, query_dim, bias=False)
         self.scale = 1.0 / math.sqrt(query_dim)
 
     def keys(self, memory: torch.Tensor) -> torch.Tensor:
-        """Projected keys ``(B, S, *)``, computed once per source sequence."""
+        """Projected keys ``(B, S, *)`` (multi-head: keys and values concatenated), once per source sequence."""
+        if self.kind == "multihead":
+            return torch.cat([self.key(memory), self.value(memory)], dim=-1)
         return self.key(memory)
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, memory: torch.Tensor,
                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``context (B, K)`` and ``weights (B, S)`` (zero at padded source positions)."""
+        """``context (B, K)`` and ``weights (B, S)`` (zero at padded source positions; multi-head: mean of heads)."""
+        if self.kind == "multihead":
+            batch, length, heads = keys.shape[0], keys.shape[1], self.heads
+            values = keys[..., -memory.shape[-1]:].reshape(batch, length, heads, -1)
+            keys = keys[..., :-memory.shape[-1]].reshape(batch, length, heads, -1)
+            scores = torch.einsum("bhd,bshd->bhs", self.query(query).reshape(batch, heads, -1), keys) * self.scale
+            weights = torch.softmax(scores.masked_fill(~mask[:, None], float("-inf")), dim=-1)
+            context = torch.einsum("bhs,bshd->bhd", weights, values).reshape(batch, -1)
+            return context, weights.mean(1)
         if self.kind == "bahdanau":
             scores = self.score(torch.tanh(self.query(query)[:, None] + keys)).squeeze(-1)
         else:
@@ -118,30 +148,48 @@ class Seq2Seq(nn.Module):
     """GRU encoder-decoder with optional attention (see the module docstring)."""
 
     def __init__(self, src_vocab_size: int, tgt_vocab_size: int, embedding_dim: int = 64, hidden_size: int = 128,
-                 attention: str = "bahdanau", dropout: float = 0.1, bidirectional: bool = True) -> None:
+                 attention: str = "bahdanau", dropout: float = 0.1, bidirectional: bool = True,
+                 max_source_len: int = 0, encoder_layers: int = 1, attention_heads: int = 4,
+                 output_hidden: int = 0) -> None:
         super().__init__()
         if attention not in ATTENTIONS:
             raise TransferkitError(f"unknown attention '{attention}'", f"choose one of {', '.join(ATTENTIONS)}")
         self.config = {"src_vocab_size": src_vocab_size, "tgt_vocab_size": tgt_vocab_size,
                        "embedding_dim": embedding_dim, "hidden_size": hidden_size, "attention": attention,
-                       "dropout": dropout, "bidirectional": bidirectional}
+                       "dropout": dropout, "bidirectional": bidirectional, "max_source_len": max_source_len,
+                       "encoder_layers": encoder_layers, "attention_heads": attention_heads,
+                       "output_hidden": output_hidden}
         context = (2 if bidirectional else 1) * hidden_size
         self.src_embedding = nn.Embedding(src_vocab_size, embedding_dim, padding_idx=Vocabulary.PAD)
-        self.encoder = nn.GRU(embedding_dim, hidden_size, batch_first=True, bidirectional=bidirectional)
+        # learned source positions (0: none): tells each symbol where it stands, e.g. which power of 2 a bit is
+        self.src_positions = nn.Embedding(max_source_len, embedding_dim) if max_source_len > 0 else None
+        self.encoder = nn.GRU(embedding_dim, hidden_size, num_layers=encoder_layers, batch_first=True,
+                              bidirectional=bidirectional, dropout=dropout if encoder_layers > 1 else 0.0)
         self.bridge = nn.Linear(context, hidden_size)
         self.tgt_embedding = nn.Embedding(tgt_vocab_size, embedding_dim, padding_idx=Vocabulary.PAD)
         self.decoder = nn.GRUCell(embedding_dim + context, hidden_size)
-        self.attention = Attention(attention, hidden_size, context) if attention != "none" else None
-        self.output = nn.Linear(hidden_size + context + embedding_dim, tgt_vocab_size)
+        self.attention = (Attention(attention, hidden_size, context, heads=attention_heads)
+                          if attention != "none" else None)
+        readout = hidden_size + context + embedding_dim
+        self.output = (nn.Sequential(nn.Linear(readout, output_hidden), nn.GELU(), nn.Dropout(dropout),
+                                     nn.Linear(output_hidden, tgt_vocab_size))
+                       if output_hidden > 0 else nn.Linear(readout, tgt_vocab_size))
         self.dropout = nn.Dropout(dropout)
 
     def encode(self, src: torch.Tensor, lengths: torch.Tensor) -> tuple[EncoderState, torch.Tensor]:
         """Encoder outputs and the decoder's initial state ``(B, H)``."""
-        embedded = self.dropout(self.src_embedding(src))
+        embedded = self.src_embedding(src)
+        if self.src_positions is not None:
+            if src.shape[1] > self.src_positions.num_embeddings:
+                raise TransferkitError(f"an input of {src.shape[1]} symbols is longer than the model's "
+                                       f"{self.src_positions.num_embeddings} source positions",
+                                       "shorten the input")
+            embedded = embedded + self.src_positions(torch.arange(src.shape[1], device=src.device))[None]
+        embedded = self.dropout(embedded)
         packed = pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, final = self.encoder(packed)
         memory, _ = pad_packed_sequence(out, batch_first=True, total_length=src.shape[1])
-        summary = torch.cat(list(final), dim=-1)
+        summary = torch.cat(list(final[-(2 if self.encoder.bidirectional else 1):]), dim=-1)  # top layer
         mask = torch.arange(src.shape[1], device=src.device)[None] < lengths.to(src.device)[:, None]
         keys = self.attention.keys(memory) if self.attention is not None else None
         return EncoderState(memory, mask, summary, keys), torch.tanh(self.bridge(summary))
@@ -303,13 +351,21 @@ def pair_loader(pairs, source: Vocabulary, target: Vocabulary, batch_size: int, 
 class Seq2SeqConfig:
     """Options of ``transferkit seq2seq train`` (besides the engine's TrainConfig)."""
 
-    attention: str = field(default="bahdanau", metadata={"help": "none, bahdanau (additive) or dot (scaled "
-                                                         "dot-product)."})
+    attention: str = field(default="bahdanau", metadata={"help": "none, bahdanau (additive), dot (scaled "
+                                                         "dot-product) or multihead."})
     embedding_dim: int = field(default=32, metadata={"help": "Symbol embedding size."})
     hidden_size: int = field(default=128, metadata={"help": "GRU state size (encoder: per direction)."})
+    encoder_layers: int = field(default=1, metadata={"help": "Stacked GRU layers in the encoder."})
+    attention_heads: int = field(default=4, metadata={"help": "Heads of --attention multihead (must divide the "
+                                                      "encoder output size)."})
+    output_hidden: int = field(default=0, metadata={"help": "Hidden units of an MLP output layer (0: linear "
+                                                    "output layer)."})
     bidirectional: bool = field(default=True, metadata={"help": "Bidirectional encoder (--no-bidirectional: "
                                                         "left to right only)."})
     dropout: float = field(default=0.1, metadata={"help": "Dropout on embeddings and before the output layer."})
+    source_positions: bool = field(default=False, metadata={"help": "Add learned position embeddings to the "
+                                                            "source symbols (inputs no longer than the training "
+                                                            "ones)."})
     teacher_forcing: float = field(default=1.0, metadata={"help": "Probability of feeding the true previous "
                                                           "symbol during training (else the model's own)."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing of the token cross-entropy."})
@@ -323,8 +379,10 @@ class Seq2SeqConfig:
         if not 0 <= self.teacher_forcing <= 1 or not 0 <= self.label_smoothing < 1 or not 0 <= self.dropout < 1:
             raise TransferkitError("--teacher-forcing must lie in [0, 1], --label-smoothing and --dropout in [0, 1)",
                                    "pass e.g. 1.0, 0.1 and 0.1")
-        if self.average_last < 0 or self.beam_size < 1 or self.hidden_size < 1 or self.embedding_dim < 1:
-            raise TransferkitError("--average-last must be >= 0 and --beam-size, sizes >= 1", "fix the values")
+        if (self.average_last < 0 or self.beam_size < 1 or self.hidden_size < 1 or self.embedding_dim < 1
+                or self.encoder_layers < 1 or self.attention_heads < 1 or self.output_hidden < 0):
+            raise TransferkitError("--average-last must be >= 0 and --beam-size, --encoder-layers, "
+                                   "--attention-heads and sizes >= 1", "fix the values")
 
 
 def decode_batch(model: Seq2Seq, batch: dict[str, torch.Tensor], max_len: int, beam_size: int = 1) -> list[list[int]]:
@@ -385,8 +443,10 @@ def train_seq2seq(splits: dict[str, list[tuple[str, str]]], config: Seq2SeqConfi
     target = Vocabulary.from_texts([t for _, t in splits["train"]])
     max_len = max(len(t) for _, t in splits["train"]) + 2
     seed_everything(train.seed)
+    max_source_len = max(len(s) for s, _ in splits["train"]) if config.source_positions else 0
     model = Seq2Seq(len(source), len(target), config.embedding_dim, config.hidden_size, config.attention,
-                    config.dropout, config.bidirectional)
+                    config.dropout, config.bidirectional, max_source_len, config.encoder_layers,
+                    config.attention_heads, config.output_hidden)
     train_loader = pair_loader(splits["train"], source, target, train.batch_size, True, train.seed)
     val_loader = pair_loader(splits["val"], source, target, 256, False)
     averager = None
