@@ -20,6 +20,7 @@ lint: setup
 	$(VENV)/bin/ruff check src tests bench
 
 bench: setup
+	$(VENV)/bin/pip install -q -c constraints.txt -e ".[bench]"  # the tools we compare against (SetFit, SKADA)
 	$(PY) -m bench.run
 
 clean:
