@@ -137,16 +137,23 @@ def _toy_batches(n_batches: int = 30) -> list[dict[str, torch.Tensor]]:
     return batches
 
 
-def _train_toy(weighting: str, steps: int = 30) -> MultiTaskObjective:
-    """A hand-made TransferModel-like module trained through the engine with the multi-task objective."""
-    from transferkit.engine import TrainConfig, Trainer
-
+def _toy_model() -> TransferModel:
+    """A hand-made TransferModel (the small _Trunk and one head per toy task), seeded."""
     torch.manual_seed(0)
     tasks = _toy_tasks()
     model = TransferModel.__new__(TransferModel)
     nn.Module.__init__(model)
     model.backbone, model.tasks, model.head_dropout, model.freeze_norm_stats = _Trunk(), tasks, 0.0, False
     model.heads = nn.ModuleDict({t.name: make_head(4, t) for t in tasks})
+    return model
+
+
+def _train_toy(weighting: str, steps: int = 30) -> MultiTaskObjective:
+    """A hand-made TransferModel-like module trained through the engine with the multi-task objective."""
+    from transferkit.engine import TrainConfig, Trainer
+
+    model = _toy_model()
+    tasks = model.tasks
     objective = MultiTaskObjective(tasks, weighting)
     config = TrainConfig(epochs=1, lr=0.05, schedule="constant", early_stopping=0, device="cpu", threads=1)
     Trainer(model, [objective], config, progress=False).fit(_toy_batches(steps))
@@ -157,12 +164,8 @@ def test_validation_loss_leaves_out_tasks_of_weight_zero() -> None:
     from transferkit.engine.trainer import default_forward
     from transferkit.tasks.multitask import multitask_evaluate_fn
 
-    torch.manual_seed(0)
-    tasks = _toy_tasks()
-    model = TransferModel.__new__(TransferModel)
-    nn.Module.__init__(model)
-    model.backbone, model.tasks, model.head_dropout, model.freeze_norm_stats = _Trunk(), tasks, 0.0, False
-    model.heads = nn.ModuleDict({t.name: make_head(4, t) for t in tasks})
+    model = _toy_model()
+    tasks = model.tasks
     batches = _toy_batches(2)
     both = multitask_evaluate_fn(tasks)(model, batches, None, default_forward)
     size_only = multitask_evaluate_fn(tasks, [0.0, 1.0])(model, batches, None, default_forward)
