@@ -11,7 +11,12 @@
 
     .venv/bin/python -m bench.bench_sequence [--quick] [--epochs 100] [--encoders bi] [--length 40] [--batch-size 128]
         [--lr 0.01] [--dropout 0.1] [--weight-decay 0] [--threads 1] [--attention bahdanau|dot|multihead]
-        [--encoder-layers 1] [--attention-heads 4] [--output-hidden 0]
+        [--encoder-layers 1] [--attention-heads 4] [--output-hidden 0] [--ensemble 1]
+
+``--ensemble N`` trains N members per model with attention (seeds 0..N-1, each cached with its weights under
+``bench/cache/sequence/models/``), ranks them by validation exact match, picks the ensemble of the k best with the
+best validation exact match and scores only that ensemble on the test split; its train time is the sum of all N
+members' (trained one after the other; ``--parallel P``: P at once, wall time measured).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ def _cell(name: str, compute):
 
 
 B2D_DEFAULTS = {"batch_size": 128, "lr": 1e-2, "dropout": 0.1, "weight_decay": 0.0, "average_last": 3, "threads": 1,
-                "encoder_layers": 1, "attention_heads": 4, "output_hidden": 0}
+                "encoder_layers": 1, "attention_heads": 4, "output_hidden": 0, "ensemble": 1, "parallel": 1}
 
 
 #: Single runs of the same ``train_seq2seq`` (bidirectional GRU, Bahdanau, 60 epochs, batch 128, lr 0.01, seed 0,
@@ -64,25 +69,25 @@ B2D_EXPLORATION = (
     "run and cached)."
 )
 
+#: Third session's conclusions from the ``--ensemble 5`` cells (members' numbers are printed from the cache).
+B2D_ENSEMBLE_NOTES = (
+    "Third session (seed ensembles, checkpoint averaging; `--ensemble 5`): the default configuration trained with "
+    "seeds 0-4 reaches validation exact match 0.963 / 0.763 / 0.651 / 0.605 / 0.549 (an extra seed 10: "
+    "0.641, 139 s), so seed 0's 0.96 is an unusually good run, not what the recipe typically gives. Decoding with the "
+    "members' mean log-probabilities lifts the weaker members (ensemble of all 5: 0.871 on validation, above 4 of "
+    "its 5 members) but every ensemble stays below the best member alone, so validation selects k = 1 and the test "
+    "split, scored once for that choice, gives seed 0's 0.9601 again. Checkpoint averaging of the last 3 epochs "
+    "(on since the first session) lowered validation exact match for every seed (by 0.005-0.014) and was never "
+    "kept. Neither closes the gap to 0.99 in 10 minutes; the seed-to-seed spread (0.55-0.96 with identical "
+    "settings) is the problem to solve next, e.g. by making the optimisation itself stable."
+)
+
 
 def binary_to_decimal_cell(attention: str, epochs: int, hidden: int, bidirectional: bool,
                            options: dict | None = None) -> dict:
-    from transferkit.engine import TrainConfig
-    from transferkit.sequence.seq2seq import (
-        Seq2SeqConfig,
-        binary_to_decimal_pairs,
-        split_pairs,
-        train_seq2seq,
-    )
+    from transferkit.sequence.seq2seq import train_seq2seq
 
-    splits = split_pairs(binary_to_decimal_pairs(12), 0.7, 0.1, seed=0)
-    o = {**B2D_DEFAULTS, **(options or {})}
-    config = Seq2SeqConfig(attention=attention, hidden_size=hidden, embedding_dim=32, dropout=o["dropout"],
-                           bidirectional=bidirectional, average_last=o["average_last"], beam_size=1,
-                           encoder_layers=o["encoder_layers"], attention_heads=o["attention_heads"],
-                           output_hidden=o["output_hidden"])
-    train = TrainConfig(epochs=epochs, batch_size=o["batch_size"], lr=o["lr"], weight_decay=o["weight_decay"],
-                        warmup_steps=100, early_stopping=0, grad_clip=1.0, threads=o["threads"], device="cpu")
+    splits, config, train = b2d_setup(attention, epochs, hidden, bidirectional, {**B2D_DEFAULTS, **(options or {})})
     start = time.perf_counter()
     run = train_seq2seq(splits, config, train, progress=False)
     m = run.metrics
@@ -90,6 +95,79 @@ def binary_to_decimal_cell(attention: str, epochs: int, hidden: int, bidirection
             "val_exact_match": m["val_exact_match"], "n_train": m["n_train"], "n_val": m["n_val"],
             "n_test": m["n_test"], "seconds": time.perf_counter() - start, "parameters": m["parameters"],
             "averaging": m.get("checkpoint_averaging"), "best_epoch": m["best_epoch"]}
+
+
+def b2d_setup(attention: str, epochs: int, hidden: int, bidirectional: bool, options: dict, seed: int = 0):
+    """The binary-to-decimal split (seed 0) and the model / engine configs of one cell."""
+    from transferkit.engine import TrainConfig
+    from transferkit.sequence.seq2seq import Seq2SeqConfig, binary_to_decimal_pairs, split_pairs
+
+    splits = split_pairs(binary_to_decimal_pairs(12), 0.7, 0.1, seed=0)
+    config = Seq2SeqConfig(attention=attention, hidden_size=hidden, embedding_dim=32, dropout=options["dropout"],
+                           bidirectional=bidirectional, average_last=options["average_last"], beam_size=1,
+                           encoder_layers=options["encoder_layers"], attention_heads=options["attention_heads"],
+                           output_hidden=options["output_hidden"])
+    train = TrainConfig(epochs=epochs, batch_size=options["batch_size"], lr=options["lr"],
+                        weight_decay=options["weight_decay"], warmup_steps=100, early_stopping=0, grad_clip=1.0,
+                        threads=options["threads"], device="cpu", seed=seed)
+    return splits, config, train
+
+
+def b2d_member_cell(folder: Path, attention: str, epochs: int, hidden: int, bidirectional: bool, options: dict,
+                    seed: int) -> dict:
+    """Train one ensemble member on train + validation only (the test split is not touched) and save it."""
+    from transferkit.sequence.seq2seq import save_seq2seq, train_seq2seq
+
+    splits, config, train = b2d_setup(attention, epochs, hidden, bidirectional, options, seed)
+    start = time.perf_counter()
+    run = train_seq2seq({k: v for k, v in splits.items() if k != "test"}, config, train, progress=False)
+    seconds = time.perf_counter() - start
+    save_seq2seq(run, folder)
+    return {"seed": seed, "val_exact_match": run.metrics["val_exact_match"], "seconds": seconds,
+            "best_epoch": run.metrics["best_epoch"], "averaging": run.metrics.get("checkpoint_averaging")}
+
+
+def _member_job(job: tuple) -> dict:
+    tag, attention, epochs, hidden, bidirectional, options, seed = job
+    folder = CACHE / "models" / f"{tag}-{attention}-s{seed}"
+    return _cell(f"b2d-member-{tag}-{attention}-s{seed}", lambda: b2d_member_cell(
+        folder, attention, epochs, hidden, bidirectional, options, seed))
+
+
+def b2d_ensemble(tag: str, attention: str, epochs: int, hidden: int, bidirectional: bool, options: dict,
+                 members: int) -> dict:
+    """Members with seeds 0..members-1 (each cached), ranked by their validation exact match; the ensemble of the
+    k best (k <= members) with the best validation exact match (ties: the smaller k) is chosen, then scored once
+    on the test split."""
+    from transferkit.sequence.seq2seq import Seq2SeqEnsemble, evaluate_splits, load_seq2seq
+
+    jobs = [(tag, attention, epochs, hidden, bidirectional, options, seed) for seed in range(members)]
+    trained_now = not any((CACHE / f"b2d-member-{tag}-{attention}-s{seed}.json").is_file() for seed in range(members))
+    start = time.perf_counter()
+    if options.get("parallel", 1) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(options["parallel"], mp_context=multiprocessing.get_context("spawn")) as pool:
+            cells = list(pool.map(_member_job, jobs))
+    else:
+        cells = [_member_job(job) for job in jobs]
+    members_wall = time.perf_counter() - start if trained_now else None
+    ranked = sorted(range(members), key=lambda seed: -cells[seed]["val_exact_match"])  # stable: ties by seed
+    loaded = [load_seq2seq(CACHE / "models" / f"{tag}-{attention}-s{seed}") for seed in ranked]
+    _, source, target, max_len = loaded[0]
+    splits, _, _ = b2d_setup(attention, epochs, hidden, bidirectional, options)
+    val = {k: evaluate_splits(Seq2SeqEnsemble([m for m, *_ in loaded[:k]]), splits, source, target, max_len,
+                              names=("val",))["val_exact_match"] for k in range(1, members + 1)}
+    chosen = max(val, key=lambda k: (val[k], -k))
+    test = evaluate_splits(Seq2SeqEnsemble([m for m, *_ in loaded[:chosen]]), splits, source, target, max_len,
+                           names=("test",))
+    return {"members": cells, "val_exact_match_by_size": {str(k): v for k, v in val.items()}, "chosen": chosen,
+            "chosen_seeds": ranked[:chosen],
+            "test_exact_match": test["test_exact_match"], "test_token_accuracy": test["test_token_accuracy"],
+            "val_exact_match": val[chosen], "seconds": sum(c["seconds"] for c in cells),
+            "members_wall_seconds": members_wall, "n_train": len(splits["train"]), "n_val": len(splits["val"]), "n_test": len(splits["test"]),
+            "parameters": chosen * sum(p.numel() for p in loaded[0][0].parameters())}
 
 
 # --- 2. long-range dependency ------------------------------------------------------------------------------
@@ -190,9 +268,15 @@ def run_benchmark(epochs: tuple[int, ...], hidden: tuple[int, ...], encoders: tu
                        f"-lr{o['lr']:g}-d{o['dropout']:g}-wd{o['weight_decay']:g}-avg{o['average_last']}"
                        f"-t{o['threads']}" + (f"-l{o['encoder_layers']}" if o["encoder_layers"] > 1 else "")
                        + (f"-heads{o['attention_heads']}" if "multihead" in attentions else "")
-                       + (f"-mlp{o['output_hidden']}" if o["output_hidden"] > 0 else ""))
+                       + (f"-mlp{o['output_hidden']}" if o["output_hidden"] > 0 else "")
+                       + (f"-p{o['parallel']}" if o["parallel"] > 1 else ""))
                 encoder = "bidirectional" if bidirectional else "left-to-right"
                 for att in attentions:
+                    if o["ensemble"] > 1 and att != "none":  # the model without attention stays single
+                        seq[(n_epochs, units, encoder, att)] = _cell(
+                            f"b2d-ensemble{o['ensemble']}-{tag}-{att}", lambda a=att, b=bidirectional, e=n_epochs,
+                            h=units, t=tag: b2d_ensemble(t, a, e, h, b, o, o["ensemble"]))
+                        continue
                     seq[(n_epochs, units, encoder, att)] = _cell(
                         f"b2d-{tag}-{att}", lambda a=att, b=bidirectional, e=n_epochs, h=units:
                         binary_to_decimal_cell(a, e, h, b, o))
@@ -204,16 +288,22 @@ def run_benchmark(epochs: tuple[int, ...], hidden: tuple[int, ...], encoders: tu
              f"direction below) + GRU decoder{heads}{mlp}, symbol embeddings 32, batch {o['batch_size']}, AdamW {o['lr']:g} (weight decay "
              f"{o['weight_decay']:g}) with 100 warm-up steps and cosine decay, gradient clipping 1.0, teacher "
              f"forcing, dropout {o['dropout']:g}, last-{o['average_last']} checkpoint averaging (kept when it "
-             "validates at least as well), model of the best validation epoch otherwise, greedy decoding, "
+             "validates at least as well), model of the best validation epoch otherwise, greedy decoding"
+             + (f" with the mean log-probabilities of an ensemble of the k <= {o['ensemble']} best of "
+                f"{o['ensemble']} such models (seeds 0..{o['ensemble'] - 1}, ranked by validation exact match; k "
+                "chosen on validation exact match, the test split scored once)" if o["ensemble"] > 1 else "")
+             + ", "
              f"{o['threads']} thread(s) (OMP_NUM_THREADS={o['threads']}); train time includes the per-epoch "
              "validation decoding.", "",
              "| epochs | hidden | encoder | attention | test exact match | test token accuracy | parameters | "
              "train time (s) |", "|---|---|---|---|---|---|---|---|"]
     for (n_epochs, units, encoder, att), r in seq.items():
-        lines.append(f"| {n_epochs} | {units} | {encoder} | {att} | {r['test_exact_match']:.4f} | "
+        label = f"{att} (ensemble of {r['chosen']})" if "chosen" in r else att
+        lines.append(f"| {n_epochs} | {units} | {encoder} | {label} | {r['test_exact_match']:.4f} | "
                      f"{r['test_token_accuracy']:.4f} | {r['parameters']:,} | {r['seconds']:.0f} |")
     best = max((r for key, r in seq.items() if key[-1] != "none"), key=lambda r: r["test_exact_match"])
-    reached = best["test_exact_match"] >= 0.99 and best["seconds"] <= 600
+    best_seconds = best.get("members_wall_seconds") or best["seconds"]  # measured wall time if run in parallel
+    reached = best["test_exact_match"] >= 0.99 and best_seconds <= 600
     kind = attentions[0]
     pairs = [f"{e} epochs, {h} units, {enc}: {seq[(e, h, enc, kind)]['test_exact_match']:.4f} vs "
              f"{seq[(e, h, enc, 'none')]['test_exact_match']:.4f}"
@@ -221,9 +311,31 @@ def run_benchmark(epochs: tuple[int, ...], hidden: tuple[int, ...], encoders: tu
              if (e, h, enc, kind) in seq and (e, h, enc, "none") in seq]
     lines += ["", f"Exact match with {kind} attention vs none: {'; '.join(pairs)}. Target of issue 6 (>= 0.99 "
               f"exact match with attention, <= 10 minutes on 2 cores): {'reached' if reached else 'NOT reached'} "
-              f"(best with attention: {best['test_exact_match']:.4f} in {best['seconds']:.0f} s).", ""]
+              f"(best with attention: {best['test_exact_match']:.4f} in {best_seconds:.0f} s).", ""]
 
-    lines += [B2D_EXPLORATION, ""]
+    if o["ensemble"] > 1:
+        lines.append("The model without attention is a single model (seed 0), not an ensemble.")
+        for (n_epochs, units, _encoder, att), r in seq.items():
+            if "chosen" not in r:
+                continue
+            members = ", ".join(f"seed {c['seed']} {c['val_exact_match']:.3f} (best epoch {c['best_epoch']}, "
+                                f"{c['seconds']:.0f} s)" for c in r["members"])
+            averaged = ", ".join(f"{c['averaging']['val_exact_match_best']:.3f} -> "
+                                 f"{c['averaging']['val_exact_match_averaged']:.3f}"
+                                 for c in r["members"] if c.get("averaging"))
+            by_size = ", ".join(f"{k}: {v:.4f}" for k, v in r["val_exact_match_by_size"].items())
+            lines.append(f"Ensemble, {att}, {n_epochs} epochs, {units} units: members' validation exact match "
+                         f"{members}; checkpoint averaging of the last {o['average_last']} epochs, validation exact "
+                         f"match best epoch -> averaged, per member: {averaged or 'off'}; validation exact match of "
+                         f"the ensemble of the k best members {by_size}; "
+                         f"chosen k = {r['chosen']} (seeds {', '.join(map(str, r['chosen_seeds']))}; train time "
+                         f"above = all {len(r['members'])} members' sum (all are needed for the choice), trained one "
+                         f"after the other on {o['threads']} thread(s)"
+                         + (f"; wall time of training all {len(r['members'])} in {o['parallel']} processes at once: "
+                            f"{r['members_wall_seconds']:.0f} s" if o["parallel"] > 1 and r["members_wall_seconds"]
+                            else "") + ").")
+        lines.append("")
+    lines += [B2D_EXPLORATION, "", *([B2D_ENSEMBLE_NOTES, ""] if o["ensemble"] > 1 and not quick else [])]
 
     cells = {cell: _cell(f"longrange-q{int(quick)}-T{length}-e{lr_epochs}-n{n_train}-{cell}",
                          lambda c=cell: long_range_cell(c, length, lr_epochs, n_train))
@@ -269,6 +381,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weight-decay", type=float, default=B2D_DEFAULTS["weight_decay"])
     parser.add_argument("--average-last", type=int, default=B2D_DEFAULTS["average_last"])
     parser.add_argument("--threads", type=int, default=B2D_DEFAULTS["threads"], help="torch threads per cell")
+    parser.add_argument("--ensemble", type=int, default=B2D_DEFAULTS["ensemble"],
+                        help="binary-to-decimal: N members (seeds 0..N-1) per model with attention; the ensemble of "
+                             "the k best (by validation) decoded with their mean log-probabilities, k chosen on "
+                             "validation exact match")
+    parser.add_argument("--parallel", type=int, default=B2D_DEFAULTS["parallel"],
+                        help="train the ensemble members in P processes at once (each with --threads threads); the "
+                             "members' wall time is measured")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRANSFERKIT_PROGRESS", "0")
     target = RESULTS / "quick" if args.quick else RESULTS
@@ -285,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     b2d_options = {"batch_size": args.batch_size, "lr": args.lr, "dropout": args.dropout,
                    "weight_decay": args.weight_decay, "average_last": args.average_last, "threads": args.threads,
                    "encoder_layers": args.encoder_layers, "attention_heads": args.attention_heads,
-                   "output_hidden": args.output_hidden}
+                   "output_hidden": args.output_hidden, "ensemble": args.ensemble, "parallel": args.parallel}
     body = run_benchmark(**settings, quick=args.quick, target=target, attentions=attentions, b2d_options=b2d_options)
     command = "python -m bench.bench_sequence" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     section = (f"## Sequence models (issue 6)\n\nCommand: `{command}` ({platform.machine()}, {os.cpu_count()} cores "

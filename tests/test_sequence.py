@@ -319,3 +319,58 @@ def test_keep_gates_start_open(cell) -> None:
     backbone = create_backbone(cell, pretrained=False, input_type="tokens", vocab_size=5, hidden_size=4)
     layer = backbone.layers[0]  # LSTM forget gate / GRU update gate: the second chunk of the biases
     assert torch.all(layer.bias_ih_l0[4:8] + layer.bias_hh_l0[4:8] == 1.0)
+
+
+def test_ensemble_averages_the_members_log_probabilities() -> None:
+    from transferkit.sequence.seq2seq import Seq2SeqEnsemble
+
+    first, batch = _tiny_seq2seq("bahdanau")
+    torch.manual_seed(1)
+    second = Seq2Seq(5, 13, embedding_dim=8, hidden_size=12, attention="none", dropout=0.0).eval()
+    ensemble = Seq2SeqEnsemble([first, second]).eval()
+    src, lengths, tgt_in = batch["src"], batch["src_lengths"], batch["tgt_in"]
+    by_hand = (torch.log_softmax(first(src, lengths, tgt_in), -1) + torch.log_softmax(second(src, lengths, tgt_in), -1)) / 2
+    torch.testing.assert_close(ensemble(src, lengths, tgt_in), by_hand)
+    # greedy decoding by hand: each step the argmax of the mean log-probabilities, fed to both members
+    (state_a, h_a), (state_b, h_b) = first.encode(src, lengths), second.encode(src, lengths)
+    previous, expected = torch.full((2,), Vocabulary.BOS), []
+    with torch.no_grad():
+        for _ in range(5):
+            logits_a, h_a, _ = first.step(previous, h_a, state_a)
+            logits_b, h_b, _ = second.step(previous, h_b, state_b)
+            previous = ((torch.log_softmax(logits_a, -1) + torch.log_softmax(logits_b, -1)) / 2).argmax(-1)
+            expected.append(previous)
+    decoded = ensemble.greedy(src, lengths, max_len=5)
+    assert torch.equal(decoded, torch.stack(expected, 1)[:, : decoded.shape[1]])
+    torch.testing.assert_close(Seq2SeqEnsemble([first]).greedy(src, lengths, 5), first.greedy(src, lengths, 5))
+    with pytest.raises(TransferkitError, match="beam"):
+        ensemble.beam_search(src, lengths, 5, 3)
+
+
+def test_train_seq2seq_ensemble_and_save_load(tmp_path) -> None:
+    from transferkit.engine import TrainConfig
+    from transferkit.sequence.seq2seq import (
+        Seq2SeqConfig,
+        Seq2SeqEnsemble,
+        load_seq2seq,
+        save_seq2seq,
+        train_seq2seq,
+        translate,
+    )
+
+    splits = split_pairs(binary_to_decimal_pairs(5), 0.8, 0.2, seed=0)
+    config = Seq2SeqConfig(attention="bahdanau", embedding_dim=8, hidden_size=16, dropout=0.0, ensemble=2)
+    train = TrainConfig(epochs=2, batch_size=8, lr=0.01, early_stopping=0, device="cpu", threads=1, seed=3)
+    run = train_seq2seq(splits, config, train, progress=False)
+    assert isinstance(run.model, Seq2SeqEnsemble) and len(run.model.members) == 2
+    assert [m["seed"] for m in run.metrics["members"]] == [3, 4] and 0 <= run.metrics["test_exact_match"] <= 1
+    first, second = run.model.members  # different seeds: different members
+    assert not torch.equal(first.src_embedding.weight, second.src_embedding.weight)
+    save_seq2seq(run, tmp_path / "model")
+    model, source, target, max_len = load_seq2seq(tmp_path)
+    assert isinstance(model, Seq2SeqEnsemble)
+    texts = [s for s, _ in splits["test"][:5]]
+    assert translate(model, source, target, texts, max_len) == translate(run.model, run.source, run.target, texts,
+                                                                         max_len)
+    with pytest.raises(TransferkitError, match="ensemble"):
+        Seq2SeqConfig(ensemble=2, beam_size=3).validate()

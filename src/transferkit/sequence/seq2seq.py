@@ -19,6 +19,11 @@ non-linear read-outs such as a digit of a number).
 
 Training uses teacher forcing (the true previous symbol is fed, with probability ``teacher_forcing``; otherwise
 the model's own prediction), decoding is greedy or beam search (length-normalised log-probability).
+
+:class:`Seq2SeqEnsemble` decodes with N independently trained models (different seeds): at every step the
+next symbol maximises the mean of the members' log-probabilities ``(1/N) sum_i log p_i(y_t | y_<t, x)`` (a
+renormalised geometric mean of their distributions), and every member is fed that same symbol; averaging
+cancels the members' independent, variance-driven errors.
 """
 
 from __future__ import annotations
@@ -292,6 +297,56 @@ class Seq2Seq(nn.Module):
         return results
 
 
+class Seq2SeqEnsemble(nn.Module):
+    """N :class:`Seq2Seq` members over the same vocabularies, decoded with their averaged log-probabilities.
+
+    ``forward`` returns the teacher-forced mean log-probabilities ``(B, T, V)`` (usable as logits: their
+    log-softmax is the normalised geometric mean), ``greedy`` feeds every member the symbol that maximises the
+    mean log-probability at each step. Beam search is not supported.
+    """
+
+    def __init__(self, members: Sequence[Seq2Seq]) -> None:
+        super().__init__()
+        if not members:
+            raise TransferkitError("an ensemble needs at least one member", "pass one or more trained models")
+        self.members = nn.ModuleList(members)
+        self.config = {**members[0].config, "ensemble": len(members)}
+
+    def forward(self, src: torch.Tensor, lengths: torch.Tensor, tgt_in: torch.Tensor,
+                teacher_forcing: float = 1.0) -> torch.Tensor:
+        return torch.stack([torch.log_softmax(m(src, lengths, tgt_in, teacher_forcing), -1)
+                            for m in self.members]).mean(0)
+
+    def step(self, previous: torch.Tensor, hiddens: list[torch.Tensor], states: list[EncoderState]
+             ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Mean log-probabilities ``(B, V)`` of the next symbol and every member's new hidden state."""
+        log_probs, new_hiddens = [], []
+        for member, hidden, state in zip(self.members, hiddens, states):
+            logits, hidden, _ = member.step(previous, hidden, state)
+            log_probs.append(torch.log_softmax(logits, -1))
+            new_hiddens.append(hidden)
+        return torch.stack(log_probs).mean(0), new_hiddens
+
+    @torch.no_grad()
+    def greedy(self, src: torch.Tensor, lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+        """``(B, <= max_len)`` symbols maximising the mean log-probability at each step."""
+        encoded = [m.encode(src, lengths) for m in self.members]
+        states, hiddens = [e[0] for e in encoded], [e[1] for e in encoded]
+        previous = torch.full((src.shape[0],), Vocabulary.BOS, dtype=torch.long, device=src.device)
+        outputs, finished = [], torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
+        for _ in range(max_len):
+            log_probs, hiddens = self.step(previous, hiddens, states)
+            previous = log_probs.argmax(-1)
+            outputs.append(previous)
+            finished |= previous == Vocabulary.EOS
+            if bool(finished.all()):
+                break
+        return torch.stack(outputs, dim=1)
+
+    def beam_search(self, *args: Any, **kwargs: Any) -> list[list[int]]:
+        raise TransferkitError("beam search is not implemented for an ensemble", "use --beam-size 1 (greedy)")
+
+
 # --- data ------------------------------------------------------------------------------------------------------
 
 
@@ -372,6 +427,9 @@ class Seq2SeqConfig:
     average_last: int = field(default=0, metadata={"help": "Average the weights of the last K epochs "
                                                    "(kept if it validates at least as well; 0: off)."})
     beam_size: int = field(default=1, metadata={"help": "Beam width for the test evaluation (1: greedy)."})
+    ensemble: int = field(default=1, metadata={"help": "Train N models (seeds seed..seed+N-1) and decode with the "
+                                               "mean of their log-probabilities at each step (1: one model; "
+                                               "greedy decoding only)."})
 
     def validate(self) -> None:
         if self.attention not in ATTENTIONS:
@@ -379,13 +437,16 @@ class Seq2SeqConfig:
         if not 0 <= self.teacher_forcing <= 1 or not 0 <= self.label_smoothing < 1 or not 0 <= self.dropout < 1:
             raise TransferkitError("--teacher-forcing must lie in [0, 1], --label-smoothing and --dropout in [0, 1)",
                                    "pass e.g. 1.0, 0.1 and 0.1")
+        if self.ensemble < 1 or (self.ensemble > 1 and self.beam_size > 1):
+            raise TransferkitError(f"invalid --ensemble {self.ensemble} with --beam-size {self.beam_size}",
+                                   "use --ensemble >= 1, and --beam-size 1 with an ensemble")
         if (self.average_last < 0 or self.beam_size < 1 or self.hidden_size < 1 or self.embedding_dim < 1
                 or self.encoder_layers < 1 or self.attention_heads < 1 or self.output_hidden < 0):
             raise TransferkitError("--average-last must be >= 0 and --beam-size, --encoder-layers, "
                                    "--attention-heads and sizes >= 1", "fix the values")
 
 
-def decode_batch(model: Seq2Seq, batch: dict[str, torch.Tensor], max_len: int, beam_size: int = 1) -> list[list[int]]:
+def decode_batch(model: Seq2Seq | Seq2SeqEnsemble, batch: dict[str, torch.Tensor], max_len: int, beam_size: int = 1) -> list[list[int]]:
     if beam_size > 1:
         return model.beam_search(batch["src"], batch["src_lengths"], max_len, beam_size)
     return model.greedy(batch["src"], batch["src_lengths"], max_len).tolist()
@@ -399,7 +460,7 @@ def _strip(ids: list[int]) -> list[int]:
     return ids[: ids.index(Vocabulary.EOS)] if Vocabulary.EOS in ids else ids
 
 
-def seq2seq_metrics(model: Seq2Seq, loader: Any, max_len: int, beam_size: int = 1,
+def seq2seq_metrics(model: Seq2Seq | Seq2SeqEnsemble, loader: Any, max_len: int, beam_size: int = 1,
                     accelerator: Any | None = None) -> dict[str, float]:
     """Teacher-forced ``loss`` / ``token_accuracy`` and decoded ``exact_match`` (whole output right)."""
     model.eval()
@@ -424,7 +485,7 @@ def seq2seq_metrics(model: Seq2Seq, loader: Any, max_len: int, beam_size: int = 
 
 @dataclass
 class Seq2SeqRun:
-    model: Seq2Seq
+    model: Seq2Seq | Seq2SeqEnsemble
     source: Vocabulary
     target: Vocabulary
     max_output_len: int
@@ -439,6 +500,8 @@ def train_seq2seq(splits: dict[str, list[tuple[str, str]]], config: Seq2SeqConfi
     from transferkit.engine import Trainer, seed_everything
 
     config.validate()
+    if config.ensemble > 1:
+        return _train_ensemble(splits, config, train, checkpoint_dir, progress)
     source = Vocabulary.from_texts([s for s, _ in splits["train"]])
     target = Vocabulary.from_texts([t for _, t in splits["train"]])
     max_len = max(len(t) for _, t in splits["train"]) + 2
@@ -478,16 +541,49 @@ def train_seq2seq(splits: dict[str, list[tuple[str, str]]], config: Seq2SeqConfi
                                            "val_exact_match_averaged": averaged, "kept": averaged >= best}
         if averaged < best:
             model.load_state_dict(best_state)
-    model.eval()
-    for split in ("val", "test"):
-        if splits.get(split):
-            loader = pair_loader(splits[split], source, target, 256, False)
-            scores = seq2seq_metrics(model, loader, max_len, config.beam_size)
-            metrics.update({f"{split}_{k}": v for k, v in scores.items()})
+    metrics.update(evaluate_splits(model, splits, source, target, max_len, config.beam_size))
     metrics.update({"n_train": len(splits["train"]), "n_val": len(splits["val"]), "n_test": len(splits.get("test", [])),
                     "attention": config.attention, "beam_size": config.beam_size,
                     "parameters": sum(p.numel() for p in model.parameters())})
     return Seq2SeqRun(model, source, target, max_len, result.history, metrics)
+
+
+def evaluate_splits(model: Seq2Seq | Seq2SeqEnsemble, splits: dict[str, list[tuple[str, str]]], source: Vocabulary,
+                    target: Vocabulary, max_len: int, beam_size: int = 1,
+                    names: Sequence[str] = ("val", "test")) -> dict[str, float]:
+    """``{split}_{loss, token_accuracy, exact_match}`` for each non-empty split in ``names``."""
+    model.eval()
+    metrics = {}
+    for split in names:
+        if splits.get(split):
+            loader = pair_loader(splits[split], source, target, 256, False)
+            scores = seq2seq_metrics(model, loader, max_len, beam_size)
+            metrics.update({f"{split}_{k}": v for k, v in scores.items()})
+    return metrics
+
+
+def _train_ensemble(splits: dict[str, list[tuple[str, str]]], config: Seq2SeqConfig, train: Any,
+                    checkpoint_dir: str | Path | None, progress: bool) -> Seq2SeqRun:
+    """``config.ensemble`` members trained with seeds ``train.seed + i`` on the same split (the test split is
+    scored once, for the ensemble)."""
+    from dataclasses import replace
+
+    seen = {k: v for k, v in splits.items() if k != "test"}
+    runs = [train_seq2seq(seen, replace(config, ensemble=1), replace(train, seed=train.seed + i),
+                          Path(checkpoint_dir) / f"member-{i}" if checkpoint_dir is not None else None, progress)
+            for i in range(config.ensemble)]
+    model = Seq2SeqEnsemble([r.model for r in runs])
+    first = runs[0]
+    metrics: dict[str, Any] = {
+        "train_seconds": round(sum(r.metrics["train_seconds"] for r in runs), 2),
+        "members": [{"seed": train.seed + i, "best_epoch": r.metrics["best_epoch"],
+                     "val_exact_match": r.metrics["val_exact_match"], "train_seconds": r.metrics["train_seconds"]}
+                    for i, r in enumerate(runs)]}
+    metrics.update(evaluate_splits(model, splits, first.source, first.target, first.max_output_len))
+    metrics.update({"n_train": len(splits["train"]), "n_val": len(splits["val"]),
+                    "n_test": len(splits.get("test", [])), "attention": config.attention, "beam_size": 1,
+                    "ensemble": config.ensemble, "parameters": sum(p.numel() for p in model.parameters())})
+    return Seq2SeqRun(model, first.source, first.target, first.max_output_len, first.history, metrics)
 
 
 def save_seq2seq(run: Seq2SeqRun, folder: str | Path, extra: dict[str, Any] | None = None) -> None:
@@ -513,22 +609,25 @@ def read_saved_config(folder: str | Path, fmt: str, what: str, fix: str) -> tupl
     return folder, config
 
 
-def load_seq2seq(folder: str | Path) -> tuple[Seq2Seq, Vocabulary, Vocabulary, int]:
+def load_seq2seq(folder: str | Path) -> tuple[Seq2Seq | Seq2SeqEnsemble, Vocabulary, Vocabulary, int]:
     from safetensors.torch import load_file
 
     folder, config = read_saved_config(folder, FORMAT, "seq2seq model", "pass the --out folder of `seq2seq train`")
-    model = Seq2Seq(**config["model"])
+    model_config = dict(config["model"])
+    members = model_config.pop("ensemble", 1)
+    model = (Seq2SeqEnsemble([Seq2Seq(**model_config) for _ in range(members)]) if members > 1
+             else Seq2Seq(**model_config))
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     model.eval()
     return model, Vocabulary(config["source_symbols"]), Vocabulary(config["target_symbols"]), config["max_output_len"]
 
 
-def translate(model: Seq2Seq, source: Vocabulary, target: Vocabulary, texts: Sequence[str], max_len: int,
+def translate(model: Seq2Seq | Seq2SeqEnsemble, source: Vocabulary, target: Vocabulary, texts: Sequence[str], max_len: int,
               beam_size: int = 1) -> list[str]:
     """Decode each input string."""
     batch = collate_pairs([(source.encode(t), [], i) for i, t in enumerate(texts)])
     return [target.decode(ids) for ids in decode_batch(model, batch, max_len, beam_size)]
 
 
-__all__ = ["Attention", "Seq2Seq", "Seq2SeqConfig", "Vocabulary", "binary_to_decimal_pairs", "collate_pairs",
+__all__ = ["Attention", "Seq2Seq", "Seq2SeqConfig", "Seq2SeqEnsemble", "Vocabulary", "binary_to_decimal_pairs", "collate_pairs",
            "load_seq2seq", "save_seq2seq", "split_pairs", "train_seq2seq", "translate"]
