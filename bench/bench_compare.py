@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import cached
+from bench.common import bench_command, cached
 
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / "cache" / "compare"
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     for noisy in ("transformers", "timm", "peft", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    command = "python -m bench.bench_compare" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    command = bench_command("bench.bench_compare", argv)
     lines = ["## Strategy comparison and backbone ranking (issue 7)", "", f"Command: `{command}`", ""]
     if not args.skip_compare:
         lines += run_compare_section(args.quick, args.threads)

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import cached
+from bench.common import bench_command, cached, write_section
 
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / "cache" / "core"
@@ -245,13 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     seeds, test_limit = (1, 500) if args.quick else (args.seeds, args.test_limit)
     start = time.perf_counter()
     body = run_benchmark(seeds, args.image_size, args.limit_per_class, test_limit, args.quick)
-    command = "python -m bench.bench_core" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
-    section = (f"## Core: linear probe, fine-tuning, pretraining (issue 2)\n\nCommand: `{command}` "
-               f"({platform.machine()}, {os.cpu_count()} cores; {time.perf_counter() - start:.0f} s this run, "
-               f"cached cells reused)\n\n{body}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "core.md").write_text(section + "\n")
-    print(section)
+    write_section(RESULTS / "core.md", "Core: linear probe, fine-tuning, pretraining (issue 2)",
+                  bench_command("bench.bench_core", argv), start, body)
 
 
 if __name__ == "__main__":

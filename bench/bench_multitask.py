@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import cached
+from bench.common import bench_command, cached, write_section
 
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / "cache" / "multitask"
@@ -153,14 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     epochs, limit, size = (2, 30, 24) if args.quick else (args.epochs, args.limit_per_class, args.image_size)
     start = time.perf_counter()
     body = run_benchmark(epochs, limit, size, args.quick, args.with_fixed or args.quick)
-    command = "python -m bench.bench_multitask" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
-    section = (f"## Multi-task learning: stars (issue 6)\n\nCommand: `{command}` ({platform.machine()}, "
-               f"{os.cpu_count()} cores shared; {time.perf_counter() - start:.0f} s this run, cached cells reused)"
-               f"\n\n{body}")
     target = RESULTS / "quick" if args.quick else RESULTS
-    target.mkdir(parents=True, exist_ok=True)
-    (target / "multitask.md").write_text(section + "\n")
-    print(section)
+    write_section(target / "multitask.md", "Multi-task learning: stars (issue 6)",
+                  bench_command("bench.bench_multitask", argv), start, body)
 
 
 if __name__ == "__main__":

@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import cached
+from bench.common import bench_command, cached, write_section
 
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / "cache" / "sequence"
@@ -406,12 +404,8 @@ def main(argv: list[str] | None = None) -> None:
                    "encoder_layers": args.encoder_layers, "attention_heads": args.attention_heads,
                    "output_hidden": args.output_hidden, "ensemble": args.ensemble, "parallel": args.parallel}
     body = run_benchmark(**settings, quick=args.quick, target=target, attentions=attentions, b2d_options=b2d_options)
-    command = "python -m bench.bench_sequence" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
-    section = (f"## Sequence models (issue 6)\n\nCommand: `{command}` ({platform.machine()}, {os.cpu_count()} cores "
-               f"shared; {time.perf_counter() - start:.0f} s this run, cached cells reused)\n\n{body}")
-    target.mkdir(parents=True, exist_ok=True)
-    (target / "sequence.md").write_text(section + "\n")
-    print(section)
+    write_section(target / "sequence.md", "Sequence models (issue 6)", bench_command("bench.bench_sequence", argv),
+                  start, body)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,3 +24,18 @@ def cached(cache_dir: Path, name: str, compute: Callable[[], Any]) -> Any:
     tmp.write_text(json.dumps(value))
     tmp.replace(path)
     return value
+
+
+def bench_command(module: str, argv: list[str] | None) -> str:
+    """The command line that reproduces this run, e.g. ``python -m bench.bench_core --seeds 3``."""
+    args = argv if argv is not None else sys.argv[1:]
+    return f"python -m {module}" + (" " + " ".join(args)).rstrip()
+
+
+def write_section(path: Path, heading: str, command: str, started: float, body: str) -> None:
+    """Write (and print) a results section: heading, the exact command, machine, this run's wall time, body."""
+    section = (f"## {heading}\n\nCommand: `{command}` ({platform.machine()}, {os.cpu_count()} cores shared; "
+               f"{time.perf_counter() - started:.0f} s this run, cached cells reused)\n\n{body}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(section + "\n")
+    print(section)

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.common import bench_command
+
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
 RESULTS = ROOT / "results"
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown benchmark(s) {', '.join(unknown)}. Choose from: {', '.join(available)}.",
               file=sys.stderr)
         return 2
-    command = "python -m bench.run" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    command = bench_command("bench.run", argv)
     statuses: dict[str, tuple[int, float]] = {}
     if not args.assemble_only:
         for topic in args.topics or available:
