@@ -328,3 +328,10 @@ def test_fit_task_causal_lm_rejects_other_tasks_and_missing_file(tmp_path, capsy
     code, _, err = run_cli(["fit", "--data", tmp_path / "none.txt", "--task", "causal-lm", "--strategy", "lora",
                             "--out", tmp_path / "b"], capsys)
     assert code == 2 and "does not exist" in err and not (tmp_path / "b").exists()
+
+
+def test_modality_specific_options_on_the_wrong_data_exit_2(image_folder, tmp_path, capsys):
+    code, _, err = run_cli(["fit", "--data", image_folder, *SMALL, "--max-length", "32", "--out", tmp_path / "r"],
+                           capsys)
+    assert code == 2 and "--max-length does not apply to image data" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists() and not (tmp_path / ".r.partial").exists()

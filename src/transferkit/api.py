@@ -161,6 +161,13 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
     if modality != splits.modality:
         raise TransferkitError(f"backbone '{backbone_name}' takes {modality} input but the data is "
                                f"{splits.modality}", f"choose a {splits.modality} backbone (`transferkit backbones`)")
+    misplaced = [flag for flag, value, modality in (("--image-size", fit_cfg.image_size, "image"),
+                                                     ("--feature-stage", fit_cfg.feature_stage, "image"),
+                                                     ("--max-length", fit_cfg.max_length, "text"))
+                 if value is not None and splits.modality != modality]
+    if misplaced:
+        raise TransferkitError(f"{', '.join(misplaced)} does not apply to {splits.modality} data",
+                               "remove it from the command")
     backbone_options: dict[str, Any] = {}
     if splits.modality == "image":
         backbone_options["augment"] = fit_cfg.augment
