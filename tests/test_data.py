@@ -321,3 +321,26 @@ def test_loader_batches_are_dicts_seeded_and_complete(tmp_path):
     assert torch.equal(index, again)
     ordered = torch.cat([b["index"] for b in make_loader(data, _DummyBackbone(), 3, train=False, seed=5)])
     assert ordered.tolist() == list(range(7))
+
+
+def test_split_layouts_reject_two_spellings_and_a_missing_train_split(tmp_path) -> None:
+    from transferkit.data.images import find_split_folders
+    from transferkit.data.text import find_split_files
+    from transferkit.errors import TransferkitError
+
+    images = tmp_path / "images"
+    for name in ("train", "val", "validation"):
+        (images / name).mkdir(parents=True)
+    with pytest.raises(TransferkitError, match="several val folders"):
+        find_split_folders(images)
+    (images / "validation").rmdir()
+    assert set(find_split_folders(images)) == {"train", "val"}
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "test.csv").write_text("text,label\na,b\n")
+    with pytest.raises(TransferkitError, match="no train file"):
+        find_split_files(texts)
+    (texts / "train.jsonl").write_text('{"text": "a", "label": "b"}\n')
+    assert find_split_files(texts) == {"train": texts / "train.jsonl", "test": texts / "test.csv"}
+    assert find_split_files(tmp_path) is None

@@ -268,9 +268,10 @@ def _fit_causal_lm(fit_cfg: FitConfig, train_cfg, strategy, column: str | None, 
     from transferkit.tasks.causal_lm import CausalLMOptions, check_lm_strategy, read_passages, run_causal_lm
 
     check_lm_strategy(strategy)
-    read_passages(fit_cfg.data, column or fit_cfg.text_column)  # checks the file before anything is written
     lm_options = CausalLMOptions(text_column=column or fit_cfg.text_column, heldout_fraction=fit_cfg.val_fraction,
                                  max_length=fit_cfg.max_length or 128)
+    # read (and checked) before anything is written
+    passages = read_passages(fit_cfg.data, lm_options.text_column, lm_options.words_per_passage)
     state.wait_for_everyone()
     if state.is_main_process:
         stage.mkdir(parents=True, exist_ok=True)
@@ -278,7 +279,8 @@ def _fit_causal_lm(fit_cfg: FitConfig, train_cfg, strategy, column: str | None, 
     state.wait_for_everyone()
     metrics = run_causal_lm(fit_cfg.data, fit_cfg.backbone or "smollm2-135m", strategy, train_cfg, stage,
                             lm_options, fit_cfg.pretrained, progress=fit_cfg.progress,
-                            cache_dir=Path(fit_cfg.cache_dir) if fit_cfg.cache_dir else default_cache_dir())
+                            cache_dir=Path(fit_cfg.cache_dir) if fit_cfg.cache_dir else default_cache_dir(),
+                            passages=passages)
     if not state.is_main_process:
         return Run(out, {})
     metrics.update({"peak_memory_mb": round(_peak_memory_mb(), 1), "config": all_options})

@@ -7,9 +7,10 @@ objectives, auxiliary data, notes) before training. Register one by adding its m
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
+
+from transferkit.registry import import_registering_modules
 
 if TYPE_CHECKING:
     from transferkit.config import FitConfig
@@ -70,11 +71,6 @@ def register_extension(cls: type[FitExtension]) -> type[FitExtension]:
 def list_extensions() -> dict[str, type[FitExtension]]:
     global _loaded
     if not _loaded:
-        for module in _MODULES:
-            try:
-                importlib.import_module(module)
-            except ModuleNotFoundError as exc:
-                if exc.name != module:
-                    raise
+        import_registering_modules(_MODULES)
         _loaded = True
     return dict(_REGISTRY)

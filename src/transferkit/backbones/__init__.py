@@ -6,13 +6,13 @@ with ``@register_prefix``. Modules that register entries are imported lazily on 
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from transferkit.backbones.base import Backbone, BackboneInfo, BackboneSpec, batch_size_of, move_to
 from transferkit.errors import TransferkitError
+from transferkit.registry import import_registering_modules
 
 __all__ = [
     "Backbone",
@@ -74,12 +74,7 @@ def _load_modules() -> None:
     global _loaded
     if _loaded:
         return
-    for module in _BACKBONE_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:  # a module not written yet must not break the others
-            if exc.name != module:
-                raise
+    import_registering_modules(_BACKBONE_MODULES)
     _loaded = True
 
 

@@ -153,24 +153,28 @@ def _images_under(folder: Path) -> list[Path]:
 
 def find_split_folders(root: Path) -> dict[str, Path] | None:
     """``{"train": ..., "val": ..., "test": ...}`` (present ones) when ``root`` uses the split layout, else None."""
-    by_lower = {p.name.lower(): p for p in _visible_subfolders(root)}
+    return match_split_names(root, {p.name.lower(): p for p in _visible_subfolders(root)}, ("",), "folder",
+                             "add a 'train' folder with one subfolder per class")
+
+
+def match_split_names(root: Path, entries: dict[str, Path], suffixes: Sequence[str], kind: str,
+                      train_fix: str) -> dict[str, Path] | None:
+    """The entries of ``root`` (keyed by lower-case name) named like a split, e.g. ``val`` + ``.csv``:
+    ``{"train": ..., "val": ..., "test": ...}`` (present ones), None when none is; two spellings of one split or
+    splits without a train entry are errors."""
     found: dict[str, Path] = {}
     for split, spellings in SPLIT_FOLDER_NAMES.items():
-        matches = [by_lower[s] for s in spellings if s in by_lower]
+        matches = [entries[s + ext] for s in spellings for ext in suffixes if s + ext in entries]
         if len(matches) > 1:
-            raise TransferkitError(
-                f"'{root}' has several validation folders ({', '.join(m.name for m in matches)})",
-                "keep one of them",
-            )
+            raise TransferkitError(f"'{root}' has several {split} {kind}s ({', '.join(m.name for m in matches)})",
+                                   "keep one of them")
         if matches:
             found[split] = matches[0]
     if not found:
         return None
     if "train" not in found:
-        raise TransferkitError(
-            f"'{root}' has {'/'.join(p.name for p in found.values())} folders but no 'train' folder",
-            "add a 'train' folder with one subfolder per class",
-        )
+        raise TransferkitError(f"'{root}' has {', '.join(p.name for p in found.values())} but no train {kind}",
+                               train_fix)
     return found
 
 

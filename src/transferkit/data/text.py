@@ -294,26 +294,11 @@ def read_text_file(
 
 def find_split_files(folder: Path) -> dict[str, Path] | None:
     """``{"train": train.csv, "val": val.jsonl, ...}`` when ``folder`` holds split text files, else None."""
-    from transferkit.data.images import SPLIT_FOLDER_NAMES
+    from transferkit.data.images import match_split_names
 
     files = {p.name.lower(): p for p in Path(folder).iterdir() if p.is_file()}
-    found: dict[str, Path] = {}
-    for split, spellings in SPLIT_FOLDER_NAMES.items():
-        matches = [files[s + ext] for s in spellings for ext in TEXT_EXTENSIONS if s + ext in files]
-        if len(matches) > 1:
-            raise TransferkitError(
-                f"'{folder}' has several {split} files ({', '.join(m.name for m in matches)})", "keep one of them"
-            )
-        if matches:
-            found[split] = matches[0]
-    if not found:
-        return None
-    if "train" not in found:
-        raise TransferkitError(
-            f"'{folder}' has {', '.join(p.name for p in found.values())} but no train file",
-            "add train.csv (or .tsv/.jsonl) with the training examples",
-        )
-    return found
+    return match_split_names(folder, files, TEXT_EXTENSIONS, "file",
+                             "add train.csv (or .tsv/.jsonl) with the training examples")
 
 
 def read_text_folder(

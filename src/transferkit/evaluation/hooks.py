@@ -8,9 +8,10 @@ domain-adapted runs. Register a module by adding it to ``HOOK_MODULES``.
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 from typing import Any
+
+from transferkit.registry import import_registering_modules
 
 HOOK_MODULES = [
     "transferkit.evaluation.calibration",
@@ -21,14 +22,7 @@ HOOK_MODULES = [
 
 
 def hook_modules() -> list[ModuleType]:
-    modules = []
-    for name in HOOK_MODULES:
-        try:
-            modules.append(importlib.import_module(name))
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-    return modules
+    return import_registering_modules(HOOK_MODULES)
 
 
 def add_hook_arguments(parser: Any) -> None:

@@ -7,10 +7,10 @@ Adding a method = one module with a ``StrategyConfig`` dataclass and a ``Strateg
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Any
 
 from transferkit.errors import TransferkitError
+from transferkit.registry import import_registering_modules
 from transferkit.strategies.base import Strategy, StrategyConfig, freeze, unfreeze
 
 __all__ = ["Strategy", "StrategyConfig", "create_strategy", "list_strategies", "register_strategy", "freeze",
@@ -40,12 +40,7 @@ def _load_modules() -> None:
     global _loaded
     if _loaded:
         return
-    for module in _STRATEGY_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+    import_registering_modules(_STRATEGY_MODULES)
     _loaded = True
 
 

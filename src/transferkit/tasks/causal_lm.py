@@ -197,8 +197,10 @@ def build_lm_model(backbone_name: str, pretrained: bool, max_length: int, **back
 
 def run_causal_lm(data: str, backbone_name: str, strategy: Strategy, train: TrainConfig, stage: Path,
                   options: CausalLMOptions | None = None, pretrained: bool = True, progress: bool = False,
-                  cache_dir: Path | None = None, backbone_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train ``strategy`` (e.g. lora) on the passages of ``data``; writes ``stage/model``; returns the metrics."""
+                  cache_dir: Path | None = None, backbone_options: dict[str, Any] | None = None,
+                  passages: list[str] | None = None) -> dict[str, Any]:
+    """Train ``strategy`` (e.g. lora) on the passages of the text file ``data`` (``passages``: already read from
+    it by :func:`read_passages`); writes ``stage/model``; returns the metrics."""
     from transferkit.data.loader import make_loader
     from transferkit.engine.context import RunContext
     from transferkit.engine.trainer import seed_everything
@@ -207,8 +209,9 @@ def run_causal_lm(data: str, backbone_name: str, strategy: Strategy, train: Trai
     check_lm_strategy(strategy)
     options = options or CausalLMOptions()
     started = time.perf_counter()
-    splits = passage_splits(read_passages(data, options.text_column, options.words_per_passage),
-                            options.heldout_fraction, train.seed)
+    if passages is None:
+        passages = read_passages(data, options.text_column, options.words_per_passage)
+    splits = passage_splits(passages, options.heldout_fraction, train.seed)
     seed_everything(train.seed)
     model = build_lm_model(backbone_name, pretrained, options.max_length, **(backbone_options or {}))
     strategy.prepare(model)
