@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from transferkit.engine import CrossEntropyObjective, EpochShuffleSampler, TrainConfig, Trainer
-from transferkit.engine.schedules import noam, warmup_cosine
+from transferkit.engine.schedules import inverse_annealing, noam, warmup_cosine
 from transferkit.engine.solvers import fit_logistic_regression
 from transferkit.errors import TransferkitError
 from transferkit.evaluation.metrics import classification_report
@@ -56,6 +56,22 @@ def test_warmup_cosine_shape():
     f = warmup_cosine(total_steps=100, warmup_steps=10)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(55) == pytest.approx(0.5, abs=0.02) and f(100) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_dann_annealing_schedule_matches_formula():
+    f = inverse_annealing(total_steps=200)
+    assert f(0) == 1.0 and f(200) == pytest.approx(11**-0.75)
+    assert f(100) == pytest.approx(6**-0.75) and f(50) > f(100) > f(150)
+    warm = inverse_annealing(total_steps=200, warmup_steps=10)
+    assert warm(0) == pytest.approx(0.1) and warm(100) == pytest.approx(f(100))
+
+
+def test_trainer_follows_the_annealing_schedule():
+    train, val = loaders()
+    cfg = TrainConfig(epochs=3, lr=0.1, early_stopping=0, device="cpu", schedule="annealing")
+    result = Trainer(make_model(), [CrossEntropyObjective()], cfg, progress=False).fit(train, val)
+    lrs = [row["lr"] for row in result.history]
+    assert lrs[0] > lrs[1] > lrs[2] and lrs[2] == pytest.approx(0.1 * 11**-0.75, rel=0.1)
 
 
 def test_trainer_learns_and_restores_best_epoch():

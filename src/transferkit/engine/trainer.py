@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from transferkit.engine.objectives import Objective, primary_logits
-from transferkit.engine.schedules import SCHEDULES, noam, warmup_constant, warmup_cosine
+from transferkit.engine.schedules import SCHEDULES, inverse_annealing, noam, warmup_constant, warmup_cosine
 from transferkit.errors import TransferkitError
 from transferkit.progress import progress as progress_bar
 
@@ -52,7 +52,8 @@ class TrainConfig:
     schedule: str = field(
         default="cosine",
         metadata={"help": "cosine (warm-up + cosine decay), plateau (halve the LR when validation stalls), "
-                  "constant, or noam (Transformer warm-up schedule)."},
+                  "constant, noam (Transformer warm-up schedule) or annealing (DANN paper: lr / (1 + 10 p)^0.75 "
+                  "over the training progress p)."},
     )
     warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps (noam: its warmup parameter)."})
     plateau_patience: int = field(default=1, metadata={"help": "plateau schedule: epochs without gain before halving."})
@@ -175,6 +176,8 @@ def _schedule_factor(config: TrainConfig, total_steps: int) -> Callable[[int], f
         return warmup_cosine(total_steps, config.warmup_steps)
     if config.schedule == "noam":
         return noam(config.noam_d_model or 512, config.warmup_steps or 4000)
+    if config.schedule == "annealing":
+        return inverse_annealing(total_steps, config.warmup_steps)
     return warmup_constant(config.warmup_steps)
 
 
