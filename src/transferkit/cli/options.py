@@ -11,9 +11,10 @@ from transferkit.config import field_base_type, option_fields, register_option_c
 
 
 def add_dataclass_options(parser: argparse.ArgumentParser | Any, cls: type, seen: set[str],
-                          title: str | None = None) -> None:
+                          title: str | None = None, defaults: dict[str, Any] | None = None) -> None:
     """Add ``--<field>`` for every field of ``cls`` not already in ``seen`` (defaults suppressed, so only the
-    flags a user typed reach the merged options and a ``--config`` file can fill the rest)."""
+    flags a user typed reach the merged options and a ``--config`` file can fill the rest; ``defaults``: the
+    command's own defaults, shown in the help instead of the dataclass's)."""
     register_option_class(cls)
     group = parser.add_argument_group(title) if title else parser
     for f in option_fields(cls):
@@ -23,6 +24,7 @@ def add_dataclass_options(parser: argparse.ArgumentParser | Any, cls: type, seen
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         default = f.default if f.default is not f.default_factory else None  # type: ignore[comparison-overlap]
+        default = (defaults or {}).get(f.name, default)
         if default is not None and default != "":
             help_text += f" (default: {default})"
         tp = field_base_type(f)

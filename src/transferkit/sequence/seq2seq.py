@@ -32,7 +32,7 @@ import json
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -138,6 +138,21 @@ class Attention(nn.Module):
         return torch.einsum("bs,bsk->bk", weights, memory), weights
 
 
+def greedy_decode(next_scores: Callable[[torch.Tensor], torch.Tensor], batch_size: int, max_len: int,
+                  device: torch.device) -> torch.Tensor:
+    """``(B, <= max_len)`` symbols, each the argmax of ``next_scores(previous symbols) -> (B, V)`` (starting from
+    BOS); stops once every sequence has emitted EOS."""
+    previous = torch.full((batch_size,), Vocabulary.BOS, dtype=torch.long, device=device)
+    outputs, finished = [], torch.zeros(batch_size, dtype=torch.bool, device=device)
+    for _ in range(max_len):
+        previous = next_scores(previous).argmax(-1)
+        outputs.append(previous)
+        finished |= previous == Vocabulary.EOS
+        if bool(finished.all()):
+            break
+    return torch.stack(outputs, dim=1)
+
+
 class EncoderState(NamedTuple):
     memory: torch.Tensor  # (B, S, 2H) encoder outputs
     mask: torch.Tensor  # (B, S) True at real symbols
@@ -230,16 +245,13 @@ class Seq2Seq(nn.Module):
     def greedy(self, src: torch.Tensor, lengths: torch.Tensor, max_len: int) -> torch.Tensor:
         """``(B, <= max_len)`` most likely symbol at each step (stops once every sequence emitted EOS)."""
         state, hidden = self.encode(src, lengths)
-        previous = torch.full((src.shape[0],), Vocabulary.BOS, dtype=torch.long, device=src.device)
-        outputs, finished = [], torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
-        for _ in range(max_len):
+
+        def next_scores(previous: torch.Tensor) -> torch.Tensor:
+            nonlocal hidden
             logits, hidden, _ = self.step(previous, hidden, state)
-            previous = logits.argmax(-1)
-            outputs.append(previous)
-            finished |= previous == Vocabulary.EOS
-            if bool(finished.all()):
-                break
-        return torch.stack(outputs, dim=1)
+            return logits
+
+        return greedy_decode(next_scores, src.shape[0], max_len, src.device)
 
     @torch.no_grad()
     def beam_search(self, src: torch.Tensor, lengths: torch.Tensor, max_len: int, beam_size: int = 5,
@@ -332,16 +344,13 @@ class Seq2SeqEnsemble(nn.Module):
         """``(B, <= max_len)`` symbols maximising the mean log-probability at each step."""
         encoded = [m.encode(src, lengths) for m in self.members]
         states, hiddens = [e[0] for e in encoded], [e[1] for e in encoded]
-        previous = torch.full((src.shape[0],), Vocabulary.BOS, dtype=torch.long, device=src.device)
-        outputs, finished = [], torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
-        for _ in range(max_len):
+
+        def next_scores(previous: torch.Tensor) -> torch.Tensor:
+            nonlocal hiddens
             log_probs, hiddens = self.step(previous, hiddens, states)
-            previous = log_probs.argmax(-1)
-            outputs.append(previous)
-            finished |= previous == Vocabulary.EOS
-            if bool(finished.all()):
-                break
-        return torch.stack(outputs, dim=1)
+            return log_probs
+
+        return greedy_decode(next_scores, src.shape[0], max_len, src.device)
 
     def beam_search(self, *args: Any, **kwargs: Any) -> list[list[int]]:
         raise TransferkitError("beam search is not implemented for an ensemble", "use --beam-size 1 (greedy)")
