@@ -30,6 +30,14 @@ RESULTS = ROOT / "results"
 OUTPUT = REPO / "BENCHMARKS.md"
 
 
+#: How the published sections were measured (they are produced over several sessions and cached per cell).
+SHARED_MACHINE = (
+    "most sections were measured while several benchmarks shared the 2 cores (load average 2-7, 1 torch thread "
+    "per process; each section states its own setting). Accuracies are unaffected; time ratios were measured "
+    "interleaved within one run so the shared load cancels out; absolute times are pessimistic."
+)
+
+
 def topics() -> list[str]:
     return sorted(p.stem.removeprefix("bench_") for p in ROOT.glob("bench_*.py"))
 
@@ -87,6 +95,7 @@ def assemble(command: str, statuses: dict[str, tuple[int, float]], quick: bool) 
         "",
         f"- Command: `{command}`",
         f"- Machine: {machine()}",
+        f"- Caveat: {SHARED_MACHINE}",
         f"- Date: {now}",
     ]
     if quick:

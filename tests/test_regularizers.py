@@ -124,7 +124,7 @@ def test_l2sp_zero_at_start_and_gradient_is_beta_times_distance():
     loss = objective(model, {}, outputs)
     loss.backward()
     expected = 0.15 * sum(float((p.detach() - start[n]).pow(2).sum()) for n, p in model.backbone.named_parameters())
-    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
     for name, p in model.backbone.named_parameters():
         torch.testing.assert_close(p.grad, 0.3 * (p.detach() - start[name]))
     assert all(p.grad is None for p in model.heads.parameters())  # heads: no L2-SP (no pretrained value)
