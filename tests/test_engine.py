@@ -66,6 +66,25 @@ def test_dann_annealing_schedule_matches_formula():
     assert warm(0) == pytest.approx(0.1) and warm(100) == pytest.approx(f(100))
 
 
+def test_weight_decay_shrinks_weight_matrices_but_not_biases():
+    from transferkit.engine.trainer import split_weight_decay
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5, 4), nn.GRU(4, 6, batch_first=True), nn.LayerNorm(6), nn.Linear(6, 3))
+    groups = split_weight_decay(model, [{"params": list(model.parameters()), "lr": 0.1}], 1.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] == 1.0 for p in g["params"]}
+    assert decayed == {"0.weight", "1.weight_ih_l0", "1.weight_hh_l0", "3.weight"}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(groups)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # zero gradients: only the decoupled decay moves parameters, w <- w (1 - lr * wd)
+    for name, p in model.named_parameters():
+        expected = before[name] * (0.9 if name in decayed else 1.0)
+        torch.testing.assert_close(p.detach(), expected)
+
+
 def test_trainer_follows_the_annealing_schedule():
     train, val = loaders()
     cfg = TrainConfig(epochs=3, lr=0.1, early_stopping=0, device="cpu", schedule="annealing")
