@@ -374,3 +374,31 @@ def test_train_seq2seq_ensemble_and_save_load(tmp_path) -> None:
                                                                          max_len)
     with pytest.raises(TransferkitError, match="ensemble"):
         Seq2SeqConfig(ensemble=2, beam_size=3).validate()
+
+
+def test_cli_seq2seq_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys) -> None:
+    import transferkit.sequence.seq2seq as seq2seq
+    from transferkit.cli.main import main
+
+    original, calls = seq2seq.seq2seq_metrics, []
+
+    def interrupt_at_second_validation(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(seq2seq, "seq2seq_metrics", interrupt_at_second_validation)
+    out = tmp_path / "b2d"
+    args = ["seq2seq", "train", "--task", "binary-to-decimal", "--bits", "5", "--out", str(out), "--epochs", "3",
+            "--hidden-size", "8", "--embedding-dim", "4", "--batch-size", "8", "--no-progress"]
+    assert main(args) == 130
+    stage = tmp_path / ".b2d.partial"
+    assert (stage / "checkpoint" / "checkpoint.pt").is_file() and not out.exists()
+    assert main(args) == 2  # an interrupted run is neither discarded nor silently restarted
+    assert main([*args, "--resume", "--lr", "0.5"]) == 2  # other options: refused
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    assert "resuming from the checkpoint after epoch 1" in capsys.readouterr().err
+    history = (out / "history.jsonl").read_text().splitlines()
+    assert len(history) == 3 and not stage.exists()

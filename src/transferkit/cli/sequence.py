@@ -29,7 +29,7 @@ SEQ2SEQ_TRAIN_DEFAULTS = {"epochs": 120, "batch_size": 128, "lr": 1e-2, "weight_
                           "early_stopping": 0, "threads": 1}
 CHARLM_TRAIN_DEFAULTS = {"epochs": 20, "batch_size": 32, "lr": 2e-3, "weight_decay": 0.0, "early_stopping": 3,
                          "threads": 1}
-_COMMON = ("func", "command", "action", "json", "verbose", "quiet", "out", "overwrite", "no_progress")
+_COMMON = ("func", "command", "action", "json", "verbose", "quiet", "out", "overwrite", "resume", "no_progress")
 
 
 def register(subparsers) -> None:
@@ -76,7 +76,10 @@ def _add_train_options(parser: argparse.ArgumentParser, model_class: type, defau
     from transferkit.engine.trainer import TrainConfig
 
     parser.add_argument("--out", required=True, help="Run folder to write.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace a finished run in --out.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace a finished run in --out, or start an interrupted one again.")
+    parser.add_argument("--resume", action="store_true",
+                        help="Continue an interrupted run of --out from its last epoch (same options).")
     parser.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
     parser.add_argument("--json", action="store_true", help="Print the metrics as JSON.")
     seen: set[str] = set()
@@ -103,17 +106,34 @@ def _build_configs(options: dict[str, Any], model_class: type) -> tuple[Any, Any
     return model_config, train
 
 
-def _staging(out: Path, overwrite: bool) -> Path:
-    from transferkit.api import staging_dir
+def _staging(out: Path, args: argparse.Namespace, run_options: dict[str, Any]) -> Path:
+    """The staging folder of ``out``: new, or kept with ``--resume`` when an interrupted run used the same options
+    (the engine then continues from its checkpoint); ``run_options`` are written to ``run_config.json``."""
+    from transferkit.api import _json_default, staging_dir
 
-    if (out / "metrics.json").is_file() and not overwrite:
+    if (out / "metrics.json").is_file() and not args.overwrite:
         raise TransferkitError(f"'{out}' already holds a finished run", "pass --overwrite or choose another --out")
     if out.exists() and not (out / "metrics.json").is_file() and any(out.iterdir()):
         raise TransferkitError(f"'{out}' exists and is not a transferkit run", "choose an empty or new --out folder")
     stage = staging_dir(out)
+    options = json.loads(json.dumps(run_options, default=_json_default))
+
+    def comparable(o: dict[str, Any]) -> dict[str, Any]:  # another device or thread count may resume a run
+        return {**o, "train": {k: v for k, v in o.get("train", {}).items() if k not in ("device", "threads")}}
+
+    if stage.exists() and args.resume:
+        saved = stage / "run_config.json"
+        if not saved.is_file() or comparable(json.loads(saved.read_text())) != comparable(options):
+            raise TransferkitError(f"the interrupted run in '{stage}' used other options",
+                                   "resume with the same options, or pass --overwrite to start again")
+        return stage
+    if stage.exists() and not args.overwrite:
+        raise TransferkitError(f"an interrupted run for '{out}' exists in '{stage}'",
+                               "pass --resume to continue it or --overwrite to start again")
     if stage.exists():
         shutil.rmtree(stage)
     stage.mkdir(parents=True)
+    (stage / "run_config.json").write_text(json.dumps(options, indent=2))
     return stage
 
 
@@ -172,9 +192,10 @@ def run_seq2seq_train(args: argparse.Namespace) -> int:
         pairs = read_pairs(args.pairs)
     splits = split_pairs(pairs, args.train_fraction, args.val_fraction, seed=0)
     out = Path(args.out)
-    stage = _staging(out, args.overwrite)
-    run = train_seq2seq(splits, config, train, checkpoint_dir=stage / "checkpoint", progress=not args.no_progress)
     data = {"task": args.task, "bits": args.bits} if args.task else {"pairs": str(args.pairs)}
+    data.update({"train_fraction": args.train_fraction, "val_fraction": args.val_fraction})
+    stage = _staging(out, args, {"data": data, "model": asdict(config), "train": train.to_dict()})
+    run = train_seq2seq(splits, config, train, checkpoint_dir=stage / "checkpoint", progress=not args.no_progress)
     save_seq2seq(run, stage / "model", extra={"data": data})
     metrics = {**run.metrics, "data": data, "config": {"model": asdict(config), "train": train.to_dict()}}
     _finish(stage, out, metrics, run.history)
@@ -211,7 +232,7 @@ def run_charlm_train(args: argparse.Namespace) -> int:
     except UnicodeDecodeError:
         raise TransferkitError(f"'{path}' is not UTF-8 text", "convert it to UTF-8") from None
     out = Path(args.out)
-    stage = _staging(out, args.overwrite)
+    stage = _staging(out, args, {"data": str(path), "model": asdict(config), "train": train.to_dict()})
     run = train_charlm(text, config, train, checkpoint_dir=stage / "checkpoint", progress=not args.no_progress)
     save_charlm(run, stage / "model")
     metrics = {**run.metrics, "data": str(path), "config": {"model": asdict(config), "train": train.to_dict()}}
