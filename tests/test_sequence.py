@@ -311,6 +311,11 @@ def test_cli_charlm_and_seq2seq_run_folders_and_bad_input(tmp_path, capsys) -> N
     assert main(["seq2seq", "predict", "--model", str(b2d), "101", "110", "--beam-size", "2"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
     assert main(["seq2seq", "predict", "--model", str(b2d), "12"]) == 2  # '2' is not a binary symbol
+    assert main(["seq2seq", "predict", "--model", str(b2d), "1010101"]) == 2  # 7 digits for a 6-bit model
+    assert "6-bit" in capsys.readouterr().err
+    from transferkit.cli.sequence import pad_binary
+
+    assert pad_binary("101", 6) == "000101" and pad_binary("111101001010", 12) == "111101001010"
     assert main(["seq2seq", "train", "--pairs", str(tmp_path / "none.tsv"), "--out", str(tmp_path / "p")]) == 2
 
 

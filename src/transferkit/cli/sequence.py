@@ -204,13 +204,25 @@ def run_seq2seq_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def pad_binary(text: str, bits: int) -> str:
+    """``text`` with leading zeros to ``bits`` digits (the width a binary-to-decimal model was trained on)."""
+    if len(text) > bits:
+        raise TransferkitError(f"'{text}' has {len(text)} digits but the model reads {bits}-bit numbers",
+                               f"give at most {bits} binary digits, or train with --bits {len(text)}")
+    return text.zfill(bits)
+
+
 def run_seq2seq_predict(args: argparse.Namespace) -> int:
-    from transferkit.sequence.seq2seq import load_seq2seq, translate
+    from transferkit.sequence.seq2seq import FORMAT, load_seq2seq, read_saved_config, translate
 
     model, source, target, max_len = load_seq2seq(args.model)
     if args.beam_size < 1:
         raise TransferkitError(f"invalid --beam-size {args.beam_size}", "use 1 or more")
-    outputs = translate(model, source, target, args.inputs, max_len, args.beam_size)
+    data = read_saved_config(args.model, FORMAT, "seq2seq model", "")[1].get("data", {})
+    inputs = args.inputs
+    if data.get("task") == "binary-to-decimal":  # trained on fixed-width numbers: "111" means "000000000111"
+        inputs = [pad_binary(text, data["bits"]) for text in inputs]
+    outputs = translate(model, source, target, inputs, max_len, args.beam_size)
     if args.json:
         print_json([{"input": i, "output": o} for i, o in zip(args.inputs, outputs)])
     else:
