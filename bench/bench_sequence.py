@@ -446,6 +446,7 @@ def main(argv: list[str] | None = None) -> None:
                    "encoder_layers": args.encoder_layers, "attention_heads": args.attention_heads,
                    "output_hidden": args.output_hidden, "ensemble": args.ensemble, "parallel": args.parallel}
     weight_decays = tuple(float(w) for w in args.weight_decay.split(",") if w.strip())
+    weight_decays = weight_decays[:1] if args.quick else weight_decays  # smoke run: the recipe only
     body = run_benchmark(**settings, quick=args.quick, target=target, attentions=attentions, b2d_options=b2d_options,
                          weight_decays=weight_decays, seeds=1 if args.quick else args.seeds)
     write_section(target / "sequence.md", "Sequence models (issue 6)", bench_command("bench.bench_sequence", argv),
