@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import bench_command, cached, write_section
+from bench.common import bench_command, cached, run_jobs, write_section
 
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / "cache" / "sequence"
@@ -99,21 +99,10 @@ def _seed_job(job: tuple) -> dict:
         attention, epochs, hidden, bidirectional, options, seed))
 
 
-def _run_jobs(worker, jobs: list[tuple], parallel: int) -> list[dict]:
-    """``worker`` over ``jobs``, in ``parallel`` spawned processes when > 1 (each cell cached as it finishes)."""
-    if parallel > 1 and len(jobs) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return list(pool.map(worker, jobs))
-    return [worker(job) for job in jobs]
-
-
 def b2d_seeds(tag: str, attention: str, epochs: int, hidden: int, bidirectional: bool, options: dict,
               seeds: int) -> dict:
     """One model per seed ``0..seeds-1`` (same split), each scored on the test split: the recipe's spread."""
-    cells = _run_jobs(_seed_job, [(tag, attention, epochs, hidden, bidirectional, options, seed)
+    cells = run_jobs(_seed_job, [(tag, attention, epochs, hidden, bidirectional, options, seed)
                                   for seed in range(seeds)], options.get("parallel", 1))
     exact = [c["test_exact_match"] for c in cells]
     return {"runs": cells, "test_exact_match": exact[0], "mean": float(np.mean(exact)), "min": min(exact),
@@ -170,7 +159,7 @@ def b2d_ensemble(tag: str, attention: str, epochs: int, hidden: int, bidirection
     jobs = [(tag, attention, epochs, hidden, bidirectional, options, seed) for seed in range(members)]
     trained_now = not any((CACHE / f"b2d-member-{tag}-{attention}-s{seed}.json").is_file() for seed in range(members))
     start = time.perf_counter()
-    cells = _run_jobs(_member_job, jobs, options.get("parallel", 1))
+    cells = run_jobs(_member_job, jobs, options.get("parallel", 1))
     members_wall = time.perf_counter() - start if trained_now else None
     ranked = sorted(range(members), key=lambda seed: -cells[seed]["val_exact_match"])  # stable: ties by seed
     loaded = [load_seq2seq(CACHE / "models" / f"{tag}-{attention}-s{seed}") for seed in ranked]

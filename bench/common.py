@@ -39,3 +39,15 @@ def write_section(path: Path, heading: str, command: str, started: float, body: 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(section + "\n")
     print(section)
+
+
+def run_jobs(worker: Callable[[Any], Any], jobs: list[Any], parallel: int = 1) -> list[Any]:
+    """``worker`` over ``jobs`` in order, in ``parallel`` spawned processes when > 1 (``worker`` must be a module-level
+    function; each job should cache its own result, so an interrupted run resumes)."""
+    if parallel > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return list(pool.map(worker, jobs))
+    return [worker(job) for job in jobs]
