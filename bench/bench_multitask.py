@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--limit-per-class", type=int, default=200)
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--with-fixed", action="store_true",
+    parser.add_argument("--with-fixed", action=argparse.BooleanOptionalAction, default=True,
                         help="also train the fixed-weight and GradNorm multi-task models")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per model")
     parser.add_argument("--parallel", type=int, default=2, help="models trained at once (1 thread each)")

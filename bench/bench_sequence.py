@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-train", type=int, default=3000)
     parser.add_argument("--attention", default="bahdanau", choices=("bahdanau", "dot", "multihead"),
                         help="binary-to-decimal attention compared with none")
-    parser.add_argument("--with-dot", action="store_true",
+    parser.add_argument("--with-dot", action=argparse.BooleanOptionalAction, default=True,
                         help="also train the scaled dot-product attention model (with the first weight decay)")
     parser.add_argument("--encoder-layers", type=int, default=B2D_DEFAULTS["encoder_layers"])
     parser.add_argument("--attention-heads", type=int, default=B2D_DEFAULTS["attention_heads"])
