@@ -118,7 +118,6 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
     stage = staging_dir(out)
     all_options = {"fit": asdict(fit_cfg), "train": train_cfg.to_dict(), "strategy": strategy.to_dict(),
                    "extensions": {e.name: asdict(e.config) for e in extensions}}
-    comparable = _comparable(all_options)
 
     state = PartialState(cpu=train_cfg.device == "cpu" or not torch.cuda.is_available())
     if _is_finished_run(out) and not fit_cfg.overwrite:
@@ -126,20 +125,10 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
                                "another --out")
     if out.exists() and not _is_finished_run(out) and any(out.iterdir()) and not fit_cfg.overwrite:
         raise TransferkitError(f"'{out}' exists and is not a transferkit run", "choose an empty or new --out folder")
-    if stage.exists():
-        if fit_cfg.resume:
-            saved = json.loads((stage / "run_config.json").read_text()) if (stage / "run_config.json").is_file() \
-                else None
-            if saved is not None and _comparable(saved) != comparable:
-                raise TransferkitError(f"the interrupted run in '{stage}' used other options",
-                                       "resume with the same options, or pass --overwrite to start again")
-        elif fit_cfg.overwrite:
-            state.wait_for_everyone()
-            if state.is_main_process:
-                shutil.rmtree(stage)
-        else:
-            raise TransferkitError(f"an interrupted run for '{out}' exists in '{stage}'",
-                                   "pass --resume to continue it or --overwrite to start again")
+    if check_interrupted_run(out, all_options, resume=fit_cfg.resume, overwrite=fit_cfg.overwrite):
+        state.wait_for_everyone()
+        if state.is_main_process:
+            shutil.rmtree(stage)
     from transferkit.backbones import backbone_modality, check_backbone_name
     from transferkit.tasks import causal_lm_requested
 
@@ -290,6 +279,25 @@ def _fit_causal_lm(fit_cfg: FitConfig, train_cfg, strategy, column: str | None, 
     logger.info("held-out perplexity %.2f -> %.2f; run written to %s", metrics["perplexity_before"],
                 metrics["perplexity_after"], out)
     return Run(out, metrics, history)
+
+
+def check_interrupted_run(out: Path, options: dict[str, Any], *, resume: bool, overwrite: bool) -> bool:
+    """What to do with an interrupted run of ``out`` (its staging folder): True = discard it (``--overwrite``);
+    False = there is none, or continue it (``--resume``: its ``run_config.json`` must hold the same ``options``,
+    device and threads aside). Without either flag an interrupted run is an error, never silently lost."""
+    stage = staging_dir(out)
+    if not stage.exists():
+        return False
+    if resume:
+        saved = stage / "run_config.json"
+        if saved.is_file() and _comparable(json.loads(saved.read_text())) == _comparable(options):
+            return False
+        raise TransferkitError(f"the interrupted run in '{stage}' used other options",
+                               "resume with the same options, or pass --overwrite to start again")
+    if overwrite:
+        return True
+    raise TransferkitError(f"an interrupted run for '{out}' exists in '{stage}'",
+                           "pass --resume to continue it or --overwrite to start again")
 
 
 def _comparable(options: dict[str, Any]) -> str:

@@ -109,7 +109,7 @@ def _build_configs(options: dict[str, Any], model_class: type) -> tuple[Any, Any
 def _staging(out: Path, args: argparse.Namespace, run_options: dict[str, Any]) -> Path:
     """The staging folder of ``out``: new, or kept with ``--resume`` when an interrupted run used the same options
     (the engine then continues from its checkpoint); ``run_options`` are written to ``run_config.json``."""
-    from transferkit.api import _json_default, staging_dir
+    from transferkit.api import _json_default, check_interrupted_run, staging_dir
 
     if (out / "metrics.json").is_file() and not args.overwrite:
         raise TransferkitError(f"'{out}' already holds a finished run", "pass --overwrite or choose another --out")
@@ -117,21 +117,10 @@ def _staging(out: Path, args: argparse.Namespace, run_options: dict[str, Any]) -
         raise TransferkitError(f"'{out}' exists and is not a transferkit run", "choose an empty or new --out folder")
     stage = staging_dir(out)
     options = json.loads(json.dumps(run_options, default=_json_default))
-
-    def comparable(o: dict[str, Any]) -> dict[str, Any]:  # another device or thread count may resume a run
-        return {**o, "train": {k: v for k, v in o.get("train", {}).items() if k not in ("device", "threads")}}
-
-    if stage.exists() and args.resume:
-        saved = stage / "run_config.json"
-        if not saved.is_file() or comparable(json.loads(saved.read_text())) != comparable(options):
-            raise TransferkitError(f"the interrupted run in '{stage}' used other options",
-                                   "resume with the same options, or pass --overwrite to start again")
-        return stage
-    if stage.exists() and not args.overwrite:
-        raise TransferkitError(f"an interrupted run for '{out}' exists in '{stage}'",
-                               "pass --resume to continue it or --overwrite to start again")
     if stage.exists():
-        shutil.rmtree(stage)
+        if not check_interrupted_run(out, options, resume=args.resume, overwrite=args.overwrite):
+            return stage  # --resume: the engine continues from the checkpoint in it
+        shutil.rmtree(stage)  # --overwrite
     stage.mkdir(parents=True)
     (stage / "run_config.json").write_text(json.dumps(options, indent=2))
     return stage
