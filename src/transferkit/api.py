@@ -23,6 +23,7 @@ import torch
 
 from transferkit.config import FitConfig, build, load_yaml_config
 from transferkit.errors import TransferkitError
+from transferkit.inference import evaluate_features, evaluate_model, predict_proba_model  # public here too
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
     from transferkit.backbones import create_backbone, default_backbone
     from transferkit.data import load_data
     from transferkit.engine.context import RunContext
+    from transferkit.engine.placement import accelerator_kwargs, place
     from transferkit.engine.trainer import seed_everything
     from transferkit.model import TaskSpec, TransferModel, save_model
 
@@ -119,7 +121,7 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
     all_options = {"fit": asdict(fit_cfg), "train": train_cfg.to_dict(), "strategy": strategy.to_dict(),
                    "extensions": {e.name: asdict(e.config) for e in extensions}}
 
-    state = PartialState(cpu=train_cfg.device == "cpu" or not torch.cuda.is_available())
+    state = PartialState(**accelerator_kwargs(train_cfg.device))
     if _is_finished_run(out) and not fit_cfg.overwrite:
         raise TransferkitError(f"'{out}' already holds a finished run", "pass --overwrite to replace it or choose "
                                "another --out")
@@ -175,6 +177,7 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
     model = TransferModel(backbone, [TaskSpec("label", "classify", list(splits.class_names))],
                           head_dropout=fit_cfg.head_dropout)
     strategy.prepare(model)
+    place(model, train_cfg.device)  # features, extensions' set-up and evaluation run where training does
     cache_dir = Path(fit_cfg.cache_dir) if fit_cfg.cache_dir else None
     if cache_dir is None:
         from transferkit.engine.features import default_cache_dir
@@ -334,46 +337,7 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-# --- prediction and evaluation -----------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def predict_proba_model(model, data, batch_size: int = 64, progress: bool = False,
-                        temperature: float = 1.0) -> np.ndarray:
-    """Class probabilities ``softmax(logits / temperature)`` of the first task for every item of a LabeledData."""
-    from transferkit.backbones import move_to
-    from transferkit.data.loader import make_loader
-    from transferkit.progress import progress as progress_bar
-
-    model.eval()
-    device = next(model.parameters()).device
-    loader = make_loader(data, model.backbone, batch_size=batch_size, train=False)
-    chunks = []
-    for batch in progress_bar(loader, "predicting", enabled=progress):
-        logits = model(move_to(batch["inputs"], device)).logits
-        chunks.append(torch.softmax(logits.float() / temperature, dim=-1).cpu().numpy())
-    return np.concatenate(chunks) if chunks else np.zeros((0, len(model.class_names)))
-
-
-@torch.no_grad()
-def evaluate_features(model, features: np.ndarray, data) -> dict[str, Any]:
-    """The report of a model whose backbone is frozen, computed from that backbone's features of ``data``."""
-    from transferkit.evaluation.metrics import classification_report
-
-    model.eval()
-    device = next(model.parameters()).device
-    logits = model.forward_head(torch.as_tensor(features, dtype=torch.float32, device=device)).logits
-    probabilities = torch.softmax(logits.float(), dim=-1).numpy()
-    keep = data.labels >= 0
-    return classification_report(data.labels[keep], probabilities[keep], model.class_names)
-
-
-def evaluate_model(model, data, batch_size: int = 64, progress: bool = False) -> dict[str, Any]:
-    from transferkit.evaluation.metrics import classification_report
-
-    probabilities = predict_proba_model(model, data, batch_size, progress)
-    keep = data.labels >= 0
-    return classification_report(data.labels[keep], probabilities[keep], model.class_names)
+# --- loaded models (prediction and evaluation themselves live in transferkit.inference) ------------------------
 
 
 class LoadedModel:
@@ -450,19 +414,23 @@ def _open_image(item: Any):
                                "remove or replace the file") from None
 
 
-def load(path: str | Path) -> LoadedModel:
-    """Restore a model from a run folder (or its ``model/`` subfolder)."""
+def load(path: str | Path, device: str = "auto") -> LoadedModel:
+    """Restore a model from a run folder (or its ``model/`` subfolder), placed on ``device`` (auto, cpu, cuda,
+    cuda:N or mps; see ``transferkit.engine.placement``)."""
+    from transferkit.engine.placement import place, resolve_device
     from transferkit.model import load_model
 
     path = Path(path)
+    target = resolve_device(device)  # a bad --device is refused before anything is read
     if not path.exists():
         raise TransferkitError(f"model folder '{path}' does not exist", "pass the --out folder of a finished fit")
     module, config = load_model(path)
+    place(module, target)
     return LoadedModel(module, config, path)
 
 
 def evaluate(model: str | Path | LoadedModel, data: str, *, text_column: str | None = None,
-             label_column: str | None = None, batch_size: int = 64, progress: bool = True,
+             label_column: str | None = None, batch_size: int = 64, progress: bool = True, device: str = "auto",
              **options: Any) -> dict[str, Any]:
     """Accuracy, macro-F1, top-5, confusion matrix and per-class scores of ``model`` on labelled ``data``.
 
@@ -471,7 +439,7 @@ def evaluate(model: str | Path | LoadedModel, data: str, *, text_column: str | N
     from transferkit.data.evaluation import load_for_evaluation
     from transferkit.evaluation.hooks import run_evaluation_hooks
 
-    loaded = model if isinstance(model, LoadedModel) else load(model)
+    loaded = model if isinstance(model, LoadedModel) else load(model, device)
     if loaded.is_language_model:
         from transferkit.tasks.causal_lm import evaluate_perplexity
 
@@ -506,9 +474,11 @@ def expand_inputs(inputs: list[str], modality: str) -> list[str]:
     return expanded
 
 
-def predict(model: str | Path | LoadedModel, inputs: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
-    """One row per input: ``{"input", "prediction", "probabilities": {class: p}}``."""
-    loaded = model if isinstance(model, LoadedModel) else load(model)
+def predict(model: str | Path | LoadedModel, inputs: list[str], batch_size: int = 64,
+            device: str = "auto") -> list[dict[str, Any]]:
+    """One row per input: ``{"input", "prediction", "probabilities": {class: p}}``; ``device`` places a model
+    loaded from a folder."""
+    loaded = model if isinstance(model, LoadedModel) else load(model, device)
     loaded.refuse_language_model()
     items = expand_inputs(list(inputs), loaded.modality)
     if loaded.module.tasks[0].kind != "classify" or len(loaded.module.tasks) > 1:  # every task's prediction

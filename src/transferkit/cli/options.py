@@ -55,6 +55,12 @@ def add_fit_options(parser: argparse.ArgumentParser, seen: set[str], fit_title: 
         add_dataclass_options(parser, ext.config_class, seen, name)
 
 
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device`` for commands that run a loaded model (resolved by ``transferkit.engine.placement``)."""
+    parser.add_argument("--device", default="auto", help="Where the model runs: auto (this process's GPU if any, "
+                                                         "else the CPU), cpu, cuda, cuda:N or mps (default: auto).")
+
+
 def print_json(document: Any) -> None:
     """Exactly one JSON document on stdout."""
     sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
