@@ -30,7 +30,9 @@ from transferkit.tasks.multitask import (
     WEIGHTINGS,
     MultiTaskObjective,
     collect,
+    conformal_guaranteed,
     conformal_offset,
+    conformal_rank,
     multitask_evaluate_fn,
     task_metrics,
 )
@@ -230,6 +232,8 @@ class TasksExtension(FitExtension):
             calibration = calibrate_intervals(model, splits.val, data if split == "test" else None, batch_size)
         per_task = {name: {"split": split, **scores, **calibration.get(name, {})} for name, scores in
                     evaluate_tasks(model, data, batch_size=batch_size).items()}
+        context.notes.extend(f"task '{name}': {c['calibration']['warning']}" for name, c in calibration.items()
+                             if "warning" in c["calibration"])
         objective = getattr(self, "objective", None)
         weighting: dict[str, Any] = {"method": self.config.loss_weighting}
         if objective is not None:
@@ -270,8 +274,14 @@ def calibrate_intervals(model: TransferModel, calibration_data: LabeledData | No
         nominal = float(t.options["quantiles"][-1] - t.options["quantiles"][0])
         offset = conformal_offset(predictions, targets, nominal)
         t.options["interval_offset"] = model.heads[t.name].interval_offset = offset
+        n = int(np.isfinite(targets).sum())
         result[t.name] = {"calibration": {"method": "split conformal (CQR) on the validation split",
-                                          "interval_offset": offset, "n": int(np.isfinite(targets).sum())}}
+                                          "interval_offset": offset, "n": n,
+                                          "coverage_guaranteed": conformal_guaranteed(n, nominal)}}
+        if not conformal_guaranteed(n, nominal):
+            result[t.name]["calibration"]["warning"] = (
+                f"{n} validation items are too few for the {nominal:.0%} coverage guarantee (rank "
+                f"{conformal_rank(n, nominal)} > {n}): the interval may cover less; use a larger validation split")
         if t.name in before:
             result[t.name]["calibration"]["coverage_uncalibrated"] = before[t.name]["coverage"]
             result[t.name]["calibration"]["mean_interval_width_uncalibrated"] = before[t.name]["mean_interval_width"]
