@@ -132,7 +132,11 @@ class Prototypes(Strategy):
     config_class = PrototypesConfig
     description = "class means of normalised embeddings, cosine similarity (no gradient training)"
     frozen_backbone = True
+    task_kinds = ("label",)
     config: PrototypesConfig
+
+    def trains_with_engine(self) -> bool:
+        return False
 
     def prepare(self, model: TransferModel, for_loading: bool = False) -> None:
         freeze(model.backbone)
@@ -164,7 +168,11 @@ class KNearestNeighbours(Strategy):
     config_class = KNNConfig
     description = "k nearest labelled embeddings vote (cosine; no gradient training)"
     frozen_backbone = True
+    task_kinds = ("label",)
     config: KNNConfig
+
+    def trains_with_engine(self) -> bool:
+        return False
 
     def prepare(self, model: TransferModel, for_loading: bool = False) -> None:
         freeze(model.backbone)
@@ -265,7 +273,14 @@ class Contrastive(Strategy):
     name = "contrastive"
     config_class = ContrastiveConfig
     description = "SetFit: contrastive fine-tuning of the encoder on label pairs, then a logistic-regression head"
+    task_kinds = ("label",)
     config: ContrastiveConfig
+
+    def trains_with_engine(self) -> bool:
+        return False  # its own pair loss, then a closed-form head: the run's objectives never enter
+
+    def supports(self, task_kind: str) -> bool | str:
+        return True if task_kind in self.task_kinds else "it pairs and classifies the label only"
 
     def prepare(self, model: TransferModel, for_loading: bool = False) -> None:
         unfreeze(model.backbone)
