@@ -171,6 +171,7 @@ def load_model(folder: str | Path) -> tuple[TransferModel, dict[str, Any]]:
     except (SafetensorError, OSError) as exc:
         raise TransferkitError(f"cannot read '{weights}' ({exc})", "the file is damaged; re-run `transferkit fit`") \
             from None
+    _take_learned_sizes(model, state)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -186,3 +187,13 @@ def load_model(folder: str | Path) -> tuple[TransferModel, dict[str, Any]]:
     model.load_state_dict(state, strict=True)
     model.eval()
     return model, config
+
+
+def _take_learned_sizes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Modules whose buffer sizes are learned (a kNN head's example bank) take them from the saved tensors
+    through their ``resize_from_state(own_state)`` before the shapes are checked."""
+    for name, module in model.named_modules():
+        resize = getattr(module, "resize_from_state", None)
+        if callable(resize):
+            prefix = f"{name}." if name else ""
+            resize({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})

@@ -129,6 +129,18 @@ class TemperatureScaling(FitExtension):
     def active(self) -> bool:
         return self.config.temperature_scale
 
+    def describe(self) -> str:
+        return "--temperature-scale"
+
+    @classmethod
+    def modes(cls) -> dict[str, dict[str, Any]]:
+        return {"temperature-scale": {"temperature_scale": True}}
+
+    def supports(self, strategy: Any, task_kind: str) -> bool | str:
+        if task_kind not in ("label", "classify"):
+            return "the temperature scales the label classifier's probabilities, and the first task does not classify"
+        return super().supports(strategy, task_kind)
+
     def metrics(self, context: Any, model: Any) -> dict[str, Any]:
         val = context.splits.val
         keep = val.labels >= 0
