@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from transferkit.config import FitConfig, build, load_yaml_config
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, check_count
 
 logger = logging.getLogger(__name__)
 
@@ -471,6 +471,7 @@ def evaluate(model: str | Path | LoadedModel, data: str, *, text_column: str | N
     from transferkit.data.evaluation import load_for_evaluation
     from transferkit.evaluation.hooks import run_evaluation_hooks
 
+    check_count("--batch-size", batch_size)
     loaded = model if isinstance(model, LoadedModel) else load(model)
     if loaded.is_language_model:
         from transferkit.tasks.causal_lm import evaluate_perplexity
@@ -508,6 +509,7 @@ def expand_inputs(inputs: list[str], modality: str) -> list[str]:
 
 def predict(model: str | Path | LoadedModel, inputs: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
     """One row per input: ``{"input", "prediction", "probabilities": {class: p}}``."""
+    check_count("--batch-size", batch_size)
     loaded = model if isinstance(model, LoadedModel) else load(model)
     loaded.refuse_language_model()
     items = expand_inputs(list(inputs), loaded.modality)
