@@ -154,3 +154,26 @@ def check_number(flag: str, value: object, low: float | None = None, high: float
             where = "that is finite"
         raise TransferkitError(f"invalid {flag} {value!r}", f"use a number {where}")
     return number
+
+
+def read_json(path: str | Path, what: str, fix: str | None = None) -> object:
+    """The JSON document in ``path``; a damaged or non-UTF-8 file is a TransferkitError naming it."""
+    import json
+
+    with reading(path, what, fix):
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def read_safetensors(path: str | Path, what: str = "safetensors weights file", fix: str | None = None) -> dict:
+    """The tensors in a ``.safetensors`` file (never pickle); a truncated or damaged file is a TransferkitError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise TransferkitError(f"'{path}' does not exist", fix or "write the model again")
+    try:
+        with reading(path, what, fix):
+            return load_file(str(path))
+    except SafetensorError as exc:  # not a ValueError subclass in every safetensors version
+        raise corrupt_file_error(path, what, exc, fix) from None

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, read_safetensors, reading
 from transferkit.sequence.seq2seq import Vocabulary, read_saved_config
 
 FORMAT = "transferkit-charlm"
@@ -213,10 +213,13 @@ def save_charlm(run: CharLMRun, folder: str | Path) -> None:
 
 
 def load_charlm(folder: str | Path) -> tuple[CharLanguageModel, Vocabulary]:
-    from safetensors.torch import load_file
-
     folder, config = read_saved_config(folder, FORMAT, "character language model",
                                        "pass the --out folder of `transferkit charlm train`")
-    model = CharLanguageModel(**config["model"])
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    return model.eval(), Vocabulary(config["symbols"])
+    again = "train it again with `transferkit charlm train`"
+    with reading(folder / "config.json", "character language model config", again):
+        model = CharLanguageModel(**config["model"])
+        vocabulary = Vocabulary(config["symbols"])
+    weights = folder / "model.safetensors"
+    with reading(weights, "character language model weights", again):
+        model.load_state_dict(read_safetensors(weights))
+    return model.eval(), vocabulary
