@@ -221,7 +221,7 @@ def run_seq2seq_predict(args: argparse.Namespace) -> int:
 
 
 def run_charlm_train(args: argparse.Namespace) -> int:
-    from transferkit.sequence.charlm import CharLMConfig, save_charlm, train_charlm
+    from transferkit.sequence.charlm import CharLMConfig, prepare_charlm_data, save_charlm, train_charlm
 
     options = _options(args, CHARLM_TRAIN_DEFAULTS, ("file",))
     config, train = _build_configs(options, CharLMConfig)
@@ -232,9 +232,11 @@ def run_charlm_train(args: argparse.Namespace) -> int:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise TransferkitError(f"'{path}' is not UTF-8 text", "convert it to UTF-8") from None
+    data = prepare_charlm_data(text, config, train.batch_size)  # a text too short is refused before --out is touched
     out = Path(args.out)
     stage = _staging(out, args, {"data": str(path), "model": asdict(config), "train": train.to_dict()})
-    run = train_charlm(text, config, train, checkpoint_dir=stage / "checkpoint", progress=not args.no_progress)
+    run = train_charlm(text, config, train, checkpoint_dir=stage / "checkpoint", progress=not args.no_progress,
+                       data=data)
     save_charlm(run, stage / "model")
     metrics = {**run.metrics, "data": str(path), "config": {"model": asdict(config), "train": train.to_dict()}}
     _finish(stage, out, metrics, run.history)

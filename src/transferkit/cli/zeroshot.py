@@ -79,6 +79,10 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     if images != (method in ("conse", "clip")):
         raise TransferkitError(f"method '{method}' does not take {'images' if images else 'texts'}",
                                "use --method conse/clip for images and text for texts (or auto)")
+    if method == "clip" and not args.clip_pretrained:  # random weights: a different answer on every run
+        raise TransferkitError("--method clip needs CLIP weights: without --clip-pretrained it would classify "
+                               "with random weights", "pass --clip-pretrained with a local open_clip checkpoint "
+                               "file, or use --method conse (works offline)")
     if images:
         from transferkit.data.images import open_image
 

@@ -453,6 +453,9 @@ class Seq2SeqConfig:
                 or self.encoder_layers < 1 or self.attention_heads < 1 or self.output_hidden < 0):
             raise TransferkitError("--average-last must be >= 0 and --beam-size, --encoder-layers, "
                                    "--attention-heads and sizes >= 1", "fix the values")
+        if self.attention == "multihead" and self.hidden_size % self.attention_heads:  # see Attention
+            raise TransferkitError(f"{self.attention_heads} attention heads do not divide --hidden-size "
+                                   f"{self.hidden_size}", "choose a number of heads dividing the hidden size")
 
 
 def decode_batch(model: Seq2Seq | Seq2SeqEnsemble, batch: dict[str, torch.Tensor], max_len: int, beam_size: int = 1) -> list[list[int]]:
