@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from transferkit.config import FitConfig, build, load_yaml_config
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, check_count
 from transferkit.inference import evaluate_features, evaluate_model, predict_proba_model  # public here too
 from transferkit.rundir import OutputFolder, write_json, write_jsonl
 
@@ -377,6 +377,7 @@ def evaluate(model: str | Path | LoadedModel, data: str, *, text_column: str | N
     from transferkit.data.evaluation import load_for_evaluation
     from transferkit.evaluation.hooks import run_evaluation_hooks
 
+    check_count("--batch-size", batch_size)
     loaded = model if isinstance(model, LoadedModel) else load(model, device)
     if loaded.is_language_model:
         from transferkit.tasks.causal_lm import evaluate_perplexity
@@ -416,6 +417,7 @@ def predict(model: str | Path | LoadedModel, inputs: list[str], batch_size: int 
             device: str = "auto") -> list[dict[str, Any]]:
     """One row per input: ``{"input", "prediction", "probabilities": {class: p}}``; ``device`` places a model
     loaded from a folder."""
+    check_count("--batch-size", batch_size)
     loaded = model if isinstance(model, LoadedModel) else load(model, device)
     loaded.refuse_language_model()
     items = expand_inputs(list(inputs), loaded.modality)

@@ -106,8 +106,13 @@ def run_folder_of(model_path: str | Path) -> Path:
 
 
 def read_temperature(model_path: str | Path) -> float | None:
+    from transferkit.errors import check_number, read_json, reading
+
     file = run_folder_of(model_path) / CALIBRATION_FILE
-    return float(json.loads(file.read_text())["temperature"]) if file.is_file() else None
+    if not file.is_file():
+        return None
+    with reading(file, "calibration file", "delete it, or fit again with --temperature-scale"):
+        return check_number("temperature", read_json(file, "calibration file")["temperature"], 0, low_open=True)
 
 
 # --- fit extension: --temperature-scale ----------------------------------------------------------------------
