@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from transferkit.cli.options import add_dataclass_options, format_table, print_json
+from transferkit.cli.options import add_dataclass_options, count, format_table, print_json
 from transferkit.errors import TransferkitError
 from transferkit.memory.retrieval import RetrievalConfig
 from transferkit.memory.storage import DEFAULT_LOCK_TIMEOUT
@@ -40,22 +40,22 @@ def register(subparsers) -> None:
                              "for images).")
     build.add_argument("--kind", default="flat", choices=("flat", "hnsw", "ivf"),
                        help="flat: exact search (default); hnsw / ivf: approximate, for large collections.")
-    build.add_argument("--chunk-size", type=int, default=500, help="Chunk length (in --chunk-unit).")
-    build.add_argument("--chunk-overlap", type=int, default=100, help="Overlap of consecutive chunks.")
+    build.add_argument("--chunk-size", type=count(1), default=500, help="Chunk length (in --chunk-unit).")
+    build.add_argument("--chunk-overlap", type=count(0), default=100, help="Overlap of consecutive chunks.")
     build.add_argument("--chunk-unit", default="chars", choices=("chars", "tokens"),
                        help="Count chunk size in characters or in the encoder's tokens.")
-    build.add_argument("--hnsw-m", type=int, default=32, help="hnsw: links per node.")
-    build.add_argument("--ef-search", type=int, default=64, help="hnsw: candidates explored per query.")
-    build.add_argument("--ivf-nlist", type=int, default=100, help="ivf: number of k-means cells.")
-    build.add_argument("--nprobe", type=int, default=8, help="ivf: cells scanned per query.")
-    build.add_argument("--batch-size", type=int, default=32)
+    build.add_argument("--hnsw-m", type=count(2), default=32, help="hnsw: links per node.")
+    build.add_argument("--ef-search", type=count(1), default=64, help="hnsw: candidates explored per query.")
+    build.add_argument("--ivf-nlist", type=count(1), default=100, help="ivf: number of k-means cells.")
+    build.add_argument("--nprobe", type=count(1), default=8, help="ivf: cells scanned per query.")
+    build.add_argument("--batch-size", type=count(1), default=32)
     build.add_argument("--overwrite", action="store_true", help="Replace an existing index in --out.")
     build.set_defaults(func=run_build)
 
     add = actions.add_parser("add", help="Add (or replace) documents / images in an existing index.")
     add.add_argument("index", help="Index folder.")
     add.add_argument("path", help="Folder or file to add (sources relative to it; same source = replaced).")
-    add.add_argument("--batch-size", type=int, default=32)
+    add.add_argument("--batch-size", type=count(1), default=32)
     _add_lock_timeout(add)
     add.set_defaults(func=run_add)
 
@@ -75,7 +75,7 @@ def register(subparsers) -> None:
     search.add_argument("index", help="Index folder.")
     search.add_argument("query", nargs="?", help="Text query (text indexes).")
     search.add_argument("--image", help="Query image file (image indexes).")
-    search.add_argument("-k", type=int, default=5, help="Number of results.")
+    search.add_argument("-k", type=count(1), default=5, help="Number of results.")
     _add_encoder_flag(search, "Encoder of the query; must equal the index's (checked). Default: the index's.")
     search.add_argument("--json", action="store_true", help="Print exactly one JSON document on stdout.")
     add_dataclass_options(search, RetrievalConfig, set(), "retrieval")
@@ -86,9 +86,9 @@ def register(subparsers) -> None:
     ask.add_argument("question")
     ask.add_argument("--mode", default="generate", choices=("generate", "extractive"),
                      help="generate: SmolLM2 answers from the top chunks; extractive: best-matching passage.")
-    ask.add_argument("-k", type=int, default=3, help="Chunks retrieved into the prompt.")
+    ask.add_argument("-k", type=count(1), default=3, help="Chunks retrieved into the prompt.")
     ask.add_argument("--lm", default="smollm2-135m", help="Causal LM: smollm2-135m or hf:<folder>.")
-    ask.add_argument("--max-new-tokens", type=int, default=64)
+    ask.add_argument("--max-new-tokens", type=count(1), default=64)
     ask.add_argument("--json", action="store_true", help="Print exactly one JSON document on stdout.")
     add_dataclass_options(ask, RetrievalConfig, set(), "retrieval")
     ask.set_defaults(func=run_ask)

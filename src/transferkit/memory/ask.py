@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from transferkit.engine.placement import inference, to_device
 from transferkit.errors import TransferkitError
 from transferkit.memory.index import SearchHit, VectorIndex, embed
 from transferkit.memory.retrieval import RetrievalConfig
@@ -137,7 +138,6 @@ def passage_number_tokens(tokenizer: Any, count: int) -> list[int]:
     return [i[0] for i in ids]
 
 
-@torch.no_grad()
 def generate_cited(lm: Any, prompt: str, count: int, max_new_tokens: int = 64) -> tuple[int, str]:
     """Greedy answer after the pre-filled ``According to passage [``, whose first generated token is
     restricted to the numbers ``1..count``. Returns ``(n, full answer text)``."""
@@ -145,22 +145,16 @@ def generate_cited(lm: Any, prompt: str, count: int, max_new_tokens: int = 64) -
     allowed = passage_number_tokens(tokenizer, count)
     text = chat_prefix(lm, prompt) + CITATION_PREFIX
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    device = next(model.parameters()).device
-    inputs = {k: inputs[k].to(device) for k in ("input_ids", "attention_mask")}
     start = inputs["input_ids"].shape[1]
     everything = list(range(len(tokenizer)))
 
     def allowed_tokens(batch_id: int, ids: torch.Tensor) -> list[int]:
         return allowed if ids.shape[-1] == start else everything
 
-    was_training = model.training
-    model.eval()
-    try:
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                prefix_allowed_tokens_fn=allowed_tokens,
+    with inference(model) as device:
+        output = model.generate(**to_device({k: inputs[k] for k in ("input_ids", "attention_mask")}, device),
+                                max_new_tokens=max_new_tokens, do_sample=False, prefix_allowed_tokens_fn=allowed_tokens,
                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    finally:
-        model.train(was_training)
     new_tokens = output[0, start:].tolist()
     number = allowed.index(new_tokens[0]) + 1
     return number, CITATION_PREFIX + tokenizer.decode(new_tokens, skip_special_tokens=True).strip()

@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from transferkit.backbones import Backbone, BackboneSpec, backbone_from_spec, create_backbone, move_to
+from transferkit.backbones import Backbone, BackboneSpec, backbone_from_spec, create_backbone
+from transferkit.engine.placement import predict_batches
 from transferkit.errors import TransferkitError
 from transferkit.memory import storage
 from transferkit.memory.chunking import Chunk, Document, check_chunking, chunk_document, read_documents
@@ -99,22 +100,15 @@ class SearchHit:
 
 
 # --- embedding --------------------------------------------------------------------------------------------
-@torch.no_grad()
 def embed(backbone: Backbone, items: Sequence[Any], batch_size: int = 32, progress: bool = False) -> np.ndarray:
-    """L2-normalised float32 embeddings ``(len(items), dim)`` in eval mode (any backbone, any modality)."""
-    device = next(backbone.parameters()).device
-    was_training = backbone.training
-    backbone.eval()
-    chunks: list[np.ndarray] = []
-    try:
-        starts = range(0, len(items), batch_size)
-        for start in progress_bar(starts, "embedding", enabled=progress and len(items) > batch_size):
-            batch = backbone.collate([backbone.preprocess(x, train=False) for x in items[start:start + batch_size]])
-            features = backbone.forward_features(move_to(batch, device)).float()
-            chunks.append(torch.nn.functional.normalize(features, dim=-1).cpu().numpy())
-    finally:
-        backbone.train(was_training)
-    return np.concatenate(chunks) if chunks else np.zeros((0, backbone.feature_dim), np.float32)
+    """L2-normalised float32 embeddings ``(len(items), dim)`` in eval mode (any backbone, any modality), computed
+    where the backbone is placed."""
+    starts = range(0, len(items), batch_size)
+    batches = (backbone.collate([backbone.preprocess(x, train=False) for x in items[start:start + batch_size]])
+               for start in progress_bar(starts, "embedding", enabled=progress and len(items) > batch_size))
+    vectors = predict_batches(backbone, batches, lambda batch: torch.nn.functional.normalize(
+        backbone.forward_features(batch).float(), dim=-1))
+    return vectors if vectors is not None else np.zeros((0, backbone.feature_dim), np.float32)
 
 
 def encoder_identity(backbone: Backbone) -> str:
