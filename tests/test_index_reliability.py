@@ -78,7 +78,10 @@ def error_lines(err: str) -> list[str]:
 
 
 def entries(folder: Path) -> set[str]:
-    return {p.name for p in folder.iterdir()}
+    """The folder's files, without the run-folder marker of ``index build``."""
+    from transferkit.rundir import MARKER
+
+    return {p.name for p in folder.iterdir()} - {MARKER}
 
 
 # --- fault injection -------------------------------------------------------------------------------------------
@@ -160,6 +163,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 def test_two_concurrent_index_add_both_land(base_index, tmp_path):
     work = tmp_path / "idx"
     shutil.copytree(base_index, work)
@@ -178,6 +182,7 @@ def test_two_concurrent_index_add_both_land(base_index, tmp_path):
     assert entries(work) == {"CURRENT", ".lock", storage.read_pointer(work)["version"]}
 
 
+@pytest.mark.slow
 def test_second_writer_waits_then_exits_2_naming_the_pid_and_readers_do_not_block(base_index, tmp_path, capsys):
     work = tmp_path / "idx"
     shutil.copytree(base_index, work)
@@ -316,20 +321,20 @@ def test_damaged_flat_layout_files_never_give_a_traceback(data, base_index, tmp_
         assert len(err) == 1 and "Traceback" not in err[0]
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda m: {**m, "dim": m["dim"] + 1}, "dimension 16, meta.json says 17"),
-    (lambda m: {**m, "next_id": 1}, "next_id 1 is not above the largest id"),
-    (lambda m: {**m, "kind": "annoy"}, "kind, modality, dimension or encoder is invalid"),
-    (lambda m: {**m, "chunk_size": "big"}, "field 'chunk_size' is 'big'"),
-    (lambda m: {k: v for k, v in m.items() if k != "dim"}, "missing 1 required positional argument: 'dim'"),
-    (lambda m: [m], "not a transferkit index's metadata"),
+@pytest.mark.parametrize("edit, named, message", [
+    (lambda m: {**m, "dim": m["dim"] + 1}, "index.faiss", "vectors of dimension 16, meta.json says 17"),
+    (lambda m: {**m, "next_id": 1}, "meta.json", "next_id 1 is not above the largest id"),
+    (lambda m: {**m, "kind": "annoy"}, "meta.json", "kind, modality, dimension or encoder is invalid"),
+    (lambda m: {**m, "chunk_size": "big"}, "meta.json", "field 'chunk_size' is 'big'"),
+    (lambda m: {k: v for k, v in m.items() if k != "dim"}, "meta.json", "missing 1 required positional argument"),
+    (lambda m: [m], "meta.json", "not a transferkit index's metadata"),
 ])
-def test_edited_meta_json_is_refused_naming_the_file(edit, message, base_index, tmp_path, capsys):
+def test_edited_meta_json_is_refused_naming_the_file(edit, named, message, base_index, tmp_path, capsys):
     flat = tmp_path / "flat"
     write_flat(VectorIndex.load(base_index), flat)
     (flat / "meta.json").write_text(json.dumps(edit(json.loads((flat / "meta.json").read_text()))))
     code, err = _search_exit(flat, capsys)
-    assert code == 2 and len(err) == 1 and f"{flat / 'meta.json'}" in err[0] and message in err[0]
+    assert code == 2 and len(err) == 1 and f"'{flat / named}' is damaged" in err[0] and message in err[0]
     # in the versioned layout, any edit is caught by the checksum CURRENT records
     work = tmp_path / "idx"
     shutil.copytree(base_index, work)
