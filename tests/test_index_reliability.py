@@ -378,3 +378,21 @@ def test_missing_version_file_and_lexical_mismatch_are_refused(base_index, tmp_p
     with pytest.raises(TransferkitError, match="BM25 index does not match the records"):
         VectorIndex.load(flat)
     np.testing.assert_array_equal(index.lexical.ids, sorted(index.records))
+
+
+def test_a_reader_overtaken_by_a_commit_reads_the_new_version(base_index, tmp_path):
+    work = tmp_path / "idx"
+    shutil.copytree(base_index, work)
+    from transferkit.memory.index import _read_version
+
+    calls = []
+
+    def reader(version: Path, sha256: dict[str, str]) -> VectorIndex:
+        calls.append(version.name)
+        if len(calls) == 1:  # a writer commits (and deletes this version) after we read CURRENT
+            add_to_index(work, write_docs(tmp_path / "more", {"d.md": "the dog"}), progress=False)
+            assert not version.exists()
+        return _read_version(version, sha256)
+
+    index = storage.read_consistent(work, reader)
+    assert calls[0] != calls[1] and "d.md" in index.sources()
