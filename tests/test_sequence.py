@@ -399,7 +399,7 @@ def test_cli_seq2seq_interrupted_run_resumes_from_its_checkpoint(tmp_path, monke
             "--hidden-size", "8", "--embedding-dim", "4", "--batch-size", "8", "--no-progress"]
     assert main(args) == 130
     stage = tmp_path / ".b2d.partial"
-    assert (stage / "checkpoint" / "checkpoint.pt").is_file() and not out.exists()
+    assert (stage / "checkpoint" / "trainer.safetensors").is_file() and not out.exists()
     assert main(args) == 2  # an interrupted run is neither discarded nor silently restarted
     assert main([*args, "--resume", "--lr", "0.5"]) == 2  # other options: refused
     capsys.readouterr()
