@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from transferkit.config import FitConfig, build, load_yaml_config
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, check_count
 from transferkit.fitting import Run, fit_run
+from transferkit.inference import evaluate_features, evaluate_model, predict_proba_model  # noqa: F401 (public here too)
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +30,9 @@ def resolve_options(options: dict[str, Any], config_file: str | Path | None = No
     """Split a flat option dict (YAML file < explicit options) into the run's config objects."""
     from transferkit.config import option_fields
     from transferkit.engine.trainer import TrainConfig
-    from transferkit.extensions import list_extensions
+    from transferkit.extensions import check_supported, list_extensions
     from transferkit.strategies import list_strategies, strategy_class
+    from transferkit.tasks import run_task_kind
 
     merged: dict[str, Any] = load_yaml_config(config_file) if config_file else {}
     merged.update({k.replace("-", "_"): v for k, v in options.items() if v is not None})
@@ -55,6 +56,8 @@ def resolve_options(options: dict[str, Any], config_file: str | Path | None = No
                 f"'{fit.strategy}'", "remove them or choose the strategy they belong to")
         raise TransferkitError(f"unknown option(s): {', '.join(sorted(merged))}", "see `transferkit fit --help`")
     active = [e for e in extensions if e.active()]
+    tasks = next((e.config.task for e in extensions if e.name == "tasks"), None)  # type: ignore[attr-defined]
+    check_supported(strategy, active, run_task_kind(tasks), " ".join(f"--task {t}" for t in tasks or []))
     for ext in active:
         ext.check(fit, strategy)
     return fit, train, strategy, active
@@ -70,46 +73,7 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
     return fit_run(*resolve_options(options, config))
 
 
-# --- prediction and evaluation -----------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def predict_proba_model(model, data, batch_size: int = 64, progress: bool = False,
-                        temperature: float = 1.0) -> np.ndarray:
-    """Class probabilities ``softmax(logits / temperature)`` of the first task for every item of a LabeledData."""
-    from transferkit.backbones import move_to
-    from transferkit.data.loader import make_loader
-    from transferkit.progress import progress as progress_bar
-
-    model.eval()
-    device = next(model.parameters()).device
-    loader = make_loader(data, model.backbone, batch_size=batch_size, train=False)
-    chunks = []
-    for batch in progress_bar(loader, "predicting", enabled=progress):
-        logits = model(move_to(batch["inputs"], device)).logits
-        chunks.append(torch.softmax(logits.float() / temperature, dim=-1).cpu().numpy())
-    return np.concatenate(chunks) if chunks else np.zeros((0, len(model.class_names)))
-
-
-@torch.no_grad()
-def evaluate_features(model, features: np.ndarray, data) -> dict[str, Any]:
-    """The report of a model whose backbone is frozen, computed from that backbone's features of ``data``."""
-    from transferkit.evaluation.metrics import classification_report
-
-    model.eval()
-    device = next(model.parameters()).device
-    logits = model.forward_head(torch.as_tensor(features, dtype=torch.float32, device=device)).logits
-    probabilities = torch.softmax(logits.float(), dim=-1).numpy()
-    keep = data.labels >= 0
-    return classification_report(data.labels[keep], probabilities[keep], model.class_names)
-
-
-def evaluate_model(model, data, batch_size: int = 64, progress: bool = False) -> dict[str, Any]:
-    from transferkit.evaluation.metrics import classification_report
-
-    probabilities = predict_proba_model(model, data, batch_size, progress)
-    keep = data.labels >= 0
-    return classification_report(data.labels[keep], probabilities[keep], model.class_names)
+# --- loaded models (prediction and evaluation themselves live in transferkit.inference) ------------------------
 
 
 class LoadedModel:
@@ -186,19 +150,23 @@ def _open_image(item: Any):
                                "remove or replace the file") from None
 
 
-def load(path: str | Path) -> LoadedModel:
-    """Restore a model from a run folder (or its ``model/`` subfolder)."""
+def load(path: str | Path, device: str = "auto") -> LoadedModel:
+    """Restore a model from a run folder (or its ``model/`` subfolder), placed on ``device`` (auto, cpu, cuda,
+    cuda:N or mps; see ``transferkit.engine.placement``)."""
+    from transferkit.engine.placement import place, resolve_device
     from transferkit.model import load_model
 
     path = Path(path)
+    target = resolve_device(device)  # a bad --device is refused before anything is read
     if not path.exists():
         raise TransferkitError(f"model folder '{path}' does not exist", "pass the --out folder of a finished fit")
     module, config = load_model(path)
+    place(module, target)
     return LoadedModel(module, config, path)
 
 
 def evaluate(model: str | Path | LoadedModel, data: str, *, text_column: str | None = None,
-             label_column: str | None = None, batch_size: int = 64, progress: bool = True,
+             label_column: str | None = None, batch_size: int = 64, progress: bool = True, device: str = "auto",
              **options: Any) -> dict[str, Any]:
     """Accuracy, macro-F1, top-5, confusion matrix and per-class scores of ``model`` on labelled ``data``.
 
@@ -207,7 +175,8 @@ def evaluate(model: str | Path | LoadedModel, data: str, *, text_column: str | N
     from transferkit.data.evaluation import load_for_evaluation
     from transferkit.evaluation.hooks import run_evaluation_hooks
 
-    loaded = model if isinstance(model, LoadedModel) else load(model)
+    check_count("--batch-size", batch_size)
+    loaded = model if isinstance(model, LoadedModel) else load(model, device)
     if loaded.is_language_model:
         from transferkit.tasks.causal_lm import evaluate_perplexity
 
@@ -242,9 +211,12 @@ def expand_inputs(inputs: list[str], modality: str) -> list[str]:
     return expanded
 
 
-def predict(model: str | Path | LoadedModel, inputs: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
-    """One row per input: ``{"input", "prediction", "probabilities": {class: p}}``."""
-    loaded = model if isinstance(model, LoadedModel) else load(model)
+def predict(model: str | Path | LoadedModel, inputs: list[str], batch_size: int = 64,
+            device: str = "auto") -> list[dict[str, Any]]:
+    """One row per input: ``{"input", "prediction", "probabilities": {class: p}}``; ``device`` places a model
+    loaded from a folder."""
+    check_count("--batch-size", batch_size)
+    loaded = model if isinstance(model, LoadedModel) else load(model, device)
     loaded.refuse_language_model()
     items = expand_inputs(list(inputs), loaded.modality)
     if loaded.module.tasks[0].kind != "classify" or len(loaded.module.tasks) > 1:  # every task's prediction

@@ -79,10 +79,11 @@ def fit_run(fit: FitConfig, train: TrainConfig, strategy: Strategy, extensions: 
     from accelerate import PartialState
 
     from transferkit.backbones import check_backbone_name, default_backbone
+    from transferkit.engine.placement import accelerator_kwargs
     from transferkit.tasks import causal_lm_requested
 
     options = run_options(fit, train, strategy, extensions)
-    state = PartialState(cpu=train.device == "cpu" or not torch.cuda.is_available())
+    state = PartialState(**accelerator_kwargs(train.device))
     folder = OutputFolder(fit.out or default_out(fit), "run", overwrite=fit.overwrite, resume=fit.resume,
                           options=options)
     folder.check()  # a bad --out is refused before any work; nothing is written until every input is checked
@@ -99,7 +100,8 @@ def fit_run(fit: FitConfig, train: TrainConfig, strategy: Strategy, extensions: 
     model = build_model(fit, train, backbone, splits, strategy)
     context = build_context(fit, train, splits, folder)
     for ext in extensions:
-        ext.configure(context, model, fit)
+        context = ext.configure(context, model, fit)
+    splits = context.splits  # an extension may return transformed splits (framing, task targets)
     logger.info("training %s on %s (%s) with %s: %d train / %d val / %d test items, %d classes",
                 backbone_name, fit.data, splits.modality, strategy.name, len(splits.train), len(splits.val),
                 len(splits.test) if splits.test else 0, len(splits.class_names))
@@ -168,7 +170,9 @@ def build_backbone(name: str, fit: FitConfig, train: TrainConfig, splits: DataSp
 
 def build_model(fit: FitConfig, train: TrainConfig, backbone: Backbone, splits: DataSplits,
                 strategy: Strategy) -> TransferModel:
-    """Backbone + a (seeded) classification head over the data's classes, prepared by the strategy."""
+    """Backbone + a (seeded) classification head over the data's classes, prepared by the strategy and placed on
+    ``--device`` (features, extensions' set-up and evaluation run where training does)."""
+    from transferkit.engine.placement import place
     from transferkit.engine.trainer import seed_everything
     from transferkit.model import TaskSpec, TransferModel
 
@@ -176,6 +180,7 @@ def build_model(fit: FitConfig, train: TrainConfig, backbone: Backbone, splits: 
     model = TransferModel(backbone, [TaskSpec("label", "classify", list(splits.class_names))],
                           head_dropout=fit.head_dropout)
     strategy.prepare(model)
+    place(model, train.device)
     return model
 
 
@@ -199,7 +204,7 @@ def train_model(model: TransferModel, strategy: Strategy, extensions: list, cont
 def score_model(model: TransferModel, strategy: Strategy, splits: DataSplits, context: RunContext, fit: FitConfig,
                 train: TrainConfig) -> tuple[str, dict[str, Any]]:
     """(split name, report) on the test split, or the validation split when there is no test split."""
-    from transferkit.api import evaluate_features, evaluate_model
+    from transferkit.inference import evaluate_features, evaluate_model
 
     eval_split, data = ("test", splits.test) if splits.test is not None and len(splits.test) else ("val", splits.val)
     batch_size = max(32, train.batch_size)

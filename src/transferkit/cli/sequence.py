@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from transferkit.cli.options import add_dataclass_options, format_table, print_json
+from transferkit.cli.options import add_dataclass_options, count, format_table, number, print_json
 from transferkit.errors import TransferkitError
 
 _COMMON = ("func", "command", "action", "json", "verbose", "quiet", "out", "overwrite", "resume", "no_progress")
@@ -34,15 +34,15 @@ def register(subparsers) -> None:
     source = train.add_mutually_exclusive_group(required=True)
     source.add_argument("--task", choices=SEQ2SEQ_TASKS, help="A built-in task.")
     source.add_argument("--pairs", help="A text file of 'source<TAB>target' lines.")
-    train.add_argument("--bits", type=int, default=12, help="binary-to-decimal: number width in bits.")
-    train.add_argument("--train-fraction", type=float, default=0.7,
+    train.add_argument("--bits", type=count(1, 20), default=12, help="binary-to-decimal: number width in bits.")
+    train.add_argument("--train-fraction", type=number(0, 1, low_open=True, high_open=True), default=0.7,
                        help="Share of the pairs seen in training (train + validation); the rest is the test.")
-    train.add_argument("--val-fraction", type=float, default=0.1, help="Share of the pairs used for validation.")
+    train.add_argument("--val-fraction", type=number(0, 1, high_open=True), default=0.1, help="Share of the pairs used for validation.")
     _add_train_options(train, Seq2SeqConfig, SEQ2SEQ_TRAIN_DEFAULTS, run_seq2seq_train)
     predict = seq_actions.add_parser("predict", help="Decode input sequences with a trained model.")
     predict.add_argument("--model", required=True, help="Run folder written by `seq2seq train`.")
     predict.add_argument("inputs", nargs="+", help="Source sequences.")
-    predict.add_argument("--beam-size", type=int, default=1, help="Beam width (1: greedy).")
+    predict.add_argument("--beam-size", type=count(1), default=1, help="Beam width (1: greedy).")
     predict.add_argument("--json", action="store_true", help="Print JSON.")
     predict.set_defaults(func=run_seq2seq_predict)
 
@@ -54,11 +54,11 @@ def register(subparsers) -> None:
     _add_train_options(lm_train, CharLMConfig, CHARLM_TRAIN_DEFAULTS, run_charlm_train)
     lm_sample = lm_actions.add_parser("sample", help="Generate text from a trained model.")
     lm_sample.add_argument("--model", required=True, help="Run folder written by `charlm train`.")
-    lm_sample.add_argument("--length", type=int, default=300, help="Characters to generate.")
+    lm_sample.add_argument("--length", type=count(1), default=300, help="Characters to generate.")
     lm_sample.add_argument("--prime", default="", help="Text to start from.")
-    lm_sample.add_argument("--temperature", type=float, default=0.8, help="Softmax temperature (lower: safer).")
-    lm_sample.add_argument("--top-k", type=int, default=0, help="Sample among the k most likely characters (0: all).")
-    lm_sample.add_argument("--seed", type=int, default=0, help="Random seed.")
+    lm_sample.add_argument("--temperature", type=number(0, low_open=True), default=0.8, help="Softmax temperature (lower: safer).")
+    lm_sample.add_argument("--top-k", type=count(0), default=0, help="Sample among the k most likely characters (0: all).")
+    lm_sample.add_argument("--seed", type=count(0), default=0, help="Random seed.")
     lm_sample.set_defaults(func=run_charlm_sample)
 
 

@@ -158,8 +158,8 @@ class Checkpointing(Callback):
             join_optimizer_state,
             load_checkpoint,
             refuse_legacy,
-            set_rng_state,
         )
+        from transferkit.engine.placement import set_rng_states
 
         refuse_legacy(self.folder)
         if not self.path.exists():
@@ -171,7 +171,7 @@ class Checkpointing(Callback):
                                                                 loop.optimizer.state_dict()))
             loop.state.load_json(saved["state"])
             loop.state.best_state = sections["best_state"] if saved["has_best_state"] else None
-            set_rng_state(saved["rng"], sections["rng"])
+            set_rng_states(saved["rng"])
         except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
             raise corrupt(self.path, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
         loop.state.resumed_from = loop.state.epoch
@@ -179,16 +179,16 @@ class Checkpointing(Callback):
         return True
 
     def on_epoch_end(self, loop: TrainLoop, row: dict[str, Any]) -> None:
-        from transferkit.engine.checkpoint import rng_state, save_checkpoint, split_optimizer_state
+        from transferkit.engine.checkpoint import save_checkpoint, split_optimizer_state
+        from transferkit.engine.placement import rng_states
 
         if loop.accelerator.is_main_process:
             optimizer, optimizer_tensors = split_optimizer_state(loop.optimizer.state_dict())
-            rng, rng_tensors = rng_state()
             state = loop.state
-            sections = {"loss_module": loop.inner.state_dict(), "optimizer": optimizer_tensors, "rng": rng_tensors,
+            sections = {"loss_module": loop.inner.state_dict(), "optimizer": optimizer_tensors,
                         "best_state": state.best_state or {}}
-            save_checkpoint(self.path, sections, {"state": state.to_json(), "optimizer": optimizer, "rng": rng,
-                                                  "has_best_state": state.best_state is not None})
+            save_checkpoint(self.path, sections, {"state": state.to_json(), "optimizer": optimizer,
+                                                  "rng": rng_states(), "has_best_state": state.best_state is not None})
         loop.accelerator.wait_for_everyone()
 
 

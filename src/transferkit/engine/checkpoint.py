@@ -1,10 +1,10 @@
 """The trainer's checkpoint without pickle: one safetensors file, tensors in its body, the rest as JSON in its header.
 
 ``trainer.safetensors`` holds, under prefixed names, the model + objectives (``loss_module/``), the optimizer's
-state tensors (``optimizer/<param id>/<name>``), the best epoch's weights (``best_state/``) and the torch RNG
-states (``rng/torch``, ``rng/cuda/<device>``); its metadata entry ``transferkit`` is a JSON document with
-everything else: epoch, step, history, early-stopping counters, the optimizer's parameter groups and the Python
-and NumPy RNG states. One file, so writing it (temporary name + ``os.replace``) is atomic.
+state tensors (``optimizer/<param id>/<name>``) and the best epoch's weights (``best_state/``); its metadata entry
+``transferkit`` is a JSON document with everything else: epoch, step, history, early-stopping counters, the
+optimizer's parameter groups and every RNG state (Python, NumPy, torch CPU and each CUDA device:
+``placement.rng_states``). One file, so writing it (temporary name + ``os.replace``) is atomic.
 
 Reading it never executes code: safetensors holds only tensors and strings. A file that is not a transferkit
 checkpoint (a pickle renamed, a truncated file, other keys) is refused with one line, and so is a
@@ -16,11 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from transferkit.errors import TransferkitError
@@ -50,41 +48,6 @@ def refuse_legacy(folder: str | Path) -> None:
     if legacy.exists():
         raise TransferkitError(f"'{legacy}' was written by an earlier transferkit version in a format that is not "
                                "read any more (pickle)", _RESTART)
-
-
-# --- RNG states --------------------------------------------------------------------------------------------------
-
-
-def rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Every RNG a run draws from: Python, NumPy and torch (CPU and each CUDA device), as (JSON, tensors)."""
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, list(internal), gauss],
-             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for device, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda/{device}"] = cuda_state
-    state["cuda_devices"] = sum(1 for k in tensors if k.startswith("cuda/"))
-    return state, tensors
-
-
-def set_rng_state(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """Restore what :func:`rng_state` returned (CUDA states only where the devices exist)."""
-    version, internal, gauss = state["python"]
-    random.setstate((int(version), tuple(int(v) for v in internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((str(name), np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
-    torch.set_rng_state(tensors["torch"].to(torch.uint8))
-    cuda = [tensors[f"cuda/{i}"].to(torch.uint8) for i in range(int(state.get("cuda_devices", 0)))]
-    if cuda and torch.cuda.is_available():
-        available = torch.cuda.device_count()
-        torch.cuda.set_rng_state_all(cuda[:available])
-        if available != len(cuda):
-            logger.warning("the checkpoint holds CUDA RNG states of %d devices, this machine has %d: the resumed run "
-                           "may differ from an uninterrupted one", len(cuda), available)
-    elif cuda:
-        logger.warning("the checkpoint was written on CUDA and is resumed without it: random draws may differ")
 
 
 # --- optimizer state ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ interruption, and multi-process data parallelism (``torchrun --nproc_per_node N`
 from __future__ import annotations
 
 import copy
+import fnmatch
 import logging
 import math
 import random
@@ -41,6 +42,7 @@ from transferkit.engine.callbacks import (
 )
 from transferkit.engine.checkpoint import CHECKPOINT_NAME  # noqa: F401 (re-exported: where the engine checkpoints)
 from transferkit.engine.objectives import Objective, primary_logits
+from transferkit.engine.placement import accelerator_kwargs, check_device_spec
 from transferkit.engine.schedules import SCHEDULES, inverse_annealing, noam, warmup_constant, warmup_cosine
 from transferkit.errors import TransferkitError
 from transferkit.progress import progress as progress_bar
@@ -74,7 +76,8 @@ class TrainConfig:
     )
     grad_clip: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this (0: off)."})
     seed: int = field(default=0, metadata={"help": "Seed for initialisation, data order and augmentation."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps (auto: this process's GPU "
+                                                           "if there is one, else the CPU)."})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)."})
 
     def validate(self) -> None:
@@ -96,10 +99,7 @@ class TrainConfig:
         for name in ("warmup_steps", "plateau_patience", "early_stopping", "threads", "noam_d_model"):
             if getattr(self, name) < 0:
                 raise bad(name, getattr(self, name), "use a whole number of at least 0")
-        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
-            raise bad("device", self.device, "choose auto, cpu, cuda, cuda:N or mps")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise bad("device", self.device, "this machine has no CUDA device; use --device cpu or auto")
+        check_device_spec(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,16 +119,16 @@ class TrainResult:
 
 
 def make_accelerator(device: str = "auto"):
-    """An Accelerator for ``device``; under ``torchrun`` on a CPU machine it joins the gloo process group.
+    """An Accelerator for ``device`` (``cuda:N`` honoured, see ``placement.accelerator_kwargs``); under ``torchrun``
+    on a CPU machine it joins the gloo process group.
 
     ``Accelerator()`` without ``cpu=True`` on a GPU-less machine under torchrun gives separate single-process
     runs, so CPU is requested explicitly (facts in OFFLINE_ASSETS.md).
     """
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-    return Accelerator(cpu=cpu, kwargs_handlers=[ddp])
+    return Accelerator(**accelerator_kwargs(device), kwargs_handlers=[ddp])
 
 
 def seed_everything(seed: int) -> None:
@@ -142,19 +142,36 @@ def default_param_groups(model: nn.Module, lr: float) -> list[dict[str, Any]]:
     return [{"params": params, "lr": lr, "name": "all"}] if params else []
 
 
-def _no_decay(name: str, param: nn.Parameter) -> bool:
-    """Biases and normalisation scales are not decayed (they are not 'weights' in the L2 sense)."""
-    return param.ndim <= 1 or name.endswith(".bias")
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Full names of the parameters that submodules exclude from weight decay by timm's convention: a module's
+    ``no_weight_decay()`` returns names (or fnmatch patterns) relative to it, e.g. a ViT's ``pos_embed`` and
+    ``cls_token``, which are embeddings of ndim 3 that the ``ndim <= 1`` rule alone would decay."""
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        hook = getattr(module, "no_weight_decay", None)
+        if callable(hook):
+            names.update(f"{prefix}.{name}" if prefix else name for name in hook())
+    return names
+
+
+def _no_decay(name: str, param: nn.Parameter, excluded: set[str] | frozenset[str] = frozenset()) -> bool:
+    """Biases, normalisation scales and the parameters a module declares (``no_weight_decay``) are not decayed
+    (they are not 'weights' in the L2 sense)."""
+    if param.ndim <= 1 or name.endswith(".bias") or name in excluded:
+        return True
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in excluded if any(c in pattern for c in "*?["))
 
 
 def split_weight_decay(model: nn.Module, groups: list[dict[str, Any]], weight_decay: float) -> list[dict[str, Any]]:
-    """Give every group ``weight_decay`` on weight matrices and 0 on biases / norm parameters."""
+    """Give every group ``weight_decay`` on weight matrices and 0 on biases / norm parameters / the parameters
+    listed by a submodule's ``no_weight_decay()`` (timm)."""
     names = {id(p): n for n, p in model.named_parameters()}
+    excluded = no_weight_decay_names(model)
     out: list[dict[str, Any]] = []
     for group in groups:
         params = [p for p in group["params"] if p.requires_grad]
-        decay = [p for p in params if not _no_decay(names.get(id(p), ""), p)]
-        no_decay = [p for p in params if _no_decay(names.get(id(p), ""), p)]
+        decay = [p for p in params if not _no_decay(names.get(id(p), ""), p, excluded)]
+        no_decay = [p for p in params if _no_decay(names.get(id(p), ""), p, excluded)]
         base = {k: v for k, v in group.items() if k != "params"}
         wd = group.get("weight_decay", weight_decay)
         if decay:

@@ -74,12 +74,12 @@ def read_pairs(path: str | Path) -> list[tuple[str, str]]:
     if not path.is_file():
         raise TransferkitError(f"pairs file '{path}' does not exist", "pass a text file of 'source<TAB>target' lines")
     pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split("\t")
         if len(parts) != 2 or not parts[0] or not parts[1]:
-            raise TransferkitError(f"{path}:{number} is not 'source<TAB>target'", "separate the two by one tab")
+            raise TransferkitError(f"{path}:{line_number} is not 'source<TAB>target'", "separate the two by one tab")
         pairs.append((parts[0], parts[1]))
     if len(pairs) < 10:
         raise TransferkitError(f"'{path}' holds only {len(pairs)} pairs", "give at least 10")
@@ -142,16 +142,18 @@ def fit_seq2seq(out: str | Path, *, task: str | None = None, pairs: str | Path |
 def fit_charlm(out: str | Path, file: str | Path, *, overwrite: bool = False, resume: bool = False,
                progress: bool = True, **options: Any) -> SequenceRun:
     """Train a character-level language model on the UTF-8 text ``file`` and write the run folder ``out``."""
-    from transferkit.sequence.charlm import CharLMConfig, save_charlm, train_charlm
+    from transferkit.sequence.charlm import CharLMConfig, prepare_charlm_data, save_charlm, train_charlm
 
     config, train = build_configs(options, CharLMConfig, CHARLM_TRAIN_DEFAULTS)
     text = read_text(file)
+    data = prepare_charlm_data(text, config, train.batch_size)  # a text too short is refused before --out is touched
     settings = {"model": asdict(config), "train": train.to_dict()}
     folder = OutputFolder(out, "charlm", overwrite=overwrite, resume=resume,
                           options={"data": str(file), **settings})
     folder.begin()
     with folder:
-        run = train_charlm(text, config, train, checkpoint_dir=folder.stage / "checkpoint", progress=progress)
+        run = train_charlm(text, config, train, checkpoint_dir=folder.stage / "checkpoint", progress=progress,
+                           data=data)
         save_charlm(run, folder.stage / "model")
         metrics = {**run.metrics, "data": str(file), "config": settings}
         _write(folder, metrics, run.history)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transferkit.backbones import move_to
+from transferkit.engine.placement import module_device, to_device
 from transferkit.errors import TransferkitError
 from transferkit.strategies import register_strategy
 from transferkit.strategies.base import Strategy, StrategyConfig, freeze, unfreeze
@@ -90,7 +90,7 @@ def fisher_diagonal(model: TransferModel, loader: Any, batches: int) -> dict[str
     for p in params.values():
         p.requires_grad_(True)
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
-    device = next(model.parameters()).device
+    device = module_device(model)
     was_training = model.training
     model.eval()
     count = 0
@@ -98,7 +98,7 @@ def fisher_diagonal(model: TransferModel, loader: Any, batches: int) -> dict[str
         for b, batch in enumerate(loader):
             if b >= batches:
                 break
-            inputs, labels = move_to(batch["inputs"], device), batch["labels"].to(device)
+            inputs, labels = to_device((batch["inputs"], batch["labels"]), device)
             for i in range(len(labels)):
                 if labels[i] < 0:
                     continue
@@ -137,7 +137,13 @@ class Fish(Strategy):
     name = "fish"
     config_class = FishConfig
     description = "FISH mask: update only the top p% of backbone weights by Fisher information (+ head)"
+    task_kinds = ("label", "classify")
     config: FishConfig
+
+    def supports(self, task_kind: str) -> bool | str:
+        if task_kind in self.task_kinds:
+            return True
+        return "its Fisher information and linear-probe start need a first task that classifies the label"
 
     def prepare(self, model: TransferModel, for_loading: bool = False) -> None:
         freeze(model.backbone)
@@ -160,7 +166,8 @@ class Fish(Strategy):
     def train(self, model: TransferModel, context: RunContext) -> TrainResult:
         mask: FishMask = getattr(model, MASK_MODULE)
         if context.checkpoint_is_fresh():  # a resumed run gets its mask back from the checkpoint
-            fit_probe(model, context, c=1.0, max_iter=1000)
+            if context.heads_from is None:  # a head copied by --init-from is kept
+                fit_probe(model, context, c=1.0, max_iter=1000)
             loader = context.loader(context.splits.train, model.backbone, train=False)
             masks = top_mask(fisher_diagonal(model, loader, self.config.fish_batches), self.config.fish_keep)
             with torch.no_grad():

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from transferkit.backbones import move_to
 from transferkit.data.base import DataSplits, LabeledData
 from transferkit.engine.objectives import Objective
+from transferkit.engine.placement import inference, place, to_device
 from transferkit.errors import TransferkitError
 from transferkit.rundir import write_jsonl
 
@@ -40,8 +40,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: strategies that train a causal LM (FISH's Fisher estimate and the probes need class labels)
-LM_STRATEGIES = ("lora", "adapter", "finetune")
 TASK_TYPE = "causal-lm"
 TASK_NAME = "lm"
 IGNORE_INDEX = -100
@@ -116,24 +114,19 @@ class CausalLMObjective(Objective):
         return outputs.loss
 
 
-@torch.no_grad()
-def token_nll(model: TransferModel, loader: Any, device: torch.device | str | None = None) -> tuple[float, int]:
-    """(sum of next-token negative log-likelihoods, number of predicted tokens) over ``loader``."""
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+def token_nll(model: TransferModel, loader: Any) -> tuple[float, int]:
+    """(sum of next-token negative log-likelihoods, number of predicted tokens) over ``loader``, computed where
+    the model is placed."""
     total, count = 0.0, 0
-    try:
+    with inference(model) as device:
         for batch in loader:
-            inputs = move_to(batch["inputs"], device)
+            inputs = to_device(batch["inputs"], device)
             logits = model.backbone.model(**inputs, use_cache=False).logits[:, :-1].float()
             targets = lm_labels(inputs)[:, 1:]
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                      ignore_index=IGNORE_INDEX, reduction="sum")
             total += float(loss)
             count += int((targets != IGNORE_INDEX).sum())
-    finally:
-        model.train(was_training)
     return total, count
 
 
@@ -178,9 +171,14 @@ class CausalLMOptions:
 
 
 def check_lm_strategy(strategy: Strategy) -> None:
-    if strategy.name not in LM_STRATEGIES:
+    """Strategies that train a causal LM list ``causal_lm`` in their ``task_kinds`` (FISH's Fisher estimate and
+    the probes need class labels)."""
+    from transferkit.strategies import list_strategies
+
+    if strategy.supports("causal_lm") is not True:
+        able = [name for name, cls in list_strategies().items() if "causal_lm" in cls.task_kinds]
         raise TransferkitError(f"--task causal-lm cannot train with --strategy {strategy.name}",
-                               f"use one of {', '.join(LM_STRATEGIES)}")
+                               f"use one of {', '.join(able)}")
 
 
 def build_lm_model(backbone_name: str, pretrained: bool, max_length: int, **backbone_options: Any) -> TransferModel:
@@ -215,6 +213,7 @@ def run_causal_lm(data: str, backbone_name: str, strategy: Strategy, train: Trai
     seed_everything(train.seed)
     model = build_lm_model(backbone_name, pretrained, options.max_length, **(backbone_options or {}))
     strategy.prepare(model)
+    place(model, train.device)  # perplexity before and after is measured where training runs
     heldout_loader = make_loader(splits.val, model.backbone, batch_size=max(8, train.batch_size), train=False)
     before = perplexity(model, heldout_loader)
     logger.info("held-out perplexity before training: %.2f", before)
@@ -274,18 +273,12 @@ def generate_text(backbone: CausalLMBackbone, prompt: str, max_new_tokens: int =
                                                          return_dict=True)
     else:
         encoded = backbone.tokenizer(prompt, return_tensors="pt")
-    device = next(backbone.parameters()).device
     # only what a decoder takes (a BERT-style tokenizer also returns token_type_ids, which generate() rejects)
-    inputs = {k: v.to(device) for k, v in dict(encoded).items() if k in ("input_ids", "attention_mask")}
+    inputs = {k: v for k, v in dict(encoded).items() if k in ("input_ids", "attention_mask")}
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else \
         {"do_sample": False}
     torch.manual_seed(seed)
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        with torch.no_grad():
-            output = backbone.model.generate(**inputs, max_new_tokens=max_new_tokens,
-                                             pad_token_id=backbone.tokenizer.pad_token_id, **sampling)
-    finally:
-        backbone.train(was_training)
+    with inference(backbone) as device:
+        output = backbone.model.generate(**to_device(inputs, device), max_new_tokens=max_new_tokens,
+                                         pad_token_id=backbone.tokenizer.pad_token_id, **sampling)
     return backbone.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
