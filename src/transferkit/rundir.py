@@ -130,6 +130,8 @@ def _legacy_kind(path: Path) -> str | None:
         return {"transferkit-seq2seq": "seq2seq", "transferkit-charlm": "charlm"}.get(model_format, "run")
     if all((path / name).is_file() for name in ("index.faiss", "records.jsonl", "meta.json")):
         return "index"
+    if (path / "CURRENT").is_file() and any(path.glob("v0*/meta.json")):  # an old index upgraded by `index add`
+        return "index"
     try:
         if "lora_export" in json.loads((path / "config.json").read_text()):  # `transferkit export`
             return "export"
