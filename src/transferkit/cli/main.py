@@ -20,7 +20,7 @@ import sys
 import traceback
 
 from transferkit import __version__
-from transferkit.errors import TransferkitError, from_memory_error, from_os_error
+from transferkit.errors import TransferkitError, from_memory_error, from_os_error, os_error_in
 
 _COMMAND_MODULES = [
     "transferkit.cli.fit",
@@ -171,6 +171,9 @@ def run_command(args: argparse.Namespace) -> int:
     except Exception as exc:
         if _is_out_of_memory(exc):
             return report_error(from_memory_error(), as_json)
+        hidden = os_error_in(exc)  # e.g. safetensors' "No space left on device (os error 28)"
+        if hidden is not None:
+            return report_error(from_os_error(hidden), as_json)
         if args.verbose:
             traceback.print_exc()
         detail = " ".join(str(exc).split())[:300]
