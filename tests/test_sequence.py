@@ -229,6 +229,14 @@ def test_checkpoint_averaging() -> None:
     assert int(averaged["n"]) == 2
 
 
+def _exact_match(run, pairs: list[tuple[str, str]]) -> float:
+    """Share of ``pairs`` whose whole output ``translate`` gets right (the metric, recomputed independently)."""
+    from transferkit.sequence.seq2seq import translate
+
+    outputs = translate(run.model, run.source, run.target, [s for s, _ in pairs], run.max_output_len)
+    return float(np.mean([out == target for out, (_, target) in zip(outputs, pairs)]))
+
+
 def test_train_seq2seq_through_the_engine_and_save_load(tmp_path) -> None:
     from transferkit.engine import TrainConfig
     from transferkit.sequence.seq2seq import (
@@ -246,7 +254,8 @@ def test_train_seq2seq_through_the_engine_and_save_load(tmp_path) -> None:
     run = train_seq2seq(splits, config, train, progress=False)
     losses = [row["train_loss"] for row in run.history]
     assert losses[-1] < losses[0] * 0.8
-    assert "checkpoint_averaging" in run.metrics and 0 <= run.metrics["test_exact_match"] <= 1
+    assert "checkpoint_averaging" in run.metrics
+    assert run.metrics["test_exact_match"] == pytest.approx(_exact_match(run, splits["test"]))
     save_seq2seq(run, tmp_path / "model")
     model, source, target, max_len = load_seq2seq(tmp_path)
     texts = [s for s, _ in splits["test"][:5]]
@@ -368,7 +377,8 @@ def test_train_seq2seq_ensemble_and_save_load(tmp_path) -> None:
     train = TrainConfig(epochs=2, batch_size=8, lr=0.01, early_stopping=0, device="cpu", threads=1, seed=3)
     run = train_seq2seq(splits, config, train, progress=False)
     assert isinstance(run.model, Seq2SeqEnsemble) and len(run.model.members) == 2
-    assert [m["seed"] for m in run.metrics["members"]] == [3, 4] and 0 <= run.metrics["test_exact_match"] <= 1
+    assert [m["seed"] for m in run.metrics["members"]] == [3, 4]
+    assert run.metrics["test_exact_match"] == pytest.approx(_exact_match(run, splits["test"]))
     first, second = run.model.members  # different seeds: different members
     assert not torch.equal(first.src_embedding.weight, second.src_embedding.weight)
     save_seq2seq(run, tmp_path / "model")

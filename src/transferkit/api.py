@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from transferkit.config import FitConfig, build, load_yaml_config
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, check_count
 from transferkit.inference import evaluate_features, evaluate_model, predict_proba_model  # public here too
 from transferkit.rundir import OutputFolder, write_json, write_jsonl
 
@@ -63,8 +63,9 @@ def resolve_options(options: dict[str, Any], config_file: str | Path | None = No
     """Split a flat option dict (YAML file < explicit options) into the run's config objects."""
     from transferkit.config import option_fields
     from transferkit.engine.trainer import TrainConfig
-    from transferkit.extensions import list_extensions
+    from transferkit.extensions import check_supported, list_extensions
     from transferkit.strategies import list_strategies, strategy_class
+    from transferkit.tasks import run_task_kind
 
     merged: dict[str, Any] = load_yaml_config(config_file) if config_file else {}
     merged.update({k.replace("-", "_"): v for k, v in options.items() if v is not None})
@@ -88,6 +89,8 @@ def resolve_options(options: dict[str, Any], config_file: str | Path | None = No
                 f"'{fit.strategy}'", "remove them or choose the strategy they belong to")
         raise TransferkitError(f"unknown option(s): {', '.join(sorted(merged))}", "see `transferkit fit --help`")
     active = [e for e in extensions if e.active()]
+    tasks = next((e.config.task for e in extensions if e.name == "tasks"), None)  # type: ignore[attr-defined]
+    check_supported(strategy, active, run_task_kind(tasks), " ".join(f"--task {t}" for t in tasks or []))
     for ext in active:
         ext.check(fit, strategy)
     return fit, train, strategy, active
@@ -171,7 +174,8 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
                          progress=fit_cfg.progress,
                          notes=list(splits.notes))
     for ext in extensions:
-        ext.configure(context, model, fit_cfg)
+        context = ext.configure(context, model, fit_cfg)
+    splits = context.splits  # an extension may return transformed splits (framing, task targets)
     logger.info("training %s on %s (%s) with %s: %d train / %d val / %d test items, %d classes",
                 backbone_name, fit_cfg.data, splits.modality, strategy.name, len(splits.train), len(splits.val),
                 len(splits.test) if splits.test else 0, len(splits.class_names))
@@ -373,6 +377,7 @@ def evaluate(model: str | Path | LoadedModel, data: str, *, text_column: str | N
     from transferkit.data.evaluation import load_for_evaluation
     from transferkit.evaluation.hooks import run_evaluation_hooks
 
+    check_count("--batch-size", batch_size)
     loaded = model if isinstance(model, LoadedModel) else load(model, device)
     if loaded.is_language_model:
         from transferkit.tasks.causal_lm import evaluate_perplexity
@@ -412,6 +417,7 @@ def predict(model: str | Path | LoadedModel, inputs: list[str], batch_size: int 
             device: str = "auto") -> list[dict[str, Any]]:
     """One row per input: ``{"input", "prediction", "probabilities": {class: p}}``; ``device`` places a model
     loaded from a folder."""
+    check_count("--batch-size", batch_size)
     loaded = model if isinstance(model, LoadedModel) else load(model, device)
     loaded.refuse_language_model()
     items = expand_inputs(list(inputs), loaded.modality)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from transferkit.cli.options import add_device_argument, print_json
+from transferkit.cli.options import add_device_argument, count, print_json
 from transferkit.evaluation.hooks import add_hook_arguments
 
 _BASE_ARGS = {"model", "data", "text_column", "label_column", "batch_size", "device", "json", "func", "command",
@@ -17,7 +17,7 @@ def register(subparsers) -> None:
     parser.add_argument("--data", required=True, help="Labelled data: folder, .csv/.jsonl, or built-in name.")
     parser.add_argument("--text-column")
     parser.add_argument("--label-column")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=count(1), default=64)
     add_device_argument(parser)
     parser.add_argument("--json", action="store_true", help="Print exactly one JSON document on stdout.")
     add_hook_arguments(parser)

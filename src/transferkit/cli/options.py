@@ -9,6 +9,37 @@ from typing import Any
 
 from transferkit.config import field_base_type, option_fields, register_option_class
 from transferkit.console import format_table  # noqa: F401 (the CLI modules import it from here)
+from transferkit.errors import TransferkitError, check_count, check_number
+
+
+def _argument_type(name: str, check: Any) -> Any:
+    """An argparse ``type=`` that runs ``check(text)``; its TransferkitError becomes argparse's one-line error."""
+
+    def parse(text: str) -> Any:
+        try:
+            return check(text)
+        except TransferkitError as exc:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: {exc.fix}") from None
+
+    parse.__name__ = name
+    return parse
+
+
+def count(minimum: int = 1, maximum: int | None = None) -> Any:
+    """argparse ``type=``: a whole number in [minimum, maximum] (``--batch-size``, ``-k``, ``--epochs``, ...)."""
+
+    def check(text: str) -> int:
+        digits = text.strip().lstrip("+-")
+        return check_count("value", int(text) if digits.isdigit() else text, minimum, maximum)
+
+    return _argument_type("count", check)
+
+
+def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False) -> Any:
+    """argparse ``type=``: a finite number within the bounds (NaN and infinity refused)."""
+    return _argument_type("number", lambda text: check_number("value", text, low, high, low_open=low_open,
+                                                               high_open=high_open))
 
 
 def add_dataclass_options(parser: argparse.ArgumentParser | Any, cls: type, seen: set[str],

@@ -11,6 +11,7 @@ interruption, and multi-process data parallelism (``torchrun --nproc_per_node N`
 from __future__ import annotations
 
 import copy
+import fnmatch
 import hashlib
 import json
 import logging
@@ -140,19 +141,36 @@ def default_param_groups(model: nn.Module, lr: float) -> list[dict[str, Any]]:
     return [{"params": params, "lr": lr, "name": "all"}] if params else []
 
 
-def _no_decay(name: str, param: nn.Parameter) -> bool:
-    """Biases and normalisation scales are not decayed (they are not 'weights' in the L2 sense)."""
-    return param.ndim <= 1 or name.endswith(".bias")
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Full names of the parameters that submodules exclude from weight decay by timm's convention: a module's
+    ``no_weight_decay()`` returns names (or fnmatch patterns) relative to it, e.g. a ViT's ``pos_embed`` and
+    ``cls_token``, which are embeddings of ndim 3 that the ``ndim <= 1`` rule alone would decay."""
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        hook = getattr(module, "no_weight_decay", None)
+        if callable(hook):
+            names.update(f"{prefix}.{name}" if prefix else name for name in hook())
+    return names
+
+
+def _no_decay(name: str, param: nn.Parameter, excluded: set[str] | frozenset[str] = frozenset()) -> bool:
+    """Biases, normalisation scales and the parameters a module declares (``no_weight_decay``) are not decayed
+    (they are not 'weights' in the L2 sense)."""
+    if param.ndim <= 1 or name.endswith(".bias") or name in excluded:
+        return True
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in excluded if any(c in pattern for c in "*?["))
 
 
 def split_weight_decay(model: nn.Module, groups: list[dict[str, Any]], weight_decay: float) -> list[dict[str, Any]]:
-    """Give every group ``weight_decay`` on weight matrices and 0 on biases / norm parameters."""
+    """Give every group ``weight_decay`` on weight matrices and 0 on biases / norm parameters / the parameters
+    listed by a submodule's ``no_weight_decay()`` (timm)."""
     names = {id(p): n for n, p in model.named_parameters()}
+    excluded = no_weight_decay_names(model)
     out: list[dict[str, Any]] = []
     for group in groups:
         params = [p for p in group["params"] if p.requires_grad]
-        decay = [p for p in params if not _no_decay(names.get(id(p), ""), p)]
-        no_decay = [p for p in params if _no_decay(names.get(id(p), ""), p)]
+        decay = [p for p in params if not _no_decay(names.get(id(p), ""), p, excluded)]
+        no_decay = [p for p in params if _no_decay(names.get(id(p), ""), p, excluded)]
         base = {k: v for k, v in group.items() if k != "params"}
         wd = group.get("weight_decay", weight_decay)
         if decay:

@@ -135,7 +135,9 @@ def save_flip_figure(result: dict[str, Any], class_names: list[str], epsilon: fl
 def add_arguments(parser: Any) -> None:
     parser.add_argument("--attack", choices=ATTACKS, help="Also measure accuracy under this adversarial attack "
                                                           "(fgsm: Goodfellow et al. 2015; image models only).")
-    parser.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON,
+    from transferkit.cli.options import number
+
+    parser.add_argument("--epsilon", type=number(0, 1, low_open=True), default=DEFAULT_EPSILON,
                         help="Attack strength in pixel units of [0, 1] (0.03 ~ 8/255).")
     parser.add_argument("--attack-image", help="PNG of an example whose prediction flips (default: "
                                                "<run folder>/fgsm_example.png).")

@@ -106,8 +106,13 @@ def run_folder_of(model_path: str | Path) -> Path:
 
 
 def read_temperature(model_path: str | Path) -> float | None:
+    from transferkit.errors import check_number, read_json, reading
+
     file = run_folder_of(model_path) / CALIBRATION_FILE
-    return float(json.loads(file.read_text())["temperature"]) if file.is_file() else None
+    if not file.is_file():
+        return None
+    with reading(file, "calibration file", "delete it, or fit again with --temperature-scale"):
+        return check_number("temperature", read_json(file, "calibration file")["temperature"], 0, low_open=True)
 
 
 # --- fit extension: --temperature-scale ----------------------------------------------------------------------
@@ -128,6 +133,18 @@ class TemperatureScaling(FitExtension):
 
     def active(self) -> bool:
         return self.config.temperature_scale
+
+    def describe(self) -> str:
+        return "--temperature-scale"
+
+    @classmethod
+    def modes(cls) -> dict[str, dict[str, Any]]:
+        return {"temperature-scale": {"temperature_scale": True}}
+
+    def supports(self, strategy: Any, task_kind: str) -> bool | str:
+        if task_kind not in ("label", "classify"):
+            return "the temperature scales the label classifier's probabilities, and the first task does not classify"
+        return super().supports(strategy, task_kind)
 
     def metrics(self, context: Any, model: Any) -> dict[str, Any]:
         val = context.splits.val

@@ -26,6 +26,7 @@ import torch
 from transferkit.engine.placement import inference, to_device
 from transferkit.errors import TransferkitError
 from transferkit.memory.index import SearchHit, VectorIndex, embed
+from transferkit.memory.retrieval import RetrievalConfig
 
 logger = logging.getLogger(__name__)
 
@@ -171,13 +172,15 @@ def generated_answer(lm: Any, question: str, hits: list[SearchHit], max_new_toke
 
 
 def ask(index: VectorIndex, question: str, k: int = 3, mode: str = "generate", lm: Any = None,
-        lm_name: str = "smollm2-135m", max_new_tokens: int = 64) -> Answer:
-    """Retrieve ``k`` chunks for ``question`` and answer from them (see the module docstring for the modes)."""
+        lm_name: str = "smollm2-135m", max_new_tokens: int = 64,
+        retrieval: RetrievalConfig | str | None = None) -> Answer:
+    """Retrieve ``k`` chunks for ``question`` (``retrieval``: dense / lexical / hybrid, see
+    :meth:`VectorIndex.search`) and answer from them (see the module docstring for the modes)."""
     if mode not in ASK_MODES:
         raise TransferkitError(f"unknown ask mode '{mode}'", f"choose one of {', '.join(ASK_MODES)}")
     if index.meta.modality != "text":
         raise TransferkitError("`ask` needs a text index", "build one with `transferkit index build --docs ...`")
-    hits = index.search([question], k)[0]
+    hits = index.search([question], k, retrieval=retrieval)[0]
     if not hits:
         raise TransferkitError("the index is empty", "add documents with `transferkit index add`")
     if mode == "extractive":

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from transferkit.engine.placement import inference, to_device
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, read_safetensors, reading
 from transferkit.sequence.seq2seq import Vocabulary, read_saved_config
 
 FORMAT = "transferkit-charlm"
@@ -147,21 +147,40 @@ class CharLMRun:
     metrics: dict[str, Any]
 
 
-def train_charlm(text: str, config: CharLMConfig, train: Any, checkpoint_dir: str | Path | None = None,
-                 progress: bool = True) -> CharLMRun:
-    """Train on the first ``1 - val_fraction`` of ``text``; validate (and select the epoch) on the rest."""
-    from transferkit.engine import Trainer, seed_everything
-    from transferkit.sequence.training import SequenceCrossEntropy
+@dataclass
+class CharLMData:
+    """A text cut for training: its vocabulary, the train / validation windows and the split point."""
 
+    vocab: Vocabulary
+    ids: torch.Tensor
+    split: int
+    train_loader: DataLoader
+    val_loader: DataLoader
+
+
+def prepare_charlm_data(text: str, config: CharLMConfig, batch_size: int) -> CharLMData:
+    """Check ``text`` and the options and cut it into windows; raises (before anything is written) when the
+    text is too short for them."""
     config.validate()
     if len(text) < 200:
         raise TransferkitError(f"the text has only {len(text)} characters", "train on at least a few thousand")
     vocab = Vocabulary.from_texts([text])
     ids = torch.as_tensor(vocab.encode(text), dtype=torch.long)
     split = int(len(ids) * (1 - config.val_fraction))
-    val_streams = max(1, min(train.batch_size, (len(ids) - split) // (2 * config.bptt)))
-    train_loader = window_loader(ids[:split], train.batch_size, config.bptt)
-    val_loader = window_loader(ids[split:], val_streams, config.bptt)
+    val_streams = max(1, min(batch_size, (len(ids) - split) // (2 * config.bptt)))
+    return CharLMData(vocab, ids, split, window_loader(ids[:split], batch_size, config.bptt),
+                      window_loader(ids[split:], val_streams, config.bptt))
+
+
+def train_charlm(text: str, config: CharLMConfig, train: Any, checkpoint_dir: str | Path | None = None,
+                 progress: bool = True, data: CharLMData | None = None) -> CharLMRun:
+    """Train on the first ``1 - val_fraction`` of ``text``; validate (and select the epoch) on the rest
+    (``data``: ``prepare_charlm_data(text, config, train.batch_size)`` when already done)."""
+    from transferkit.engine import Trainer, seed_everything
+    from transferkit.sequence.training import SequenceCrossEntropy
+
+    data = data or prepare_charlm_data(text, config, train.batch_size)
+    vocab, ids, split, train_loader, val_loader = data.vocab, data.ids, data.split, data.train_loader, data.val_loader
     seed_everything(train.seed)
     model = CharLanguageModel(len(vocab), config.embedding_dim, config.hidden_size, config.num_layers,
                               config.dropout, config.cell)
@@ -214,10 +233,13 @@ def save_charlm(run: CharLMRun, folder: str | Path) -> None:
 
 
 def load_charlm(folder: str | Path) -> tuple[CharLanguageModel, Vocabulary]:
-    from safetensors.torch import load_file
-
     folder, config = read_saved_config(folder, FORMAT, "character language model",
                                        "pass the --out folder of `transferkit charlm train`")
-    model = CharLanguageModel(**config["model"])
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    return model.eval(), Vocabulary(config["symbols"])
+    again = "train it again with `transferkit charlm train`"
+    with reading(folder / "config.json", "character language model config", again):
+        model = CharLanguageModel(**config["model"])
+        vocabulary = Vocabulary(config["symbols"])
+    weights = folder / "model.safetensors"
+    with reading(weights, "character language model weights", again):
+        model.load_state_dict(read_safetensors(weights))
+    return model.eval(), vocabulary

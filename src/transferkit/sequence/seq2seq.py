@@ -44,7 +44,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_se
 from torch.utils.data import DataLoader, Dataset
 
 from transferkit.engine.placement import inference, to_device
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, check_count, read_json, read_safetensors, reading
 
 logger = logging.getLogger(__name__)
 
@@ -454,6 +454,9 @@ class Seq2SeqConfig:
                 or self.encoder_layers < 1 or self.attention_heads < 1 or self.output_hidden < 0):
             raise TransferkitError("--average-last must be >= 0 and --beam-size, --encoder-layers, "
                                    "--attention-heads and sizes >= 1", "fix the values")
+        if self.attention == "multihead" and self.hidden_size % self.attention_heads:  # see Attention
+            raise TransferkitError(f"{self.attention_heads} attention heads do not divide --hidden-size "
+                                   f"{self.hidden_size}", "choose a number of heads dividing the hidden size")
 
 
 def decode_batch(model: Seq2Seq | Seq2SeqEnsemble, batch: dict[str, torch.Tensor], max_len: int, beam_size: int = 1) -> list[list[int]]:
@@ -614,23 +617,26 @@ def read_saved_config(folder: str | Path, fmt: str, what: str, fix: str) -> tupl
     if (folder / "model").is_dir():
         folder = folder / "model"
     path = folder / "config.json"
-    config = json.loads(path.read_text()) if path.is_file() else {}
-    if config.get("format") != fmt:
+    config = read_json(path, f"{what} config", "train it again") if path.is_file() else {}
+    if not isinstance(config, dict) or config.get("format") != fmt:
         raise TransferkitError(f"'{folder}' holds no {what}", fix)
     return folder, config
 
 
 def load_seq2seq(folder: str | Path) -> tuple[Seq2Seq | Seq2SeqEnsemble, Vocabulary, Vocabulary, int]:
-    from safetensors.torch import load_file
-
     folder, config = read_saved_config(folder, FORMAT, "seq2seq model", "pass the --out folder of `seq2seq train`")
-    model_config = dict(config["model"])
-    members = model_config.pop("ensemble", 1)
-    model = (Seq2SeqEnsemble([Seq2Seq(**model_config) for _ in range(members)]) if members > 1
-             else Seq2Seq(**model_config))
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    with reading(folder / "config.json", "seq2seq model config", "train it again with `transferkit seq2seq train`"):
+        model_config = dict(config["model"])
+        members = check_count("ensemble", model_config.pop("ensemble", 1), 1, 64)
+        model = (Seq2SeqEnsemble([Seq2Seq(**model_config) for _ in range(members)]) if members > 1
+                 else Seq2Seq(**model_config))
+        vocabularies = Vocabulary(config["source_symbols"]), Vocabulary(config["target_symbols"])
+        max_len = check_count("max_output_len", config["max_output_len"], 1, 100_000)
+    weights = folder / "model.safetensors"
+    with reading(weights, "seq2seq weights file", "train it again with `transferkit seq2seq train`"):
+        model.load_state_dict(read_safetensors(weights))
     model.eval()
-    return model, Vocabulary(config["source_symbols"]), Vocabulary(config["target_symbols"]), config["max_output_len"]
+    return model, *vocabularies, max_len
 
 
 def translate(model: Seq2Seq | Seq2SeqEnsemble, source: Vocabulary, target: Vocabulary, texts: Sequence[str], max_len: int,

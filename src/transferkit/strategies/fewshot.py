@@ -58,6 +58,12 @@ class KNNHead(nn.Module):
         self.register_buffer("bank", torch.zeros(bank_size, feature_dim))
         self.register_buffer("bank_labels", torch.zeros(bank_size, dtype=torch.long))
 
+    def resize_from_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Take the bank size from saved tensors (it is learned: the number of stored examples)."""
+        if "bank" in state and "bank_labels" in state:
+            self.bank = torch.zeros_like(state["bank"], device=self.bank.device)
+            self.bank_labels = torch.zeros_like(state["bank_labels"], device=self.bank_labels.device)
+
     def store(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         self.bank.copy_(F.normalize(features.float(), dim=-1))
         self.bank_labels.copy_(labels)
@@ -128,7 +134,11 @@ class Prototypes(Strategy):
     config_class = PrototypesConfig
     description = "class means of normalised embeddings, cosine similarity (no gradient training)"
     frozen_backbone = True
+    task_kinds = ("label",)
     config: PrototypesConfig
+
+    def trains_with_engine(self) -> bool:
+        return False
 
     def prepare(self, model: TransferModel, for_loading: bool = False) -> None:
         freeze(model.backbone)
@@ -148,8 +158,6 @@ class Prototypes(Strategy):
 @dataclass
 class KNNConfig(StrategyConfig):
     knn_k: int = field(default=5, metadata={"help": "knn: number of nearest labelled examples that vote."})
-    knn_bank_size: int = field(
-        default=0, metadata={"help": "knn: set by training (number of stored examples); leave at 0."})
 
     def validate(self) -> None:
         if self.knn_k < 1:
@@ -162,20 +170,20 @@ class KNearestNeighbours(Strategy):
     config_class = KNNConfig
     description = "k nearest labelled embeddings vote (cosine; no gradient training)"
     frozen_backbone = True
+    task_kinds = ("label",)
     config: KNNConfig
+
+    def trains_with_engine(self) -> bool:
+        return False
 
     def prepare(self, model: TransferModel, for_loading: bool = False) -> None:
         freeze(model.backbone)
-        if for_loading and self.config.knn_bank_size < 1:
-            raise TransferkitError("this knn model stores no examples", "re-run `transferkit fit --strategy knn`")
-        task = model.tasks[0]
-        model.heads[task.name] = KNNHead(model.backbone.feature_dim, max(1, self.config.knn_bank_size),
-                                         task.num_outputs, self.config.knn_k)
+        task = model.tasks[0]  # the bank's size is learned: training fills it, loading resizes it to the saved one
+        model.heads[task.name] = KNNHead(model.backbone.feature_dim, 1, task.num_outputs, self.config.knn_k)
 
     def train(self, model: TransferModel, context: RunContext) -> TrainResult:
         started = time.perf_counter()
         features, labels = _labelled_features(model, context)
-        self.config.knn_bank_size = len(features)  # saved with the strategy options, so loading can rebuild
         task = model.tasks[0]
         head = KNNHead(model.backbone.feature_dim, len(features), task.num_outputs, self.config.knn_k)
         head.store(features, labels)
@@ -268,7 +276,14 @@ class Contrastive(Strategy):
     name = "contrastive"
     config_class = ContrastiveConfig
     description = "SetFit: contrastive fine-tuning of the encoder on label pairs, then a logistic-regression head"
+    task_kinds = ("label",)
     config: ContrastiveConfig
+
+    def trains_with_engine(self) -> bool:
+        return False  # its own pair loss, then a closed-form head: the run's objectives never enter
+
+    def supports(self, task_kind: str) -> bool | str:
+        return True if task_kind in self.task_kinds else "it pairs and classifies the label only"
 
     def prepare(self, model: TransferModel, for_loading: bool = False) -> None:
         unfreeze(model.backbone)

@@ -138,7 +138,13 @@ class Fish(Strategy):
     name = "fish"
     config_class = FishConfig
     description = "FISH mask: update only the top p% of backbone weights by Fisher information (+ head)"
+    task_kinds = ("label", "classify")
     config: FishConfig
+
+    def supports(self, task_kind: str) -> bool | str:
+        if task_kind in self.task_kinds:
+            return True
+        return "its Fisher information and linear-probe start need a first task that classifies the label"
 
     def prepare(self, model: TransferModel, for_loading: bool = False) -> None:
         freeze(model.backbone)
@@ -161,7 +167,8 @@ class Fish(Strategy):
     def train(self, model: TransferModel, context: RunContext) -> TrainResult:
         mask: FishMask = getattr(model, MASK_MODULE)
         if context.checkpoint_is_fresh():  # a resumed run gets its mask back from the checkpoint
-            fit_probe(model, context, c=1.0, max_iter=1000)
+            if context.heads_from is None:  # a head copied by --init-from is kept
+                fit_probe(model, context, c=1.0, max_iter=1000)
             loader = context.loader(context.splits.train, model.backbone, train=False)
             masks = top_mask(fisher_diagonal(model, loader, self.config.fish_batches), self.config.fish_keep)
             with torch.no_grad():

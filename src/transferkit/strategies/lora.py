@@ -174,6 +174,7 @@ class Lora(Strategy):
     name = "lora"
     config_class = LoraStrategyConfig
     description = "LoRA adapters (peft) on the backbone's suggested or given modules; head trainable"
+    task_kinds = ("label", "classify", "regress", "quantile", "causal_lm")
     config: LoraStrategyConfig
 
     def prepare(self, model: TransferModel, for_loading: bool = False) -> None:

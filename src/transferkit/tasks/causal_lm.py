@@ -40,8 +40,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: strategies that train a causal LM (FISH's Fisher estimate and the probes need class labels)
-LM_STRATEGIES = ("lora", "adapter", "finetune")
 TASK_TYPE = "causal-lm"
 TASK_NAME = "lm"
 IGNORE_INDEX = -100
@@ -173,9 +171,14 @@ class CausalLMOptions:
 
 
 def check_lm_strategy(strategy: Strategy) -> None:
-    if strategy.name not in LM_STRATEGIES:
+    """Strategies that train a causal LM list ``causal_lm`` in their ``task_kinds`` (FISH's Fisher estimate and
+    the probes need class labels)."""
+    from transferkit.strategies import list_strategies
+
+    if strategy.supports("causal_lm") is not True:
+        able = [name for name, cls in list_strategies().items() if "causal_lm" in cls.task_kinds]
         raise TransferkitError(f"--task causal-lm cannot train with --strategy {strategy.name}",
-                               f"use one of {', '.join(LM_STRATEGIES)}")
+                               f"use one of {', '.join(able)}")
 
 
 def build_lm_model(backbone_name: str, pretrained: bool, max_length: int, **backbone_options: Any) -> TransferModel:

@@ -160,7 +160,13 @@ class ClipZeroShot:
             raise TransferkitError("CLIP zero-shot needs the open_clip package (pip install open_clip_torch) "
                                    "and CLIP weights", "use --method conse, which works offline") from exc
         if model is None:
-            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
+            try:
+                model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
+            except Exception as exc:  # open_clip: unknown tag, no network for a hub tag, damaged checkpoint
+                raise TransferkitError(f"cannot load CLIP model '{model_name}' with weights '{pretrained}' "
+                                       f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})",
+                                       "pass --clip-pretrained with a local open_clip checkpoint file that fits "
+                                       "--clip-model (hub tags need a network)") from None
         self.model, self.preprocess = model.eval(), preprocess
         self.tokenizer = tokenizer if tokenizer is not None else open_clip.get_tokenizer(model_name)
         self.labels = list(labels)
