@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
-import os
 import sys
 
 from transferkit import __version__
+from transferkit.console import setup_logging
 from transferkit.errors import TransferkitError
 
 _COMMAND_MODULES = [
@@ -44,39 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         module.register(subparsers)
     return parser
-
-
-class _CurrentStderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at the time of the record (it may be replaced after set-up)."""
-
-    @property
-    def stream(self):  # type: ignore[override]
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property always reads sys.stderr
-        pass
-
-
-def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    handler = _CurrentStderrHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    root = logging.getLogger("transferkit")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transferkit.progress import progress_enabled
-
-    if not progress_enabled():  # no terminal: also silence the Hugging Face libraries' own bars (read at import)
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for noisy in ("transformers", "accelerate", "sentence_transformers", "timm", "peft", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    import warnings
-
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def main(argv: list[str] | None = None) -> int:
