@@ -241,7 +241,7 @@ def test_cli_search_json(minilm_corpus_index, capsys):
     assert main(["search", str(root / "idx"), "watering tomato plants", "-k", "2", "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
     assert document["query"] == "watering tomato plants"
-    assert [set(r) for r in document["results"]] == [{"rank", "score", "source", "text", "start", "end"}] * 2
+    assert [set(r) for r in document["results"]] == [{"rank", "score", "source", "text", "start", "end", "ranks", "scores"}] * 2
     assert document["results"][0]["source"] == "garden.txt" and document["results"][0]["rank"] == 1
     assert main(["search", str(root / "idx"), "x", "--encoder", "efficientnet_lite0"]) == 2
     assert "differs from the index's encoder" in capsys.readouterr().err
@@ -267,7 +267,7 @@ def test_cli_similar_image_search(tmp_path, capsys):
     document = json.loads(capsys.readouterr().out)
     assert document["query"] == str(folder / "chelsea.jpg")
     results = document["results"]
-    assert [set(r) for r in results] == [{"rank", "score", "source", "text", "start", "end"}] * 6
+    assert [set(r) for r in results] == [{"rank", "score", "source", "text", "start", "end", "ranks", "scores"}] * 6
     assert results[0]["source"] == "chelsea.jpg" and results[0]["score"] > 0.999  # the identical image first
     assert [r["rank"] for r in results] == [1, 2, 3, 4, 5, 6]
     assert all(a["score"] >= b["score"] for a, b in zip(results, results[1:]))

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import resource
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +20,9 @@ import numpy as np
 import torch
 
 from transferkit.config import FitConfig, build, load_yaml_config
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, check_count
+from transferkit.inference import evaluate_features, evaluate_model, predict_proba_model  # public here too
+from transferkit.rundir import OutputFolder, write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +46,6 @@ class Run:
     @property
     def accuracy(self) -> float:
         return float(self.metrics["accuracy"])
-
-
-def _is_finished_run(path: Path) -> bool:
-    return (path / "metrics.json").is_file() and (path / "model").is_dir()
-
-
-def staging_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}.partial"
 
 
 def _default_out(fit: FitConfig) -> Path:
@@ -111,27 +103,20 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
     from transferkit.backbones import create_backbone, default_backbone
     from transferkit.data import load_data
     from transferkit.engine.context import RunContext
+    from transferkit.engine.placement import accelerator_kwargs, place
     from transferkit.engine.trainer import seed_everything
-    from transferkit.model import TaskSpec, TransferModel, save_model
+    from transferkit.model import TaskSpec, TransferModel
 
     if data is not None:
         options["data"] = data
     fit_cfg, train_cfg, strategy, extensions = resolve_options(options, config)
     out = Path(fit_cfg.out) if fit_cfg.out else _default_out(fit_cfg)
-    stage = staging_dir(out)
     all_options = {"fit": asdict(fit_cfg), "train": train_cfg.to_dict(), "strategy": strategy.to_dict(),
                    "extensions": {e.name: asdict(e.config) for e in extensions}}
 
-    state = PartialState(cpu=train_cfg.device == "cpu" or not torch.cuda.is_available())
-    if _is_finished_run(out) and not fit_cfg.overwrite:
-        raise TransferkitError(f"'{out}' already holds a finished run", "pass --overwrite to replace it or choose "
-                               "another --out")
-    if out.exists() and not _is_finished_run(out) and any(out.iterdir()) and not fit_cfg.overwrite:
-        raise TransferkitError(f"'{out}' exists and is not a transferkit run", "choose an empty or new --out folder")
-    if check_interrupted_run(out, all_options, resume=fit_cfg.resume, overwrite=fit_cfg.overwrite):
-        state.wait_for_everyone()
-        if state.is_main_process:
-            shutil.rmtree(stage)
+    state = PartialState(**accelerator_kwargs(train_cfg.device))
+    folder = OutputFolder(out, "run", overwrite=fit_cfg.overwrite, resume=fit_cfg.resume, options=all_options)
+    folder.check()  # a bad --out is refused before any work; nothing is written until every input is checked
     from transferkit.backbones import backbone_modality, check_backbone_name
     from transferkit.tasks import causal_lm_requested
 
@@ -139,7 +124,7 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
         check_backbone_name(fit_cfg.backbone)
     tasks_extension = next((e for e in extensions if e.name == "tasks"), None)
     if tasks_extension is not None and causal_lm_requested(tasks_extension.config.task):
-        return _fit_causal_lm(fit_cfg, train_cfg, strategy, tasks_extension.config.parsed()[0][0], stage, out,
+        return _fit_causal_lm(fit_cfg, train_cfg, strategy, tasks_extension.config.parsed()[0][0], folder,
                               all_options, state)
     started = time.perf_counter()
     splits = load_data(fit_cfg.data, text_column=fit_cfg.text_column, label_column=fit_cfg.label_column,
@@ -178,13 +163,15 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
     model = TransferModel(backbone, [TaskSpec("label", "classify", list(splits.class_names))],
                           head_dropout=fit_cfg.head_dropout)
     strategy.prepare(model)
+    place(model, train_cfg.device)  # features, extensions' set-up and evaluation run where training does
     cache_dir = Path(fit_cfg.cache_dir) if fit_cfg.cache_dir else None
     if cache_dir is None:
         from transferkit.engine.features import default_cache_dir
 
         cache_dir = default_cache_dir()
     context = RunContext(splits=splits, train=train_cfg, label_smoothing=fit_cfg.label_smoothing,
-                         checkpoint_dir=stage / "checkpoint", run_dir=stage, cache_dir=cache_dir, progress=fit_cfg.progress,
+                         checkpoint_dir=folder.stage / "checkpoint", run_dir=folder.stage, cache_dir=cache_dir,
+                         progress=fit_cfg.progress,
                          notes=list(splits.notes))
     for ext in extensions:
         context = ext.configure(context, model, fit_cfg)
@@ -192,17 +179,24 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
     logger.info("training %s on %s (%s) with %s: %d train / %d val / %d test items, %d classes",
                 backbone_name, fit_cfg.data, splits.modality, strategy.name, len(splits.train), len(splits.val),
                 len(splits.test) if splits.test else 0, len(splits.class_names))
-    state.wait_for_everyone()  # every input is checked: only now does anything get written
-    if state.is_main_process:
-        stage.mkdir(parents=True, exist_ok=True)
-        (stage / "run_config.json").write_text(json.dumps(all_options, indent=2, default=str))
-    state.wait_for_everyone()
+    folder.begin()  # every input is checked: only now does anything get written
+    with folder:  # a failure removes the staging folder unless it holds a checkpoint to resume from
+        return _train_and_write(folder, fit_cfg, train_cfg, strategy, extensions, splits, model, context,
+                                backbone_name, all_options, started, state)
+
+
+def _train_and_write(folder: OutputFolder, fit_cfg: FitConfig, train_cfg, strategy, extensions, splits, model,
+                     context, backbone_name: str, all_options: dict[str, Any], started: float, state) -> Run:
+    from transferkit.model import save_model
+
+    out, stage = folder.out, folder.stage
     result = next((r for ext in extensions if (r := ext.train(context, model, strategy)) is not None), None)
     if result is None:  # no extension took over training (FitExtension.train)
         result = strategy.train(model, context)
     train_seconds = time.perf_counter() - started
 
     if not state.is_main_process:
+        folder.publish()  # waits for the main process
         return Run(out, {}, result.history)
 
     eval_split, eval_data = ("test", splits.test) if splits.test is not None and len(splits.test) else \
@@ -243,18 +237,15 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
     for ext in extensions:
         metrics.update(ext.metrics(context, model))
     save_model(model, stage / "model", strategy.to_dict(), extra={"data": fit_cfg.data})
-    (stage / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
-    with open(stage / "history.jsonl", "w") as fh:
-        for row in result.history:
-            fh.write(json.dumps(row, default=_json_default) + "\n")
-    shutil.rmtree(stage / "checkpoint", ignore_errors=True)
-    _publish(stage, out)
+    write_json(stage / "metrics.json", metrics)
+    write_jsonl(stage / "history.jsonl", result.history)
+    folder.publish()
     logger.info("%s %s; run written to %s", eval_split, ", ".join(f"{k} {metrics[k]:.4f}" for k in
                 ("accuracy", "macro_f1", "mae", "coverage") if isinstance(metrics.get(k), float)), out)
     return Run(out, metrics, result.history)
 
 
-def _fit_causal_lm(fit_cfg: FitConfig, train_cfg, strategy, column: str | None, stage: Path, out: Path,
+def _fit_causal_lm(fit_cfg: FitConfig, train_cfg, strategy, column: str | None, folder: OutputFolder,
                    all_options: dict[str, Any], state) -> Run:
     """``--task causal-lm``: next-token training of a causal LM on a text file (see ``tasks.causal_lm``)."""
     from transferkit.engine.features import default_cache_dir
@@ -265,119 +256,26 @@ def _fit_causal_lm(fit_cfg: FitConfig, train_cfg, strategy, column: str | None, 
                                  max_length=fit_cfg.max_length or 128)
     # read (and checked) before anything is written
     passages = read_passages(fit_cfg.data, lm_options.text_column, lm_options.words_per_passage)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        stage.mkdir(parents=True, exist_ok=True)
-        (stage / "run_config.json").write_text(json.dumps(all_options, indent=2, default=str))
-    state.wait_for_everyone()
-    metrics = run_causal_lm(fit_cfg.data, fit_cfg.backbone or "smollm2-135m", strategy, train_cfg, stage,
-                            lm_options, fit_cfg.pretrained, progress=fit_cfg.progress,
-                            cache_dir=Path(fit_cfg.cache_dir) if fit_cfg.cache_dir else default_cache_dir(),
-                            passages=passages)
-    if not state.is_main_process:
-        return Run(out, {})
-    metrics.update({"peak_memory_mb": round(_peak_memory_mb(), 1), "config": all_options})
-    (stage / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
-    history = [json.loads(line) for line in (stage / "history.jsonl").read_text().splitlines() if line.strip()]
-    _publish(stage, out)
+    out, stage = folder.out, folder.stage
+    folder.begin()
+    with folder:
+        metrics = run_causal_lm(fit_cfg.data, fit_cfg.backbone or "smollm2-135m", strategy, train_cfg, stage,
+                                lm_options, fit_cfg.pretrained, progress=fit_cfg.progress,
+                                cache_dir=Path(fit_cfg.cache_dir) if fit_cfg.cache_dir else default_cache_dir(),
+                                passages=passages)
+        if not state.is_main_process:
+            folder.publish()
+            return Run(out, {})
+        metrics.update({"peak_memory_mb": round(_peak_memory_mb(), 1), "config": all_options})
+        write_json(stage / "metrics.json", metrics)
+        history = [json.loads(line) for line in (stage / "history.jsonl").read_text().splitlines() if line.strip()]
+        folder.publish()
     logger.info("held-out perplexity %.2f -> %.2f; run written to %s", metrics["perplexity_before"],
                 metrics["perplexity_after"], out)
     return Run(out, metrics, history)
 
 
-def check_interrupted_run(out: Path, options: dict[str, Any], *, resume: bool, overwrite: bool) -> bool:
-    """What to do with an interrupted run of ``out`` (its staging folder): True = discard it (``--overwrite``);
-    False = there is none, or continue it (``--resume``: its ``run_config.json`` must hold the same ``options``,
-    device and threads aside). Without either flag an interrupted run is an error, never silently lost."""
-    stage = staging_dir(out)
-    if not stage.exists():
-        return False
-    if resume:
-        saved = stage / "run_config.json"
-        if saved.is_file() and _comparable(json.loads(saved.read_text())) == _comparable(options):
-            return False
-        raise TransferkitError(f"the interrupted run in '{stage}' used other options",
-                               "resume with the same options, or pass --overwrite to start again")
-    if overwrite:
-        return True
-    raise TransferkitError(f"an interrupted run for '{out}' exists in '{stage}'",
-                           "pass --resume to continue it or --overwrite to start again")
-
-
-def _comparable(options: dict[str, Any]) -> str:
-    fit_opts = dict(options.get("fit", {}))
-    for key in ("resume", "overwrite", "progress"):
-        fit_opts.pop(key, None)
-    train_opts = dict(options.get("train", {}))
-    for key in ("device", "threads"):
-        train_opts.pop(key, None)
-    return json.dumps({**options, "fit": fit_opts, "train": train_opts}, sort_keys=True, default=str)
-
-
-def _publish(stage: Path, out: Path) -> None:
-    """Move the finished staging folder into place; an existing finished run is replaced only at the end."""
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, trash)
-        os.replace(stage, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(stage, out)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    return str(value)
-
-
-# --- prediction and evaluation -----------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def predict_proba_model(model, data, batch_size: int = 64, progress: bool = False,
-                        temperature: float = 1.0) -> np.ndarray:
-    """Class probabilities ``softmax(logits / temperature)`` of the first task for every item of a LabeledData."""
-    from transferkit.backbones import move_to
-    from transferkit.data.loader import make_loader
-    from transferkit.progress import progress as progress_bar
-
-    model.eval()
-    device = next(model.parameters()).device
-    loader = make_loader(data, model.backbone, batch_size=batch_size, train=False)
-    chunks = []
-    for batch in progress_bar(loader, "predicting", enabled=progress):
-        logits = model(move_to(batch["inputs"], device)).logits
-        chunks.append(torch.softmax(logits.float() / temperature, dim=-1).cpu().numpy())
-    return np.concatenate(chunks) if chunks else np.zeros((0, len(model.class_names)))
-
-
-@torch.no_grad()
-def evaluate_features(model, features: np.ndarray, data) -> dict[str, Any]:
-    """The report of a model whose backbone is frozen, computed from that backbone's features of ``data``."""
-    from transferkit.evaluation.metrics import classification_report
-
-    model.eval()
-    device = next(model.parameters()).device
-    logits = model.forward_head(torch.as_tensor(features, dtype=torch.float32, device=device)).logits
-    probabilities = torch.softmax(logits.float(), dim=-1).numpy()
-    keep = data.labels >= 0
-    return classification_report(data.labels[keep], probabilities[keep], model.class_names)
-
-
-def evaluate_model(model, data, batch_size: int = 64, progress: bool = False) -> dict[str, Any]:
-    from transferkit.evaluation.metrics import classification_report
-
-    probabilities = predict_proba_model(model, data, batch_size, progress)
-    keep = data.labels >= 0
-    return classification_report(data.labels[keep], probabilities[keep], model.class_names)
+# --- loaded models (prediction and evaluation themselves live in transferkit.inference) ------------------------
 
 
 class LoadedModel:
@@ -454,19 +352,23 @@ def _open_image(item: Any):
                                "remove or replace the file") from None
 
 
-def load(path: str | Path) -> LoadedModel:
-    """Restore a model from a run folder (or its ``model/`` subfolder)."""
+def load(path: str | Path, device: str = "auto") -> LoadedModel:
+    """Restore a model from a run folder (or its ``model/`` subfolder), placed on ``device`` (auto, cpu, cuda,
+    cuda:N or mps; see ``transferkit.engine.placement``)."""
+    from transferkit.engine.placement import place, resolve_device
     from transferkit.model import load_model
 
     path = Path(path)
+    target = resolve_device(device)  # a bad --device is refused before anything is read
     if not path.exists():
         raise TransferkitError(f"model folder '{path}' does not exist", "pass the --out folder of a finished fit")
     module, config = load_model(path)
+    place(module, target)
     return LoadedModel(module, config, path)
 
 
 def evaluate(model: str | Path | LoadedModel, data: str, *, text_column: str | None = None,
-             label_column: str | None = None, batch_size: int = 64, progress: bool = True,
+             label_column: str | None = None, batch_size: int = 64, progress: bool = True, device: str = "auto",
              **options: Any) -> dict[str, Any]:
     """Accuracy, macro-F1, top-5, confusion matrix and per-class scores of ``model`` on labelled ``data``.
 
@@ -475,7 +377,8 @@ def evaluate(model: str | Path | LoadedModel, data: str, *, text_column: str | N
     from transferkit.data.evaluation import load_for_evaluation
     from transferkit.evaluation.hooks import run_evaluation_hooks
 
-    loaded = model if isinstance(model, LoadedModel) else load(model)
+    check_count("--batch-size", batch_size)
+    loaded = model if isinstance(model, LoadedModel) else load(model, device)
     if loaded.is_language_model:
         from transferkit.tasks.causal_lm import evaluate_perplexity
 
@@ -510,9 +413,12 @@ def expand_inputs(inputs: list[str], modality: str) -> list[str]:
     return expanded
 
 
-def predict(model: str | Path | LoadedModel, inputs: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
-    """One row per input: ``{"input", "prediction", "probabilities": {class: p}}``."""
-    loaded = model if isinstance(model, LoadedModel) else load(model)
+def predict(model: str | Path | LoadedModel, inputs: list[str], batch_size: int = 64,
+            device: str = "auto") -> list[dict[str, Any]]:
+    """One row per input: ``{"input", "prediction", "probabilities": {class: p}}``; ``device`` places a model
+    loaded from a folder."""
+    check_count("--batch-size", batch_size)
+    loaded = model if isinstance(model, LoadedModel) else load(model, device)
     loaded.refuse_language_model()
     items = expand_inputs(list(inputs), loaded.modality)
     if loaded.module.tasks[0].kind != "classify" or len(loaded.module.tasks) > 1:  # every task's prediction

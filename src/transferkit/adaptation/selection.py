@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from transferkit.engine.objectives import primary_logits
+from transferkit.engine.placement import module_device, to_device
 from transferkit.engine.trainer import classification_metrics
 
 if TYPE_CHECKING:
@@ -57,12 +58,10 @@ def soft_neighbourhood_density(probabilities: torch.Tensor, temperature: float =
 
 @torch.no_grad()
 def target_probabilities(model: Any, loader: DataLoader, forward_fn: Callable) -> torch.Tensor:
-    from transferkit.backbones import move_to
-
-    device = next(model.parameters()).device
+    device = module_device(model)
     chunks = []
     for batch in loader:
-        batch = move_to(batch, device)
+        batch = to_device(batch, device)
         chunks.append(torch.softmax(primary_logits(forward_fn(model, batch)).float(), dim=-1).cpu())
     return torch.cat(chunks)
 

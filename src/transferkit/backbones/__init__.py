@@ -96,7 +96,12 @@ def backbone_modality(name: str) -> str:
 
 def create_backbone(name: str, pretrained: bool = True, **options: Any) -> Backbone:
     """Build a backbone by registry name. ``pretrained=False`` builds the architecture only (random weights)."""
+    from transferkit.config import MAX_IMAGE_SIZE
+    from transferkit.errors import check_count
+
     _load_modules()
+    if options.get("image_size") is not None:  # every image backbone: refused before any tensor is allocated
+        options["image_size"] = check_count("image_size", options["image_size"], 1, MAX_IMAGE_SIZE)
     if name in _REGISTRY:
         backbone = _REGISTRY[name].factory(pretrained=pretrained, **options)
     elif ":" in name and name.split(":", 1)[0] in _PREFIXES:

@@ -9,6 +9,37 @@ from typing import Any
 
 from transferkit.config import field_base_type, option_fields, register_option_class
 from transferkit.console import format_table as format_table  # re-exported for the commands
+from transferkit.errors import TransferkitError, check_count, check_number
+
+
+def _argument_type(name: str, check: Any) -> Any:
+    """An argparse ``type=`` that runs ``check(text)``; its TransferkitError becomes argparse's one-line error."""
+
+    def parse(text: str) -> Any:
+        try:
+            return check(text)
+        except TransferkitError as exc:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: {exc.fix}") from None
+
+    parse.__name__ = name
+    return parse
+
+
+def count(minimum: int = 1, maximum: int | None = None) -> Any:
+    """argparse ``type=``: a whole number in [minimum, maximum] (``--batch-size``, ``-k``, ``--epochs``, ...)."""
+
+    def check(text: str) -> int:
+        digits = text.strip().lstrip("+-")
+        return check_count("value", int(text) if digits.isdigit() else text, minimum, maximum)
+
+    return _argument_type("count", check)
+
+
+def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False) -> Any:
+    """argparse ``type=``: a finite number within the bounds (NaN and infinity refused)."""
+    return _argument_type("number", lambda text: check_number("value", text, low, high, low_open=low_open,
+                                                               high_open=high_open))
 
 
 def add_dataclass_options(parser: argparse.ArgumentParser | Any, cls: type, seen: set[str],
@@ -54,6 +85,12 @@ def add_fit_options(parser: argparse.ArgumentParser, seen: set[str], fit_title: 
         add_dataclass_options(parser, cls.config_class, seen, f"strategy {name}")
     for name, ext in list_extensions().items():
         add_dataclass_options(parser, ext.config_class, seen, name)
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device`` for commands that run a loaded model (resolved by ``transferkit.engine.placement``)."""
+    parser.add_argument("--device", default="auto", help="Where the model runs: auto (this process's GPU if any, "
+                                                         "else the CPU), cpu, cuda, cuda:N or mps (default: auto).")
 
 
 def print_json(document: Any) -> None:

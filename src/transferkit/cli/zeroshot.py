@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.cli.options import format_table, print_json
+from transferkit.cli.options import count, format_table, print_json
 from transferkit.errors import TransferkitError
 
 METHODS = ("auto", "text", "conse", "clip")
@@ -24,7 +24,7 @@ def register(subparsers) -> None:
                     help='Prompt template with {} for the label (repeatable; e.g. "a photo of {}.").')
     zs.add_argument("--backbone", default="efficientnet_lite0", help="conse: ImageNet classifier backbone.")
     zs.add_argument("--encoder", default="minilm", help="Sentence encoder for labels (text, conse).")
-    zs.add_argument("--conse-top", type=int, default=10, help="conse: ImageNet classes mixed per image.")
+    zs.add_argument("--conse-top", type=count(1), default=10, help="conse: ImageNet classes mixed per image.")
     zs.add_argument("--clip-model", default="ViT-B-32", help="clip: open_clip architecture name.")
     zs.add_argument("--clip-pretrained", help="clip: open_clip weights tag or local checkpoint file.")
     zs.add_argument("--json", action="store_true", help="Print exactly one JSON document on stdout.")
@@ -35,14 +35,14 @@ def register(subparsers) -> None:
     prompt.add_argument("--data", required=True, help="Labelled text data (examples come from its train split).")
     prompt.add_argument("--input", action="append", help="Text to classify (repeatable). Without it, the test "
                                                          "split is classified and accuracy reported.")
-    prompt.add_argument("--shots", type=int, action="append",
+    prompt.add_argument("--shots", type=count(0), action="append",
                         help="Examples per class in the prompt (repeatable, e.g. --shots 0 --shots 1; default 0).")
     prompt.add_argument("--labels", help="Comma-separated words replacing the class names in the prompt "
                                          "(same order as the data's classes).")
     prompt.add_argument("--instruction", default="Classify each text into one of these labels: {labels}.")
     prompt.add_argument("--lm", default="smollm2-135m", help="smollm2-135m or hf:<folder of a causal LM>.")
-    prompt.add_argument("--limit", type=int, default=50, help="Test texts classified (without --input).")
-    prompt.add_argument("--seed", type=int, default=0)
+    prompt.add_argument("--limit", type=count(1), default=50, help="Test texts classified (without --input).")
+    prompt.add_argument("--seed", type=count(0), default=0)
     prompt.add_argument("--text-column")
     prompt.add_argument("--label-column")
     prompt.add_argument("--show-prompt", action="store_true", help="Print the prompt of the first text.")
@@ -79,6 +79,10 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     if images != (method in ("conse", "clip")):
         raise TransferkitError(f"method '{method}' does not take {'images' if images else 'texts'}",
                                "use --method conse/clip for images and text for texts (or auto)")
+    if method == "clip" and not args.clip_pretrained:  # random weights: a different answer on every run
+        raise TransferkitError("--method clip needs CLIP weights: without --clip-pretrained it would classify "
+                               "with random weights", "pass --clip-pretrained with a local open_clip checkpoint "
+                               "file, or use --method conse (works offline)")
     if images:
         from transferkit.data.images import open_image
 

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from transferkit.engine.objectives import Objective, primary_logits
+from transferkit.engine.placement import accelerator_kwargs, check_device_spec
 from transferkit.engine.schedules import SCHEDULES, inverse_annealing, noam, warmup_constant, warmup_cosine
 from transferkit.errors import TransferkitError
 from transferkit.progress import progress as progress_bar
@@ -64,7 +65,8 @@ class TrainConfig:
     )
     grad_clip: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this (0: off)."})
     seed: int = field(default=0, metadata={"help": "Seed for initialisation, data order and augmentation."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps (auto: this process's GPU "
+                                                           "if there is one, else the CPU)."})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)."})
 
     def validate(self) -> None:
@@ -86,10 +88,7 @@ class TrainConfig:
         for name in ("warmup_steps", "plateau_patience", "early_stopping", "threads", "noam_d_model"):
             if getattr(self, name) < 0:
                 raise bad(name, getattr(self, name), "use a whole number of at least 0")
-        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
-            raise bad("device", self.device, "choose auto, cpu, cuda, cuda:N or mps")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise bad("device", self.device, "this machine has no CUDA device; use --device cpu or auto")
+        check_device_spec(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,16 +108,16 @@ class TrainResult:
 
 
 def make_accelerator(device: str = "auto"):
-    """An Accelerator for ``device``; under ``torchrun`` on a CPU machine it joins the gloo process group.
+    """An Accelerator for ``device`` (``cuda:N`` honoured, see ``placement.accelerator_kwargs``); under ``torchrun``
+    on a CPU machine it joins the gloo process group.
 
     ``Accelerator()`` without ``cpu=True`` on a GPU-less machine under torchrun gives separate single-process
     runs, so CPU is requested explicitly (facts in OFFLINE_ASSETS.md).
     """
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-    return Accelerator(cpu=cpu, kwargs_handlers=[ddp])
+    return Accelerator(**accelerator_kwargs(device), kwargs_handlers=[ddp])
 
 
 def seed_everything(seed: int) -> None:

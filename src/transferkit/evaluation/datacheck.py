@@ -63,8 +63,10 @@ def check_data(splits: Any, *, backbone: str | Any | None = None, threshold: flo
 
     ``backbone``: a registry name, a built Backbone, or None (the modality's default); ``embed`` overrides it.
     """
+    from transferkit.errors import check_number
     from transferkit.evaluation.transferability import labelled_pool
 
+    check_number("--threshold", threshold, 0, 1, low_open=True)  # cosine similarity: above 1 nothing is found
     result: dict[str, Any] = {"balance": {}, "warnings": []}
     parts = {"train": splits.train, "val": splits.val, **({"test": splits.test} if splits.test is not None else {})}
     for name, part in parts.items():

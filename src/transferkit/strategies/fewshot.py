@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from transferkit.engine.objectives import Objective
+from transferkit.engine.placement import inference, module_device, place, to_numpy
 from transferkit.engine.solvers import fit_logistic_regression
 from transferkit.engine.trainer import Trainer, TrainResult
 from transferkit.errors import TransferkitError
@@ -92,10 +93,11 @@ def _validation_metrics(model: TransferModel, context: RunContext) -> dict[str, 
         return {}
     features = torch.as_tensor(context.features(model.backbone, val))[torch.as_tensor(keep)]
     labels = torch.as_tensor(val.labels[keep], dtype=torch.long)
-    with torch.no_grad():
-        logits = model.forward_head(features).logits
-    return {"val_loss": float(F.cross_entropy(logits, labels)),
-            "val_accuracy": float((logits.argmax(-1) == labels).float().mean())}
+    with inference(model) as device:
+        logits = model.forward_head(features.to(device)).logits.float()
+        labels = labels.to(device)
+        return {"val_loss": float(F.cross_entropy(logits, labels)),
+                "val_accuracy": float((logits.argmax(-1) == labels).float().mean())}
 
 
 def _result(metrics: dict[str, float], started: float, **extra: Any) -> TrainResult:
@@ -185,6 +187,7 @@ class KNearestNeighbours(Strategy):
         task = model.tasks[0]
         head = KNNHead(model.backbone.feature_dim, len(features), task.num_outputs, self.config.knn_k)
         head.store(features, labels)
+        place(head, module_device(model))
         model.heads[task.name] = head
         return _result(_validation_metrics(model, context), started, solver="knn")
 
@@ -305,7 +308,7 @@ class Contrastive(Strategy):
         result = trainer.fit(_pair_loader(model, items, pairs, config.batch_size, config.seed))
         freeze(model.backbone)
         features, labels = _labelled_features(model, context)
-        weight, bias = fit_logistic_regression(features.numpy(), labels.numpy(), model.tasks[0].num_outputs,
+        weight, bias = fit_logistic_regression(to_numpy(features), to_numpy(labels), model.tasks[0].num_outputs,
                                                c=self.config.probe_c)
         set_linear_head(model, weight, bias)
         metrics = _validation_metrics(model, context)

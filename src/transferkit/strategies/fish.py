@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transferkit.backbones import move_to
+from transferkit.engine.placement import module_device, to_device
 from transferkit.engine.trainer import CHECKPOINT_NAME
 from transferkit.errors import TransferkitError
 from transferkit.strategies import register_strategy
@@ -91,7 +91,7 @@ def fisher_diagonal(model: TransferModel, loader: Any, batches: int) -> dict[str
     for p in params.values():
         p.requires_grad_(True)
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
-    device = next(model.parameters()).device
+    device = module_device(model)
     was_training = model.training
     model.eval()
     count = 0
@@ -99,7 +99,7 @@ def fisher_diagonal(model: TransferModel, loader: Any, batches: int) -> dict[str
         for b, batch in enumerate(loader):
             if b >= batches:
                 break
-            inputs, labels = move_to(batch["inputs"], device), batch["labels"].to(device)
+            inputs, labels = to_device((batch["inputs"], batch["labels"]), device)
             for i in range(len(labels)):
                 if labels[i] < 0:
                     continue

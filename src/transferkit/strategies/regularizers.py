@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from transferkit.engine.objectives import Objective, primary_logits
+from transferkit.engine.placement import place
 from transferkit.engine.trainer import clone_module
 from transferkit.errors import TransferkitError
 from transferkit.extensions import ExtensionConfig, FitExtension, register_extension
@@ -100,7 +101,8 @@ class KLAnchorObjective(Objective):
 
     def reference_probabilities(self, inputs: Any, device: torch.device) -> torch.Tensor:
         reference: nn.Module = self.__dict__["reference"]
-        reference.to(device).eval()
+        place(reference, device)
+        reference.eval()
         with torch.no_grad():
             return F.softmax(primary_logits(reference(inputs)).float(), dim=-1)
 

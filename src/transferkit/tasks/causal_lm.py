@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from transferkit.backbones import move_to
 from transferkit.data.base import DataSplits, LabeledData
 from transferkit.engine.objectives import Objective
+from transferkit.engine.placement import inference, place, to_device
 from transferkit.errors import TransferkitError
 
 if TYPE_CHECKING:
@@ -114,24 +114,19 @@ class CausalLMObjective(Objective):
         return outputs.loss
 
 
-@torch.no_grad()
-def token_nll(model: TransferModel, loader: Any, device: torch.device | str | None = None) -> tuple[float, int]:
-    """(sum of next-token negative log-likelihoods, number of predicted tokens) over ``loader``."""
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+def token_nll(model: TransferModel, loader: Any) -> tuple[float, int]:
+    """(sum of next-token negative log-likelihoods, number of predicted tokens) over ``loader``, computed where
+    the model is placed."""
     total, count = 0.0, 0
-    try:
+    with inference(model) as device:
         for batch in loader:
-            inputs = move_to(batch["inputs"], device)
+            inputs = to_device(batch["inputs"], device)
             logits = model.backbone.model(**inputs, use_cache=False).logits[:, :-1].float()
             targets = lm_labels(inputs)[:, 1:]
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                      ignore_index=IGNORE_INDEX, reduction="sum")
             total += float(loss)
             count += int((targets != IGNORE_INDEX).sum())
-    finally:
-        model.train(was_training)
     return total, count
 
 
@@ -218,6 +213,7 @@ def run_causal_lm(data: str, backbone_name: str, strategy: Strategy, train: Trai
     seed_everything(train.seed)
     model = build_lm_model(backbone_name, pretrained, options.max_length, **(backbone_options or {}))
     strategy.prepare(model)
+    place(model, train.device)  # perplexity before and after is measured where training runs
     heldout_loader = make_loader(splits.val, model.backbone, batch_size=max(8, train.batch_size), train=False)
     before = perplexity(model, heldout_loader)
     logger.info("held-out perplexity before training: %.2f", before)
@@ -281,18 +277,12 @@ def generate_text(backbone: CausalLMBackbone, prompt: str, max_new_tokens: int =
                                                          return_dict=True)
     else:
         encoded = backbone.tokenizer(prompt, return_tensors="pt")
-    device = next(backbone.parameters()).device
     # only what a decoder takes (a BERT-style tokenizer also returns token_type_ids, which generate() rejects)
-    inputs = {k: v.to(device) for k, v in dict(encoded).items() if k in ("input_ids", "attention_mask")}
+    inputs = {k: v for k, v in dict(encoded).items() if k in ("input_ids", "attention_mask")}
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else \
         {"do_sample": False}
     torch.manual_seed(seed)
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        with torch.no_grad():
-            output = backbone.model.generate(**inputs, max_new_tokens=max_new_tokens,
-                                             pad_token_id=backbone.tokenizer.pad_token_id, **sampling)
-    finally:
-        backbone.train(was_training)
+    with inference(backbone) as device:
+        output = backbone.model.generate(**to_device(inputs, device), max_new_tokens=max_new_tokens,
+                                         pad_token_id=backbone.tokenizer.pad_token_id, **sampling)
     return backbone.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from torch import nn
 
+from transferkit.engine.placement import predict_batches
 from transferkit.engine.trainer import default_forward
 from transferkit.errors import TransferkitError
 from transferkit.extensions import ExtensionConfig, FitExtension, register_extension
@@ -348,26 +348,23 @@ def first_task_report(model: TransferModel, data: LabeledData, batch_size: int =
     return {**{k: v for k, v in first.items() if k != "type"}, "task": first["type"], "tasks": per_task}
 
 
-@torch.no_grad()
 def predict_task_rows(model: TransferModel, data: LabeledData, batch_size: int = 64) -> list[dict[str, Any]]:
     """Per item: every task's prediction (class name, value, or ``{quantile: value}``)."""
-    from transferkit.backbones import move_to
     from transferkit.data.loader import make_loader
 
-    model.eval()
-    device = next(model.parameters()).device
+    loader = make_loader(data, model.backbone, batch_size=batch_size, train=False)
+    outputs = predict_batches(model, (batch["inputs"] for batch in loader),
+                              lambda inputs: tuple(model(inputs).outputs[t.name].float() for t in model.tasks))
     rows: list[dict[str, Any]] = []
-    for batch in make_loader(data, model.backbone, batch_size=batch_size, train=False):
-        outputs = model(move_to(batch["inputs"], device)).outputs
-        for i in range(len(batch["index"])):
-            row = {}
-            for t in model.tasks:
-                value = outputs[t.name][i].float().cpu()
-                if t.kind == "classify":
-                    row[t.name] = t.class_names[int(value.argmax())]
-                elif t.kind == "quantile":
-                    row[t.name] = {f"{q:g}": float(v) for q, v in zip(t.options["quantiles"], value.tolist())}
-                else:
-                    row[t.name] = float(value)
-            rows.append(row)
+    for i in range(len(outputs[0]) if outputs is not None else 0):
+        row = {}
+        for t, values in zip(model.tasks, outputs):
+            value = values[i]
+            if t.kind == "classify":
+                row[t.name] = t.class_names[int(value.argmax())]
+            elif t.kind == "quantile":
+                row[t.name] = {f"{q:g}": float(v) for q, v in zip(t.options["quantiles"], value.tolist())}
+            else:
+                row[t.name] = float(np.reshape(value, -1)[0])
+        rows.append(row)
     return rows

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from transferkit.engine.objectives import Objective
+from transferkit.engine.placement import module_device, to_device, to_numpy
 from transferkit.model import TaskSpec
 from transferkit.tasks import task_loss
 
@@ -196,20 +197,17 @@ def collect(model: nn.Module, loader: Any, tasks: Sequence[TaskSpec], forward_fn
             accelerator: Any | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per task: ``(predictions, targets)`` over a loader (gathered across processes when an accelerator is given)."""
     parts: dict[str, tuple[list, list]] = {t.name: ([], []) for t in tasks}
-    device = next(model.parameters()).device
+    device = module_device(model)
     with torch.no_grad():
         for batch in loader:
-            if accelerator is None:
-                from transferkit.backbones import move_to
-
-                batch = {k: move_to(v, device) for k, v in batch.items()}
+            batch = to_device(batch, device)  # a no-op for an accelerator's prepared loader
             heads = task_outputs(forward_fn(model, batch))
             for t in tasks:
                 prediction, target = heads[t.name].float(), batch[target_key(t)]
                 if accelerator is not None:
                     prediction, target = accelerator.gather_for_metrics((prediction.contiguous(), target.contiguous()))
-                parts[t.name][0].append(prediction.cpu().numpy())
-                parts[t.name][1].append(target.cpu().numpy())
+                parts[t.name][0].append(to_numpy(prediction))
+                parts[t.name][1].append(to_numpy(target))
     return {name: (np.concatenate(p), np.concatenate(y)) for name, (p, y) in parts.items() if p}
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from transferkit.engine.placement import inference, module_device, place, predict_batches, to_device
 from transferkit.errors import TransferkitError
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,9 @@ def cached_label_embeddings(encoder: Any, labels: Sequence[str], cache_dir: Path
 
 
 def _softmax(scores: np.ndarray, temperature: float) -> np.ndarray:
-    return torch.as_tensor(scores / temperature).softmax(-1).numpy()
+    from transferkit.evaluation.calibration import softmax
+
+    return softmax(scores, temperature).astype(np.float32)
 
 
 class TextZeroShot:
@@ -121,19 +124,13 @@ class ConSEZeroShot:
         self.class_vectors = cached_label_embeddings(self.text_encoder, names)
         self.label_vectors = label_embeddings(self.text_encoder, self.labels, templates)
 
-    @torch.no_grad()
     def imagenet_probabilities(self, images: Sequence[Any], batch_size: int = 16) -> np.ndarray:
-        from transferkit.backbones import move_to
-
         backbone, head = self.image_backbone, self.image_backbone.pretrained_head()
-        device = next(backbone.parameters()).device
-        head.to(device)
-        backbone.eval()
-        rows = []
-        for start in range(0, len(images), batch_size):
-            batch = backbone.collate([backbone.preprocess(im) for im in images[start:start + batch_size]])
-            rows.append(head(backbone(move_to(batch, device))).softmax(-1).cpu().numpy())
-        return np.concatenate(rows) if rows else np.zeros((0, len(self.class_vectors)))
+        place(head, module_device(backbone))
+        batches = (backbone.collate([backbone.preprocess(im) for im in images[start:start + batch_size]])
+                   for start in range(0, len(images), batch_size))
+        rows = predict_batches(backbone, batches, lambda batch: head(backbone(batch)).softmax(-1))
+        return rows if rows is not None else np.zeros((0, len(self.class_vectors)))
 
     def semantic_embeddings(self, images: Sequence[Any]) -> np.ndarray:
         """ConSE: the probability-weighted mean of the top-``top`` ImageNet class-name embeddings."""
@@ -163,19 +160,28 @@ class ClipZeroShot:
             raise TransferkitError("CLIP zero-shot needs the open_clip package (pip install open_clip_torch) "
                                    "and CLIP weights", "use --method conse, which works offline") from exc
         if model is None:
-            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
+            try:
+                model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
+            except Exception as exc:  # open_clip: unknown tag, no network for a hub tag, damaged checkpoint
+                raise TransferkitError(f"cannot load CLIP model '{model_name}' with weights '{pretrained}' "
+                                       f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})",
+                                       "pass --clip-pretrained with a local open_clip checkpoint file that fits "
+                                       "--clip-model (hub tags need a network)") from None
         self.model, self.preprocess = model.eval(), preprocess
         self.tokenizer = tokenizer if tokenizer is not None else open_clip.get_tokenizer(model_name)
         self.labels = list(labels)
-        with torch.no_grad():
+        with inference(self.model) as device:
             filled = [t.format(label) for label in self.labels for t in templates]
-            text = self.model.encode_text(self.tokenizer(filled)).float()
+            text = self.model.encode_text(to_device(self.tokenizer(filled), device)).float()
             text = torch.nn.functional.normalize(text, dim=-1).reshape(len(self.labels), len(templates), -1)
             self.label_vectors = torch.nn.functional.normalize(text.mean(1), dim=-1)
 
-    @torch.no_grad()
     def predict_proba(self, images: Sequence[Any]) -> np.ndarray:
         pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in images])
-        image = torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
-        scale = float(self.model.logit_scale.exp()) if hasattr(self.model, "logit_scale") else 100.0
-        return (scale * image @ self.label_vectors.T).softmax(-1).numpy()
+
+        def probabilities(x: torch.Tensor) -> torch.Tensor:
+            scale = float(self.model.logit_scale.exp()) if hasattr(self.model, "logit_scale") else 100.0
+            image = torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1)
+            return (scale * image @ self.label_vectors.T).softmax(-1)
+
+        return predict_batches(self.model, [pixels], probabilities)
