@@ -57,7 +57,7 @@ def resolve_options(options: dict[str, Any], config_file: str | Path | None = No
         raise TransferkitError(f"unknown option(s): {', '.join(sorted(merged))}", "see `transferkit fit --help`")
     active = [e for e in extensions if e.active()]
     tasks = next((e.config.task for e in extensions if e.name == "tasks"), None)  # type: ignore[attr-defined]
-    check_supported(strategy, active, run_task_kind(tasks), " ".join(f"--task {t}" for t in tasks or []))
+    check_supported(strategy, active, run_task_kind(tasks), " ".join(f"--task {t}" for t in tasks or []), fit)
     for ext in active:
         ext.check(fit, strategy)
     return fit, train, strategy, active
