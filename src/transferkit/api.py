@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import resource
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ import torch
 
 from transferkit.config import FitConfig, build, load_yaml_config
 from transferkit.errors import TransferkitError
+from transferkit.rundir import OutputFolder, write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +45,6 @@ class Run:
     @property
     def accuracy(self) -> float:
         return float(self.metrics["accuracy"])
-
-
-def _is_finished_run(path: Path) -> bool:
-    return (path / "metrics.json").is_file() and (path / "model").is_dir()
-
-
-def staging_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}.partial"
 
 
 def _default_out(fit: FitConfig) -> Path:
@@ -109,26 +100,18 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
     from transferkit.data import load_data
     from transferkit.engine.context import RunContext
     from transferkit.engine.trainer import seed_everything
-    from transferkit.model import TaskSpec, TransferModel, save_model
+    from transferkit.model import TaskSpec, TransferModel
 
     if data is not None:
         options["data"] = data
     fit_cfg, train_cfg, strategy, extensions = resolve_options(options, config)
     out = Path(fit_cfg.out) if fit_cfg.out else _default_out(fit_cfg)
-    stage = staging_dir(out)
     all_options = {"fit": asdict(fit_cfg), "train": train_cfg.to_dict(), "strategy": strategy.to_dict(),
                    "extensions": {e.name: asdict(e.config) for e in extensions}}
 
     state = PartialState(cpu=train_cfg.device == "cpu" or not torch.cuda.is_available())
-    if _is_finished_run(out) and not fit_cfg.overwrite:
-        raise TransferkitError(f"'{out}' already holds a finished run", "pass --overwrite to replace it or choose "
-                               "another --out")
-    if out.exists() and not _is_finished_run(out) and any(out.iterdir()) and not fit_cfg.overwrite:
-        raise TransferkitError(f"'{out}' exists and is not a transferkit run", "choose an empty or new --out folder")
-    if check_interrupted_run(out, all_options, resume=fit_cfg.resume, overwrite=fit_cfg.overwrite):
-        state.wait_for_everyone()
-        if state.is_main_process:
-            shutil.rmtree(stage)
+    folder = OutputFolder(out, "run", overwrite=fit_cfg.overwrite, resume=fit_cfg.resume, options=all_options)
+    folder.check()  # a bad --out is refused before any work; nothing is written until every input is checked
     from transferkit.backbones import backbone_modality, check_backbone_name
     from transferkit.tasks import causal_lm_requested
 
@@ -136,7 +119,7 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
         check_backbone_name(fit_cfg.backbone)
     tasks_extension = next((e for e in extensions if e.name == "tasks"), None)
     if tasks_extension is not None and causal_lm_requested(tasks_extension.config.task):
-        return _fit_causal_lm(fit_cfg, train_cfg, strategy, tasks_extension.config.parsed()[0][0], stage, out,
+        return _fit_causal_lm(fit_cfg, train_cfg, strategy, tasks_extension.config.parsed()[0][0], folder,
                               all_options, state)
     started = time.perf_counter()
     splits = load_data(fit_cfg.data, text_column=fit_cfg.text_column, label_column=fit_cfg.label_column,
@@ -181,24 +164,32 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
 
         cache_dir = default_cache_dir()
     context = RunContext(splits=splits, train=train_cfg, label_smoothing=fit_cfg.label_smoothing,
-                         checkpoint_dir=stage / "checkpoint", run_dir=stage, cache_dir=cache_dir, progress=fit_cfg.progress,
+                         checkpoint_dir=folder.stage / "checkpoint", run_dir=folder.stage, cache_dir=cache_dir,
+                         progress=fit_cfg.progress,
                          notes=list(splits.notes))
     for ext in extensions:
         ext.configure(context, model, fit_cfg)
     logger.info("training %s on %s (%s) with %s: %d train / %d val / %d test items, %d classes",
                 backbone_name, fit_cfg.data, splits.modality, strategy.name, len(splits.train), len(splits.val),
                 len(splits.test) if splits.test else 0, len(splits.class_names))
-    state.wait_for_everyone()  # every input is checked: only now does anything get written
-    if state.is_main_process:
-        stage.mkdir(parents=True, exist_ok=True)
-        (stage / "run_config.json").write_text(json.dumps(all_options, indent=2, default=str))
-    state.wait_for_everyone()
+    folder.begin()  # every input is checked: only now does anything get written
+    with folder:  # a failure removes the staging folder unless it holds a checkpoint to resume from
+        return _train_and_write(folder, fit_cfg, train_cfg, strategy, extensions, splits, model, context,
+                                backbone_name, all_options, started, state)
+
+
+def _train_and_write(folder: OutputFolder, fit_cfg: FitConfig, train_cfg, strategy, extensions, splits, model,
+                     context, backbone_name: str, all_options: dict[str, Any], started: float, state) -> Run:
+    from transferkit.model import save_model
+
+    out, stage = folder.out, folder.stage
     result = next((r for ext in extensions if (r := ext.train(context, model, strategy)) is not None), None)
     if result is None:  # no extension took over training (FitExtension.train)
         result = strategy.train(model, context)
     train_seconds = time.perf_counter() - started
 
     if not state.is_main_process:
+        folder.publish()  # waits for the main process
         return Run(out, {}, result.history)
 
     eval_split, eval_data = ("test", splits.test) if splits.test is not None and len(splits.test) else \
@@ -239,18 +230,15 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
     for ext in extensions:
         metrics.update(ext.metrics(context, model))
     save_model(model, stage / "model", strategy.to_dict(), extra={"data": fit_cfg.data})
-    (stage / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
-    with open(stage / "history.jsonl", "w") as fh:
-        for row in result.history:
-            fh.write(json.dumps(row, default=_json_default) + "\n")
-    shutil.rmtree(stage / "checkpoint", ignore_errors=True)
-    _publish(stage, out)
+    write_json(stage / "metrics.json", metrics)
+    write_jsonl(stage / "history.jsonl", result.history)
+    folder.publish()
     logger.info("%s %s; run written to %s", eval_split, ", ".join(f"{k} {metrics[k]:.4f}" for k in
                 ("accuracy", "macro_f1", "mae", "coverage") if isinstance(metrics.get(k), float)), out)
     return Run(out, metrics, result.history)
 
 
-def _fit_causal_lm(fit_cfg: FitConfig, train_cfg, strategy, column: str | None, stage: Path, out: Path,
+def _fit_causal_lm(fit_cfg: FitConfig, train_cfg, strategy, column: str | None, folder: OutputFolder,
                    all_options: dict[str, Any], state) -> Run:
     """``--task causal-lm``: next-token training of a causal LM on a text file (see ``tasks.causal_lm``)."""
     from transferkit.engine.features import default_cache_dir
@@ -261,77 +249,23 @@ def _fit_causal_lm(fit_cfg: FitConfig, train_cfg, strategy, column: str | None, 
                                  max_length=fit_cfg.max_length or 128)
     # read (and checked) before anything is written
     passages = read_passages(fit_cfg.data, lm_options.text_column, lm_options.words_per_passage)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        stage.mkdir(parents=True, exist_ok=True)
-        (stage / "run_config.json").write_text(json.dumps(all_options, indent=2, default=str))
-    state.wait_for_everyone()
-    metrics = run_causal_lm(fit_cfg.data, fit_cfg.backbone or "smollm2-135m", strategy, train_cfg, stage,
-                            lm_options, fit_cfg.pretrained, progress=fit_cfg.progress,
-                            cache_dir=Path(fit_cfg.cache_dir) if fit_cfg.cache_dir else default_cache_dir(),
-                            passages=passages)
-    if not state.is_main_process:
-        return Run(out, {})
-    metrics.update({"peak_memory_mb": round(_peak_memory_mb(), 1), "config": all_options})
-    (stage / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
-    history = [json.loads(line) for line in (stage / "history.jsonl").read_text().splitlines() if line.strip()]
-    _publish(stage, out)
+    out, stage = folder.out, folder.stage
+    folder.begin()
+    with folder:
+        metrics = run_causal_lm(fit_cfg.data, fit_cfg.backbone or "smollm2-135m", strategy, train_cfg, stage,
+                                lm_options, fit_cfg.pretrained, progress=fit_cfg.progress,
+                                cache_dir=Path(fit_cfg.cache_dir) if fit_cfg.cache_dir else default_cache_dir(),
+                                passages=passages)
+        if not state.is_main_process:
+            folder.publish()
+            return Run(out, {})
+        metrics.update({"peak_memory_mb": round(_peak_memory_mb(), 1), "config": all_options})
+        write_json(stage / "metrics.json", metrics)
+        history = [json.loads(line) for line in (stage / "history.jsonl").read_text().splitlines() if line.strip()]
+        folder.publish()
     logger.info("held-out perplexity %.2f -> %.2f; run written to %s", metrics["perplexity_before"],
                 metrics["perplexity_after"], out)
     return Run(out, metrics, history)
-
-
-def check_interrupted_run(out: Path, options: dict[str, Any], *, resume: bool, overwrite: bool) -> bool:
-    """What to do with an interrupted run of ``out`` (its staging folder): True = discard it (``--overwrite``);
-    False = there is none, or continue it (``--resume``: its ``run_config.json`` must hold the same ``options``,
-    device and threads aside). Without either flag an interrupted run is an error, never silently lost."""
-    stage = staging_dir(out)
-    if not stage.exists():
-        return False
-    if resume:
-        saved = stage / "run_config.json"
-        if saved.is_file() and _comparable(json.loads(saved.read_text())) == _comparable(options):
-            return False
-        raise TransferkitError(f"the interrupted run in '{stage}' used other options",
-                               "resume with the same options, or pass --overwrite to start again")
-    if overwrite:
-        return True
-    raise TransferkitError(f"an interrupted run for '{out}' exists in '{stage}'",
-                           "pass --resume to continue it or --overwrite to start again")
-
-
-def _comparable(options: dict[str, Any]) -> str:
-    fit_opts = dict(options.get("fit", {}))
-    for key in ("resume", "overwrite", "progress"):
-        fit_opts.pop(key, None)
-    train_opts = dict(options.get("train", {}))
-    for key in ("device", "threads"):
-        train_opts.pop(key, None)
-    return json.dumps({**options, "fit": fit_opts, "train": train_opts}, sort_keys=True, default=str)
-
-
-def _publish(stage: Path, out: Path) -> None:
-    """Move the finished staging folder into place; an existing finished run is replaced only at the end."""
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, trash)
-        os.replace(stage, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(stage, out)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    return str(value)
 
 
 # --- prediction and evaluation -----------------------------------------------------------------------------------

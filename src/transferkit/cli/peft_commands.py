@@ -38,6 +38,7 @@ def register(subparsers: Any) -> None:
     export.add_argument("--out", required=True, help="New folder to write.")
     export.add_argument("--merge", action="store_true",
                         help="Fold the LoRA update into the base weights and write a plain transferkit model.")
+    export.add_argument("--overwrite", action="store_true", help="Replace an earlier export in --out.")
     export.set_defaults(func=run_export)
 
     generate = subparsers.add_parser("generate", help="Generate text with a causal-LM run (or backbone).")
@@ -113,8 +114,10 @@ def run_inspect(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from transferkit.strategies.lora import export_lora
 
-    out = export_lora(args.model, args.out, merge=args.merge)
-    files = sorted(f.name for f in out.iterdir())
+    out = export_lora(args.model, args.out, merge=args.merge, overwrite=args.overwrite)
+    from transferkit.rundir import MARKER
+
+    files = sorted(f.name for f in out.iterdir() if f.name != MARKER)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"{'merged model' if args.merge else 'LoRA adapter'} written to {out} ({size / 2**20:.2f} MB: "
           f"{', '.join(files)})")

@@ -12,8 +12,6 @@ staging folder next to ``--out`` and moved into place only when finished.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -106,35 +104,19 @@ def _build_configs(options: dict[str, Any], model_class: type) -> tuple[Any, Any
     return model_config, train
 
 
-def _staging(out: Path, args: argparse.Namespace, run_options: dict[str, Any]) -> Path:
-    """The staging folder of ``out``: new, or kept with ``--resume`` when an interrupted run used the same options
-    (the engine then continues from its checkpoint); ``run_options`` are written to ``run_config.json``."""
-    from transferkit.api import _json_default, check_interrupted_run, staging_dir
+def _output_folder(args: argparse.Namespace, kind: str, run_options: dict[str, Any]):
+    """The run folder of ``--out`` (``run_options`` go to ``run_config.json``; ``--resume`` must repeat them)."""
+    from transferkit.rundir import OutputFolder
 
-    if (out / "metrics.json").is_file() and not args.overwrite:
-        raise TransferkitError(f"'{out}' already holds a finished run", "pass --overwrite or choose another --out")
-    if out.exists() and not (out / "metrics.json").is_file() and any(out.iterdir()):
-        raise TransferkitError(f"'{out}' exists and is not a transferkit run", "choose an empty or new --out folder")
-    stage = staging_dir(out)
-    options = json.loads(json.dumps(run_options, default=_json_default))
-    if stage.exists():
-        if not check_interrupted_run(out, options, resume=args.resume, overwrite=args.overwrite):
-            return stage  # --resume: the engine continues from the checkpoint in it
-        shutil.rmtree(stage)  # --overwrite
-    stage.mkdir(parents=True)
-    (stage / "run_config.json").write_text(json.dumps(options, indent=2))
-    return stage
+    return OutputFolder(args.out, kind, overwrite=args.overwrite, resume=args.resume, options=run_options)
 
 
-def _finish(stage: Path, out: Path, metrics: dict[str, Any], history: list[dict[str, Any]]) -> None:
-    from transferkit.api import _json_default, _publish
+def _finish(folder, metrics: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    from transferkit.rundir import write_json, write_jsonl
 
-    (stage / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
-    with open(stage / "history.jsonl", "w") as fh:
-        for row in history:
-            fh.write(json.dumps(row, default=_json_default) + "\n")
-    shutil.rmtree(stage / "checkpoint", ignore_errors=True)
-    _publish(stage, out)
+    write_json(folder.stage / "metrics.json", metrics)
+    write_jsonl(folder.stage / "history.jsonl", history)
+    folder.publish()
 
 
 def _report(metrics: dict[str, Any], keys: list[str], out: Path, as_json: bool) -> None:
@@ -180,14 +162,17 @@ def run_seq2seq_train(args: argparse.Namespace) -> int:
     else:
         pairs = read_pairs(args.pairs)
     splits = split_pairs(pairs, args.train_fraction, args.val_fraction, seed=0)
-    out = Path(args.out)
     data = {"task": args.task, "bits": args.bits} if args.task else {"pairs": str(args.pairs)}
     data.update({"train_fraction": args.train_fraction, "val_fraction": args.val_fraction})
-    stage = _staging(out, args, {"data": data, "model": asdict(config), "train": train.to_dict()})
-    run = train_seq2seq(splits, config, train, checkpoint_dir=stage / "checkpoint", progress=not args.no_progress)
-    save_seq2seq(run, stage / "model", extra={"data": data})
-    metrics = {**run.metrics, "data": data, "config": {"model": asdict(config), "train": train.to_dict()}}
-    _finish(stage, out, metrics, run.history)
+    folder = _output_folder(args, "seq2seq", {"data": data, "model": asdict(config), "train": train.to_dict()})
+    out = folder.out
+    folder.begin()
+    with folder:
+        run = train_seq2seq(splits, config, train, checkpoint_dir=folder.stage / "checkpoint",
+                            progress=not args.no_progress)
+        save_seq2seq(run, folder.stage / "model", extra={"data": data})
+        metrics = {**run.metrics, "data": data, "config": {"model": asdict(config), "train": train.to_dict()}}
+        _finish(folder, metrics, run.history)
     _report(metrics, ["test_exact_match", "test_token_accuracy", "val_exact_match", "n_train", "n_test",
                       "train_seconds"], out, args.json)
     return 0
@@ -232,12 +217,15 @@ def run_charlm_train(args: argparse.Namespace) -> int:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise TransferkitError(f"'{path}' is not UTF-8 text", "convert it to UTF-8") from None
-    out = Path(args.out)
-    stage = _staging(out, args, {"data": str(path), "model": asdict(config), "train": train.to_dict()})
-    run = train_charlm(text, config, train, checkpoint_dir=stage / "checkpoint", progress=not args.no_progress)
-    save_charlm(run, stage / "model")
-    metrics = {**run.metrics, "data": str(path), "config": {"model": asdict(config), "train": train.to_dict()}}
-    _finish(stage, out, metrics, run.history)
+    folder = _output_folder(args, "charlm", {"data": str(path), "model": asdict(config), "train": train.to_dict()})
+    out = folder.out
+    folder.begin()
+    with folder:
+        run = train_charlm(text, config, train, checkpoint_dir=folder.stage / "checkpoint",
+                           progress=not args.no_progress)
+        save_charlm(run, folder.stage / "model")
+        metrics = {**run.metrics, "data": str(path), "config": {"model": asdict(config), "train": train.to_dict()}}
+        _finish(folder, metrics, run.history)
     _report(metrics, ["val_bits_per_character", "val_accuracy", "train_characters", "best_epoch", "train_seconds"],
             out, args.json)
     return 0
