@@ -180,6 +180,7 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
 
 def _train_and_write(folder: OutputFolder, fit_cfg: FitConfig, train_cfg, strategy, extensions, splits, model,
                      context, backbone_name: str, all_options: dict[str, Any], started: float, state) -> Run:
+    from transferkit.evaluation.model_card import fit_command, write_model_card
     from transferkit.model import save_model
 
     out, stage = folder.out, folder.stage
@@ -232,6 +233,7 @@ def _train_and_write(folder: OutputFolder, fit_cfg: FitConfig, train_cfg, strate
     save_model(model, stage / "model", strategy.to_dict(), extra={"data": fit_cfg.data})
     write_json(stage / "metrics.json", metrics)
     write_jsonl(stage / "history.jsonl", result.history)
+    write_model_card(stage, metrics, command=fit_command(all_options, backbone_name), name=out.name)
     folder.publish()
     logger.info("%s %s; run written to %s", eval_split, ", ".join(f"{k} {metrics[k]:.4f}" for k in
                 ("accuracy", "macro_f1", "mae", "coverage") if isinstance(metrics.get(k), float)), out)
@@ -242,6 +244,7 @@ def _fit_causal_lm(fit_cfg: FitConfig, train_cfg, strategy, column: str | None, 
                    all_options: dict[str, Any], state) -> Run:
     """``--task causal-lm``: next-token training of a causal LM on a text file (see ``tasks.causal_lm``)."""
     from transferkit.engine.features import default_cache_dir
+    from transferkit.evaluation.model_card import fit_command, write_model_card
     from transferkit.tasks.causal_lm import CausalLMOptions, check_lm_strategy, read_passages, run_causal_lm
 
     check_lm_strategy(strategy)
@@ -262,6 +265,8 @@ def _fit_causal_lm(fit_cfg: FitConfig, train_cfg, strategy, column: str | None, 
         metrics.update({"peak_memory_mb": round(_peak_memory_mb(), 1), "config": all_options})
         write_json(stage / "metrics.json", metrics)
         history = [json.loads(line) for line in (stage / "history.jsonl").read_text().splitlines() if line.strip()]
+        write_model_card(stage, metrics, command=fit_command(all_options, fit_cfg.backbone or "smollm2-135m"),
+                         name=out.name)
         folder.publish()
     logger.info("held-out perplexity %.2f -> %.2f; run written to %s", metrics["perplexity_before"],
                 metrics["perplexity_after"], out)
