@@ -95,6 +95,11 @@ def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
     _atomic_write_text(Path(path), "".join(json.dumps(row, default=json_default) + "\n" for row in rows))
 
 
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically (e.g. a run's model card ``README.md``)."""
+    _atomic_write_text(Path(path), text)
+
+
 def jsonable(obj: Any) -> Any:
     """``obj`` as it reads back from JSON (tuples become lists, paths strings, ...)."""
     return json.loads(json.dumps(obj, default=json_default))
