@@ -25,22 +25,12 @@ from transferkit.memory import storage
 from transferkit.memory.index import VectorIndex, add_to_index, build_index
 from transferkit.memory.lexical import LexicalIndex
 
-WORDS = ["the", "cat", "sat", "on", "mat", "dog", "guitar", "plays", "market", "today", "reset", "device", "power"]
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 @pytest.fixture(scope="module")
-def tiny_encoder(tmp_path_factory) -> str:
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocabulary)}).save_pretrained(folder)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=5 + len(WORDS), max_position_embeddings=64, hidden_size=16,
-                         num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(folder)
-    return f"hf:{folder}"
+def tiny_encoder(tiny_bert_dir) -> str:
+    return f"hf:{tiny_bert_dir}"
 
 
 def write_docs(folder: Path, docs: dict[str, str]) -> Path:
@@ -341,7 +331,7 @@ def test_damaged_flat_layout_files_never_give_a_traceback(data, base_index, tmp_
 
 
 @pytest.mark.parametrize("edit, named, message", [
-    (lambda m: {**m, "dim": m["dim"] + 1}, "index.faiss", "vectors of dimension 16, meta.json says 17"),
+    (lambda m: {**m, "dim": m["dim"] + 1}, "index.faiss", "vectors of dimension 32, meta.json says 33"),
     (lambda m: {**m, "next_id": 1}, "meta.json", "next_id 1 is not above the largest id"),
     (lambda m: {**m, "kind": "annoy"}, "meta.json", "kind, modality, dimension or encoder is invalid"),
     (lambda m: {**m, "chunk_size": "big"}, "meta.json", "field 'chunk_size' is 'big'"),
