@@ -94,9 +94,11 @@ def _options(strategy: str, mode: str, kind: str, inputs: dict[str, str]) -> dic
     extension_options = {k: inputs[k] if v == NEEDS_PATH else v for k, v in MODES[mode][1].items()}
     options = {**TINY, "cache_dir": inputs["cache"], **STRATEGY_OPTIONS.get(strategy, {}), **extension_options,
                **KINDS[kind], "strategy": strategy, "data": "stars"}
+    if MODES[mode][0] == "adaptation" and "adapt" in options:
+        options["adapt_baseline"] = False  # the source-only baseline is the same training again
     if kind == "causal_lm":
         options.update(data=inputs["text"], backbone=inputs["lm"], max_length=24, image_size=None, test_limit=None,
-                       limit_per_class=None, val_fraction=0.2)
+                       limit_per_class=None, val_fraction=0.2, lora_targets=None)
     if strategy == "finetune" and options["head_init"] is None:
         options["head_init"] = "random"
     return {k: v for k, v in options.items() if v is not None}
@@ -146,6 +148,8 @@ def _flag_of(mode: str) -> str:
     ({"strategy": "fish", "task": ["size:quantile"]}, "--strategy fish cannot train --task size:quantile"),
     ({"strategy": "linear-probe", "solver": "sgd", "adapt": "feature-augmentation", "target_labelled": "x"},
      "--adapt feature-augmentation does not work with --strategy linear-probe"),
+    ({"strategy": "knn", "label_smoothing": 0.1}, "--label-smoothing does not work with --strategy knn"),
+    ({"strategy": "linear-probe", "head_dropout": 0.2}, "--head-dropout does not work with --strategy linear-probe"),
 ])
 def test_silent_cases_from_the_review_are_refused_in_one_line(options, refused, capsys):
     from transferkit.cli.main import main

@@ -57,7 +57,7 @@ def resolve_options(options: dict[str, Any], config_file: str | Path | None = No
         raise TransferkitError(f"unknown option(s): {', '.join(sorted(merged))}", "see `transferkit fit --help`")
     active = [e for e in extensions if e.active()]
     tasks = next((e.config.task for e in extensions if e.name == "tasks"), None)  # type: ignore[attr-defined]
-    check_supported(strategy, active, run_task_kind(tasks), " ".join(f"--task {t}" for t in tasks or []))
+    check_supported(strategy, active, run_task_kind(tasks), " ".join(f"--task {t}" for t in tasks or []), fit)
     for ext in active:
         ext.check(fit, strategy)
     return fit, train, strategy, active
@@ -219,19 +219,25 @@ def predict(model: str | Path | LoadedModel, inputs: list[str], batch_size: int 
     loaded = model if isinstance(model, LoadedModel) else load(model, device)
     loaded.refuse_language_model()
     items = expand_inputs(list(inputs), loaded.modality)
+    return prediction_rows(loaded, items, items, batch_size)
+
+
+def prediction_rows(loaded: LoadedModel, items: list[Any], names: list[Any],
+                    batch_size: int = 64) -> list[dict[str, Any]]:
+    """``predict``'s rows for ``items`` (paths, PIL images or texts), each row's ``"input"`` taken from ``names``."""
     if loaded.module.tasks[0].kind != "classify" or len(loaded.module.tasks) > 1:  # every task's prediction
         from transferkit.tasks.extension import predict_task_rows
 
         rows = predict_task_rows(loaded.module, loaded._as_data(items), batch_size)
         first = loaded.module.tasks[0]
         if first.kind != "classify":
-            return [{"input": item, "prediction": row[first.name], "tasks": row} for item, row in zip(items, rows)]
+            return [{"input": name, "prediction": row[first.name], "tasks": row} for name, row in zip(names, rows)]
         extra = rows
     else:
         extra = [{} for _ in items]
     probabilities = loaded.predict_proba(items, batch_size)
     return [
-        {"input": item, "prediction": loaded.classes_[int(p.argmax())],
+        {"input": name, "prediction": loaded.classes_[int(p.argmax())],
          "probabilities": {c: float(v) for c, v in zip(loaded.classes_, p)}, **({"tasks": e} if e else {})}
-        for item, p, e in zip(items, probabilities, extra)
+        for name, p, e in zip(names, probabilities, extra)
     ]

@@ -105,13 +105,24 @@ def list_extensions() -> dict[str, type[FitExtension]]:
     return dict(_REGISTRY)
 
 
-def check_supported(strategy: Strategy, extensions: list[FitExtension], task_kind: str, task_flags: str) -> None:
-    """Refuse a run whose strategy cannot train ``task_kind`` or one of whose active ``extensions`` would not take
-    effect with that strategy / task kind; ``task_flags`` is how the run asked for the task (``--task ...``)."""
+#: run options that only act on a head trained by the engine's loss (closed-form and own-loop strategies ignore them)
+ENGINE_LOSS_OPTIONS = ("label_smoothing", "head_dropout")
+
+
+def check_supported(strategy: Strategy, extensions: list[FitExtension], task_kind: str, task_flags: str,
+                    fit: FitConfig | None = None) -> None:
+    """Refuse a run whose strategy cannot train ``task_kind``, ignores one of its ``fit`` options, or with which
+    one of the active ``extensions`` would not take effect; ``task_flags`` is how the run asked for the task."""
     reason = strategy.supports(task_kind)
     if reason is not True:
         raise TransferkitError(f"--strategy {strategy.name} cannot train {task_flags}: {reason}",
                                "choose another strategy or task (see `transferkit fit --help`)")
+    ignored = [name for name in ENGINE_LOSS_OPTIONS if fit is not None and getattr(fit, name)]
+    if ignored and not strategy.trains_with_engine():
+        flag = "--" + ignored[0].replace("_", "-")
+        raise TransferkitError(f"{flag} does not work with --strategy {strategy.name}: it fits its head without the "
+                               "engine's loss, so the option would be ignored",
+                               f"drop {flag} or use a strategy trained by the engine (e.g. finetune)")
     for extension in extensions:
         reason = extension.supports(strategy, task_kind)
         if reason is not True:

@@ -115,7 +115,7 @@ def fit_run(fit: FitConfig, train: TrainConfig, strategy: Strategy, extensions: 
         eval_split, report = score_model(model, strategy, splits, context, fit, train)
         metrics = run_metrics(model, backbone_name, strategy, extensions, context, splits, result, report,
                               eval_split, train_seconds, options)
-        write_run(folder, model, strategy, fit, metrics, result.history)
+        write_run(folder, model, strategy, fit, metrics, result.history, backbone_name)
     logger.info("%s %s; run written to %s", eval_split, ", ".join(f"{k} {metrics[k]:.4f}" for k in
                 ("accuracy", "macro_f1", "mae", "coverage") if isinstance(metrics.get(k), float)), folder.out)
     return Run(folder.out, metrics, result.history)
@@ -252,13 +252,16 @@ def run_metrics(model: TransferModel, backbone_name: str, strategy: Strategy, ex
 
 
 def write_run(folder: OutputFolder, model: TransferModel, strategy: Strategy, fit: FitConfig,
-              metrics: dict[str, Any], history: list[dict[str, Any]]) -> None:
-    """``model/``, ``metrics.json`` and ``history.jsonl`` into the stage, then publish it."""
+              metrics: dict[str, Any], history: list[dict[str, Any]], backbone_name: str) -> None:
+    """``model/``, ``metrics.json``, ``history.jsonl`` and the model card into the stage, then publish it."""
+    from transferkit.evaluation.model_card import fit_command, write_model_card
     from transferkit.model import save_model
 
     save_model(model, folder.stage / "model", strategy.to_dict(), extra={"data": fit.data})
     write_json(folder.stage / "metrics.json", metrics)
     write_jsonl(folder.stage / "history.jsonl", history)
+    write_model_card(folder.stage, metrics, command=fit_command(metrics["config"], backbone_name),
+                     name=folder.out.name)
     folder.publish()
 
 
@@ -271,6 +274,7 @@ def fit_causal_lm_run(fit: FitConfig, train: TrainConfig, strategy: Strategy, co
     import json
 
     from transferkit.engine.features import default_cache_dir
+    from transferkit.evaluation.model_card import fit_command, write_model_card
     from transferkit.tasks.causal_lm import CausalLMOptions, check_lm_strategy, read_passages, run_causal_lm
 
     check_lm_strategy(strategy)
@@ -290,6 +294,8 @@ def fit_causal_lm_run(fit: FitConfig, train: TrainConfig, strategy: Strategy, co
         write_json(folder.stage / "metrics.json", metrics)
         history = [json.loads(line) for line in (folder.stage / "history.jsonl").read_text().splitlines()
                    if line.strip()]
+        write_model_card(folder.stage, metrics, command=fit_command(options, fit.backbone or "smollm2-135m"),
+                         name=folder.out.name)
         folder.publish()
     logger.info("held-out perplexity %.2f -> %.2f; run written to %s", metrics["perplexity_before"],
                 metrics["perplexity_after"], folder.out)

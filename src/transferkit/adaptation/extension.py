@@ -199,7 +199,7 @@ class AdaptationExtension(FitExtension):
         """Same strategy, options, budget and initial weights as the adapted run, without adaptation."""
         import shutil
 
-        from transferkit.api import evaluate_model
+        from transferkit.inference import evaluate_model
         from transferkit.model import load_model, save_model
 
         assert context.run_dir is not None

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, check_number
 
 logger = logging.getLogger(__name__)
 
@@ -135,9 +135,7 @@ def save_flip_figure(result: dict[str, Any], class_names: list[str], epsilon: fl
 def add_arguments(parser: Any) -> None:
     parser.add_argument("--attack", choices=ATTACKS, help="Also measure accuracy under this adversarial attack "
                                                           "(fgsm: Goodfellow et al. 2015; image models only).")
-    from transferkit.cli.options import number
-
-    parser.add_argument("--epsilon", type=number(0, 1, low_open=True), default=DEFAULT_EPSILON,
+    parser.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON,
                         help="Attack strength in pixel units of [0, 1] (0.03 ~ 8/255).")
     parser.add_argument("--attack-image", help="PNG of an example whose prediction flips (default: "
                                                "<run folder>/fgsm_example.png).")
@@ -147,7 +145,8 @@ def evaluate_hook(model: Any, data: Any, report: dict[str, Any], options: dict[s
     attack = options.get("attack")
     if not attack:
         return {}
-    epsilon = float(options.get("epsilon", DEFAULT_EPSILON) or DEFAULT_EPSILON)
+    value = options.get("epsilon")  # checked here, so the Python API (evaluate(..., epsilon=...)) is checked too
+    epsilon = check_number("--epsilon", DEFAULT_EPSILON if value is None else value, 0, 1, low_open=True)
     if not 0 < epsilon <= 1:
         raise TransferkitError(f"invalid --epsilon {epsilon}", "use a pixel-scale value in (0, 1], e.g. 0.03")
     if model.modality != "image":

@@ -28,7 +28,7 @@ def classification_report(labels: np.ndarray, probabilities: np.ndarray, class_n
     """All metrics of one evaluation: scikit-learn's accuracy, macro-F1 (default labels: those in the truth or
     the predictions), top-5 (more than 5 classes), confusion matrix and per-class precision / recall / F1 over
     every class of ``class_names`` (0 where undefined)."""
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     labels = np.asarray(labels, dtype=np.int64)
     probabilities = np.asarray(probabilities, dtype=np.float64)
@@ -39,8 +39,10 @@ def classification_report(labels: np.ndarray, probabilities: np.ndarray, class_n
         matrix = confusion_matrix(labels, predictions, labels=every)
         precision, recall, f1, support = precision_recall_fscore_support(labels, predictions, labels=every,
                                                                          zero_division=0)
-        accuracy = float(accuracy_score(labels, predictions))
-        macro_f1 = float(f1_score(labels, predictions, average="macro", zero_division=0))
+        accuracy = float(np.trace(matrix) / len(labels))
+        # f1_score(average="macro")'s default labels: the classes present in the truth or the predictions
+        seen = (matrix.sum(axis=0) + matrix.sum(axis=1)) > 0
+        macro_f1 = float(f1[seen].mean())
     else:
         matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
         precision = recall = f1 = np.zeros(num_classes)

@@ -176,7 +176,7 @@ def initialise_from(model: TransferModel, source: TransferModel) -> bool:
     """Copy ``source``'s backbone weights (and heads when the tasks match) into ``model``.
 
     LoRA in the source is merged first; wrapper modules in ``model`` are matched through their base keys.
-    Returns True when the heads were copied too (same label space).
+    Returns True when the heads were copied too (same label space and head structure).
     """
     from transferkit.strategies.lora import lora_layers, merge_lora
 
@@ -198,7 +198,9 @@ def initialise_from(model: TransferModel, source: TransferModel) -> bool:
             target.copy_(value)
     same_tasks = [(t.name, t.kind, list(t.class_names)) for t in model.tasks] == \
         [(t.name, t.kind, list(t.class_names)) for t in source.tasks]
-    if same_tasks:
+    shapes = {k: tuple(v.shape) for k, v in model.heads.state_dict().items()}
+    same_tasks = same_tasks and shapes == {k: tuple(v.shape) for k, v in source.heads.state_dict().items()}
+    if same_tasks:  # same label space and the same kind of head (a knn or prototype head is built by training)
         model.heads.load_state_dict(source.heads.state_dict())
     return same_tasks
 
