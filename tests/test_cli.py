@@ -249,12 +249,13 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([*args, "--out", str(out)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    checkpoint = tmp_path / ".run.partial" / "checkpoint" / "checkpoint.pt"
+    checkpoint = tmp_path / ".run.partial" / "checkpoint" / "trainer.safetensors"
     deadline = time.time() + 300
     while time.time() < deadline:
         if checkpoint.exists():
-            state = torch.load(checkpoint, weights_only=False)
-            if state["epoch"] >= 1:
+            from transferkit.engine.checkpoint import load_checkpoint
+
+            if load_checkpoint(checkpoint)[1]["state"]["epoch"] >= 2:
                 break
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)

@@ -162,7 +162,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
     with pytest.raises(Interrupt):
         Trainer(interrupted, [CrossEntropyObjective()], cfg, checkpoint_dir=tmp_path, progress=False,
                 epoch_callback=stop_after_two).fit(*loaders(3))
-    assert (tmp_path / "checkpoint.pt").exists()
+    assert (tmp_path / "trainer.safetensors").exists()
     resumed = make_model(99)  # different init: everything must come from the checkpoint
     result = Trainer(resumed, [CrossEntropyObjective()], cfg, checkpoint_dir=tmp_path, progress=False).fit(*loaders(3))
     assert result.resumed_from_epoch == 2

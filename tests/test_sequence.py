@@ -3,6 +3,7 @@ greedy and beam decoding, label smoothing, checkpoint averaging and the characte
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -409,7 +410,7 @@ def test_cli_seq2seq_interrupted_run_resumes_from_its_checkpoint(tmp_path, monke
             "--hidden-size", "8", "--embedding-dim", "4", "--batch-size", "8", "--no-progress"]
     assert main(args) == 130
     stage = tmp_path / ".b2d.partial"
-    assert (stage / "checkpoint" / "checkpoint.pt").is_file() and not out.exists()
+    assert (stage / "checkpoint" / "trainer.safetensors").is_file() and not out.exists()
     assert main(args) == 2  # an interrupted run is neither discarded nor silently restarted
     assert main([*args, "--resume", "--lr", "0.5"]) == 2  # other options: refused
     capsys.readouterr()
@@ -417,3 +418,30 @@ def test_cli_seq2seq_interrupted_run_resumes_from_its_checkpoint(tmp_path, monke
     assert "resuming from the checkpoint after epoch 1" in capsys.readouterr().err
     history = (out / "history.jsonl").read_text().splitlines()
     assert len(history) == 3 and not stage.exists()
+
+
+def test_python_api_writes_seq2seq_and_charlm_run_folders(tmp_path) -> None:
+    from transferkit.rundir import is_output
+    from transferkit.sequence.runs import fit_charlm, fit_seq2seq
+    from transferkit.sequence.seq2seq import translate
+
+    small = {"epochs": 2, "hidden_size": 8, "embedding_dim": 4, "batch_size": 8}
+    run = fit_seq2seq(tmp_path / "b2d", task="binary-to-decimal", bits=5, progress=False, **small)
+    assert is_output(run.path, "seq2seq") and len(run.history) == 2
+    assert run.metrics["config"]["train"]["weight_decay"] == 1.0  # the command's defaults, as on the CLI
+    model, source, target, max_len = run.load()
+    saved = json.loads((run.path / "metrics.json").read_text())
+    assert saved["test_exact_match"] == run.metrics["test_exact_match"] == run.accuracy
+    assert len(translate(model, source, target, ["10101"], max_len)) == 1
+    with pytest.raises(TransferkitError, match="unknown option"):
+        fit_seq2seq(tmp_path / "x", task="binary-to-decimal", colour="red")
+    with pytest.raises(TransferkitError, match="already holds a finished seq2seq"):
+        fit_seq2seq(run.path, task="binary-to-decimal", bits=5, progress=False, **small)
+
+    (tmp_path / "book.txt").write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    lm = fit_charlm(tmp_path / "lm", tmp_path / "book.txt", epochs=1, hidden_size=8, embedding_dim=4,
+                    num_layers=1, bptt=16, batch_size=4, progress=False)
+    lm_model, vocab = lm.load()
+    assert is_output(lm.path, "charlm") and "q" in vocab.symbols and lm.accuracy == lm.metrics["val_accuracy"]
+    with pytest.raises(TransferkitError, match="holds a transferkit seq2seq output, not a charlm"):
+        fit_charlm(run.path, tmp_path / "book.txt", overwrite=True)

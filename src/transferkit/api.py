@@ -7,22 +7,16 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import re
-import resource
-import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from transferkit.config import FitConfig, build, load_yaml_config
 from transferkit.errors import TransferkitError, check_count
-from transferkit.inference import evaluate_features, evaluate_model, predict_proba_model  # public here too
-from transferkit.rundir import OutputFolder, write_json, write_jsonl
+from transferkit.fitting import Run, fit_run
+from transferkit.inference import evaluate_features, evaluate_model, predict_proba_model  # noqa: F401 (public here too)
 
 logger = logging.getLogger(__name__)
 
@@ -30,33 +24,6 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".ti
 
 
 # --- runs ------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    """A finished run folder: ``model/``, ``metrics.json``, ``history.jsonl``."""
-
-    path: Path
-    metrics: dict[str, Any]
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-    def load(self) -> LoadedModel:
-        return load(self.path)
-
-    @property
-    def accuracy(self) -> float:
-        return float(self.metrics["accuracy"])
-
-
-def _default_out(fit: FitConfig) -> Path:
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(fit.data).name or fit.data).strip("-") or "run"
-    return Path("runs") / f"{stem}-{fit.strategy}"
-
-
-def _peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def resolve_options(options: dict[str, Any], config_file: str | Path | None = None):
@@ -97,182 +64,13 @@ def resolve_options(options: dict[str, Any], config_file: str | Path | None = No
 
 
 def fit(data: str | None = None, *, config: str | Path | None = None, **options: Any) -> Run:
-    """Train a model on ``data`` and write a run folder; see ``transferkit fit --help`` for every option."""
-    from accelerate import PartialState
+    """Train a model on ``data`` and write a run folder; see ``transferkit fit --help`` for every option.
 
-    from transferkit.backbones import create_backbone, default_backbone
-    from transferkit.data import load_data
-    from transferkit.engine.context import RunContext
-    from transferkit.engine.placement import accelerator_kwargs, place
-    from transferkit.engine.trainer import seed_everything
-    from transferkit.model import TaskSpec, TransferModel
-
+    The steps of a run (data, backbone, model, training, scoring, the run folder) are in ``transferkit.fitting``.
+    """
     if data is not None:
         options["data"] = data
-    fit_cfg, train_cfg, strategy, extensions = resolve_options(options, config)
-    out = Path(fit_cfg.out) if fit_cfg.out else _default_out(fit_cfg)
-    all_options = {"fit": asdict(fit_cfg), "train": train_cfg.to_dict(), "strategy": strategy.to_dict(),
-                   "extensions": {e.name: asdict(e.config) for e in extensions}}
-
-    state = PartialState(**accelerator_kwargs(train_cfg.device))
-    folder = OutputFolder(out, "run", overwrite=fit_cfg.overwrite, resume=fit_cfg.resume, options=all_options)
-    folder.check()  # a bad --out is refused before any work; nothing is written until every input is checked
-    from transferkit.backbones import backbone_modality, check_backbone_name
-    from transferkit.tasks import causal_lm_requested
-
-    if fit_cfg.backbone:
-        check_backbone_name(fit_cfg.backbone)
-    tasks_extension = next((e for e in extensions if e.name == "tasks"), None)
-    if tasks_extension is not None and causal_lm_requested(tasks_extension.config.task):
-        return _fit_causal_lm(fit_cfg, train_cfg, strategy, tasks_extension.config.parsed()[0][0], folder,
-                              all_options, state)
-    started = time.perf_counter()
-    splits = load_data(fit_cfg.data, text_column=fit_cfg.text_column, label_column=fit_cfg.label_column,
-                       limit_per_class=fit_cfg.limit_per_class, seed=train_cfg.seed,
-                       val_fraction=fit_cfg.val_fraction, test_fraction=fit_cfg.test_fraction,
-                       test_limit=fit_cfg.test_limit)
-    for note in splits.notes:
-        logger.info("data: %s", note)
-    backbone_name = fit_cfg.backbone or default_backbone(splits.modality)
-    modality = backbone_modality(backbone_name)
-    if modality != splits.modality:
-        raise TransferkitError(f"backbone '{backbone_name}' takes {modality} input but the data is "
-                               f"{splits.modality}", f"choose a {splits.modality} backbone (`transferkit backbones`)")
-    misplaced = [flag for flag, value, modality in (("--image-size", fit_cfg.image_size, "image"),
-                                                     ("--feature-stage", fit_cfg.feature_stage, "image"),
-                                                     ("--max-length", fit_cfg.max_length, "text"))
-                 if value is not None and splits.modality != modality]
-    if misplaced:
-        raise TransferkitError(f"{', '.join(misplaced)} does not apply to {splits.modality} data",
-                               "remove it from the command")
-    backbone_options: dict[str, Any] = {}
-    if splits.modality == "image":
-        backbone_options["augment"] = fit_cfg.augment
-        if fit_cfg.image_size:
-            backbone_options["image_size"] = fit_cfg.image_size
-        if fit_cfg.feature_stage is not None:
-            backbone_options["feature_stage"] = fit_cfg.feature_stage
-    elif fit_cfg.max_length:
-        backbone_options["max_length"] = fit_cfg.max_length
-    seed_everything(train_cfg.seed)
-    backbone = create_backbone(backbone_name, pretrained=fit_cfg.pretrained, **backbone_options)
-    if backbone.modality != splits.modality:
-        raise TransferkitError(f"backbone '{backbone_name}' takes {backbone.modality} input but the data is "
-                               f"{splits.modality}", f"choose a {splits.modality} backbone (`transferkit backbones`)")
-    seed_everything(train_cfg.seed)
-    model = TransferModel(backbone, [TaskSpec("label", "classify", list(splits.class_names))],
-                          head_dropout=fit_cfg.head_dropout)
-    strategy.prepare(model)
-    place(model, train_cfg.device)  # features, extensions' set-up and evaluation run where training does
-    cache_dir = Path(fit_cfg.cache_dir) if fit_cfg.cache_dir else None
-    if cache_dir is None:
-        from transferkit.engine.features import default_cache_dir
-
-        cache_dir = default_cache_dir()
-    context = RunContext(splits=splits, train=train_cfg, label_smoothing=fit_cfg.label_smoothing,
-                         checkpoint_dir=folder.stage / "checkpoint", run_dir=folder.stage, cache_dir=cache_dir,
-                         progress=fit_cfg.progress,
-                         notes=list(splits.notes))
-    for ext in extensions:
-        context = ext.configure(context, model, fit_cfg)
-    splits = context.splits  # an extension may return transformed splits (framing, task targets)
-    logger.info("training %s on %s (%s) with %s: %d train / %d val / %d test items, %d classes",
-                backbone_name, fit_cfg.data, splits.modality, strategy.name, len(splits.train), len(splits.val),
-                len(splits.test) if splits.test else 0, len(splits.class_names))
-    folder.begin()  # every input is checked: only now does anything get written
-    with folder:  # a failure removes the staging folder unless it holds a checkpoint to resume from
-        return _train_and_write(folder, fit_cfg, train_cfg, strategy, extensions, splits, model, context,
-                                backbone_name, all_options, started, state)
-
-
-def _train_and_write(folder: OutputFolder, fit_cfg: FitConfig, train_cfg, strategy, extensions, splits, model,
-                     context, backbone_name: str, all_options: dict[str, Any], started: float, state) -> Run:
-    from transferkit.model import save_model
-
-    out, stage = folder.out, folder.stage
-    result = next((r for ext in extensions if (r := ext.train(context, model, strategy)) is not None), None)
-    if result is None:  # no extension took over training (FitExtension.train)
-        result = strategy.train(model, context)
-    train_seconds = time.perf_counter() - started
-
-    if not state.is_main_process:
-        folder.publish()  # waits for the main process
-        return Run(out, {}, result.history)
-
-    eval_split, eval_data = ("test", splits.test) if splits.test is not None and len(splits.test) else \
-        ("val", splits.val)
-    if model.tasks[0].kind != "classify":  # regression first (--task size:regress ...): scored by the task metrics
-        from transferkit.tasks.extension import first_task_report
-
-        report = first_task_report(model, eval_data, batch_size=max(32, train_cfg.batch_size))
-    elif strategy.frozen_backbone:  # the backbone is unchanged: score from (cached) features, not raw inputs
-        report = evaluate_features(model, context.features(model.backbone, eval_data), eval_data)
-    else:
-        report = evaluate_model(model, eval_data, batch_size=max(32, train_cfg.batch_size), progress=fit_cfg.progress)
-    trainable, total = model.count_parameters()
-    metrics: dict[str, Any] = {
-        **{k: report[k] for k in ("accuracy", "macro_f1") if k in report},
-        **({"top5_accuracy": report["top5_accuracy"]} if "top5_accuracy" in report else {}),
-        "accuracy_split": eval_split if eval_split == "test" or strategy.frozen_backbone
-        else "val (also used for early stopping: no test split)",
-        "n_eval": report["n"],
-        "trainable_params": trainable,
-        "total_params": total,
-        "train_seconds": round(train_seconds, 3),
-        "peak_memory_mb": round(_peak_memory_mb(), 1),
-        "dataset_sizes": splits.sizes(),
-        "num_classes": len(splits.class_names),
-        "class_names": list(splits.class_names),
-        "backbone": backbone_name,
-        "strategy": strategy.name,
-        "best_epoch": result.best_epoch,
-        "stopped_early": result.stopped_early,
-        "resumed_from_epoch": result.resumed_from_epoch,
-        "notes": context.notes,
-        "evaluation": report,
-        "config": all_options,
-    }
-    if hasattr(strategy, "metrics"):  # strategy-specific counts (e.g. FISH's mask size)
-        metrics.update(strategy.metrics(model))
-    for ext in extensions:
-        metrics.update(ext.metrics(context, model))
-    save_model(model, stage / "model", strategy.to_dict(), extra={"data": fit_cfg.data})
-    write_json(stage / "metrics.json", metrics)
-    write_jsonl(stage / "history.jsonl", result.history)
-    folder.publish()
-    logger.info("%s %s; run written to %s", eval_split, ", ".join(f"{k} {metrics[k]:.4f}" for k in
-                ("accuracy", "macro_f1", "mae", "coverage") if isinstance(metrics.get(k), float)), out)
-    return Run(out, metrics, result.history)
-
-
-def _fit_causal_lm(fit_cfg: FitConfig, train_cfg, strategy, column: str | None, folder: OutputFolder,
-                   all_options: dict[str, Any], state) -> Run:
-    """``--task causal-lm``: next-token training of a causal LM on a text file (see ``tasks.causal_lm``)."""
-    from transferkit.engine.features import default_cache_dir
-    from transferkit.tasks.causal_lm import CausalLMOptions, check_lm_strategy, read_passages, run_causal_lm
-
-    check_lm_strategy(strategy)
-    lm_options = CausalLMOptions(text_column=column or fit_cfg.text_column, heldout_fraction=fit_cfg.val_fraction,
-                                 max_length=fit_cfg.max_length or 128)
-    # read (and checked) before anything is written
-    passages = read_passages(fit_cfg.data, lm_options.text_column, lm_options.words_per_passage)
-    out, stage = folder.out, folder.stage
-    folder.begin()
-    with folder:
-        metrics = run_causal_lm(fit_cfg.data, fit_cfg.backbone or "smollm2-135m", strategy, train_cfg, stage,
-                                lm_options, fit_cfg.pretrained, progress=fit_cfg.progress,
-                                cache_dir=Path(fit_cfg.cache_dir) if fit_cfg.cache_dir else default_cache_dir(),
-                                passages=passages)
-        if not state.is_main_process:
-            folder.publish()
-            return Run(out, {})
-        metrics.update({"peak_memory_mb": round(_peak_memory_mb(), 1), "config": all_options})
-        write_json(stage / "metrics.json", metrics)
-        history = [json.loads(line) for line in (stage / "history.jsonl").read_text().splitlines() if line.strip()]
-        folder.publish()
-    logger.info("held-out perplexity %.2f -> %.2f; run written to %s", metrics["perplexity_before"],
-                metrics["perplexity_after"], out)
-    return Run(out, metrics, history)
+    return fit_run(*resolve_options(options, config))
 
 
 # --- loaded models (prediction and evaluation themselves live in transferkit.inference) ------------------------
@@ -421,19 +219,25 @@ def predict(model: str | Path | LoadedModel, inputs: list[str], batch_size: int 
     loaded = model if isinstance(model, LoadedModel) else load(model, device)
     loaded.refuse_language_model()
     items = expand_inputs(list(inputs), loaded.modality)
+    return prediction_rows(loaded, items, items, batch_size)
+
+
+def prediction_rows(loaded: LoadedModel, items: list[Any], names: list[Any],
+                    batch_size: int = 64) -> list[dict[str, Any]]:
+    """``predict``'s rows for ``items`` (paths, PIL images or texts), each row's ``"input"`` taken from ``names``."""
     if loaded.module.tasks[0].kind != "classify" or len(loaded.module.tasks) > 1:  # every task's prediction
         from transferkit.tasks.extension import predict_task_rows
 
         rows = predict_task_rows(loaded.module, loaded._as_data(items), batch_size)
         first = loaded.module.tasks[0]
         if first.kind != "classify":
-            return [{"input": item, "prediction": row[first.name], "tasks": row} for item, row in zip(items, rows)]
+            return [{"input": name, "prediction": row[first.name], "tasks": row} for name, row in zip(names, rows)]
         extra = rows
     else:
         extra = [{} for _ in items]
     probabilities = loaded.predict_proba(items, batch_size)
     return [
-        {"input": item, "prediction": loaded.classes_[int(p.argmax())],
+        {"input": name, "prediction": loaded.classes_[int(p.argmax())],
          "probabilities": {c: float(v) for c, v in zip(loaded.classes_, p)}, **({"tasks": e} if e else {})}
-        for item, p, e in zip(items, probabilities, extra)
+        for name, p, e in zip(names, probabilities, extra)
     ]

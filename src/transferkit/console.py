@@ -1,5 +1,5 @@
-"""Console output shared by the CLI and the Python API (e.g. ``compare`` cells in worker processes): logging set-up
-on stderr and aligned plain-text tables. Nothing here imports the CLI."""
+"""What a person sees on the console, for the CLI and for any process it starts (e.g. an isolated compare cell):
+logging on stderr and plain text tables. Progress bars are in ``transferkit.progress``."""
 
 from __future__ import annotations
 

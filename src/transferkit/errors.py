@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -73,6 +74,37 @@ def from_os_error(exc: OSError) -> TransferkitError:
     if not path:  # no file name known: drop the quoted path
         problem = problem.replace(" '{path}'", "").replace("(while writing)", "").replace("(at)", "")
     return TransferkitError(problem.format(path=path), fix)
+
+
+_OS_ERROR_IN_MESSAGE = re.compile(r"os error (\d+)|errno[ =:]*(\d+)", re.IGNORECASE)
+
+
+def os_error_in(exc: BaseException, path: str | Path | None = None) -> OSError | None:
+    """The ``OSError`` hidden in a library's exception (safetensors and faiss report a full disk as
+    ``... No space left on device (os error 28)``), or None."""
+    text = str(exc)
+    found = _OS_ERROR_IN_MESSAGE.search(text)
+    code = int(found.group(1) or found.group(2)) if found else next(
+        (number for number in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EIO)
+         if os.strerror(number).lower() in text.lower()), None)
+    if code is None:
+        return None
+    return OSError(code, os.strerror(code), None if path is None else str(path))
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Let a library writer's disk errors (full disk, read-only, permission) surface as ``OSError`` naming
+    ``path`` (the CLI then prints one line), instead of the library's own exception type."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as exc:
+        hidden = os_error_in(exc, path)
+        if hidden is None:
+            raise
+        raise hidden from None
 
 
 def from_memory_error(_: MemoryError | None = None) -> TransferkitError:

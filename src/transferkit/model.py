@@ -1,13 +1,15 @@
 """TransferModel: a backbone's embedding followed by one head per task, and its on-disk format.
 
-A saved model is a folder ``model/`` with ``config.json`` (backbone spec, tasks, strategy and its options) and
-``model.safetensors`` (the full state dict). Loading rebuilds the backbone's architecture without pretrained
+A saved model is a folder ``model/`` with ``config.json`` (backbone spec, tasks, strategy and its options, the
+SHA-256 of the weights file) and ``model.safetensors`` (the full state dict). Loading checks both (a damaged or
+edited folder is refused with one line instead of predicting something else). Loading rebuilds the backbone's architecture without pretrained
 weights, re-applies the strategy's structural changes (LoRA wrappers, adapters) and loads the state dict, so
 ``load(save(m))`` predicts exactly like ``m``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -25,6 +27,7 @@ from transferkit.errors import (
     read_json,
     read_safetensors,
     reading,
+    writing,
 )
 
 FORMAT = "transferkit-model"
@@ -112,12 +115,24 @@ class TransferModel(nn.Module):
         return trainable, total
 
 
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def save_model(model: TransferModel, folder: str | Path, strategy: dict[str, Any], extra: dict | None = None) -> None:
-    """Write ``config.json`` + ``model.safetensors`` into ``folder``."""
+    """Write ``model.safetensors`` + ``config.json`` (with the weights' SHA-256) into ``folder``."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    # Cloned so that tensors sharing storage (tied weights, wrappers) are written independently.
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    with writing(folder / "model.safetensors"):
+        save_file(state, str(folder / "model.safetensors"))
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -128,11 +143,9 @@ def save_model(model: TransferModel, folder: str | Path, strategy: dict[str, Any
         "strategy": strategy,
         "preprocess_signature": model.backbone.preprocess_signature(),
         **(extra or {}),
+        "weights_sha256": file_sha256(folder / "model.safetensors"),
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    # Cloned so that tensors sharing storage (tied weights, wrappers) are written independently.
-    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"))
 
 
 def read_model_config(folder: str | Path) -> dict[str, Any]:
@@ -233,6 +246,10 @@ def load_model(folder: str | Path) -> tuple[TransferModel, dict[str, Any]]:
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise TransferkitError(f"'{folder}' has no model.safetensors", "re-run `transferkit fit` to write the model")
+    expected_digest = config.get("weights_sha256")
+    if expected_digest is not None and expected_digest != file_sha256(weights):
+        raise corrupt_file_error(weights, "safetensors weights file", "its SHA-256 differs from the one in "
+                                 "config.json", _REFIT)
     state = read_safetensors(weights, "safetensors weights file", _REFIT)
     _take_learned_sizes(model, state)
     expected = model.state_dict()

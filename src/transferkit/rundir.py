@@ -95,6 +95,11 @@ def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
     _atomic_write_text(Path(path), "".join(json.dumps(row, default=json_default) + "\n" for row in rows))
 
 
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically (e.g. a run's model card ``README.md``)."""
+    _atomic_write_text(Path(path), text)
+
+
 def jsonable(obj: Any) -> Any:
     """``obj`` as it reads back from JSON (tuples become lists, paths strings, ...)."""
     return json.loads(json.dumps(obj, default=json_default))
@@ -129,6 +134,8 @@ def _legacy_kind(path: Path) -> str | None:
             model_format = None
         return {"transferkit-seq2seq": "seq2seq", "transferkit-charlm": "charlm"}.get(model_format, "run")
     if all((path / name).is_file() for name in ("index.faiss", "records.jsonl", "meta.json")):
+        return "index"
+    if (path / "CURRENT").is_file() and any(path.glob("v0*/meta.json")):  # an old index upgraded by `index add`
         return "index"
     try:
         if "lora_export" in json.loads((path / "config.json").read_text()):  # `transferkit export`

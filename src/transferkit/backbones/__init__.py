@@ -87,11 +87,16 @@ def check_backbone_name(name: str) -> None:
     raise TransferkitError(f"unknown backbone '{name}'", f"choose one of: {known} (see `transferkit backbones`)")
 
 
-def backbone_modality(name: str) -> str:
-    """The input modality of a registered backbone, known without building it."""
+def backbone_info(name: str) -> BackboneInfo:
+    """What the registry says about a backbone (its family's entry for ``prefix:target`` names), unbuilt."""
     check_backbone_name(name)
     entry = _REGISTRY.get(name) or _PREFIXES[name.split(":", 1)[0]]
-    return entry.info().modality
+    return entry.info()
+
+
+def backbone_modality(name: str) -> str:
+    """The input modality of a registered backbone, known without building it."""
+    return backbone_info(name).modality
 
 
 def create_backbone(name: str, pretrained: bool = True, **options: Any) -> Backbone:

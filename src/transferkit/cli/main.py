@@ -20,7 +20,7 @@ import traceback
 
 from transferkit import __version__
 from transferkit.console import setup_logging
-from transferkit.errors import TransferkitError, from_memory_error, from_os_error
+from transferkit.errors import TransferkitError, from_memory_error, from_os_error, os_error_in
 
 _COMMAND_MODULES = [
     "transferkit.cli.fit",
@@ -33,6 +33,7 @@ _COMMAND_MODULES = [
     "transferkit.cli.zeroshot",
     "transferkit.cli.sequence",
     "transferkit.cli.compare",
+    "transferkit.cli.serve",
 ]
 
 
@@ -138,6 +139,9 @@ def run_command(args: argparse.Namespace) -> int:
     except Exception as exc:
         if _is_out_of_memory(exc):
             return report_error(from_memory_error(), as_json)
+        hidden = os_error_in(exc)  # e.g. safetensors' "No space left on device (os error 28)"
+        if hidden is not None:
+            return report_error(from_os_error(hidden), as_json)
         if args.verbose:
             traceback.print_exc()
         detail = " ".join(str(exc).split())[:300]

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from transferkit.config import field_base_type, option_fields, register_option_class
-from transferkit.console import format_table as format_table  # re-exported for the commands
+from transferkit.console import format_table  # noqa: F401 (the CLI modules import it from here)
 from transferkit.errors import TransferkitError, check_count, check_number
 
 
@@ -97,5 +97,3 @@ def print_json(document: Any) -> None:
     """Exactly one JSON document on stdout."""
     sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
     sys.stdout.flush()
-
-

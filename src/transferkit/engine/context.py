@@ -59,7 +59,9 @@ class RunContext:
 
     def checkpoint_is_fresh(self) -> bool:
         """True unless an engine checkpoint exists (a resumed run must not redo one-off initialisations)."""
-        return self.checkpoint_dir is None or not (self.checkpoint_dir / "checkpoint.pt").exists()
+        from transferkit.engine.checkpoint import has_checkpoint
+
+        return not has_checkpoint(self.checkpoint_dir)
 
     # --- features ------------------------------------------------------------------------------------------
     def features(self, backbone: Backbone, data: LabeledData) -> np.ndarray:

@@ -23,7 +23,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -42,6 +41,7 @@ from transferkit.memory.lexical import CONFIG_FILE, IDS_FILE, LexicalIndex
 from transferkit.memory.lexical import FOLDER as LEXICAL_FOLDER
 from transferkit.memory.retrieval import RetrievalConfig, fuse, ranking, rerank_scores
 from transferkit.progress import progress as progress_bar
+from transferkit.rundir import OutputFolder
 
 logger = logging.getLogger(__name__)
 
@@ -571,7 +571,8 @@ def build_index(out: str | Path, *, docs: str | Path | None = None, images: str 
                 encoder: str | None = None, kind: str = "flat", batch_size: int = 32, progress: bool = True,
                 overwrite: bool = False, **options: Any) -> VectorIndex:
     """Build an index of ``docs`` (folder/file/``pydoc-topics``) or ``images`` (folder) and publish it as ``out``
-    (staged, then moved into place: ``out`` is never half-written; ``overwrite`` replaces an index only)."""
+    with the run-folder lifecycle (:class:`transferkit.rundir.OutputFolder`, kind ``index``: staged beside ``out``,
+    moved into place with its marker; ``overwrite`` replaces an index only)."""
     if (docs is None) == (images is None):
         raise TransferkitError("give exactly one of --docs and --images", "e.g. --docs ./notes")
     out = Path(out)
@@ -581,7 +582,7 @@ def build_index(out: str | Path, *, docs: str | Path | None = None, images: str 
     name = encoder or ("minilm" if docs is not None else "efficientnet_lite0")
     backbone = create_backbone(name, pretrained=True)
     index = VectorIndex.create(backbone, kind, **options)
-    folder = output_folder(out, overwrite)
+    folder = OutputFolder(out, "index", overwrite=overwrite)
     folder.begin()
     try:
         if docs is not None:
@@ -625,45 +626,3 @@ def remove_from_index(folder: str | Path, sources: Sequence[str],
     with VectorIndex.updating(folder, lock_timeout) as index:
         removed = index.remove_sources(sources)
     return removed, len(index)
-
-
-# --- publishing a new index folder ------------------------------------------------------------------------------
-def output_folder(out: Path, overwrite: bool) -> Any:
-    """The run-folder lifecycle of ``transferkit.rundir`` (TEAM.md shared interface 1) for ``kind="index"``."""
-    try:
-        from transferkit.rundir import OutputFolder
-    except ImportError:  # ADAPTER until engineer lifecycle's rundir.py is on main: remove with _StagedIndexFolder
-        return _StagedIndexFolder(out, overwrite)
-    return OutputFolder(out, "index", overwrite=overwrite)
-
-
-class _StagedIndexFolder:
-    """ADAPTER (temporary, see :func:`output_folder`): ``OutputFolder``'s begin / publish / abandon for indexes:
-    ``out`` must be new, empty, or an index with ``overwrite``; the index is staged beside it and renamed into
-    place."""
-
-    def __init__(self, out: Path, overwrite: bool) -> None:
-        self.out, self.overwrite = Path(out), overwrite
-        self.stage = self.out.parent / f".{self.out.name}.staging"
-
-    def begin(self) -> bool:
-        if self.out.exists() and not self.out.is_dir():
-            raise TransferkitError(f"--out '{self.out}' is a file", "give a new or empty folder as --out")
-        if self.out.is_dir() and any(self.out.iterdir()) and not (self.overwrite and storage.is_index_folder(self.out)):
-            raise TransferkitError(f"--out '{self.out}' is a folder that is neither empty nor an index",
-                                   "give a new or empty folder as --out (--overwrite replaces only an index)")
-        if self.stage.exists():
-            shutil.rmtree(self.stage)  # our own staging folder, left by an interrupted build
-        self.stage.mkdir(parents=True)
-        return False
-
-    def publish(self) -> Path:
-        replaced = self.out.parent / f".{self.out.name}.replaced"
-        if self.out.exists():
-            os.replace(self.out, replaced)
-        os.replace(self.stage, self.out)
-        shutil.rmtree(replaced, ignore_errors=True)
-        return self.out
-
-    def abandon(self) -> None:
-        shutil.rmtree(self.stage, ignore_errors=True)

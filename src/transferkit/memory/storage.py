@@ -275,7 +275,10 @@ def commit(folder: str | Path, write_files: Callable[[Path], None]) -> str:
         with contextlib.suppress(OSError):  # best effort: the next writer removes what is left
             shutil.rmtree(staging, ignore_errors=True)
         raise
-    clean_leftovers(folder, name)  # the superseded version(s) and the flat layout's files
+    try:
+        clean_leftovers(folder, name)  # the superseded version(s) and the flat layout's files
+    except OSError as error:  # committed all the same: the next writer removes them
+        logger.warning("index '%s': could not remove the superseded version (%s)", folder, error)
     return name
 
 

@@ -375,7 +375,25 @@ def split_pairs(pairs: Sequence[tuple[str, str]], train_fraction: float = 0.7, v
     random.Random(seed).shuffle(order)
     n_seen, n_val = int(round(train_fraction * len(pairs))), int(round(val_fraction * len(pairs)))
     pick = [pairs[i] for i in order]
-    return {"train": pick[n_val:n_seen], "val": pick[:n_val], "test": pick[n_seen:]}
+    splits = {"train": pick[n_val:n_seen], "val": pick[:n_val], "test": pick[n_seen:]}
+    check_splits(splits)
+    return splits
+
+
+def check_splits(splits: dict[str, list[tuple[str, str]]]) -> None:
+    """Every split holds pairs, and validation / test pairs use only symbols of the training pairs (the
+    vocabularies come from them): checked before training, not found at the end of it."""
+    empty = [name for name, part in splits.items() if not part]
+    if empty:
+        raise TransferkitError(f"the {' and '.join(empty)} split(s) hold no pairs "
+                               f"({', '.join(f'{k} {len(v)}' for k, v in splits.items())})",
+                               "use more pairs, or other --train-fraction / --val-fraction")
+    for side, what in ((0, "source"), (1, "target")):
+        seen = {symbol for pair in splits["train"] for symbol in pair[side]}
+        unseen = sorted({symbol for name in ("val", "test") for pair in splits[name] for symbol in pair[side]} - seen)
+        if unseen:
+            raise TransferkitError(f"{what} symbol(s) {''.join(unseen)!r} of the validation/test pairs never occur "
+                                   "in the training pairs", "use more pairs or a larger --train-fraction")
 
 
 class PairDataset(Dataset):

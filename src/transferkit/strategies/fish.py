@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from transferkit.engine.placement import module_device, to_device
-from transferkit.engine.trainer import CHECKPOINT_NAME
 from transferkit.errors import TransferkitError
 from transferkit.strategies import register_strategy
 from transferkit.strategies.base import Strategy, StrategyConfig, freeze, unfreeze
@@ -175,7 +174,7 @@ class Fish(Strategy):
                 for name, value in masks.items():
                     mask.mask_of(name).copy_(value)
         else:  # the parameter groups depend on the mask, so it is needed before the engine loads the checkpoint
-            restore_mask(mask, context.checkpoint_dir / CHECKPOINT_NAME)
+            restore_mask(mask, context.checkpoint_dir)
         handles = []
         for name, param in self.masked_parameters(model).items():
             param.requires_grad_(True)
@@ -195,14 +194,20 @@ class Fish(Strategy):
         return {"fish_mask_size": mask.kept(), "fish_mask_total": mask.total(), "trainable_params": mask.kept() + heads}
 
 
-def restore_mask(mask: FishMask, checkpoint: Path) -> None:
-    """Copy the mask buffers saved in an engine checkpoint (``model.fish_mask.*`` of the loss module)."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["loss_module"]
+def restore_mask(mask: FishMask, checkpoint_dir: Path) -> None:
+    """Copy the mask buffers saved in the engine checkpoint in ``checkpoint_dir`` (``model.fish_mask.*`` of the
+    loss module; safetensors, no pickle). A checkpoint without the complete mask is refused in one line."""
+    from transferkit.engine.checkpoint import checkpoint_file, corrupt, read_section
+
+    state = read_section(checkpoint_dir, "loss_module")
     prefix = f"model.{MASK_MODULE}."
+    saved = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    expected = dict(mask.named_buffers())
+    if saved.keys() != expected.keys() or any(saved[k].shape != v.shape for k, v in expected.items()):
+        raise corrupt(checkpoint_file(checkpoint_dir), "its FISH mask does not match this model")
     with torch.no_grad():
-        for key, value in state.items():
-            if key.startswith(prefix):
-                mask.get_buffer(key[len(prefix):]).copy_(value)
+        for name, value in saved.items():
+            expected[name].copy_(value)
 
 
 class _MaskGradient:

@@ -15,7 +15,6 @@ and ``transferkit generate`` samples. :func:`fit_causal_lm` does the whole run f
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -31,6 +30,7 @@ from transferkit.data.base import DataSplits, LabeledData
 from transferkit.engine.objectives import Objective
 from transferkit.engine.placement import inference, place, to_device
 from transferkit.errors import TransferkitError
+from transferkit.rundir import write_jsonl
 
 if TYPE_CHECKING:
     from transferkit.backbones.causal_lm import CausalLMBackbone
@@ -234,12 +234,7 @@ def run_causal_lm(data: str, backbone_name: str, strategy: Strategy, train: Trai
         "notes": context.notes,
     }
     save_model(model, stage / "model", strategy.to_dict(), extra={"data": str(data), "task": TASK_TYPE})
-    with open(stage / "history.jsonl", "w") as fh:
-        for row in result.history:
-            fh.write(json.dumps(row, default=str) + "\n")
-    import shutil
-
-    shutil.rmtree(stage / "checkpoint", ignore_errors=True)
+    write_jsonl(stage / "history.jsonl", result.history)
     return metrics
 
 
@@ -248,20 +243,21 @@ def fit_causal_lm(data: str, out: str | Path, backbone: str = "smollm2-135m", st
                   pretrained: bool = True, backbone_options: dict[str, Any] | None = None, progress: bool = False,
                   **train_options: Any) -> dict[str, Any]:
     """Python entry point: ``fit_causal_lm("notes.txt", "runs/lm", epochs=2, lr=2e-4)`` -> metrics (also in
-    ``out/metrics.json``). ``out`` must not hold a finished run."""
+    ``out/metrics.json``). ``out`` must not hold a finished run; it is written like ``fit``'s run folders."""
     from transferkit.engine.trainer import TrainConfig
+    from transferkit.rundir import OutputFolder, write_json
     from transferkit.strategies import create_strategy
 
-    out = Path(out)
-    if (out / "metrics.json").exists():
-        raise TransferkitError(f"'{out}' already holds a finished run", "choose another out folder")
-    out.mkdir(parents=True, exist_ok=True)
     train = TrainConfig(**{"early_stopping": 0, "lr": 2e-4, **train_options})
     train.validate()
     chosen = create_strategy(strategy, strategy_options or {})
-    metrics = run_causal_lm(data, backbone, chosen, train, out, lm_options, pretrained, progress=progress,
-                            backbone_options=backbone_options)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    folder = OutputFolder(out, "run")
+    folder.begin()
+    with folder:
+        metrics = run_causal_lm(data, backbone, chosen, train, folder.stage, lm_options, pretrained,
+                                progress=progress, backbone_options=backbone_options)
+        write_json(folder.stage / "metrics.json", metrics)
+        folder.publish()
     return metrics
 
 

@@ -185,3 +185,40 @@ class ClipZeroShot:
             return (scale * image @ self.label_vectors.T).softmax(-1)
 
         return predict_batches(self.model, [pixels], probabilities)
+
+
+ZERO_SHOT_METHODS = ("auto", "text", "conse", "clip")
+
+
+def zero_shot_classifier(labels: Sequence[str], images: bool, method: str = "auto", *,
+                         backbone: str = "efficientnet_lite0", encoder: str = "minilm", conse_top: int = 10,
+                         clip_model: str = "ViT-B-32", clip_pretrained: str | None = None,
+                         templates: Sequence[str] | None = None) -> tuple[str, Any]:
+    """``(method, classifier)`` for image or text inputs: ``auto`` is ConSE for images and text similarity for
+    texts; ``backbone`` is ConSE's ImageNet classifier, ``encoder`` the sentence encoder of the labels."""
+    from transferkit.backbones import create_backbone
+
+    if method not in ZERO_SHOT_METHODS:
+        raise TransferkitError(f"invalid --method '{method}'", f"choose one of {', '.join(ZERO_SHOT_METHODS)}")
+    method = method if method != "auto" else ("conse" if images else "text")
+    if images != (method in ("conse", "clip")):
+        raise TransferkitError(f"method '{method}' does not take {'images' if images else 'texts'}",
+                               "use --method conse/clip for images and text for texts (or auto)")
+    if method == "clip" and not clip_pretrained:  # random weights: a different answer on every run
+        raise TransferkitError("--method clip needs CLIP weights: without --clip-pretrained it would classify "
+                               "with random weights", "pass --clip-pretrained with a local open_clip checkpoint "
+                               "file, or use --method conse (works offline)")
+    if method == "clip":
+        return method, ClipZeroShot(labels, clip_model, clip_pretrained, tuple(templates or IMAGE_TEMPLATES))
+    if method == "conse":
+        return method, ConSEZeroShot(labels, create_backbone(backbone), create_backbone(encoder), top=conse_top,
+                                     templates=tuple(templates or ("{}",)))
+    return method, TextZeroShot(labels, create_backbone(encoder), tuple(templates or TEXT_TEMPLATES))
+
+
+def zero_shot_rows(classifier: Any, items: Sequence[Any], names: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per input: ``{"input": name, "prediction", "probabilities": {label: p}}``."""
+    labels = list(classifier.labels)
+    return [{"input": name, "prediction": labels[int(p.argmax())],
+             "probabilities": {label: float(v) for label, v in zip(labels, p)}}
+            for name, p in zip(names, classifier.predict_proba(items))]

@@ -139,3 +139,25 @@ class InContextClassifier:
 
     def predict(self, texts: Sequence[str]) -> list[str]:
         return [self.builder.labels[i] for i in self.predict_proba(texts).argmax(-1)]
+
+
+def evaluate_prompting(lm: Any, builder: PromptBuilder, train: Any, texts: Sequence[str],
+                       shots_list: Sequence[int], seed: int = 0, labels: Sequence[int] | None = None,
+                       show_prompt: Any = None) -> list[dict[str, Any]]:
+    """Classify ``texts`` with prompts of each number of ``shots`` per class (examples drawn from the labelled
+    ``train`` data): per entry ``{"shots", "predictions"}``, plus ``accuracy`` and ``n`` when the true ``labels``
+    of the texts are given. ``show_prompt(prompt)`` receives the prompt of the first text at each shot count."""
+    if min(shots_list, default=0) < 0:
+        raise TransferkitError("--shots must be 0 or more", "e.g. --shots 0 --shots 1 --shots 4")
+    results = []
+    for shots in shots_list:
+        examples = pick_examples(train.items, train.labels, builder.labels, shots, seed) if shots else []
+        if show_prompt is not None and texts:
+            show_prompt(builder.build(texts[0], examples))
+        predicted = InContextClassifier(lm, builder, examples).predict_proba(texts).argmax(-1)
+        entry: dict[str, Any] = {"shots": shots, "predictions": [builder.labels[int(i)] for i in predicted]}
+        if labels is not None:
+            entry["accuracy"] = float(np.mean(predicted == np.asarray(labels[: len(texts)])))
+            entry["n"] = len(texts)
+        results.append(entry)
+    return results
