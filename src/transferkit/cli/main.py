@@ -23,6 +23,7 @@ _COMMAND_MODULES = [
     "transferkit.cli.zeroshot",
     "transferkit.cli.sequence",
     "transferkit.cli.compare",
+    "transferkit.cli.auto",
 ]
 
 
