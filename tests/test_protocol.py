@@ -124,7 +124,7 @@ def test_choices_are_made_on_the_mean_curve_across_folds():
     curves = iter([[1.0, 0.5, 0.6], [1.0, 0.7, 0.4], [0.9, 0.6, 0.55]])
 
     def with_curve(train, val):
-        return FoldOutput(np.full((len(val), 2), 0.5), {"val_loss": next(curves)})
+        return FoldOutput(np.full((len(val), 2), 0.5), curves={"val_loss": next(curves)})
 
     def choose(fold_curves):
         mean = mean_curves(fold_curves)["val_loss"]
@@ -146,3 +146,20 @@ def test_wrong_probability_shape_is_a_programming_error():
     data = _data([4, 4])
     with pytest.raises(ValueError, match="shape"):
         cross_validate(lambda tr, va: np.zeros((len(va), 3)), data, k=2)
+
+
+def test_candidates_are_chosen_on_pooled_oof_predictions_and_give_the_oof_probabilities():
+    data = _data([6, 6])
+
+    def candidates(train, val):
+        truth = np.eye(2)[val.labels]
+        wrong = np.eye(2)[1 - val.labels]
+        hedged = 0.6 * truth + 0.4 * wrong  # as accurate as `truth`, higher cross-entropy
+        return FoldOutput(candidates=[wrong, hedged, truth, truth.copy()])
+
+    result = cross_validate(candidates, data, k=3, settings=lambda i: {"epochs": i + 1})
+    # candidates 1, 2, 3 are all accurate; 2 and 3 have the lower loss; ties go to the earlier: epochs 3
+    assert result.chosen == {"candidate": 2, "epochs": 3}
+    assert result.oof_accuracy == 1.0 and result.fold_accuracies == [1.0, 1.0, 1.0]
+    assert [s["accuracy"] for s in result.candidate_scores] == [0.0, 1.0, 1.0, 1.0]
+    np.testing.assert_allclose(result.oof_probabilities, np.eye(2)[data.labels])

@@ -9,10 +9,14 @@ n (k-1)/k labelled items", a slightly pessimistic estimate for the final model, 
 with fewer than 2 items (or a dataset with a single class) cannot be cross-validated.
 
 Settings that need choosing (the epoch count of gradient training, the probe's C, ...) are chosen *inside* the
-folds: ``train_and_predict`` may return a :class:`FoldOutput` with per-candidate validation ``curves`` (e.g. the
-validation loss after each epoch); :func:`mean_curves` averages them over folds and :func:`choose_from_curve`
-picks the best index of the mean curve, so a setting is chosen on all k validation folds together, not on one
-tiny validation split.
+folds, on all k validation folds together instead of one tiny validation split. ``train_and_predict`` may return a
+:class:`FoldOutput` with ``candidates``: its validation probabilities under each candidate setting (after each
+epoch, for each C, ...; the same list of settings in every fold). The chosen candidate is the one whose pooled
+out-of-fold predictions are most accurate (ties: lower cross-entropy, then the earlier candidate); the OOF
+probabilities and fold accuracies are then those of that candidate. Choosing one of m candidates on the same
+folds that score it makes the OOF accuracy slightly optimistic (by about the spread of the candidates' scores;
+small for the handful of settings chosen here). A fold may instead (or also) return named ``curves``;
+:func:`mean_curves` and :func:`choose_from_curve` then serve a custom ``choose``.
 """
 
 from __future__ import annotations
@@ -34,10 +38,11 @@ MAX_FOLDS = 5
 
 @dataclass
 class FoldOutput:
-    """What one fold returns: probabilities for its validation items and, optionally, validation curves
-    (``{"val_loss": [after epoch 1, after epoch 2, ...]}`` or one score per candidate setting)."""
+    """What one fold returns: its validation items' probabilities, or one such array per candidate setting
+    (``candidates``, in the same order in every fold), and optionally named validation ``curves``."""
 
-    probabilities: np.ndarray
+    probabilities: np.ndarray | None = None
+    candidates: list[np.ndarray] = field(default_factory=list)
     curves: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -56,6 +61,8 @@ class CVResult:
     fold_validation: list[np.ndarray] = field(default_factory=list)
     #: per-fold curves returned by ``train_and_predict`` (empty dicts when it returned bare probabilities)
     fold_curves: list[dict[str, list[float]]] = field(default_factory=list)
+    #: with candidates: the pooled OOF ``accuracy`` and ``loss`` (cross-entropy) of each candidate
+    candidate_scores: list[dict[str, float]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """The ``cv`` entry of ``metrics.json``."""
@@ -126,40 +133,65 @@ def stratified_folds(labels: np.ndarray | Sequence[int], k: int, repeats: int = 
 
 def cross_validate(train_and_predict: Callable[[LabeledData, LabeledData], np.ndarray | FoldOutput],
                    data: LabeledData, *, k: int | None = None, repeats: int = 1, seed: int = 0,
+                   settings: Callable[[int], dict[str, Any]] | None = None,
                    choose: Callable[[list[dict[str, list[float]]]], dict[str, Any]] | None = None,
                    on_fold: Callable[[int, int, float], None] | None = None) -> CVResult:
     """Stratified k-fold cross-validation of ``train_and_predict(train, val) -> probabilities (len(val), C)``
-    (or a :class:`FoldOutput`). ``k=None``: :func:`default_k`. ``choose(fold_curves) -> dict`` turns the folds'
-    curves into the chosen settings (default: nothing is chosen). ``on_fold(index, total, accuracy)`` reports
-    progress."""
+    (or a :class:`FoldOutput`). ``k=None``: :func:`default_k`. ``settings(i)`` names candidate i's settings
+    (e.g. ``{"epochs": i + 1}``) in ``chosen``; ``choose(fold_curves) -> dict`` adds choices made from curves.
+    ``on_fold(index, total, accuracy)`` reports progress."""
     check_cross_validatable(data.labels, data.class_names)
     k = default_k(data.labels) if k is None else k
     folds = stratified_folds(data.labels, k, repeats, seed)
-    n_classes = data.num_classes
-    summed = np.zeros((len(data), n_classes))
-    accuracies, curves, validation = [], [], []
+    outputs: list[list[np.ndarray]] = []  # per fold: one probability array per candidate (or the only one)
+    curves, validation = [], []
     for index, (train_pos, val_pos) in enumerate(folds):
-        train, val = data.subset(train_pos, name=f"{data.name}/cv-train"), data.subset(val_pos, name=f"{data.name}/cv-val")
+        train = data.subset(train_pos, name=f"{data.name}/cv-train")
+        val = data.subset(val_pos, name=f"{data.name}/cv-val")
         output = train_and_predict(train, val)
         if not isinstance(output, FoldOutput):
             output = FoldOutput(np.asarray(output))
-        probabilities = np.asarray(output.probabilities, dtype=np.float64)
-        if probabilities.shape != (len(val_pos), n_classes):
-            raise ValueError(f"train_and_predict returned shape {probabilities.shape}, expected "
-                             f"{(len(val_pos), n_classes)}")
-        summed[val_pos] += probabilities
-        accuracies.append(float((probabilities.argmax(1) == data.labels[val_pos]).mean()))
+        arrays = list(output.candidates) or [output.probabilities]
+        for probabilities in arrays:
+            if probabilities is None or np.shape(probabilities) != (len(val_pos), data.num_classes):
+                raise ValueError(f"train_and_predict returned shape {np.shape(probabilities)}, expected "
+                                 f"{(len(val_pos), data.num_classes)}")
+        outputs.append([np.asarray(p, dtype=np.float64) for p in arrays])
         curves.append(dict(output.curves))
         validation.append(val_pos)
         if on_fold is not None:
-            on_fold(index + 1, len(folds), accuracies[-1])
+            on_fold(index + 1, len(folds), float((arrays[-1].argmax(1) == data.labels[val_pos]).mean()))
+    n_candidates = min(len(o) for o in outputs)
+    scores = [_pooled_scores([o[c] for o in outputs], validation, data.labels, repeats) for c in range(n_candidates)]
+    best = min(range(n_candidates), key=lambda c: (-scores[c]["accuracy"], scores[c]["loss"], c))
+    chosen: dict[str, Any] = {}
+    if n_candidates > 1 or any(len(o) > 1 for o in outputs):
+        chosen = {"candidate": best, **(settings(best) if settings is not None else {})}
+    if choose is not None:
+        chosen.update(choose(curves))
+    summed = np.zeros((len(data), data.num_classes))
+    accuracies = []
+    for arrays, val_pos in zip(outputs, validation):
+        summed[val_pos] += arrays[best]
+        accuracies.append(float((arrays[best].argmax(1) == data.labels[val_pos]).mean()))
     oof = summed / repeats
     acc = np.asarray(accuracies)
     return CVResult(k=k, repeats=repeats, fold_accuracies=accuracies, mean=float(acc.mean()),
                     sd=float(acc.std(ddof=1)) if len(acc) > 1 else 0.0, oof_probabilities=oof,
-                    oof_accuracy=float((oof.argmax(1) == data.labels).mean()),
-                    chosen=choose(curves) if choose is not None else {}, seed=seed, fold_validation=validation,
-                    fold_curves=curves)
+                    oof_accuracy=float((oof.argmax(1) == data.labels).mean()), chosen=chosen, seed=seed,
+                    fold_validation=validation, fold_curves=curves,
+                    candidate_scores=scores if n_candidates > 1 else [])
+
+
+def _pooled_scores(arrays: list[np.ndarray], validation: list[np.ndarray], labels: np.ndarray,
+                   repeats: int) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of the OOF probabilities (averaged over repeats) of one candidate."""
+    summed = np.zeros((len(labels), arrays[0].shape[1]))
+    for probabilities, val_pos in zip(arrays, validation):
+        summed[val_pos] += probabilities
+    oof = summed / repeats
+    loss = -np.log(np.clip(oof[np.arange(len(labels)), labels], 1e-12, None)).mean()
+    return {"accuracy": float((oof.argmax(1) == labels).mean()), "loss": float(loss)}
 
 
 def mean_curves(fold_curves: list[dict[str, list[float]]]) -> dict[str, list[float]]:
