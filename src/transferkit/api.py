@@ -176,7 +176,7 @@ def load(path: str | Path, device: str = "auto") -> LoadedModel:
 
     config = read_model_config(path)
     if ENSEMBLE_KEY in config:
-        return EnsembleModel(config, path)
+        return EnsembleModel(config, path, device)
     module, config = load_model(path)
     place(module, target)
     return LoadedModel(module, config, path)
@@ -186,10 +186,10 @@ class EnsembleModel(LoadedModel):
     """An ensemble folder (``transferkit auto``): the weighted mean of its members' probabilities, each member with
     its own preprocessing and test-time augmentation. ``module`` is the first member's network (classes, modality)."""
 
-    def __init__(self, config: dict[str, Any], path: Path) -> None:
+    def __init__(self, config: dict[str, Any], path: Path, device: str = "auto") -> None:
         folder = Path(config["_folder"])
         spec = config["ensemble"]
-        self.members = [load(folder / member) for member in spec["members"]]
+        self.members = [load(folder / member, device) for member in spec["members"]]
         self.weights = [float(w) for w in spec["weights"]]
         if not self.members or len(self.weights) != len(self.members):
             raise TransferkitError(f"the ensemble in '{folder}' lists no members or mismatched weights",

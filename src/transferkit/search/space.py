@@ -52,20 +52,37 @@ def image_space(backbones: list[str] | None = None, sizes: list[int] | None = No
     resolution (full-resolution training is listed last; the budget decides whether it runs)."""
     backbones = backbones or list(LITE_NATIVE)
     candidates: list[Candidate] = []
-    for backbone in backbones:
+
+    def resolutions(backbone: str) -> list[int]:
         native = LITE_NATIVE.get(backbone, 224)
-        for size in sizes or [native, native * 3 // 4]:
-            for c in (1.0, 0.1):
-                candidates.append(Candidate(backbone, "linear-probe", size, {"probe_c": c}, "features",
-                                            f"probe C={c:g}"))
+        return list(sizes) if sizes else [native, native * 3 // 4]
+
+    # diversity first (every backbone at its first resolution), then other resolutions, then a stronger penalty
+    for rank in range(max(len(resolutions(b)) for b in backbones)):
+        for backbone in backbones:
+            if rank < len(resolutions(backbone)):
+                candidates.append(Candidate(backbone, "linear-probe", resolutions(backbone)[rank], {"probe_c": 1.0},
+                                            "features", "probe C=1"))
+    for backbone in backbones:
+        for size in resolutions(backbone):
+            candidates.append(Candidate(backbone, "linear-probe", size, {"probe_c": 0.1}, "features", "probe C=0.1"))
     first = backbones[0]
     small = sizes[-1] if sizes else 112
-    for strategy, label, options in TRAINED_IMAGE:
-        candidates.append(Candidate(first, strategy, small, dict(options), "train", label))
+    trained = [Candidate(first, strategy, small, dict(options), "train", label)
+               for strategy, label, options in TRAINED_IMAGE]
     for strategy, label, options in TRAINED_IMAGE[:1]:
-        candidates.append(Candidate(first, strategy, 160, dict(options), "train", label))
-        candidates.append(Candidate(first, strategy, LITE_NATIVE.get(first, 224), dict(options), "train", label))
-    return candidates
+        trained.append(Candidate(first, strategy, 160, dict(options), "train", label))
+        trained.append(Candidate(first, strategy, LITE_NATIVE.get(first, 224), dict(options), "train", label))
+    # interleave: a trained candidate after each group of probes, so a short budget still tries one of each kind
+    probes_first = len(backbones)
+    ordered = candidates[:probes_first]
+    rest = candidates[probes_first:]
+    group = max(1, len(rest) // max(1, len(trained)))
+    for i, candidate in enumerate(trained):
+        ordered.append(candidate)
+        ordered.extend(rest[i * group:(i + 1) * group])
+    ordered.extend(rest[len(trained) * group:])
+    return ordered
 
 
 #: trained image candidates: (strategy, label, options); the few-shot defaults measured in bench/bench_defaults.py
