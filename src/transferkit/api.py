@@ -123,7 +123,18 @@ class LoadedModel:
 
     def predict_proba(self, items: Any, batch_size: int = 64) -> np.ndarray:
         self.refuse_language_model()
-        return predict_proba_model(self.module, self._as_data(items), batch_size, temperature=self.temperature)
+        return self.predict_proba_data(self._as_data(items), batch_size)
+
+    def predict_proba_data(self, data, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """Class probabilities for every item of a LabeledData, with the model's test-time augmentation (``tta``
+        in its config: ``hflip`` averages each image with its mirror image) and temperature."""
+        probabilities = predict_proba_model(self.module, data, batch_size, progress, temperature=self.temperature)
+        if self.config.get("tta") == "hflip" and data.modality == "image":
+            from transferkit.search.training import mirrored
+
+            probabilities = 0.5 * (probabilities + predict_proba_model(self.module, mirrored(data), batch_size,
+                                                                       temperature=self.temperature))
+        return probabilities
 
     def predict(self, items: Any, batch_size: int = 64) -> list[str]:
         probabilities = self.predict_proba(items, batch_size)
@@ -160,9 +171,38 @@ def load(path: str | Path, device: str = "auto") -> LoadedModel:
     target = resolve_device(device)  # a bad --device is refused before anything is read
     if not path.exists():
         raise TransferkitError(f"model folder '{path}' does not exist", "pass the --out folder of a finished fit")
+    from transferkit.model import read_model_config
+    from transferkit.search.ensemble import ENSEMBLE_KEY
+
+    config = read_model_config(path)
+    if ENSEMBLE_KEY in config:
+        return EnsembleModel(config, path, device)
     module, config = load_model(path)
     place(module, target)
     return LoadedModel(module, config, path)
+
+
+class EnsembleModel(LoadedModel):
+    """An ensemble folder (``transferkit auto``): the weighted mean of its members' probabilities, each member with
+    its own preprocessing and test-time augmentation. ``module`` is the first member's network (classes, modality)."""
+
+    def __init__(self, config: dict[str, Any], path: Path, device: str = "auto") -> None:
+        folder = Path(config["_folder"])
+        spec = config["ensemble"]
+        self.members = [load(folder / member, device) for member in spec["members"]]
+        self.weights = [float(w) for w in spec["weights"]]
+        if not self.members or len(self.weights) != len(self.members):
+            raise TransferkitError(f"the ensemble in '{folder}' lists no members or mismatched weights",
+                                   "re-run `transferkit auto`")
+        if any(m.classes_ != self.members[0].classes_ for m in self.members):
+            raise TransferkitError(f"the members of the ensemble in '{folder}' have different classes",
+                                   "re-run `transferkit auto`")
+        super().__init__(self.members[0].module, config, path)
+
+    def predict_proba_data(self, data, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        total = sum(self.weights)
+        return sum(w / total * m.predict_proba_data(data, batch_size, progress)
+                   for m, w in zip(self.members, self.weights))
 
 
 def evaluate(model: str | Path | LoadedModel, data: str, *, text_column: str | None = None,
@@ -189,7 +229,11 @@ def evaluate(model: str | Path | LoadedModel, data: str, *, text_column: str | N
         from transferkit.tasks.extension import first_task_report
 
         return first_task_report(loaded.module, eval_data, batch_size)  # the hooks measure classifiers
-    report = evaluate_model(loaded.module, eval_data, batch_size=batch_size, progress=progress)
+    from transferkit.evaluation.metrics import classification_report
+
+    keep = eval_data.labels >= 0
+    probabilities = loaded.predict_proba_data(eval_data, batch_size, progress)
+    report = classification_report(eval_data.labels[keep], probabilities[keep], loaded.classes_)
     report.update(run_evaluation_hooks(loaded, eval_data, report, options))
     return report
 
