@@ -166,7 +166,12 @@ def read_model_config(folder: str | Path) -> dict[str, Any]:
     if version > FORMAT_VERSION:
         raise TransferkitError(f"the model in '{folder}' was written by a newer transferkit",
                                "upgrade transferkit")
-    check_model_config(config, path)
+    ensemble = config.get("ensemble")
+    if ensemble is None:
+        check_model_config(config, path)
+    elif not isinstance(ensemble, dict) or not isinstance(ensemble.get("members"), list) \
+            or not isinstance(ensemble.get("weights"), list):  # an ensemble (`transferkit auto`): members checked on load
+        raise corrupt_file_error(path, "model config", "ensemble without member and weight lists", _REFIT)
     config["_folder"] = str(folder)
     return config
 
