@@ -106,9 +106,9 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
     from accelerate import PartialState
 
     from transferkit.backbones import create_backbone, default_backbone
-    from transferkit.data import load_data
     from transferkit.engine.context import RunContext
     from transferkit.engine.trainer import seed_everything
+    from transferkit.evaluation.crossfit import plan_protocol
     from transferkit.model import TaskSpec, TransferModel, save_model
 
     if data is not None:
@@ -139,10 +139,8 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
         return _fit_causal_lm(fit_cfg, train_cfg, strategy, tasks_extension.config.parsed()[0][0], stage, out,
                               all_options, state)
     started = time.perf_counter()
-    splits = load_data(fit_cfg.data, text_column=fit_cfg.text_column, label_column=fit_cfg.label_column,
-                       limit_per_class=fit_cfg.limit_per_class, seed=train_cfg.seed,
-                       val_fraction=fit_cfg.val_fraction, test_fraction=fit_cfg.test_fraction,
-                       test_limit=fit_cfg.test_limit)
+    plan = plan_protocol(fit_cfg, train_cfg.seed, extensions=extensions, processes=state.num_processes)
+    splits = plan.splits
     for note in splits.notes:
         logger.info("data: %s", note)
     backbone_name = fit_cfg.backbone or default_backbone(splits.modality)
@@ -193,6 +191,10 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
         stage.mkdir(parents=True, exist_ok=True)
         (stage / "run_config.json").write_text(json.dumps(all_options, indent=2, default=str))
     state.wait_for_everyone()
+    if plan.protocol == "cv":  # choose settings in the folds; the training below is the refit on every label
+        from transferkit.evaluation.crossfit import cross_validate_fit
+
+        cross_validate_fit(model, strategy, context, extensions, fit_cfg)
     result = next((r for ext in extensions if (r := ext.train(context, model, strategy)) is not None), None)
     if result is None:  # no extension took over training (FitExtension.train)
         result = strategy.train(model, context)
@@ -203,7 +205,11 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
 
     eval_split, eval_data = ("test", splits.test) if splits.test is not None and len(splits.test) else \
         ("val", splits.val)
-    if model.tasks[0].kind != "classify":  # regression first (--task size:regress ...): scored by the task metrics
+    if context.cv is not None and eval_split != "test":  # scored out of fold, on every labelled item
+        from transferkit.evaluation.crossfit import cv_report
+
+        eval_split, report = "cv", cv_report(context.cv, splits.train)
+    elif model.tasks[0].kind != "classify":  # regression first (--task size:regress ...): scored by the task metrics
         from transferkit.tasks.extension import first_task_report
 
         report = first_task_report(model, eval_data, batch_size=max(32, train_cfg.batch_size))
@@ -215,8 +221,9 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
     metrics: dict[str, Any] = {
         **{k: report[k] for k in ("accuracy", "macro_f1") if k in report},
         **({"top5_accuracy": report["top5_accuracy"]} if "top5_accuracy" in report else {}),
-        "accuracy_split": eval_split if eval_split == "test" or strategy.frozen_backbone
+        "accuracy_split": eval_split if eval_split in ("test", "cv") or strategy.frozen_backbone
         else "val (also used for early stopping: no test split)",
+        "protocol": plan.protocol,
         "n_eval": report["n"],
         "trainable_params": trainable,
         "total_params": total,
@@ -234,6 +241,11 @@ def fit(data: str | None = None, *, config: str | Path | None = None, **options:
         "evaluation": report,
         "config": all_options,
     }
+    if context.cv is not None:
+        from transferkit.evaluation.crossfit import PREDICTIONS_FILE, write_predictions
+
+        metrics.update(cv=context.cv.summary(), n_train_final=len(splits.train))
+        write_predictions(stage / PREDICTIONS_FILE, splits.train, context.cv.oof_probabilities)
     if hasattr(strategy, "metrics"):  # strategy-specific counts (e.g. FISH's mask size)
         metrics.update(strategy.metrics(model))
     for ext in extensions:

@@ -18,6 +18,8 @@ from typing import Any
 
 from transferkit.errors import TransferkitError
 
+PROTOCOLS = ("auto", "cv", "holdout")
+
 
 @dataclass
 class FitConfig:
@@ -37,6 +39,12 @@ class FitConfig:
                                                             "subset of this many test items."})
     val_fraction: float = field(default=0.15, metadata={"help": "Validation share when splitting automatically."})
     test_fraction: float = field(default=0.2, metadata={"help": "Test share when the data has no test split."})
+    protocol: str = field(default="auto", metadata={"help": "How labels are spent. cv: stratified k-fold "
+                          "cross-validation (k = min(5, smallest class)) chooses the settings and estimates accuracy "
+                          "out of fold, then the final model is refit on every labelled item; holdout: train / "
+                          "validation / test splits (--val-fraction, --test-fraction); auto: cv when the data has "
+                          "no test or validation split of its own and its smallest class has fewer than 50 items, "
+                          "holdout otherwise."})
     pretrained: bool = field(default=True, metadata={"help": "Start from pretrained weights (--no-pretrained: "
                                                     "the same architecture from random initialisation)."})
     image_size: int | None = field(default=None, metadata={"help": "Input resolution in pixels (default: the "
@@ -64,6 +72,8 @@ class FitConfig:
         if not 0 < self.val_fraction < 1 or not 0 <= self.test_fraction < 1:
             raise TransferkitError("--val-fraction must lie in (0, 1) and --test-fraction in [0, 1)",
                                    "pass fractions such as 0.15 and 0.2")
+        if self.protocol not in PROTOCOLS:
+            raise TransferkitError(f"invalid --protocol '{self.protocol}'", f"choose one of {', '.join(PROTOCOLS)}")
         if not 0 <= self.head_dropout < 1 or not 0 <= self.label_smoothing < 1:
             raise TransferkitError("--head-dropout and --label-smoothing must lie in [0, 1)", "pass e.g. 0.1")
 
@@ -156,3 +166,20 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
         raise TransferkitError(f"config file '{path}' must hold a mapping of option: value",
                                "write it as lines like `strategy: finetune`")
     return {str(k).replace("-", "_"): v for k, v in content.items()}
+
+
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: str | float | int, name: str = "--time-budget") -> float:
+    """Seconds from a duration: a number of seconds (``600``, ``600s``), minutes (``10m``) or hours (``1h``,
+    ``1.5h``). Raises TransferkitError unless the result is a finite number above 0."""
+    text = str(value).strip().lower()
+    unit = text[-1:] if text[-1:] in ("s", "m", "h") else ""
+    try:
+        seconds = float(text[: len(text) - len(unit)]) * _DURATION_UNITS[unit]
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise TransferkitError(f"invalid {name} {value!r}", "give a positive duration such as 600, 600s, 10m or 1h")
+    return seconds

@@ -48,6 +48,9 @@ class RunContext:
     evaluate_fn: Callable | None = None
     monitor: tuple[str, str] = ("accuracy", "max")
     notes: list[str] = field(default_factory=list)
+    #: under ``--protocol cv`` the CVResult (evaluation/protocol.py): its out-of-fold predictions on every labelled
+    #: item stand in for the (empty) validation split, e.g. for temperature scaling
+    cv: Any = None
 
     def checkpoint_is_fresh(self) -> bool:
         """True unless an engine checkpoint exists (a resumed run must not redo one-off initialisations)."""
