@@ -14,7 +14,7 @@ import transferkit
 from transferkit.cli.main import main
 from transferkit.engine.context import RunContext
 
-SMALL = {"backbone": "small_cnn", "batch_size": 8, "lr": 0.01, "progress": False}
+SMALL = {"backbone": "small_cnn", "batch_size": 8, "lr": 0.01, "progress": False, "threads": 1}
 
 
 def _stripes(direction: str, seed: int) -> Image.Image:

@@ -16,7 +16,12 @@ from transferkit.model import TaskSpec, TransferModel, make_head
 from transferkit.tasks import QuantileHead, parse_task
 from transferkit.tasks.extension import TasksConfig
 from transferkit.tasks.losses import classification_loss, pinball_loss, regression_loss
-from transferkit.tasks.multitask import MultiTaskObjective, conformal_offset, task_metrics
+from transferkit.tasks.multitask import (
+    MultiTaskObjective,
+    conformal_guaranteed,
+    conformal_offset,
+    task_metrics,
+)
 
 
 def test_parse_task() -> None:
@@ -109,6 +114,20 @@ def test_conformal_offset_by_hand_and_calibrated_head_never_crosses() -> None:
             assert (torch.diff(out, dim=1) >= 0).all()
             if offset == 0.7:
                 assert torch.allclose(out[:, 0], raw[:, 0] - 0.7) and torch.allclose(out[:, -1], raw[:, -1] + 0.7)
+
+
+def test_conformal_offset_warns_when_the_calibration_set_is_too_small(caplog) -> None:
+    # coverage 0.8 needs ceil((n + 1) * 0.8) <= n, i.e. n >= 4; with n = 3 the rank (4) is clamped to 3
+    assert not conformal_guaranteed(3, 0.8) and conformal_guaranteed(4, 0.8)
+    assert not conformal_guaranteed(18, 0.95) and conformal_guaranteed(19, 0.95)
+    predictions = np.tile([0.0, 1.0, 2.0], (3, 1))
+    with caplog.at_level("WARNING", logger="transferkit.tasks.multitask"):
+        assert conformal_offset(predictions, np.array([1.0, 3.0, 5.0]), 0.8) == pytest.approx(3.0)
+    assert "too few for coverage 0.8" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="transferkit.tasks.multitask"):
+        conformal_offset(np.tile([0.0, 1.0, 2.0], (4, 1)), np.array([1.0, 3.0, 5.0, 0.5]), 0.8)
+    assert "too few" not in caplog.text
 
 
 class _Trunk(nn.Module):

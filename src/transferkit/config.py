@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, check_count
+
+#: the largest input resolution accepted (in pixels): larger ones would exhaust memory before the first batch
+MAX_IMAGE_SIZE = 4096
 
 PROTOCOLS = ("auto", "cv", "holdout")
 
@@ -67,8 +70,8 @@ class FitConfig:
             raise TransferkitError("no data given", "pass --data PATH or a built-in dataset name")
         for name in ("limit_per_class", "test_limit", "image_size", "max_length"):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise TransferkitError(f"invalid --{name.replace('_', '-')} {value}", "use a whole number >= 1")
+            if value is not None:
+                check_count(f"--{name.replace('_', '-')}", value, 1, MAX_IMAGE_SIZE if name == "image_size" else None)
         if not 0 < self.val_fraction < 1 or not 0 <= self.test_fraction < 1:
             raise TransferkitError("--val-fraction must lie in (0, 1) and --test-fraction in [0, 1)",
                                    "pass fractions such as 0.15 and 0.2")
@@ -128,7 +131,7 @@ def coerce(value: Any, tp: type, name: str) -> Any:
             return int(value)
         if tp is float:
             result = float(value)
-            if math.isnan(result):
+            if not math.isfinite(result):
                 raise ValueError(value)
             return result
         if tp is str:

@@ -89,17 +89,14 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-@torch.no_grad()
 def model_logits(module: Any, data: Any, batch_size: int = 64) -> np.ndarray:
     """First-task logits of a TransferModel for every item of a LabeledData."""
-    from transferkit.backbones import move_to
     from transferkit.data.loader import make_loader
+    from transferkit.engine.placement import predict_batches
 
-    module.eval()
-    device = next(module.parameters()).device
-    chunks = [module(move_to(batch["inputs"], device)).logits.float().cpu().numpy()
-              for batch in make_loader(data, module.backbone, batch_size=batch_size, train=False)]
-    return np.concatenate(chunks) if chunks else np.zeros((0, len(module.class_names)))
+    loader = make_loader(data, module.backbone, batch_size=batch_size, train=False)
+    logits = predict_batches(module, (batch["inputs"] for batch in loader), lambda x: module(x).logits.float())
+    return logits if logits is not None else np.zeros((0, len(module.class_names)))
 
 
 def run_folder_of(model_path: str | Path) -> Path:
@@ -109,8 +106,13 @@ def run_folder_of(model_path: str | Path) -> Path:
 
 
 def read_temperature(model_path: str | Path) -> float | None:
+    from transferkit.errors import check_number, read_json, reading
+
     file = run_folder_of(model_path) / CALIBRATION_FILE
-    return float(json.loads(file.read_text())["temperature"]) if file.is_file() else None
+    if not file.is_file():
+        return None
+    with reading(file, "calibration file", "delete it, or fit again with --temperature-scale"):
+        return check_number("temperature", read_json(file, "calibration file")["temperature"], 0, low_open=True)
 
 
 # --- fit extension: --temperature-scale ----------------------------------------------------------------------
@@ -131,6 +133,18 @@ class TemperatureScaling(FitExtension):
 
     def active(self) -> bool:
         return self.config.temperature_scale
+
+    def describe(self) -> str:
+        return "--temperature-scale"
+
+    @classmethod
+    def modes(cls) -> dict[str, dict[str, Any]]:
+        return {"temperature-scale": {"temperature_scale": True}}
+
+    def supports(self, strategy: Any, task_kind: str) -> bool | str:
+        if task_kind not in ("label", "classify"):
+            return "the temperature scales the label classifier's probabilities, and the first task does not classify"
+        return super().supports(strategy, task_kind)
 
     def metrics(self, context: Any, model: Any) -> dict[str, Any]:
         if context.cv is not None:  # --protocol cv: fitted on the out-of-fold predictions of every labelled item

@@ -54,24 +54,17 @@ PREDICTIONS_FILE = "cv_predictions.csv"
 CV_EXTENSIONS = ("anchor", "calibration", "data check")
 
 
-@dataclasses.dataclass
-class ProtocolPlan:
-    protocol: str  # "cv" | "holdout"
-    splits: DataSplits  # under cv: train = every labelled item, val empty, test = a given test split or None
-    reason: str
-
-
 def plan_protocol(fit: FitConfig, seed: int, *, extensions: list[FitExtension] = (), processes: int = 1
-                  ) -> ProtocolPlan:
-    """Load ``fit.data`` for ``fit.protocol`` (see the module docstring for the ``auto`` rule)."""
+                  ) -> DataSplits:
+    """Load ``fit.data`` for ``fit.protocol`` (see the module docstring for the ``auto`` rule). The splits'
+    ``protocol`` says which one applies; under cv, ``train`` is every labelled item and ``val`` is empty."""
     from transferkit.data import load_data
 
     options = {"text_column": fit.text_column, "label_column": fit.label_column,
                "limit_per_class": fit.limit_per_class, "seed": seed, "val_fraction": fit.val_fraction,
                "test_limit": fit.test_limit}
     if fit.protocol == "holdout":
-        return ProtocolPlan("holdout", load_data(fit.data, test_fraction=fit.test_fraction, **options),
-                            "--protocol holdout")
+        return load_data(fit.data, test_fraction=fit.test_fraction, **options)
     splits = load_data(fit.data, test_fraction=0.0, **options)
     pool = labelled_pool(splits)
     counts = pool.class_counts()
@@ -91,7 +84,8 @@ def plan_protocol(fit: FitConfig, seed: int, *, extensions: list[FitExtension] =
         if reason is not None:
             if splits.test is None:  # carve the test split that holdout scores on
                 splits = load_data(fit.data, test_fraction=fit.test_fraction, **options)
-            return ProtocolPlan("holdout", splits, f"holdout: {reason}")
+            splits.notes.append(f"protocol holdout: {reason}")
+            return splits
         reason = f"cv: no split of its own and the smallest class has {counts.min()} items"
     else:
         reason = "--protocol cv"
@@ -103,10 +97,10 @@ def plan_protocol(fit: FitConfig, seed: int, *, extensions: list[FitExtension] =
     check_cross_validatable(pool.labels, pool.class_names)
     cv_splits = DataSplits(train=pool, val=pool.subset(np.arange(0), name=f"{pool.name}/val"), test=splits.test,
                            notes=[n for n in splits.notes if "validation" not in n], source=splits.source,
-                           given=splits.given)
+                           given=splits.given, protocol="cv")
     cv_splits.notes.append(f"protocol {reason}: settings chosen by stratified k-fold on the {len(pool)} labelled "
                            "items, final model refit on all of them")
-    return ProtocolPlan("cv", cv_splits, reason)
+    return cv_splits
 
 
 def labelled_pool(splits: DataSplits) -> LabeledData:
@@ -155,6 +149,8 @@ def cross_validate_fit(model: TransferModel, strategy: Strategy, context: RunCon
     logger.info("cv (%d folds x %d): out-of-fold accuracy %.4f, fold mean %.4f (sd %.4f); chosen %s", result.k,
                 result.repeats, result.oof_accuracy, result.mean, result.sd, result.chosen or "nothing to choose")
     context.cv = result
+    if context.run_dir is not None:
+        write_predictions(Path(context.run_dir) / PREDICTIONS_FILE, pool, result.oof_probabilities)
     return result
 
 
@@ -247,7 +243,7 @@ def _train_fold(model: TransferModel, strategy: Strategy, context: RunContext, e
         evaluate_fn=recording_evaluate, pool_features=features)
     for ext in extensions:
         if ext.name == "anchor":  # objectives anchored to this fold's copy of the initial weights
-            ext.configure(fold_context, model, fit)
+            fold_context = ext.configure(fold_context, model, fit)
     seed_everything(train_cfg.seed)
     strategy.train(model, fold_context)
     if per_epoch:

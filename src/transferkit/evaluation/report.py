@@ -184,7 +184,7 @@ def first_layer_filters_figure(module: Any) -> Any | None:
     if conv is None:
         return None
     plt = _pyplot()
-    weights = conv.weight.detach().cpu().float().numpy()[:32]
+    weights = conv.weight.detach().float().cpu().numpy()[:32]
     cols = 8
     rows = int(np.ceil(len(weights) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.9, rows * 0.9), squeeze=False)
@@ -243,18 +243,15 @@ def evaluation_data(metrics: dict[str, Any]) -> Any:
 def _predict_with_features(module: Any, data: Any) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
-    from transferkit.backbones import move_to
     from transferkit.data.loader import make_loader
+    from transferkit.engine.placement import predict_batches
 
-    module.eval()
-    device = next(module.parameters()).device
-    probs, feats = [], []
-    with torch.no_grad():
-        for batch in make_loader(data, module.backbone, batch_size=64, train=False):
-            output = module(move_to(batch["inputs"], device))
-            probs.append(torch.softmax(output.logits.float(), -1).cpu().numpy())
-            feats.append(output.features.float().cpu().numpy())
-    return np.concatenate(probs), np.concatenate(feats)
+    def probabilities_and_features(inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        output = module(inputs)
+        return torch.softmax(output.logits.float(), -1), output.features.float()
+
+    loader = make_loader(data, module.backbone, batch_size=64, train=False)
+    return predict_batches(module, (batch["inputs"] for batch in loader), probabilities_and_features)
 
 
 def _examples_html(data: Any, probabilities: np.ndarray, class_names: list[str]) -> str:

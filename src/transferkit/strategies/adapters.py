@@ -200,6 +200,7 @@ class Adapters(Strategy):
     name = "adapter"
     config_class = AdapterConfig
     description = "bottleneck adapters (series or parallel) after the backbone's blocks; the rest frozen"
+    task_kinds = ("label", "classify", "regress", "quantile", "causal_lm")
     config: AdapterConfig
 
     def prepare(self, model: TransferModel, for_loading: bool = False) -> None:

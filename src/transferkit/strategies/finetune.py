@@ -75,6 +75,7 @@ class Finetune(Strategy):
     name = "finetune"
     config_class = FinetuneConfig
     description = "train the top K layer groups (or all) with layer-wise learning rates"
+    task_kinds = ("label", "classify", "regress", "quantile", "causal_lm")
     config: FinetuneConfig
 
     def prepare(self, model: TransferModel, for_loading: bool = False) -> None:
@@ -102,6 +103,8 @@ class Finetune(Strategy):
         if head_init == "auto":
             head_init = "probe" if model.backbone.is_pretrained else "random"
         if model.tasks[0].kind != "classify":  # e.g. a causal LM: its output layer is the pretrained one
+            head_init = "random"
+        if head_init == "probe" and context.heads_from is not None:  # auto: keep the head copied by --init-from
             head_init = "random"
         if head_init == "probe" and context.checkpoint_is_fresh():
             metrics = fit_probe(model, context, c=1.0, max_iter=1000)

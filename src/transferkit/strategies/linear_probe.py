@@ -71,7 +71,11 @@ class LinearProbe(Strategy):
     config_class = LinearProbeConfig
     description = "frozen backbone, new linear head on cached features"
     frozen_backbone = True
+    task_kinds = ("label",)
     config: LinearProbeConfig
+
+    def trains_with_engine(self) -> bool:
+        return self.config.solver == "sgd"
 
     def train(self, model: TransferModel, context: RunContext) -> TrainResult:
         if self.config.solver == "sgd":
