@@ -50,6 +50,9 @@ class RunContext:
     evaluate_fn: Callable | None = None
     monitor: tuple[str, str] = ("accuracy", "max")
     notes: list[str] = field(default_factory=list)
+    #: under ``--protocol cv`` the CVResult (evaluation/protocol.py): its out-of-fold predictions on every labelled
+    #: item stand in for the (empty) validation split, e.g. for temperature scaling
+    cv: Any = None
     #: factor of the task loss (KL anchoring's ``1 - A``)
     task_weight: float = 1.0
     #: ``(data, features) -> features`` applied to every extraction (CORAL re-colours the source splits)
