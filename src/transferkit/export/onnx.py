@@ -118,7 +118,7 @@ class Preprocessor:
         from transferkit.backbones.base import as_pil_image
 
         tensors = [self.transform(as_pil_image(item, self.spec["mode"])) for item in items]
-        return {"pixels": torch.stack(tensors).numpy().astype(np.float32)}
+        return {"pixels": torch.stack(tensors).cpu().numpy().astype(np.float32)}
 
 
 # --- export ------------------------------------------------------------------------------------------------------
