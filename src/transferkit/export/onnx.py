@@ -169,7 +169,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, overwrite: bool = False,
 
     folder = OutputFolder(out, "export", overwrite=overwrite)
     folder.check()
-    loaded = load(model_dir)
+    loaded = load(model_dir, device="cpu")  # traced with CPU example inputs, compared on onnxruntime's CPU provider
     loaded.refuse_language_model()
     model = loaded.module
     if any(t.kind != "classify" for t in model.tasks[:1]):
