@@ -28,8 +28,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from bench.common import bench_command, cached, write_section
 
 ROOT = Path(__file__).resolve().parent
