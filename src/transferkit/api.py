@@ -99,6 +99,10 @@ class LoadedModel:
         return self.module.backbone.modality
 
     @property
+    def tasks(self) -> list:
+        return list(self.module.tasks)
+
+    @property
     def is_language_model(self) -> bool:
         """A ``--task causal-lm`` run: it scores perplexity and generates text instead of predicting classes."""
         return self.config.get("task") == "causal-lm"
@@ -173,9 +177,12 @@ def load(path: str | Path, device: str = "auto") -> LoadedModel:
     target = resolve_device(device)  # a bad --device is refused before anything is read
     if not path.exists():
         raise TransferkitError(f"model folder '{path}' does not exist", "pass the --out folder of a finished fit")
+    from transferkit.export.onnx import OnnxModel, is_onnx_export
     from transferkit.model import read_model_config
     from transferkit.search.ensemble import ENSEMBLE_KEY
 
+    if is_onnx_export(path):  # `export --format onnx`: runs on onnxruntime
+        return OnnxModel(path)  # type: ignore[return-value]
     config = read_model_config(path)
     if ENSEMBLE_KEY in config:
         return EnsembleModel(config, path, device)
@@ -218,7 +225,7 @@ def evaluate(model: str | Path | LoadedModel, data: str, *, text_column: str | N
     from transferkit.evaluation.hooks import run_evaluation_hooks
 
     check_count("--batch-size", batch_size)
-    loaded = model if isinstance(model, LoadedModel) else load(model, device)
+    loaded = load(model, device) if isinstance(model, (str, Path)) else model  # a LoadedModel or an OnnxModel
     if loaded.is_language_model:
         from transferkit.tasks.causal_lm import evaluate_perplexity
 
@@ -227,6 +234,12 @@ def evaluate(model: str | Path | LoadedModel, data: str, *, text_column: str | N
     if eval_data.modality != loaded.modality:
         raise TransferkitError(f"the model takes {loaded.modality} input but '{data}' is {eval_data.modality} data",
                                "evaluate on data of the kind the model was trained on")
+    if not isinstance(loaded, LoadedModel):  # an ONNX export: onnxruntime probabilities, the plain report
+        from transferkit.evaluation.metrics import classification_report
+
+        keep = eval_data.labels >= 0
+        probabilities = loaded.predict_proba([eval_data.items[i] for i in np.flatnonzero(keep)], batch_size)
+        return classification_report(eval_data.labels[keep], probabilities, loaded.classes_)
     if loaded.module.tasks[0].kind != "classify":  # regression first: the task metrics are the report
         from transferkit.tasks.extension import first_task_report
 
@@ -262,7 +275,7 @@ def predict(model: str | Path | LoadedModel, inputs: list[str], batch_size: int 
     """One row per input: ``{"input", "prediction", "probabilities": {class: p}}``; ``device`` places a model
     loaded from a folder."""
     check_count("--batch-size", batch_size)
-    loaded = model if isinstance(model, LoadedModel) else load(model, device)
+    loaded = load(model, device) if isinstance(model, (str, Path)) else model  # a LoadedModel or an OnnxModel
     loaded.refuse_language_model()
     items = expand_inputs(list(inputs), loaded.modality)
     return prediction_rows(loaded, items, items, batch_size)
@@ -271,7 +284,7 @@ def predict(model: str | Path | LoadedModel, inputs: list[str], batch_size: int 
 def prediction_rows(loaded: LoadedModel, items: list[Any], names: list[Any],
                     batch_size: int = 64) -> list[dict[str, Any]]:
     """``predict``'s rows for ``items`` (paths, PIL images or texts), each row's ``"input"`` taken from ``names``."""
-    if loaded.module.tasks[0].kind != "classify" or len(loaded.module.tasks) > 1:  # every task's prediction
+    if loaded.tasks[0].kind != "classify" or len(loaded.tasks) > 1:  # every task's prediction
         from transferkit.tasks.extension import predict_task_rows
 
         rows = predict_task_rows(loaded.module, loaded._as_data(items), batch_size)

@@ -188,7 +188,8 @@ class VectorIndex:
     def _write_files(self, version: Path, lexical: LexicalIndex | None) -> None:
         import faiss
 
-        faiss.write_index(self.faiss_index, str(version / "index.faiss"))
+        with open(version / "index.faiss", "wb") as fh:  # Python writes: a full disk is an OSError naming the file
+            fh.write(faiss.serialize_index(self.faiss_index).tobytes())
         with open(version / "records.jsonl", "w", encoding="utf-8") as fh:
             for record_id in sorted(self.records):
                 fh.write(json.dumps({"id": record_id, **self.records[record_id]}, ensure_ascii=False) + "\n")

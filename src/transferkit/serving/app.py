@@ -111,7 +111,7 @@ class ModelService:
         self.name = name
         self.config = config
         self.index = index
-        self.classify = loaded.module.tasks[0].kind == "classify"
+        self.classify = loaded.tasks[0].kind == "classify"
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="transferkit-model")
         self._prediction_rows = prediction_rows
         self.observe_batch = lambda kind, n: None  # replaced by the app's metrics
@@ -164,7 +164,8 @@ def _index_encoder_reuse(loaded: Any, index: Any) -> None:
     frozen) encoder: one model copy instead of two."""
     from transferkit.strategies import strategy_class
 
-    strategy = loaded.config.get("strategy", {}).get("name", "")
+    strategy = loaded.config.get("strategy")
+    strategy = strategy.get("name", "") if isinstance(strategy, dict) else ""  # an ONNX export has no backbone
     try:
         frozen = strategy_class(strategy).frozen_backbone
     except TransferkitError:
@@ -473,6 +474,8 @@ class App:
         if service.modality != "text":
             raise ApiError(400, f"model '{service.name}' takes {service.modality} input: /v1/embeddings serves "
                                 "text models")
+        if not hasattr(service.loaded, "module"):
+            raise ApiError(400, "an ONNX export holds no encoder: serve the run folder for /v1/embeddings")
         model = request.get("model")
         if model is not None and model != service.name:
             raise ApiError(404, f"unknown model '{model}'; this server serves '{service.name}'")
