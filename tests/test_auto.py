@@ -118,8 +118,8 @@ def test_select_ensemble_adds_members_only_when_they_help():
 
 
 def test_auto_resume_skips_finished_candidates(folder, tmp_path, monkeypatch):
-    from transferkit.search import auto as auto_module
-    from transferkit.search.auto import AutoConfig, run_auto
+    from transferkit.search import auto_search as auto_module
+    from transferkit.search.auto_search import AutoConfig, run_auto
 
     out = tmp_path / "run"
     calls: list[str] = []
