@@ -2,9 +2,9 @@
 
 A saved model is a folder ``model/`` with ``config.json`` (backbone spec, tasks, strategy and its options, the
 SHA-256 of the weights file) and ``model.safetensors`` (the full state dict). Loading checks both (a damaged or
-edited folder is refused with one line instead of predicting something else). Loading rebuilds the backbone's architecture without pretrained
-weights, re-applies the strategy's structural changes (LoRA wrappers, adapters) and loads the state dict, so
-``load(save(m))`` predicts exactly like ``m``.
+edited folder is refused with one line instead of predicting something else), rebuilds the backbone's
+architecture without pretrained weights, re-applies the strategy's structural changes (LoRA wrappers, adapters)
+and loads the state dict, so ``load(save(m))`` predicts exactly like ``m``.
 """
 
 from __future__ import annotations
@@ -166,7 +166,12 @@ def read_model_config(folder: str | Path) -> dict[str, Any]:
     if version > FORMAT_VERSION:
         raise TransferkitError(f"the model in '{folder}' was written by a newer transferkit",
                                "upgrade transferkit")
-    check_model_config(config, path)
+    ensemble = config.get("ensemble")
+    if ensemble is None:
+        check_model_config(config, path)
+    elif not isinstance(ensemble, dict) or not isinstance(ensemble.get("members"), list) \
+            or not isinstance(ensemble.get("weights"), list):  # an ensemble (`transferkit auto`): members checked on load
+        raise corrupt_file_error(path, "model config", "ensemble without member and weight lists", _REFIT)
     config["_folder"] = str(folder)
     return config
 
@@ -237,13 +242,15 @@ def _build(config: dict[str, Any]) -> TransferModel:
     return model
 
 
-def _shapes_on_meta(config: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:
+def _shapes_on_meta(config: dict[str, Any], saved: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]] | None:
     """The state-dict shapes of the described architecture, built on the ``meta`` device (no memory), or None
-    when a backbone cannot be built there. Compared with the weights file before the real build, so that an
-    edited config (e.g. a width of 10^9) is refused instead of exhausting memory."""
+    when a backbone cannot be built there. Compared with the weights file's ``saved`` shapes before the real
+    build, so that an edited config (e.g. a width of 10^9) is refused instead of exhausting memory."""
     try:
         with torch.device("meta"):
-            return {k: tuple(v.shape) for k, v in _build(config).state_dict().items()}
+            model = _build(config)
+            _take_learned_sizes(model, {k: torch.empty(shape) for k, shape in saved.items()})
+            return {k: tuple(v.shape) for k, v in model.state_dict().items()}
     except TransferkitError:
         raise
     except Exception:  # noqa: BLE001 - a backbone that needs real tensors to build: checked after the real build
@@ -282,7 +289,7 @@ def load_model(folder: str | Path) -> tuple[TransferModel, dict[str, Any]]:
     shapes = read_safetensors(weights, "safetensors weights file", _REFIT, shapes_only=True)
     try:
         with reading(path, "model config", _REFIT):
-            on_meta = _shapes_on_meta(config)
+            on_meta = _shapes_on_meta(config, shapes)
             if on_meta is not None:
                 _check_fit(weights, config, on_meta, shapes)
             model = _build(config)
@@ -291,6 +298,7 @@ def load_model(folder: str | Path) -> tuple[TransferModel, dict[str, Any]]:
             raise
         raise TransferkitError(f"the model in '{folder}' cannot be rebuilt: {exc.problem}", exc.fix) from None
     state = read_safetensors(weights, "safetensors weights file", _REFIT)
+    _take_learned_sizes(model, state)
     expected = model.state_dict()
     _check_fit(weights, config, {k: tuple(v.shape) for k, v in expected.items()},
                {k: tuple(v.shape) for k, v in state.items()})
@@ -306,3 +314,13 @@ def load_model(folder: str | Path) -> tuple[TransferModel, dict[str, Any]]:
     model.load_state_dict(state, strict=True)
     model.eval()
     return model, config
+
+
+def _take_learned_sizes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Modules whose buffer sizes are learned (a kNN head's example bank) take them from the saved tensors
+    through their ``resize_from_state(own_state)`` before the shapes are checked."""
+    for name, module in model.named_modules():
+        resize = getattr(module, "resize_from_state", None)
+        if callable(resize):
+            prefix = f"{name}." if name else ""
+            resize({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})

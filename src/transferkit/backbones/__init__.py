@@ -12,7 +12,7 @@ from typing import Any
 
 from transferkit.backbones.base import Backbone, BackboneInfo, BackboneSpec, batch_size_of, move_to
 from transferkit.errors import TransferkitError
-from transferkit.registry import import_registering_modules
+from transferkit.registry import add_entry, import_registering_modules
 
 __all__ = [
     "Backbone",
@@ -54,7 +54,7 @@ def register_backbone(name: str, info: Callable[[], BackboneInfo]):
     """Decorator: register ``factory(pretrained: bool, **options) -> Backbone`` under ``name``."""
 
     def wrap(factory: Callable[..., Backbone]) -> Callable[..., Backbone]:
-        _REGISTRY[name] = _Entry(factory, info)
+        add_entry(_REGISTRY, name, _Entry(factory, info), "backbone")
         return factory
 
     return wrap
@@ -64,7 +64,7 @@ def register_prefix(prefix: str, info: Callable[[], BackboneInfo]):
     """Decorator: register ``factory(target: str, pretrained: bool, **options)`` for names ``prefix:target``."""
 
     def wrap(factory: Callable[..., Backbone]) -> Callable[..., Backbone]:
-        _PREFIXES[prefix] = _Entry(factory, info)
+        add_entry(_PREFIXES, prefix, _Entry(factory, info), "backbone prefix")
         return factory
 
     return wrap
@@ -87,11 +87,16 @@ def check_backbone_name(name: str) -> None:
     raise TransferkitError(f"unknown backbone '{name}'", f"choose one of: {known} (see `transferkit backbones`)")
 
 
-def backbone_modality(name: str) -> str:
-    """The input modality of a registered backbone, known without building it."""
+def backbone_info(name: str) -> BackboneInfo:
+    """What the registry says about a backbone (its family's entry for ``prefix:target`` names), unbuilt."""
     check_backbone_name(name)
     entry = _REGISTRY.get(name) or _PREFIXES[name.split(":", 1)[0]]
-    return entry.info().modality
+    return entry.info()
+
+
+def backbone_modality(name: str) -> str:
+    """The input modality of a registered backbone, known without building it."""
+    return backbone_info(name).modality
 
 
 def create_backbone(name: str, pretrained: bool = True, **options: Any) -> Backbone:

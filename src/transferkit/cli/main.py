@@ -14,12 +14,12 @@ import argparse
 import contextlib
 import errno
 import importlib
-import logging
 import os
 import sys
 import traceback
 
 from transferkit import __version__
+from transferkit.console import setup_logging
 from transferkit.errors import TransferkitError, from_memory_error, from_os_error, os_error_in
 
 _COMMAND_MODULES = [
@@ -33,6 +33,8 @@ _COMMAND_MODULES = [
     "transferkit.cli.zeroshot",
     "transferkit.cli.sequence",
     "transferkit.cli.compare",
+    "transferkit.cli.serve",
+    "transferkit.cli.auto",
 ]
 
 
@@ -98,39 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         module.register(subparsers)
     return parser
-
-
-class _CurrentStderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at the time of the record (it may be replaced after set-up)."""
-
-    @property
-    def stream(self):  # type: ignore[override]
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property always reads sys.stderr
-        pass
-
-
-def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    handler = _CurrentStderrHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    root = logging.getLogger("transferkit")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transferkit.progress import progress_enabled
-
-    if not progress_enabled():  # no terminal: also silence the Hugging Face libraries' own bars (read at import)
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for noisy in ("transformers", "accelerate", "sentence_transformers", "timm", "peft", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    import warnings
-
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def report_error(error: TransferkitError, as_json: bool = False) -> int:

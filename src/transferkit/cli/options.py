@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from transferkit.config import field_base_type, option_fields, register_option_class
+from transferkit.console import format_table  # noqa: F401 (the CLI modules import it from here)
 from transferkit.errors import TransferkitError, check_count, check_number
 
 
@@ -86,24 +87,13 @@ def add_fit_options(parser: argparse.ArgumentParser, seen: set[str], fit_title: 
         add_dataclass_options(parser, ext.config_class, seen, name)
 
 
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device`` for commands that run a loaded model (resolved by ``transferkit.engine.placement``)."""
+    parser.add_argument("--device", default="auto", help="Where the model runs: auto (this process's GPU if any, "
+                                                         "else the CPU), cpu, cuda, cuda:N or mps (default: auto).")
+
+
 def print_json(document: Any) -> None:
     """Exactly one JSON document on stdout."""
     sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
     sys.stdout.flush()
-
-
-def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """A plain aligned text table."""
-    cells = [[_fmt(row.get(c, "")) for c in columns] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
-    return "\n".join(lines)
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10000:
-        return f"{value:,}"
-    return str(value)

@@ -6,34 +6,25 @@
     transferkit charlm sample --model runs/lm --prime "The " --length 300 --temperature 0.8
 
 Each ``train`` writes a run folder like ``fit`` does (``model/``, ``metrics.json``, ``history.jsonl``), built in a
-staging folder next to ``--out`` and moved into place only when finished.
+staging folder next to ``--out`` and moved into place only when finished; the Python API behind them is
+:mod:`transferkit.sequence.runs` (``fit_seq2seq``, ``fit_charlm``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from transferkit.cli.options import add_dataclass_options, count, format_table, number, print_json
 from transferkit.errors import TransferkitError
 
-SEQ2SEQ_TASKS = ("binary-to-decimal",)
-#: engine defaults that suit these small from-scratch models (any flag overrides them). seq2seq: strong decoupled
-#: weight decay makes the encoder-decoder learn the rule instead of storing the pairs (binary-to-decimal: 0.992-0.998
-#: exact match on unseen numbers over 5 seeds with attention, 0.55-0.96 without weight decay; bench/results/sequence.md)
-SEQ2SEQ_TRAIN_DEFAULTS = {"epochs": 120, "batch_size": 128, "lr": 1e-2, "weight_decay": 1.0, "warmup_steps": 100,
-                          "early_stopping": 0, "threads": 1}
-CHARLM_TRAIN_DEFAULTS = {"epochs": 20, "batch_size": 32, "lr": 2e-3, "weight_decay": 0.0, "early_stopping": 3,
-                         "threads": 1}
 _COMMON = ("func", "command", "action", "json", "verbose", "quiet", "out", "overwrite", "resume", "no_progress")
 
 
 def register(subparsers) -> None:
     from transferkit.sequence.charlm import CharLMConfig
+    from transferkit.sequence.runs import CHARLM_TRAIN_DEFAULTS, SEQ2SEQ_TASKS, SEQ2SEQ_TRAIN_DEFAULTS
     from transferkit.sequence.seq2seq import Seq2SeqConfig
 
     seq = subparsers.add_parser("seq2seq", help="Encoder-decoder models for n-to-m sequence tasks.")
@@ -88,53 +79,9 @@ def _add_train_options(parser: argparse.ArgumentParser, model_class: type, defau
     parser.set_defaults(func=func)
 
 
-def _options(args: argparse.Namespace, defaults: dict[str, Any], skip: tuple[str, ...]) -> dict[str, Any]:
-    given = {k: v for k, v in vars(args).items() if k not in _COMMON + skip}
-    return {**defaults, **given}
-
-
-def _build_configs(options: dict[str, Any], model_class: type) -> tuple[Any, Any]:
-    from transferkit.config import build
-    from transferkit.engine.trainer import TrainConfig
-
-    model_config = build(model_class, options)
-    model_config.validate()
-    train = build(TrainConfig, options)
-    train.validate()
-    if options:
-        raise TransferkitError(f"unknown option(s): {', '.join(sorted(options))}", "see --help")
-    return model_config, train
-
-
-def _staging(out: Path, args: argparse.Namespace, run_options: dict[str, Any]) -> Path:
-    """The staging folder of ``out``: new, or kept with ``--resume`` when an interrupted run used the same options
-    (the engine then continues from its checkpoint); ``run_options`` are written to ``run_config.json``."""
-    from transferkit.api import _json_default, check_interrupted_run, staging_dir
-
-    if (out / "metrics.json").is_file() and not args.overwrite:
-        raise TransferkitError(f"'{out}' already holds a finished run", "pass --overwrite or choose another --out")
-    if out.exists() and not (out / "metrics.json").is_file() and any(out.iterdir()):
-        raise TransferkitError(f"'{out}' exists and is not a transferkit run", "choose an empty or new --out folder")
-    stage = staging_dir(out)
-    options = json.loads(json.dumps(run_options, default=_json_default))
-    if stage.exists():
-        if not check_interrupted_run(out, options, resume=args.resume, overwrite=args.overwrite):
-            return stage  # --resume: the engine continues from the checkpoint in it
-        shutil.rmtree(stage)  # --overwrite
-    stage.mkdir(parents=True)
-    (stage / "run_config.json").write_text(json.dumps(options, indent=2))
-    return stage
-
-
-def _finish(stage: Path, out: Path, metrics: dict[str, Any], history: list[dict[str, Any]]) -> None:
-    from transferkit.api import _json_default, _publish
-
-    (stage / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
-    with open(stage / "history.jsonl", "w") as fh:
-        for row in history:
-            fh.write(json.dumps(row, default=_json_default) + "\n")
-    shutil.rmtree(stage / "checkpoint", ignore_errors=True)
-    _publish(stage, out)
+def _options(args: argparse.Namespace, skip: tuple[str, ...]) -> dict[str, Any]:
+    """The model and engine options typed on the command line (the Python API adds its defaults)."""
+    return {k: v for k, v in vars(args).items() if k not in _COMMON + skip}
 
 
 def _report(metrics: dict[str, Any], keys: list[str], out: Path, as_json: bool) -> None:
@@ -145,51 +92,15 @@ def _report(metrics: dict[str, Any], keys: list[str], out: Path, as_json: bool) 
     print(f"run written to {out}")
 
 
-def read_pairs(path: str | Path) -> list[tuple[str, str]]:
-    path = Path(path)
-    if not path.is_file():
-        raise TransferkitError(f"pairs file '{path}' does not exist", "pass a text file of 'source<TAB>target' lines")
-    pairs = []
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.split("\t")
-        if len(parts) != 2 or not parts[0] or not parts[1]:
-            raise TransferkitError(f"{path}:{line_number} is not 'source<TAB>target'", "separate the two by one tab")
-        pairs.append((parts[0], parts[1]))
-    if len(pairs) < 10:
-        raise TransferkitError(f"'{path}' holds only {len(pairs)} pairs", "give at least 10")
-    return pairs
-
-
 def run_seq2seq_train(args: argparse.Namespace) -> int:
-    from transferkit.sequence.seq2seq import (
-        Seq2SeqConfig,
-        binary_to_decimal_pairs,
-        save_seq2seq,
-        split_pairs,
-        train_seq2seq,
-    )
+    from transferkit.sequence.runs import fit_seq2seq
 
-    options = _options(args, SEQ2SEQ_TRAIN_DEFAULTS, ("task", "pairs", "bits", "train_fraction", "val_fraction"))
-    config, train = _build_configs(options, Seq2SeqConfig)
-    if args.task == "binary-to-decimal":
-        if not 1 <= args.bits <= 20:
-            raise TransferkitError(f"invalid --bits {args.bits}", "use 1..20")
-        pairs = binary_to_decimal_pairs(args.bits)
-    else:
-        pairs = read_pairs(args.pairs)
-    splits = split_pairs(pairs, args.train_fraction, args.val_fraction, seed=0)
-    out = Path(args.out)
-    data = {"task": args.task, "bits": args.bits} if args.task else {"pairs": str(args.pairs)}
-    data.update({"train_fraction": args.train_fraction, "val_fraction": args.val_fraction})
-    stage = _staging(out, args, {"data": data, "model": asdict(config), "train": train.to_dict()})
-    run = train_seq2seq(splits, config, train, checkpoint_dir=stage / "checkpoint", progress=not args.no_progress)
-    save_seq2seq(run, stage / "model", extra={"data": data})
-    metrics = {**run.metrics, "data": data, "config": {"model": asdict(config), "train": train.to_dict()}}
-    _finish(stage, out, metrics, run.history)
-    _report(metrics, ["test_exact_match", "test_token_accuracy", "val_exact_match", "n_train", "n_test",
-                      "train_seconds"], out, args.json)
+    run = fit_seq2seq(args.out, task=args.task, pairs=args.pairs, bits=args.bits, train_fraction=args.train_fraction,
+                      val_fraction=args.val_fraction, overwrite=args.overwrite, resume=args.resume,
+                      progress=not args.no_progress,
+                      **_options(args, ("task", "pairs", "bits", "train_fraction", "val_fraction")))
+    _report(run.metrics, ["test_exact_match", "test_token_accuracy", "val_exact_match", "n_train", "n_test",
+                          "train_seconds"], run.path, args.json)
     return 0
 
 
@@ -221,27 +132,12 @@ def run_seq2seq_predict(args: argparse.Namespace) -> int:
 
 
 def run_charlm_train(args: argparse.Namespace) -> int:
-    from transferkit.sequence.charlm import CharLMConfig, prepare_charlm_data, save_charlm, train_charlm
+    from transferkit.sequence.runs import fit_charlm
 
-    options = _options(args, CHARLM_TRAIN_DEFAULTS, ("file",))
-    config, train = _build_configs(options, CharLMConfig)
-    path = Path(args.file)
-    if not path.is_file():
-        raise TransferkitError(f"text file '{path}' does not exist", "pass a UTF-8 text file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise TransferkitError(f"'{path}' is not UTF-8 text", "convert it to UTF-8") from None
-    data = prepare_charlm_data(text, config, train.batch_size)  # a text too short is refused before --out is touched
-    out = Path(args.out)
-    stage = _staging(out, args, {"data": str(path), "model": asdict(config), "train": train.to_dict()})
-    run = train_charlm(text, config, train, checkpoint_dir=stage / "checkpoint", progress=not args.no_progress,
-                       data=data)
-    save_charlm(run, stage / "model")
-    metrics = {**run.metrics, "data": str(path), "config": {"model": asdict(config), "train": train.to_dict()}}
-    _finish(stage, out, metrics, run.history)
-    _report(metrics, ["val_bits_per_character", "val_accuracy", "train_characters", "best_epoch", "train_seconds"],
-            out, args.json)
+    run = fit_charlm(args.out, args.file, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress,
+                     **_options(args, ("file",)))
+    _report(run.metrics, ["val_bits_per_character", "val_accuracy", "train_characters", "best_epoch",
+                          "train_seconds"], run.path, args.json)
     return 0
 
 

@@ -43,19 +43,52 @@ def to_standard_mode(image: Image.Image) -> Image.Image:
     return image.convert("L" if image.mode in _GREY_MODES else "RGB")
 
 
+def _decoded(image: Image.Image) -> Image.Image:
+    """``image`` (just opened) decoded fully, upright per its EXIF orientation, in mode ``"L"`` or ``"RGB"``."""
+    image.load()
+    upright = ImageOps.exif_transpose(image)  # phone photos store their rotation in EXIF
+    standard = to_standard_mode(upright)
+    return standard.copy() if standard is image else standard  # closing the file invalidates `image`
+
+
 def open_image(path: Path) -> Image.Image:
     """Decode one image file fully (the file handle is closed afterwards), upright per its EXIF orientation,
     in mode ``"L"`` or ``"RGB"``."""
     try:
         with Image.open(path) as image:
-            image.load()
-            upright = ImageOps.exif_transpose(image)  # phone photos store their rotation in EXIF
-            standard = to_standard_mode(upright)
-            return standard.copy() if standard is image else standard  # closing the file invalidates `image`
+            return _decoded(image)
     except (OSError, UnidentifiedImageError, ValueError) as error:
         raise TransferkitError(
             f"image file '{path}' cannot be decoded ({error})", "remove or replace the file"
         ) from error
+
+
+#: formats accepted from untrusted bytes (``decode_image_bytes``)
+UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF")
+
+
+def decode_image_bytes(data: bytes, name: str = "image", max_pixels: int = 40_000_000) -> Image.Image:
+    """Decode an untrusted image file's bytes like ``open_image``. Decompression bombs are refused before any
+    pixel is decoded (width x height from the header must be <= ``max_pixels``), only ``UPLOAD_FORMATS`` are
+    parsed, and a truncated file is an error (PIL's ``LOAD_TRUNCATED_IMAGES`` is left off)."""
+    import io
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise TransferkitError(f"{name} has {width}x{height} pixels, more than the limit of "
+                                           f"{max_pixels:,}", "send a smaller image")
+                return _decoded(image)
+    except TransferkitError:
+        raise
+    except Exception as error:  # any parser failure on untrusted bytes is the file's fault, never the server's
+        detail = str(error).splitlines()[0] if str(error) else error.__class__.__name__
+        raise TransferkitError(f"{name} cannot be decoded as an image ({detail})",
+                               f"send a complete {', '.join(UPLOAD_FORMATS)} file") from None
 
 
 class _FileImageLoader:

@@ -203,7 +203,7 @@ def _fit_cell(options: dict[str, Any], log_level: int | None = None) -> dict[str
     from transferkit.api import fit
 
     if log_level is not None:  # a spawned process: log to stderr like the parent
-        from transferkit.cli.main import setup_logging
+        from transferkit.console import setup_logging
 
         setup_logging(verbose=log_level <= logging.DEBUG, quiet=log_level > logging.INFO)
     if options.get("threads"):  # for the whole cell (feature extraction and evaluation too), not only training
@@ -369,7 +369,7 @@ def summarise(results: list[CellResult], config: CompareConfig) -> dict[str, Any
 
 def format_leaderboard(document: dict[str, Any]) -> str:
     """The leaderboard, recommendation and paired test as text."""
-    from transferkit.cli.options import format_table
+    from transferkit.console import format_table
 
     table = []
     for r in document["leaderboard"]:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from transferkit.engine.placement import inference, to_device
 from transferkit.errors import TransferkitError, read_safetensors, reading
 from transferkit.sequence.seq2seq import Vocabulary, read_saved_config
 
@@ -102,11 +103,12 @@ class TruncatedBPTT:
 
 
 def language_model_metrics(model: nn.Module, loader: Any) -> dict[str, float]:
-    """Cross-entropy ``loss`` (nats / character), ``bits_per_character`` and next-character ``accuracy``."""
-    model.eval()
+    """Cross-entropy ``loss`` (nats / character), ``bits_per_character`` and next-character ``accuracy``, computed
+    where the model is placed."""
     state, total, correct, count = None, 0.0, 0, 0
-    with torch.no_grad():
-        for batch in loader:
+    with inference(model) as device:
+        for raw in loader:
+            batch = to_device(raw, device)
             logits, state = model(batch["inputs"], state)
             targets = batch["targets"]
             total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
@@ -196,28 +198,27 @@ def train_charlm(text: str, config: CharLMConfig, train: Any, checkpoint_dir: st
     return CharLMRun(model, vocab, result.history, metrics)
 
 
-@torch.no_grad()
 def sample(model: CharLanguageModel, vocab: Vocabulary, length: int = 200, prime: str = "",
            temperature: float = 1.0, top_k: int = 0, seed: int = 0) -> str:
     """Generate ``length`` characters after ``prime``: draw from ``softmax(logits / temperature)``, optionally
     restricted to the ``top_k`` most likely characters."""
     if temperature <= 0:
         raise TransferkitError(f"invalid temperature {temperature}", "use a number above 0 (e.g. 0.8)")
-    model.eval()
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # a CPU generator: the draw is the same on every device
     prime_ids = vocab.encode(prime) if prime else [Vocabulary.RESERVED + int(torch.randint(len(vocab.symbols), (1,),
                                                                                              generator=generator))]
-    logits, state = model(torch.as_tensor([prime_ids]), None)
     out = []
-    for _ in range(length):
-        scores = logits[0, -1] / temperature
-        scores[: Vocabulary.RESERVED] = float("-inf")
-        if top_k > 0:
-            threshold = scores.topk(min(top_k, len(vocab.symbols))).values[-1]
-            scores = scores.masked_fill(scores < threshold, float("-inf"))
-        symbol = int(torch.multinomial(torch.softmax(scores, -1), 1, generator=generator))
-        out.append(symbol)
-        logits, state = model(torch.as_tensor([[symbol]]), state)
+    with inference(model) as device:
+        logits, state = model(torch.as_tensor([prime_ids], device=device), None)
+        for _ in range(length):
+            scores = logits[0, -1].float().cpu() / temperature
+            scores[: Vocabulary.RESERVED] = float("-inf")
+            if top_k > 0:
+                threshold = scores.topk(min(top_k, len(vocab.symbols))).values[-1]
+                scores = scores.masked_fill(scores < threshold, float("-inf"))
+            symbol = int(torch.multinomial(torch.softmax(scores, -1), 1, generator=generator))
+            out.append(symbol)
+            logits, state = model(torch.as_tensor([[symbol]], device=device), state)
     return (prime if prime else vocab.decode(prime_ids)) + vocab.decode(out)
 
 

@@ -43,6 +43,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
+from transferkit.engine.placement import inference, to_device
 from transferkit.errors import TransferkitError, check_count, read_json, read_safetensors, reading
 
 logger = logging.getLogger(__name__)
@@ -492,11 +493,12 @@ def _strip(ids: list[int]) -> list[int]:
 
 def seq2seq_metrics(model: Seq2Seq | Seq2SeqEnsemble, loader: Any, max_len: int, beam_size: int = 1,
                     accelerator: Any | None = None) -> dict[str, float]:
-    """Teacher-forced ``loss`` / ``token_accuracy`` and decoded ``exact_match`` (whole output right)."""
-    model.eval()
+    """Teacher-forced ``loss`` / ``token_accuracy`` and decoded ``exact_match`` (whole output right), computed
+    where the model is placed (an accelerator's prepared loader is already there)."""
     loss_sum, tokens, correct_tokens, exact, count = 0.0, 0, 0, 0, 0
-    with torch.no_grad():
-        for batch in loader:
+    with inference(model) as device:
+        for raw in loader:
+            batch = to_device(raw, device)
             logits = model(batch["src"], batch["src_lengths"], batch["tgt_in"])
             keep = batch["tgt_out"] != Vocabulary.PAD
             loss_sum += float(F.cross_entropy(logits[keep], batch["tgt_out"][keep], reduction="sum"))
@@ -559,7 +561,7 @@ def train_seq2seq(splits: dict[str, list[tuple[str, str]]], config: Seq2SeqConfi
 
     trainer = Trainer(model, [objective], train, forward_fn=forward, evaluate_fn=evaluate,
                       monitor=("exact_match", "max"), checkpoint_dir=checkpoint_dir, progress=progress,
-                      epoch_callback=averager)
+                      callbacks=[averager] if averager is not None else None)
     result = trainer.fit(train_loader, val_loader)
     metrics: dict[str, Any] = {"best_epoch": result.best_epoch, "train_seconds": round(result.train_seconds, 2)}
     if averager is not None and len(averager.snapshots) > 1:
@@ -657,9 +659,11 @@ def load_seq2seq(folder: str | Path) -> tuple[Seq2Seq | Seq2SeqEnsemble, Vocabul
 
 def translate(model: Seq2Seq | Seq2SeqEnsemble, source: Vocabulary, target: Vocabulary, texts: Sequence[str], max_len: int,
               beam_size: int = 1) -> list[str]:
-    """Decode each input string."""
+    """Decode each input string (on the model's device)."""
     batch = collate_pairs([(source.encode(t), [], i) for i, t in enumerate(texts)])
-    return [target.decode(ids) for ids in decode_batch(model, batch, max_len, beam_size)]
+    with inference(model) as device:
+        decoded = decode_batch(model, to_device(batch, device), max_len, beam_size)
+    return [target.decode(ids) for ids in decoded]
 
 
 __all__ = ["Attention", "Seq2Seq", "Seq2SeqConfig", "Seq2SeqEnsemble", "Vocabulary", "binary_to_decimal_pairs", "collate_pairs",

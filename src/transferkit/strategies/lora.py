@@ -31,9 +31,12 @@ from torch import nn
 from transferkit.errors import TransferkitError
 from transferkit.strategies import register_strategy
 from transferkit.strategies.base import Strategy, StrategyConfig, freeze, unfreeze
+from transferkit.strategies.linear_probe import start_from_probe
 
 if TYPE_CHECKING:
     from transferkit.backbones import Backbone
+    from transferkit.engine.context import RunContext
+    from transferkit.engine.trainer import TrainResult
     from transferkit.model import TransferModel
 
 logger = logging.getLogger(__name__)
@@ -174,6 +177,7 @@ class Lora(Strategy):
     name = "lora"
     config_class = LoraStrategyConfig
     description = "LoRA adapters (peft) on the backbone's suggested or given modules; head trainable"
+    task_kinds = ("label", "classify", "regress", "quantile", "causal_lm")
     config: LoraStrategyConfig
 
     def prepare(self, model: TransferModel, for_loading: bool = False) -> None:
@@ -192,6 +196,11 @@ class Lora(Strategy):
         unfreeze(model.heads)
         model.freeze_norm_stats = True
 
+    def train(self, model: TransferModel, context: RunContext) -> TrainResult:
+        if model.backbone.is_pretrained:  # LP-FT: start from the probe's head, as finetune does
+            start_from_probe(model, context)
+        return context.train_with_engine(model, self)
+
     def param_groups(self, model: TransferModel, train: Any) -> list[dict[str, Any]]:
         heads = list(model.heads.parameters())
         lora = [p for p in model.backbone.parameters() if p.requires_grad]
@@ -209,46 +218,50 @@ def _lora_options(config: dict[str, Any]) -> dict[str, Any]:
     return dict(strategy.get("options", {}))
 
 
-def export_lora(model_dir: str | Path, out: str | Path, merge: bool = False) -> Path:
+def export_lora(model_dir: str | Path, out: str | Path, merge: bool = False, overwrite: bool = False) -> Path:
     """Write a LoRA run either as a small adapter folder (default) or merged into a plain transferkit model.
 
     Adapter folder: ``adapter_config.json`` and ``adapter_model.safetensors`` (peft's format, keys relative to
     the backbone's inner network), ``head.safetensors`` and a transferkit ``config.json`` marked
     ``"lora_export": "adapter"``; :func:`load_lora_export` rebuilds it on the *pretrained* backbone.
+    The folder is written through :class:`~transferkit.rundir.OutputFolder` (kind ``export``): ``overwrite``
+    replaces only an earlier export.
     """
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     from transferkit.model import load_model, read_model_config, save_model
+    from transferkit.rundir import OutputFolder, write_json
 
     config = read_model_config(model_dir)
     options = _lora_options(config)
     if options.get("_merged"):
         raise TransferkitError(f"'{model_dir}' is already a merged LoRA export", "export the original run instead")
+    folder = OutputFolder(out, "export", overwrite=overwrite)
+    folder.check()
     model, config = load_model(model_dir)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise TransferkitError(f"'{out}' exists and is not empty", "choose a new --out folder")
     extra = {k: v for k, v in config.items() if k not in _MODEL_CONFIG_KEYS and not k.startswith("_")}
-    if merge:
-        merged = merge_lora(model.backbone)
-        logger.info("merged %d LoRA layers into the base weights", merged)
-        save_model(model, out, {"name": "lora", "options": {**options, "_merged": True}},
-                   extra={**extra, EXPORT_KIND_KEY: "merged"})
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    inner = inner_network(model.backbone)
-    peft_config = lora_config(Lora(LoraStrategyConfig(**options)).config, model.backbone)
-    peft_config.save_pretrained(str(out))
-    adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(
-        inner, adapter_name=ADAPTER_NAME).items()}
-    save_file(adapter, str(out / "adapter_model.safetensors"))
-    heads = {k: v.detach().cpu().contiguous() for k, v in model.heads.state_dict().items()}
-    save_file(heads, str(out / HEAD_FILE))
-    saved = json.loads((Path(config["_folder"]) / "config.json").read_text())
-    saved[EXPORT_KIND_KEY] = "adapter"
-    (out / "config.json").write_text(json.dumps(saved, indent=2))
-    return out
+    folder.begin()
+    with folder:
+        stage = folder.stage
+        if merge:
+            merged = merge_lora(model.backbone)
+            logger.info("merged %d LoRA layers into the base weights", merged)
+            save_model(model, stage, {"name": "lora", "options": {**options, "_merged": True}},
+                       extra={**extra, EXPORT_KIND_KEY: "merged"})
+            return folder.publish()
+        inner = inner_network(model.backbone)
+        peft_config = lora_config(Lora(LoraStrategyConfig(**options)).config, model.backbone)
+        peft_config.save_pretrained(str(stage))
+        adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(
+            inner, adapter_name=ADAPTER_NAME).items()}
+        save_file(adapter, str(stage / "adapter_model.safetensors"))
+        heads = {k: v.detach().cpu().contiguous() for k, v in model.heads.state_dict().items()}
+        save_file(heads, str(stage / HEAD_FILE))
+        saved = json.loads((Path(config["_folder"]) / "config.json").read_text())
+        saved[EXPORT_KIND_KEY] = "adapter"
+        write_json(stage / "config.json", saved)
+        return folder.publish()
 
 
 _MODEL_CONFIG_KEYS = ("format", "format_version", "backbone", "modality", "tasks", "head_dropout", "strategy",

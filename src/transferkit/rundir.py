@@ -1,0 +1,383 @@
+"""The one run-folder lifecycle: check ``--out``, stage the output beside it, publish it atomically.
+
+Every command that writes an output folder (``fit``, ``seq2seq train``, ``charlm train``, ``export``, indexes,
+...) goes through :class:`OutputFolder`::
+
+    folder = OutputFolder(out, "run", overwrite=..., resume=..., options=all_options)
+    folder.check()              # optional, early: refuse a bad --out before any work is done
+    resuming = folder.begin()   # checks again, creates (or keeps, --resume) the staging folder .NAME.partial
+    try:
+        ... write into folder.stage ...
+        folder.publish()        # marker file + atomic move into place
+    except BaseException:
+        folder.abandon()        # removes the stage unless it holds a checkpoint (then --resume continues it)
+        raise
+
+Rules:
+
+* A finished output holds a marker file ``transferkit-output.json`` (kind, format version, transferkit version,
+  creation time). Runs written before the marker existed (``metrics.json`` + ``model/``) count as finished
+  outputs of kind ``run`` (``seq2seq`` / ``charlm`` by their model's format), old indexes as ``index`` and old
+  LoRA exports as ``export``.
+* ``--overwrite`` replaces only a finished output of the same kind, or an empty folder. A non-empty folder that
+  is not ours, an output of another kind, an existing file, ``.`` or a parent of the working directory is
+  refused (TransferkitError: one line, exit 2); nothing is deleted.
+* The output is built in ``.NAME.partial`` next to ``out``. Publishing moves the old output aside, the new one
+  into place and only then deletes the old one; if the second move fails the old one is moved back, and a
+  crash between the two moves is repaired by the next ``check()`` of that folder.
+* Under ``torchrun`` / ``accelerate launch`` only the main process writes; the others wait for it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from transferkit.errors import TransferkitError
+
+MARKER = "transferkit-output.json"
+MARKER_FORMAT = "transferkit-output"
+MARKER_VERSION = 1
+RUN_CONFIG = "run_config.json"
+CHECKPOINT_DIR = "checkpoint"
+KINDS = ("run", "seq2seq", "charlm", "index", "export", "auto", "cluster", "pretrain", "compare")
+#: option keys that may differ between an interrupted run and its ``--resume`` (they do not change the result)
+RESUME_FREE_KEYS = frozenset({"resume", "overwrite", "progress", "no_progress", "device", "threads", "out"})
+
+
+# --- JSON -------------------------------------------------------------------------------------------------------
+
+
+def json_default(value: Any) -> Any:
+    """``json.dumps(..., default=json_default)``: NumPy scalars and arrays, paths, sets; anything else as text."""
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        np = None
+    if np is not None:
+        if isinstance(value, np.bool_):
+            return bool(value)
+        if isinstance(value, np.integer):
+            return int(value)
+        if isinstance(value, np.floating):
+            return float(value)
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    return str(value)  # Path and everything else
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON atomically (temporary file + ``os.replace``): readers see old or new."""
+    _atomic_write_text(Path(path), json.dumps(obj, indent=2, default=json_default) + "\n")
+
+
+def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """One JSON document per line (e.g. ``history.jsonl``), written atomically."""
+    _atomic_write_text(Path(path), "".join(json.dumps(row, default=json_default) + "\n" for row in rows))
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically (e.g. a run's model card ``README.md``)."""
+    _atomic_write_text(Path(path), text)
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists, paths strings, ...)."""
+    return json.loads(json.dumps(obj, default=json_default))
+
+
+# --- what a folder is -------------------------------------------------------------------------------------------
+
+
+def staging_dir(out: str | Path) -> Path:
+    """Where the output for ``out`` is built: ``.NAME.partial`` beside it."""
+    out = Path(os.path.abspath(out))
+    return out.parent / f".{out.name}.partial"
+
+
+def read_marker(path: str | Path) -> dict[str, Any] | None:
+    """The marker of a finished output folder, or None (no marker, or not one of ours)."""
+    try:
+        marker = json.loads((Path(path) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or marker.get("format") != MARKER_FORMAT or not isinstance(marker.get("kind"), str):
+        return None
+    return marker
+
+
+def _legacy_kind(path: Path) -> str | None:
+    """The kind of an output written before the marker existed (None: not recognisably ours)."""
+    if (path / "metrics.json").is_file() and (path / "model").is_dir():
+        try:
+            model_format = json.loads((path / "model" / "config.json").read_text()).get("format")
+        except (OSError, ValueError, AttributeError):
+            model_format = None
+        return {"transferkit-seq2seq": "seq2seq", "transferkit-charlm": "charlm"}.get(model_format, "run")
+    if all((path / name).is_file() for name in ("index.faiss", "records.jsonl", "meta.json")):
+        return "index"
+    if (path / "CURRENT").is_file() and any(path.glob("v0*/meta.json")):  # an old index upgraded by `index add`
+        return "index"
+    try:
+        if "lora_export" in json.loads((path / "config.json").read_text()):  # `transferkit export`
+            return "export"
+    except (OSError, ValueError, TypeError):
+        pass
+    return None
+
+
+def output_kind(path: str | Path) -> str | None:
+    """The kind of finished transferkit output in ``path`` (its marker, or the layout of an older one)."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    marker = read_marker(path)
+    if marker is not None and marker.get("state") == "staging":  # a staging folder, not a finished output
+        return None
+    return marker["kind"] if marker else _legacy_kind(path)
+
+
+def is_output(path: str | Path, kind: str | None = None) -> bool:
+    """True if ``path`` is a finished transferkit output (of ``kind``, when given)."""
+    found = output_kind(path)
+    return found is not None and (kind is None or found == kind)
+
+
+def _has_checkpoint(stage: Path) -> bool:
+    folder = stage / CHECKPOINT_DIR
+    return folder.is_dir() and any(f.is_file() for f in folder.rglob("*"))
+
+
+def _is_our_stage(stage: Path) -> bool:
+    """A staging folder we wrote: it holds our marker (``begin``) or a ``run_config.json`` (older versions)."""
+    return stage.is_dir() and (read_marker(stage) is not None or (stage / RUN_CONFIG).is_file())
+
+
+def comparable_options(options: Any) -> str:
+    """``options`` without the keys that may change on ``--resume`` (RESUME_FREE_KEYS, one level down)."""
+    if isinstance(options, dict):
+        options = {k: ({kk: vv for kk, vv in v.items() if kk not in RESUME_FREE_KEYS} if isinstance(v, dict) else v)
+                   for k, v in options.items() if k not in RESUME_FREE_KEYS}
+    return json.dumps(options, sort_keys=True, default=json_default)
+
+
+def _process_state():
+    """Accelerate's process state under a multi-process launch (``WORLD_SIZE`` > 1), else None (one process).
+
+    Commands that train create it first with their ``--device`` (``placement.accelerator_kwargs``); the state is
+    shared, so this call then only returns it."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return None
+    from accelerate import PartialState
+
+    from transferkit.engine.placement import accelerator_kwargs
+
+    return PartialState(**accelerator_kwargs("auto"))
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process is not publishing while it checks
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# --- the lifecycle ----------------------------------------------------------------------------------------------
+
+
+class OutputFolder:
+    """One output folder's lifecycle: check --out, stage, publish atomically (marker + overwrite rule).
+
+    Args:
+        out: the folder to write.
+        kind: what it will hold (one of :data:`KINDS`); ``--overwrite`` replaces only an output of this kind.
+        overwrite: replace a finished output of the same kind / discard an interrupted one.
+        resume: continue an interrupted run (its ``run_config.json`` must equal ``options``).
+        options: the settings that reproduce the output; written to ``run_config.json`` in the stage.
+    """
+
+    def __init__(self, out: str | Path, kind: str, *, overwrite: bool = False, resume: bool = False,
+                 options: dict | None = None) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown output kind {kind!r}; one of {', '.join(KINDS)}")
+        self.out = Path(out)
+        self.stage = staging_dir(self.out)
+        self.kind = kind
+        self.overwrite = overwrite
+        self.resume = resume
+        self.options = jsonable(options) if options is not None else None
+        self._begun = False
+        self._state = _process_state()
+
+    # --- processes ---------------------------------------------------------------------------------------
+    @property
+    def is_main_process(self) -> bool:
+        return self._state is None or self._state.is_main_process
+
+    def _wait(self) -> None:
+        if self._state is not None:
+            self._state.wait_for_everyone()
+
+    # --- checks ------------------------------------------------------------------------------------------
+    def check(self) -> bool:
+        """Refuse an ``out`` that may not be written (nothing is written or deleted here, except repairing an
+        output left aside by an interrupted publish). Returns True if an interrupted run will be resumed."""
+        out = Path(os.path.abspath(self.out))
+        cwd = Path.cwd().resolve()
+        if out.resolve() == cwd or out.resolve() in cwd.parents:
+            raise TransferkitError(f"--out '{self.out}' is the working folder or one of its parents",
+                                   "choose a new folder for the output, e.g. runs/NAME")
+        if self.out.exists() and not self.out.is_dir():
+            raise TransferkitError(f"--out '{self.out}' is an existing file", "choose a folder path that is new")
+        if self.is_main_process:
+            self._repair_interrupted_publish()
+        if self.out.is_dir() and any(self.out.iterdir()):
+            found = output_kind(self.out)
+            if found is None:
+                raise TransferkitError(f"'{self.out}' exists and is not a transferkit output (nothing was deleted)",
+                                       "choose an empty or new --out folder")
+            if found != self.kind:
+                raise TransferkitError(f"'{self.out}' holds a transferkit {found} output, not a {self.kind}",
+                                       "choose another --out folder")
+            if not self.overwrite:
+                raise TransferkitError(f"'{self.out}' already holds a finished {self.kind}",
+                                       "pass --overwrite to replace it or choose another --out")
+        return self._check_stage()
+
+    def _check_stage(self) -> bool:
+        stage = self.stage
+        if not stage.exists() and not stage.is_symlink():
+            return False
+        if not _is_our_stage(stage) or stage.is_symlink():
+            raise TransferkitError(f"'{stage}' is in the way of the staging folder and was not written by "
+                                   "transferkit", "move or rename it")
+        if self.resume:
+            saved = stage / RUN_CONFIG
+            try:
+                previous = json.loads(saved.read_text())
+            except (OSError, ValueError):
+                previous = None
+            if self.options is None or comparable_options(previous) == comparable_options(self.options):
+                return True
+            raise TransferkitError(f"the interrupted run in '{stage}' used other options",
+                                   "resume with the same options, or pass --overwrite to start again")
+        if self.overwrite:
+            return False
+        raise TransferkitError(f"an interrupted run for '{self.out}' exists in '{stage}'",
+                               "pass --resume to continue it or --overwrite to start again")
+
+    def _repair_interrupted_publish(self) -> None:
+        """After a publish that was killed: if ``out`` is missing, move the old output (set aside as
+        ``.NAME.old-PID``) back; if ``out`` is in place, delete such leftovers of finished publishes."""
+        parent = self.out.parent
+        leftovers = sorted(parent.glob(f".{self.out.name}.old-*")) if parent.is_dir() else []
+        for trash in leftovers:
+            pid = trash.name.rsplit("-", 1)[-1]
+            if not trash.is_dir() or not is_output(trash) or (pid.isdigit() and _process_alive(int(pid))):
+                continue  # not ours, or another process is publishing right now
+            if not self.out.exists():
+                os.replace(trash, self.out)
+            else:
+                shutil.rmtree(trash, ignore_errors=True)
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+    def begin(self) -> bool:
+        """Check ``out`` and create the staging folder (or keep it: ``--resume``). True = resuming."""
+        resuming = self.check()
+        self._wait()  # every process has checked before the main one creates the stage
+        if self.is_main_process:
+            if not resuming and self.stage.exists():  # --overwrite of an interrupted run (checked to be ours)
+                shutil.rmtree(self.stage)
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.stage.mkdir(exist_ok=resuming)
+            except FileExistsError:
+                raise TransferkitError(f"another transferkit process is writing '{self.out}' ('{self.stage}' "
+                                       "appeared meanwhile)", "wait for it to finish, or choose another --out") from None
+            write_json(self.stage / MARKER, {"format": MARKER_FORMAT, "format_version": MARKER_VERSION,
+                                             "kind": self.kind, "state": "staging", "pid": os.getpid()})
+            if self.options is not None:
+                write_json(self.stage / RUN_CONFIG, self.options)
+        self._wait()
+        self._begun = True
+        return resuming
+
+    def publish(self) -> Path:
+        """Write the marker and move the stage into place atomically; returns ``out``."""
+        if not self._begun:
+            raise RuntimeError("OutputFolder.publish() before begin()")
+        if self.is_main_process:
+            shutil.rmtree(self.stage / CHECKPOINT_DIR, ignore_errors=True)  # never part of a finished output
+            if self.out.is_dir() and any(self.out.iterdir()) and not is_output(self.out, self.kind):
+                raise TransferkitError(f"'{self.out}' changed while the {self.kind} was being written and is no "
+                                       f"longer a {self.kind} output; the new one stays in '{self.stage}'",
+                                       "move it into place by hand or choose another --out")
+            from transferkit import __version__
+
+            write_json(self.stage / MARKER, {"format": MARKER_FORMAT, "format_version": MARKER_VERSION,
+                                             "kind": self.kind, "transferkit_version": __version__,
+                                             "created": _now()})
+            self._move_into_place()
+        self._wait()
+        self._begun = False
+        return self.out
+
+    def _move_into_place(self) -> None:
+        if not self.out.exists():
+            os.replace(self.stage, self.out)
+            return
+        trash = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+        os.replace(self.out, trash)
+        try:
+            os.replace(self.stage, self.out)
+        except BaseException:
+            os.replace(trash, self.out)  # put the old output back; the new one stays in the stage
+            raise
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def abandon(self) -> None:
+        """After a failure: remove the staging folder unless it holds a checkpoint (``--resume`` continues it)."""
+        if not self._begun:
+            return
+        self._begun = False
+        if self.is_main_process and self.stage.is_dir() and not _has_checkpoint(self.stage):
+            shutil.rmtree(self.stage, ignore_errors=True)
+
+    def __enter__(self) -> OutputFolder:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abandon()
+
+
+__all__ = ["KINDS", "MARKER", "OutputFolder", "is_output", "json_default", "output_kind", "read_marker",
+           "staging_dir", "write_json", "write_jsonl"]

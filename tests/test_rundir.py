@@ -1,0 +1,257 @@
+"""The run-folder lifecycle: the --overwrite rule, the marker, staging, abandon, and a fault-injected publish."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from transferkit.cli.main import main
+from transferkit.errors import TransferkitError
+from transferkit.rundir import (
+    MARKER,
+    OutputFolder,
+    is_output,
+    json_default,
+    output_kind,
+    staging_dir,
+    write_json,
+)
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("TRANSFERKIT_PROGRESS", "0")
+
+
+@pytest.fixture(scope="module")
+def tiny_images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny-images")
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (root / cls).mkdir()
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    return root
+
+
+FIT = ["--backbone", "small_cnn", "--epochs", "1", "--batch-size", "4"]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file below ``folder`` with its bytes (the marker's creation time aside)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != MARKER}
+
+
+def publish_output(out: Path, kind: str, content: str, overwrite: bool = False) -> None:
+    folder = OutputFolder(out, kind, overwrite=overwrite, options={"content": content})
+    folder.begin()
+    (folder.stage / "model").mkdir()
+    (folder.stage / "model" / "weights.bin").write_text(content)
+    write_json(folder.stage / "metrics.json", {"content": content})
+    folder.publish()
+
+
+# --- the --overwrite rule ---------------------------------------------------------------------------------------
+
+
+def test_overwrite_of_a_folder_that_is_not_a_run_keeps_its_files(tiny_images, tmp_path, monkeypatch, capsys):
+    """Regression (issue 13, data loss): `fit --out imp --overwrite` used to delete imp/t.txt."""
+    monkeypatch.chdir(tmp_path)
+    Path("imp").mkdir()
+    Path("imp/t.txt").write_text("x\n")
+    code = main(["fit", "--data", str(tiny_images), *FIT, "--out", "imp", "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "not a transferkit output" in err
+    assert Path("imp/t.txt").read_text() == "x\n" and sorted(os.listdir("imp")) == ["t.txt"]
+    assert not Path(".imp.partial").exists()
+
+
+@pytest.mark.parametrize("target", ["file", ".", "..", "cwd-absolute"])
+def test_out_that_is_a_file_or_the_working_folder_exits_2(target, tiny_images, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "keep.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    out = {"file": "keep.txt", ".": ".", "..": "..", "cwd-absolute": str(work)}[target]
+    code = main(["fit", "--data", str(tiny_images), *FIT, "--out", out, "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert (work / "keep.txt").read_text() == "mine" and sorted(os.listdir(work)) == ["keep.txt"]
+
+
+def test_overwrite_replaces_only_an_output_of_the_same_kind(tmp_path):
+    out = tmp_path / "out"
+    publish_output(out, "seq2seq", "old")
+    before = snapshot(out)
+    for overwrite in (False, True):
+        with pytest.raises(TransferkitError, match="holds a transferkit seq2seq output, not a run"):
+            OutputFolder(out, "run", overwrite=overwrite).begin()
+    with pytest.raises(TransferkitError, match="already holds a finished seq2seq.*--overwrite"):
+        OutputFolder(out, "seq2seq").begin()
+    assert snapshot(out) == before and not staging_dir(out).exists()
+    publish_output(out, "seq2seq", "new", overwrite=True)
+    assert (out / "model" / "weights.bin").read_text() == "new" and output_kind(out) == "seq2seq"
+    assert not list(tmp_path.glob(".out.*"))  # neither the stage nor the old output is left behind
+
+
+def test_marker_says_what_the_folder_is(tmp_path):
+    out = tmp_path / "r"
+    publish_output(out, "run", "x")
+    marker = json.loads((out / MARKER).read_text())
+    from transferkit import __version__
+
+    assert marker["kind"] == "run" and marker["format_version"] == 1 and marker["transferkit_version"] == __version__
+    assert "created" in marker and "state" not in marker
+    assert is_output(out, "run") and not is_output(out, "index") and not is_output(tmp_path)
+
+
+def test_runs_written_before_the_marker_count_as_runs(tmp_path):
+    legacy = tmp_path / "legacy"
+    (legacy / "model").mkdir(parents=True)
+    (legacy / "model" / "config.json").write_text(json.dumps({"format": "transferkit-model"}))
+    (legacy / "metrics.json").write_text("{}")
+    seq = tmp_path / "legacy-seq"
+    shutil.copytree(legacy, seq)
+    (seq / "model" / "config.json").write_text(json.dumps({"format": "transferkit-seq2seq"}))
+    assert output_kind(legacy) == "run" and output_kind(seq) == "seq2seq"
+    with pytest.raises(TransferkitError, match="already holds a finished run"):
+        OutputFolder(legacy, "run").check()
+    publish_output(legacy, "run", "new", overwrite=True)
+    assert (legacy / "model" / "weights.bin").read_text() == "new" and is_output(legacy, "run")
+
+
+def test_empty_folder_is_accepted_and_a_stage_in_the_way_is_not_deleted(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    publish_output(empty, "run", "x")
+    assert is_output(empty, "run")
+    foreign = tmp_path / ".other.partial"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(TransferkitError, match="not written by transferkit"):
+        OutputFolder(tmp_path / "other", "run", overwrite=True).begin()
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+OPTIONS = {"a": 1, "train": {"lr": 0.1, "threads": 1}}
+
+
+def test_abandon_removes_a_stage_without_checkpoint_and_keeps_a_resumable_one(tmp_path):
+    out = tmp_path / "out"
+    folder = OutputFolder(out, "run", options=OPTIONS)
+    folder.begin()
+    (folder.stage / "half-written.json").write_text("{")
+    folder.abandon()
+    assert not folder.stage.exists()
+    assert OutputFolder(out, "run", options=OPTIONS).begin() is False  # no trap for the next valid run
+
+    resumable = OutputFolder(out, "run", resume=True, options=OPTIONS)
+    assert resumable.begin() is True
+    (resumable.stage / "checkpoint").mkdir()
+    (resumable.stage / "checkpoint" / "trainer.safetensors").write_bytes(b"x")
+    with pytest.raises(RuntimeError), resumable:
+        raise RuntimeError("killed")
+    assert (resumable.stage / "checkpoint" / "trainer.safetensors").is_file()
+    with pytest.raises(TransferkitError, match="--resume"):
+        OutputFolder(out, "run", options=OPTIONS).begin()
+    with pytest.raises(TransferkitError, match="other options"):
+        OutputFolder(out, "run", resume=True, options={**OPTIONS, "a": 2}).begin()
+    # keys that do not change the result (device, threads, progress, ...) may differ on --resume
+    assert OutputFolder(out, "run", resume=True, options={"a": 1, "train": {"lr": 0.1, "threads": 4}}).begin() is True
+
+
+def test_rejected_charlm_input_leaves_no_stage_that_blocks_the_next_run(tmp_path, capsys):
+    """Issue 13: rejected input to `charlm train` used to leave a staging folder that blocked the next run."""
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    out = tmp_path / "lm"
+    args = ["charlm", "train", "--out", str(out), "--epochs", "1", "--hidden-size", "8", "--embedding-dim", "4",
+            "--num-layers", "1", "--no-progress"]
+    assert main([*args, str(short)]) == 2
+    assert "characters" in capsys.readouterr().err and not staging_dir(out).exists() and not out.exists()
+    good = tmp_path / "good.txt"
+    good.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    assert main([*args, "--bptt", "16", "--batch-size", "4", str(good)]) == 0
+    assert is_output(out, "charlm") and not staging_dir(out).exists()
+
+
+def test_json_default_handles_numpy_and_paths(tmp_path):
+    value = {"i": np.int64(3), "f": np.float32(0.5), "b": np.bool_(True), "a": np.arange(2), "p": tmp_path}
+    assert json.loads(json.dumps(value, default=json_default)) == {"i": 3, "f": 0.5, "b": True, "a": [0, 1],
+                                                                    "p": str(tmp_path)}
+
+
+# --- fault injection: every file operation of publish fails in turn ---------------------------------------------
+
+
+class Crash(Exception):
+    pass
+
+
+class FaultInjector:
+    """Counts the file operations of publish (os.replace, shutil.rmtree, opening a file for writing, fsync) and
+    fails operation number ``fail_at``; ``kill``: every later operation fails too (the process is gone)."""
+
+    def __init__(self, monkeypatch, fail_at: int, kill: bool) -> None:
+        import transferkit.rundir as rundir
+
+        self.count, self.fail_at, self.kill, self.failed = 0, fail_at, kill, False
+        for module, name in ((rundir.os, "replace"), (rundir.os, "fsync"), (rundir.shutil, "rmtree")):
+            monkeypatch.setattr(module, name, self.wrap(getattr(module, name)))
+        monkeypatch.setattr(rundir, "open", self.wrap(open), raising=False)
+
+    def wrap(self, operation):
+        def faulty(*args, **kwargs):
+            if self.failed and self.kill or self.count == self.fail_at:
+                self.failed = True
+                raise Crash(f"injected failure of {operation.__name__} #{self.count}")
+            self.count += 1
+            return operation(*args, **kwargs)
+
+        return faulty
+
+
+@pytest.mark.parametrize("kill", [False, True], ids=["error", "kill"])
+def test_publish_leaves_the_old_or_the_new_output_whatever_operation_fails(kill, tmp_path, monkeypatch):
+    failures = 0
+    for fail_at in range(40):
+        base = tmp_path / str(fail_at)
+        base.mkdir()
+        out = base / "out"
+        publish_output(out, "run", "old")
+        old = snapshot(out)
+        folder = OutputFolder(out, "run", overwrite=True, options={"content": "new"})
+        folder.begin()
+        (folder.stage / "model").mkdir()
+        (folder.stage / "model" / "weights.bin").write_text("new")
+        (folder.stage / "checkpoint").mkdir()
+        (folder.stage / "checkpoint" / "state.json").write_text("{}")
+        write_json(folder.stage / "metrics.json", {"content": "new"})
+        new = {k: v for k, v in snapshot(folder.stage).items() if not k.startswith("checkpoint")}
+        with monkeypatch.context() as patch:
+            injector = FaultInjector(patch, fail_at, kill)
+            with contextlib.suppress(Crash):
+                folder.publish()
+        if not injector.failed:
+            assert snapshot(out) == new and is_output(out, "run")
+            break
+        failures += 1
+        OutputFolder(out, "run", overwrite=True).check()  # the next run: repairs an interrupted publish, if any
+        assert snapshot(out) in (old, new), f"operation {fail_at} failed: neither the old nor the new output"
+        assert is_output(out, "run")
+        # and the next valid run is not blocked: it replaces whatever is there
+        publish_output(out, "run", "next", overwrite=True)
+        assert (out / "model" / "weights.bin").read_text() == "next"
+        assert not [p for p in base.iterdir() if p.name != "out"], "stage or old output left behind"
+    else:
+        pytest.fail("publish never succeeded")
+    assert failures >= 5  # every operation of publish was made to fail once (rmtree, writes, fsync, 2 renames)
