@@ -38,9 +38,9 @@ LEADERBOARD_JSON = "leaderboard.json"
 LEADERBOARD_MD = "leaderboard.md"
 RESULTS_FOLDER = "checkpoint/candidates"  # in the staging folder: kept by OutputFolder.abandon for --resume
 #: fraction of the budget the search plans to use; refit, saving and the process's start-up take the rest
-PLANNED_FRACTION = 0.92
+PLANNED_FRACTION = 0.85
 #: seconds kept for writing the output (model files, metrics, leaderboard)
-WRITE_SECONDS = 15.0
+WRITE_SECONDS = 20.0
 #: static inference cost (seconds per item on one modern CPU core-pair) at the reference resolution, used until
 #: this process has measured the real speed
 STATIC_SECONDS_PER_ITEM = {"efficientnet_lite0": 0.05, "efficientnet_lite1": 0.07, "efficientnet_lite2": 0.1,
@@ -257,7 +257,9 @@ class AutoSearch:
 
         infer = self.inference_seconds(candidate)
         static = (3.5 * infer, infer, 3.0)
-        if self.clock.left() < 30:
+        n = len(self.data)
+        rough = self.k * (3.0 + int(candidate.options.get("epochs", 1)) * n * static[0])
+        if self.clock.left() < 30 or rough > 3 * self.clock.left():  # clearly out of reach: not worth measuring
             return static
         started = time.perf_counter()
         train_item, infer = seconds_per_item(candidate, self.data, self.config.seed)
