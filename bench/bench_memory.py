@@ -119,7 +119,7 @@ def retrieval(index, questions) -> dict:
     sources = [index.records[i]["source"] for i in ids]
     texts = [q for q, _ in questions]
     start = time.perf_counter()
-    hits = index.search(texts, k=5)
+    hits = index.search(texts, k=5, retrieval="dense")  # the dense side, compared with brute force
     ours_seconds = time.perf_counter() - start
     model = SentenceTransformer(minilm_path(), device="cpu")
     model.max_seq_length = index.encoder.max_length  # same truncation as the index's encoder
@@ -291,7 +291,7 @@ def ask_accuracy(index, questions, mode: str, lm=None) -> dict:
     cited_right, overlap_right, retrieved_right, first_rank, seconds, examples = [], [], [], [], [], []
     for question, good in questions:
         start = time.perf_counter()
-        answer = ask(index, question, k=3, mode=mode, lm=lm, max_new_tokens=48)
+        answer = ask(index, question, k=3, mode=mode, lm=lm, max_new_tokens=48, retrieval="dense")  # as measured
         seconds.append(time.perf_counter() - start)
         cited_right.append(bool(answer.citations) and answer.citations[0].source in good)
         overlap_right.append(answer.overlap is not None and answer.overlap.source in good)

@@ -52,6 +52,9 @@ class RunContext:
     notes: list[str] = field(default_factory=list)
     #: called with each epoch's history row (e.g. ``transferkit auto`` stops a candidate when its time is up)
     epoch_callback: Callable[[dict[str, Any]], None] | None = None
+    #: under ``--protocol cv`` the CVResult (evaluation/protocol.py): its out-of-fold predictions on every labelled
+    #: item stand in for the (empty) validation split, e.g. for temperature scaling
+    cv: Any = None
     #: factor of the task loss (KL anchoring's ``1 - A``)
     task_weight: float = 1.0
     #: ``(data, features) -> features`` applied to every extraction (CORAL re-colours the source splits)
