@@ -235,6 +235,8 @@ def _train_and_write(folder: OutputFolder, fit_cfg: FitConfig, train_cfg, strate
     write_jsonl(stage / "history.jsonl", result.history)
     write_model_card(stage, metrics, command=fit_command(all_options, backbone_name), name=out.name)
     folder.publish()
+    for ext in extensions:  # e.g. --track: log the published run
+        ext.published(out, metrics, result.history)
     logger.info("%s %s; run written to %s", eval_split, ", ".join(f"{k} {metrics[k]:.4f}" for k in
                 ("accuracy", "macro_f1", "mae", "coverage") if isinstance(metrics.get(k), float)), out)
     return Run(out, metrics, result.history)

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from transferkit.registry import import_registering_modules
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from transferkit.config import FitConfig
     from transferkit.engine.context import RunContext
     from transferkit.engine.trainer import TrainResult
@@ -25,6 +27,7 @@ _MODULES = [
     "transferkit.tasks.extension",
     "transferkit.evaluation.calibration",
     "transferkit.evaluation.datacheck",
+    "transferkit.tracking",
 ]
 
 
@@ -57,6 +60,9 @@ class FitExtension:
     def metrics(self, context: RunContext, model: TransferModel) -> dict[str, Any]:
         """Extra entries for metrics.json after training."""
         return {}
+
+    def published(self, run_dir: Path, metrics: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        """Called once the run folder is in place (e.g. to log it to an experiment tracker)."""
 
 
 _REGISTRY: dict[str, type[FitExtension]] = {}
