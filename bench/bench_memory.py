@@ -8,9 +8,15 @@
 3. ``ask`` citation accuracy (does the answer cite a chunk of the right topic?) for both modes;
 4. few-shot text on ``tweets`` (8 and 16 labels per class): prototypes, kNN, contrastive, and SetFit itself
    (same encoder, run offline from the local path in a subprocess; accuracy computed here);
-5. zero-, one- and few-shot in-context accuracy of SmolLM2-135M on tweets.
+5. zero-, one- and few-shot in-context accuracy of SmolLM2-135M on tweets;
+6. dense, lexical (BM25) and hybrid retrieval (RRF and weighted fusion) on the pydoc topics (issue 17), with the
+   30 questions above and a second set of 48 written before any search (``bench/data/pydoc_questions_2.json``):
+   topic recall@1 / @5 and MRR over the distinct sources of ``search -k 10``.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_memory [--quick] [--seeds 3]
+
+Sections skipped with ``--skip`` keep their text from the existing results file (so one section can be
+re-measured without re-running the hours of few-shot training).
 """
 
 from __future__ import annotations
@@ -68,6 +74,20 @@ QUESTIONS: list[tuple[str, set[str]]] = [
     ("How do I use the Python debugger pdb?", {"debugger"}),
 ]
 QUICK_QUESTIONS = 8
+SECOND_QUESTIONS = ROOT / "data" / "pydoc_questions_2.json"
+SECTIONS = ("retrieval", "throughput", "ask", "fewshot", "incontext", "hybrid")
+# section -> its heading in the results file
+HEADINGS = {"retrieval": "### Retrieval on the pydoc topics", "throughput": "### Query throughput",
+            "ask": "### `ask` citation accuracy", "fewshot": "### Few-shot text", "incontext": "### In-context",
+            "hybrid": "### Hybrid retrieval"}
+HYBRID_RETRIEVALS = {"dense": {"retrieval": "dense"}, "lexical (BM25)": {"retrieval": "lexical"},
+                     "hybrid, RRF": {"retrieval": "hybrid", "fusion": "rrf"},
+                     "hybrid, weighted (w = 0.5)": {"retrieval": "hybrid", "fusion": "weighted", "dense_weight": 0.5},
+                     "(sensitivity) hybrid, weighted (w = 0.3)": {"retrieval": "hybrid", "fusion": "weighted",
+                                                                  "dense_weight": 0.3},
+                     "(sensitivity) hybrid, weighted (w = 0.7)": {"retrieval": "hybrid", "fusion": "weighted",
+                                                                  "dense_weight": 0.7}}
+FUSED = ("hybrid, RRF", "hybrid, weighted (w = 0.5)")
 
 
 def _omp_prefix() -> str:
@@ -82,8 +102,9 @@ def _cell(name: str, compute):
 # --- 1. retrieval -----------------------------------------------------------------------------------------------
 def _pydoc_index(folder: Path):
     from transferkit.memory.index import VectorIndex, build_index
+    from transferkit.memory.storage import is_index_folder
 
-    if (folder / "meta.json").is_file():
+    if is_index_folder(folder):
         return VectorIndex.load(folder)
     return build_index(folder, docs="pydoc-topics", progress=False, overwrite=True)
 
@@ -98,7 +119,7 @@ def retrieval(index, questions) -> dict:
     sources = [index.records[i]["source"] for i in ids]
     texts = [q for q, _ in questions]
     start = time.perf_counter()
-    hits = index.search(texts, k=5)
+    hits = index.search(texts, k=5, retrieval="dense")  # the dense side, compared with brute force
     ours_seconds = time.perf_counter() - start
     model = SentenceTransformer(minilm_path(), device="cpu")
     model.max_seq_length = index.encoder.max_length  # same truncation as the index's encoder
@@ -116,6 +137,81 @@ def retrieval(index, questions) -> dict:
     same_top5 = np.mean([[h.source for h in a] == [sources[j] for j in b] for a, b in zip(hits, order)])
     return {"rows": rows, "chunks": len(chunks), "questions": len(questions), "same_top5_sources": float(same_top5),
             "search_seconds": ours_seconds, "reference_encode_and_search_seconds": reference_seconds}
+
+
+# --- 6. hybrid retrieval ------------------------------------------------------------------------------------------
+def second_questions() -> list[tuple[str, set[str]]]:
+    return [(q["question"], set(q["topics"])) for q in json.loads(SECOND_QUESTIONS.read_text())["questions"]]
+
+
+def topic_rank(hits, good: set[str]) -> int | None:
+    """1-based rank of the first answering topic among the distinct sources of ``hits`` (None: not found)."""
+    sources = list(dict.fromkeys(h.source for h in hits))
+    return next((r for r, s in enumerate(sources, 1) if s in good), None)
+
+
+def retrieval_quality(index, questions, settings: dict, k: int = 10) -> dict:
+    from transferkit.memory.retrieval import RetrievalConfig
+
+    start = time.perf_counter()
+    hits = index.search([q for q, _ in questions], k=k, retrieval=RetrievalConfig(**settings))
+    seconds = time.perf_counter() - start
+    ranks = [topic_rank(row, good) for row, (_, good) in zip(hits, questions)]
+    return {"recall@1": float(np.mean([r == 1 for r in ranks])),
+            "recall@5": float(np.mean([r is not None and r <= 5 for r in ranks])),
+            "mrr": float(np.mean([1 / r if r else 0.0 for r in ranks])), "ranks": ranks,
+            "seconds_per_query": seconds / len(questions), "n": len(questions)}
+
+
+def hybrid_section(index, question_sets: dict[str, list]) -> list[str]:
+    lines = ["### Hybrid retrieval on the pydoc topics (issue 17)", "",
+             f"{len(index)} chunks (500 characters, overlap 100) of the 79 pydoc topics, all-MiniLM-L6-v2 for dense, "
+             "BM25 (bm25s, Lucene variant, k1 = 1.5, b = 0.75, no stop words) for lexical, 50 candidates from each "
+             "before fusion. Topic recall@k: an answering topic is among the first k distinct sources of "
+             "`search -k 10`; MRR over those sources (0 when none answers). Set 1: the 30 questions above; set 2: "
+             f"{len(question_sets['set 2'])} questions written before any search was run "
+             "(`bench/data/pydoc_questions_2.json`; by the engineer who wrote the code, not an independent helper).",
+             "", "| questions | retrieval | recall@1 | recall@5 | MRR | ms/query |", "|---|---|---|---|---|---|"]
+    cells = {}
+    for set_name, questions in question_sets.items():
+        for name, settings in HYBRID_RETRIEVALS.items():
+            key = "-".join(f"{k}={v}" for k, v in settings.items())
+            cell = _cell(f"hybrid-{set_name.replace(' ', '')}-{len(questions)}-{key}",
+                         lambda q=questions, st=settings: retrieval_quality(index, q, st))
+            cells[(set_name, name)] = cell
+            lines.append(f"| {set_name} ({cell['n']}) | {name} | {cell['recall@1']:.3f} | {cell['recall@5']:.3f} | "
+                         f"{cell['mrr']:.3f} | {1000 * cell['seconds_per_query']:.0f} |")
+    lines += ["", "The weights 0.3 / 0.7 are shown for sensitivity only; w = 0.5 was fixed before measuring.", ""]
+    for set_name, questions in question_sets.items():
+        dense = cells[(set_name, "dense")]["ranks"]
+        for name in FUSED:
+            ranks = cells[(set_name, name)]["ranks"]
+            won = [q for (q, _), d, h in zip(questions, dense, ranks) if h == 1 != d]
+            lost = [q for (q, _), d, h in zip(questions, dense, ranks) if d == 1 != h]
+            lines.append(f"- {set_name}, {name} vs dense at rank 1: right for {len(won)} more questions"
+                         + (f" ({'; '.join(won[:5])})" if won else "") + f", wrong for {len(lost)} more"
+                         + (f" ({'; '.join(lost[:5])})" if lost else "") + ".")
+    meets = [name for name in FUSED if all(
+        cells[(s, name)]["recall@5"] >= 0.96 and cells[(s, name)]["recall@1"] >= cells[(s, "dense")]["recall@1"]
+        for s in question_sets)]
+    lines += ["", "Target (issue 17): hybrid topic recall@5 >= 0.96 on both sets and recall@1 at least dense's. Met by: "
+              + (", ".join(meets) if meets else "neither fusion") + ".", ""]
+    return lines
+
+
+def _previous_sections(path: Path) -> tuple[list[str], dict[str, list[str]]]:
+    """The header lines and the ``###`` sections (by SECTIONS name) of an existing results file."""
+    if not path.is_file():
+        return [], {}
+    header: list[str] = []
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in path.read_text().splitlines():
+        if line.startswith("### "):
+            current = next((name for name, h in HEADINGS.items() if line.startswith(h)), line)
+            sections[current] = []
+        (sections[current] if current else header).append(line)
+    return header, sections
 
 
 # --- 2. throughput ------------------------------------------------------------------------------------------------
@@ -195,7 +291,7 @@ def ask_accuracy(index, questions, mode: str, lm=None) -> dict:
     cited_right, overlap_right, retrieved_right, first_rank, seconds, examples = [], [], [], [], [], []
     for question, good in questions:
         start = time.perf_counter()
-        answer = ask(index, question, k=3, mode=mode, lm=lm, max_new_tokens=48)
+        answer = ask(index, question, k=3, mode=mode, lm=lm, max_new_tokens=48, retrieval="dense")  # as measured
         seconds.append(time.perf_counter() - start)
         cited_right.append(bool(answer.citations) and answer.citations[0].source in good)
         overlap_right.append(answer.overlap is not None and answer.overlap.source in good)
@@ -333,7 +429,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--incontext-shots", default="0,1,4", help="comma-separated shots per class")
     parser.add_argument("--incontext-n", type=int, default=90, help="test tweets for in-context accuracy")
     parser.add_argument("--skip", action="append", default=[],
-                        help="sections to skip: retrieval, throughput, ask, fewshot, incontext")
+                        help=f"sections to skip (their text is kept from the existing results file): "
+                             f"{', '.join(SECTIONS)}")
     args = parser.parse_args(argv)
     global CACHE
     if args.quick:
@@ -344,8 +441,17 @@ def main(argv: list[str] | None = None) -> None:
              .rstrip() + f" on {platform.machine()} CPU (2 cores shared with other jobs). Every cell is cached as JSON under "
              "`bench/cache/memory/` (an interrupted run resumes), so cells can come from earlier runs of the same "
              "code; ratios are always measured within one cell (interleaved).", ""]
+    target = RESULTS / ("quick" if args.quick else "") / "memory.md"
+    old_header, previous = _previous_sections(target)
+    if old_header and any(name in args.skip for name in previous):  # kept sections: keep the command that made them
+        rerun = [name for name in SECTIONS if name not in args.skip]
+        lines = [line for line in old_header if not line.startswith("Re-measured ")]
+        while lines and not lines[-1]:
+            lines.pop()
+        lines += ["", f"Re-measured by `{_omp_prefix()}.venv/bin/python -m bench.bench_memory "
+                      f"{' '.join(argv if argv is not None else sys.argv[1:])}`: {', '.join(rerun)}.", ""]
     index = None
-    if "retrieval" not in args.skip or "ask" not in args.skip:
+    if any(name not in args.skip for name in ("retrieval", "ask", "hybrid")):
         index = _pydoc_index(CACHE / "pydoc-index")
 
     if "retrieval" not in args.skip:
@@ -356,6 +462,9 @@ def main(argv: list[str] | None = None) -> None:
                   "topic.", "", "| search | recall@1 | recall@5 |", "|---|---|---|"]
         lines += [f"| {name} | {v['recall@1']:.3f} | {v['recall@5']:.3f} |" for name, v in r["rows"].items()]
         lines += ["", f"Identical top-5 source lists for {r['same_top5_sources']:.0%} of the questions.", ""]
+
+    else:
+        lines += previous.get("retrieval", [])
 
     if "throughput" not in args.skip:
         n = 10_000 if args.quick else 100_000
@@ -379,6 +488,9 @@ def main(argv: list[str] | None = None) -> None:
                          f"{1e6 * (1 / h['median_qps'] - 1 / i['median_qps']) / 10:.1f} | {v['same_ids_as_direct']:.3f} | "
                          f"{v['recall@10_vs_exact']:.3f} |")
         lines.append("")
+
+    else:
+        lines += previous.get("throughput", [])
 
     if "ask" not in args.skip:
         extractive = _cell("ask-extractive", lambda: ask_accuracy(index, questions, "extractive"))
@@ -423,6 +535,9 @@ def main(argv: list[str] | None = None) -> None:
         lines += [f"- *{e['question']}* -> cited {e['cited'][:1]} (retrieved {e['retrieved']}): "
                   f"\"{' '.join(e['answer'].split())[:220]}\"" for e in generated["examples"][:3]]
         lines.append("")
+
+    else:
+        lines += previous.get("ask", [])
 
     if "fewshot" not in args.skip or "incontext" not in args.skip:
         splits = _tweets(150 if args.quick else 600)
@@ -475,6 +590,9 @@ def main(argv: list[str] | None = None) -> None:
             lines.append(f"\nNot run in this session: {', '.join(missing)} (--fewshot-methods).")
         lines.append("")
 
+    else:
+        lines += previous.get("fewshot", [])
+
     if "incontext" not in args.skip:
         from transferkit.zeroshot.incontext import load_causal_lm
 
@@ -495,8 +613,16 @@ def main(argv: list[str] | None = None) -> None:
         lines += [f"| {s} | {c['accuracy']:.3f} | {c['seconds_per_text']:.2f} |" for s, c in rows]
         lines += ["", f"Majority-class baseline on these tweets: {rows[0][1]['majority_baseline']:.3f}.", ""]
 
+    else:
+        lines += previous.get("incontext", [])
+
+    if "hybrid" not in args.skip:
+        sets = {"set 1": questions, "set 2": second_questions()[:QUICK_QUESTIONS] if args.quick else second_questions()}
+        lines += hybrid_section(index, sets)
+    else:
+        lines += previous.get("hybrid", [])
+
     RESULTS.mkdir(parents=True, exist_ok=True)
-    target = RESULTS / ("quick" if args.quick else "") / "memory.md"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

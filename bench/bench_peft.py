@@ -344,7 +344,7 @@ def adapt_to_target(source_dir: Path, train, test_target, test_source, alpha: fl
     context = RunContext(DataSplits(train, empty, None), TrainConfig(epochs=epochs, batch_size=16, lr=1e-3,
                                                                        early_stopping=0, seed=seed, device="cpu"),
                          progress=False)
-    extension.configure(context, model, fit)
+    context = extension.configure(context, model, fit)
     strategy.train(model, context)
     return {"target": evaluate_model(model, test_target)["accuracy"],
             "source": evaluate_model(model, test_source)["accuracy"]}

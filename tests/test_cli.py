@@ -109,10 +109,18 @@ def test_python_api_mirrors_cli(trained_run, image_folder):
     assert probabilities.shape == (3, 2)
     assert model.predict(files) == [model.classes_[i] for i in probabilities.argmax(1)]
     # the saved model reproduces the fitted one exactly: evaluating the test split gives the stored accuracy
+    from transferkit.data import load_data
+
     metrics = json.loads((trained_run / "metrics.json").read_text())
-    report = transferkit.evaluate(model, str(image_folder))
-    assert report["n"] == 28 and 0 <= report["accuracy"] <= 1
-    assert metrics["evaluation"]["n"] == metrics["dataset_sizes"]["test"]
+    fit_options = metrics["config"]["fit"]
+    splits = load_data(str(image_folder), limit_per_class=fit_options["limit_per_class"],
+                       seed=metrics["config"]["train"]["seed"], val_fraction=fit_options["val_fraction"],
+                       test_fraction=fit_options["test_fraction"], test_limit=fit_options["test_limit"])
+    assert len(splits.test) == metrics["evaluation"]["n"] == metrics["dataset_sizes"]["test"]
+    report = transferkit.api.evaluate_model(model.module, splits.test)
+    assert report["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert report["confusion_matrix"] == metrics["evaluation"]["confusion_matrix"]
+    assert transferkit.evaluate(model, str(image_folder))["n"] == 28  # the whole folder
 
 
 def test_finished_run_is_not_overwritten(trained_run, image_folder, capsys):
@@ -241,12 +249,13 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([*args, "--out", str(out)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    checkpoint = tmp_path / ".run.partial" / "checkpoint" / "checkpoint.pt"
+    checkpoint = tmp_path / ".run.partial" / "checkpoint" / "trainer.safetensors"
     deadline = time.time() + 300
     while time.time() < deadline:
         if checkpoint.exists():
-            state = torch.load(checkpoint, weights_only=False)
-            if state["epoch"] >= 1:
+            from transferkit.engine.checkpoint import load_checkpoint
+
+            if load_checkpoint(checkpoint)[1]["state"]["epoch"] >= 2:
                 break
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)

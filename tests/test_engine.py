@@ -58,6 +58,25 @@ def test_warmup_cosine_shape():
     assert f(55) == pytest.approx(0.5, abs=0.02) and f(100) == pytest.approx(0.0, abs=1e-9)
 
 
+def test_weight_decay_respects_timms_no_weight_decay():
+    """A ViT's pos_embed / cls_token (ndim 3) are listed by timm's ``no_weight_decay()`` and must not be decayed,
+    also when the ViT sits inside another module (the names are then prefixed)."""
+    import timm
+
+    from transferkit.engine.trainer import split_weight_decay
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=16,
+                            depth=1, num_heads=2, num_classes=0)
+    assert {"pos_embed", "cls_token"} <= set(vit.no_weight_decay())
+    model = nn.ModuleDict({"backbone": nn.ModuleDict({"model": vit}), "head": nn.Linear(16, 2)})
+    groups = split_weight_decay(model, [{"params": list(model.parameters()), "lr": 0.1}], 0.5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] == 0.5 for p in g["params"]}
+    assert "backbone.model.pos_embed" not in decayed and "backbone.model.cls_token" not in decayed
+    assert {"backbone.model.patch_embed.proj.weight", "head.weight"} <= decayed
+
+
 def test_dann_annealing_schedule_matches_formula():
     f = inverse_annealing(total_steps=200)
     assert f(0) == 1.0 and f(200) == pytest.approx(11**-0.75)
@@ -143,7 +162,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
     with pytest.raises(Interrupt):
         Trainer(interrupted, [CrossEntropyObjective()], cfg, checkpoint_dir=tmp_path, progress=False,
                 epoch_callback=stop_after_two).fit(*loaders(3))
-    assert (tmp_path / "checkpoint.pt").exists()
+    assert (tmp_path / "trainer.safetensors").exists()
     resumed = make_model(99)  # different init: everything must come from the checkpoint
     result = Trainer(resumed, [CrossEntropyObjective()], cfg, checkpoint_dir=tmp_path, progress=False).fit(*loaders(3))
     assert result.resumed_from_epoch == 2
@@ -176,6 +195,16 @@ def test_lbfgs_probe_matches_scikit_learn():
     ours = (torch.tensor(data.x) @ w.T + b).softmax(-1).numpy()
     sk = LogisticRegression(C=0.5, max_iter=5000, tol=1e-10).fit(data.x, data.y).predict_proba(data.x)
     assert np.abs(ours - sk).max() < 1e-3
+
+
+def test_macro_f1_counts_classes_that_are_only_predicted():
+    """scikit-learn's default labels: those in the truth or the predictions. Class 2 is predicted once but never
+    true, so its F1 is 0 and macro-F1 = (2/3 + 1 + 0) / 3."""
+    probabilities = np.eye(3)[[0, 2, 1, 1]]
+    report = classification_report(np.array([0, 0, 1, 1]), probabilities, ["a", "b", "c"])
+    assert report["macro_f1"] == pytest.approx(5 / 9) and round(report["macro_f1"], 3) == 0.556
+    assert report["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert classification_report(np.array([], dtype=int), np.zeros((0, 3)), ["a", "b", "c"])["macro_f1"] == 0.0
 
 
 def test_classification_report_matches_scikit_learn():

@@ -102,9 +102,12 @@ def test_knn_votes_of_nearest_neighbours_and_round_trips(tmp_path):
     assert probs[0].argmax() == 0 and probs[1].argmax() == 1
     np.testing.assert_allclose(probs[0], [2 / 3, 1 / 3], atol=2e-3)
     np.testing.assert_allclose(probs[1], [0.0, 1.0], atol=2e-3)
-    assert strategy.to_dict()["options"]["knn_bank_size"] == 5
+    # the bank's size is learned state: in the model's buffers, not in the options that reproduce the run
+    assert strategy.to_dict()["options"] == {"knn_k": 3}
+    assert model.heads[model.tasks[0].name].bank.shape[0] == 5
     save_model(model, tmp_path / "model", strategy.to_dict())
     loaded, _ = load_model(tmp_path / "model")
+    assert loaded.heads[loaded.tasks[0].name].bank.shape[0] == 5
     np.testing.assert_allclose(_probabilities(loaded, [(1.0, 0.2), (-1.0, 2.0)]), probs, atol=1e-6)
 
 

@@ -241,7 +241,7 @@ def test_cli_search_json(minilm_corpus_index, capsys):
     assert main(["search", str(root / "idx"), "watering tomato plants", "-k", "2", "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
     assert document["query"] == "watering tomato plants"
-    assert [set(r) for r in document["results"]] == [{"rank", "score", "source", "text", "start", "end"}] * 2
+    assert [set(r) for r in document["results"]] == [{"rank", "score", "source", "text", "start", "end", "ranks", "scores"}] * 2
     assert document["results"][0]["source"] == "garden.txt" and document["results"][0]["rank"] == 1
     assert main(["search", str(root / "idx"), "x", "--encoder", "efficientnet_lite0"]) == 2
     assert "differs from the index's encoder" in capsys.readouterr().err
@@ -267,7 +267,7 @@ def test_cli_similar_image_search(tmp_path, capsys):
     document = json.loads(capsys.readouterr().out)
     assert document["query"] == str(folder / "chelsea.jpg")
     results = document["results"]
-    assert [set(r) for r in results] == [{"rank", "score", "source", "text", "start", "end"}] * 6
+    assert [set(r) for r in results] == [{"rank", "score", "source", "text", "start", "end", "ranks", "scores"}] * 6
     assert results[0]["source"] == "chelsea.jpg" and results[0]["score"] > 0.999  # the identical image first
     assert [r["rank"] for r in results] == [1, 2, 3, 4, 5, 6]
     assert all(a["score"] >= b["score"] for a, b in zip(results, results[1:]))
@@ -278,6 +278,7 @@ def test_cli_similar_image_search(tmp_path, capsys):
     assert main(["search", out, "--image", str(query), "-k", "6"]) == 0  # table output, resized query
     assert capsys.readouterr().out.splitlines()[2].split()[2] == "coffee.jpg"
     assert main(["search", out, "a text query"]) == 2  # an image index needs --image
+    assert main(["search", out, "--image", str(query), "--retrieval", "hybrid"]) == 2  # no text to match
 
 
 def test_cli_index_build_add_remove_info(notes, tmp_path, tiny_encoder, capsys):
@@ -308,3 +309,131 @@ def test_cli_ask_extractive_json(minilm_corpus_index, capsys):
                  "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
     assert document["citations"][0]["source"] == "baking.md" and "220" in document["answer"]
+
+
+# --- hybrid retrieval ----------------------------------------------------------------------------------------------
+def test_fusion_arithmetic():
+    from transferkit.memory.retrieval import min_max, reciprocal_rank_fusion, weighted_fusion
+
+    rankings = {"dense": {1: (1, 0.9), 2: (2, 0.5), 3: (3, 0.1)}, "lexical": {3: (1, 8.0), 4: (2, 2.0)}}
+    rrf = reciprocal_rank_fusion(rankings)
+    assert rrf == pytest.approx({1: 1 / 61, 2: 1 / 62, 3: 1 / 63 + 1 / 61, 4: 1 / 62})
+    assert min_max(rankings["dense"]) == pytest.approx({1: 1.0, 2: 0.5, 3: 0.0})
+    weighted = weighted_fusion(rankings, {"dense": 0.5, "lexical": 0.5})
+    assert weighted == pytest.approx({1: 0.5, 2: 0.25, 3: 0.5, 4: 0.0})
+
+
+@pytest.fixture
+def disagreeing_index(tiny_encoder, monkeypatch):
+    """Four chunks whose dense order (hand-made vectors, query = e0) is a, b, c, d while only c shares a word with
+    the query "zeta": dense and lexical disagree."""
+    from transferkit.backbones import create_backbone
+    from transferkit.memory import index as index_module
+
+    index = VectorIndex.create(create_backbone(tiny_encoder))
+    cosines = {"a.md": 0.9, "b.md": 0.8, "c.md": 0.1, "d.md": 0.0}
+    texts = {"a.md": "alpha beta", "b.md": "gamma delta", "c.md": "zeta epsilon", "d.md": "omega"}
+    vectors = []
+    for i, cosine in enumerate(cosines.values()):
+        v = np.zeros(16, np.float32)
+        v[0], v[1 + i] = cosine, np.sqrt(1 - cosine ** 2)
+        vectors.append(v)
+    index.add_vectors(np.stack(vectors), [{"source": s, "text": texts[s], "start": 0, "end": len(texts[s])}
+                                          for s in cosines])
+    query = np.zeros((1, 16), np.float32)
+    query[0, 0] = 1.0
+    monkeypatch.setattr(index_module, "embed", lambda encoder, items, *a, **k: np.repeat(query, len(items), 0))
+    return index
+
+
+def test_hybrid_fusion_where_dense_and_lexical_disagree(disagreeing_index):
+    from transferkit.memory.retrieval import RetrievalConfig
+
+    index = disagreeing_index
+
+    def order(**settings):
+        return [h.source for h in index.search(["zeta"], k=4, retrieval=RetrievalConfig(**settings))[0]]
+
+    assert order(retrieval="dense") == ["a.md", "b.md", "c.md", "d.md"]
+    assert order(retrieval="lexical") == ["c.md"]  # chunks sharing no word are not lexical hits
+    assert order(retrieval="hybrid", fusion="rrf") == ["c.md", "a.md", "b.md", "d.md"]  # 1/63 + 1/61 > 1/61
+    # weighted: c = 0.5 * 0.1 / 0.9 + 0.5 * 1 = 0.556 > a = 0.5 > b = 0.444 > d = 0
+    assert order(retrieval="hybrid", fusion="weighted") == ["c.md", "a.md", "b.md", "d.md"]
+    assert order(retrieval="hybrid", fusion="weighted", dense_weight=0.9)[0] == "a.md"  # 0.9 > 0.1 + 0.9 * 0.111
+    hits = index.search(["zeta"], k=2, retrieval=RetrievalConfig("hybrid", fusion="weighted"))[0]
+    first = hits[0].to_json()
+    assert first["ranks"] == {"dense": 3, "lexical": 1}
+    assert first["scores"]["dense"] == pytest.approx(0.1, abs=1e-5) and first["scores"]["lexical"] > 0
+    assert first["score"] == pytest.approx(0.5 * 0.1 / 0.9 + 0.5, abs=1e-5)
+    assert hits[1].to_json()["ranks"] == {"dense": 1, "lexical": None}
+
+
+def test_rerank_with_a_tiny_random_cross_encoder(disagreeing_index, tmp_path):
+    from sentence_transformers import CrossEncoder
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    from transferkit.memory.retrieval import RetrievalConfig
+
+    words = ["alpha", "beta", "gamma", "delta", "zeta", "epsilon", "omega"]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
+                      ).save_pretrained(tmp_path / "ce")
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=12, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=32, max_position_embeddings=32, num_labels=1)
+                                  ).save_pretrained(tmp_path / "ce")
+    texts = {h.source: h.text for h in disagreeing_index.search(["zeta"], k=4, retrieval="dense")[0]}
+    expected = CrossEncoder(str(tmp_path / "ce")).predict([("zeta", t) for t in texts.values()])
+    config = RetrievalConfig("hybrid", rerank=f"hf:{tmp_path / 'ce'}")
+    hits = disagreeing_index.search(["zeta"], k=4, retrieval=config)[0]
+    assert [h.source for h in hits] == [list(texts)[i] for i in np.argsort(-expected, kind="stable")]
+    np.testing.assert_allclose([h.score for h in hits], np.sort(expected)[::-1], rtol=1e-5, atol=1e-6)
+    assert [h.ranks["rerank"] for h in hits] == [1, 2, 3, 4] and {"dense", "lexical"} <= set(hits[0].ranks)
+    with pytest.raises(TransferkitError, match="cannot load the cross-encoder"):
+        disagreeing_index.search(["zeta"], retrieval=RetrievalConfig("hybrid", rerank=f"hf:{tmp_path / 'none'}"))
+
+
+def test_add_and_remove_keep_lexical_and_vector_sides_in_step(notes, tmp_path, tiny_encoder, capsys):
+    from transferkit.cli.main import main
+    from transferkit.memory import storage
+
+    out = tmp_path / "idx"
+    assert main(["index", "build", "--docs", str(notes), "--encoder", tiny_encoder, "--out", str(out)]) == 0
+    more = tmp_path / "more"
+    more.mkdir()
+    (more / "e.txt").write_text("the market plays guitar today")
+
+    def sides() -> tuple[VectorIndex, set[int]]:
+        index = VectorIndex.load(out)
+        assert index._lexical is not None  # stored with the vectors, not rebuilt
+        assert any(name.startswith("lexical/") for name in storage.read_pointer(out)["sha256"])
+        return index, set(index.lexical.ids.tolist())
+
+    assert main(["index", "add", str(out), str(more)]) == 0
+    index, lexical_ids = sides()
+    assert lexical_ids == set(index.records)
+    capsys.readouterr()
+    assert main(["search", str(out), "market", "--retrieval", "lexical", "--json"]) == 0
+    assert {r["source"] for r in json.loads(capsys.readouterr().out)["results"]} == {"c.jsonl", "e.txt"}
+    assert main(["index", "remove", str(out), "--source", "e.txt"]) == 0
+    index, lexical_ids = sides()
+    assert lexical_ids == set(index.records) and "e.txt" not in index.sources()
+    capsys.readouterr()
+    assert main(["search", str(out), "market", "--retrieval", "lexical", "--json"]) == 0
+    assert [r["source"] for r in json.loads(capsys.readouterr().out)["results"]] == ["c.jsonl"]
+
+
+def test_unknown_retrieval_or_fusion_exits_2(minilm_corpus_index, capsys):
+    from transferkit.cli.main import main
+
+    _, root = minilm_corpus_index
+    for flags, message in ((["--retrieval", "sparse"], "unknown retrieval 'sparse'"),
+                           (["--fusion", "max"], "unknown fusion 'max'"),
+                           (["--dense-weight", "2"], "invalid dense weight"),
+                           (["--rerank", "cohere"], "unknown re-ranker")):
+        assert main(["search", str(root / "idx"), "bread", *flags]) == 2
+        err = [line for line in capsys.readouterr().err.strip().splitlines() if "Loading weights" not in line]
+        assert len(err) == 1 and message in err[0]
+    assert main(["ask", str(root / "idx"), "bread?", "--mode", "extractive", "--retrieval", "sparse"]) == 2
+    assert main(["ask", str(root / "idx"), "How hot should the oven be for bread?", "--mode", "extractive",
+                 "--retrieval", "lexical", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["citations"][0]["source"] == "baking.md"

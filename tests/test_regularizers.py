@@ -4,6 +4,7 @@ the task loss, LwF vs same-head anchoring, and ``--init-from`` personalisation."
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -67,19 +68,16 @@ def test_total_loss_is_phan_weighting_of_ce_and_anchor():
     source, _ = model_and_data(seed=1)
     context = context_for(data)
     # anchor the same head of a reference model (as --init-from with equal label spaces)
-    context.objectives.append(KLAnchorObjective(0.3, source, None, context))
-    objectives = context.all_objectives(model, create_strategy("finetune"))
+    anchored = replace(context, objectives=[KLAnchorObjective(0.3, source, None)], task_weight=0.7)
+    objectives = anchored.all_objectives(model, create_strategy("finetune"))
     for objective in objectives:
         objective.setup(model)
+        objective.setup(model)  # the scaling does not compound, however often training (re)starts
     ce, kl = objectives[0], objectives[-1]
-    assert ce.weight == pytest.approx(1.0) and kl.weight == pytest.approx(0.3)  # no task objective to scale yet
-
-    context.task_objectives = [type(ce)()]
-    objectives = context.all_objectives(model, create_strategy("finetune"))
-    for objective in objectives:
-        objective.setup(model)
-        objective.setup(model)  # scaling happens once, however often training (re)starts
-    assert objectives[0].weight == pytest.approx(0.7)
+    assert ce.weight == pytest.approx(0.7) and kl.weight == pytest.approx(0.3)
+    assert context.all_objectives(model, create_strategy("finetune"))[0].weight == 1.0  # the original: unscaled
+    weighted = replace(anchored, task_objectives=[type(ce.inner)(weight=2.0)])  # e.g. importance weighting's
+    assert weighted.all_objectives(model, create_strategy("finetune"))[0].weight == pytest.approx(1.4)
 
     model.eval()
     source.eval()
@@ -138,14 +136,19 @@ def test_init_from_copies_backbone_and_same_head_then_anchors_it(tmp_path):
     extension = AnchorExtension(AnchorConfig(anchor="kl", anchor_alpha=0.5, init_from=str(tmp_path / "run")))
     extension.check(FitConfig(data="x"), strategy)
     strategy.prepare(model)
-    context = context_for(data)
-    extension.configure(context, model, FitConfig(data="x"))
-    assert strategy.config.head_init == "random"
+    context = extension.configure(context_for(data), model, FitConfig(data="x"))
+    # the options that reproduce the run stay as given; the loaded head is learned state the strategy keeps
+    assert strategy.config.head_init == "auto" and context.heads_from == str(tmp_path / "run")
     for key, value in source.state_dict().items():
         assert torch.equal(model.state_dict()[key], value)
     kl = context.objectives[-1]
     assert isinstance(kl, KLAnchorObjective) and kl.__dict__["anchored_head"] is None
     assert extension.metrics(context, model)["anchor"]["anchored"].startswith("the same head")
+
+    explicit = AnchorExtension(AnchorConfig(init_from=str(tmp_path / "run")))
+    explicit.check(FitConfig(data="x"), create_strategy("finetune", {"head_init": "probe"}))
+    with pytest.raises(TransferkitError, match="--head-init probe would replace the head"):
+        explicit.configure(context_for(data), model_and_data(seed=3)[0], FitConfig(data="x"))
 
     result = strategy.train(model, context)  # the engine runs with the anchor; the reference stays frozen
     assert result.history and "train_kl_anchor" in result.history[0]
@@ -158,9 +161,8 @@ def test_init_from_new_label_space_uses_lwf_and_kl_without_any_head_fails(tmp_pa
     save_model(source, tmp_path / "run" / "model", {"name": "finetune", "options": {}})
     model, data = model_and_data(seed=2, classes=["x", "y"])
     extension = AnchorExtension(AnchorConfig(anchor="kl", init_from=str(tmp_path / "run")))
-    context = context_for(data)
-    extension.configure(context, model, FitConfig(data="x"))
-    assert "LwF" in extension.mode
+    context = extension.configure(context_for(data), model, FitConfig(data="x"))
+    assert "LwF" in extension.mode and context.task_weight == pytest.approx(0.5) and context.heads_from is None
     assert not torch.equal(model.heads["label"][0].weight[:2], source.heads["label"][0].weight[:2])
 
     fresh, data = model_and_data()
@@ -168,5 +170,28 @@ def test_init_from_new_label_space_uses_lwf_and_kl_without_any_head_fails(tmp_pa
         AnchorExtension(AnchorConfig(anchor="kl")).configure(context_for(data), fresh, FitConfig(data="x"))
     with pytest.raises(TransferkitError, match="invalid --anchor"):
         AnchorConfig(anchor="l3").validate()
-    with pytest.raises(TransferkitError, match="trains the backbone"):
-        AnchorExtension(AnchorConfig(anchor="l2sp")).check(FitConfig(data="x"), create_strategy("linear-probe"))
+    reason = AnchorExtension(AnchorConfig(anchor="l2sp")).supports(create_strategy("linear-probe"), "label")
+    assert "keeps the backbone frozen" in reason
+
+
+def test_finetune_and_fish_keep_a_head_copied_by_init_from(monkeypatch):
+    """With ``heads_from`` set (--init-from, same classes) no linear-probe start replaces the copied head."""
+    import transferkit.strategies.finetune as finetune_module
+    import transferkit.strategies.fish as fish_module
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("the copied head was replaced by a probe")
+
+    monkeypatch.setattr(finetune_module, "fit_probe", no_probe)
+    monkeypatch.setattr(fish_module, "fit_probe", no_probe)
+    for name, options in (("finetune", {"head_init": "auto"}), ("fish", {"fish_batches": 1})):
+        model, data = model_and_data()
+        strategy = create_strategy(name, options)
+        strategy.prepare(model)
+        head = model.heads["label"][0].weight.detach().clone()
+        model.backbone.is_pretrained = True  # auto would probe a pretrained backbone
+        strategy.train(model, replace(context_for(data), heads_from="run", train=replace(context_for(data).train,
+                                                                                            lr=1e-12)))
+        torch.testing.assert_close(model.heads["label"][0].weight.detach(), head, atol=1e-6, rtol=0)
+        with pytest.raises(AssertionError, match="replaced by a probe"):
+            strategy.train(model, context_for(data))

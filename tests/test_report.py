@@ -64,8 +64,10 @@ def test_run_report_has_learning_curves_and_cli_writes_it(compare_dir, tmp_path)
     text = (tmp_path / "run.html").read_text()
     assert 'alt="learning curves"' in text and 'alt="first-layer filters"' in text
     assert main(["report", str(tmp_path)]) == 2  # neither a run nor a compare folder: one-line error
+    # a closed-form linear probe has one history row without losses: no curves, and the report says why
     path = write_report(compare_dir / "runs" / "small_cnn__linear-probe__seed1")
-    assert "No per-epoch history" in path.read_text() or 'alt="learning curves"' in path.read_text()
+    probe_report = path.read_text()
+    assert "No per-epoch history" in probe_report and 'alt="learning curves"' not in probe_report
 
 
 _CHECK_SCRIPT = """

@@ -3,6 +3,7 @@ greedy and beam decoding, label smoothing, checkpoint averaging and the characte
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -229,6 +230,14 @@ def test_checkpoint_averaging() -> None:
     assert int(averaged["n"]) == 2
 
 
+def _exact_match(run, pairs: list[tuple[str, str]]) -> float:
+    """Share of ``pairs`` whose whole output ``translate`` gets right (the metric, recomputed independently)."""
+    from transferkit.sequence.seq2seq import translate
+
+    outputs = translate(run.model, run.source, run.target, [s for s, _ in pairs], run.max_output_len)
+    return float(np.mean([out == target for out, (_, target) in zip(outputs, pairs)]))
+
+
 def test_train_seq2seq_through_the_engine_and_save_load(tmp_path) -> None:
     from transferkit.engine import TrainConfig
     from transferkit.sequence.seq2seq import (
@@ -246,7 +255,8 @@ def test_train_seq2seq_through_the_engine_and_save_load(tmp_path) -> None:
     run = train_seq2seq(splits, config, train, progress=False)
     losses = [row["train_loss"] for row in run.history]
     assert losses[-1] < losses[0] * 0.8
-    assert "checkpoint_averaging" in run.metrics and 0 <= run.metrics["test_exact_match"] <= 1
+    assert "checkpoint_averaging" in run.metrics
+    assert run.metrics["test_exact_match"] == pytest.approx(_exact_match(run, splits["test"]))
     save_seq2seq(run, tmp_path / "model")
     model, source, target, max_len = load_seq2seq(tmp_path)
     texts = [s for s, _ in splits["test"][:5]]
@@ -368,7 +378,8 @@ def test_train_seq2seq_ensemble_and_save_load(tmp_path) -> None:
     train = TrainConfig(epochs=2, batch_size=8, lr=0.01, early_stopping=0, device="cpu", threads=1, seed=3)
     run = train_seq2seq(splits, config, train, progress=False)
     assert isinstance(run.model, Seq2SeqEnsemble) and len(run.model.members) == 2
-    assert [m["seed"] for m in run.metrics["members"]] == [3, 4] and 0 <= run.metrics["test_exact_match"] <= 1
+    assert [m["seed"] for m in run.metrics["members"]] == [3, 4]
+    assert run.metrics["test_exact_match"] == pytest.approx(_exact_match(run, splits["test"]))
     first, second = run.model.members  # different seeds: different members
     assert not torch.equal(first.src_embedding.weight, second.src_embedding.weight)
     save_seq2seq(run, tmp_path / "model")
@@ -399,7 +410,7 @@ def test_cli_seq2seq_interrupted_run_resumes_from_its_checkpoint(tmp_path, monke
             "--hidden-size", "8", "--embedding-dim", "4", "--batch-size", "8", "--no-progress"]
     assert main(args) == 130
     stage = tmp_path / ".b2d.partial"
-    assert (stage / "checkpoint" / "checkpoint.pt").is_file() and not out.exists()
+    assert (stage / "checkpoint" / "trainer.safetensors").is_file() and not out.exists()
     assert main(args) == 2  # an interrupted run is neither discarded nor silently restarted
     assert main([*args, "--resume", "--lr", "0.5"]) == 2  # other options: refused
     capsys.readouterr()
@@ -407,3 +418,60 @@ def test_cli_seq2seq_interrupted_run_resumes_from_its_checkpoint(tmp_path, monke
     assert "resuming from the checkpoint after epoch 1" in capsys.readouterr().err
     history = (out / "history.jsonl").read_text().splitlines()
     assert len(history) == 3 and not stage.exists()
+
+
+def test_python_api_writes_seq2seq_and_charlm_run_folders(tmp_path) -> None:
+    from transferkit.rundir import is_output
+    from transferkit.sequence.runs import fit_charlm, fit_seq2seq
+    from transferkit.sequence.seq2seq import translate
+
+    small = {"epochs": 2, "hidden_size": 8, "embedding_dim": 4, "batch_size": 8}
+    run = fit_seq2seq(tmp_path / "b2d", task="binary-to-decimal", bits=5, progress=False, **small)
+    assert is_output(run.path, "seq2seq") and len(run.history) == 2
+    assert run.metrics["config"]["train"]["weight_decay"] == 1.0  # the command's defaults, as on the CLI
+    model, source, target, max_len = run.load()
+    saved = json.loads((run.path / "metrics.json").read_text())
+    assert saved["test_exact_match"] == run.metrics["test_exact_match"] == run.accuracy
+    assert len(translate(model, source, target, ["10101"], max_len)) == 1
+    with pytest.raises(TransferkitError, match="unknown option"):
+        fit_seq2seq(tmp_path / "x", task="binary-to-decimal", colour="red")
+    with pytest.raises(TransferkitError, match="already holds a finished seq2seq"):
+        fit_seq2seq(run.path, task="binary-to-decimal", bits=5, progress=False, **small)
+
+    (tmp_path / "book.txt").write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    lm = fit_charlm(tmp_path / "lm", tmp_path / "book.txt", epochs=1, hidden_size=8, embedding_dim=4,
+                    num_layers=1, bptt=16, batch_size=4, progress=False)
+    lm_model, vocab = lm.load()
+    assert is_output(lm.path, "charlm") and "q" in vocab.symbols and lm.accuracy == lm.metrics["val_accuracy"]
+    with pytest.raises(TransferkitError, match="holds a transferkit seq2seq output, not a charlm"):
+        fit_charlm(run.path, tmp_path / "book.txt", overwrite=True)
+
+
+def test_resumed_seq2seq_averages_the_same_epochs_as_an_uninterrupted_run(tmp_path, monkeypatch) -> None:
+    """The checkpoint-averaging snapshots are part of the engine checkpoint (a resume used to start them empty)."""
+    import transferkit.sequence.seq2seq as seq2seq
+    from transferkit.engine import TrainConfig
+    from transferkit.sequence.seq2seq import Seq2SeqConfig, train_seq2seq
+
+    splits = split_pairs(binary_to_decimal_pairs(5), 0.8, 0.2, seed=0)
+    config = Seq2SeqConfig(attention="bahdanau", embedding_dim=4, hidden_size=8, dropout=0.0, average_last=3)
+    train = TrainConfig(epochs=4, batch_size=8, lr=0.01, early_stopping=0, device="cpu", threads=1, seed=1)
+    reference = train_seq2seq(splits, config, train, progress=False)
+
+    original, calls = seq2seq.seq2seq_metrics, []
+
+    def interrupt_at_third_validation(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(seq2seq, "seq2seq_metrics", interrupt_at_third_validation)
+    with pytest.raises(KeyboardInterrupt):
+        train_seq2seq(splits, config, train, checkpoint_dir=tmp_path, progress=False)
+    monkeypatch.setattr(seq2seq, "seq2seq_metrics", original)
+    resumed = train_seq2seq(splits, config, train, checkpoint_dir=tmp_path, progress=False)
+    assert resumed.metrics["checkpoint_averaging"] == reference.metrics["checkpoint_averaging"]
+    assert resumed.metrics["checkpoint_averaging"]["epochs"] == 3
+    for a, b in zip(reference.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)

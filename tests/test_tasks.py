@@ -16,7 +16,12 @@ from transferkit.model import TaskSpec, TransferModel, make_head
 from transferkit.tasks import QuantileHead, parse_task
 from transferkit.tasks.extension import TasksConfig
 from transferkit.tasks.losses import classification_loss, pinball_loss, regression_loss
-from transferkit.tasks.multitask import MultiTaskObjective, conformal_offset, task_metrics
+from transferkit.tasks.multitask import (
+    MultiTaskObjective,
+    conformal_guaranteed,
+    conformal_offset,
+    task_metrics,
+)
 
 
 def test_parse_task() -> None:
@@ -109,6 +114,20 @@ def test_conformal_offset_by_hand_and_calibrated_head_never_crosses() -> None:
             assert (torch.diff(out, dim=1) >= 0).all()
             if offset == 0.7:
                 assert torch.allclose(out[:, 0], raw[:, 0] - 0.7) and torch.allclose(out[:, -1], raw[:, -1] + 0.7)
+
+
+def test_conformal_offset_warns_when_the_calibration_set_is_too_small(caplog) -> None:
+    # coverage 0.8 needs ceil((n + 1) * 0.8) <= n, i.e. n >= 4; with n = 3 the rank (4) is clamped to 3
+    assert not conformal_guaranteed(3, 0.8) and conformal_guaranteed(4, 0.8)
+    assert not conformal_guaranteed(18, 0.95) and conformal_guaranteed(19, 0.95)
+    predictions = np.tile([0.0, 1.0, 2.0], (3, 1))
+    with caplog.at_level("WARNING", logger="transferkit.tasks.multitask"):
+        assert conformal_offset(predictions, np.array([1.0, 3.0, 5.0]), 0.8) == pytest.approx(3.0)
+    assert "too few for coverage 0.8" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="transferkit.tasks.multitask"):
+        conformal_offset(np.tile([0.0, 1.0, 2.0], (4, 1)), np.array([1.0, 3.0, 5.0, 0.5]), 0.8)
+    assert "too few" not in caplog.text
 
 
 class _Trunk(nn.Module):
@@ -253,6 +272,22 @@ def test_multitask_fit_on_stars_writes_per_task_metrics_and_reloads(tmp_path) ->
     assert report["tasks"]["count"]["accuracy"] == pytest.approx(report["accuracy"])
     assert report["tasks"]["size"]["n"] == report["n"] and 0 <= report["size_coverage"] <= 1
     assert report["tasks"]["size"]["mae"] > 0 and report["tasks"]["size"]["crossings"] == 0
+
+
+def test_too_small_calibration_split_is_flagged_in_metrics_json(tmp_path) -> None:
+    """Six validation items cannot give a 98% conformal guarantee (rank ceil(7 * 0.98) = 7 > 6; it needs 49): the
+    run says so in metrics.json (flag, warning, note) instead of silently clamping the rank."""
+    import transferkit
+
+    run = transferkit.fit("stars", backbone="small_cnn", strategy="finetune", head_init="random",
+                          task=["size:quantile"], quantiles="0.01,0.5,0.99", limit_per_class=2, epochs=1,
+                          batch_size=16, image_size=16, test_limit=6, out=str(tmp_path / "run"), progress=False,
+                          device="cpu")
+    metrics = json.loads((run.path / "metrics.json").read_text())
+    calibration = metrics["tasks"]["size"]["calibration"]
+    assert calibration["n"] == metrics["dataset_sizes"]["val"] < 49
+    assert calibration["coverage_guaranteed"] is False and "too few" in calibration["warning"]
+    assert any("too few for the 98% coverage guarantee" in note for note in metrics["notes"])
 
 
 def test_multitask_rejects_frozen_feature_strategies_and_unknown_columns(tmp_path) -> None:

@@ -128,3 +128,32 @@ def test_cli_prompt_classifies_inputs(tiny_llama_dir, tmp_path, capsys):
     document = json.loads(capsys.readouterr().out)
     assert [r["shots"] for r in document["results"]] == [0, 1]
     assert all(r["predictions"][0] in ("negative", "positive") for r in document["results"])
+
+
+def test_evaluate_prompting_scores_each_shot_count_against_the_labels(tiny_llama_dir):
+    """The loop behind ``transferkit prompt`` (in the library, not the CLI): accuracy is the share of the
+    predictions that equal the true labels, and the prompt shown holds the drawn examples."""
+    from transferkit.data.base import LabeledData
+    from transferkit.zeroshot.incontext import InContextClassifier, evaluate_prompting
+
+    lm = load_causal_lm("hf:" + tiny_llama_dir)
+    names = ["negative", "positive"]
+    texts = ["good movie", "awful film", "great film", "bad movie"]
+    train = LabeledData(texts, np.array([1, 0, 1, 0]), names, "text", [f"t{i}" for i in range(4)])
+    builder, shown = PromptBuilder(names), []
+    results = evaluate_prompting(lm, builder, train, texts[:3], [0, 1], seed=0, labels=[1, 0, 1],
+                                 show_prompt=shown.append)
+    assert [r["shots"] for r in results] == [0, 1] and len(shown) == 2 and shown[1].count("Label:") == 3
+    zero_shot = InContextClassifier(lm, builder, []).predict(texts[:3])
+    assert results[0]["predictions"] == zero_shot
+    assert results[0]["accuracy"] == pytest.approx(np.mean([p == names[y] for p, y in zip(zero_shot, [1, 0, 1])]))
+    with pytest.raises(TransferkitError):
+        evaluate_prompting(lm, builder, train, texts, [-1])
+
+
+def test_zero_shot_classifier_refuses_methods_that_do_not_fit_the_inputs():
+    from transferkit.zeroshot.classifiers import zero_shot_classifier
+
+    for images, method in ((False, "conse"), (True, "text"), (False, "nearest"), (True, "clip")):
+        with pytest.raises(TransferkitError):
+            zero_shot_classifier(LABELS, images, method)

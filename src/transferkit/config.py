@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, check_count
+
+#: the largest input resolution accepted (in pixels): larger ones would exhaust memory before the first batch
+MAX_IMAGE_SIZE = 4096
+
+PROTOCOLS = ("auto", "cv", "holdout")
 
 
 @dataclass
@@ -37,6 +42,12 @@ class FitConfig:
                                                             "subset of this many test items."})
     val_fraction: float = field(default=0.15, metadata={"help": "Validation share when splitting automatically."})
     test_fraction: float = field(default=0.2, metadata={"help": "Test share when the data has no test split."})
+    protocol: str = field(default="auto", metadata={"help": "How labels are spent. cv: stratified k-fold "
+                          "cross-validation (k = min(5, smallest class)) chooses the settings and estimates accuracy "
+                          "out of fold, then the final model is refit on every labelled item; holdout: train / "
+                          "validation / test splits (--val-fraction, --test-fraction); auto: cv when the data has "
+                          "no test or validation split of its own and its smallest class has fewer than 50 items, "
+                          "holdout otherwise."})
     pretrained: bool = field(default=True, metadata={"help": "Start from pretrained weights (--no-pretrained: "
                                                     "the same architecture from random initialisation)."})
     image_size: int | None = field(default=None, metadata={"help": "Input resolution in pixels (default: the "
@@ -59,11 +70,13 @@ class FitConfig:
             raise TransferkitError("no data given", "pass --data PATH or a built-in dataset name")
         for name in ("limit_per_class", "test_limit", "image_size", "max_length"):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise TransferkitError(f"invalid --{name.replace('_', '-')} {value}", "use a whole number >= 1")
+            if value is not None:
+                check_count(f"--{name.replace('_', '-')}", value, 1, MAX_IMAGE_SIZE if name == "image_size" else None)
         if not 0 < self.val_fraction < 1 or not 0 <= self.test_fraction < 1:
             raise TransferkitError("--val-fraction must lie in (0, 1) and --test-fraction in [0, 1)",
                                    "pass fractions such as 0.15 and 0.2")
+        if self.protocol not in PROTOCOLS:
+            raise TransferkitError(f"invalid --protocol '{self.protocol}'", f"choose one of {', '.join(PROTOCOLS)}")
         if not 0 <= self.head_dropout < 1 or not 0 <= self.label_smoothing < 1:
             raise TransferkitError("--head-dropout and --label-smoothing must lie in [0, 1)", "pass e.g. 0.1")
 
@@ -118,7 +131,7 @@ def coerce(value: Any, tp: type, name: str) -> Any:
             return int(value)
         if tp is float:
             result = float(value)
-            if math.isnan(result):
+            if not math.isfinite(result):
                 raise ValueError(value)
             return result
         if tp is str:
@@ -156,3 +169,26 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
         raise TransferkitError(f"config file '{path}' must hold a mapping of option: value",
                                "write it as lines like `strategy: finetune`")
     return {str(k).replace("-", "_"): v for k, v in content.items()}
+
+
+# --- durations --------------------------------------------------------------------------------------------------
+
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str | float | int, option: str = "--time-budget") -> float:
+    """Seconds from ``600``, ``600s``, ``10m``, ``1.5h`` (a bare number is seconds); must be above 0."""
+    import math
+    import re
+
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|m|min|h)?\s*", str(text).lower())
+        if match is None:
+            raise TransferkitError(f"invalid {option} '{text}'", "write seconds or a duration such as 600, 600s, "
+                                   "10m or 1h")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2) or ""]
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise TransferkitError(f"invalid {option} '{text}': it must be above 0", "pass e.g. 10m")
+    return seconds

@@ -1,8 +1,14 @@
 """Fit extensions: option sets that add objectives or data to a run without touching strategies or the engine.
 
 Regularisers (``--anchor kl``), domain adaptation (``--adapt dann``) and extra tasks are extensions: each has
-an options dataclass (its fields become CLI flags) and a ``configure`` hook that edits the RunContext (adds
-objectives, auxiliary data, notes) before training. Register one by adding its module to ``_MODULES``.
+an options dataclass (its fields become CLI flags) and a ``configure`` hook that returns the RunContext the run
+trains with (``dataclasses.replace``d: objectives, auxiliary data, transformed splits or features), plus notes.
+Register one with ``@register_extension`` in a module listed in ``_MODULES``.
+
+No option is silently ignored: every active extension says which strategies and task kinds it works with
+(:meth:`FitExtension.supports`), as every strategy says which task kinds it trains (``Strategy.supports``);
+:func:`check_supported` refuses any other combination before anything is loaded or written, in one line that
+names both sides.
 """
 
 from __future__ import annotations
@@ -10,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from transferkit.registry import import_registering_modules
+from transferkit.errors import TransferkitError
+from transferkit.registry import add_entry, import_registering_modules
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -30,6 +37,9 @@ _MODULES = [
     "transferkit.tracking",
 ]
 
+#: Option values that name an input file or folder in :meth:`FitExtension.modes` (filled in by whoever runs them).
+NEEDS_PATH = "<path>"
+
 
 @dataclass
 class ExtensionConfig:
@@ -46,11 +56,31 @@ class FitExtension:
     def active(self) -> bool:
         return False
 
-    def check(self, fit: FitConfig, strategy: Strategy) -> None:
-        """Reject invalid combinations with a TransferkitError (called before any work)."""
+    def describe(self) -> str:
+        """The flags that switched this extension on, as the user wrote them (e.g. ``--adapt dann``)."""
+        return f"--{self.name}"
 
-    def configure(self, context: RunContext, model: TransferModel, fit: FitConfig) -> None:
-        """Add objectives / auxiliary data / notes to the run."""
+    @classmethod
+    def modes(cls) -> dict[str, dict[str, Any]]:
+        """Each way of switching the extension on: ``{label: options}`` (values :data:`NEEDS_PATH` name an input
+        file). The support-matrix test runs every mode with every strategy and task kind."""
+        return {}
+
+    def supports(self, strategy: Strategy, task_kind: str) -> bool | str:
+        """True when this (active) extension takes effect in a run of ``strategy`` on ``task_kind`` (one of
+        :data:`transferkit.tasks.RUN_TASK_KINDS`), otherwise the reason, one phrase. Default: every strategy and
+        task kind except ``causal_lm``, whose run trains the language model alone (no extension hook runs)."""
+        if task_kind == "causal_lm":
+            return "a --task causal-lm run trains the language model alone and applies no fit extension"
+        return True
+
+    def check(self, fit: FitConfig, strategy: Strategy) -> None:
+        """Reject invalid options with a TransferkitError (called before any work, after :meth:`supports`)."""
+
+    def configure(self, context: RunContext, model: TransferModel, fit: FitConfig) -> RunContext:
+        """The context the run trains with: ``context`` itself, or a ``dataclasses.replace``d copy with more
+        objectives / auxiliary data / transformed splits (never patched in place). May set up ``model``."""
+        return context
 
     def train(self, context: RunContext, model: TransferModel, strategy: Strategy) -> TrainResult | None:
         """Take over training (e.g. train a baseline first, then call ``strategy.train`` on an adapted context);
@@ -70,8 +100,7 @@ _loaded = False
 
 
 def register_extension(cls: type[FitExtension]) -> type[FitExtension]:
-    _REGISTRY[cls.name] = cls
-    return cls
+    return add_entry(_REGISTRY, cls.name, cls, "fit extension")
 
 
 def list_extensions() -> dict[str, type[FitExtension]]:
@@ -80,3 +109,29 @@ def list_extensions() -> dict[str, type[FitExtension]]:
         import_registering_modules(_MODULES)
         _loaded = True
     return dict(_REGISTRY)
+
+
+#: run options that only act on a head trained by the engine's loss (closed-form and own-loop strategies ignore them)
+ENGINE_LOSS_OPTIONS = ("label_smoothing", "head_dropout")
+
+
+def check_supported(strategy: Strategy, extensions: list[FitExtension], task_kind: str, task_flags: str,
+                    fit: FitConfig | None = None) -> None:
+    """Refuse a run whose strategy cannot train ``task_kind``, ignores one of its ``fit`` options, or with which
+    one of the active ``extensions`` would not take effect; ``task_flags`` is how the run asked for the task."""
+    reason = strategy.supports(task_kind)
+    if reason is not True:
+        raise TransferkitError(f"--strategy {strategy.name} cannot train {task_flags}: {reason}",
+                               "choose another strategy or task (see `transferkit fit --help`)")
+    ignored = [name for name in ENGINE_LOSS_OPTIONS if fit is not None and getattr(fit, name)]
+    if ignored and not strategy.trains_with_engine():
+        flag = "--" + ignored[0].replace("_", "-")
+        raise TransferkitError(f"{flag} does not work with --strategy {strategy.name}: it fits its head without the "
+                               "engine's loss, so the option would be ignored",
+                               f"drop {flag} or use a strategy trained by the engine (e.g. finetune)")
+    for extension in extensions:
+        reason = extension.supports(strategy, task_kind)
+        if reason is not True:
+            where = f"--strategy {strategy.name}" + ("" if task_kind == "label" else f" and {task_flags}")
+            raise TransferkitError(f"{extension.describe()} does not work with {where}: {reason}",
+                                   f"drop {extension.describe()} or change the strategy / task")

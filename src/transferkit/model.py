@@ -1,15 +1,17 @@
 """TransferModel: a backbone's embedding followed by one head per task, and its on-disk format.
 
-A saved model is a folder ``model/`` with ``config.json`` (backbone spec, tasks, strategy and its options) and
-``model.safetensors`` (the full state dict). Loading rebuilds the backbone's architecture without pretrained
+A saved model is a folder ``model/`` with ``config.json`` (backbone spec, tasks, strategy and its options, the
+SHA-256 of the weights file) and ``model.safetensors`` (the full state dict). Loading checks both (a damaged or
+edited folder is refused with one line instead of predicting something else). Loading rebuilds the backbone's architecture without pretrained
 weights, re-applies the strategy's structural changes (LoRA wrappers, adapters) and loads the state dict, so
 ``load(save(m))`` predicts exactly like ``m``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,16 @@ import torch
 from torch import nn
 
 from transferkit.backbones import Backbone, backbone_from_spec
-from transferkit.errors import TransferkitError
+from transferkit.config import MAX_IMAGE_SIZE
+from transferkit.errors import (
+    TransferkitError,
+    check_count,
+    corrupt_file_error,
+    read_json,
+    read_safetensors,
+    reading,
+    writing,
+)
 
 FORMAT = "transferkit-model"
 FORMAT_VERSION = 1
@@ -104,12 +115,24 @@ class TransferModel(nn.Module):
         return trainable, total
 
 
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def save_model(model: TransferModel, folder: str | Path, strategy: dict[str, Any], extra: dict | None = None) -> None:
-    """Write ``config.json`` + ``model.safetensors`` into ``folder``."""
+    """Write ``model.safetensors`` + ``config.json`` (with the weights' SHA-256) into ``folder``."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    # Cloned so that tensors sharing storage (tied weights, wrappers) are written independently.
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    with writing(folder / "model.safetensors"):
+        save_file(state, str(folder / "model.safetensors"))
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -120,14 +143,13 @@ def save_model(model: TransferModel, folder: str | Path, strategy: dict[str, Any
         "strategy": strategy,
         "preprocess_signature": model.backbone.preprocess_signature(),
         **(extra or {}),
+        "weights_sha256": file_sha256(folder / "model.safetensors"),
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    # Cloned so that tensors sharing storage (tied weights, wrappers) are written independently.
-    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"))
 
 
 def read_model_config(folder: str | Path) -> dict[str, Any]:
+    """The checked ``config.json`` of a model folder (or of a run folder's ``model/``), with ``_folder`` set."""
     folder = Path(folder)
     if (folder / "model").is_dir():  # a run folder
         folder = folder / "model"
@@ -135,42 +157,106 @@ def read_model_config(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise TransferkitError(f"'{folder}' holds no transferkit model (no config.json)",
                                "pass the folder that `transferkit fit --out` wrote")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise TransferkitError(f"'{path}' is not valid JSON ({exc.msg})", "re-run `transferkit fit`") from None
-    if config.get("format") != FORMAT:
+    config = read_json(path, "model config", _REFIT)
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise TransferkitError(f"'{path}' is not a transferkit model config", "pass a run folder written by fit")
-    if config.get("format_version", 0) > FORMAT_VERSION:
+    version = config.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise corrupt_file_error(path, "model config", f"format_version {version!r}", _REFIT)
+    if version > FORMAT_VERSION:
         raise TransferkitError(f"the model in '{folder}' was written by a newer transferkit",
                                "upgrade transferkit")
+    ensemble = config.get("ensemble")
+    if ensemble is None:
+        check_model_config(config, path)
+    elif not isinstance(ensemble, dict) or not isinstance(ensemble.get("members"), list) \
+            or not isinstance(ensemble.get("weights"), list):  # an ensemble (`transferkit auto`): members checked on load
+        raise corrupt_file_error(path, "model config", "ensemble without member and weight lists", _REFIT)
     config["_folder"] = str(folder)
     return config
 
 
-def load_model(folder: str | Path) -> tuple[TransferModel, dict[str, Any]]:
-    """Rebuild a saved TransferModel exactly; errors clearly on incompatible checkpoints."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+_REFIT = "restore the model folder, or train it again with `transferkit fit`"
 
+
+def check_model_config(config: dict[str, Any], path: Path) -> None:
+    """Refuse a config.json whose backbone, tasks (class list vs head size) or head are not what ``save_model``
+    writes: such a model would load and silently predict something else."""
+    def bad(detail: str) -> TransferkitError:
+        return corrupt_file_error(path, "model config", detail, _REFIT)
+
+    backbone = config.get("backbone")
+    if not isinstance(backbone, dict) or not isinstance(backbone.get("name"), str) or not backbone["name"]:
+        raise bad("no backbone name")
+    if not isinstance(backbone.get("options", {}), dict):
+        raise bad("backbone options are not a mapping")
+    size = backbone.get("options", {}).get("image_size")
+    if size is not None:
+        try:
+            check_count("image_size", size, 1, MAX_IMAGE_SIZE)
+        except TransferkitError as exc:
+            raise bad(exc.problem) from None
+    tasks = config.get("tasks")
+    if not isinstance(tasks, list) or not tasks:
+        raise bad("no tasks")
+    names = set()
+    for task in tasks:
+        if not isinstance(task, dict) or not isinstance(task.get("name"), str) or task["name"] in names:
+            raise bad("a task without a (unique) name")
+        names.add(task["name"])
+        unknown = set(task) - {f.name for f in fields(TaskSpec)}
+        if unknown:
+            raise bad(f"task '{task['name']}' has unknown entries {', '.join(sorted(unknown))}")
+        classes = task.get("class_names", [])
+        outputs = task.get("num_outputs", 0)
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise bad(f"the class list of task '{task['name']}' is not a list of names")
+        if not isinstance(outputs, int) or isinstance(outputs, bool) or outputs < 0:
+            raise bad(f"task '{task['name']}' has num_outputs {outputs!r}")
+        if task.get("kind", "classify") == "classify":
+            if len(classes) < 1 or len(set(classes)) != len(classes):
+                raise bad(f"task '{task['name']}' needs distinct class names")
+            if outputs and outputs != len(classes):
+                raise bad(f"task '{task['name']}' lists {len(classes)} classes for a head of {outputs} outputs")
+        if not isinstance(task.get("options", {}), dict):
+            raise bad(f"the options of task '{task['name']}' are not a mapping")
+    dropout = config.get("head_dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        raise bad(f"head_dropout {dropout!r}")
+    strategy = config.get("strategy", {})
+    if not isinstance(strategy, dict) or not isinstance(strategy.get("options", {}), dict) \
+            or not isinstance(strategy.get("name", ""), str):
+        raise bad("the strategy entry is not a name with options")
+
+
+def load_model(folder: str | Path) -> tuple[TransferModel, dict[str, Any]]:
+    """Rebuild a saved TransferModel exactly; errors clearly on incompatible or damaged model folders."""
     from transferkit.strategies import create_strategy
 
     config = read_model_config(folder)
     folder = Path(config["_folder"])
-    backbone = backbone_from_spec(config["backbone"], pretrained=False)
-    tasks = [TaskSpec(**t) for t in config["tasks"]]
-    model = TransferModel(backbone, tasks, head_dropout=config.get("head_dropout", 0.0))
-    strategy_cfg = config.get("strategy", {})
-    strategy = create_strategy(strategy_cfg.get("name", "linear-probe"), strategy_cfg.get("options", {}))
-    strategy.prepare(model, for_loading=True)
+    path = folder / "config.json"
+    try:
+        with reading(path, "model config", _REFIT):
+            backbone = backbone_from_spec(config["backbone"], pretrained=False)
+            tasks = [TaskSpec(**t) for t in config["tasks"]]
+            model = TransferModel(backbone, tasks, head_dropout=config.get("head_dropout", 0.0))
+            strategy_cfg = config.get("strategy", {})
+            strategy = create_strategy(strategy_cfg.get("name", "linear-probe"), strategy_cfg.get("options", {}))
+            strategy.prepare(model, for_loading=True)
+    except TransferkitError as exc:
+        if str(folder) in exc.problem:
+            raise
+        raise TransferkitError(f"the model in '{folder}' cannot be rebuilt: {exc.problem}", exc.fix) from None
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise TransferkitError(f"'{folder}' has no model.safetensors", "re-run `transferkit fit` to write the model")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as exc:
-        raise TransferkitError(f"cannot read '{weights}' ({exc})", "the file is damaged; re-run `transferkit fit`") \
-            from None
+    expected_digest = config.get("weights_sha256")
+    if expected_digest is not None and expected_digest != file_sha256(weights):
+        raise corrupt_file_error(weights, "safetensors weights file", "its SHA-256 differs from the one in "
+                                 "config.json", _REFIT)
+    state = read_safetensors(weights, "safetensors weights file", _REFIT)
+    _take_learned_sizes(model, state)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -183,6 +269,25 @@ def load_model(folder: str | Path) -> tuple[TransferModel, dict[str, Any]]:
             f"e.g. '{detail}')",
             "load it with the backbone and strategy it was trained with, or re-run `transferkit fit`",
         )
+    wrong_dtype = [k for k in expected if state[k].dtype != expected[k].dtype]
+    if wrong_dtype:
+        k = wrong_dtype[0]
+        raise corrupt_file_error(weights, "safetensors weights file", f"tensor '{k}' is {state[k].dtype}, the model "
+                                 f"needs {expected[k].dtype}", _REFIT)
+    not_finite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if not_finite:
+        raise corrupt_file_error(weights, "safetensors weights file", f"tensor '{not_finite[0]}' holds NaN or "
+                                 "infinite values", _REFIT)
     model.load_state_dict(state, strict=True)
     model.eval()
     return model, config
+
+
+def _take_learned_sizes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Modules whose buffer sizes are learned (a kNN head's example bank) take them from the saved tensors
+    through their ``resize_from_state(own_state)`` before the shapes are checked."""
+    for name, module in model.named_modules():
+        resize = getattr(module, "resize_from_state", None)
+        if callable(resize):
+            prefix = f"{name}." if name else ""
+            resize({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})

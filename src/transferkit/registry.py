@@ -1,10 +1,13 @@
-"""The one helper the registries share (backbones, strategies, fit extensions, evaluation hooks)."""
+"""The helpers the registries share (backbones, strategies, fit extensions, adaptation methods, evaluation hooks)."""
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Iterable
 from types import ModuleType
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def import_registering_modules(names: Iterable[str]) -> list[ModuleType]:
@@ -18,3 +21,21 @@ def import_registering_modules(names: Iterable[str]) -> list[ModuleType]:
             if exc.name != name:
                 raise
     return modules
+
+
+def _origin(entry: Any) -> str:
+    """Where an entry was defined (``module.qualname``): the same class or function re-registered (a module
+    imported twice, e.g. reloaded) is not a duplicate."""
+    entry = getattr(entry, "factory", entry)
+    return f"{getattr(entry, '__module__', '?')}.{getattr(entry, '__qualname__', repr(entry))}"
+
+
+def add_entry(registry: dict[str, T], name: str, entry: T, kind: str) -> T:
+    """Put ``entry`` under ``name`` in ``registry``; a different entry under a name already taken is an error
+    (two plugins must never shadow each other silently)."""
+    if not name:
+        raise ValueError(f"{kind} {_origin(entry)} has no name")
+    if name in registry and _origin(registry[name]) != _origin(entry):
+        raise ValueError(f"{kind} '{name}' is registered twice: by {_origin(registry[name])} and {_origin(entry)}")
+    registry[name] = entry
+    return entry

@@ -135,6 +135,8 @@ def _legacy_kind(path: Path) -> str | None:
         return {"transferkit-seq2seq": "seq2seq", "transferkit-charlm": "charlm"}.get(model_format, "run")
     if all((path / name).is_file() for name in ("index.faiss", "records.jsonl", "meta.json")):
         return "index"
+    if (path / "CURRENT").is_file() and any(path.glob("v0*/meta.json")):  # an old index upgraded by `index add`
+        return "index"
     try:
         if "lora_export" in json.loads((path / "config.json").read_text()):  # `transferkit export`
             return "export"
@@ -179,13 +181,17 @@ def comparable_options(options: Any) -> str:
 
 
 def _process_state():
-    """Accelerate's process state under a multi-process launch (``WORLD_SIZE`` > 1), else None (one process)."""
+    """Accelerate's process state under a multi-process launch (``WORLD_SIZE`` > 1), else None (one process).
+
+    Commands that train create it first with their ``--device`` (``placement.accelerator_kwargs``); the state is
+    shared, so this call then only returns it."""
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         return None
-    import torch
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())  # the first creation decides; later calls share it
+    from transferkit.engine.placement import accelerator_kwargs
+
+    return PartialState(**accelerator_kwargs("auto"))
 
 
 def _process_alive(pid: int) -> bool:
@@ -306,6 +312,7 @@ class OutputFolder:
     def begin(self) -> bool:
         """Check ``out`` and create the staging folder (or keep it: ``--resume``). True = resuming."""
         resuming = self.check()
+        self._wait()  # every process has checked before the main one creates the stage
         if self.is_main_process:
             if not resuming and self.stage.exists():  # --overwrite of an interrupted run (checked to be ours)
                 shutil.rmtree(self.stage)

@@ -153,6 +153,9 @@ class Tracking(FitExtension):
     def active(self) -> bool:
         return self.config.track is not None
 
+    def describe(self) -> str:
+        return f"--track {self.config.track}"
+
     def check(self, fit: Any, strategy: Any) -> None:
         require_tracker(self.config.track)
 

@@ -10,13 +10,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from transferkit.adaptation.base import AdaptationMethod, FeatureAlignment, register_adaptation
 from transferkit.engine.objectives import Objective
+
+if TYPE_CHECKING:
+    from transferkit.data.base import LabeledData
+    from transferkit.engine.context import RunContext
+    from transferkit.engine.trainer import TrainResult
+    from transferkit.model import TransferModel
+    from transferkit.strategies.base import Strategy
 
 
 def covariance(features: torch.Tensor) -> torch.Tensor:
@@ -91,3 +100,39 @@ class DeepCoralObjective(Objective):
         from transferkit.adaptation.dann import target_features
 
         return deep_coral_loss(outputs.features, target_features(model, batch))
+
+
+@register_adaptation
+class DeepCoral(FeatureAlignment):
+    """``--adapt deep-coral``: the CORAL loss between source and target batch features, trained end to end."""
+
+    name = "deep-coral"
+    description = "Deep CORAL (Sun & Saenko 2016)"
+
+    def objective(self, model: nn.Module) -> Objective:
+        return DeepCoralObjective(self.config.adapt_weight)
+
+
+@register_adaptation
+class Coral(AdaptationMethod):
+    """``--adapt coral``: the head is fitted on re-coloured source features and applied to raw target features."""
+
+    name = "coral"
+    description = "CORAL on frozen features (Sun et al. 2016)"
+    backbone = "frozen"
+
+    def train(self, strategy: Strategy, model: TransferModel, context: RunContext,
+              target: LabeledData | None) -> TrainResult:
+        assert target is not None
+        source_parts = (context.splits.train, context.splits.val)
+        # r relative to each domain's feature scale: the paper's +I on features scaled to unit mean variance
+        mapping = CoralMap(context.features(model.backbone, context.splits.train),
+                           context.features(model.backbone, target), self.config.coral_reg, relative=True)
+
+        def recolour(data: LabeledData, features: np.ndarray) -> np.ndarray:
+            return mapping(features) if any(data is part for part in source_parts) else features
+
+        context.notes.append("CORAL: source features whitened with (C_s + r_s I)^-1/2, re-coloured with "
+                             f"(C_t + r_t I)^1/2 and moved to the target mean; r = {self.config.coral_reg} x each "
+                             "domain's mean feature variance")
+        return strategy.train(model, replace(context, feature_transform=recolour))

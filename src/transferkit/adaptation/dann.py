@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transferkit.adaptation.base import FeatureAlignment, register_adaptation
 from transferkit.adaptation.grl import GradientReversal, grl_schedule
 from transferkit.engine.objectives import Objective
 
@@ -61,3 +62,16 @@ class DANNObjective(Objective):
         source = self.reversal(outputs.features)
         target = self.reversal(target_features(model, batch))
         return domain_loss(self.classifier, source, target)
+
+
+@register_adaptation
+class DANN(FeatureAlignment):
+    """``--adapt dann``: a domain classifier behind a gradient-reversal layer on the backbone's features."""
+
+    name = "dann"
+    description = "domain-adversarial training (Ganin et al. 2016)"
+
+    def objective(self, model: nn.Module) -> Objective:
+        c = self.config
+        return DANNObjective(model.backbone.feature_dim, c.adapt_weight, c.domain_hidden, c.grl_gamma,
+                             schedule=c.grl_gamma > 0)

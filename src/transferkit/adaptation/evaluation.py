@@ -44,7 +44,7 @@ def evaluate_hook(model: Any, data: Any, report: dict[str, Any], options: dict[s
     frame = run_frame(folder)
     if not (baseline_dir / "config.json").is_file() and frame == "none":
         return {}
-    from transferkit.api import evaluate_model
+    from transferkit.inference import evaluate_model
     from transferkit.model import load_model
 
     batch_size = int(options.get("batch_size", 64) or 64)

@@ -8,10 +8,21 @@ examples.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
+from transferkit.adaptation.base import AdaptationMethod, fit_head_in_closed_form, register_adaptation
 from transferkit.engine.solvers import fit_logistic_regression
+from transferkit.errors import TransferkitError
+
+if TYPE_CHECKING:
+    from transferkit.data.base import LabeledData
+    from transferkit.engine.context import RunContext
+    from transferkit.engine.trainer import TrainResult
+    from transferkit.model import TransferModel
+    from transferkit.strategies.base import Strategy
 
 SOURCE, TARGET = 0, 1
 
@@ -35,3 +46,43 @@ def fit_augmented_head(source_x: np.ndarray, source_y: np.ndarray, target_x: np.
     y = np.concatenate([source_y, target_y])
     weight, bias = fit_logistic_regression(x, y, num_classes, c=c, max_iter=max_iter)
     return weight[:, :d] + weight[:, 2 * d:], bias
+
+
+@register_adaptation
+class FeatureAugmentation(AdaptationMethod):
+    """``--adapt feature-augmentation``: Daumé's augmented features with a few labelled target examples."""
+
+    name = "feature-augmentation"
+    description = "frustratingly easy domain adaptation (Daumé 2007) on frozen features"
+    needs = "target_labelled"
+    backbone = "frozen"
+
+    def supports(self, strategy: Strategy, task_kind: str) -> bool | str:
+        if getattr(strategy.config, "solver", None) != "lbfgs":
+            return "feature augmentation fits its own logistic-regression head (use --strategy linear-probe " \
+                   "--solver lbfgs)"
+        return super().supports(strategy, task_kind)
+
+    def train(self, strategy: Strategy, model: TransferModel, context: RunContext,
+              target: LabeledData | None) -> TrainResult:
+        from transferkit.adaptation.framing import framed
+        from transferkit.data import load_data
+
+        c, fit = self.config, self.fit
+        assert c.target_labelled is not None and fit is not None
+        target_splits = load_data(c.target_labelled, text_column=fit.text_column, label_column=fit.label_column,
+                                  limit_per_class=c.target_limit_per_class, seed=context.train.seed)
+        labelled = framed(target_splits.train, c.frame)
+        if labelled.modality != context.splits.modality:
+            raise TransferkitError(f"--target-labelled holds {labelled.modality} data but the source data is "
+                                   f"{context.splits.modality}", "give target data of the same kind as --data")
+        if list(labelled.class_names) != list(context.splits.class_names):
+            raise TransferkitError(f"--target-labelled has classes {labelled.class_names} but the source has "
+                                   f"{context.splits.class_names}", "use the same class names in both domains")
+        context.notes.append(f"feature augmentation with {len(labelled)} labelled target examples (their test "
+                             "split is left untouched)")
+        target_x = context.features(model.backbone, labelled)
+        options = strategy.config
+        return fit_head_in_closed_form(model, context, lambda x, y: fit_augmented_head(
+            x, y, target_x, labelled.labels, len(context.splits.class_names), c=getattr(options, "probe_c", 1.0),
+            max_iter=getattr(options, "probe_max_iter", 1000)))

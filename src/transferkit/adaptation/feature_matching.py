@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transferkit.adaptation.base import AdaptationMethod, register_adaptation
 from transferkit.adaptation.framing import framed
 from transferkit.data.base import ItemSource, LabeledData
 from transferkit.engine.objectives import Objective
@@ -37,7 +38,9 @@ from transferkit.errors import TransferkitError
 
 if TYPE_CHECKING:
     from transferkit.engine.context import RunContext
+    from transferkit.engine.trainer import TrainResult
     from transferkit.model import TransferModel
+    from transferkit.strategies.base import Strategy
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +146,26 @@ def match_features(model: TransferModel, pairs: tuple[LabeledData, LabeledData],
 
 
 # --- paired demo data ------------------------------------------------------------------------------------------
+
+
+@register_adaptation
+class FeatureMatching(AdaptationMethod):
+    """de Vos et al.: the trained source pipeline stays the reference; a copy becomes the target pipeline."""
+
+    name = "feature-matching"
+    description = "feature matching on paired source/target images (de Vos et al.)"
+    needs = "pairs"
+
+    def train(self, strategy: Strategy, model: TransferModel, context: RunContext,
+              target: LabeledData | None) -> TrainResult:
+        assert self.config.pairs is not None
+        result = strategy.train(model, context)
+        pairs = read_pairs(self.config.pairs, self.config.frame)
+        history = match_features(model, pairs, context)
+        context.notes.append(f"feature matching on {len(pairs[0])} source/target pairs: the target pipeline "
+                             "(backbone copy) was trained to reproduce the source pipeline's features; head shared")
+        result.history.extend(history)
+        return result
 
 
 def degrade(image: np.ndarray, rng: np.random.Generator, blur: float = 1.0, contrast: float = 0.5,

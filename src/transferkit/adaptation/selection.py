@@ -14,16 +14,25 @@ and the target signals each epoch, so ``monitor`` can early-stop and select the 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from transferkit.engine.objectives import primary_logits
+from transferkit.engine.placement import module_device, to_device
 from transferkit.engine.trainer import classification_metrics
 
+if TYPE_CHECKING:
+    from transferkit.data.base import LabeledData
+    from transferkit.engine.context import RunContext
+    from transferkit.model import TransferModel
+
 SIGNALS = ("snd", "entropy", "source-val")
+SELECTION_SUBSET = 512  # unlabelled target items scored each epoch for the selection signal
 #: the engine's monitored metric name and direction for each signal
 MONITORS: dict[str, tuple[str, str]] = {
     "snd": ("target_snd", "max"),
@@ -49,12 +58,10 @@ def soft_neighbourhood_density(probabilities: torch.Tensor, temperature: float =
 
 @torch.no_grad()
 def target_probabilities(model: Any, loader: DataLoader, forward_fn: Callable) -> torch.Tensor:
-    from transferkit.backbones import move_to
-
-    device = next(model.parameters()).device
+    device = module_device(model)
     chunks = []
     for batch in loader:
-        batch = move_to(batch, device)
+        batch = to_device(batch, device)
         chunks.append(torch.softmax(primary_logits(forward_fn(model, batch)).float(), dim=-1).cpu())
     return torch.cat(chunks)
 
@@ -73,3 +80,16 @@ def selection_evaluate_fn(target_loader: DataLoader) -> Callable:
         return metrics
 
     return evaluate
+
+
+def label_free_selection(context: RunContext, model: TransferModel, target: LabeledData, signal: str) -> RunContext:
+    """``context`` monitoring ``signal`` (on a seeded subset of the unlabelled target, or source validation) for
+    early stopping and the epoch choice: no target labels are used."""
+    rng = np.random.default_rng(context.train.seed)
+    subset = target if len(target) <= SELECTION_SUBSET else \
+        target.subset(np.sort(rng.choice(len(target), SELECTION_SUBSET, replace=False)))
+    monitor = MONITORS[signal]
+    context.notes.append(f"epoch selection and early stopping on '{signal}' ({monitor[0]}, {monitor[1]}); no target "
+                         "labels used")
+    return replace(context, evaluate_fn=selection_evaluate_fn(context.loader(subset, model.backbone, train=False)),
+                   monitor=monitor)

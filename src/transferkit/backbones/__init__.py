@@ -12,7 +12,7 @@ from typing import Any
 
 from transferkit.backbones.base import Backbone, BackboneInfo, BackboneSpec, batch_size_of, move_to
 from transferkit.errors import TransferkitError
-from transferkit.registry import import_registering_modules
+from transferkit.registry import add_entry, import_registering_modules
 
 __all__ = [
     "Backbone",
@@ -54,7 +54,7 @@ def register_backbone(name: str, info: Callable[[], BackboneInfo]):
     """Decorator: register ``factory(pretrained: bool, **options) -> Backbone`` under ``name``."""
 
     def wrap(factory: Callable[..., Backbone]) -> Callable[..., Backbone]:
-        _REGISTRY[name] = _Entry(factory, info)
+        add_entry(_REGISTRY, name, _Entry(factory, info), "backbone")
         return factory
 
     return wrap
@@ -64,7 +64,7 @@ def register_prefix(prefix: str, info: Callable[[], BackboneInfo]):
     """Decorator: register ``factory(target: str, pretrained: bool, **options)`` for names ``prefix:target``."""
 
     def wrap(factory: Callable[..., Backbone]) -> Callable[..., Backbone]:
-        _PREFIXES[prefix] = _Entry(factory, info)
+        add_entry(_PREFIXES, prefix, _Entry(factory, info), "backbone prefix")
         return factory
 
     return wrap
@@ -101,7 +101,12 @@ def backbone_modality(name: str) -> str:
 
 def create_backbone(name: str, pretrained: bool = True, **options: Any) -> Backbone:
     """Build a backbone by registry name. ``pretrained=False`` builds the architecture only (random weights)."""
+    from transferkit.config import MAX_IMAGE_SIZE
+    from transferkit.errors import check_count
+
     _load_modules()
+    if options.get("image_size") is not None:  # every image backbone: refused before any tensor is allocated
+        options["image_size"] = check_count("image_size", options["image_size"], 1, MAX_IMAGE_SIZE)
     if name in _REGISTRY:
         backbone = _REGISTRY[name].factory(pretrained=pretrained, **options)
     elif ":" in name and name.split(":", 1)[0] in _PREFIXES:

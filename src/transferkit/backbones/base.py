@@ -14,6 +14,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from transferkit.engine.placement import to_device
+
 Modality = Literal["image", "text", "sequence"]
 
 
@@ -200,15 +202,8 @@ def as_pil_image(item: Any, mode: str) -> Any:
     return item if item.mode == mode else item.convert(mode)
 
 
-def move_to(inputs: Any, device: torch.device | str) -> Any:
-    """Move a tensor, or a dict / list of tensors, to ``device``."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(device)
-    if isinstance(inputs, dict):
-        return {k: move_to(v, device) for k, v in inputs.items()}
-    if isinstance(inputs, (list, tuple)):
-        return type(inputs)(move_to(v, device) for v in inputs)
-    return inputs
+#: moves a tensor or nested dict / list of tensors to a device (the placement layer's ``to_device``)
+move_to = to_device
 
 
 def batch_size_of(inputs: Any) -> int:

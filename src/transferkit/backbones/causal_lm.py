@@ -22,6 +22,7 @@ import torch
 from transferkit.backbones import register_backbone, register_prefix
 from transferkit.backbones.base import BackboneInfo, reject_unknown_options
 from transferkit.backbones.text import HFTextBackbone, build_hf_text_backbone
+from transferkit.engine.placement import inference, to_device
 from transferkit.errors import TransferkitError
 
 logger = logging.getLogger(__name__)
@@ -39,28 +40,21 @@ class CausalLMBackbone(HFTextBackbone):
     def hidden_states(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model.base_model(**inputs, use_cache=False).last_hidden_state
 
-    @torch.no_grad()
     def generate(self, prompt: str, max_new_tokens: int = 64, system: str | None = None) -> str:
         """Greedy answer to one chat ``prompt`` (the tokenizer's chat template; special tokens removed)."""
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": prompt}
         ]
-        device = next(self.parameters()).device
         inputs = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        was_training = self.training
-        self.eval()
-        try:
+        with inference(self) as device:
             output = self.model.generate(
-                **inputs,
+                **to_device(dict(inputs), device),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
-        finally:
-            self.train(was_training)
         new_tokens = output[0, inputs["input_ids"].shape[1] :]
         return self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
 

@@ -24,10 +24,10 @@ from transferkit.backbones.base import (
     BackboneInfo,
     BackboneSpec,
     ModuleGroup,
-    move_to,
     reject_unknown_options,
 )
 from transferkit.backbones.timm_backbone import TimmBackbone
+from transferkit.engine.placement import module_device, place, predict_batches
 from transferkit.errors import TransferkitError
 
 logger = logging.getLogger(__name__)
@@ -229,20 +229,17 @@ def imagenet_predict(
         raise TransferkitError(
             f"backbone '{backbone.spec.name}' has no ImageNet classifier", "build it with pretrained=True"
         )
-    device = next(backbone.parameters()).device
-    head.to(device)
-    was_training = backbone.training
-    backbone.eval()
-    results: list[list[tuple[str, float]]] = []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(images), batch_size):
-                chunk = images[start : start + batch_size]
-                inputs = move_to(backbone.collate([backbone.preprocess(im) for im in chunk]), device)
-                probs = head(backbone(inputs)).softmax(dim=-1)
-                values, indices = probs.topk(min(top, probs.shape[-1]), dim=-1)
-                for row_values, row_indices in zip(values.tolist(), indices.tolist()):
-                    results.append([(class_names[i], p) for i, p in zip(row_indices, row_values)])
-    finally:
-        backbone.train(was_training)
-    return results
+    place(head, module_device(backbone))
+    batches = (backbone.collate([backbone.preprocess(im) for im in images[start : start + batch_size]])
+               for start in range(0, len(images), batch_size))
+
+    def top_classes(inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = head(backbone(inputs)).softmax(dim=-1)
+        return probs.topk(min(top, probs.shape[-1]), dim=-1)
+
+    found = predict_batches(backbone, batches, top_classes)
+    if found is None:
+        return []
+    values, indices = found
+    return [[(class_names[int(i)], float(p)) for i, p in zip(row_indices, row_values)]
+            for row_values, row_indices in zip(values, indices)]

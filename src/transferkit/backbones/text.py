@@ -25,9 +25,9 @@ from transferkit.backbones.base import (
     BackboneInfo,
     BackboneSpec,
     group_from_parameter_names,
-    move_to,
     reject_unknown_options,
 )
+from transferkit.engine.placement import predict_batches
 from transferkit.errors import TransferkitError
 
 logger = logging.getLogger(__name__)
@@ -145,19 +145,10 @@ class HFTextBackbone(Backbone):
     # --- convenience -----------------------------------------------------------------------------------
     def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         """Embeddings of ``texts`` as a float32 array (n, feature_dim), in eval mode without gradients."""
-        device = next(self.parameters()).device
-        was_training = self.training
-        self.eval()
-        chunks: list[np.ndarray] = []
-        try:
-            with torch.no_grad():
-                for start in range(0, len(texts), batch_size):
-                    batch = [self.preprocess(t) for t in texts[start : start + batch_size]]
-                    features = self.forward_features(move_to(self.collate(batch), device))
-                    chunks.append(features.float().cpu().numpy())
-        finally:
-            self.train(was_training)
-        return np.concatenate(chunks) if chunks else np.zeros((0, self.feature_dim), dtype=np.float32)
+        batches = (self.collate([self.preprocess(t) for t in texts[start : start + batch_size]])
+                   for start in range(0, len(texts), batch_size))
+        features = predict_batches(self, batches, lambda batch: self.forward_features(batch).float())
+        return features if features is not None else np.zeros((0, self.feature_dim), dtype=np.float32)
 
 
 def build_hf_text_backbone(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from transferkit.cli.options import format_table, print_json
+from transferkit.cli.options import count, format_table, print_json
 
 
 def register(subparsers) -> None:
@@ -17,7 +17,7 @@ def register(subparsers) -> None:
     export = data_sub.add_parser("export", help="Write a built-in dataset in the on-disk format.")
     export.add_argument("name", help="Built-in dataset name (or a dataset path to re-export).")
     export.add_argument("dir", help="Folder to create (must not exist or be empty).")
-    export.add_argument("--limit-per-class", type=int, help="Export only K training examples per class.")
+    export.add_argument("--limit-per-class", type=count(1), help="Export only K training examples per class.")
     export.set_defaults(func=run_export)
     data.set_defaults(func=lambda args: data.print_help() or 2)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from transferkit.cli.options import add_fit_options, format_table, print_json
+from transferkit.cli.options import add_fit_options, count, format_table, number, print_json
+from transferkit.config import MAX_IMAGE_SIZE
 from transferkit.errors import TransferkitError
 
 _GLOBAL_ARGS = {"func", "command", "verbose", "quiet"}
@@ -38,12 +39,12 @@ def _register_compare(subparsers) -> None:
     parser.add_argument("--data", required=True, help="Labelled data (folder, .csv/.jsonl file or built-in name).")
     parser.add_argument("--backbones", required=True, type=_split_list, help="Comma-separated backbone names.")
     parser.add_argument("--strategies", required=True, type=_split_list, help="Comma-separated strategy names.")
-    parser.add_argument("--seeds", type=int, default=3, help="Number of seeds (0..N-1) per configuration.")
+    parser.add_argument("--seeds", type=count(1), default=3, help="Number of seeds (0..N-1) per configuration.")
     parser.add_argument("--out", required=True, help="Folder for leaderboard.json, report.html and runs/.")
-    parser.add_argument("--time-budget", type=float, help="Start no new cell after this many seconds.")
+    parser.add_argument("--time-budget", type=number(0, low_open=True), help="Start no new cell after this many seconds.")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                         help="Run each cell in a fresh process (per-cell peak memory; default on).")
-    parser.add_argument("--cost-ratio", type=float, default=0.5,
+    parser.add_argument("--cost-ratio", type=number(0, 1), default=0.5,
                         help="A configuration within the best's CI is recommended if it trains in at most this "
                              "fraction of the best's time.")
     parser.add_argument("--json", action="store_true", help="Print leaderboard.json on stdout.")
@@ -79,8 +80,8 @@ def _register_rank(subparsers) -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--backbones", type=_split_list, default=None,
                         help="Comma-separated candidates (default: the offline image or text backbones).")
-    parser.add_argument("--limit-per-class", type=int, default=None, help="Few-shot subset, as in fit.")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit-per-class", type=count(1), default=None, help="Few-shot subset, as in fit.")
+    parser.add_argument("--seed", type=count(0), default=0)
     parser.add_argument("--text-column")
     parser.add_argument("--label-column")
     parser.add_argument("--cache-dir")
@@ -142,10 +143,11 @@ def _register_check(subparsers) -> None:
                                                  "near-duplicates (embedding search).")
     parser.add_argument("--data", required=True)
     parser.add_argument("--backbone", help="Embedding backbone (default: the modality's default backbone).")
-    parser.add_argument("--threshold", type=float, default=0.97, help="Cosine similarity counted as near-duplicate.")
-    parser.add_argument("--limit-per-class", type=int, default=None)
-    parser.add_argument("--test-limit", type=int, default=None)
-    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--threshold", type=number(0, 1, low_open=True), default=0.97,
+                        help="Cosine similarity counted as near-duplicate, in (0, 1].")
+    parser.add_argument("--limit-per-class", type=count(1), default=None)
+    parser.add_argument("--test-limit", type=count(1), default=None)
+    parser.add_argument("--image-size", type=count(1, MAX_IMAGE_SIZE), default=None)
     parser.add_argument("--text-column")
     parser.add_argument("--label-column")
     parser.add_argument("--json", action="store_true")

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from transferkit.cli.options import format_table
+from transferkit.cli.options import count, format_table
+from transferkit.config import MAX_IMAGE_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +27,9 @@ DEMO_RUNS = [
 def register(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="Run the main job on built-in data (Fashion-MNIST few-shot).")
     parser.add_argument("--out", default="runs/demo", help="Folder for the demo's runs.")
-    parser.add_argument("--limit-per-class", type=int, default=20)
-    parser.add_argument("--test-limit", type=int, default=2000)
-    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--limit-per-class", type=count(1), default=20)
+    parser.add_argument("--test-limit", type=count(1), default=2000)
+    parser.add_argument("--image-size", type=count(1, MAX_IMAGE_SIZE), default=112)
     parser.set_defaults(func=run)
 
 

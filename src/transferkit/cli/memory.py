@@ -5,12 +5,26 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from transferkit.cli.options import format_table, print_json
+from transferkit.cli.options import add_dataclass_options, count, format_table, print_json
 from transferkit.errors import TransferkitError
+from transferkit.memory.retrieval import RetrievalConfig
+from transferkit.memory.storage import DEFAULT_LOCK_TIMEOUT
 
 
 def _add_encoder_flag(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument("--encoder", "--backbone", dest="encoder", help=help_text)
+
+
+def _add_lock_timeout(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lock-timeout", type=float, default=DEFAULT_LOCK_TIMEOUT, metavar="SECONDS",
+                        help="How long to wait while another command writes the index "
+                             f"(default: {DEFAULT_LOCK_TIMEOUT:g}).")
+
+
+def _retrieval_config(args: argparse.Namespace) -> RetrievalConfig:
+    from dataclasses import fields
+
+    return RetrievalConfig(**{f.name: getattr(args, f.name) for f in fields(RetrievalConfig) if hasattr(args, f.name)})
 
 
 def register(subparsers) -> None:
@@ -26,28 +40,30 @@ def register(subparsers) -> None:
                              "for images).")
     build.add_argument("--kind", default="flat", choices=("flat", "hnsw", "ivf"),
                        help="flat: exact search (default); hnsw / ivf: approximate, for large collections.")
-    build.add_argument("--chunk-size", type=int, default=500, help="Chunk length (in --chunk-unit).")
-    build.add_argument("--chunk-overlap", type=int, default=100, help="Overlap of consecutive chunks.")
+    build.add_argument("--chunk-size", type=count(1), default=500, help="Chunk length (in --chunk-unit).")
+    build.add_argument("--chunk-overlap", type=count(0), default=100, help="Overlap of consecutive chunks.")
     build.add_argument("--chunk-unit", default="chars", choices=("chars", "tokens"),
                        help="Count chunk size in characters or in the encoder's tokens.")
-    build.add_argument("--hnsw-m", type=int, default=32, help="hnsw: links per node.")
-    build.add_argument("--ef-search", type=int, default=64, help="hnsw: candidates explored per query.")
-    build.add_argument("--ivf-nlist", type=int, default=100, help="ivf: number of k-means cells.")
-    build.add_argument("--nprobe", type=int, default=8, help="ivf: cells scanned per query.")
-    build.add_argument("--batch-size", type=int, default=32)
+    build.add_argument("--hnsw-m", type=count(2), default=32, help="hnsw: links per node.")
+    build.add_argument("--ef-search", type=count(1), default=64, help="hnsw: candidates explored per query.")
+    build.add_argument("--ivf-nlist", type=count(1), default=100, help="ivf: number of k-means cells.")
+    build.add_argument("--nprobe", type=count(1), default=8, help="ivf: cells scanned per query.")
+    build.add_argument("--batch-size", type=count(1), default=32)
     build.add_argument("--overwrite", action="store_true", help="Replace an existing index in --out.")
     build.set_defaults(func=run_build)
 
     add = actions.add_parser("add", help="Add (or replace) documents / images in an existing index.")
     add.add_argument("index", help="Index folder.")
     add.add_argument("path", help="Folder or file to add (sources relative to it; same source = replaced).")
-    add.add_argument("--batch-size", type=int, default=32)
+    add.add_argument("--batch-size", type=count(1), default=32)
+    _add_lock_timeout(add)
     add.set_defaults(func=run_add)
 
     remove = actions.add_parser("remove", help="Remove every chunk of some sources from an index.")
     remove.add_argument("index", help="Index folder.")
     remove.add_argument("--source", action="append", required=True,
                         help="Source path as stored (repeatable; a folder prefix removes everything below it).")
+    _add_lock_timeout(remove)
     remove.set_defaults(func=run_remove)
 
     info = actions.add_parser("info", help="Show an index's encoder, kind, size and sources.")
@@ -59,9 +75,10 @@ def register(subparsers) -> None:
     search.add_argument("index", help="Index folder.")
     search.add_argument("query", nargs="?", help="Text query (text indexes).")
     search.add_argument("--image", help="Query image file (image indexes).")
-    search.add_argument("-k", type=int, default=5, help="Number of results.")
+    search.add_argument("-k", type=count(1), default=5, help="Number of results.")
     _add_encoder_flag(search, "Encoder of the query; must equal the index's (checked). Default: the index's.")
     search.add_argument("--json", action="store_true", help="Print exactly one JSON document on stdout.")
+    add_dataclass_options(search, RetrievalConfig, set(), "retrieval")
     search.set_defaults(func=run_search)
 
     ask = subparsers.add_parser("ask", help="Answer a question from a text index, citing the chunks used.")
@@ -69,10 +86,11 @@ def register(subparsers) -> None:
     ask.add_argument("question")
     ask.add_argument("--mode", default="generate", choices=("generate", "extractive"),
                      help="generate: SmolLM2 answers from the top chunks; extractive: best-matching passage.")
-    ask.add_argument("-k", type=int, default=3, help="Chunks retrieved into the prompt.")
+    ask.add_argument("-k", type=count(1), default=3, help="Chunks retrieved into the prompt.")
     ask.add_argument("--lm", default="smollm2-135m", help="Causal LM: smollm2-135m or hf:<folder>.")
-    ask.add_argument("--max-new-tokens", type=int, default=64)
+    ask.add_argument("--max-new-tokens", type=count(1), default=64)
     ask.add_argument("--json", action="store_true", help="Print exactly one JSON document on stdout.")
+    add_dataclass_options(ask, RetrievalConfig, set(), "retrieval")
     ask.set_defaults(func=run_ask)
 
 
@@ -91,18 +109,16 @@ def run_build(args: argparse.Namespace) -> int:
 def run_add(args: argparse.Namespace) -> int:
     from transferkit.memory.index import add_to_index
 
-    added = add_to_index(args.index, args.path, batch_size=args.batch_size)
+    added = add_to_index(args.index, args.path, batch_size=args.batch_size, lock_timeout=args.lock_timeout)
     print(f"added {added} vectors to {args.index}")
     return 0
 
 
 def run_remove(args: argparse.Namespace) -> int:
-    from transferkit.memory.index import VectorIndex
+    from transferkit.memory.index import remove_from_index
 
-    index = VectorIndex.load(args.index)
-    removed = index.remove_sources(args.source)
-    index.save()
-    print(f"removed {removed} vectors from {args.index} ({len(index)} left)")
+    removed, left = remove_from_index(args.index, args.source, lock_timeout=args.lock_timeout)
+    print(f"removed {removed} vectors from {args.index} ({left} left)")
     return 0
 
 
@@ -141,7 +157,7 @@ def run_search(args: argparse.Namespace) -> int:
     encoder = None
     if args.encoder:
         encoder = create_backbone(args.encoder, pretrained=True, **_index_options(index, args.encoder))
-    hits = index.search([query], args.k, encoder=encoder)[0]
+    hits = index.search([query], args.k, encoder=encoder, retrieval=_retrieval_config(args))[0]
     if args.json:
         print_json({"query": query_label, "results": [h.to_json() for h in hits]})
         return 0
@@ -162,7 +178,7 @@ def run_ask(args: argparse.Namespace) -> int:
     from transferkit.memory.index import VectorIndex
 
     answer = ask(VectorIndex.load(args.index), args.question, k=args.k, mode=args.mode, lm_name=args.lm,
-                 max_new_tokens=args.max_new_tokens)
+                 max_new_tokens=args.max_new_tokens, retrieval=_retrieval_config(args))
     if args.json:
         print_json(answer.to_json())
         return 0

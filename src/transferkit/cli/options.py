@@ -8,6 +8,38 @@ import sys
 from typing import Any
 
 from transferkit.config import field_base_type, option_fields, register_option_class
+from transferkit.console import format_table  # noqa: F401 (the CLI modules import it from here)
+from transferkit.errors import TransferkitError, check_count, check_number
+
+
+def _argument_type(name: str, check: Any) -> Any:
+    """An argparse ``type=`` that runs ``check(text)``; its TransferkitError becomes argparse's one-line error."""
+
+    def parse(text: str) -> Any:
+        try:
+            return check(text)
+        except TransferkitError as exc:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: {exc.fix}") from None
+
+    parse.__name__ = name
+    return parse
+
+
+def count(minimum: int = 1, maximum: int | None = None) -> Any:
+    """argparse ``type=``: a whole number in [minimum, maximum] (``--batch-size``, ``-k``, ``--epochs``, ...)."""
+
+    def check(text: str) -> int:
+        digits = text.strip().lstrip("+-")
+        return check_count("value", int(text) if digits.isdigit() else text, minimum, maximum)
+
+    return _argument_type("count", check)
+
+
+def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False) -> Any:
+    """argparse ``type=``: a finite number within the bounds (NaN and infinity refused)."""
+    return _argument_type("number", lambda text: check_number("value", text, low, high, low_open=low_open,
+                                                               high_open=high_open))
 
 
 def add_dataclass_options(parser: argparse.ArgumentParser | Any, cls: type, seen: set[str],
@@ -55,24 +87,13 @@ def add_fit_options(parser: argparse.ArgumentParser, seen: set[str], fit_title: 
         add_dataclass_options(parser, ext.config_class, seen, name)
 
 
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device`` for commands that run a loaded model (resolved by ``transferkit.engine.placement``)."""
+    parser.add_argument("--device", default="auto", help="Where the model runs: auto (this process's GPU if any, "
+                                                         "else the CPU), cpu, cuda, cuda:N or mps (default: auto).")
+
+
 def print_json(document: Any) -> None:
     """Exactly one JSON document on stdout."""
     sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
     sys.stdout.flush()
-
-
-def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """A plain aligned text table."""
-    cells = [[_fmt(row.get(c, "")) for c in columns] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
-    return "\n".join(lines)
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10000:
-        return f"{value:,}"
-    return str(value)

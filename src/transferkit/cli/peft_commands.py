@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from transferkit.cli.options import format_table, print_json
+from transferkit.cli.options import count, format_table, number, print_json
 from transferkit.errors import TransferkitError
 
 
@@ -27,7 +27,7 @@ def register(subparsers: Any) -> None:
     inspect = subparsers.add_parser("inspect", help="Show a backbone's module tree and its LoRA targets.",
                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     inspect.add_argument("backbone", help="Registry name, e.g. efficientnet_lite0, minilm, smollm2-135m.")
-    inspect.add_argument("--depth", type=int, default=0, help="Show modules down to this depth (0: all).")
+    inspect.add_argument("--depth", type=count(0), default=0, help="Show modules down to this depth (0: all).")
     inspect.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                          help="Backbone option, e.g. image_size=112 (repeatable).")
     inspect.add_argument("--targets-only", action="store_true", help="List only the suggested LoRA targets.")
@@ -52,9 +52,9 @@ def register(subparsers: Any) -> None:
     source = generate.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="Run folder of a causal-LM run (e.g. fitted with --task causal-lm).")
     source.add_argument("--backbone", help="A causal-LM backbone without fine-tuning, e.g. smollm2-135m.")
-    generate.add_argument("--max-new-tokens", type=int, default=64, help="Tokens to generate.")
-    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling.")
-    generate.add_argument("--seed", type=int, default=0, help="Seed for sampling.")
+    generate.add_argument("--max-new-tokens", type=count(1), default=64, help="Tokens to generate.")
+    generate.add_argument("--temperature", type=number(0), default=0.0, help="0: greedy; above 0: sampling.")
+    generate.add_argument("--seed", type=count(0), default=0, help="Seed for sampling.")
     generate.add_argument("--chat", action="store_true", help="Wrap the prompt in the model's chat template.")
     generate.set_defaults(func=run_generate)
 

@@ -7,7 +7,7 @@ import csv
 import os
 from pathlib import Path
 
-from transferkit.cli.options import format_table, print_json
+from transferkit.cli.options import add_device_argument, count, format_table, print_json
 from transferkit.errors import TransferkitError
 
 
@@ -17,8 +17,9 @@ def register(subparsers) -> None:
     parser.add_argument("inputs", nargs="+", help="Image files or folders (image models), or texts (text models).")
     parser.add_argument("--csv", help="Write predictions with class probabilities to this CSV file "
                                       "(default predictions.csv when a folder is given).")
-    parser.add_argument("--top", type=int, default=3, help="Classes shown per input in the table.")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--top", type=count(1), default=3, help="Classes shown per input in the table.")
+    parser.add_argument("--batch-size", type=count(1), default=64)
+    add_device_argument(parser)
     parser.add_argument("--json", action="store_true", help="Print exactly one JSON document on stdout.")
     parser.set_defaults(func=run)
 
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise TransferkitError(f"invalid --top {args.top}", "use a whole number >= 1")
-    model = load(args.model)
+    model = load(args.model, args.device)
     rows = predict(model, args.inputs, batch_size=args.batch_size)
     csv_path = args.csv or ("predictions.csv" if model.modality == "image" and any(Path(i).is_dir()
                                                                                    for i in args.inputs) else None)

@@ -6,32 +6,25 @@
     transferkit charlm sample --model runs/lm --prime "The " --length 300 --temperature 0.8
 
 Each ``train`` writes a run folder like ``fit`` does (``model/``, ``metrics.json``, ``history.jsonl``), built in a
-staging folder next to ``--out`` and moved into place only when finished.
+staging folder next to ``--out`` and moved into place only when finished; the Python API behind them is
+:mod:`transferkit.sequence.runs` (``fit_seq2seq``, ``fit_charlm``).
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from transferkit.cli.options import add_dataclass_options, format_table, print_json
+from transferkit.cli.options import add_dataclass_options, count, format_table, number, print_json
 from transferkit.errors import TransferkitError
 
-SEQ2SEQ_TASKS = ("binary-to-decimal",)
-#: engine defaults that suit these small from-scratch models (any flag overrides them). seq2seq: strong decoupled
-#: weight decay makes the encoder-decoder learn the rule instead of storing the pairs (binary-to-decimal: 0.992-0.998
-#: exact match on unseen numbers over 5 seeds with attention, 0.55-0.96 without weight decay; bench/results/sequence.md)
-SEQ2SEQ_TRAIN_DEFAULTS = {"epochs": 120, "batch_size": 128, "lr": 1e-2, "weight_decay": 1.0, "warmup_steps": 100,
-                          "early_stopping": 0, "threads": 1}
-CHARLM_TRAIN_DEFAULTS = {"epochs": 20, "batch_size": 32, "lr": 2e-3, "weight_decay": 0.0, "early_stopping": 3,
-                         "threads": 1}
 _COMMON = ("func", "command", "action", "json", "verbose", "quiet", "out", "overwrite", "resume", "no_progress")
 
 
 def register(subparsers) -> None:
     from transferkit.sequence.charlm import CharLMConfig
+    from transferkit.sequence.runs import CHARLM_TRAIN_DEFAULTS, SEQ2SEQ_TASKS, SEQ2SEQ_TRAIN_DEFAULTS
     from transferkit.sequence.seq2seq import Seq2SeqConfig
 
     seq = subparsers.add_parser("seq2seq", help="Encoder-decoder models for n-to-m sequence tasks.")
@@ -41,15 +34,15 @@ def register(subparsers) -> None:
     source = train.add_mutually_exclusive_group(required=True)
     source.add_argument("--task", choices=SEQ2SEQ_TASKS, help="A built-in task.")
     source.add_argument("--pairs", help="A text file of 'source<TAB>target' lines.")
-    train.add_argument("--bits", type=int, default=12, help="binary-to-decimal: number width in bits.")
-    train.add_argument("--train-fraction", type=float, default=0.7,
+    train.add_argument("--bits", type=count(1, 20), default=12, help="binary-to-decimal: number width in bits.")
+    train.add_argument("--train-fraction", type=number(0, 1, low_open=True, high_open=True), default=0.7,
                        help="Share of the pairs seen in training (train + validation); the rest is the test.")
-    train.add_argument("--val-fraction", type=float, default=0.1, help="Share of the pairs used for validation.")
+    train.add_argument("--val-fraction", type=number(0, 1, high_open=True), default=0.1, help="Share of the pairs used for validation.")
     _add_train_options(train, Seq2SeqConfig, SEQ2SEQ_TRAIN_DEFAULTS, run_seq2seq_train)
     predict = seq_actions.add_parser("predict", help="Decode input sequences with a trained model.")
     predict.add_argument("--model", required=True, help="Run folder written by `seq2seq train`.")
     predict.add_argument("inputs", nargs="+", help="Source sequences.")
-    predict.add_argument("--beam-size", type=int, default=1, help="Beam width (1: greedy).")
+    predict.add_argument("--beam-size", type=count(1), default=1, help="Beam width (1: greedy).")
     predict.add_argument("--json", action="store_true", help="Print JSON.")
     predict.set_defaults(func=run_seq2seq_predict)
 
@@ -61,11 +54,11 @@ def register(subparsers) -> None:
     _add_train_options(lm_train, CharLMConfig, CHARLM_TRAIN_DEFAULTS, run_charlm_train)
     lm_sample = lm_actions.add_parser("sample", help="Generate text from a trained model.")
     lm_sample.add_argument("--model", required=True, help="Run folder written by `charlm train`.")
-    lm_sample.add_argument("--length", type=int, default=300, help="Characters to generate.")
+    lm_sample.add_argument("--length", type=count(1), default=300, help="Characters to generate.")
     lm_sample.add_argument("--prime", default="", help="Text to start from.")
-    lm_sample.add_argument("--temperature", type=float, default=0.8, help="Softmax temperature (lower: safer).")
-    lm_sample.add_argument("--top-k", type=int, default=0, help="Sample among the k most likely characters (0: all).")
-    lm_sample.add_argument("--seed", type=int, default=0, help="Random seed.")
+    lm_sample.add_argument("--temperature", type=number(0, low_open=True), default=0.8, help="Softmax temperature (lower: safer).")
+    lm_sample.add_argument("--top-k", type=count(0), default=0, help="Sample among the k most likely characters (0: all).")
+    lm_sample.add_argument("--seed", type=count(0), default=0, help="Random seed.")
     lm_sample.set_defaults(func=run_charlm_sample)
 
 
@@ -86,37 +79,9 @@ def _add_train_options(parser: argparse.ArgumentParser, model_class: type, defau
     parser.set_defaults(func=func)
 
 
-def _options(args: argparse.Namespace, defaults: dict[str, Any], skip: tuple[str, ...]) -> dict[str, Any]:
-    given = {k: v for k, v in vars(args).items() if k not in _COMMON + skip}
-    return {**defaults, **given}
-
-
-def _build_configs(options: dict[str, Any], model_class: type) -> tuple[Any, Any]:
-    from transferkit.config import build
-    from transferkit.engine.trainer import TrainConfig
-
-    model_config = build(model_class, options)
-    model_config.validate()
-    train = build(TrainConfig, options)
-    train.validate()
-    if options:
-        raise TransferkitError(f"unknown option(s): {', '.join(sorted(options))}", "see --help")
-    return model_config, train
-
-
-def _output_folder(args: argparse.Namespace, kind: str, run_options: dict[str, Any]):
-    """The run folder of ``--out`` (``run_options`` go to ``run_config.json``; ``--resume`` must repeat them)."""
-    from transferkit.rundir import OutputFolder
-
-    return OutputFolder(args.out, kind, overwrite=args.overwrite, resume=args.resume, options=run_options)
-
-
-def _finish(folder, metrics: dict[str, Any], history: list[dict[str, Any]]) -> None:
-    from transferkit.rundir import write_json, write_jsonl
-
-    write_json(folder.stage / "metrics.json", metrics)
-    write_jsonl(folder.stage / "history.jsonl", history)
-    folder.publish()
+def _options(args: argparse.Namespace, skip: tuple[str, ...]) -> dict[str, Any]:
+    """The model and engine options typed on the command line (the Python API adds its defaults)."""
+    return {k: v for k, v in vars(args).items() if k not in _COMMON + skip}
 
 
 def _report(metrics: dict[str, Any], keys: list[str], out: Path, as_json: bool) -> None:
@@ -127,54 +92,15 @@ def _report(metrics: dict[str, Any], keys: list[str], out: Path, as_json: bool) 
     print(f"run written to {out}")
 
 
-def read_pairs(path: str | Path) -> list[tuple[str, str]]:
-    path = Path(path)
-    if not path.is_file():
-        raise TransferkitError(f"pairs file '{path}' does not exist", "pass a text file of 'source<TAB>target' lines")
-    pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.split("\t")
-        if len(parts) != 2 or not parts[0] or not parts[1]:
-            raise TransferkitError(f"{path}:{number} is not 'source<TAB>target'", "separate the two by one tab")
-        pairs.append((parts[0], parts[1]))
-    if len(pairs) < 10:
-        raise TransferkitError(f"'{path}' holds only {len(pairs)} pairs", "give at least 10")
-    return pairs
-
-
 def run_seq2seq_train(args: argparse.Namespace) -> int:
-    from transferkit.sequence.seq2seq import (
-        Seq2SeqConfig,
-        binary_to_decimal_pairs,
-        save_seq2seq,
-        split_pairs,
-        train_seq2seq,
-    )
+    from transferkit.sequence.runs import fit_seq2seq
 
-    options = _options(args, SEQ2SEQ_TRAIN_DEFAULTS, ("task", "pairs", "bits", "train_fraction", "val_fraction"))
-    config, train = _build_configs(options, Seq2SeqConfig)
-    if args.task == "binary-to-decimal":
-        if not 1 <= args.bits <= 20:
-            raise TransferkitError(f"invalid --bits {args.bits}", "use 1..20")
-        pairs = binary_to_decimal_pairs(args.bits)
-    else:
-        pairs = read_pairs(args.pairs)
-    splits = split_pairs(pairs, args.train_fraction, args.val_fraction, seed=0)
-    data = {"task": args.task, "bits": args.bits} if args.task else {"pairs": str(args.pairs)}
-    data.update({"train_fraction": args.train_fraction, "val_fraction": args.val_fraction})
-    folder = _output_folder(args, "seq2seq", {"data": data, "model": asdict(config), "train": train.to_dict()})
-    out = folder.out
-    folder.begin()
-    with folder:
-        run = train_seq2seq(splits, config, train, checkpoint_dir=folder.stage / "checkpoint",
-                            progress=not args.no_progress)
-        save_seq2seq(run, folder.stage / "model", extra={"data": data})
-        metrics = {**run.metrics, "data": data, "config": {"model": asdict(config), "train": train.to_dict()}}
-        _finish(folder, metrics, run.history)
-    _report(metrics, ["test_exact_match", "test_token_accuracy", "val_exact_match", "n_train", "n_test",
-                      "train_seconds"], out, args.json)
+    run = fit_seq2seq(args.out, task=args.task, pairs=args.pairs, bits=args.bits, train_fraction=args.train_fraction,
+                      val_fraction=args.val_fraction, overwrite=args.overwrite, resume=args.resume,
+                      progress=not args.no_progress,
+                      **_options(args, ("task", "pairs", "bits", "train_fraction", "val_fraction")))
+    _report(run.metrics, ["test_exact_match", "test_token_accuracy", "val_exact_match", "n_train", "n_test",
+                          "train_seconds"], run.path, args.json)
     return 0
 
 
@@ -206,28 +132,12 @@ def run_seq2seq_predict(args: argparse.Namespace) -> int:
 
 
 def run_charlm_train(args: argparse.Namespace) -> int:
-    from transferkit.sequence.charlm import CharLMConfig, save_charlm, train_charlm
+    from transferkit.sequence.runs import fit_charlm
 
-    options = _options(args, CHARLM_TRAIN_DEFAULTS, ("file",))
-    config, train = _build_configs(options, CharLMConfig)
-    path = Path(args.file)
-    if not path.is_file():
-        raise TransferkitError(f"text file '{path}' does not exist", "pass a UTF-8 text file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise TransferkitError(f"'{path}' is not UTF-8 text", "convert it to UTF-8") from None
-    folder = _output_folder(args, "charlm", {"data": str(path), "model": asdict(config), "train": train.to_dict()})
-    out = folder.out
-    folder.begin()
-    with folder:
-        run = train_charlm(text, config, train, checkpoint_dir=folder.stage / "checkpoint",
-                           progress=not args.no_progress)
-        save_charlm(run, folder.stage / "model")
-        metrics = {**run.metrics, "data": str(path), "config": {"model": asdict(config), "train": train.to_dict()}}
-        _finish(folder, metrics, run.history)
-    _report(metrics, ["val_bits_per_character", "val_accuracy", "train_characters", "best_epoch", "train_seconds"],
-            out, args.json)
+    run = fit_charlm(args.out, args.file, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress,
+                     **_options(args, ("file",)))
+    _report(run.metrics, ["val_bits_per_character", "val_accuracy", "train_characters", "best_epoch",
+                          "train_seconds"], run.path, args.json)
     return 0
 
 

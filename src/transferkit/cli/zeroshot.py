@@ -6,25 +6,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
-from transferkit.cli.options import format_table, print_json
+from transferkit.cli.options import count, format_table, print_json
 from transferkit.errors import TransferkitError
-
-METHODS = ("auto", "text", "conse", "clip")
 
 
 def register(subparsers) -> None:
     zs = subparsers.add_parser("zeroshot", help="Classify images or texts into labels given only by name.")
     zs.add_argument("inputs", nargs="+", help="Image files, or texts.")
     zs.add_argument("--labels", required=True, help='Comma-separated candidate labels, e.g. "cat,cup of coffee".')
-    zs.add_argument("--method", default="auto", choices=METHODS,
-                    help="auto: conse for images, text similarity for texts; clip needs open_clip + weights.")
+    zs.add_argument("--method", default="auto",
+                    help="auto, text, conse or clip. auto: conse for images, text similarity for texts; clip needs "
+                         "open_clip + weights.")
     zs.add_argument("--template", action="append",
                     help='Prompt template with {} for the label (repeatable; e.g. "a photo of {}.").')
     zs.add_argument("--backbone", default="efficientnet_lite0", help="conse: ImageNet classifier backbone.")
     zs.add_argument("--encoder", default="minilm", help="Sentence encoder for labels (text, conse).")
-    zs.add_argument("--conse-top", type=int, default=10, help="conse: ImageNet classes mixed per image.")
+    zs.add_argument("--conse-top", type=count(1), default=10, help="conse: ImageNet classes mixed per image.")
     zs.add_argument("--clip-model", default="ViT-B-32", help="clip: open_clip architecture name.")
     zs.add_argument("--clip-pretrained", help="clip: open_clip weights tag or local checkpoint file.")
     zs.add_argument("--json", action="store_true", help="Print exactly one JSON document on stdout.")
@@ -35,14 +32,14 @@ def register(subparsers) -> None:
     prompt.add_argument("--data", required=True, help="Labelled text data (examples come from its train split).")
     prompt.add_argument("--input", action="append", help="Text to classify (repeatable). Without it, the test "
                                                          "split is classified and accuracy reported.")
-    prompt.add_argument("--shots", type=int, action="append",
+    prompt.add_argument("--shots", type=count(0), action="append",
                         help="Examples per class in the prompt (repeatable, e.g. --shots 0 --shots 1; default 0).")
     prompt.add_argument("--labels", help="Comma-separated words replacing the class names in the prompt "
                                          "(same order as the data's classes).")
     prompt.add_argument("--instruction", default="Classify each text into one of these labels: {labels}.")
     prompt.add_argument("--lm", default="smollm2-135m", help="smollm2-135m or hf:<folder of a causal LM>.")
-    prompt.add_argument("--limit", type=int, default=50, help="Test texts classified (without --input).")
-    prompt.add_argument("--seed", type=int, default=0)
+    prompt.add_argument("--limit", type=count(1), default=50, help="Test texts classified (without --input).")
+    prompt.add_argument("--seed", type=count(0), default=0)
     prompt.add_argument("--text-column")
     prompt.add_argument("--label-column")
     prompt.add_argument("--show-prompt", action="store_true", help="Print the prompt of the first text.")
@@ -63,39 +60,21 @@ def _is_image_input(inputs: list[str]) -> bool:
 
 
 def run_zeroshot(args: argparse.Namespace) -> int:
-    from transferkit.backbones import create_backbone
-    from transferkit.zeroshot.classifiers import (
-        IMAGE_TEMPLATES,
-        TEXT_TEMPLATES,
-        ClipZeroShot,
-        ConSEZeroShot,
-        TextZeroShot,
-        parse_labels,
-    )
+    from transferkit.zeroshot.classifiers import parse_labels, zero_shot_classifier, zero_shot_rows
 
     labels = parse_labels(args.labels)
     images = _is_image_input(args.inputs)
-    method = args.method if args.method != "auto" else ("conse" if images else "text")
-    if images != (method in ("conse", "clip")):
-        raise TransferkitError(f"method '{method}' does not take {'images' if images else 'texts'}",
-                               "use --method conse/clip for images and text for texts (or auto)")
     if images:
         from transferkit.data.images import open_image
 
         items = [open_image(Path(p)) for p in args.inputs]
-        if method == "clip":
-            classifier = ClipZeroShot(labels, args.clip_model, args.clip_pretrained,
-                                      tuple(args.template or IMAGE_TEMPLATES))
-        else:
-            classifier = ConSEZeroShot(labels, create_backbone(args.backbone), create_backbone(args.encoder),
-                                       top=args.conse_top, templates=tuple(args.template or ("{}",)))
     else:
         items = list(args.inputs)
-        classifier = TextZeroShot(labels, create_backbone(args.encoder), tuple(args.template or TEXT_TEMPLATES))
-    probs = classifier.predict_proba(items)
-    rows = [{"input": name, "prediction": labels[int(p.argmax())],
-             "probabilities": {label: float(v) for label, v in zip(labels, p)}}
-            for name, p in zip(args.inputs, probs)]
+    method, classifier = zero_shot_classifier(labels, images, args.method, backbone=args.backbone,
+                                              encoder=args.encoder, conse_top=args.conse_top,
+                                              clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
+                                              templates=args.template)
+    rows = zero_shot_rows(classifier, items, args.inputs)
     if args.json:
         print_json({"method": method, "labels": labels, "predictions": rows})
         return 0
@@ -110,12 +89,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
 def run_prompt(args: argparse.Namespace) -> int:
     from transferkit.data import load_data
     from transferkit.zeroshot.classifiers import parse_labels
-    from transferkit.zeroshot.incontext import (
-        InContextClassifier,
-        PromptBuilder,
-        load_causal_lm,
-        pick_examples,
-    )
+    from transferkit.zeroshot.incontext import PromptBuilder, evaluate_prompting, load_causal_lm
 
     splits = load_data(args.data, text_column=args.text_column, label_column=args.label_column, seed=args.seed,
                        test_limit=None if args.input else args.limit)
@@ -125,26 +99,12 @@ def run_prompt(args: argparse.Namespace) -> int:
     if len(names) != len(splits.class_names):
         raise TransferkitError(f"--labels gives {len(names)} names for {len(splits.class_names)} classes",
                                f"give one per class, in this order: {', '.join(splits.class_names)}")
-    shots_list = args.shots or [0]
-    if min(shots_list) < 0:
-        raise TransferkitError("--shots must be 0 or more", "e.g. --shots 0 --shots 1 --shots 4")
     lm = load_causal_lm(args.lm)
-    builder = PromptBuilder(names, args.instruction)
-    train = splits.train
     test = splits.test if splits.test is not None and len(splits.test) else splits.val
     texts = list(args.input) if args.input else [test.items[i] for i in range(len(test))]
-    results = []
-    for shots in shots_list:
-        examples = pick_examples(train.items, train.labels, names, shots, args.seed) if shots else []
-        classifier = InContextClassifier(lm, builder, examples)
-        if args.show_prompt and texts:
-            print(builder.build(texts[0], examples) + "\n")
-        predicted = classifier.predict_proba(texts).argmax(-1)
-        entry: dict = {"shots": shots, "predictions": [names[int(i)] for i in predicted]}
-        if not args.input:
-            entry["accuracy"] = float(np.mean(predicted == np.asarray(test.labels[: len(texts)])))
-            entry["n"] = len(texts)
-        results.append(entry)
+    results = evaluate_prompting(lm, PromptBuilder(names, args.instruction), splits.train, texts, args.shots or [0],
+                                 args.seed, labels=None if args.input else test.labels,
+                                 show_prompt=(lambda prompt: print(prompt + "\n")) if args.show_prompt else None)
     if args.json:
         print_json({"lm": args.lm, "labels": names, "inputs": texts if args.input else None, "results": results})
         return 0

@@ -67,7 +67,7 @@ class BatchCollator:
             "index": index,
         }
         for name, values in self.columns.items():
-            batch[name] = torch.from_numpy(values[index.numpy()])
+            batch[name] = torch.from_numpy(values[np.asarray(indices, dtype=np.int64)])
         return batch
 
 

@@ -1,5 +1,6 @@
 """The one training engine (Accelerate-based) and the objectives it minimises."""
 
+from transferkit.engine.callbacks import Callback, TrainState
 from transferkit.engine.objectives import CrossEntropyObjective, Objective, primary_logits
 from transferkit.engine.sampling import EpochShuffleSampler
 from transferkit.engine.trainer import (
@@ -15,6 +16,8 @@ from transferkit.engine.trainer import (
 )
 
 __all__ = [
+    "Callback",
+    "TrainState",
     "CrossEntropyObjective",
     "EpochShuffleSampler",
     "LossModule",

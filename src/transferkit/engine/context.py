@@ -2,7 +2,9 @@
 
 Strategies call ``train_with_engine`` (the one engine on raw inputs), ``train_head_on_features`` (the same
 engine on cached embeddings) or ``features`` (cached extraction). Regularisers and domain-adaptation methods
-enter as ``objectives`` and ``aux_data`` without any strategy knowing about them.
+enter as ``objectives``, ``aux_data``, a ``task_weight`` or a ``feature_transform`` without any strategy knowing
+about them. Fit extensions never patch a context: they return a ``dataclasses.replace``d one (``notes`` is the
+run's log, shared by the contexts derived from it).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from transferkit.data.base import DataSplits, LabeledData
 from transferkit.engine.features import extract_features
-from transferkit.engine.objectives import CrossEntropyObjective, Objective
+from transferkit.engine.objectives import CrossEntropyObjective, Objective, ScaledObjective
 from transferkit.engine.sampling import EpochShuffleSampler
 from transferkit.engine.trainer import TrainConfig, Trainer, TrainResult, default_forward
 
@@ -48,15 +50,27 @@ class RunContext:
     evaluate_fn: Callable | None = None
     monitor: tuple[str, str] = ("accuracy", "max")
     notes: list[str] = field(default_factory=list)
+    #: under ``--protocol cv`` the CVResult (evaluation/protocol.py): its out-of-fold predictions on every labelled
+    #: item stand in for the (empty) validation split, e.g. for temperature scaling
+    cv: Any = None
+    #: factor of the task loss (KL anchoring's ``1 - A``)
+    task_weight: float = 1.0
+    #: ``(data, features) -> features`` applied to every extraction (CORAL re-colours the source splits)
+    feature_transform: Callable[[LabeledData, np.ndarray], np.ndarray] | None = None
+    #: where the heads were initialised from (``--init-from``); strategies keep them instead of a probe start
+    heads_from: str | None = None
 
     def checkpoint_is_fresh(self) -> bool:
         """True unless an engine checkpoint exists (a resumed run must not redo one-off initialisations)."""
-        return self.checkpoint_dir is None or not (self.checkpoint_dir / "checkpoint.pt").exists()
+        from transferkit.engine.checkpoint import has_checkpoint
+
+        return not has_checkpoint(self.checkpoint_dir)
 
     # --- features ------------------------------------------------------------------------------------------
     def features(self, backbone: Backbone, data: LabeledData) -> np.ndarray:
-        return extract_features(backbone, data, batch_size=max(32, self.train.batch_size),
-                                cache_dir=self.cache_dir, progress=self.progress)
+        features = extract_features(backbone, data, batch_size=max(32, self.train.batch_size),
+                                    cache_dir=self.cache_dir, progress=self.progress)
+        return features if self.feature_transform is None else self.feature_transform(data, features)
 
     # --- loaders -------------------------------------------------------------------------------------------
     def loader(self, data: LabeledData, backbone: Backbone, train: bool) -> DataLoader:
@@ -66,6 +80,8 @@ class RunContext:
 
     def all_objectives(self, model: TransferModel, strategy: Strategy) -> list[Objective]:
         task = self.task_objectives or [CrossEntropyObjective(label_smoothing=self.label_smoothing)]
+        if self.task_weight != 1.0:
+            task = [ScaledObjective(objective, self.task_weight) for objective in task]
         return [*task, *strategy.objectives(model), *self.objectives]
 
     def _trainer(self, model: torch.nn.Module, objectives: list[Objective], groups: list[dict[str, Any]],

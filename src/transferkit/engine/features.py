@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transferkit.backbones import Backbone, move_to
+from transferkit.backbones import Backbone
 from transferkit.data.base import LabeledData
+from transferkit.engine.placement import predict_batches
 from transferkit.progress import progress as progress_bar
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def weights_digest(module: torch.nn.Module) -> str:
     h = hashlib.sha1()
     for name, tensor in sorted(module.state_dict().items()):
         h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -43,16 +44,16 @@ def feature_cache_key(backbone: Backbone, data: LabeledData) -> str:
     return h.hexdigest()[:24]
 
 
-@torch.no_grad()
 def extract_features(
     backbone: Backbone,
     data: LabeledData,
     batch_size: int = 64,
     cache_dir: str | Path | None = None,
     progress: bool = True,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> np.ndarray:
-    """``(len(data), feature_dim)`` float32 embeddings (eval-mode preprocessing, no augmentation)."""
+    """``(len(data), feature_dim)`` float32 embeddings (eval-mode preprocessing, no augmentation), computed where
+    the backbone is (``device``: place it there first)."""
     from transferkit.data.loader import make_loader
 
     path = None
@@ -61,14 +62,11 @@ def extract_features(
         if path.is_file():
             logger.info("features of %d %s items loaded from the cache", len(data), data.name)
             return np.load(path)
-    was_training = backbone.training
-    backbone.eval().to(device)
     loader = make_loader(data, backbone, batch_size=batch_size, train=False)
-    chunks = []
-    for batch in progress_bar(loader, f"features ({data.name})", enabled=progress):
-        chunks.append(backbone.forward_features(move_to(batch["inputs"], device)).float().cpu().numpy())
-    backbone.train(was_training)
-    features = np.concatenate(chunks) if chunks else np.zeros((0, backbone.feature_dim), np.float32)
+    batches = (batch["inputs"] for batch in progress_bar(loader, f"features ({data.name})", enabled=progress))
+    features = predict_batches(backbone, batches, lambda inputs: backbone.forward_features(inputs).float(), device)
+    if features is None:
+        features = np.zeros((0, backbone.feature_dim), np.float32)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.stem + f".{os.getpid()}.tmp.npy")

@@ -65,3 +65,27 @@ class CrossEntropyObjective(Objective):
         logits = primary_logits(outputs)
         labels = batch["labels"]
         return F.cross_entropy(logits, labels, ignore_index=-1, label_smoothing=self.label_smoothing)
+
+
+class ScaledObjective(Objective):
+    """``factor * inner``: e.g. the task loss's ``1 - A`` under KL anchoring, without changing ``inner`` (its
+    parameters, ``setup`` and ``on_step`` stay its own)."""
+
+    def __init__(self, inner: Objective, factor: float) -> None:
+        nn.Module.__init__(self)
+        self.inner = inner
+        self.factor = float(factor)
+        self.name = inner.name
+
+    @property
+    def weight(self) -> float:  # type: ignore[override]
+        return self.factor * self.inner.weight
+
+    def setup(self, model: nn.Module, train_loader: Any | None = None) -> None:
+        self.inner.setup(model, train_loader)
+
+    def on_step(self, step: int, total_steps: int) -> None:
+        self.inner.on_step(step, total_steps)
+
+    def forward(self, model: nn.Module, batch: dict[str, Any], outputs: Any) -> torch.Tensor:
+        return self.inner(model, batch, outputs)

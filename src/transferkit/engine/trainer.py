@@ -6,16 +6,17 @@ model is scored on validation data (``evaluate_fn``). The engine does the rest: 
 warm-up + cosine / halve-on-plateau / Transformer (noam) schedules, gradient clipping, early stopping on a
 validation metric, seeded determinism, a progress bar, a checkpoint every epoch and resumption after an
 interruption, and multi-process data parallelism (``torchrun --nproc_per_node N``: DDP through Accelerate).
+
+``Trainer.fit`` itself is short: prepare, restore or seed, then per epoch train / validate / call the callbacks
+(model selection, plateau schedule, early stopping, logging, checkpointing, tracing: ``engine.callbacks``).
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
+import fnmatch
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +29,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from transferkit.engine.callbacks import (
+    BestEpoch,
+    Callback,
+    Checkpointing,
+    EarlyStopping,
+    EpochFunction,
+    EpochLog,
+    PlateauSchedule,
+    Tracing,
+    TrainState,
+)
+from transferkit.engine.checkpoint import CHECKPOINT_NAME  # noqa: F401 (re-exported: where the engine checkpoints)
 from transferkit.engine.objectives import Objective, primary_logits
+from transferkit.engine.placement import accelerator_kwargs, check_device_spec
 from transferkit.engine.schedules import SCHEDULES, inverse_annealing, noam, warmup_constant, warmup_cosine
 from transferkit.errors import TransferkitError
 from transferkit.progress import progress as progress_bar
@@ -36,7 +50,6 @@ from transferkit.progress import progress as progress_bar
 logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "sgd", "adam")
-CHECKPOINT_NAME = "checkpoint.pt"
 
 
 @dataclass
@@ -63,7 +76,8 @@ class TrainConfig:
     )
     grad_clip: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this (0: off)."})
     seed: int = field(default=0, metadata={"help": "Seed for initialisation, data order and augmentation."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps (auto: this process's GPU "
+                                                           "if there is one, else the CPU)."})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)."})
 
     def validate(self) -> None:
@@ -85,10 +99,7 @@ class TrainConfig:
         for name in ("warmup_steps", "plateau_patience", "early_stopping", "threads", "noam_d_model"):
             if getattr(self, name) < 0:
                 raise bad(name, getattr(self, name), "use a whole number of at least 0")
-        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
-            raise bad("device", self.device, "choose auto, cpu, cuda, cuda:N or mps")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise bad("device", self.device, "this machine has no CUDA device; use --device cpu or auto")
+        check_device_spec(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,16 +119,16 @@ class TrainResult:
 
 
 def make_accelerator(device: str = "auto"):
-    """An Accelerator for ``device``; under ``torchrun`` on a CPU machine it joins the gloo process group.
+    """An Accelerator for ``device`` (``cuda:N`` honoured, see ``placement.accelerator_kwargs``); under ``torchrun``
+    on a CPU machine it joins the gloo process group.
 
     ``Accelerator()`` without ``cpu=True`` on a GPU-less machine under torchrun gives separate single-process
     runs, so CPU is requested explicitly (facts in OFFLINE_ASSETS.md).
     """
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-    return Accelerator(cpu=cpu, kwargs_handlers=[ddp])
+    return Accelerator(**accelerator_kwargs(device), kwargs_handlers=[ddp])
 
 
 def seed_everything(seed: int) -> None:
@@ -126,34 +137,41 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
 def default_param_groups(model: nn.Module, lr: float) -> list[dict[str, Any]]:
     params = [p for p in model.parameters() if p.requires_grad]
     return [{"params": params, "lr": lr, "name": "all"}] if params else []
 
 
-def _no_decay(name: str, param: nn.Parameter) -> bool:
-    """Biases and normalisation scales are not decayed (they are not 'weights' in the L2 sense)."""
-    return param.ndim <= 1 or name.endswith(".bias")
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Full names of the parameters that submodules exclude from weight decay by timm's convention: a module's
+    ``no_weight_decay()`` returns names (or fnmatch patterns) relative to it, e.g. a ViT's ``pos_embed`` and
+    ``cls_token``, which are embeddings of ndim 3 that the ``ndim <= 1`` rule alone would decay."""
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        hook = getattr(module, "no_weight_decay", None)
+        if callable(hook):
+            names.update(f"{prefix}.{name}" if prefix else name for name in hook())
+    return names
+
+
+def _no_decay(name: str, param: nn.Parameter, excluded: set[str] | frozenset[str] = frozenset()) -> bool:
+    """Biases, normalisation scales and the parameters a module declares (``no_weight_decay``) are not decayed
+    (they are not 'weights' in the L2 sense)."""
+    if param.ndim <= 1 or name.endswith(".bias") or name in excluded:
+        return True
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in excluded if any(c in pattern for c in "*?["))
 
 
 def split_weight_decay(model: nn.Module, groups: list[dict[str, Any]], weight_decay: float) -> list[dict[str, Any]]:
-    """Give every group ``weight_decay`` on weight matrices and 0 on biases / norm parameters."""
+    """Give every group ``weight_decay`` on weight matrices and 0 on biases / norm parameters / the parameters
+    listed by a submodule's ``no_weight_decay()`` (timm)."""
     names = {id(p): n for n, p in model.named_parameters()}
+    excluded = no_weight_decay_names(model)
     out: list[dict[str, Any]] = []
     for group in groups:
         params = [p for p in group["params"] if p.requires_grad]
-        decay = [p for p in params if not _no_decay(names.get(id(p), ""), p)]
-        no_decay = [p for p in params if _no_decay(names.get(id(p), ""), p)]
+        decay = [p for p in params if not _no_decay(names.get(id(p), ""), p, excluded)]
+        no_decay = [p for p in params if _no_decay(names.get(id(p), ""), p, excluded)]
         base = {k: v for k, v in group.items() if k != "params"}
         wd = group.get("weight_decay", weight_decay)
         if decay:
@@ -228,11 +246,29 @@ def _cycle(loader: DataLoader) -> Iterator[Any]:
         yield from loader
 
 
-def _params_digest(module: nn.Module) -> str:
-    h = hashlib.sha1()
-    for _, p in sorted(module.named_parameters()):
-        h.update(p.detach().cpu().numpy().tobytes())
-    return h.hexdigest()
+@dataclass
+class TrainLoop:
+    """What one ``Trainer.fit`` works on (prepared by Accelerate); callbacks read and change it."""
+
+    config: TrainConfig
+    accelerator: Any
+    loss_module: nn.Module  # possibly DDP-wrapped
+    inner: LossModule  # unwrapped: ``inner.model`` is the user's model
+    optimizer: torch.optim.Optimizer
+    train_loader: DataLoader
+    val_loader: DataLoader | None
+    aux_iters: dict[str, Iterator[Any]]
+    sampler: Any
+    total_steps: int
+    lr_factor: Callable[[int], float]
+    base_lrs: list[float]
+    state: TrainState = field(default_factory=TrainState)
+    callbacks: list[Callback] = field(default_factory=list)
+
+    def set_lr(self) -> None:
+        """The schedule's learning rate for the current step, times the plateau factor."""
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * self.lr_factor(self.state.step) * self.state.plateau_scale
 
 
 class Trainer:
@@ -248,7 +284,10 @@ class Trainer:
         evaluate_fn: ``evaluate_fn(model, loader, accelerator, forward_fn) -> {metric: value}`` on validation
             data (default: cross-entropy ``loss`` and ``accuracy``).
         monitor: validation metric for early stopping / model selection; ``("accuracy", "max")`` by default.
-        checkpoint_dir: where ``checkpoint.pt`` is written after every epoch; an existing one is resumed.
+        checkpoint_dir: where ``trainer.safetensors`` is written after every epoch; an existing one is resumed.
+        epoch_callback: ``f(row)`` after every epoch (main process).
+        callbacks: further :class:`~transferkit.engine.callbacks.Callback` objects, called after model selection,
+            schedule and early stopping and before the checkpoint (which saves their ``state_tensors``).
     """
 
     def __init__(
@@ -264,6 +303,7 @@ class Trainer:
         checkpoint_dir: str | Path | None = None,
         progress: bool = True,
         epoch_callback: Callable[[dict[str, Any]], None] | None = None,
+        callbacks: list[Callback] | None = None,
     ) -> None:
         if not objectives:
             raise ValueError("Trainer needs at least one objective")
@@ -278,16 +318,12 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.progress = progress
         self.epoch_callback = epoch_callback
+        self.extra_callbacks = list(callbacks or [])
         self.accelerator = make_accelerator(config.device)
 
     @property
     def is_main_process(self) -> bool:
         return self.accelerator.is_main_process
-
-    def _better(self, value: float, best: float | None) -> bool:
-        if best is None:
-            return True
-        return value > best if self.monitor[1] == "max" else value < best
 
     def fit(
         self,
@@ -295,11 +331,54 @@ class Trainer:
         val_loader: DataLoader | None = None,
         aux_loaders: dict[str, DataLoader] | None = None,
     ) -> TrainResult:
-        cfg, acc = self.config, self.accelerator
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
         started = time.perf_counter()
+        loop = self._prepare(train_loader, val_loader, aux_loaders)
+        checkpointing = Checkpointing(self.checkpoint_dir) if self.checkpoint_dir else None
+        callbacks = loop.callbacks = self._callbacks(checkpointing)
+        if checkpointing is None or not checkpointing.restore(loop):
+            seed_everything(self.config.seed)  # the same seed in every process
+        for callback in callbacks:
+            callback.on_train_begin(loop)
+        state = loop.state
+        while not state.stop and state.epoch < self.config.epochs:
+            epoch_start = time.perf_counter()
+            row = self._train_epoch(loop, callbacks)
+            row.update(self._validate(loop))
+            row["seconds"] = round(time.perf_counter() - epoch_start, 3)
+            state.history.append(row)
+            for callback in callbacks:
+                callback.on_epoch_end(loop, row)
+        for callback in callbacks:
+            callback.on_train_end(loop)
+        self.accelerator.wait_for_everyone()
+        return TrainResult(state.history, state.best_epoch, state.best_metric,
+                           state.stop and state.epoch < self.config.epochs, time.perf_counter() - started,
+                           state.resumed_from)
 
+    # --- the parts of fit --------------------------------------------------------------------------------
+
+    def _callbacks(self, checkpointing: Checkpointing | None) -> list[Callback]:
+        """The loop's jobs in the order they run after each epoch: the checkpoint once the epoch's state (the
+        callbacks' own included) is final, then the user's ``epoch_callback``."""
+        cfg = self.config
+        callbacks: list[Callback] = [BestEpoch(*self.monitor)]
+        if cfg.schedule == "plateau":
+            callbacks.append(PlateauSchedule(cfg.plateau_patience, self.monitor[0]))
+        callbacks += [EarlyStopping(cfg.early_stopping), EpochLog(), *self.extra_callbacks]
+        if checkpointing is not None:
+            callbacks.append(checkpointing)
+        if self.epoch_callback is not None:
+            callbacks.append(EpochFunction(self.epoch_callback))
+        tracing = Tracing.from_environment()
+        return callbacks + ([tracing] if tracing is not None else [])
+
+    def _prepare(self, train_loader: DataLoader, val_loader: DataLoader | None,
+                 aux_loaders: dict[str, DataLoader] | None) -> TrainLoop:
+        """Objectives set up, the optimiser over the parameter groups (weight decay split), Accelerate-prepared
+        model / optimiser / loaders, and the learning-rate schedule."""
+        cfg, acc = self.config, self.accelerator
         for objective in self.objectives:
             objective.setup(self.model, train_loader)
         loss_module = LossModule(self.model, self.objectives, self.forward_fn)
@@ -316,165 +395,68 @@ class Trainer:
             group.setdefault("initial_lr", group["lr"])
 
         sampler = getattr(train_loader, "sampler", None)
-        loss_module, optimizer, train_loader = acc.prepare(loss_module, optimizer, train_loader)
+        prepared, optimizer, train_loader = acc.prepare(loss_module, optimizer, train_loader)
         if val_loader is not None:
             val_loader = acc.prepare(val_loader)
-        aux = {name: acc.prepare(loader) for name, loader in (aux_loaders or {}).items()}
+        aux = {name: _cycle(acc.prepare(loader)) for name, loader in (aux_loaders or {}).items()}
+        total_steps = max(1, len(train_loader)) * cfg.epochs
+        return TrainLoop(cfg, acc, prepared, acc.unwrap_model(prepared), optimizer, train_loader, val_loader, aux,
+                         sampler, total_steps, _schedule_factor(cfg, total_steps),
+                         [g["initial_lr"] for g in optimizer.param_groups])
 
-        steps_per_epoch = max(1, len(train_loader))
-        total_steps = steps_per_epoch * cfg.epochs
-        factor = _schedule_factor(cfg, total_steps)
-        base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
-        plateau_scale = 1.0
+    def _train_epoch(self, loop: TrainLoop, callbacks: list[Callback]) -> dict[str, Any]:
+        """One pass over the training data; returns the epoch's row (mean training losses, last learning rate)."""
+        cfg, acc, state = self.config, self.accelerator, loop.state
+        # The data order depends only on (seed, epoch). Accelerate's loader re-applies its own epoch counter
+        # to the sampler at every pass, so it is the loader's counter that must be set (resume-safe).
+        if hasattr(loop.train_loader, "set_epoch"):
+            loop.train_loader.set_epoch(state.epoch)
+        if loop.sampler is not None and hasattr(loop.sampler, "set_epoch"):
+            loop.sampler.set_epoch(state.epoch)
+        loop.loss_module.train()
+        sums: dict[str, float] = {}
+        n_batches = 0
+        bar = progress_bar(loop.train_loader, f"epoch {state.epoch + 1}/{cfg.epochs}",
+                           enabled=self.progress and acc.is_main_process)
+        for batch in bar:
+            for name, it in loop.aux_iters.items():
+                batch[name] = next(it)
+            for objective in loop.inner.objectives:
+                objective.on_step(state.step, loop.total_steps)
+            loop.set_lr()
+            loss, terms = loop.loss_module(batch)
+            if not torch.isfinite(loss):
+                raise TransferkitError(
+                    f"the training loss became {float(loss)} at epoch {state.epoch + 1}",
+                    "lower --lr, keep --grad-clip on, or check the data for NaN/inf values",
+                )
+            loop.optimizer.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            if cfg.grad_clip > 0:
+                acc.clip_grad_norm_([p for g in loop.optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+            loop.optimizer.step()
+            state.step += 1
+            n_batches += 1
+            for key, value in (("loss", float(loss.detach())), *terms.items()):
+                sums[key] = sums.get(key, 0.0) + value
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+            for callback in callbacks:
+                callback.on_step_end(loop, batch)
+        state.epoch += 1
+        row: dict[str, Any] = {"epoch": state.epoch, "step": state.step}
+        row.update({f"train_{k}": v / max(1, n_batches) for k, v in sums.items()})
+        row["lr"] = loop.optimizer.param_groups[0]["lr"]
+        return row
 
-        def set_lr(step: int) -> None:
-            for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * factor(step) * plateau_scale
-
-        history: list[dict[str, Any]] = []
-        start_epoch, step = 0, 0
-        best_metric: float | None = None
-        best_epoch, bad_epochs = -1, 0
-        best_state: dict[str, torch.Tensor] | None = None
-        resumed_from = None
-
-        ckpt_path = self.checkpoint_dir / CHECKPOINT_NAME if self.checkpoint_dir else None
-        if ckpt_path is not None and ckpt_path.exists():
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-            acc.unwrap_model(loss_module).load_state_dict(ckpt["loss_module"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
-            best_metric, best_epoch, bad_epochs = ckpt["best_metric"], ckpt["best_epoch"], ckpt["bad_epochs"]
-            best_state, history, plateau_scale = ckpt["best_state"], ckpt["history"], ckpt["plateau_scale"]
-            _set_rng_state(ckpt["rng"])
-            resumed_from = start_epoch
-            logger.info("resuming from the checkpoint after epoch %d", start_epoch)
-        else:
-            seed_everything(cfg.seed)  # the same seed in every process
-
-        trace_file = self._open_trace()
-        aux_iters = {name: _cycle(loader) for name, loader in aux.items()}
-        inner = acc.unwrap_model(loss_module)
-        stopped_early = False
-        stop_now = start_epoch >= cfg.epochs or (cfg.early_stopping and bad_epochs >= cfg.early_stopping)
-
-        for epoch in range(start_epoch, cfg.epochs):
-            if stop_now:
-                stopped_early = True
-                break
-            epoch_start = time.perf_counter()
-            # The data order depends only on (seed, epoch). Accelerate's loader re-applies its own epoch counter
-            # to the sampler at every pass, so it is the loader's counter that must be set (resume-safe).
-            if hasattr(train_loader, "set_epoch"):
-                train_loader.set_epoch(epoch)
-            if sampler is not None and hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch)
-            loss_module.train()
-            sums: dict[str, float] = {}
-            n_batches = 0
-            bar = progress_bar(train_loader, f"epoch {epoch + 1}/{cfg.epochs}",
-                               enabled=self.progress and acc.is_main_process)
-            for batch in bar:
-                for name, it in aux_iters.items():
-                    batch[name] = next(it)
-                for objective in inner.objectives:
-                    objective.on_step(step, total_steps)
-                set_lr(step)
-                loss, terms = loss_module(batch)
-                if not torch.isfinite(loss):
-                    raise TransferkitError(
-                        f"the training loss became {float(loss)} at epoch {epoch + 1}",
-                        "lower --lr, keep --grad-clip on, or check the data for NaN/inf values",
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                acc.backward(loss)
-                if cfg.grad_clip > 0:
-                    acc.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-                optimizer.step()
-                step += 1
-                n_batches += 1
-                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-                if trace_file is not None:
-                    trace_file.write(json.dumps({
-                        "rank": acc.process_index, "epoch": epoch, "step": step,
-                        "index": batch["index"].tolist(), "params": _params_digest(inner.model),
-                    }) + "\n")
-            row: dict[str, Any] = {"epoch": epoch + 1, "step": step}
-            row.update({f"train_{k}": v / max(1, n_batches) for k, v in sums.items()})
-            row["lr"] = optimizer.param_groups[0]["lr"]
-            if val_loader is not None:
-                loss_module.eval()
-                with torch.no_grad():
-                    metrics = self.evaluate_fn(inner.model, val_loader, acc, self.forward_fn)
-                row.update({f"val_{k}": v for k, v in metrics.items()})
-            row["seconds"] = round(time.perf_counter() - epoch_start, 3)
-
-            value = row.get(f"val_{self.monitor[0]}")
-            if value is None or self._better(value, best_metric):
-                best_metric, best_epoch, bad_epochs = value, epoch + 1, 0
-                best_state = {k: v.detach().cpu().clone() for k, v in inner.state_dict().items()}
-            else:
-                bad_epochs += 1
-                if cfg.schedule == "plateau" and bad_epochs % max(1, cfg.plateau_patience) == 0:
-                    plateau_scale *= 0.5
-                    logger.info("validation %s stalled: learning rate halved", self.monitor[0])
-            history.append(row)
-            self._log_epoch(row)
-            stop_now = bool(cfg.early_stopping and bad_epochs >= cfg.early_stopping)
-            if ckpt_path is not None:
-                self._save_checkpoint(ckpt_path, {
-                    "loss_module": inner.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                    "step": step, "best_metric": best_metric, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                    "best_state": best_state, "history": history, "plateau_scale": plateau_scale,
-                    "rng": _rng_state(),
-                })
-            if self.epoch_callback is not None and acc.is_main_process:
-                self.epoch_callback(row)
-            if stop_now and epoch + 1 < cfg.epochs:
-                stopped_early = True
-                logger.info("early stopping: no validation gain for %d epochs", cfg.early_stopping)
-                break
-
-        if trace_file is not None:
-            trace_file.close()
-        if best_state is not None:
-            inner.load_state_dict(best_state)
-        acc.wait_for_everyone()
-        return TrainResult(history, best_epoch, best_metric, stopped_early, time.perf_counter() - started,
-                           resumed_from)
-
-    # --- internals ---------------------------------------------------------------------------------------
-
-    def _save_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
-        if self.accelerator.is_main_process:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, path)  # atomic: an interruption leaves the previous checkpoint intact
-        self.accelerator.wait_for_everyone()
-
-    def _open_trace(self):
-        """``TRANSFERKIT_TRACE_DIR``: per-process JSONL of batch indices and weight digests after every step."""
-        trace_dir = os.environ.get("TRANSFERKIT_TRACE_DIR")
-        if not trace_dir:
-            return None
-        Path(trace_dir).mkdir(parents=True, exist_ok=True)
-        return open(Path(trace_dir) / f"rank{self.accelerator.process_index}.jsonl", "w")  # noqa: SIM115
-
-    def _log_epoch(self, row: dict[str, Any]) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        parts = [f"epoch {row['epoch']}/{self.config.epochs}"]
-        for key in sorted(row):
-            if key.startswith(("train_", "val_")) and isinstance(row[key], float):
-                parts.append(f"{key.replace('_', ' ', 1)} {row[key]:.4f}")
-        parts.append(f"lr {row['lr']:.2e}")
-        parts.append(f"{row['seconds']:.1f} s")
-        logger.info("  ".join(parts))
+    def _validate(self, loop: TrainLoop) -> dict[str, Any]:
+        """``val_<metric>`` of ``evaluate_fn`` on the validation loader ({} without one)."""
+        if loop.val_loader is None:
+            return {}
+        loop.loss_module.eval()
+        with torch.no_grad():
+            metrics = self.evaluate_fn(loop.inner.model, loop.val_loader, self.accelerator, self.forward_fn)
+        return {f"val_{k}": v for k, v in metrics.items()}
 
 
 def clone_module(module: nn.Module) -> nn.Module:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, check_number
 
 logger = logging.getLogger(__name__)
 
@@ -62,16 +62,16 @@ def fgsm(module: Any, inputs: torch.Tensor, labels: torch.Tensor, epsilon: float
 
 def attack_accuracy(module: Any, data: Any, epsilon: float, batch_size: int = 64) -> dict[str, Any]:
     """Clean and FGSM accuracy on labelled image data, plus the first example whose prediction flips."""
-    from transferkit.backbones import move_to
     from transferkit.data.loader import make_loader
+    from transferkit.engine.placement import module_device, to_device
 
     module.eval()
-    device = next(module.parameters()).device
+    device = module_device(module)
     normalisation = input_normalisation(module.backbone)
     clean_correct = adv_correct = total = 0
     example = None
     for batch in make_loader(data, module.backbone, batch_size=batch_size, train=False):
-        inputs, labels = move_to(batch["inputs"], device), batch["labels"].to(device)
+        inputs, labels = to_device((batch["inputs"], batch["labels"]), device)
         with torch.no_grad():
             clean_probs = torch.softmax(module(inputs).logits.float(), -1)
         adversarial = fgsm(module, inputs, labels, epsilon, normalisation)
@@ -98,7 +98,7 @@ def _to_display(tensor: torch.Tensor, normalisation: tuple[torch.Tensor, torch.T
     if normalisation is not None:
         mean, std = normalisation
         x = x * std.view(-1, 1, 1) + mean.view(-1, 1, 1)
-    x = x.clamp(0, 1).numpy()
+    x = x.clamp(0, 1).cpu().numpy()
     return x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0)
 
 
@@ -145,7 +145,8 @@ def evaluate_hook(model: Any, data: Any, report: dict[str, Any], options: dict[s
     attack = options.get("attack")
     if not attack:
         return {}
-    epsilon = float(options.get("epsilon", DEFAULT_EPSILON) or DEFAULT_EPSILON)
+    value = options.get("epsilon")  # checked here, so the Python API (evaluate(..., epsilon=...)) is checked too
+    epsilon = check_number("--epsilon", DEFAULT_EPSILON if value is None else value, 0, 1, low_open=True)
     if not 0 < epsilon <= 1:
         raise TransferkitError(f"invalid --epsilon {epsilon}", "use a pixel-scale value in (0, 1], e.g. 0.03")
     if model.modality != "image":

@@ -89,17 +89,14 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-@torch.no_grad()
 def model_logits(module: Any, data: Any, batch_size: int = 64) -> np.ndarray:
     """First-task logits of a TransferModel for every item of a LabeledData."""
-    from transferkit.backbones import move_to
     from transferkit.data.loader import make_loader
+    from transferkit.engine.placement import predict_batches
 
-    module.eval()
-    device = next(module.parameters()).device
-    chunks = [module(move_to(batch["inputs"], device)).logits.float().cpu().numpy()
-              for batch in make_loader(data, module.backbone, batch_size=batch_size, train=False)]
-    return np.concatenate(chunks) if chunks else np.zeros((0, len(module.class_names)))
+    loader = make_loader(data, module.backbone, batch_size=batch_size, train=False)
+    logits = predict_batches(module, (batch["inputs"] for batch in loader), lambda x: module(x).logits.float())
+    return logits if logits is not None else np.zeros((0, len(module.class_names)))
 
 
 def run_folder_of(model_path: str | Path) -> Path:
@@ -109,8 +106,13 @@ def run_folder_of(model_path: str | Path) -> Path:
 
 
 def read_temperature(model_path: str | Path) -> float | None:
+    from transferkit.errors import check_number, read_json, reading
+
     file = run_folder_of(model_path) / CALIBRATION_FILE
-    return float(json.loads(file.read_text())["temperature"]) if file.is_file() else None
+    if not file.is_file():
+        return None
+    with reading(file, "calibration file", "delete it, or fit again with --temperature-scale"):
+        return check_number("temperature", read_json(file, "calibration file")["temperature"], 0, low_open=True)
 
 
 # --- fit extension: --temperature-scale ----------------------------------------------------------------------
@@ -132,7 +134,24 @@ class TemperatureScaling(FitExtension):
     def active(self) -> bool:
         return self.config.temperature_scale
 
+    def describe(self) -> str:
+        return "--temperature-scale"
+
+    @classmethod
+    def modes(cls) -> dict[str, dict[str, Any]]:
+        return {"temperature-scale": {"temperature_scale": True}}
+
+    def supports(self, strategy: Any, task_kind: str) -> bool | str:
+        if task_kind not in ("label", "classify"):
+            return "the temperature scales the label classifier's probabilities, and the first task does not classify"
+        return super().supports(strategy, task_kind)
+
     def metrics(self, context: Any, model: Any) -> dict[str, Any]:
+        if context.cv is not None:  # --protocol cv: fitted on the out-of-fold predictions of every labelled item
+            from transferkit.evaluation.crossfit import fit_cv_temperature
+
+            record = fit_cv_temperature(context.cv, context.splits.train.labels)
+            return self._record(context, record)
         val = context.splits.val
         keep = val.labels >= 0
         if not keep.any():
@@ -143,13 +162,17 @@ class TemperatureScaling(FitExtension):
         temperature = fit_temperature(logits, val.labels)
         before = expected_calibration_error(softmax(logits), val.labels)
         after = expected_calibration_error(softmax(logits, temperature), val.labels)
-        record = {"temperature": temperature, "fitted_on": "validation split", "n": int(len(val)),
-                  "val_ece_before": before, "val_ece_after": after}
+        return self._record(context, {"temperature": temperature, "fitted_on": "validation split", "n": int(len(val)),
+                                      "val_ece_before": before, "val_ece_after": after})
+
+    @staticmethod
+    def _record(context: Any, record: dict[str, Any]) -> dict[str, Any]:
         if context.run_dir is not None:
             (Path(context.run_dir) / CALIBRATION_FILE).write_text(json.dumps(record, indent=2))
-        logger.info("temperature %.3f fitted on %d validation items (val ECE %.4f -> %.4f)", temperature,
-                    len(val), before, after)
-        return {"temperature": temperature, "val_ece_before_temperature": before, "val_ece_after_temperature": after}
+        logger.info("temperature %.3f fitted on %d items of the %s (ECE %.4f -> %.4f)", record["temperature"],
+                    record["n"], record["fitted_on"], record["val_ece_before"], record["val_ece_after"])
+        return {"temperature": record["temperature"], "val_ece_before_temperature": record["val_ece_before"],
+                "val_ece_after_temperature": record["val_ece_after"]}
 
 
 # --- evaluation hook ---------------------------------------------------------------------------------------

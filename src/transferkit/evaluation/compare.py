@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def _fit_cell(options: dict[str, Any], log_level: int | None = None) -> dict[str
     from transferkit.api import fit
 
     if log_level is not None:  # a spawned process: log to stderr like the parent
-        from transferkit.cli.main import setup_logging
+        from transferkit.console import setup_logging
 
         setup_logging(verbose=log_level <= logging.DEBUG, quiet=log_level > logging.INFO)
     if options.get("threads"):  # for the whole cell (feature extraction and evaluation too), not only training
@@ -259,6 +259,22 @@ class CompareConfig:
         if clash:
             raise TransferkitError(f"compare sets {', '.join(clash)} itself for every cell",
                                    "remove those options (use --backbones, --strategies, --seeds, --out)")
+        if not 0 <= self.cost_ratio <= 1:
+            raise TransferkitError(f"invalid --cost-ratio {self.cost_ratio}", "pass a fraction in [0, 1], e.g. 0.5")
+        self._check_fit_options()
+
+    def _check_fit_options(self) -> None:
+        """The options every cell shares (``--batch-size``, ``--epochs``, ``--image-size``, ...) are checked before
+        the first cell runs, so that a bad value is one error instead of one failed cell per configuration."""
+        from transferkit.backbones import check_backbone_name
+        from transferkit.config import FitConfig, build
+        from transferkit.engine.trainer import TrainConfig
+
+        for backbone in self.backbones:
+            check_backbone_name(backbone)
+        shared = {k.replace("-", "_"): v for k, v in self.fit_options.items() if v is not None}
+        build(FitConfig, {**shared, "data": self.data}).validate()
+        build(TrainConfig, dict(shared)).validate()
 
 
 def run_compare(config: CompareConfig) -> dict[str, Any]:
@@ -268,8 +284,8 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     previous = out / LEADERBOARD_FILE
     if previous.is_file():
-        old = json.loads(previous.read_text())
-        if old.get("data") != config.data:
+        old = read_json(previous, "compare leaderboard", "move it away, or choose another --out folder")
+        if not isinstance(old, dict) or old.get("data") != config.data:
             raise TransferkitError(f"'{out}' holds a comparison on other data ({old.get('data')})",
                                    "choose another --out folder")
     started = time.perf_counter()
@@ -297,11 +313,14 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
             logger.warning("%s seed %d failed: %s", cell.key, cell.seed, metrics["error"])
             results.append(CellResult(cell.backbone, cell.strategy, cell.seed, "failed", str(path),
                                       message=metrics["error"]))
+            if i >= len(config.backbones) * len(config.strategies):  # every configuration has had its chance
+                refuse_if_nothing_trained(results)
             continue
         result = _result_from_metrics(cell, path, metrics, reused=False)
         results.append(result)
         logger.info("[%d/%d] %s seed %d: accuracy %.4f in %.1f s", i, len(cells), cell.key, cell.seed,
                     result.accuracy, result.train_seconds)
+    refuse_if_nothing_trained(results)
     document = summarise(results, config)
     document["wall_seconds"] = round(time.perf_counter() - started, 1)
     previous.write_text(json.dumps(document, indent=2, default=str))
@@ -309,6 +328,20 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
 
     write_report(out)
     return document
+
+
+def refuse_if_nothing_trained(results: list[CellResult]) -> None:
+    """A comparison in which no cell finished has no result: an error (exit 2), not a report of failures."""
+    if any(r.status == "done" for r in results):
+        return
+    failed = [r for r in results if r.status == "failed"]
+    if not failed:
+        return
+    first = failed[0]
+    problem, fix = first.message.rsplit(". ", 1) if ". " in first.message else (first.message, "")
+    raise TransferkitError(f"no cell of the comparison trained ({len(failed)} failed; {first.backbone} / "
+                           f"{first.strategy} seed {first.seed}: {problem})",
+                           fix or "fix that problem and run compare again (finished cells are reused)")
 
 
 def summarise(results: list[CellResult], config: CompareConfig) -> dict[str, Any]:
@@ -336,7 +369,7 @@ def summarise(results: list[CellResult], config: CompareConfig) -> dict[str, Any
 
 def format_leaderboard(document: dict[str, Any]) -> str:
     """The leaderboard, recommendation and paired test as text."""
-    from transferkit.cli.options import format_table
+    from transferkit.console import format_table
 
     table = []
     for r in document["leaderboard"]:

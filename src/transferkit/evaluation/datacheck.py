@@ -63,8 +63,10 @@ def check_data(splits: Any, *, backbone: str | Any | None = None, threshold: flo
 
     ``backbone``: a registry name, a built Backbone, or None (the modality's default); ``embed`` overrides it.
     """
+    from transferkit.errors import check_number
     from transferkit.evaluation.transferability import labelled_pool
 
+    check_number("--threshold", threshold, 0, 1, low_open=True)  # cosine similarity: above 1 nothing is found
     result: dict[str, Any] = {"balance": {}, "warnings": []}
     parts = {"train": splits.train, "val": splits.val, **({"test": splits.test} if splits.test is not None else {})}
     for name, part in parts.items():
@@ -152,12 +154,20 @@ class DataCheck(FitExtension):
     def active(self) -> bool:
         return self.config.check_data
 
-    def configure(self, context: Any, model: Any, fit: Any) -> None:
+    def describe(self) -> str:
+        return "--check-data"
+
+    @classmethod
+    def modes(cls) -> dict[str, dict[str, Any]]:
+        return {"check-data": {"check_data": True}}
+
+    def configure(self, context: Any, model: Any, fit: Any) -> Any:
         self._result = check_data(context.splits, backbone=model.backbone, cache_dir=context.cache_dir,
                                   progress=context.progress)
         context.notes.extend(f"data check: {w}" for w in self._result["warnings"])
         for warning in self._result["warnings"]:
             logger.warning("data check: %s", warning)
+        return context
 
     def metrics(self, context: Any, model: Any) -> dict[str, Any]:
         return {"data_check": getattr(self, "_result", None)}

@@ -21,8 +21,13 @@ HOOK_MODULES = [
 ]
 
 
-def hook_modules() -> list[ModuleType]:
-    return import_registering_modules(HOOK_MODULES)
+def hook_modules(names: list[str] | None = None) -> list[ModuleType]:
+    """The hook modules, in order; a module listed twice is an error (its entries would be added twice)."""
+    names = HOOK_MODULES if names is None else names
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"evaluation hook {twice[0]} is registered twice")
+    return import_registering_modules(names)
 
 
 def add_hook_arguments(parser: Any) -> None:

@@ -1,4 +1,9 @@
-"""Classification metrics as fractions in [0, 1]: accuracy, macro-F1, top-k, confusion matrix, per class."""
+"""Classification metrics as fractions in [0, 1]: accuracy, macro-F1, top-k, confusion matrix, per class.
+
+Every number is scikit-learn's (``sklearn.metrics``), so a report here agrees with one computed there:
+macro-F1 is ``f1_score(average="macro", zero_division=0)`` over the classes present in the truth *or* the
+predictions (scikit-learn's default labels), so a prediction of a class absent from the truth counts as an F1 of 0.
+"""
 
 from __future__ import annotations
 
@@ -7,46 +12,43 @@ from typing import Any
 import numpy as np
 
 
-def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
-    """``C[i, j]`` = number of items of true class i predicted as j."""
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(matrix, (labels, predictions), 1)
-    return matrix
-
-
 def top_k_accuracy(labels: np.ndarray, probabilities: np.ndarray, k: int) -> float:
-    """Fraction of items whose true class is among the k highest scores."""
-    k = min(k, probabilities.shape[1])
-    top = np.argsort(-probabilities, axis=1)[:, :k]
-    return float((top == labels[:, None]).any(axis=1).mean()) if len(labels) else 0.0
+    """Fraction of items whose true class is among the k highest scores (``top_k_accuracy_score``)."""
+    from sklearn.metrics import top_k_accuracy_score
 
-
-def per_class_scores(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Precision, recall, F1 and support per class (0 where undefined, as scikit-learn's zero_division=0)."""
-    tp = np.diag(matrix).astype(float)
-    predicted = matrix.sum(axis=0).astype(float)
-    support = matrix.sum(axis=1).astype(float)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-    return precision, recall, f1, support
+    if not len(labels):
+        return 0.0
+    num_classes = probabilities.shape[1]
+    if k >= num_classes:
+        return 1.0
+    return float(top_k_accuracy_score(labels, probabilities, k=k, labels=np.arange(num_classes)))
 
 
 def classification_report(labels: np.ndarray, probabilities: np.ndarray, class_names: list[str]) -> dict[str, Any]:
-    """All metrics of one evaluation. Macro-F1 averages over the classes present in ``labels``."""
+    """All metrics of one evaluation: scikit-learn's accuracy, macro-F1 (default labels: those in the truth or
+    the predictions), top-5 (more than 5 classes), confusion matrix and per-class precision / recall / F1 over
+    every class of ``class_names`` (0 where undefined)."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
     labels = np.asarray(labels, dtype=np.int64)
     probabilities = np.asarray(probabilities, dtype=np.float64)
     num_classes = len(class_names)
+    every = np.arange(num_classes)
     predictions = probabilities.argmax(axis=1)
-    matrix = confusion_matrix(labels, predictions, num_classes)
-    precision, recall, f1, support = per_class_scores(matrix)
-    present = support > 0
-    report: dict[str, Any] = {
-        "n": int(len(labels)),
-        "accuracy": float((predictions == labels).mean()) if len(labels) else 0.0,
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-    }
+    if len(labels):
+        matrix = confusion_matrix(labels, predictions, labels=every)
+        precision, recall, f1, support = precision_recall_fscore_support(labels, predictions, labels=every,
+                                                                         zero_division=0)
+        accuracy = float(np.trace(matrix) / len(labels))
+        # f1_score(average="macro")'s default labels: the classes present in the truth or the predictions
+        seen = (matrix.sum(axis=0) + matrix.sum(axis=1)) > 0
+        macro_f1 = float(f1[seen].mean())
+    else:
+        matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+        precision = recall = f1 = np.zeros(num_classes)
+        support = np.zeros(num_classes, dtype=np.int64)
+        accuracy = macro_f1 = 0.0
+    report: dict[str, Any] = {"n": int(len(labels)), "accuracy": accuracy, "macro_f1": macro_f1}
     if num_classes > 5:
         report["top5_accuracy"] = top_k_accuracy(labels, probabilities, 5)
     report["labels"] = list(class_names)

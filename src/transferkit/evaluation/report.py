@@ -184,7 +184,7 @@ def first_layer_filters_figure(module: Any) -> Any | None:
     if conv is None:
         return None
     plt = _pyplot()
-    weights = conv.weight.detach().cpu().float().numpy()[:32]
+    weights = conv.weight.detach().float().cpu().numpy()[:32]
     cols = 8
     rows = int(np.ceil(len(weights) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.9, rows * 0.9), squeeze=False)
@@ -243,18 +243,15 @@ def evaluation_data(metrics: dict[str, Any]) -> Any:
 def _predict_with_features(module: Any, data: Any) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
-    from transferkit.backbones import move_to
     from transferkit.data.loader import make_loader
+    from transferkit.engine.placement import predict_batches
 
-    module.eval()
-    device = next(module.parameters()).device
-    probs, feats = [], []
-    with torch.no_grad():
-        for batch in make_loader(data, module.backbone, batch_size=64, train=False):
-            output = module(move_to(batch["inputs"], device))
-            probs.append(torch.softmax(output.logits.float(), -1).cpu().numpy())
-            feats.append(output.features.float().cpu().numpy())
-    return np.concatenate(probs), np.concatenate(feats)
+    def probabilities_and_features(inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        output = module(inputs)
+        return torch.softmax(output.logits.float(), -1), output.features.float()
+
+    loader = make_loader(data, module.backbone, batch_size=64, train=False)
+    return predict_batches(module, (batch["inputs"] for batch in loader), probabilities_and_features)
 
 
 def _examples_html(data: Any, probabilities: np.ndarray, class_names: list[str]) -> str:
@@ -320,6 +317,7 @@ def run_sections(run_dir: Path, with_examples: bool = True) -> list[str]:
         parts.append(f"<p class='note'>data: {html.escape(json.dumps(sizes))}</p>")
     for note in metrics.get("notes", []):
         parts.append(f"<p class='note'>{html.escape(str(note))}</p>")
+    parts += auto_sections(run_dir)
     curves = learning_curves_figure(history)
     parts.append("<h2>Learning curves</h2>")
     parts.append(_img(figure_to_data_uri(curves), "learning curves") if curves else
@@ -332,10 +330,16 @@ def run_sections(run_dir: Path, with_examples: bool = True) -> list[str]:
                   _img(figure_to_data_uri(per_class_figure(evaluation["per_class"])), "per-class accuracy")]
     if language_model or not with_examples or not (run_dir / "model").is_dir():  # an LM has no classes to show
         return parts
+    if run_dir.joinpath("leaderboard.json").is_file() and not metrics.get("dataset_sizes", {}).get("test (not used)"):
+        parts.append("<p class='note'>Examples, calibration and t-SNE are left out: every labelled item trained the "
+                     "final model (the scores above are out-of-fold); run `transferkit evaluate` on held-out data."
+                     "</p>")
+        return parts
     try:
-        from transferkit.model import load_model
+        from transferkit.api import EnsembleModel, load
 
-        module, _ = load_model(run_dir)
+        loaded = load(run_dir)
+        module = loaded.module
         data = evaluation_data(metrics)
     except (TransferkitError, OSError, KeyError) as exc:
         parts.append(f"<p class='note'>Examples, calibration and t-SNE are left out: the model or its data could "
@@ -343,19 +347,42 @@ def run_sections(run_dir: Path, with_examples: bool = True) -> list[str]:
         return parts
     if len(data) > MAX_EXAMPLE_ITEMS:
         data = data.subset(np.sort(np.random.default_rng(0).choice(len(data), MAX_EXAMPLE_ITEMS, replace=False)))
-    probabilities, features = _predict_with_features(module, data)
+    if isinstance(loaded, EnsembleModel) or loaded.config.get("tta"):  # several networks / views: no one feature space
+        probabilities, features = loaded.predict_proba_data(data), None
+    else:
+        probabilities, features = _predict_with_features(module, data)
     class_names = list(module.class_names)
     diagram = reliability_diagram(probabilities, data.labels)
     sampled = f" ({len(data)} sampled test items)" if len(data) == MAX_EXAMPLE_ITEMS else ""
     parts += [f"<h2>Calibration{sampled}</h2>", _img(figure_to_data_uri(reliability_figure(diagram)), "reliability"),
               f"<h2>Most confidently wrong examples{sampled}</h2>", _examples_html(data, probabilities, class_names)]
-    tsne = tsne_figure(features, data.labels, class_names)
+    tsne = tsne_figure(features, data.labels, class_names) if features is not None else None
     if tsne is not None:
         parts += [f"<h2>Feature t-SNE{sampled}</h2>", _img(figure_to_data_uri(tsne), "feature t-SNE")]
     filters = first_layer_filters_figure(module.backbone)
     if filters is not None:
         parts += ["<h2>First-layer filters</h2>", _img(figure_to_data_uri(filters), "first-layer filters")]
     return parts
+
+
+def auto_sections(run_dir: Path) -> list[str]:
+    """The leaderboard of a ``transferkit auto`` run folder (nothing for other runs)."""
+    from transferkit.search.auto_search import LEADERBOARD_JSON
+
+    path = run_dir / LEADERBOARD_JSON
+    if not path.is_file():
+        return []
+    document = json.loads(path.read_text())
+    rows = document.get("leaderboard", [])
+    if not rows or "cv_mean" not in rows[0]:
+        return []
+    table = [{"rank": r["rank"], "candidate": r["name"],
+              "CV accuracy": r["cv_mean"] if r["cv_mean"] is not None else "-",
+              "sd": r["cv_sd"] if r["cv_sd"] is not None else "-", "status": r["status"],
+              "seconds": r.get("seconds") if r.get("seconds") is not None else "-",
+              "ensemble weight": r.get("ensemble_weight") or ""} for r in rows]
+    return [f"<h2>Leaderboard ({document.get('k')}-fold cross-validation, seed {document.get('seed')})</h2>",
+            _table(table)]
 
 
 def compare_sections(folder: Path) -> list[str]:
@@ -410,7 +437,7 @@ def write_report(folder: str | Path, output: str | Path | None = None) -> Path:
     from transferkit.evaluation.compare import LEADERBOARD_FILE
 
     folder = Path(folder)
-    if (folder / LEADERBOARD_FILE).is_file():
+    if (folder / LEADERBOARD_FILE).is_file() and not (folder / "metrics.json").is_file():
         html_text = render_html(f"transferkit comparison: {folder.name}", compare_sections(folder))
     elif (folder / "metrics.json").is_file():
         html_text = render_html(f"transferkit run: {folder.name}", run_sections(folder))

@@ -203,12 +203,13 @@ def source_probabilities(backbone: Any, features: np.ndarray) -> np.ndarray | No
     """Softmax of the backbone's pretrained classifier on its pooled features (None without such a head)."""
     import torch
 
+    from transferkit.engine.placement import predict_batches
+    from transferkit.evaluation.calibration import softmax
+
     head = backbone.pretrained_head()
     if head is None:
         return None
-    with torch.no_grad():
-        logits = head.to("cpu")(torch.as_tensor(features, dtype=torch.float32))
-    return torch.softmax(logits.double(), dim=-1).numpy()
+    return softmax(predict_batches(head, [torch.as_tensor(features, dtype=torch.float32)], head))
 
 
 def labelled_pool(splits: Any) -> Any:

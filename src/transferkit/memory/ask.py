@@ -23,8 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from transferkit.engine.placement import inference, to_device
 from transferkit.errors import TransferkitError
 from transferkit.memory.index import SearchHit, VectorIndex, embed
+from transferkit.memory.retrieval import RetrievalConfig
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +138,6 @@ def passage_number_tokens(tokenizer: Any, count: int) -> list[int]:
     return [i[0] for i in ids]
 
 
-@torch.no_grad()
 def generate_cited(lm: Any, prompt: str, count: int, max_new_tokens: int = 64) -> tuple[int, str]:
     """Greedy answer after the pre-filled ``According to passage [``, whose first generated token is
     restricted to the numbers ``1..count``. Returns ``(n, full answer text)``."""
@@ -144,22 +145,16 @@ def generate_cited(lm: Any, prompt: str, count: int, max_new_tokens: int = 64) -
     allowed = passage_number_tokens(tokenizer, count)
     text = chat_prefix(lm, prompt) + CITATION_PREFIX
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    device = next(model.parameters()).device
-    inputs = {k: inputs[k].to(device) for k in ("input_ids", "attention_mask")}
     start = inputs["input_ids"].shape[1]
     everything = list(range(len(tokenizer)))
 
     def allowed_tokens(batch_id: int, ids: torch.Tensor) -> list[int]:
         return allowed if ids.shape[-1] == start else everything
 
-    was_training = model.training
-    model.eval()
-    try:
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                prefix_allowed_tokens_fn=allowed_tokens,
+    with inference(model) as device:
+        output = model.generate(**to_device({k: inputs[k] for k in ("input_ids", "attention_mask")}, device),
+                                max_new_tokens=max_new_tokens, do_sample=False, prefix_allowed_tokens_fn=allowed_tokens,
                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    finally:
-        model.train(was_training)
     new_tokens = output[0, start:].tolist()
     number = allowed.index(new_tokens[0]) + 1
     return number, CITATION_PREFIX + tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
@@ -177,13 +172,15 @@ def generated_answer(lm: Any, question: str, hits: list[SearchHit], max_new_toke
 
 
 def ask(index: VectorIndex, question: str, k: int = 3, mode: str = "generate", lm: Any = None,
-        lm_name: str = "smollm2-135m", max_new_tokens: int = 64) -> Answer:
-    """Retrieve ``k`` chunks for ``question`` and answer from them (see the module docstring for the modes)."""
+        lm_name: str = "smollm2-135m", max_new_tokens: int = 64,
+        retrieval: RetrievalConfig | str | None = None) -> Answer:
+    """Retrieve ``k`` chunks for ``question`` (``retrieval``: dense / lexical / hybrid, see
+    :meth:`VectorIndex.search`) and answer from them (see the module docstring for the modes)."""
     if mode not in ASK_MODES:
         raise TransferkitError(f"unknown ask mode '{mode}'", f"choose one of {', '.join(ASK_MODES)}")
     if index.meta.modality != "text":
         raise TransferkitError("`ask` needs a text index", "build one with `transferkit index build --docs ...`")
-    hits = index.search([question], k)[0]
+    hits = index.search([question], k, retrieval=retrieval)[0]
     if not hits:
         raise TransferkitError("the index is empty", "add documents with `transferkit index add`")
     if mode == "extractive":

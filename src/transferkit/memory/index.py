@@ -9,35 +9,47 @@ Vectors are L2-normalised embeddings, so the inner product is the cosine similar
   nearest cells scanned per query (trained on the first vectors added).
 
 Every vector has a stable integer id (``IndexIDMap2`` / IVF ids) pointing to a record (source, text, offsets),
-so documents can be added and removed incrementally. A folder holds ``index.faiss``, ``records.jsonl`` and
-``meta.json`` (encoder spec + preprocessing signature, kind, dimension, chunking). A query must be embedded by
-the same encoder with the same preprocessing as the index, else the scores mean nothing: this is checked.
+so documents can be added and removed incrementally. A version of the index holds ``index.faiss``,
+``records.jsonl``, ``meta.json`` (encoder spec + preprocessing signature, kind, dimension, chunking) and, for
+text, ``lexical/`` (BM25 over the same chunks, :mod:`transferkit.memory.lexical`); :mod:`transferkit.memory.storage`
+commits versions atomically under a writer lock. A query must be embedded by the same encoder with the same
+preprocessing as the index, else the scores mean nothing: this is checked. Search is dense, lexical or hybrid
+(:mod:`transferkit.memory.retrieval`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from transferkit.backbones import Backbone, BackboneSpec, backbone_from_spec, create_backbone, move_to
+from transferkit.backbones import Backbone, BackboneSpec, backbone_from_spec, create_backbone
+from transferkit.engine.placement import predict_batches
 from transferkit.errors import TransferkitError
+from transferkit.memory import storage
 from transferkit.memory.chunking import Chunk, Document, check_chunking, chunk_document, read_documents
+from transferkit.memory.lexical import CONFIG_FILE, IDS_FILE, LexicalIndex
+from transferkit.memory.lexical import FOLDER as LEXICAL_FOLDER
+from transferkit.memory.retrieval import RetrievalConfig, fuse, ranking, rerank_scores
 from transferkit.progress import progress as progress_bar
+from transferkit.rundir import OutputFolder
 
 logger = logging.getLogger(__name__)
 
 INDEX_KINDS = ("flat", "hnsw", "ivf")
 INDEX_FORMAT = "transferkit-index"
 INDEX_VERSION = 1
-_FILES = ("index.faiss", "records.jsonl", "meta.json")
+_FILES = storage.FLAT_FILES  # index.faiss, records.jsonl, meta.json
+_SETUP_FIELDS = ("encoder", "preprocess_signature", "modality", "dim", "chunk_size", "chunk_overlap", "chunk_unit")
 
 
 @dataclass
@@ -74,30 +86,29 @@ class SearchHit:
     end: int | None
     id: int = -1
     record: int = 0
+    ranks: dict[str, int | None] | None = None  # per retrieval ("dense", "lexical", "rerank"); None = dense only
+    scores: dict[str, float | None] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The ``search --json`` fields."""
+        """The ``search --json`` fields: ``score`` is the score the hits are ordered by (cosine similarity, BM25,
+        fused or re-ranker score), ``ranks`` / ``scores`` those of each retrieval (null: not among its candidates)."""
+        ranks = self.ranks if self.ranks is not None else {"dense": self.rank}
+        scores = self.scores if self.scores is not None else {"dense": self.score}
         return {"rank": self.rank, "score": round(self.score, 6), "source": self.source, "text": self.text,
-                "start": self.start, "end": self.end}
+                "start": self.start, "end": self.end, "ranks": ranks,
+                "scores": {k: None if v is None else round(v, 6) for k, v in scores.items()}}
 
 
 # --- embedding --------------------------------------------------------------------------------------------
-@torch.no_grad()
 def embed(backbone: Backbone, items: Sequence[Any], batch_size: int = 32, progress: bool = False) -> np.ndarray:
-    """L2-normalised float32 embeddings ``(len(items), dim)`` in eval mode (any backbone, any modality)."""
-    device = next(backbone.parameters()).device
-    was_training = backbone.training
-    backbone.eval()
-    chunks: list[np.ndarray] = []
-    try:
-        starts = range(0, len(items), batch_size)
-        for start in progress_bar(starts, "embedding", enabled=progress and len(items) > batch_size):
-            batch = backbone.collate([backbone.preprocess(x, train=False) for x in items[start:start + batch_size]])
-            features = backbone.forward_features(move_to(batch, device)).float()
-            chunks.append(torch.nn.functional.normalize(features, dim=-1).cpu().numpy())
-    finally:
-        backbone.train(was_training)
-    return np.concatenate(chunks) if chunks else np.zeros((0, backbone.feature_dim), np.float32)
+    """L2-normalised float32 embeddings ``(len(items), dim)`` in eval mode (any backbone, any modality), computed
+    where the backbone is placed."""
+    starts = range(0, len(items), batch_size)
+    batches = (backbone.collate([backbone.preprocess(x, train=False) for x in items[start:start + batch_size]])
+               for start in progress_bar(starts, "embedding", enabled=progress and len(items) > batch_size))
+    vectors = predict_batches(backbone, batches, lambda batch: torch.nn.functional.normalize(
+        backbone.forward_features(batch).float(), dim=-1))
+    return vectors if vectors is not None else np.zeros((0, backbone.feature_dim), np.float32)
 
 
 def encoder_identity(backbone: Backbone) -> str:
@@ -109,12 +120,14 @@ class VectorIndex:
     """FAISS vectors + records keyed by id. Build with :meth:`create`, reopen with :meth:`load`."""
 
     def __init__(self, meta: IndexMeta, faiss_index: Any, records: dict[int, dict[str, Any]],
-                 folder: Path | None = None) -> None:
+                 folder: Path | None = None, lexical: LexicalIndex | None = None) -> None:
         self.meta = meta
         self.faiss_index = faiss_index
         self.records = records
         self.folder = folder
         self._encoder: Backbone | None = None
+        self._lexical = lexical  # None: (re)built from the records on first use
+        self._lexical_stored = lexical is not None
 
     # construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -134,48 +147,76 @@ class VectorIndex:
 
     @classmethod
     def load(cls, folder: str | Path) -> VectorIndex:
-        import faiss
-
+        """The index's current version (a consistent snapshot, even while a writer commits a new one). Damaged
+        files (truncated, edited, inconsistent with each other) raise a TransferkitError naming the file."""
         folder = Path(folder)
-        missing = [f for f in _FILES if not (folder / f).is_file()]
-        if missing:
-            raise TransferkitError(f"'{folder}' is not a transferkit index (no {missing[0]})",
+        if not folder.is_dir():
+            raise TransferkitError(f"'{folder}' is not a transferkit index (no such folder)",
                                    "build one with `transferkit index build --docs ... --out FOLDER`")
-        raw = json.loads((folder / "meta.json").read_text())
-        if raw.get("format") != INDEX_FORMAT or raw.get("format_version", 0) > INDEX_VERSION:
-            raise TransferkitError(f"'{folder}/meta.json' is not a readable transferkit index",
-                                   "rebuild the index with this version of transferkit")
-        meta = IndexMeta(**raw)
-        records = {}
-        with open(folder / "records.jsonl", encoding="utf-8") as fh:
-            for line in fh:
-                row = json.loads(line)
-                records[int(row.pop("id"))] = row
-        index = cls(meta, faiss.read_index(str(folder / "index.faiss")), records, folder)
-        if index.faiss_index.ntotal != len(records):
-            raise TransferkitError(f"'{folder}' is inconsistent ({index.faiss_index.ntotal} vectors, "
-                                   f"{len(records)} records)", "rebuild the index")
-        _apply_search_params(index.faiss_index, meta)
+        index = storage.read_consistent(folder, _read_version)
+        index.folder = folder
         return index
 
-    def save(self, folder: str | Path | None = None) -> Path:
-        """Write the three files (each to a temporary name, then renamed) and return the folder."""
-        import faiss
+    @classmethod
+    @contextlib.contextmanager
+    def updating(cls, folder: str | Path, lock_timeout: float = storage.DEFAULT_LOCK_TIMEOUT) -> Iterator[VectorIndex]:
+        """Load-modify-save under the folder's writer lock: ``with VectorIndex.updating(f) as index: ...``
+        commits the changes when the block ends without an exception (and nothing otherwise)."""
+        with storage.writer(folder, lock_timeout):
+            index = cls.load(folder)
+            yield index
+            index.save(folder)
 
+    def save(self, folder: str | Path | None = None, lock_timeout: float = storage.DEFAULT_LOCK_TIMEOUT) -> Path:
+        """Commit every file (vectors, records, metadata, lexical side) as a new version of ``folder`` (atomic,
+        under the writer lock) and return the folder. Nothing of a folder that is not an index is replaced."""
         target = Path(folder) if folder is not None else self.folder
         if target is None:
             raise ValueError("no folder to save the index to")
+        clashing = storage.clashing_names(target)
+        if clashing:
+            raise TransferkitError(f"'{target}' is not an index but holds '{clashing[0]}'",
+                                   "save the index to a new or empty folder")
         target.mkdir(parents=True, exist_ok=True)
-        tmp = {name: target / f".{name}.{os.getpid()}.tmp" for name in _FILES}
-        faiss.write_index(self.faiss_index, str(tmp["index.faiss"]))
-        with open(tmp["records.jsonl"], "w", encoding="utf-8") as fh:
+        lexical = self.lexical if self.meta.modality == "text" else None
+        with storage.WriterLock(target, lock_timeout):
+            storage.commit(target, lambda version: self._write_files(version, lexical))
+        self.folder = target
+        self._lexical_stored = lexical is not None
+        return target
+
+    def _write_files(self, version: Path, lexical: LexicalIndex | None) -> None:
+        import faiss
+
+        with open(version / "index.faiss", "wb") as fh:  # Python writes: a full disk is an OSError naming the file
+            fh.write(faiss.serialize_index(self.faiss_index).tobytes())
+        with open(version / "records.jsonl", "w", encoding="utf-8") as fh:
             for record_id in sorted(self.records):
                 fh.write(json.dumps({"id": record_id, **self.records[record_id]}, ensure_ascii=False) + "\n")
-        tmp["meta.json"].write_text(json.dumps(asdict(self.meta), indent=2))
-        for name in _FILES:  # meta.json last: it marks a complete index
-            os.replace(tmp[name], target / name)
-        self.folder = target
-        return target
+        with open(version / "meta.json", "w", encoding="utf-8") as fh:
+            json.dump(asdict(self.meta), fh, indent=2)
+        if lexical is not None:
+            lexical.save(version)
+
+    def same_setup(self, other: VectorIndex) -> bool:
+        """Same encoder, preprocessing, modality, dimension and chunking (vectors of one fit the other)."""
+        return all(getattr(self.meta, name) == getattr(other.meta, name) for name in _SETUP_FIELDS)
+
+    # lexical side ---------------------------------------------------------------------------------------------
+    @property
+    def lexical(self) -> LexicalIndex:
+        """BM25 over the chunk texts, in step with the vectors (rebuilt from the records after a change)."""
+        if self.meta.modality != "text":
+            raise TransferkitError("lexical and hybrid retrieval need a text index",
+                                   "search an image index with --retrieval dense")
+        if self._lexical is None:
+            start = time.perf_counter()
+            self._lexical = LexicalIndex.build(self.records)
+            if self.folder is not None and not self._lexical_stored:
+                logger.info("index '%s' has no lexical side yet (written before hybrid retrieval): built BM25 over "
+                            "its %d chunks in %.1f s; the next `index add` / `index remove` stores it", self.folder,
+                            len(self.records), time.perf_counter() - start)
+        return self._lexical
 
     # encoder ----------------------------------------------------------------------------------------------
     @property
@@ -217,6 +258,7 @@ class VectorIndex:
         self.faiss_index.add_with_ids(vectors, ids)
         self.records.update({int(i): r for i, r in zip(ids, records)})
         self.meta.next_id += len(vectors)
+        self._lexical = None
         return ids
 
     def _train_ivf(self, vectors: np.ndarray) -> None:
@@ -247,6 +289,7 @@ class VectorIndex:
             self.faiss_index.remove_ids(faiss.IDSelectorArray(ids))
         for i in ids:
             del self.records[int(i)]
+        self._lexical = None
         return len(ids)
 
     def remove_sources(self, sources: Sequence[str]) -> int:
@@ -292,11 +335,54 @@ class VectorIndex:
             results.append(hits)
         return results
 
-    def search(self, queries: Sequence[Any], k: int = 5, encoder: Backbone | None = None) -> list[list[SearchHit]]:
-        """Embed ``queries`` (texts, or PIL images for an image index) with the index's encoder and search."""
+    def search(self, queries: Sequence[Any], k: int = 5, encoder: Backbone | None = None,
+               retrieval: RetrievalConfig | str | None = None) -> list[list[SearchHit]]:
+        """The ``k`` best chunks (or images) for each query: ``dense`` embeds the queries (texts, or PIL images
+        for an image index) with the index's encoder, ``lexical`` scores chunks by BM25, ``hybrid`` fuses both
+        (:mod:`transferkit.memory.retrieval`); a ``RetrievalConfig`` also chooses the fusion and a re-ranker.
+        ``None``: the default retrieval for the index's modality."""
+        config = RetrievalConfig(retrieval) if isinstance(retrieval, str) or retrieval is None else retrieval
+        config = config.resolved(self.meta.modality)
+        config.check()
+        if k < 1:
+            raise TransferkitError(f"invalid -k {k}", "use a whole number of at least 1")
         if encoder is not None:
             self.check_encoder(encoder)
-        return self.search_vectors(embed(self.encoder, list(queries)), k)
+        if config.retrieval == "dense" and config.rerank is None:
+            return self.search_vectors(embed(self.encoder, list(queries)), k)
+        if self.meta.modality != "text":
+            raise TransferkitError(f"{config.retrieval} retrieval and re-ranking need a text index",
+                                   "search an image index with --retrieval dense and no --rerank")
+        depth = max(k, config.depth)
+        rankings: list[dict[str, dict[int, tuple[int, float]]]] = [{} for _ in queries]
+        if config.retrieval in ("dense", "hybrid"):
+            for row, scores, ids in zip(rankings, *self.search_ids(embed(self.encoder, list(queries)), depth)):
+                row["dense"] = ranking(scores, ids)
+        if config.retrieval in ("lexical", "hybrid"):
+            for row, scores, ids in zip(rankings, *self.lexical.search(list(queries), depth)):
+                row["lexical"] = ranking(scores, ids)
+        return [self._ranked_hits(query, row, k, config) for query, row in zip(queries, rankings)]
+
+    def _ranked_hits(self, query: str, rankings: dict[str, dict[int, tuple[int, float]]], k: int,
+                     config: RetrievalConfig) -> list[SearchHit]:
+        """Fuse (hybrid) or take the one ranking, optionally re-rank, and keep the first ``k`` as hits."""
+        if config.retrieval == "hybrid":
+            order = fuse(rankings, config)
+        else:
+            order = [(i, score) for i, (_, score) in rankings[config.retrieval].items()]
+        if config.rerank is not None:
+            candidates = order[:config.depth]
+            scores = rerank_scores(config.rerank, query, [self.records[i].get("text", "") for i, _ in candidates])
+            order = [(candidates[j][0], float(scores[j])) for j in np.argsort(-scores, kind="stable")]
+            rankings = {**rankings, "rerank": {i: (r, s) for r, (i, s) in enumerate(order, 1)}}
+        hits = []
+        for rank, (record_id, score) in enumerate(order[:k], 1):
+            r = self.records[record_id]
+            found = {name: ranked.get(record_id, (None, None)) for name, ranked in rankings.items()}
+            hits.append(SearchHit(rank, float(score), r["source"], r.get("text", ""), r.get("start"), r.get("end"),
+                                  record_id, r.get("record", 0), ranks={n: v[0] for n, v in found.items()},
+                                  scores={n: v[1] for n, v in found.items()}))
+        return hits
 
     # documents and images -----------------------------------------------------------------------------------
     def chunks_of(self, documents: Sequence[Document]) -> list[Chunk]:
@@ -304,37 +390,141 @@ class VectorIndex:
         return [c for d in documents for c in chunk_document(d, self.meta.chunk_size, self.meta.chunk_overlap,
                                                              self.meta.chunk_unit, tokenizer)]
 
-    def add_documents(self, documents: Sequence[Document], batch_size: int = 32, progress: bool = True) -> int:
-        """Chunk, embed and add documents; a source already in the index is replaced. Returns chunks added."""
+    def embed_documents(self, documents: Sequence[Document], batch_size: int = 32,
+                        progress: bool = True) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
+        """``(sources, vectors, records)`` of the documents' chunks, not yet added (see :meth:`replace_sources`)."""
         if self.meta.modality != "text":
             raise TransferkitError("this index holds images", "add images with --images, or build a text index")
-        replaced = sorted({d.source for d in documents} & set(self.sources()))
-        if replaced:
-            logger.info("replacing %d sources already in the index", len(replaced))
-            self.remove_sources(replaced)
         chunks = self.chunks_of(documents)
         vectors = embed(self.encoder, [c.text for c in chunks], batch_size, progress)
-        self.add_vectors(vectors, [c.to_dict() for c in chunks])
-        return len(chunks)
+        return sorted({d.source for d in documents}), vectors, [c.to_dict() for c in chunks]
 
-    def add_images(self, paths: Sequence[Path], root: Path, batch_size: int = 32, progress: bool = True) -> int:
-        """Embed and add image files (``source`` relative to ``root``); a source already present is replaced."""
+    def embed_images(self, paths: Sequence[Path], root: Path, batch_size: int = 32,
+                     progress: bool = True) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
+        """``(sources, vectors, records)`` of image files (``source`` relative to ``root``), not yet added."""
         from transferkit.data.images import open_image
 
         if self.meta.modality != "image":
             raise TransferkitError("this index holds text", "add documents with --docs, or build an image index")
         sources = [p.relative_to(root).as_posix() if p != root else p.name for p in paths]
+        vectors = [np.zeros((0, self.meta.dim), np.float32)]
+        for start in range(0, len(paths), 256):  # bounded memory: decode 256 images at a time
+            vectors.append(embed(self.encoder, [open_image(p) for p in paths[start:start + 256]], batch_size,
+                                 progress))
+        records = [{"source": s, "text": "", "start": None, "end": None} for s in sources]
+        return sources, np.concatenate(vectors), records
+
+    def replace_sources(self, sources: Sequence[str], vectors: np.ndarray, records: list[dict[str, Any]]) -> int:
+        """Remove what the index holds of ``sources``, then add ``vectors`` / ``records``. Returns vectors added."""
         replaced = sorted(set(sources) & set(self.sources()))
         if replaced:
+            logger.info("replacing %d sources already in the index", len(replaced))
             self.remove_sources(replaced)
-        added = 0
-        for start in range(0, len(paths), 256):  # bounded memory: decode 256 images at a time
-            batch_paths = paths[start:start + 256]
-            vectors = embed(self.encoder, [open_image(p) for p in batch_paths], batch_size, progress)
-            records = [{"source": s, "text": "", "start": None, "end": None}
-                       for s in sources[start:start + 256]]
-            added += len(self.add_vectors(vectors, records))
-        return added
+        return len(self.add_vectors(vectors, records))
+
+    def add_documents(self, documents: Sequence[Document], batch_size: int = 32, progress: bool = True) -> int:
+        """Chunk, embed and add documents; a source already in the index is replaced. Returns chunks added."""
+        return self.replace_sources(*self.embed_documents(documents, batch_size, progress))
+
+    def add_images(self, paths: Sequence[Path], root: Path, batch_size: int = 32, progress: bool = True) -> int:
+        """Embed and add image files (``source`` relative to ``root``); a source already present is replaced."""
+        return self.replace_sources(*self.embed_images(paths, root, batch_size, progress))
+
+
+# --- reading a version ------------------------------------------------------------------------------------
+_META_TYPES = {f.name: f.type for f in fields(IndexMeta)}
+
+
+def _parse_meta(path: Path, data: bytes) -> IndexMeta:
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise storage.corrupt(path, "not valid JSON") from None
+    if not isinstance(raw, dict) or raw.get("format") != INDEX_FORMAT:
+        raise storage.corrupt(path, "not a transferkit index's metadata")
+    if not isinstance(raw.get("format_version"), int) or raw["format_version"] > INDEX_VERSION:
+        raise TransferkitError(f"'{path}' was written by a newer transferkit (format version "
+                               f"{raw.get('format_version')})", "upgrade transferkit to read it")
+    unknown = sorted(set(raw) - set(_META_TYPES))
+    if unknown:
+        raise storage.corrupt(path, f"unknown field '{unknown[0]}'")
+    for name, value in raw.items():
+        expected = {"int": int, "str": str}.get(_META_TYPES[name], dict)
+        if not isinstance(value, expected) or isinstance(value, bool) or (expected is int and value < 0):
+            raise storage.corrupt(path, f"field '{name}' is {value!r}")
+    try:
+        meta = IndexMeta(**raw)
+    except TypeError as error:  # a required field is missing
+        raise storage.corrupt(path, str(error).split(") ", 1)[-1]) from None
+    if (meta.kind not in INDEX_KINDS or meta.modality not in ("text", "image") or meta.dim < 1
+            or not isinstance(meta.encoder.get("name"), str)):
+        raise storage.corrupt(path, "its kind, modality, dimension or encoder is invalid")
+    return meta
+
+
+def _parse_records(path: Path, data: bytes) -> dict[int, dict[str, Any]]:
+    records: dict[int, dict[str, Any]] = {}
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise storage.corrupt(path, "not UTF-8 text") from None
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            record_id = row.pop("id")
+            valid = (isinstance(record_id, int) and not isinstance(record_id, bool) and record_id >= 0
+                     and isinstance(row.get("source"), str) and isinstance(row.get("text", ""), str))
+        except (ValueError, AttributeError, KeyError, TypeError):
+            valid = False
+        if not valid or record_id in records:
+            raise storage.corrupt(path, f"line {number} is not a record")
+        records[record_id] = row
+    return records
+
+
+def _read_version(version: Path, sha256: dict[str, str]) -> VectorIndex:
+    """One version's files, each checked against its recorded SHA-256 (a flat-layout index has none)."""
+    import faiss
+
+    missing = [name for name in _FILES if sha256 and name not in sha256]
+    if missing:
+        raise storage.corrupt(version.parent / storage.POINTER, f"it lists no {missing[0]}")
+
+    def data(name: str) -> bytes:
+        return storage.check_file(version / name, sha256.get(name) if sha256 else None)
+
+    meta = _parse_meta(version / "meta.json", data("meta.json"))
+    records = _parse_records(version / "records.jsonl", data("records.jsonl"))
+    faiss_path = version / "index.faiss"
+    try:
+        faiss_index = faiss.deserialize_index(np.frombuffer(data("index.faiss"), dtype=np.uint8))
+    except RuntimeError:
+        raise storage.corrupt(faiss_path, "FAISS cannot read it") from None
+    if faiss_index.d != meta.dim:
+        raise storage.corrupt(faiss_path, f"vectors of dimension {faiss_index.d}, meta.json says {meta.dim}")
+    if faiss_index.ntotal != len(records):
+        raise storage.corrupt(faiss_path, f"{faiss_index.ntotal} vectors for {len(records)} records")
+    if hasattr(faiss_index, "id_map") and set(faiss.vector_to_array(faiss_index.id_map).tolist()) != set(records):
+        raise storage.corrupt(faiss_path, "its vector ids differ from the records' ids")
+    if records and max(records) >= meta.next_id:
+        raise storage.corrupt(version / "meta.json", f"next_id {meta.next_id} is not above the largest id")
+    lexical = None
+    if LexicalIndex.present(version) or any(n.startswith(LEXICAL_FOLDER + "/") for n in sha256):
+        names = sorted(n for n in sha256 if n.startswith(LEXICAL_FOLDER + "/")) or [
+            f"{LEXICAL_FOLDER}/{CONFIG_FILE}", f"{LEXICAL_FOLDER}/{IDS_FILE}"]
+        files = {name.split("/", 1)[1]: data(name) for name in names}
+        try:
+            lexical = LexicalIndex.load(version, files)
+            same = set(lexical.ids.tolist()) == set(records)
+        except FileNotFoundError:
+            raise
+        except (ValueError, KeyError, TypeError, EOFError, OSError):
+            same = False
+        if not same:
+            raise storage.corrupt(version / LEXICAL_FOLDER, "its BM25 index does not match the records")
+    index = VectorIndex(meta, faiss_index, records, lexical=lexical)
+    _apply_search_params(index.faiss_index, meta)
+    return index
 
 
 def _new_faiss_index(meta: IndexMeta) -> Any:
@@ -381,34 +571,59 @@ def image_files(path: str | Path) -> tuple[list[Path], Path]:
 def build_index(out: str | Path, *, docs: str | Path | None = None, images: str | Path | None = None,
                 encoder: str | None = None, kind: str = "flat", batch_size: int = 32, progress: bool = True,
                 overwrite: bool = False, **options: Any) -> VectorIndex:
-    """Build and save an index of ``docs`` (folder/file/``pydoc-topics``) or ``images`` (folder) into ``out``."""
+    """Build an index of ``docs`` (folder/file/``pydoc-topics``) or ``images`` (folder) and publish it as ``out``
+    with the run-folder lifecycle (:class:`transferkit.rundir.OutputFolder`, kind ``index``: staged beside ``out``,
+    moved into place with its marker; ``overwrite`` replaces an index only)."""
     if (docs is None) == (images is None):
         raise TransferkitError("give exactly one of --docs and --images", "e.g. --docs ./notes")
     out = Path(out)
-    if (out / "meta.json").exists() and not overwrite:
+    if storage.is_index_folder(out) and not overwrite:
         raise TransferkitError(f"'{out}' already holds an index",
                                "add to it with `transferkit index add`, or pass --overwrite")
     name = encoder or ("minilm" if docs is not None else "efficientnet_lite0")
     backbone = create_backbone(name, pretrained=True)
     index = VectorIndex.create(backbone, kind, **options)
-    if docs is not None:
-        index.add_documents(read_documents(docs), batch_size, progress)
-    else:
-        files, root = image_files(images)  # type: ignore[arg-type]
-        index.add_images(files, root, batch_size, progress)
-    index.meta.extra["built_from"] = str(docs if docs is not None else images)
-    index.save(out)
+    folder = OutputFolder(out, "index", overwrite=overwrite)
+    folder.begin()
+    try:
+        if docs is not None:
+            index.add_documents(read_documents(docs), batch_size, progress)
+        else:
+            files, root = image_files(images)  # type: ignore[arg-type]
+            index.add_images(files, root, batch_size, progress)
+        index.meta.extra["built_from"] = str(docs if docs is not None else images)
+        index.save(folder.stage)
+        with storage.WriterLock(out) if storage.is_index_folder(out) else contextlib.nullcontext():
+            folder.publish()  # an index being replaced is not in the middle of another writer's commit
+    except BaseException:
+        folder.abandon()
+        raise
+    index.folder = out
     logger.info("index of %d vectors (%d sources) written to %s", len(index), len(index.sources()), out)
     return index
 
 
-def add_to_index(folder: str | Path, path: str | Path, batch_size: int = 32, progress: bool = True) -> int:
-    """Add (or replace) the documents / images of ``path``; returns the number of vectors added."""
-    index = VectorIndex.load(folder)
-    if index.meta.modality == "text":
-        added = index.add_documents(read_documents(path), batch_size, progress)
+def add_to_index(folder: str | Path, path: str | Path, batch_size: int = 32, progress: bool = True,
+                 lock_timeout: float = storage.DEFAULT_LOCK_TIMEOUT) -> int:
+    """Add (or replace) the documents / images of ``path``; returns the number of vectors added. The items are
+    embedded first, then the index is re-read, changed and committed under its writer lock, so concurrent adds
+    all land."""
+    snapshot = VectorIndex.load(folder)
+    if snapshot.meta.modality == "text":
+        prepared = snapshot.embed_documents(read_documents(path), batch_size, progress)
     else:
         files, root = image_files(path)
-        added = index.add_images(files, root, batch_size, progress)
-    index.save()
-    return added
+        prepared = snapshot.embed_images(files, root, batch_size, progress)
+    with VectorIndex.updating(folder, lock_timeout) as index:
+        if not index.same_setup(snapshot):
+            raise TransferkitError(f"index '{folder}' was rebuilt with another encoder or chunking while adding",
+                                   "run the add again")
+        return index.replace_sources(*prepared)
+
+
+def remove_from_index(folder: str | Path, sources: Sequence[str],
+                      lock_timeout: float = storage.DEFAULT_LOCK_TIMEOUT) -> tuple[int, int]:
+    """Remove every vector of ``sources`` under the writer lock; returns ``(removed, left)``."""
+    with VectorIndex.updating(folder, lock_timeout) as index:
+        removed = index.remove_sources(sources)
+    return removed, len(index)

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from transferkit.errors import TransferkitError
+from transferkit.engine.placement import inference, to_device
+from transferkit.errors import TransferkitError, read_safetensors, reading
 from transferkit.sequence.seq2seq import Vocabulary, read_saved_config
 
 FORMAT = "transferkit-charlm"
@@ -102,11 +103,12 @@ class TruncatedBPTT:
 
 
 def language_model_metrics(model: nn.Module, loader: Any) -> dict[str, float]:
-    """Cross-entropy ``loss`` (nats / character), ``bits_per_character`` and next-character ``accuracy``."""
-    model.eval()
+    """Cross-entropy ``loss`` (nats / character), ``bits_per_character`` and next-character ``accuracy``, computed
+    where the model is placed."""
     state, total, correct, count = None, 0.0, 0, 0
-    with torch.no_grad():
-        for batch in loader:
+    with inference(model) as device:
+        for raw in loader:
+            batch = to_device(raw, device)
             logits, state = model(batch["inputs"], state)
             targets = batch["targets"]
             total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
@@ -145,21 +147,40 @@ class CharLMRun:
     metrics: dict[str, Any]
 
 
-def train_charlm(text: str, config: CharLMConfig, train: Any, checkpoint_dir: str | Path | None = None,
-                 progress: bool = True) -> CharLMRun:
-    """Train on the first ``1 - val_fraction`` of ``text``; validate (and select the epoch) on the rest."""
-    from transferkit.engine import Trainer, seed_everything
-    from transferkit.sequence.training import SequenceCrossEntropy
+@dataclass
+class CharLMData:
+    """A text cut for training: its vocabulary, the train / validation windows and the split point."""
 
+    vocab: Vocabulary
+    ids: torch.Tensor
+    split: int
+    train_loader: DataLoader
+    val_loader: DataLoader
+
+
+def prepare_charlm_data(text: str, config: CharLMConfig, batch_size: int) -> CharLMData:
+    """Check ``text`` and the options and cut it into windows; raises (before anything is written) when the
+    text is too short for them."""
     config.validate()
     if len(text) < 200:
         raise TransferkitError(f"the text has only {len(text)} characters", "train on at least a few thousand")
     vocab = Vocabulary.from_texts([text])
     ids = torch.as_tensor(vocab.encode(text), dtype=torch.long)
     split = int(len(ids) * (1 - config.val_fraction))
-    val_streams = max(1, min(train.batch_size, (len(ids) - split) // (2 * config.bptt)))
-    train_loader = window_loader(ids[:split], train.batch_size, config.bptt)
-    val_loader = window_loader(ids[split:], val_streams, config.bptt)
+    val_streams = max(1, min(batch_size, (len(ids) - split) // (2 * config.bptt)))
+    return CharLMData(vocab, ids, split, window_loader(ids[:split], batch_size, config.bptt),
+                      window_loader(ids[split:], val_streams, config.bptt))
+
+
+def train_charlm(text: str, config: CharLMConfig, train: Any, checkpoint_dir: str | Path | None = None,
+                 progress: bool = True, data: CharLMData | None = None) -> CharLMRun:
+    """Train on the first ``1 - val_fraction`` of ``text``; validate (and select the epoch) on the rest
+    (``data``: ``prepare_charlm_data(text, config, train.batch_size)`` when already done)."""
+    from transferkit.engine import Trainer, seed_everything
+    from transferkit.sequence.training import SequenceCrossEntropy
+
+    data = data or prepare_charlm_data(text, config, train.batch_size)
+    vocab, ids, split, train_loader, val_loader = data.vocab, data.ids, data.split, data.train_loader, data.val_loader
     seed_everything(train.seed)
     model = CharLanguageModel(len(vocab), config.embedding_dim, config.hidden_size, config.num_layers,
                               config.dropout, config.cell)
@@ -177,28 +198,27 @@ def train_charlm(text: str, config: CharLMConfig, train: Any, checkpoint_dir: st
     return CharLMRun(model, vocab, result.history, metrics)
 
 
-@torch.no_grad()
 def sample(model: CharLanguageModel, vocab: Vocabulary, length: int = 200, prime: str = "",
            temperature: float = 1.0, top_k: int = 0, seed: int = 0) -> str:
     """Generate ``length`` characters after ``prime``: draw from ``softmax(logits / temperature)``, optionally
     restricted to the ``top_k`` most likely characters."""
     if temperature <= 0:
         raise TransferkitError(f"invalid temperature {temperature}", "use a number above 0 (e.g. 0.8)")
-    model.eval()
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # a CPU generator: the draw is the same on every device
     prime_ids = vocab.encode(prime) if prime else [Vocabulary.RESERVED + int(torch.randint(len(vocab.symbols), (1,),
                                                                                              generator=generator))]
-    logits, state = model(torch.as_tensor([prime_ids]), None)
     out = []
-    for _ in range(length):
-        scores = logits[0, -1] / temperature
-        scores[: Vocabulary.RESERVED] = float("-inf")
-        if top_k > 0:
-            threshold = scores.topk(min(top_k, len(vocab.symbols))).values[-1]
-            scores = scores.masked_fill(scores < threshold, float("-inf"))
-        symbol = int(torch.multinomial(torch.softmax(scores, -1), 1, generator=generator))
-        out.append(symbol)
-        logits, state = model(torch.as_tensor([[symbol]]), state)
+    with inference(model) as device:
+        logits, state = model(torch.as_tensor([prime_ids], device=device), None)
+        for _ in range(length):
+            scores = logits[0, -1].float().cpu() / temperature
+            scores[: Vocabulary.RESERVED] = float("-inf")
+            if top_k > 0:
+                threshold = scores.topk(min(top_k, len(vocab.symbols))).values[-1]
+                scores = scores.masked_fill(scores < threshold, float("-inf"))
+            symbol = int(torch.multinomial(torch.softmax(scores, -1), 1, generator=generator))
+            out.append(symbol)
+            logits, state = model(torch.as_tensor([[symbol]], device=device), state)
     return (prime if prime else vocab.decode(prime_ids)) + vocab.decode(out)
 
 
@@ -213,10 +233,13 @@ def save_charlm(run: CharLMRun, folder: str | Path) -> None:
 
 
 def load_charlm(folder: str | Path) -> tuple[CharLanguageModel, Vocabulary]:
-    from safetensors.torch import load_file
-
     folder, config = read_saved_config(folder, FORMAT, "character language model",
                                        "pass the --out folder of `transferkit charlm train`")
-    model = CharLanguageModel(**config["model"])
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    return model.eval(), Vocabulary(config["symbols"])
+    again = "train it again with `transferkit charlm train`"
+    with reading(folder / "config.json", "character language model config", again):
+        model = CharLanguageModel(**config["model"])
+        vocabulary = Vocabulary(config["symbols"])
+    weights = folder / "model.safetensors"
+    with reading(weights, "character language model weights", again):
+        model.load_state_dict(read_safetensors(weights))
+    return model.eval(), vocabulary

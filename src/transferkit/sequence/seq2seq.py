@@ -43,7 +43,8 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
-from transferkit.errors import TransferkitError
+from transferkit.engine.placement import inference, to_device
+from transferkit.errors import TransferkitError, check_count, read_json, read_safetensors, reading
 
 logger = logging.getLogger(__name__)
 
@@ -374,7 +375,25 @@ def split_pairs(pairs: Sequence[tuple[str, str]], train_fraction: float = 0.7, v
     random.Random(seed).shuffle(order)
     n_seen, n_val = int(round(train_fraction * len(pairs))), int(round(val_fraction * len(pairs)))
     pick = [pairs[i] for i in order]
-    return {"train": pick[n_val:n_seen], "val": pick[:n_val], "test": pick[n_seen:]}
+    splits = {"train": pick[n_val:n_seen], "val": pick[:n_val], "test": pick[n_seen:]}
+    check_splits(splits)
+    return splits
+
+
+def check_splits(splits: dict[str, list[tuple[str, str]]]) -> None:
+    """Every split holds pairs, and validation / test pairs use only symbols of the training pairs (the
+    vocabularies come from them): checked before training, not found at the end of it."""
+    empty = [name for name, part in splits.items() if not part]
+    if empty:
+        raise TransferkitError(f"the {' and '.join(empty)} split(s) hold no pairs "
+                               f"({', '.join(f'{k} {len(v)}' for k, v in splits.items())})",
+                               "use more pairs, or other --train-fraction / --val-fraction")
+    for side, what in ((0, "source"), (1, "target")):
+        seen = {symbol for pair in splits["train"] for symbol in pair[side]}
+        unseen = sorted({symbol for name in ("val", "test") for pair in splits[name] for symbol in pair[side]} - seen)
+        if unseen:
+            raise TransferkitError(f"{what} symbol(s) {''.join(unseen)!r} of the validation/test pairs never occur "
+                                   "in the training pairs", "use more pairs or a larger --train-fraction")
 
 
 class PairDataset(Dataset):
@@ -453,6 +472,9 @@ class Seq2SeqConfig:
                 or self.encoder_layers < 1 or self.attention_heads < 1 or self.output_hidden < 0):
             raise TransferkitError("--average-last must be >= 0 and --beam-size, --encoder-layers, "
                                    "--attention-heads and sizes >= 1", "fix the values")
+        if self.attention == "multihead" and self.hidden_size % self.attention_heads:  # see Attention
+            raise TransferkitError(f"{self.attention_heads} attention heads do not divide --hidden-size "
+                                   f"{self.hidden_size}", "choose a number of heads dividing the hidden size")
 
 
 def decode_batch(model: Seq2Seq | Seq2SeqEnsemble, batch: dict[str, torch.Tensor], max_len: int, beam_size: int = 1) -> list[list[int]]:
@@ -471,11 +493,12 @@ def _strip(ids: list[int]) -> list[int]:
 
 def seq2seq_metrics(model: Seq2Seq | Seq2SeqEnsemble, loader: Any, max_len: int, beam_size: int = 1,
                     accelerator: Any | None = None) -> dict[str, float]:
-    """Teacher-forced ``loss`` / ``token_accuracy`` and decoded ``exact_match`` (whole output right)."""
-    model.eval()
+    """Teacher-forced ``loss`` / ``token_accuracy`` and decoded ``exact_match`` (whole output right), computed
+    where the model is placed (an accelerator's prepared loader is already there)."""
     loss_sum, tokens, correct_tokens, exact, count = 0.0, 0, 0, 0, 0
-    with torch.no_grad():
-        for batch in loader:
+    with inference(model) as device:
+        for raw in loader:
+            batch = to_device(raw, device)
             logits = model(batch["src"], batch["src_lengths"], batch["tgt_in"])
             keep = batch["tgt_out"] != Vocabulary.PAD
             loss_sum += float(F.cross_entropy(logits[keep], batch["tgt_out"][keep], reduction="sum"))
@@ -538,7 +561,7 @@ def train_seq2seq(splits: dict[str, list[tuple[str, str]]], config: Seq2SeqConfi
 
     trainer = Trainer(model, [objective], train, forward_fn=forward, evaluate_fn=evaluate,
                       monitor=("exact_match", "max"), checkpoint_dir=checkpoint_dir, progress=progress,
-                      epoch_callback=averager)
+                      callbacks=[averager] if averager is not None else None)
     result = trainer.fit(train_loader, val_loader)
     metrics: dict[str, Any] = {"best_epoch": result.best_epoch, "train_seconds": round(result.train_seconds, 2)}
     if averager is not None and len(averager.snapshots) > 1:
@@ -612,30 +635,35 @@ def read_saved_config(folder: str | Path, fmt: str, what: str, fix: str) -> tupl
     if (folder / "model").is_dir():
         folder = folder / "model"
     path = folder / "config.json"
-    config = json.loads(path.read_text()) if path.is_file() else {}
-    if config.get("format") != fmt:
+    config = read_json(path, f"{what} config", "train it again") if path.is_file() else {}
+    if not isinstance(config, dict) or config.get("format") != fmt:
         raise TransferkitError(f"'{folder}' holds no {what}", fix)
     return folder, config
 
 
 def load_seq2seq(folder: str | Path) -> tuple[Seq2Seq | Seq2SeqEnsemble, Vocabulary, Vocabulary, int]:
-    from safetensors.torch import load_file
-
     folder, config = read_saved_config(folder, FORMAT, "seq2seq model", "pass the --out folder of `seq2seq train`")
-    model_config = dict(config["model"])
-    members = model_config.pop("ensemble", 1)
-    model = (Seq2SeqEnsemble([Seq2Seq(**model_config) for _ in range(members)]) if members > 1
-             else Seq2Seq(**model_config))
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    with reading(folder / "config.json", "seq2seq model config", "train it again with `transferkit seq2seq train`"):
+        model_config = dict(config["model"])
+        members = check_count("ensemble", model_config.pop("ensemble", 1), 1, 64)
+        model = (Seq2SeqEnsemble([Seq2Seq(**model_config) for _ in range(members)]) if members > 1
+                 else Seq2Seq(**model_config))
+        vocabularies = Vocabulary(config["source_symbols"]), Vocabulary(config["target_symbols"])
+        max_len = check_count("max_output_len", config["max_output_len"], 1, 100_000)
+    weights = folder / "model.safetensors"
+    with reading(weights, "seq2seq weights file", "train it again with `transferkit seq2seq train`"):
+        model.load_state_dict(read_safetensors(weights))
     model.eval()
-    return model, Vocabulary(config["source_symbols"]), Vocabulary(config["target_symbols"]), config["max_output_len"]
+    return model, *vocabularies, max_len
 
 
 def translate(model: Seq2Seq | Seq2SeqEnsemble, source: Vocabulary, target: Vocabulary, texts: Sequence[str], max_len: int,
               beam_size: int = 1) -> list[str]:
-    """Decode each input string."""
+    """Decode each input string (on the model's device)."""
     batch = collate_pairs([(source.encode(t), [], i) for i, t in enumerate(texts)])
-    return [target.decode(ids) for ids in decode_batch(model, batch, max_len, beam_size)]
+    with inference(model) as device:
+        decoded = decode_batch(model, to_device(batch, device), max_len, beam_size)
+    return [target.decode(ids) for ids in decoded]
 
 
 __all__ = ["Attention", "Seq2Seq", "Seq2SeqConfig", "Seq2SeqEnsemble", "Vocabulary", "binary_to_decimal_pairs", "collate_pairs",

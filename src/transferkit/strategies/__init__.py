@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any
 
 from transferkit.errors import TransferkitError
-from transferkit.registry import import_registering_modules
+from transferkit.registry import add_entry, import_registering_modules
 from transferkit.strategies.base import Strategy, StrategyConfig, freeze, unfreeze
 
 __all__ = ["Strategy", "StrategyConfig", "create_strategy", "list_strategies", "register_strategy", "freeze",
@@ -30,10 +30,7 @@ _loaded = False
 
 
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return add_entry(_REGISTRY, cls.name, cls, "strategy")
 
 
 def _load_modules() -> None:

@@ -37,6 +37,12 @@ class Strategy:
     description: ClassVar[str] = ""
     #: True when the backbone stays frozen and unchanged, so features can be extracted once and cached.
     frozen_backbone: ClassVar[bool] = False
+    #: engine settings (TrainConfig fields) this strategy uses unless the user sets them: few-shot defaults measured
+    #: per strategy (bench/bench_defaults.py), e.g. a warm-up that protects the pretrained features
+    train_defaults: ClassVar[dict[str, Any]] = {}
+    #: the run task kinds (``transferkit.tasks.RUN_TASK_KINDS``) this strategy trains: ``label`` is the dataset's
+    #: label alone; the others are the kind of the first ``--task`` (several heads, trained by the engine)
+    task_kinds: ClassVar[tuple[str, ...]] = ("label", "classify", "regress", "quantile")
 
     def __init__(self, config: StrategyConfig | None = None) -> None:
         self.config = config if config is not None else self.config_class()
@@ -58,6 +64,19 @@ class Strategy:
 
     def train(self, model: TransferModel, context: RunContext) -> TrainResult:
         return context.train_with_engine(model, self)
+
+    def trains_with_engine(self) -> bool:
+        """True when training runs the engine with the context's task loss, objectives and auxiliary data, so
+        regularisers, domain losses and example weights take effect; False for closed-form or own-loop fits."""
+        return True
+
+    def supports(self, task_kind: str) -> bool | str:
+        """True when this strategy trains runs of ``task_kind``, otherwise the reason (one phrase)."""
+        if task_kind in self.task_kinds:
+            return True
+        if self.frozen_backbone:
+            return "it fits only the label's head, on cached features"
+        return f"it trains {', '.join(self.task_kinds)} runs only"
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "options": asdict(self.config)}

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from transferkit.engine.objectives import Objective
+from transferkit.engine.placement import inference, module_device, place, to_numpy
 from transferkit.engine.solvers import fit_logistic_regression
 from transferkit.engine.trainer import Trainer, TrainResult
 from transferkit.errors import TransferkitError
@@ -57,6 +58,12 @@ class KNNHead(nn.Module):
         self.register_buffer("bank", torch.zeros(bank_size, feature_dim))
         self.register_buffer("bank_labels", torch.zeros(bank_size, dtype=torch.long))
 
+    def resize_from_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Take the bank size from saved tensors (it is learned: the number of stored examples)."""
+        if "bank" in state and "bank_labels" in state:
+            self.bank = torch.zeros_like(state["bank"], device=self.bank.device)
+            self.bank_labels = torch.zeros_like(state["bank_labels"], device=self.bank_labels.device)
+
     def store(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         self.bank.copy_(F.normalize(features.float(), dim=-1))
         self.bank_labels.copy_(labels)
@@ -86,10 +93,11 @@ def _validation_metrics(model: TransferModel, context: RunContext) -> dict[str, 
         return {}
     features = torch.as_tensor(context.features(model.backbone, val))[torch.as_tensor(keep)]
     labels = torch.as_tensor(val.labels[keep], dtype=torch.long)
-    with torch.no_grad():
-        logits = model.forward_head(features).logits
-    return {"val_loss": float(F.cross_entropy(logits, labels)),
-            "val_accuracy": float((logits.argmax(-1) == labels).float().mean())}
+    with inference(model) as device:
+        logits = model.forward_head(features.to(device)).logits.float()
+        labels = labels.to(device)
+        return {"val_loss": float(F.cross_entropy(logits, labels)),
+                "val_accuracy": float((logits.argmax(-1) == labels).float().mean())}
 
 
 def _result(metrics: dict[str, float], started: float, **extra: Any) -> TrainResult:
@@ -126,7 +134,11 @@ class Prototypes(Strategy):
     config_class = PrototypesConfig
     description = "class means of normalised embeddings, cosine similarity (no gradient training)"
     frozen_backbone = True
+    task_kinds = ("label",)
     config: PrototypesConfig
+
+    def trains_with_engine(self) -> bool:
+        return False
 
     def prepare(self, model: TransferModel, for_loading: bool = False) -> None:
         freeze(model.backbone)
@@ -146,8 +158,6 @@ class Prototypes(Strategy):
 @dataclass
 class KNNConfig(StrategyConfig):
     knn_k: int = field(default=5, metadata={"help": "knn: number of nearest labelled examples that vote."})
-    knn_bank_size: int = field(
-        default=0, metadata={"help": "knn: set by training (number of stored examples); leave at 0."})
 
     def validate(self) -> None:
         if self.knn_k < 1:
@@ -160,23 +170,24 @@ class KNearestNeighbours(Strategy):
     config_class = KNNConfig
     description = "k nearest labelled embeddings vote (cosine; no gradient training)"
     frozen_backbone = True
+    task_kinds = ("label",)
     config: KNNConfig
+
+    def trains_with_engine(self) -> bool:
+        return False
 
     def prepare(self, model: TransferModel, for_loading: bool = False) -> None:
         freeze(model.backbone)
-        if for_loading and self.config.knn_bank_size < 1:
-            raise TransferkitError("this knn model stores no examples", "re-run `transferkit fit --strategy knn`")
-        task = model.tasks[0]
-        model.heads[task.name] = KNNHead(model.backbone.feature_dim, max(1, self.config.knn_bank_size),
-                                         task.num_outputs, self.config.knn_k)
+        task = model.tasks[0]  # the bank's size is learned: training fills it, loading resizes it to the saved one
+        model.heads[task.name] = KNNHead(model.backbone.feature_dim, 1, task.num_outputs, self.config.knn_k)
 
     def train(self, model: TransferModel, context: RunContext) -> TrainResult:
         started = time.perf_counter()
         features, labels = _labelled_features(model, context)
-        self.config.knn_bank_size = len(features)  # saved with the strategy options, so loading can rebuild
         task = model.tasks[0]
         head = KNNHead(model.backbone.feature_dim, len(features), task.num_outputs, self.config.knn_k)
         head.store(features, labels)
+        place(head, module_device(model))
         model.heads[task.name] = head
         return _result(_validation_metrics(model, context), started, solver="knn")
 
@@ -265,7 +276,14 @@ class Contrastive(Strategy):
     name = "contrastive"
     config_class = ContrastiveConfig
     description = "SetFit: contrastive fine-tuning of the encoder on label pairs, then a logistic-regression head"
+    task_kinds = ("label",)
     config: ContrastiveConfig
+
+    def trains_with_engine(self) -> bool:
+        return False  # its own pair loss, then a closed-form head: the run's objectives never enter
+
+    def supports(self, task_kind: str) -> bool | str:
+        return True if task_kind in self.task_kinds else "it pairs and classifies the label only"
 
     def prepare(self, model: TransferModel, for_loading: bool = False) -> None:
         unfreeze(model.backbone)
@@ -290,7 +308,7 @@ class Contrastive(Strategy):
         result = trainer.fit(_pair_loader(model, items, pairs, config.batch_size, config.seed))
         freeze(model.backbone)
         features, labels = _labelled_features(model, context)
-        weight, bias = fit_logistic_regression(features.numpy(), labels.numpy(), model.tasks[0].num_outputs,
+        weight, bias = fit_logistic_regression(to_numpy(features), to_numpy(labels), model.tasks[0].num_outputs,
                                                c=self.config.probe_c)
         set_linear_head(model, weight, bias)
         metrics = _validation_metrics(model, context)

@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transferkit.backbones import move_to
-from transferkit.engine.trainer import CHECKPOINT_NAME
+from transferkit.engine.placement import module_device, to_device
 from transferkit.errors import TransferkitError
 from transferkit.strategies import register_strategy
 from transferkit.strategies.base import Strategy, StrategyConfig, freeze, unfreeze
@@ -91,7 +90,7 @@ def fisher_diagonal(model: TransferModel, loader: Any, batches: int) -> dict[str
     for p in params.values():
         p.requires_grad_(True)
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
-    device = next(model.parameters()).device
+    device = module_device(model)
     was_training = model.training
     model.eval()
     count = 0
@@ -99,7 +98,7 @@ def fisher_diagonal(model: TransferModel, loader: Any, batches: int) -> dict[str
         for b, batch in enumerate(loader):
             if b >= batches:
                 break
-            inputs, labels = move_to(batch["inputs"], device), batch["labels"].to(device)
+            inputs, labels = to_device((batch["inputs"], batch["labels"]), device)
             for i in range(len(labels)):
                 if labels[i] < 0:
                     continue
@@ -138,7 +137,13 @@ class Fish(Strategy):
     name = "fish"
     config_class = FishConfig
     description = "FISH mask: update only the top p% of backbone weights by Fisher information (+ head)"
+    task_kinds = ("label", "classify")
     config: FishConfig
+
+    def supports(self, task_kind: str) -> bool | str:
+        if task_kind in self.task_kinds:
+            return True
+        return "its Fisher information and linear-probe start need a first task that classifies the label"
 
     def prepare(self, model: TransferModel, for_loading: bool = False) -> None:
         freeze(model.backbone)
@@ -161,14 +166,15 @@ class Fish(Strategy):
     def train(self, model: TransferModel, context: RunContext) -> TrainResult:
         mask: FishMask = getattr(model, MASK_MODULE)
         if context.checkpoint_is_fresh():  # a resumed run gets its mask back from the checkpoint
-            fit_probe(model, context, c=1.0, max_iter=1000)
+            if context.heads_from is None:  # a head copied by --init-from is kept
+                fit_probe(model, context, c=1.0, max_iter=1000)
             loader = context.loader(context.splits.train, model.backbone, train=False)
             masks = top_mask(fisher_diagonal(model, loader, self.config.fish_batches), self.config.fish_keep)
             with torch.no_grad():
                 for name, value in masks.items():
                     mask.mask_of(name).copy_(value)
         else:  # the parameter groups depend on the mask, so it is needed before the engine loads the checkpoint
-            restore_mask(mask, context.checkpoint_dir / CHECKPOINT_NAME)
+            restore_mask(mask, context.checkpoint_dir)
         handles = []
         for name, param in self.masked_parameters(model).items():
             param.requires_grad_(True)
@@ -188,14 +194,20 @@ class Fish(Strategy):
         return {"fish_mask_size": mask.kept(), "fish_mask_total": mask.total(), "trainable_params": mask.kept() + heads}
 
 
-def restore_mask(mask: FishMask, checkpoint: Path) -> None:
-    """Copy the mask buffers saved in an engine checkpoint (``model.fish_mask.*`` of the loss module)."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["loss_module"]
+def restore_mask(mask: FishMask, checkpoint_dir: Path) -> None:
+    """Copy the mask buffers saved in the engine checkpoint in ``checkpoint_dir`` (``model.fish_mask.*`` of the
+    loss module; safetensors, no pickle). A checkpoint without the complete mask is refused in one line."""
+    from transferkit.engine.checkpoint import checkpoint_file, corrupt, read_section
+
+    state = read_section(checkpoint_dir, "loss_module")
     prefix = f"model.{MASK_MODULE}."
+    saved = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    expected = dict(mask.named_buffers())
+    if saved.keys() != expected.keys() or any(saved[k].shape != v.shape for k, v in expected.items()):
+        raise corrupt(checkpoint_file(checkpoint_dir), "its FISH mask does not match this model")
     with torch.no_grad():
-        for key, value in state.items():
-            if key.startswith(prefix):
-                mask.get_buffer(key[len(prefix):]).copy_(value)
+        for name, value in saved.items():
+            expected[name].copy_(value)
 
 
 class _MaskGradient:

@@ -28,14 +28,15 @@ pretrained, or ``--init-from``, weights), plus ``--anchor-l2``'s ``lambda/2 ||w_
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transferkit.engine.objectives import CrossEntropyObjective, Objective, primary_logits
+from transferkit.engine.objectives import Objective, primary_logits
+from transferkit.engine.placement import place
 from transferkit.engine.trainer import clone_module
 from transferkit.errors import TransferkitError
 from transferkit.extensions import ExtensionConfig, FitExtension, register_extension
@@ -85,33 +86,23 @@ class KLAnchorObjective(Objective):
     """``A * CE(P_ref, P_current)`` per example, averaged; ``P_ref`` from a frozen reference.
 
     ``reference(inputs)`` gives the reference logits. ``anchored_head`` (frozen) maps the current features to
-    the anchored logits; ``None`` anchors the model's own first head. ``task_objectives`` (from the RunContext)
-    are scaled once by ``1 - A`` in :meth:`setup`, when every extension has set them.
+    the anchored logits; ``None`` anchors the model's own first head. The task loss's ``1 - A`` is the
+    RunContext's ``task_weight`` (set by the anchor extension).
     """
 
     name = "kl_anchor"
 
-    def __init__(self, alpha: float, reference: nn.Module, anchored_head: nn.Module | None,
-                 context: RunContext | None = None) -> None:
+    def __init__(self, alpha: float, reference: nn.Module, anchored_head: nn.Module | None) -> None:
         super().__init__(weight=alpha)
         self.alpha = alpha
         # Kept out of the module tree: not optimised, not checkpointed, not wrapped by DDP.
         self.__dict__["reference"] = reference
         self.__dict__["anchored_head"] = anchored_head
-        self.__dict__["context"] = context
-
-    def setup(self, model: nn.Module, train_loader: Any | None = None) -> None:
-        context = self.__dict__["context"]
-        if context is None:
-            return
-        for objective in context.task_objectives or []:
-            if not getattr(objective, "_scaled_by_anchor", False):
-                objective.weight *= 1.0 - self.alpha
-                objective._scaled_by_anchor = True
 
     def reference_probabilities(self, inputs: Any, device: torch.device) -> torch.Tensor:
         reference: nn.Module = self.__dict__["reference"]
-        reference.to(device).eval()
+        place(reference, device)
+        reference.eval()
         with torch.no_grad():
             return F.softmax(primary_logits(reference(inputs)).float(), dim=-1)
 
@@ -185,7 +176,7 @@ def initialise_from(model: TransferModel, source: TransferModel) -> bool:
     """Copy ``source``'s backbone weights (and heads when the tasks match) into ``model``.
 
     LoRA in the source is merged first; wrapper modules in ``model`` are matched through their base keys.
-    Returns True when the heads were copied too (same label space).
+    Returns True when the heads were copied too (same label space and head structure).
     """
     from transferkit.strategies.lora import lora_layers, merge_lora
 
@@ -207,7 +198,9 @@ def initialise_from(model: TransferModel, source: TransferModel) -> bool:
             target.copy_(value)
     same_tasks = [(t.name, t.kind, list(t.class_names)) for t in model.tasks] == \
         [(t.name, t.kind, list(t.class_names)) for t in source.tasks]
-    if same_tasks:
+    shapes = {k: tuple(v.shape) for k, v in model.heads.state_dict().items()}
+    same_tasks = same_tasks and shapes == {k: tuple(v.shape) for k, v in source.heads.state_dict().items()}
+    if same_tasks:  # same label space and the same kind of head (a knn or prototype head is built by training)
         model.heads.load_state_dict(source.heads.state_dict())
     return same_tasks
 
@@ -249,29 +242,52 @@ class AnchorExtension(FitExtension):
     def active(self) -> bool:
         return bool(self.config.anchors() or self.config.init_from)
 
+    def describe(self) -> str:
+        parts = [f"--anchor {self.config.anchor}"] if self.config.anchors() else []
+        return " ".join(parts + (["--init-from"] if self.config.init_from else []))
+
+    @classmethod
+    def modes(cls) -> dict[str, dict[str, Any]]:
+        from transferkit.extensions import NEEDS_PATH
+
+        # KL anchoring needs a reference classifier: the --init-from run's (any backbone), or a pretrained head
+        return {"anchor kl": {"anchor": "kl", "init_from": NEEDS_PATH}, "anchor l2sp": {"anchor": "l2sp"},
+                "init-from": {"init_from": NEEDS_PATH}}
+
+    def supports(self, strategy: Strategy, task_kind: str) -> bool | str:
+        anchors = self.config.anchors()
+        if anchors and strategy.frozen_backbone:
+            return "it keeps the backbone frozen; anchoring regularises a trained backbone"
+        if anchors and not strategy.trains_with_engine():
+            return "it trains with its own loss, so the anchoring term would never be added"
+        if "kl" in anchors and task_kind != "label":
+            return "KL anchoring anchors the label classifier alone (use --anchor l2sp with --task heads)"
+        return super().supports(strategy, task_kind)
+
     def check(self, fit: FitConfig, strategy: Strategy) -> None:
-        if self.config.anchors() and strategy.frozen_backbone:
-            raise TransferkitError(f"--anchor needs a strategy that trains the backbone; '{strategy.name}' fits a "
-                                   "head on frozen features", "use --strategy finetune, lora, adapter or fish")
         self.strategy = strategy
 
-    def configure(self, context: RunContext, model: TransferModel, fit: FitConfig) -> None:
+    def configure(self, context: RunContext, model: TransferModel, fit: FitConfig) -> RunContext:
         config = self.config
         self.mode = None
         source = None
+        objectives = list(context.objectives)
+        changes: dict[str, Any] = {}
         if config.init_from:
             source = _load_source(config.init_from, model, fit)
             same_head = initialise_from(model, source)
             self.mode = "same head" if same_head else "new label space"
-            strategy_config = getattr(getattr(self, "strategy", None), "config", None)
-            if same_head and getattr(strategy_config, "head_init", None) in ("probe", "auto"):
-                strategy_config.head_init = "random"  # keep the loaded head; a probe would replace it
+            if same_head:  # learned state: the strategy keeps the loaded head (no probe start); options unchanged
+                head_init = getattr(getattr(getattr(self, "strategy", None), "config", None), "head_init", None)
+                if head_init == "probe":
+                    raise TransferkitError(f"--head-init probe would replace the head that --init-from "
+                                           f"{config.init_from} copies (same classes)",
+                                           "use --head-init auto (keeps the copied head) or random")
+                changes["heads_from"] = config.init_from
             context.notes.append(f"initialised from {config.init_from} (backbone"
                                  f"{' and head' if same_head else ''})")
         anchors = config.anchors()
         if "kl" in anchors:
-            if context.task_objectives is None:
-                context.task_objectives = [CrossEntropyObjective(label_smoothing=context.label_smoothing)]
             if source is not None and self.mode == "same head":
                 reference, head, kind = clone_module(model), None, "the same head (personalisation)"
             elif source is not None:
@@ -286,16 +302,18 @@ class AnchorExtension(FitExtension):
                     f"--anchor kl: backbone '{model.backbone.spec.name}' has no pretrained classifier to anchor",
                     "pass --init-from RUN (a model trained before), or use --anchor l2sp")
             self.mode = kind
-            context.objectives.append(KLAnchorObjective(config.anchor_alpha, reference, head, context))
+            objectives.append(KLAnchorObjective(config.anchor_alpha, reference, head))
+            changes["task_weight"] = context.task_weight * (1.0 - config.anchor_alpha)
             if config.anchor_l2:
-                context.objectives.append(L2Objective(config.anchor_l2))
+                objectives.append(L2Objective(config.anchor_l2))
             context.notes.append(f"KL anchoring (alpha {config.anchor_alpha}) to {kind}")
         if "l2sp" in anchors:
-            context.objectives.append(L2SPObjective(config.anchor_beta, config.anchor_l2))
+            objectives.append(L2SPObjective(config.anchor_beta, config.anchor_l2))
             note = f"L2-SP (beta {config.anchor_beta}) towards the starting backbone weights"
             if context.train.weight_decay:
                 note += f"; weight decay {context.train.weight_decay} also acts (pass --weight-decay 0 for pure L2-SP)"
             context.notes.append(note)
+        return replace(context, objectives=objectives, **changes)
 
     def metrics(self, context: RunContext, model: TransferModel) -> dict[str, Any]:
         return {"anchor": {"anchors": self.config.anchors(), "alpha": self.config.anchor_alpha,

@@ -39,7 +39,12 @@ TASK_TYPES: dict[str, tuple[str, str]] = {
     "causal-lm": ("causal_lm", "next_token"),
 }
 
+#: what a run trains, as :func:`run_task_kind` names it: ``label`` (no ``--task``: the dataset's label) or the kind
+#: of its first ``--task`` (the strategies and fit extensions declare which of these they support)
+RUN_TASK_KINDS: tuple[str, ...] = ("label", *dict.fromkeys(kind for kind, _ in TASK_TYPES.values()))
+
 __all__ = [
+    "RUN_TASK_KINDS",
     "TASK_TYPES",
     "QuantileHead",
     "RegressionHead",
@@ -49,6 +54,7 @@ __all__ = [
     "parse_task",
     "pinball_loss",
     "regression_loss",
+    "run_task_kind",
     "task_loss",
 ]
 
@@ -62,6 +68,11 @@ def parse_task(text: str) -> tuple[str | None, str]:
                                f"write it as [COLUMN:]TYPE with TYPE one of {', '.join(TASK_TYPES)}, "
                                "e.g. --task count:classify --task size:regress")
     return (column.strip() or None), kind
+
+
+def run_task_kind(tasks: list[str] | None) -> str:
+    """``label`` without ``--task``, else the kind of the first one (``classify``, ``regress``, ...)."""
+    return TASK_TYPES[parse_task(tasks[0])[1]][0] if tasks else "label"
 
 
 def causal_lm_requested(tasks: list[str] | None) -> bool:

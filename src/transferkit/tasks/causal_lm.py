@@ -15,7 +15,6 @@ and ``transferkit generate`` samples. :func:`fit_causal_lm` does the whole run f
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -27,10 +26,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from transferkit.backbones import move_to
 from transferkit.data.base import DataSplits, LabeledData
 from transferkit.engine.objectives import Objective
+from transferkit.engine.placement import inference, place, to_device
 from transferkit.errors import TransferkitError
+from transferkit.rundir import write_jsonl
 
 if TYPE_CHECKING:
     from transferkit.backbones.causal_lm import CausalLMBackbone
@@ -40,8 +40,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: strategies that train a causal LM (FISH's Fisher estimate and the probes need class labels)
-LM_STRATEGIES = ("lora", "adapter", "finetune")
 TASK_TYPE = "causal-lm"
 TASK_NAME = "lm"
 IGNORE_INDEX = -100
@@ -116,24 +114,19 @@ class CausalLMObjective(Objective):
         return outputs.loss
 
 
-@torch.no_grad()
-def token_nll(model: TransferModel, loader: Any, device: torch.device | str | None = None) -> tuple[float, int]:
-    """(sum of next-token negative log-likelihoods, number of predicted tokens) over ``loader``."""
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+def token_nll(model: TransferModel, loader: Any) -> tuple[float, int]:
+    """(sum of next-token negative log-likelihoods, number of predicted tokens) over ``loader``, computed where
+    the model is placed."""
     total, count = 0.0, 0
-    try:
+    with inference(model) as device:
         for batch in loader:
-            inputs = move_to(batch["inputs"], device)
+            inputs = to_device(batch["inputs"], device)
             logits = model.backbone.model(**inputs, use_cache=False).logits[:, :-1].float()
             targets = lm_labels(inputs)[:, 1:]
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                      ignore_index=IGNORE_INDEX, reduction="sum")
             total += float(loss)
             count += int((targets != IGNORE_INDEX).sum())
-    finally:
-        model.train(was_training)
     return total, count
 
 
@@ -178,9 +171,14 @@ class CausalLMOptions:
 
 
 def check_lm_strategy(strategy: Strategy) -> None:
-    if strategy.name not in LM_STRATEGIES:
+    """Strategies that train a causal LM list ``causal_lm`` in their ``task_kinds`` (FISH's Fisher estimate and
+    the probes need class labels)."""
+    from transferkit.strategies import list_strategies
+
+    if strategy.supports("causal_lm") is not True:
+        able = [name for name, cls in list_strategies().items() if "causal_lm" in cls.task_kinds]
         raise TransferkitError(f"--task causal-lm cannot train with --strategy {strategy.name}",
-                               f"use one of {', '.join(LM_STRATEGIES)}")
+                               f"use one of {', '.join(able)}")
 
 
 def build_lm_model(backbone_name: str, pretrained: bool, max_length: int, **backbone_options: Any) -> TransferModel:
@@ -215,6 +213,7 @@ def run_causal_lm(data: str, backbone_name: str, strategy: Strategy, train: Trai
     seed_everything(train.seed)
     model = build_lm_model(backbone_name, pretrained, options.max_length, **(backbone_options or {}))
     strategy.prepare(model)
+    place(model, train.device)  # perplexity before and after is measured where training runs
     heldout_loader = make_loader(splits.val, model.backbone, batch_size=max(8, train.batch_size), train=False)
     before = perplexity(model, heldout_loader)
     logger.info("held-out perplexity before training: %.2f", before)
@@ -235,12 +234,7 @@ def run_causal_lm(data: str, backbone_name: str, strategy: Strategy, train: Trai
         "notes": context.notes,
     }
     save_model(model, stage / "model", strategy.to_dict(), extra={"data": str(data), "task": TASK_TYPE})
-    with open(stage / "history.jsonl", "w") as fh:
-        for row in result.history:
-            fh.write(json.dumps(row, default=str) + "\n")
-    import shutil
-
-    shutil.rmtree(stage / "checkpoint", ignore_errors=True)
+    write_jsonl(stage / "history.jsonl", result.history)
     return metrics
 
 
@@ -249,20 +243,21 @@ def fit_causal_lm(data: str, out: str | Path, backbone: str = "smollm2-135m", st
                   pretrained: bool = True, backbone_options: dict[str, Any] | None = None, progress: bool = False,
                   **train_options: Any) -> dict[str, Any]:
     """Python entry point: ``fit_causal_lm("notes.txt", "runs/lm", epochs=2, lr=2e-4)`` -> metrics (also in
-    ``out/metrics.json``). ``out`` must not hold a finished run."""
+    ``out/metrics.json``). ``out`` must not hold a finished run; it is written like ``fit``'s run folders."""
     from transferkit.engine.trainer import TrainConfig
+    from transferkit.rundir import OutputFolder, write_json
     from transferkit.strategies import create_strategy
 
-    out = Path(out)
-    if (out / "metrics.json").exists():
-        raise TransferkitError(f"'{out}' already holds a finished run", "choose another out folder")
-    out.mkdir(parents=True, exist_ok=True)
     train = TrainConfig(**{"early_stopping": 0, "lr": 2e-4, **train_options})
     train.validate()
     chosen = create_strategy(strategy, strategy_options or {})
-    metrics = run_causal_lm(data, backbone, chosen, train, out, lm_options, pretrained, progress=progress,
-                            backbone_options=backbone_options)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    folder = OutputFolder(out, "run")
+    folder.begin()
+    with folder:
+        metrics = run_causal_lm(data, backbone, chosen, train, folder.stage, lm_options, pretrained,
+                                progress=progress, backbone_options=backbone_options)
+        write_json(folder.stage / "metrics.json", metrics)
+        folder.publish()
     return metrics
 
 
@@ -278,18 +273,12 @@ def generate_text(backbone: CausalLMBackbone, prompt: str, max_new_tokens: int =
                                                          return_dict=True)
     else:
         encoded = backbone.tokenizer(prompt, return_tensors="pt")
-    device = next(backbone.parameters()).device
     # only what a decoder takes (a BERT-style tokenizer also returns token_type_ids, which generate() rejects)
-    inputs = {k: v.to(device) for k, v in dict(encoded).items() if k in ("input_ids", "attention_mask")}
+    inputs = {k: v for k, v in dict(encoded).items() if k in ("input_ids", "attention_mask")}
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else \
         {"do_sample": False}
     torch.manual_seed(seed)
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        with torch.no_grad():
-            output = backbone.model.generate(**inputs, max_new_tokens=max_new_tokens,
-                                             pad_token_id=backbone.tokenizer.pad_token_id, **sampling)
-    finally:
-        backbone.train(was_training)
+    with inference(backbone) as device:
+        output = backbone.model.generate(**to_device(inputs, device), max_new_tokens=max_new_tokens,
+                                         pad_token_id=backbone.tokenizer.pad_token_id, **sampling)
     return backbone.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()

@@ -14,13 +14,13 @@ model.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from torch import nn
 
+from transferkit.engine.placement import predict_batches
 from transferkit.engine.trainer import default_forward
 from transferkit.errors import TransferkitError
 from transferkit.extensions import ExtensionConfig, FitExtension, register_extension
@@ -30,7 +30,9 @@ from transferkit.tasks.multitask import (
     WEIGHTINGS,
     MultiTaskObjective,
     collect,
+    conformal_guaranteed,
     conformal_offset,
+    conformal_rank,
     multitask_evaluate_fn,
     task_metrics,
 )
@@ -135,8 +137,13 @@ def task_targets(data: LabeledData, column: str | None, kind: str,
             from None
 
 
-def build_tasks(splits: DataSplits, config: TasksConfig, label_smoothing: float = 0.0) -> list[TaskSpec]:
-    """TaskSpecs from ``--task`` options, writing each task's targets into the splits as ``target:<name>``."""
+def build_tasks(splits: DataSplits, config: TasksConfig,
+                label_smoothing: float = 0.0) -> tuple[list[TaskSpec], DataSplits]:
+    """TaskSpecs from ``--task`` options, and the splits with each task's targets as a ``target:<name>`` column
+    (new LabeledData: the given splits are left as they are)."""
+    splits = replace(splits, **{name: replace(part, columns=dict(part.columns)) for name, part in
+                                (("train", splits.train), ("val", splits.val), ("test", splits.test))
+                                if part is not None})
     parts = [p for p in (splits.train, splits.val, splits.test) if p is not None]
     quantiles = parse_floats(config.quantiles, "quantiles")
     tasks = []
@@ -171,7 +178,7 @@ def build_tasks(splits: DataSplits, config: TasksConfig, label_smoothing: float 
             options["quantiles"] = quantiles
         tasks.append(TaskSpec(name, kind, [], len(quantiles) if kind == "quantile" else 1, options))
     _check_first_task(tasks[0], splits, parts)
-    return tasks
+    return tasks, splits
 
 
 def _check_first_task(task: TaskSpec, splits: DataSplits, parts: list[LabeledData]) -> None:
@@ -199,25 +206,33 @@ class TasksExtension(FitExtension):
     def active(self) -> bool:
         return bool(self.config.task)
 
-    def check(self, fit: FitConfig, strategy: Strategy) -> None:
-        if strategy.frozen_backbone:
-            raise TransferkitError(
-                f"--task needs a strategy trained by the engine on raw inputs; '{strategy.name}' fits only the "
-                "first head on cached features", "use --strategy finetune (add --unfreeze 0 to keep the trunk frozen)")
+    def describe(self) -> str:
+        return " ".join(f"--task {t}" for t in self.config.task or [])
 
-    def configure(self, context: RunContext, model: TransferModel, fit: FitConfig) -> None:
-        tasks = build_tasks(context.splits, self.config, context.label_smoothing)
+    @classmethod
+    def modes(cls) -> dict[str, dict[str, Any]]:
+        """One ``--task`` per task type (a column named ``size``; a classification of the label gets a second,
+        regression head so it is a multi-task run)."""
+        return {f"task {t}": {"task": [t, "size:regress"] if kind == "classify" else
+                              [t if kind == "causal_lm" else f"size:{t}"]}
+                for t, (kind, _) in TASK_TYPES.items()}
+
+    def supports(self, strategy: Strategy, task_kind: str) -> bool | str:
+        """The tasks are the run's task kind: whether the strategy trains it is ``Strategy.supports``."""
+        return True
+
+    def configure(self, context: RunContext, model: TransferModel, fit: FitConfig) -> RunContext:
+        tasks, splits = build_tasks(context.splits, self.config, context.label_smoothing)
         model.tasks = tasks
         model.heads = nn.ModuleDict({t.name: make_head(model.backbone.feature_dim, t, model.head_dropout)
                                      for t in tasks})
         weights = parse_floats(self.config.task_weights, "task-weights") if self.config.task_weights else None
         self.objective = MultiTaskObjective(tasks, self.config.loss_weighting, weights, self.config.gradnorm_alpha)
-        context.task_objectives = [self.objective]
-        context.evaluate_fn = multitask_evaluate_fn(tasks, weights)
-        context.monitor = ("loss", "min")
         described = ", ".join(f"{t.name} ({t.options['type']})" for t in tasks)
         context.notes.append(f"tasks: {described}; "
                              f"losses combined by {self.config.loss_weighting} weighting")
+        return replace(context, splits=splits, task_objectives=[self.objective],
+                       evaluate_fn=multitask_evaluate_fn(tasks, weights), monitor=("loss", "min"))
 
     def metrics(self, context: RunContext, model: TransferModel) -> dict[str, Any]:
         """Per-task test metrics. Quantile intervals are first calibrated on the validation split (this runs after
@@ -230,6 +245,8 @@ class TasksExtension(FitExtension):
             calibration = calibrate_intervals(model, splits.val, data if split == "test" else None, batch_size)
         per_task = {name: {"split": split, **scores, **calibration.get(name, {})} for name, scores in
                     evaluate_tasks(model, data, batch_size=batch_size).items()}
+        context.notes.extend(f"task '{name}': {c['calibration']['warning']}" for name, c in calibration.items()
+                             if "warning" in c["calibration"])
         objective = getattr(self, "objective", None)
         weighting: dict[str, Any] = {"method": self.config.loss_weighting}
         if objective is not None:
@@ -270,8 +287,14 @@ def calibrate_intervals(model: TransferModel, calibration_data: LabeledData | No
         nominal = float(t.options["quantiles"][-1] - t.options["quantiles"][0])
         offset = conformal_offset(predictions, targets, nominal)
         t.options["interval_offset"] = model.heads[t.name].interval_offset = offset
+        n = int(np.isfinite(targets).sum())
         result[t.name] = {"calibration": {"method": "split conformal (CQR) on the validation split",
-                                          "interval_offset": offset, "n": int(np.isfinite(targets).sum())}}
+                                          "interval_offset": offset, "n": n,
+                                          "coverage_guaranteed": conformal_guaranteed(n, nominal)}}
+        if not conformal_guaranteed(n, nominal):
+            result[t.name]["calibration"]["warning"] = (
+                f"{n} validation items are too few for the {nominal:.0%} coverage guarantee (rank "
+                f"{conformal_rank(n, nominal)} > {n}): the interval may cover less; use a larger validation split")
         if t.name in before:
             result[t.name]["calibration"]["coverage_uncalibrated"] = before[t.name]["coverage"]
             result[t.name]["calibration"]["mean_interval_width_uncalibrated"] = before[t.name]["mean_interval_width"]
@@ -325,26 +348,23 @@ def first_task_report(model: TransferModel, data: LabeledData, batch_size: int =
     return {**{k: v for k, v in first.items() if k != "type"}, "task": first["type"], "tasks": per_task}
 
 
-@torch.no_grad()
 def predict_task_rows(model: TransferModel, data: LabeledData, batch_size: int = 64) -> list[dict[str, Any]]:
     """Per item: every task's prediction (class name, value, or ``{quantile: value}``)."""
-    from transferkit.backbones import move_to
     from transferkit.data.loader import make_loader
 
-    model.eval()
-    device = next(model.parameters()).device
+    loader = make_loader(data, model.backbone, batch_size=batch_size, train=False)
+    outputs = predict_batches(model, (batch["inputs"] for batch in loader),
+                              lambda inputs: tuple(model(inputs).outputs[t.name].float() for t in model.tasks))
     rows: list[dict[str, Any]] = []
-    for batch in make_loader(data, model.backbone, batch_size=batch_size, train=False):
-        outputs = model(move_to(batch["inputs"], device)).outputs
-        for i in range(len(batch["index"])):
-            row = {}
-            for t in model.tasks:
-                value = outputs[t.name][i].float().cpu()
-                if t.kind == "classify":
-                    row[t.name] = t.class_names[int(value.argmax())]
-                elif t.kind == "quantile":
-                    row[t.name] = {f"{q:g}": float(v) for q, v in zip(t.options["quantiles"], value.tolist())}
-                else:
-                    row[t.name] = float(value)
-            rows.append(row)
+    for i in range(len(outputs[0]) if outputs is not None else 0):
+        row = {}
+        for t, values in zip(model.tasks, outputs):
+            value = values[i]
+            if t.kind == "classify":
+                row[t.name] = t.class_names[int(value.argmax())]
+            elif t.kind == "quantile":
+                row[t.name] = {f"{q:g}": float(v) for q, v in zip(t.options["quantiles"], value.tolist())}
+            else:
+                row[t.name] = float(np.reshape(value, -1)[0])
+        rows.append(row)
     return rows

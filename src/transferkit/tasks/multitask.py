@@ -16,6 +16,7 @@ Combining ``T`` task losses ``L_i``:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,8 +25,11 @@ import torch
 from torch import nn
 
 from transferkit.engine.objectives import Objective
+from transferkit.engine.placement import module_device, to_device, to_numpy
 from transferkit.model import TaskSpec
 from transferkit.tasks import task_loss
+
+logger = logging.getLogger(__name__)
 
 WEIGHTINGS = ("fixed", "uncertainty", "gradnorm")
 LOG_VARIANCE_RATE = 10.0  # uncertainty weighting: learning-rate multiplier of the log-variances (see __init__)
@@ -155,41 +159,55 @@ def task_metrics(task: TaskSpec, predictions: np.ndarray, targets: np.ndarray) -
     }
 
 
+def conformal_rank(n: int, coverage: float) -> int:
+    """The rank ``ceil((n + 1) * coverage)`` of split conformal prediction; above ``n`` when ``n`` calibration
+    items are too few for the requested coverage (the guarantee then needs an infinite offset)."""
+    return int(np.ceil((n + 1) * coverage))
+
+
+def conformal_guaranteed(n: int, coverage: float) -> bool:
+    """True when ``n`` calibration items are enough for the coverage guarantee (``rank <= n``)."""
+    return 0 < conformal_rank(n, coverage) <= n
+
+
 def conformal_offset(quantile_predictions: np.ndarray, targets: np.ndarray, coverage: float) -> float:
     """Split-conformal correction of the interval ``[q_low, q_high]`` (the outermost quantiles), from held-out data
     (conformalised quantile regression, Romano, Patterson & Candes 2019).
 
     Scores ``E_i = max(q_low(x_i) - y_i, y_i - q_high(x_i))`` (negative inside the interval); the offset is the
     ``ceil((n + 1) * coverage)``-th smallest score, so ``[q_low - offset, q_high + offset]`` covers a new
-    exchangeable item with probability at least ``coverage``. Positive widens, negative narrows.
+    exchangeable item with probability at least ``coverage``. Positive widens, negative narrows. When that rank
+    exceeds ``n`` (too few calibration items, see :func:`conformal_guaranteed`) the largest score is used and the
+    guarantee is lost: a warning says so.
     """
     keep = np.isfinite(targets)
     y, q = targets[keep].astype(np.float64), quantile_predictions[keep].astype(np.float64)
     if len(y) == 0:
         return 0.0
     scores = np.sort(np.maximum(q[:, 0] - y, y - q[:, -1]))
-    rank = min(len(scores), int(np.ceil((len(scores) + 1) * coverage)))
-    return float(scores[rank - 1])
+    rank = conformal_rank(len(scores), coverage)
+    if rank > len(scores):
+        logger.warning("conformal calibration: %d items are too few for coverage %.3g (rank %d > %d); the "
+                       "largest score is used and the coverage guarantee does not hold", len(scores), coverage,
+                       rank, len(scores))
+    return float(scores[min(len(scores), rank) - 1])
 
 
 def collect(model: nn.Module, loader: Any, tasks: Sequence[TaskSpec], forward_fn: Any,
             accelerator: Any | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per task: ``(predictions, targets)`` over a loader (gathered across processes when an accelerator is given)."""
     parts: dict[str, tuple[list, list]] = {t.name: ([], []) for t in tasks}
-    device = next(model.parameters()).device
+    device = module_device(model)
     with torch.no_grad():
         for batch in loader:
-            if accelerator is None:
-                from transferkit.backbones import move_to
-
-                batch = {k: move_to(v, device) for k, v in batch.items()}
+            batch = to_device(batch, device)  # a no-op for an accelerator's prepared loader
             heads = task_outputs(forward_fn(model, batch))
             for t in tasks:
                 prediction, target = heads[t.name].float(), batch[target_key(t)]
                 if accelerator is not None:
                     prediction, target = accelerator.gather_for_metrics((prediction.contiguous(), target.contiguous()))
-                parts[t.name][0].append(prediction.cpu().numpy())
-                parts[t.name][1].append(target.cpu().numpy())
+                parts[t.name][0].append(to_numpy(prediction))
+                parts[t.name][1].append(to_numpy(target))
     return {name: (np.concatenate(p), np.concatenate(y)) for name, (p, y) in parts.items() if p}
 
 

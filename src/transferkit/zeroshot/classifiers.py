@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from transferkit.engine.placement import inference, module_device, place, predict_batches, to_device
 from transferkit.errors import TransferkitError
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,9 @@ def cached_label_embeddings(encoder: Any, labels: Sequence[str], cache_dir: Path
 
 
 def _softmax(scores: np.ndarray, temperature: float) -> np.ndarray:
-    return torch.as_tensor(scores / temperature).softmax(-1).numpy()
+    from transferkit.evaluation.calibration import softmax
+
+    return softmax(scores, temperature).astype(np.float32)
 
 
 class TextZeroShot:
@@ -121,19 +124,13 @@ class ConSEZeroShot:
         self.class_vectors = cached_label_embeddings(self.text_encoder, names)
         self.label_vectors = label_embeddings(self.text_encoder, self.labels, templates)
 
-    @torch.no_grad()
     def imagenet_probabilities(self, images: Sequence[Any], batch_size: int = 16) -> np.ndarray:
-        from transferkit.backbones import move_to
-
         backbone, head = self.image_backbone, self.image_backbone.pretrained_head()
-        device = next(backbone.parameters()).device
-        head.to(device)
-        backbone.eval()
-        rows = []
-        for start in range(0, len(images), batch_size):
-            batch = backbone.collate([backbone.preprocess(im) for im in images[start:start + batch_size]])
-            rows.append(head(backbone(move_to(batch, device))).softmax(-1).cpu().numpy())
-        return np.concatenate(rows) if rows else np.zeros((0, len(self.class_vectors)))
+        place(head, module_device(backbone))
+        batches = (backbone.collate([backbone.preprocess(im) for im in images[start:start + batch_size]])
+                   for start in range(0, len(images), batch_size))
+        rows = predict_batches(backbone, batches, lambda batch: head(backbone(batch)).softmax(-1))
+        return rows if rows is not None else np.zeros((0, len(self.class_vectors)))
 
     def semantic_embeddings(self, images: Sequence[Any]) -> np.ndarray:
         """ConSE: the probability-weighted mean of the top-``top`` ImageNet class-name embeddings."""
@@ -163,19 +160,65 @@ class ClipZeroShot:
             raise TransferkitError("CLIP zero-shot needs the open_clip package (pip install open_clip_torch) "
                                    "and CLIP weights", "use --method conse, which works offline") from exc
         if model is None:
-            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
+            try:
+                model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
+            except Exception as exc:  # open_clip: unknown tag, no network for a hub tag, damaged checkpoint
+                raise TransferkitError(f"cannot load CLIP model '{model_name}' with weights '{pretrained}' "
+                                       f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})",
+                                       "pass --clip-pretrained with a local open_clip checkpoint file that fits "
+                                       "--clip-model (hub tags need a network)") from None
         self.model, self.preprocess = model.eval(), preprocess
         self.tokenizer = tokenizer if tokenizer is not None else open_clip.get_tokenizer(model_name)
         self.labels = list(labels)
-        with torch.no_grad():
+        with inference(self.model) as device:
             filled = [t.format(label) for label in self.labels for t in templates]
-            text = self.model.encode_text(self.tokenizer(filled)).float()
+            text = self.model.encode_text(to_device(self.tokenizer(filled), device)).float()
             text = torch.nn.functional.normalize(text, dim=-1).reshape(len(self.labels), len(templates), -1)
             self.label_vectors = torch.nn.functional.normalize(text.mean(1), dim=-1)
 
-    @torch.no_grad()
     def predict_proba(self, images: Sequence[Any]) -> np.ndarray:
         pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in images])
-        image = torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
-        scale = float(self.model.logit_scale.exp()) if hasattr(self.model, "logit_scale") else 100.0
-        return (scale * image @ self.label_vectors.T).softmax(-1).numpy()
+
+        def probabilities(x: torch.Tensor) -> torch.Tensor:
+            scale = float(self.model.logit_scale.exp()) if hasattr(self.model, "logit_scale") else 100.0
+            image = torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1)
+            return (scale * image @ self.label_vectors.T).softmax(-1)
+
+        return predict_batches(self.model, [pixels], probabilities)
+
+
+ZERO_SHOT_METHODS = ("auto", "text", "conse", "clip")
+
+
+def zero_shot_classifier(labels: Sequence[str], images: bool, method: str = "auto", *,
+                         backbone: str = "efficientnet_lite0", encoder: str = "minilm", conse_top: int = 10,
+                         clip_model: str = "ViT-B-32", clip_pretrained: str | None = None,
+                         templates: Sequence[str] | None = None) -> tuple[str, Any]:
+    """``(method, classifier)`` for image or text inputs: ``auto`` is ConSE for images and text similarity for
+    texts; ``backbone`` is ConSE's ImageNet classifier, ``encoder`` the sentence encoder of the labels."""
+    from transferkit.backbones import create_backbone
+
+    if method not in ZERO_SHOT_METHODS:
+        raise TransferkitError(f"invalid --method '{method}'", f"choose one of {', '.join(ZERO_SHOT_METHODS)}")
+    method = method if method != "auto" else ("conse" if images else "text")
+    if images != (method in ("conse", "clip")):
+        raise TransferkitError(f"method '{method}' does not take {'images' if images else 'texts'}",
+                               "use --method conse/clip for images and text for texts (or auto)")
+    if method == "clip" and not clip_pretrained:  # random weights: a different answer on every run
+        raise TransferkitError("--method clip needs CLIP weights: without --clip-pretrained it would classify "
+                               "with random weights", "pass --clip-pretrained with a local open_clip checkpoint "
+                               "file, or use --method conse (works offline)")
+    if method == "clip":
+        return method, ClipZeroShot(labels, clip_model, clip_pretrained, tuple(templates or IMAGE_TEMPLATES))
+    if method == "conse":
+        return method, ConSEZeroShot(labels, create_backbone(backbone), create_backbone(encoder), top=conse_top,
+                                     templates=tuple(templates or ("{}",)))
+    return method, TextZeroShot(labels, create_backbone(encoder), tuple(templates or TEXT_TEMPLATES))
+
+
+def zero_shot_rows(classifier: Any, items: Sequence[Any], names: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per input: ``{"input": name, "prediction", "probabilities": {label: p}}``."""
+    labels = list(classifier.labels)
+    return [{"input": name, "prediction": labels[int(p.argmax())],
+             "probabilities": {label: float(v) for label, v in zip(labels, p)}}
+            for name, p in zip(names, classifier.predict_proba(items))]

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from transferkit.engine.placement import inference
 from transferkit.errors import TransferkitError
 
 if TYPE_CHECKING:
@@ -81,7 +82,6 @@ def pick_examples(texts: Sequence[str], labels: Sequence[int], class_names: Sequ
     return [(texts[int(per_class[c][i])], class_names[c]) for i in range(shots) for c in range(len(class_names))]
 
 
-@torch.no_grad()
 def label_log_likelihoods(lm: CausalLMBackbone, prompt: str, labels: Sequence[str],
                           length_normalise: bool = False) -> np.ndarray:
     """``log p(" " + label | prompt)`` summed over the label's tokens (mean when ``length_normalise``).
@@ -89,10 +89,7 @@ def label_log_likelihoods(lm: CausalLMBackbone, prompt: str, labels: Sequence[st
     The prompt is run once; its key/value cache is reused for every label continuation.
     """
     tokenizer, model = lm.tokenizer, lm.model
-    device = next(lm.parameters()).device
-    was_training = lm.training
-    lm.eval()
-    try:
+    with inference(lm) as device:
         prompt_ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=True)["input_ids"].to(device)
         out = model(input_ids=prompt_ids, use_cache=True)
         first_logprobs = out.logits[0, -1].log_softmax(-1)
@@ -108,10 +105,8 @@ def label_log_likelihoods(lm: CausalLMBackbone, prompt: str, labels: Sequence[st
                 cache = _copy_cache(out.past_key_values)
                 rest = torch.tensor([label_ids[:-1]], device=device)
                 logits = model(input_ids=rest, past_key_values=cache, use_cache=True).logits[0].log_softmax(-1)
-                total += float(logits[torch.arange(len(label_ids) - 1), torch.tensor(label_ids[1:])].sum())
+                total += float(logits[torch.arange(len(label_ids) - 1, device=device), torch.tensor(label_ids[1:], device=device)].sum())
             scores.append(total / len(label_ids) if length_normalise else total)
-    finally:
-        lm.train(was_training)
     return np.asarray(scores, dtype=np.float64)
 
 
@@ -137,9 +132,32 @@ class InContextClassifier:
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
         """Softmax over the label log-likelihoods, one row per text."""
+        from transferkit.evaluation.calibration import softmax
+
         rows = [self.scores(t) for t in texts]
-        logits = torch.as_tensor(np.stack(rows)) if rows else torch.zeros(0, len(self.builder.labels))
-        return logits.softmax(-1).numpy()
+        return softmax(np.stack(rows)) if rows else np.zeros((0, len(self.builder.labels)))
 
     def predict(self, texts: Sequence[str]) -> list[str]:
         return [self.builder.labels[i] for i in self.predict_proba(texts).argmax(-1)]
+
+
+def evaluate_prompting(lm: Any, builder: PromptBuilder, train: Any, texts: Sequence[str],
+                       shots_list: Sequence[int], seed: int = 0, labels: Sequence[int] | None = None,
+                       show_prompt: Any = None) -> list[dict[str, Any]]:
+    """Classify ``texts`` with prompts of each number of ``shots`` per class (examples drawn from the labelled
+    ``train`` data): per entry ``{"shots", "predictions"}``, plus ``accuracy`` and ``n`` when the true ``labels``
+    of the texts are given. ``show_prompt(prompt)`` receives the prompt of the first text at each shot count."""
+    if min(shots_list, default=0) < 0:
+        raise TransferkitError("--shots must be 0 or more", "e.g. --shots 0 --shots 1 --shots 4")
+    results = []
+    for shots in shots_list:
+        examples = pick_examples(train.items, train.labels, builder.labels, shots, seed) if shots else []
+        if show_prompt is not None and texts:
+            show_prompt(builder.build(texts[0], examples))
+        predicted = InContextClassifier(lm, builder, examples).predict_proba(texts).argmax(-1)
+        entry: dict[str, Any] = {"shots": shots, "predictions": [builder.labels[int(i)] for i in predicted]}
+        if labels is not None:
+            entry["accuracy"] = float(np.mean(predicted == np.asarray(labels[: len(texts)])))
+            entry["n"] = len(texts)
+        results.append(entry)
+    return results
