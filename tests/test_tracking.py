@@ -53,6 +53,7 @@ def test_mlflow_logs_params_epochs_metrics_and_the_run_folder(image_folder, tmp_
     assert [m.value for m in sorted(series, key=lambda m: m.step)] == pytest.approx([row[numeric] for row in history])
     artifacts = {a.path for a in client.list_artifacts(logged.info.run_id, "run")}
     assert {"run/metrics.json", "run/README.md", "run/model"} <= artifacts
+    assert (tmp_path / "mlartifacts").is_dir()  # beside the database, not in the working directory
 
 
 def test_tensorboard_writes_epoch_and_final_scalars(image_folder, tmp_path):

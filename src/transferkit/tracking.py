@@ -4,7 +4,8 @@ Logged once the run folder is published: the options as parameters (``fit.data``
 ``strategy.name``, ...), every numeric column of ``history.jsonl`` per epoch, the final numeric metrics of
 ``metrics.json`` (``accuracy``, ``macro_f1``, ``cv.mean``, ...), and for MLflow the run folder itself as an
 artefact (``run/``). MLflow logs to ``--track-uri``, else ``$MLFLOW_TRACKING_URI``, else a local SQLite store
-``sqlite:///mlflow.db`` (recent MLflow refuses the plain file store unless told otherwise); TensorBoard writes
+``sqlite:///mlflow.db`` (recent MLflow refuses the plain file store unless told otherwise), whose artefacts go to
+``mlartifacts/`` beside the database; TensorBoard writes
 event files under ``--track-uri`` (default ``runs/tensorboard``) in a folder named after the run.
 """
 
@@ -100,7 +101,12 @@ def log_to_mlflow(run_dir: Path, options: dict[str, Any], metrics: dict[str, Any
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_MLFLOW_URI
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found is not None else client.create_experiment(experiment)
+    if found is not None:
+        experiment_id = found.experiment_id
+    else:  # a SQLite store keeps its artefacts beside the database, not in the working directory
+        location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri() \
+            if uri.startswith("sqlite:///") else None
+        experiment_id = client.create_experiment(experiment, artifact_location=location)
     run = client.create_run(experiment_id, run_name=run_dir.name, tags={"transferkit.run_dir": str(run_dir)})
     run_id = run.info.run_id
     try:
