@@ -4,6 +4,7 @@ and ``predict`` / ``evaluate`` running the export on onnxruntime."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,6 +52,12 @@ def test_image_run_exports_to_onnx_with_parity_and_runs_on_onnxruntime(tmp_path,
     assert [r["prediction"] for r in rows] == torch_model.predict(files[:3])
     onnx_report = transferkit.evaluate(export, str(tmp_path / "data"), progress=False)
     assert onnx_report["accuracy"] == transferkit.evaluate(run.path, str(tmp_path / "data"), progress=False)["accuracy"]
+    from tests.test_serve import Client, running_server, stop_cleanly
+
+    with running_server(["--model", export, "--name", "onnx"]) as (port, process):  # serve runs the export too
+        status, answer = Client(port).upload("/predict", [(Path(f).name, Path(f).read_bytes()) for f in files[:3]])
+        assert status == 200 and [r["prediction"] for r in answer["predictions"]] == [r["prediction"] for r in rows]
+        stop_cleanly(process)
     # over an existing export without --overwrite: refused in one line
     assert main(["export", "--model", str(run.path), "--format", "onnx", "--out", str(export)]) == 2
     assert "already holds" in capsys.readouterr().err

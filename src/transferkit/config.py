@@ -21,6 +21,8 @@ from transferkit.errors import TransferkitError, check_count
 #: the largest input resolution accepted (in pixels): larger ones would exhaust memory before the first batch
 MAX_IMAGE_SIZE = 4096
 
+PROTOCOLS = ("auto", "cv", "holdout")
+
 
 @dataclass
 class FitConfig:
@@ -40,6 +42,12 @@ class FitConfig:
                                                             "subset of this many test items."})
     val_fraction: float = field(default=0.15, metadata={"help": "Validation share when splitting automatically."})
     test_fraction: float = field(default=0.2, metadata={"help": "Test share when the data has no test split."})
+    protocol: str = field(default="auto", metadata={"help": "How labels are spent. cv: stratified k-fold "
+                          "cross-validation (k = min(5, smallest class)) chooses the settings and estimates accuracy "
+                          "out of fold, then the final model is refit on every labelled item; holdout: train / "
+                          "validation / test splits (--val-fraction, --test-fraction); auto: cv when the data has "
+                          "no test or validation split of its own and its smallest class has fewer than 50 items, "
+                          "holdout otherwise."})
     pretrained: bool = field(default=True, metadata={"help": "Start from pretrained weights (--no-pretrained: "
                                                     "the same architecture from random initialisation)."})
     image_size: int | None = field(default=None, metadata={"help": "Input resolution in pixels (default: the "
@@ -67,6 +75,8 @@ class FitConfig:
         if not 0 < self.val_fraction < 1 or not 0 <= self.test_fraction < 1:
             raise TransferkitError("--val-fraction must lie in (0, 1) and --test-fraction in [0, 1)",
                                    "pass fractions such as 0.15 and 0.2")
+        if self.protocol not in PROTOCOLS:
+            raise TransferkitError(f"invalid --protocol '{self.protocol}'", f"choose one of {', '.join(PROTOCOLS)}")
         if not 0 <= self.head_dropout < 1 or not 0 <= self.label_smoothing < 1:
             raise TransferkitError("--head-dropout and --label-smoothing must lie in [0, 1)", "pass e.g. 0.1")
 

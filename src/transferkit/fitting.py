@@ -94,7 +94,7 @@ def fit_run(fit: FitConfig, train: TrainConfig, strategy: Strategy, extensions: 
         return fit_causal_lm_run(fit, train, strategy, tasks_extension.config.parsed()[0][0], folder, options,
                                  state)
     started = time.perf_counter()
-    splits = load_splits(fit, train)
+    splits = load_splits(fit, train, extensions, state.num_processes)
     backbone_name = fit.backbone or default_backbone(splits.modality)
     backbone = build_backbone(backbone_name, fit, train, splits)
     model = build_model(fit, train, backbone, splits, strategy)
@@ -107,6 +107,10 @@ def fit_run(fit: FitConfig, train: TrainConfig, strategy: Strategy, extensions: 
                 len(splits.test) if splits.test else 0, len(splits.class_names))
     folder.begin()  # every input is checked: only now does anything get written
     with folder:  # a failure removes the staging folder unless it holds a checkpoint to resume from
+        if splits.protocol == "cv":  # settings chosen in the folds; train_model is then the refit on every label
+            from transferkit.evaluation.crossfit import cross_validate_fit
+
+            cross_validate_fit(model, strategy, context, extensions, fit)
         result = train_model(model, strategy, extensions, context)
         train_seconds = time.perf_counter() - started
         if not state.is_main_process:
@@ -116,18 +120,19 @@ def fit_run(fit: FitConfig, train: TrainConfig, strategy: Strategy, extensions: 
         metrics = run_metrics(model, backbone_name, strategy, extensions, context, splits, result, report,
                               eval_split, train_seconds, options)
         write_run(folder, model, strategy, fit, metrics, result.history, backbone_name)
+    for ext in extensions:  # e.g. --track: log the published run
+        ext.published(folder.out, metrics, result.history)
     logger.info("%s %s; run written to %s", eval_split, ", ".join(f"{k} {metrics[k]:.4f}" for k in
                 ("accuracy", "macro_f1", "mae", "coverage") if isinstance(metrics.get(k), float)), folder.out)
     return Run(folder.out, metrics, result.history)
 
 
-def load_splits(fit: FitConfig, train: TrainConfig) -> DataSplits:
-    """The train / val / test splits of ``--data`` (seeded), with their notes logged."""
-    from transferkit.data import load_data
+def load_splits(fit: FitConfig, train: TrainConfig, extensions: list = (), processes: int = 1) -> DataSplits:
+    """The splits of ``--data`` under ``--protocol`` (seeded), with their notes logged: train / val / test for
+    holdout; under cv every labelled item in train (val empty, test only when the data gives one)."""
+    from transferkit.evaluation.crossfit import plan_protocol
 
-    splits = load_data(fit.data, text_column=fit.text_column, label_column=fit.label_column,
-                       limit_per_class=fit.limit_per_class, seed=train.seed, val_fraction=fit.val_fraction,
-                       test_fraction=fit.test_fraction, test_limit=fit.test_limit)
+    splits = plan_protocol(fit, train.seed, extensions=extensions, processes=processes)
     for note in splits.notes:
         logger.info("data: %s", note)
     return splits
@@ -207,6 +212,10 @@ def score_model(model: TransferModel, strategy: Strategy, splits: DataSplits, co
     from transferkit.inference import evaluate_features, evaluate_model
 
     eval_split, data = ("test", splits.test) if splits.test is not None and len(splits.test) else ("val", splits.val)
+    if context.cv is not None and eval_split != "test":  # scored out of fold, on every labelled item
+        from transferkit.evaluation.crossfit import cv_report
+
+        return "cv", cv_report(context.cv, splits.train)
     batch_size = max(32, train.batch_size)
     if model.tasks[0].kind != "classify":  # regression first (--task size:regress ...): scored by the task metrics
         from transferkit.tasks.extension import first_task_report
@@ -225,8 +234,9 @@ def run_metrics(model: TransferModel, backbone_name: str, strategy: Strategy, ex
     metrics: dict[str, Any] = {
         **{k: report[k] for k in ("accuracy", "macro_f1") if k in report},
         **({"top5_accuracy": report["top5_accuracy"]} if "top5_accuracy" in report else {}),
-        "accuracy_split": eval_split if eval_split == "test" or strategy.frozen_backbone
+        "accuracy_split": eval_split if eval_split in ("test", "cv") or strategy.frozen_backbone
         else "val (also used for early stopping: no test split)",
+        "protocol": splits.protocol,
         "n_eval": report["n"],
         "trainable_params": trainable,
         "total_params": total,
@@ -244,6 +254,8 @@ def run_metrics(model: TransferModel, backbone_name: str, strategy: Strategy, ex
         "evaluation": report,
         "config": options,
     }
+    if context.cv is not None:
+        metrics.update(cv=context.cv.summary(), n_train_final=len(splits.train))
     if hasattr(strategy, "metrics"):  # strategy-specific counts (e.g. FISH's mask size)
         metrics.update(strategy.metrics(model))
     for ext in extensions:

@@ -8,7 +8,7 @@ from transferkit.cli.options import add_dataclass_options, print_json
 
 
 def register(subparsers) -> None:
-    from transferkit.search.auto import AutoConfig
+    from transferkit.search.auto_search import AutoConfig
 
     parser = subparsers.add_parser(
         "auto", help="Search backbones, resolutions and strategies by cross-validation within a time budget; "
@@ -25,11 +25,11 @@ def register(subparsers) -> None:
 
 def run_auto_command(args: argparse.Namespace) -> int:
     from transferkit.config import build
-    from transferkit.search.auto import AutoConfig, run_auto
+    from transferkit.search.auto_search import AutoConfig, process_start_time, run_auto
 
     options = {k: v for k, v in vars(args).items() if k not in {"func", "command", "verbose", "quiet", "json"}}
     config = build(AutoConfig, options)
-    run = run_auto(config)
+    run = run_auto(config, started=process_start_time())  # the budget covers the whole command
     if args.json:
         print_json(run.metrics)
     else:

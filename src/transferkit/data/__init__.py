@@ -198,7 +198,8 @@ def load_data(
     for split_name, part in (("train", train), ("val", val), ("test", test)):
         if part is not None:
             part.name = f"{name}/{split_name}"
-    splits = DataSplits(train=train, val=val, test=test, notes=notes, source=str(spec))
+    splits = DataSplits(train=train, val=val, test=test, notes=notes, source=str(spec),
+                        given=tuple(part for part in ("val", "test") if part in parts))
     if test is not None and test_origin:
         notes.insert(0, f"test split: {test_origin}")
     notes.extend(tiny_class_notes(splits))

@@ -176,6 +176,8 @@ class DataSplits:
     test: LabeledData | None
     notes: list[str] = field(default_factory=list)
     source: str = ""  # what --data pointed at
+    given: tuple[str, ...] = ()  # the splits the data itself provides ("val", "test"), as opposed to carved ones
+    protocol: str = "holdout"  # "cv": train holds every labelled item, val is empty (fit --protocol cv)
 
     @property
     def class_names(self) -> list[str]:

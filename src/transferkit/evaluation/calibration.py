@@ -147,6 +147,11 @@ class TemperatureScaling(FitExtension):
         return super().supports(strategy, task_kind)
 
     def metrics(self, context: Any, model: Any) -> dict[str, Any]:
+        if context.cv is not None:  # --protocol cv: fitted on the out-of-fold predictions of every labelled item
+            from transferkit.evaluation.crossfit import fit_cv_temperature
+
+            record = fit_cv_temperature(context.cv, context.splits.train.labels)
+            return self._record(context, record)
         val = context.splits.val
         keep = val.labels >= 0
         if not keep.any():
@@ -157,13 +162,17 @@ class TemperatureScaling(FitExtension):
         temperature = fit_temperature(logits, val.labels)
         before = expected_calibration_error(softmax(logits), val.labels)
         after = expected_calibration_error(softmax(logits, temperature), val.labels)
-        record = {"temperature": temperature, "fitted_on": "validation split", "n": int(len(val)),
-                  "val_ece_before": before, "val_ece_after": after}
+        return self._record(context, {"temperature": temperature, "fitted_on": "validation split", "n": int(len(val)),
+                                      "val_ece_before": before, "val_ece_after": after})
+
+    @staticmethod
+    def _record(context: Any, record: dict[str, Any]) -> dict[str, Any]:
         if context.run_dir is not None:
             (Path(context.run_dir) / CALIBRATION_FILE).write_text(json.dumps(record, indent=2))
-        logger.info("temperature %.3f fitted on %d validation items (val ECE %.4f -> %.4f)", temperature,
-                    len(val), before, after)
-        return {"temperature": temperature, "val_ece_before_temperature": before, "val_ece_after_temperature": after}
+        logger.info("temperature %.3f fitted on %d items of the %s (ECE %.4f -> %.4f)", record["temperature"],
+                    record["n"], record["fitted_on"], record["val_ece_before"], record["val_ece_after"])
+        return {"temperature": record["temperature"], "val_ece_before_temperature": record["val_ece_before"],
+                "val_ece_after_temperature": record["val_ece_after"]}
 
 
 # --- evaluation hook ---------------------------------------------------------------------------------------

@@ -118,7 +118,7 @@ class Preprocessor:
         from transferkit.backbones.base import as_pil_image
 
         tensors = [self.transform(as_pil_image(item, self.spec["mode"])) for item in items]
-        return {"pixels": torch.stack(tensors).numpy().astype(np.float32)}
+        return {"pixels": torch.stack(tensors).cpu().numpy().astype(np.float32)}
 
 
 # --- export ------------------------------------------------------------------------------------------------------
@@ -169,7 +169,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, overwrite: bool = False,
 
     folder = OutputFolder(out, "export", overwrite=overwrite)
     folder.check()
-    loaded = load(model_dir)
+    loaded = load(model_dir, device="cpu")  # traced with CPU example inputs, compared on onnxruntime's CPU provider
     loaded.refuse_language_model()
     model = loaded.module
     if any(t.kind != "classify" for t in model.tasks[:1]):

@@ -628,8 +628,8 @@ def build_index(out: str | Path, *, docs: str | Path | None = None, images: str 
             index.save(folder.stage)
         with storage.WriterLock(out) if main and storage.is_index_folder(out) else contextlib.nullcontext():
             folder.publish()  # an index being replaced is not in the middle of another writer's commit
-    except BaseException:
-        folder.abandon()
+    except BaseException as exc:
+        folder.abandon(exc)
         raise
     index.folder = out
     logger.info("index of %d vectors (%d sources) written to %s", len(index), len(index.sources()), out)

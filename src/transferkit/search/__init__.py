@@ -8,7 +8,7 @@ from typing import Any
 
 def auto(data: str, *, out: str, time_budget: str | float = "10m", **options: Any):
     """``transferkit.auto("photos/", out="runs/auto", time_budget="10m")``: see ``transferkit auto --help``."""
-    from transferkit.search.auto import AutoConfig, run_auto
+    from transferkit.search.auto_search import AutoConfig, run_auto
 
     unknown = sorted(set(options) - set(AutoConfig.__dataclass_fields__))
     if unknown:

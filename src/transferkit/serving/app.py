@@ -55,6 +55,8 @@ class ServeConfig:
                                                                    "the health probes then needs "
                                                                    "`Authorization: Bearer <token>`."})
     max_batch: int = field(default=32, metadata={"help": "Most items in one forward pass (1: no batching)."})
+    device: str = field(default="auto", metadata={"help": "Where the model runs: auto (this process's GPU if any, "
+                                                           "else the CPU), cpu, cuda, cuda:N or mps."})
     max_wait_ms: float = field(default=5.0, metadata={"help": "Longest wait for more requests to fill a batch."})
     max_body_mb: float = field(default=16.0, metadata={"help": "Largest request body accepted (413 above)."})
     max_image_pixels: int = field(default=40_000_000, metadata={"help": "Largest image (width x height) decoded; "
@@ -184,7 +186,7 @@ def load_service(config: ServeConfig) -> ModelService:
     config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
-    loaded = load(config.model)
+    loaded = load(config.model, config.device)
     loaded.refuse_language_model()
     name = config.name or Path(config.model).resolve().name
     if not name or "/" in name:

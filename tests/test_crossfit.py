@@ -1,0 +1,167 @@
+"""``fit --protocol cv|holdout|auto``: folds never leak, the final model is refit on every label, bad input exits 2."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import transferkit
+from transferkit.cli.main import main
+from transferkit.engine.context import RunContext
+
+SMALL = {"backbone": "small_cnn", "batch_size": 8, "lr": 0.01, "progress": False, "threads": 1}
+
+
+def _stripes(direction: str, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 60, (28, 28)).astype(np.uint8)
+    if direction == "h":
+        image[:: 4 + seed % 3, :] = 255
+    else:
+        image[:, :: 4 + seed % 3] = 255
+    return Image.fromarray(image)
+
+
+def _folder(root: Path, per_class: int, classes=("horizontal", "vertical"), test: int = 0) -> Path:
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            path = root / ("train" if test else "") / name / f"{i:02d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _stripes("hv"[c % 2], i + 50 * c).save(path)
+        for i in range(test):
+            path = root / "test" / name / f"{i:02d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _stripes("hv"[c % 2], 1000 + i).save(path)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("TRANSFERKIT_PROGRESS", "0")
+
+
+@pytest.fixture(scope="module")
+def stripes(tmp_path_factory) -> Path:
+    return _folder(tmp_path_factory.mktemp("cv") / "stripes", 8)
+
+
+def _all_ids(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*.png")}
+
+
+def _spy_engine(monkeypatch) -> list[tuple[set[str], set[str]]]:
+    """Record the (train ids, validation ids) of every engine training run."""
+    calls: list[tuple[set[str], set[str]]] = []
+    original = RunContext.train_with_engine
+
+    def spy(self, model, strategy):
+        calls.append((set(self.splits.train.ids), set(self.splits.val.ids)))
+        return original(self, model, strategy)
+
+    monkeypatch.setattr(RunContext, "train_with_engine", spy)
+    return calls
+
+
+def test_cv_folds_never_leak_and_the_final_model_is_refit_on_every_label(stripes, tmp_path, monkeypatch):
+    calls = _spy_engine(monkeypatch)
+    run = transferkit.fit(str(stripes), strategy="finetune", epochs=3, out=str(tmp_path / "run"), **SMALL)
+    every = _all_ids(stripes)
+    folds, final = calls[:-1], calls[-1]
+    assert len(folds) == 5  # k = min(5, smallest class of 8)
+    for train_ids, val_ids in folds:
+        assert val_ids and not train_ids & val_ids and train_ids | val_ids == every
+    assert set().union(*[v for _, v in folds]) == every  # every item validated once
+    assert final == (every, set())  # refit: every labelled item, no validation split
+    m = run.metrics
+    assert m["accuracy_split"] == "cv" and m["protocol"] == "cv" and m["n_train_final"] == 16
+    assert m["cv"]["k"] == 5 and len(m["cv"]["fold_accuracies"]) == 5 and 1 <= m["cv"]["chosen"]["epochs"] <= 3
+    assert m["evaluation"]["n"] == 16 and sum(map(sum, m["evaluation"]["confusion_matrix"])) == 16
+    history = [json.loads(line) for line in (run.path / "history.jsonl").read_text().splitlines()]
+    assert len(history) == m["cv"]["chosen"]["epochs"]  # the refit trains the chosen number of epochs
+    with open(run.path / "cv_predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["id"] for r in rows} == every
+    oof = np.array([[float(r["p_horizontal"]), float(r["p_vertical"])] for r in rows])
+    labels = np.array([r["label"] == "vertical" for r in rows])
+    assert m["accuracy"] == pytest.approx(float((oof.argmax(1) == labels).mean()))
+
+
+def test_default_probe_chooses_c_in_repeated_folds_and_refits_on_all(stripes, tmp_path, monkeypatch):
+    from transferkit.strategies import linear_probe
+
+    seen = []
+    original = linear_probe.fit_probe
+
+    def spy(model, context, c, max_iter):
+        seen.append((set(context.splits.train.ids), len(context.splits.val), c))
+        return original(model, context, c, max_iter)
+
+    monkeypatch.setattr(linear_probe, "fit_probe", spy)
+    run = transferkit.fit(str(stripes), out=str(tmp_path / "run"), **SMALL)
+    m = run.metrics
+    assert m["accuracy_split"] == "cv" and m["cv"]["repeats"] == 3 and len(m["cv"]["fold_accuracies"]) == 15
+    assert seen == [(_all_ids(stripes), 0, m["cv"]["chosen"]["probe_c"])]  # one refit, every item, chosen C
+    assert m["config"]["strategy"]["options"]["probe_c"] == 1.0  # the recorded options are the user's
+
+
+def test_seeds_reshuffle_the_folds(stripes, tmp_path):
+    folds = [transferkit.fit(str(stripes), out=str(tmp_path / f"s{seed}"), seed=seed, **SMALL).metrics["cv"]
+             for seed in (0, 1)]
+    assert folds[0]["seed"] == 0 and folds[1]["seed"] == 1
+    assert folds[0]["fold_accuracies"] != folds[1]["fold_accuracies"] or True  # scores may tie; ids below
+    from transferkit.data.images import read_image_folder
+    from transferkit.evaluation.protocol import stratified_folds
+
+    labels = read_image_folder(stripes)["all"].labels
+    assert [v.tolist() for _, v in stratified_folds(labels, 5, seed=0)] != \
+        [v.tolist() for _, v in stratified_folds(labels, 5, seed=1)]
+
+
+def test_temperature_scaling_under_cv_uses_the_out_of_fold_predictions(stripes, tmp_path):
+    run = transferkit.fit(str(stripes), out=str(tmp_path / "run"), temperature_scale=True, **SMALL)
+    record = json.loads((run.path / "calibration.json").read_text())
+    assert record["fitted_on"].startswith("out-of-fold") and record["n"] == 16
+    assert transferkit.load(run.path).temperature == pytest.approx(record["temperature"])
+
+
+def test_holdout_and_given_test_split_keep_todays_behaviour(stripes, tmp_path):
+    holdout = transferkit.fit(str(stripes), out=str(tmp_path / "h"), protocol="holdout", **SMALL).metrics
+    assert holdout["accuracy_split"] == "test" and holdout["dataset_sizes"]["test"] > 0 and "cv" not in holdout
+    given = _folder(tmp_path / "given", 6, test=3)
+    auto = transferkit.fit(str(given), out=str(tmp_path / "g"), **SMALL).metrics
+    assert auto["protocol"] == "holdout" and auto["accuracy_split"] == "test" and auto["n_eval"] == 6
+    cv = transferkit.fit(str(given), out=str(tmp_path / "gcv"), protocol="cv", **SMALL).metrics
+    assert cv["protocol"] == "cv" and cv["accuracy_split"] == "test" and cv["n_train_final"] == 12
+    assert cv["dataset_sizes"] == {"train": 12, "val": 0, "test": 6}
+
+
+def test_auto_uses_holdout_for_large_classes(tmp_path):
+    big = _folder(tmp_path / "big", 50)
+    metrics = transferkit.fit(str(big), out=str(tmp_path / "r"), **SMALL).metrics
+    assert metrics["protocol"] == "holdout" and metrics["accuracy_split"] == "test"
+
+
+@pytest.mark.parametrize("per_class, classes, protocol, expected", [
+    (1, ("a", "b"), "cv", "single example"),
+    (1, ("a", "b"), "auto", "single example"),
+    (6, ("only",), "cv", "class"),
+])
+def test_data_that_cannot_be_cross_validated_exits_2_with_one_line(per_class, classes, protocol, expected, tmp_path,
+                                                                   capsys):
+    folder = _folder(tmp_path / "data", per_class, classes)
+    out = tmp_path / "out"
+    code = main(["fit", "--data", str(folder), "--backbone", "small_cnn", "--protocol", protocol, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and expected in err[0], err
+    assert not out.exists()
+
+
+def test_bad_protocol_value_exits_2(stripes, tmp_path, capsys):
+    assert main(["fit", "--data", str(stripes), "--protocol", "kfold", "--out", str(tmp_path / "o")]) == 2
+    assert "--protocol" in capsys.readouterr().err
