@@ -253,7 +253,7 @@ def _train_fold(model: TransferModel, strategy: Strategy, context: RunContext, e
 
 def fold_probabilities(model: TransferModel, strategy: Strategy, context: RunContext, data: LabeledData) -> np.ndarray:
     """Class probabilities of ``data`` under a trained model (through cached features when the backbone is frozen)."""
-    from transferkit.api import predict_proba_model
+    from transferkit.inference import predict_proba_model
 
     if strategy.frozen_backbone:
         x = torch.as_tensor(context.features(model.backbone, data), dtype=torch.float32)
