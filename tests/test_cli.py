@@ -58,7 +58,9 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 def trained_run(image_folder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "stripes"
     os.environ["TRANSFERKIT_PROGRESS"] = "0"
-    assert main(["fit", "--data", str(image_folder), "--strategy", "finetune", *SMALL, "--out", str(out)]) == 0
+    # holdout: these tests read the carved test split (the cv protocol has its own tests in test_crossfit.py)
+    assert main(["fit", "--data", str(image_folder), "--strategy", "finetune", *SMALL, "--protocol", "holdout",
+                 "--out", str(out)]) == 0
     return out
 
 
