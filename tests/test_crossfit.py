@@ -190,3 +190,21 @@ def test_run_report_under_cv_shows_the_out_of_fold_predictions_of_every_item(str
     with open(run.path / "cv_predictions.csv") as fh:
         rows = {r["id"]: float(r["p_vertical"]) for r in csv.DictReader(fh)}
     np.testing.assert_allclose(shown[0][:, 1], [rows[i] for i in data.ids], atol=1e-5)
+
+
+def test_extensions_that_need_a_validation_split_keep_holdout_or_are_refused_under_cv(stripes):
+    from transferkit.config import FitConfig
+    from transferkit.errors import TransferkitError
+    from transferkit.evaluation.crossfit import plan_protocol
+
+    class Adaptation:
+        name = "adaptation"
+
+        def describe(self) -> str:
+            return "--adapt dann"
+
+    auto = plan_protocol(FitConfig(data=str(stripes)), 0, extensions=[Adaptation()])
+    assert auto.protocol == "holdout" and auto.test is not None and any("--adapt dann" in n for n in auto.notes)
+    with pytest.raises(TransferkitError, match="--protocol cv does not support --adapt dann"):
+        plan_protocol(FitConfig(data=str(stripes), protocol="cv"), 0, extensions=[Adaptation()])
+    assert plan_protocol(FitConfig(data=str(stripes)), 0, processes=2).protocol == "holdout"
