@@ -445,3 +445,33 @@ def test_python_api_writes_seq2seq_and_charlm_run_folders(tmp_path) -> None:
     assert is_output(lm.path, "charlm") and "q" in vocab.symbols and lm.accuracy == lm.metrics["val_accuracy"]
     with pytest.raises(TransferkitError, match="holds a transferkit seq2seq output, not a charlm"):
         fit_charlm(run.path, tmp_path / "book.txt", overwrite=True)
+
+
+def test_resumed_seq2seq_averages_the_same_epochs_as_an_uninterrupted_run(tmp_path, monkeypatch) -> None:
+    """The checkpoint-averaging snapshots are part of the engine checkpoint (a resume used to start them empty)."""
+    import transferkit.sequence.seq2seq as seq2seq
+    from transferkit.engine import TrainConfig
+    from transferkit.sequence.seq2seq import Seq2SeqConfig, train_seq2seq
+
+    splits = split_pairs(binary_to_decimal_pairs(5), 0.8, 0.2, seed=0)
+    config = Seq2SeqConfig(attention="bahdanau", embedding_dim=4, hidden_size=8, dropout=0.0, average_last=3)
+    train = TrainConfig(epochs=4, batch_size=8, lr=0.01, early_stopping=0, device="cpu", threads=1, seed=1)
+    reference = train_seq2seq(splits, config, train, progress=False)
+
+    original, calls = seq2seq.seq2seq_metrics, []
+
+    def interrupt_at_third_validation(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(seq2seq, "seq2seq_metrics", interrupt_at_third_validation)
+    with pytest.raises(KeyboardInterrupt):
+        train_seq2seq(splits, config, train, checkpoint_dir=tmp_path, progress=False)
+    monkeypatch.setattr(seq2seq, "seq2seq_metrics", original)
+    resumed = train_seq2seq(splits, config, train, checkpoint_dir=tmp_path, progress=False)
+    assert resumed.metrics["checkpoint_averaging"] == reference.metrics["checkpoint_averaging"]
+    assert resumed.metrics["checkpoint_averaging"]["epochs"] == 3
+    for a, b in zip(reference.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)

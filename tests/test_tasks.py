@@ -274,6 +274,22 @@ def test_multitask_fit_on_stars_writes_per_task_metrics_and_reloads(tmp_path) ->
     assert report["tasks"]["size"]["mae"] > 0 and report["tasks"]["size"]["crossings"] == 0
 
 
+def test_too_small_calibration_split_is_flagged_in_metrics_json(tmp_path) -> None:
+    """Six validation items cannot give a 98% conformal guarantee (rank ceil(7 * 0.98) = 7 > 6; it needs 49): the
+    run says so in metrics.json (flag, warning, note) instead of silently clamping the rank."""
+    import transferkit
+
+    run = transferkit.fit("stars", backbone="small_cnn", strategy="finetune", head_init="random",
+                          task=["size:quantile"], quantiles="0.01,0.5,0.99", limit_per_class=2, epochs=1,
+                          batch_size=16, image_size=16, test_limit=6, out=str(tmp_path / "run"), progress=False,
+                          device="cpu")
+    metrics = json.loads((run.path / "metrics.json").read_text())
+    calibration = metrics["tasks"]["size"]["calibration"]
+    assert calibration["n"] == metrics["dataset_sizes"]["val"] < 49
+    assert calibration["coverage_guaranteed"] is False and "too few" in calibration["warning"]
+    assert any("too few for the 98% coverage guarantee" in note for note in metrics["notes"])
+
+
 def test_multitask_rejects_frozen_feature_strategies_and_unknown_columns(tmp_path) -> None:
     """(A regression first is allowed: see test_regression_first_task_lists_fit_evaluate_and_predict.)"""
     import transferkit

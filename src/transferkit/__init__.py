@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "fit", "load", "evaluate", "predict", "TransferkitError"]
+__all__ = ["__version__", "fit", "auto", "load", "evaluate", "predict", "TransferkitError"]
 
 from transferkit.errors import TransferkitError
 
@@ -15,4 +15,8 @@ def __getattr__(name: str):
         from transferkit import api
 
         return getattr(api, name)
+    if name == "auto":
+        from transferkit.search import auto
+
+        return auto
     raise AttributeError(f"module 'transferkit' has no attribute {name!r}")

@@ -38,6 +38,8 @@ def resolve_options(options: dict[str, Any], config_file: str | Path | None = No
     merged.update({k.replace("-", "_"): v for k, v in options.items() if v is not None})
     fit = build(FitConfig, merged)
     fit.validate()
+    for key, value in strategy_class(fit.strategy).train_defaults.items():  # the strategy's few-shot defaults
+        merged.setdefault(key, value)
     train = build(TrainConfig, merged)
     train.validate()
     extensions = []
@@ -97,6 +99,10 @@ class LoadedModel:
         return self.module.backbone.modality
 
     @property
+    def tasks(self) -> list:
+        return list(self.module.tasks)
+
+    @property
     def is_language_model(self) -> bool:
         """A ``--task causal-lm`` run: it scores perplexity and generates text instead of predicting classes."""
         return self.config.get("task") == "causal-lm"
@@ -123,7 +129,18 @@ class LoadedModel:
 
     def predict_proba(self, items: Any, batch_size: int = 64) -> np.ndarray:
         self.refuse_language_model()
-        return predict_proba_model(self.module, self._as_data(items), batch_size, temperature=self.temperature)
+        return self.predict_proba_data(self._as_data(items), batch_size)
+
+    def predict_proba_data(self, data, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """Class probabilities for every item of a LabeledData, with the model's test-time augmentation (``tta``
+        in its config: ``hflip`` averages each image with its mirror image) and temperature."""
+        probabilities = predict_proba_model(self.module, data, batch_size, progress, temperature=self.temperature)
+        if self.config.get("tta") == "hflip" and data.modality == "image":
+            from transferkit.search.training import mirrored
+
+            probabilities = 0.5 * (probabilities + predict_proba_model(self.module, mirrored(data), batch_size,
+                                                                       temperature=self.temperature))
+        return probabilities
 
     def predict(self, items: Any, batch_size: int = 64) -> list[str]:
         probabilities = self.predict_proba(items, batch_size)
@@ -160,9 +177,41 @@ def load(path: str | Path, device: str = "auto") -> LoadedModel:
     target = resolve_device(device)  # a bad --device is refused before anything is read
     if not path.exists():
         raise TransferkitError(f"model folder '{path}' does not exist", "pass the --out folder of a finished fit")
+    from transferkit.export.onnx import OnnxModel, is_onnx_export
+    from transferkit.model import read_model_config
+    from transferkit.search.ensemble import ENSEMBLE_KEY
+
+    if is_onnx_export(path):  # `export --format onnx`: runs on onnxruntime
+        return OnnxModel(path)  # type: ignore[return-value]
+    config = read_model_config(path)
+    if ENSEMBLE_KEY in config:
+        return EnsembleModel(config, path, device)
     module, config = load_model(path)
     place(module, target)
     return LoadedModel(module, config, path)
+
+
+class EnsembleModel(LoadedModel):
+    """An ensemble folder (``transferkit auto``): the weighted mean of its members' probabilities, each member with
+    its own preprocessing and test-time augmentation. ``module`` is the first member's network (classes, modality)."""
+
+    def __init__(self, config: dict[str, Any], path: Path, device: str = "auto") -> None:
+        folder = Path(config["_folder"])
+        spec = config["ensemble"]
+        self.members = [load(folder / member, device) for member in spec["members"]]
+        self.weights = [float(w) for w in spec["weights"]]
+        if not self.members or len(self.weights) != len(self.members):
+            raise TransferkitError(f"the ensemble in '{folder}' lists no members or mismatched weights",
+                                   "re-run `transferkit auto`")
+        if any(m.classes_ != self.members[0].classes_ for m in self.members):
+            raise TransferkitError(f"the members of the ensemble in '{folder}' have different classes",
+                                   "re-run `transferkit auto`")
+        super().__init__(self.members[0].module, config, path)
+
+    def predict_proba_data(self, data, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        total = sum(self.weights)
+        return sum(w / total * m.predict_proba_data(data, batch_size, progress)
+                   for m, w in zip(self.members, self.weights))
 
 
 def evaluate(model: str | Path | LoadedModel, data: str, *, text_column: str | None = None,
@@ -176,7 +225,7 @@ def evaluate(model: str | Path | LoadedModel, data: str, *, text_column: str | N
     from transferkit.evaluation.hooks import run_evaluation_hooks
 
     check_count("--batch-size", batch_size)
-    loaded = model if isinstance(model, LoadedModel) else load(model, device)
+    loaded = load(model, device) if isinstance(model, (str, Path)) else model  # a LoadedModel or an OnnxModel
     if loaded.is_language_model:
         from transferkit.tasks.causal_lm import evaluate_perplexity
 
@@ -185,11 +234,21 @@ def evaluate(model: str | Path | LoadedModel, data: str, *, text_column: str | N
     if eval_data.modality != loaded.modality:
         raise TransferkitError(f"the model takes {loaded.modality} input but '{data}' is {eval_data.modality} data",
                                "evaluate on data of the kind the model was trained on")
+    if not isinstance(loaded, LoadedModel):  # an ONNX export: onnxruntime probabilities, the plain report
+        from transferkit.evaluation.metrics import classification_report
+
+        keep = eval_data.labels >= 0
+        probabilities = loaded.predict_proba([eval_data.items[i] for i in np.flatnonzero(keep)], batch_size)
+        return classification_report(eval_data.labels[keep], probabilities, loaded.classes_)
     if loaded.module.tasks[0].kind != "classify":  # regression first: the task metrics are the report
         from transferkit.tasks.extension import first_task_report
 
         return first_task_report(loaded.module, eval_data, batch_size)  # the hooks measure classifiers
-    report = evaluate_model(loaded.module, eval_data, batch_size=batch_size, progress=progress)
+    from transferkit.evaluation.metrics import classification_report
+
+    keep = eval_data.labels >= 0
+    probabilities = loaded.predict_proba_data(eval_data, batch_size, progress)
+    report = classification_report(eval_data.labels[keep], probabilities[keep], loaded.classes_)
     report.update(run_evaluation_hooks(loaded, eval_data, report, options))
     return report
 
@@ -216,7 +275,7 @@ def predict(model: str | Path | LoadedModel, inputs: list[str], batch_size: int 
     """One row per input: ``{"input", "prediction", "probabilities": {class: p}}``; ``device`` places a model
     loaded from a folder."""
     check_count("--batch-size", batch_size)
-    loaded = model if isinstance(model, LoadedModel) else load(model, device)
+    loaded = load(model, device) if isinstance(model, (str, Path)) else model  # a LoadedModel or an OnnxModel
     loaded.refuse_language_model()
     items = expand_inputs(list(inputs), loaded.modality)
     return prediction_rows(loaded, items, items, batch_size)
@@ -225,7 +284,7 @@ def predict(model: str | Path | LoadedModel, inputs: list[str], batch_size: int 
 def prediction_rows(loaded: LoadedModel, items: list[Any], names: list[Any],
                     batch_size: int = 64) -> list[dict[str, Any]]:
     """``predict``'s rows for ``items`` (paths, PIL images or texts), each row's ``"input"`` taken from ``names``."""
-    if loaded.module.tasks[0].kind != "classify" or len(loaded.module.tasks) > 1:  # every task's prediction
+    if loaded.tasks[0].kind != "classify" or len(loaded.tasks) > 1:  # every task's prediction
         from transferkit.tasks.extension import predict_task_rows
 
         rows = predict_task_rows(loaded.module, loaded._as_data(items), batch_size)

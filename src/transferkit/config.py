@@ -171,18 +171,24 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in content.items()}
 
 
-_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+# --- durations --------------------------------------------------------------------------------------------------
+
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
 
 
-def parse_duration(value: str | float | int, name: str = "--time-budget") -> float:
-    """Seconds from a duration: a number of seconds (``600``, ``600s``), minutes (``10m``) or hours (``1h``,
-    ``1.5h``). Raises TransferkitError unless the result is a finite number above 0."""
-    text = str(value).strip().lower()
-    unit = text[-1:] if text[-1:] in ("s", "m", "h") else ""
-    try:
-        seconds = float(text[: len(text) - len(unit)]) * _DURATION_UNITS[unit]
-    except ValueError:
-        seconds = math.nan
+def parse_duration(text: str | float | int, option: str = "--time-budget") -> float:
+    """Seconds from ``600``, ``600s``, ``10m``, ``1.5h`` (a bare number is seconds); must be above 0."""
+    import math
+    import re
+
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|m|min|h)?\s*", str(text).lower())
+        if match is None:
+            raise TransferkitError(f"invalid {option} '{text}'", "write seconds or a duration such as 600, 600s, "
+                                   "10m or 1h")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2) or ""]
     if not math.isfinite(seconds) or seconds <= 0:
-        raise TransferkitError(f"invalid {name} {value!r}", "give a positive duration such as 600, 600s, 10m or 1h")
+        raise TransferkitError(f"invalid {option} '{text}': it must be above 0", "pass e.g. 10m")
     return seconds

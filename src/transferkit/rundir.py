@@ -9,8 +9,8 @@ Every command that writes an output folder (``fit``, ``seq2seq train``, ``charlm
     try:
         ... write into folder.stage ...
         folder.publish()        # marker file + atomic move into place
-    except BaseException:
-        folder.abandon()        # removes the stage unless it holds a checkpoint (then --resume continues it)
+    except BaseException as exc:
+        folder.abandon(exc)     # removes the stage unless it holds a checkpoint (then --resume continues it)
         raise
 
 Rules:
@@ -181,13 +181,17 @@ def comparable_options(options: Any) -> str:
 
 
 def _process_state():
-    """Accelerate's process state under a multi-process launch (``WORLD_SIZE`` > 1), else None (one process)."""
+    """Accelerate's process state under a multi-process launch (``WORLD_SIZE`` > 1), else None (one process).
+
+    Commands that train create it first with their ``--device`` (``placement.accelerator_kwargs``); the state is
+    shared, so this call then only returns it."""
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         return None
-    import torch
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())  # the first creation decides; later calls share it
+    from transferkit.engine.placement import accelerator_kwargs
+
+    return PartialState(**accelerator_kwargs("auto"))
 
 
 def _process_alive(pid: int) -> bool:
@@ -231,6 +235,7 @@ class OutputFolder:
         self.resume = resume
         self.options = jsonable(options) if options is not None else None
         self._begun = False
+        self._resuming = False
         self._state = _process_state()
 
     # --- processes ---------------------------------------------------------------------------------------
@@ -308,6 +313,7 @@ class OutputFolder:
     def begin(self) -> bool:
         """Check ``out`` and create the staging folder (or keep it: ``--resume``). True = resuming."""
         resuming = self.check()
+        self._wait()  # every process has checked before the main one creates the stage
         if self.is_main_process:
             if not resuming and self.stage.exists():  # --overwrite of an interrupted run (checked to be ours)
                 shutil.rmtree(self.stage)
@@ -323,6 +329,7 @@ class OutputFolder:
                 write_json(self.stage / RUN_CONFIG, self.options)
         self._wait()
         self._begun = True
+        self._resuming = resuming
         return resuming
 
     def publish(self) -> Path:
@@ -358,12 +365,17 @@ class OutputFolder:
             raise
         shutil.rmtree(trash, ignore_errors=True)
 
-    def abandon(self) -> None:
-        """After a failure: remove the staging folder unless it holds a checkpoint (``--resume`` continues it)."""
+    def abandon(self, error: BaseException | None = None) -> None:
+        """After a failure: remove the staging folder unless it holds a checkpoint (``--resume`` continues it).
+
+        A run this command started that was refused (``error`` a TransferkitError: bad input, a NaN loss) is
+        removed even with a checkpoint: resuming it with the same options would fail the same way, and its
+        staging folder would only block the next run. A resumed run's stage is kept (it holds earlier work)."""
         if not self._begun:
             return
         self._begun = False
-        if self.is_main_process and self.stage.is_dir() and not _has_checkpoint(self.stage):
+        refused = isinstance(error, TransferkitError) and not self._resuming
+        if self.is_main_process and self.stage.is_dir() and (refused or not _has_checkpoint(self.stage)):
             shutil.rmtree(self.stage, ignore_errors=True)
 
     def __enter__(self) -> OutputFolder:
@@ -371,7 +383,7 @@ class OutputFolder:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            self.abandon()
+            self.abandon(exc)
 
 
 __all__ = ["KINDS", "MARKER", "OutputFolder", "is_output", "json_default", "output_kind", "read_marker",

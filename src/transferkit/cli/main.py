@@ -34,6 +34,7 @@ _COMMAND_MODULES = [
     "transferkit.cli.sequence",
     "transferkit.cli.compare",
     "transferkit.cli.serve",
+    "transferkit.cli.auto",
 ]
 
 

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 from torch import nn
@@ -33,9 +34,14 @@ def register(subparsers: Any) -> None:
     inspect.add_argument("--json", action="store_true", help="One JSON document on stdout.")
     inspect.set_defaults(func=run_inspect)
 
-    export = subparsers.add_parser("export", help="Export a LoRA run: adapter only, or merged (--merge).")
-    export.add_argument("--model", required=True, help="Run folder (or its model/ subfolder) fitted with lora.")
+    export = subparsers.add_parser("export", help="Export a run as ONNX (--format onnx), or a LoRA run as its "
+                                                  "adapter or merged (--merge).")
+    export.add_argument("--model", required=True, help="Run folder (or its model/ subfolder).")
     export.add_argument("--out", required=True, help="New folder to write.")
+    export.add_argument("--format", default="safetensors", choices=("safetensors", "onnx"),
+                        help="safetensors: a LoRA run's adapter (or merged model with --merge); onnx: the classifier "
+                             "as an ONNX graph with its preprocessing, checked against PyTorch (needs the 'onnx' "
+                             "extra).")
     export.add_argument("--merge", action="store_true",
                         help="Fold the LoRA update into the base weights and write a plain transferkit model.")
     export.add_argument("--overwrite", action="store_true", help="Replace an earlier export in --out.")
@@ -113,6 +119,15 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     from transferkit.strategies.lora import export_lora
+
+    if args.format == "onnx":
+        from transferkit.export.onnx import PARITY_FILE, export_onnx
+
+        out = export_onnx(args.model, args.out, overwrite=args.overwrite)
+        parity = json.loads((out / PARITY_FILE).read_text())
+        print(f"ONNX export written to {out}: max |logit difference| to PyTorch {parity['max_abs_logit_diff']:.2e}, "
+              f"predicted-class agreement {parity['agreement']:.4f}")
+        return 0
 
     out = export_lora(args.model, args.out, merge=args.merge, overwrite=args.overwrite)
     from transferkit.rundir import MARKER

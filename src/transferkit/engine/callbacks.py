@@ -2,10 +2,11 @@
 
 The loop (``Trainer.fit``) trains an epoch, validates, appends the epoch's row to the history and then calls
 every callback's ``on_epoch_end`` in order: :class:`BestEpoch` (model selection), :class:`PlateauSchedule`
-(halve the learning rate when validation stalls), :class:`EarlyStopping`, :class:`EpochLog`,
-:class:`Checkpointing` (after the state above is final for the epoch) and a user's :class:`EpochFunction`.
-:class:`Tracing` writes a per-step trace. Callbacks share the mutable :class:`TrainState`, which is all a
-checkpoint needs besides the weights, the optimiser and the RNGs.
+(halve the learning rate when validation stalls), :class:`EarlyStopping`, :class:`EpochLog`, the callbacks a
+caller adds (e.g. checkpoint averaging), :class:`Checkpointing` (once the epoch's state is final) and a user's
+:class:`EpochFunction`. :class:`Tracing` writes a per-step trace. Callbacks share the mutable
+:class:`TrainState`, which is all a checkpoint needs besides the weights, the optimiser, the RNGs and the
+tensors a callback keeps (``state_tensors``).
 """
 
 from __future__ import annotations
@@ -70,6 +71,13 @@ class Callback:
 
     def on_train_end(self, loop: TrainLoop) -> None:
         """After the last epoch (not after an exception)."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors this callback needs to continue after a resume (saved in every checkpoint); usually none."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_tensors` returned (called before ``on_train_begin`` of a resumed run)."""
 
 
 class BestEpoch(Callback):
@@ -171,6 +179,9 @@ class Checkpointing(Callback):
                                                                 loop.optimizer.state_dict()))
             loop.state.load_json(saved["state"])
             loop.state.best_state = sections["best_state"] if saved["has_best_state"] else None
+            for i, callback in enumerate(loop.callbacks):
+                if f"callback{i}" in sections:
+                    callback.load_state_tensors(sections[f"callback{i}"])
             set_rng_states(saved["rng"])
         except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
             raise corrupt(self.path, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
@@ -186,7 +197,9 @@ class Checkpointing(Callback):
             optimizer, optimizer_tensors = split_optimizer_state(loop.optimizer.state_dict())
             state = loop.state
             sections = {"loss_module": loop.inner.state_dict(), "optimizer": optimizer_tensors,
-                        "best_state": state.best_state or {}}
+                        "best_state": state.best_state or {},
+                        **{f"callback{i}": tensors for i, callback in enumerate(loop.callbacks)
+                           if (tensors := callback.state_tensors())}}
             save_checkpoint(self.path, sections, {"state": state.to_json(), "optimizer": optimizer,
                                                   "rng": rng_states(), "has_best_state": state.best_state is not None})
         loop.accelerator.wait_for_everyone()

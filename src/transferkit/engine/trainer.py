@@ -263,6 +263,7 @@ class TrainLoop:
     lr_factor: Callable[[int], float]
     base_lrs: list[float]
     state: TrainState = field(default_factory=TrainState)
+    callbacks: list[Callback] = field(default_factory=list)
 
     def set_lr(self) -> None:
         """The schedule's learning rate for the current step, times the plateau factor."""
@@ -285,7 +286,8 @@ class Trainer:
         monitor: validation metric for early stopping / model selection; ``("accuracy", "max")`` by default.
         checkpoint_dir: where ``trainer.safetensors`` is written after every epoch; an existing one is resumed.
         epoch_callback: ``f(row)`` after every epoch (main process).
-        callbacks: further :class:`~transferkit.engine.callbacks.Callback` objects, called after the built-in ones.
+        callbacks: further :class:`~transferkit.engine.callbacks.Callback` objects, called after model selection,
+            schedule and early stopping and before the checkpoint (which saves their ``state_tensors``).
     """
 
     def __init__(
@@ -334,9 +336,9 @@ class Trainer:
         started = time.perf_counter()
         loop = self._prepare(train_loader, val_loader, aux_loaders)
         checkpointing = Checkpointing(self.checkpoint_dir) if self.checkpoint_dir else None
+        callbacks = loop.callbacks = self._callbacks(checkpointing)
         if checkpointing is None or not checkpointing.restore(loop):
             seed_everything(self.config.seed)  # the same seed in every process
-        callbacks = self._callbacks(checkpointing)
         for callback in callbacks:
             callback.on_train_begin(loop)
         state = loop.state
@@ -358,20 +360,19 @@ class Trainer:
     # --- the parts of fit --------------------------------------------------------------------------------
 
     def _callbacks(self, checkpointing: Checkpointing | None) -> list[Callback]:
-        """The loop's jobs in the order they run after each epoch (checkpoint once the epoch's state is final)."""
+        """The loop's jobs in the order they run after each epoch: the checkpoint once the epoch's state (the
+        callbacks' own included) is final, then the user's ``epoch_callback``."""
         cfg = self.config
         callbacks: list[Callback] = [BestEpoch(*self.monitor)]
         if cfg.schedule == "plateau":
             callbacks.append(PlateauSchedule(cfg.plateau_patience, self.monitor[0]))
-        callbacks += [EarlyStopping(cfg.early_stopping), EpochLog()]
+        callbacks += [EarlyStopping(cfg.early_stopping), EpochLog(), *self.extra_callbacks]
         if checkpointing is not None:
             callbacks.append(checkpointing)
         if self.epoch_callback is not None:
             callbacks.append(EpochFunction(self.epoch_callback))
         tracing = Tracing.from_environment()
-        if tracing is not None:
-            callbacks.append(tracing)
-        return callbacks + self.extra_callbacks
+        return callbacks + ([tracing] if tracing is not None else [])
 
     def _prepare(self, train_loader: DataLoader, val_loader: DataLoader | None,
                  aux_loaders: dict[str, DataLoader] | None) -> TrainLoop:

@@ -324,6 +324,7 @@ def run_sections(run_dir: Path, with_examples: bool = True) -> list[str]:
         parts.append(f"<p class='note'>data: {html.escape(json.dumps(sizes))}</p>")
     for note in metrics.get("notes", []):
         parts.append(f"<p class='note'>{html.escape(str(note))}</p>")
+    parts += auto_sections(run_dir)
     curves = learning_curves_figure(history)
     parts.append("<h2>Learning curves</h2>")
     parts.append(_img(figure_to_data_uri(curves), "learning curves") if curves else
@@ -336,10 +337,16 @@ def run_sections(run_dir: Path, with_examples: bool = True) -> list[str]:
                   _img(figure_to_data_uri(per_class_figure(evaluation["per_class"])), "per-class accuracy")]
     if language_model or not with_examples or not (run_dir / "model").is_dir():  # an LM has no classes to show
         return parts
+    if run_dir.joinpath("leaderboard.json").is_file() and not metrics.get("dataset_sizes", {}).get("test (not used)"):
+        parts.append("<p class='note'>Examples, calibration and t-SNE are left out: every labelled item trained the "
+                     "final model (the scores above are out-of-fold); run `transferkit evaluate` on held-out data."
+                     "</p>")
+        return parts
     try:
-        from transferkit.model import load_model
+        from transferkit.api import EnsembleModel, load
 
-        module, _ = load_model(run_dir)
+        loaded = load(run_dir)
+        module = loaded.module
         data = evaluation_data(metrics)
     except (TransferkitError, OSError, KeyError) as exc:
         parts.append(f"<p class='note'>Examples, calibration and t-SNE are left out: the model or its data could "
@@ -347,7 +354,10 @@ def run_sections(run_dir: Path, with_examples: bool = True) -> list[str]:
         return parts
     if len(data) > MAX_EXAMPLE_ITEMS:
         data = data.subset(np.sort(np.random.default_rng(0).choice(len(data), MAX_EXAMPLE_ITEMS, replace=False)))
-    probabilities, features = _predict_with_features(module, data)
+    if isinstance(loaded, EnsembleModel) or loaded.config.get("tta"):  # several networks / views: no one feature space
+        probabilities, features = loaded.predict_proba_data(data), None
+    else:
+        probabilities, features = _predict_with_features(module, data)
     class_names = list(module.class_names)
     what = "test items"
     if metrics.get("accuracy_split") == "cv":  # the final model saw every item: show the out-of-fold predictions
@@ -361,13 +371,33 @@ def run_sections(run_dir: Path, with_examples: bool = True) -> list[str]:
         f" ({what})" if what != "test items" else ""
     parts += [f"<h2>Calibration{sampled}</h2>", _img(figure_to_data_uri(reliability_figure(diagram)), "reliability"),
               f"<h2>Most confidently wrong examples{sampled}</h2>", _examples_html(data, probabilities, class_names)]
-    tsne = tsne_figure(features, data.labels, class_names)
+    tsne = tsne_figure(features, data.labels, class_names) if features is not None else None
     if tsne is not None:
         parts += [f"<h2>Feature t-SNE{sampled}</h2>", _img(figure_to_data_uri(tsne), "feature t-SNE")]
     filters = first_layer_filters_figure(module.backbone)
     if filters is not None:
         parts += ["<h2>First-layer filters</h2>", _img(figure_to_data_uri(filters), "first-layer filters")]
     return parts
+
+
+def auto_sections(run_dir: Path) -> list[str]:
+    """The leaderboard of a ``transferkit auto`` run folder (nothing for other runs)."""
+    from transferkit.search.auto_search import LEADERBOARD_JSON
+
+    path = run_dir / LEADERBOARD_JSON
+    if not path.is_file():
+        return []
+    document = json.loads(path.read_text())
+    rows = document.get("leaderboard", [])
+    if not rows or "cv_mean" not in rows[0]:
+        return []
+    table = [{"rank": r["rank"], "candidate": r["name"],
+              "CV accuracy": r["cv_mean"] if r["cv_mean"] is not None else "-",
+              "sd": r["cv_sd"] if r["cv_sd"] is not None else "-", "status": r["status"],
+              "seconds": r.get("seconds") if r.get("seconds") is not None else "-",
+              "ensemble weight": r.get("ensemble_weight") or ""} for r in rows]
+    return [f"<h2>Leaderboard ({document.get('k')}-fold cross-validation, seed {document.get('seed')})</h2>",
+            _table(table)]
 
 
 def compare_sections(folder: Path) -> list[str]:
@@ -422,7 +452,7 @@ def write_report(folder: str | Path, output: str | Path | None = None) -> Path:
     from transferkit.evaluation.compare import LEADERBOARD_FILE
 
     folder = Path(folder)
-    if (folder / LEADERBOARD_FILE).is_file():
+    if (folder / LEADERBOARD_FILE).is_file() and not (folder / "metrics.json").is_file():
         html_text = render_html(f"transferkit comparison: {folder.name}", compare_sections(folder))
     elif (folder / "metrics.json").is_file():
         html_text = render_html(f"transferkit run: {folder.name}", run_sections(folder))

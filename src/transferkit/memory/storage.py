@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, corrupt_file_error
 
 logger = logging.getLogger(__name__)
 
@@ -193,9 +193,9 @@ def check_file(path: Path, expected: str | None) -> bytes:
 
 
 def corrupt(path: Path, why: str) -> TransferkitError:
-    return TransferkitError(f"index file '{path}' is damaged ({why})",
-                            "restore the index folder from a backup or rebuild it with `transferkit index build "
-                            "... --overwrite`")
+    return corrupt_file_error(path, "transferkit index file", why,
+                              "restore the index folder from a backup or rebuild it with `transferkit index build "
+                              "... --overwrite`")
 
 
 # --- writing -------------------------------------------------------------------------------------------------

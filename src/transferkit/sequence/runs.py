@@ -96,6 +96,16 @@ def read_text(path: str | Path) -> str:
         raise TransferkitError(f"'{path}' is not UTF-8 text", "convert it to UTF-8") from None
 
 
+def _output_folder(out: str | Path, kind: str, train: Any, **kwargs: Any) -> OutputFolder:
+    """The run folder; under a multi-process launch the process group is joined first with ``--device``."""
+    from accelerate import PartialState
+
+    from transferkit.engine.placement import accelerator_kwargs
+
+    PartialState(**accelerator_kwargs(train.device))  # shared state: the trainer's Accelerator reuses it
+    return OutputFolder(out, kind, **kwargs)
+
+
 def _write(folder: OutputFolder, metrics: dict[str, Any], history: list[dict[str, Any]]) -> None:
     write_json(folder.stage / "metrics.json", metrics)
     write_jsonl(folder.stage / "history.jsonl", history)
@@ -129,7 +139,8 @@ def fit_seq2seq(out: str | Path, *, task: str | None = None, pairs: str | Path |
     data: dict[str, Any] = {"task": task, "bits": bits} if task else {"pairs": str(pairs)}
     data.update({"train_fraction": train_fraction, "val_fraction": val_fraction})
     settings = {"model": asdict(config), "train": train.to_dict()}
-    folder = OutputFolder(out, "seq2seq", overwrite=overwrite, resume=resume, options={"data": data, **settings})
+    folder = _output_folder(out, "seq2seq", train, overwrite=overwrite, resume=resume,
+                            options={"data": data, **settings})
     folder.begin()
     with folder:
         run = train_seq2seq(splits, config, train, checkpoint_dir=folder.stage / "checkpoint", progress=progress)
@@ -148,8 +159,8 @@ def fit_charlm(out: str | Path, file: str | Path, *, overwrite: bool = False, re
     text = read_text(file)
     data = prepare_charlm_data(text, config, train.batch_size)  # a text too short is refused before --out is touched
     settings = {"model": asdict(config), "train": train.to_dict()}
-    folder = OutputFolder(out, "charlm", overwrite=overwrite, resume=resume,
-                          options={"data": str(file), **settings})
+    folder = _output_folder(out, "charlm", train, overwrite=overwrite, resume=resume,
+                            options={"data": str(file), **settings})
     folder.begin()
     with folder:
         run = train_charlm(text, config, train, checkpoint_dir=folder.stage / "checkpoint", progress=progress,

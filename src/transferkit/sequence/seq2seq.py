@@ -561,7 +561,7 @@ def train_seq2seq(splits: dict[str, list[tuple[str, str]]], config: Seq2SeqConfi
 
     trainer = Trainer(model, [objective], train, forward_fn=forward, evaluate_fn=evaluate,
                       monitor=("exact_match", "max"), checkpoint_dir=checkpoint_dir, progress=progress,
-                      epoch_callback=averager)
+                      callbacks=[averager] if averager is not None else None)
     result = trainer.fit(train_loader, val_loader)
     metrics: dict[str, Any] = {"best_epoch": result.best_epoch, "train_seconds": round(result.train_seconds, 2)}
     if averager is not None and len(averager.snapshots) > 1:

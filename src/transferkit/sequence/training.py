@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transferkit.engine.callbacks import Callback
 from transferkit.engine.objectives import Objective
 
 PAD_ID = 0
@@ -53,15 +54,27 @@ def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torc
     return averaged
 
 
-class CheckpointAverager:
-    """An engine ``epoch_callback`` that snapshots ``model`` after every epoch and keeps the last ``k``."""
+class CheckpointAverager(Callback):
+    """An engine callback that snapshots ``model`` after every epoch and keeps the last ``k`` (saved with the
+    engine's checkpoint, so a resumed run averages the same epochs)."""
 
     def __init__(self, model: nn.Module, k: int) -> None:
         self.model = model
         self.snapshots: deque[dict[str, torch.Tensor]] = deque(maxlen=max(1, k))
 
-    def __call__(self, row: dict[str, Any]) -> None:
+    def on_epoch_end(self, loop: Any, row: dict[str, Any]) -> None:
         self.snapshots.append({k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()})
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{i}/{key}": value for i, snapshot in enumerate(self.snapshots) for key, value in snapshot.items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        snapshots: dict[int, dict[str, torch.Tensor]] = {}
+        for name, value in tensors.items():
+            index, key = name.split("/", 1)
+            snapshots.setdefault(int(index), {})[key] = value
+        self.snapshots.clear()
+        self.snapshots.extend(snapshots[i] for i in sorted(snapshots))
 
     def averaged(self) -> dict[str, torch.Tensor]:
         return average_state_dicts(list(self.snapshots))

@@ -55,6 +55,8 @@ class ServeConfig:
                                                                    "the health probes then needs "
                                                                    "`Authorization: Bearer <token>`."})
     max_batch: int = field(default=32, metadata={"help": "Most items in one forward pass (1: no batching)."})
+    device: str = field(default="auto", metadata={"help": "Where the model runs: auto (this process's GPU if any, "
+                                                           "else the CPU), cpu, cuda, cuda:N or mps."})
     max_wait_ms: float = field(default=5.0, metadata={"help": "Longest wait for more requests to fill a batch."})
     max_body_mb: float = field(default=16.0, metadata={"help": "Largest request body accepted (413 above)."})
     max_image_pixels: int = field(default=40_000_000, metadata={"help": "Largest image (width x height) decoded; "
@@ -111,7 +113,7 @@ class ModelService:
         self.name = name
         self.config = config
         self.index = index
-        self.classify = loaded.module.tasks[0].kind == "classify"
+        self.classify = loaded.tasks[0].kind == "classify"
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="transferkit-model")
         self._prediction_rows = prediction_rows
         self.observe_batch = lambda kind, n: None  # replaced by the app's metrics
@@ -164,7 +166,8 @@ def _index_encoder_reuse(loaded: Any, index: Any) -> None:
     frozen) encoder: one model copy instead of two."""
     from transferkit.strategies import strategy_class
 
-    strategy = loaded.config.get("strategy", {}).get("name", "")
+    strategy = loaded.config.get("strategy")
+    strategy = strategy.get("name", "") if isinstance(strategy, dict) else ""  # an ONNX export has no backbone
     try:
         frozen = strategy_class(strategy).frozen_backbone
     except TransferkitError:
@@ -183,7 +186,7 @@ def load_service(config: ServeConfig) -> ModelService:
     config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
-    loaded = load(config.model)
+    loaded = load(config.model, config.device)
     loaded.refuse_language_model()
     name = config.name or Path(config.model).resolve().name
     if not name or "/" in name:
@@ -473,6 +476,8 @@ class App:
         if service.modality != "text":
             raise ApiError(400, f"model '{service.name}' takes {service.modality} input: /v1/embeddings serves "
                                 "text models")
+        if not hasattr(service.loaded, "module"):
+            raise ApiError(400, "an ONNX export holds no encoder: serve the run folder for /v1/embeddings")
         model = request.get("model")
         if model is not None and model != service.name:
             raise ApiError(404, f"unknown model '{model}'; this server serves '{service.name}'")

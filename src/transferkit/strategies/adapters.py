@@ -27,6 +27,7 @@ from torch import nn
 from transferkit.errors import TransferkitError
 from transferkit.strategies import register_strategy
 from transferkit.strategies.base import Strategy, StrategyConfig, freeze, unfreeze
+from transferkit.strategies.linear_probe import start_from_probe
 
 if TYPE_CHECKING:
     from transferkit.backbones import Backbone
@@ -216,4 +217,6 @@ class Adapters(Strategy):
         blocks = len(adapter_modules(model.backbone))
         context.notes.append(f"{self.config.adapter_mode} bottleneck adapters on {blocks} blocks "
                              f"({analytic_adapter_count(model.backbone):,} parameters)")
+        if model.backbone.is_pretrained:  # LP-FT: start from the probe's head, as finetune does
+            start_from_probe(model, context)
         return context.train_with_engine(model, self)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from transferkit.errors import TransferkitError
 from transferkit.strategies import register_strategy
 from transferkit.strategies.base import Strategy, StrategyConfig, freeze, unfreeze
-from transferkit.strategies.linear_probe import fit_probe
+from transferkit.strategies.linear_probe import start_from_probe
 
 if TYPE_CHECKING:
     from transferkit.engine.context import RunContext
@@ -106,8 +106,6 @@ class Finetune(Strategy):
             head_init = "random"
         if head_init == "probe" and context.heads_from is not None:  # auto: keep the head copied by --init-from
             head_init = "random"
-        if head_init == "probe" and context.checkpoint_is_fresh():
-            metrics = fit_probe(model, context, c=1.0, max_iter=1000)
-            context.notes.append(f"head initialised from the linear probe (validation accuracy "
-                                 f"{metrics.get('val_accuracy', float('nan')):.3f})")
+        if head_init == "probe":
+            start_from_probe(model, context)
         return context.train_with_engine(model, self)

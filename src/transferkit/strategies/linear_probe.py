@@ -65,6 +65,19 @@ def fit_probe(model: TransferModel, context: RunContext, c: float, max_iter: int
     return metrics
 
 
+def start_from_probe(model: TransferModel, context: RunContext) -> None:
+    """LP-FT (Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features"): before any backbone weight moves,
+    fit the head by logistic regression on the frozen features, so training starts where the linear probe ends
+    instead of from a random head whose large early gradients distort the pretrained features. Skipped on a resumed
+    run (the checkpoint has the head), when the heads were copied from another run (``--init-from``) and when the
+    first task is not a classification."""
+    if not context.checkpoint_is_fresh() or context.heads_from is not None or model.tasks[0].kind != "classify":
+        return
+    metrics = fit_probe(model, context, c=1.0, max_iter=1000)
+    context.notes.append(f"head initialised from the linear probe (validation accuracy "
+                         f"{metrics.get('val_accuracy', float('nan')):.3f})")
+
+
 @register_strategy
 class LinearProbe(Strategy):
     name = "linear-probe"

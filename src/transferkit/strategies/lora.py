@@ -31,9 +31,12 @@ from torch import nn
 from transferkit.errors import TransferkitError
 from transferkit.strategies import register_strategy
 from transferkit.strategies.base import Strategy, StrategyConfig, freeze, unfreeze
+from transferkit.strategies.linear_probe import start_from_probe
 
 if TYPE_CHECKING:
     from transferkit.backbones import Backbone
+    from transferkit.engine.context import RunContext
+    from transferkit.engine.trainer import TrainResult
     from transferkit.model import TransferModel
 
 logger = logging.getLogger(__name__)
@@ -192,6 +195,11 @@ class Lora(Strategy):
                     p.requires_grad_(True)
         unfreeze(model.heads)
         model.freeze_norm_stats = True
+
+    def train(self, model: TransferModel, context: RunContext) -> TrainResult:
+        if model.backbone.is_pretrained:  # LP-FT: start from the probe's head, as finetune does
+            start_from_probe(model, context)
+        return context.train_with_engine(model, self)
 
     def param_groups(self, model: TransferModel, train: Any) -> list[dict[str, Any]]:
         heads = list(model.heads.parameters())

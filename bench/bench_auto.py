@@ -1,0 +1,241 @@
+"""`transferkit auto` against the baselines a user would otherwise run (issue 14, targets).
+
+* fashion: Fashion-MNIST, 20 labelled images per class (drawn with the seed), the same fixed 2,000 official test
+  images for every row. Rows: ``transferkit auto --time-budget 15m`` (the whole command's wall time is measured,
+  start-up included; the test images are scored afterwards, outside the budget), the linear probe at the backbone's
+  own resolution (timm EfficientNet-Lite0 at 224 px + scikit-learn logistic regression on all 200 labels), and
+  fastai's ``fine_tune`` when fastai is installed (the ``bench`` extra).
+* tweets: tweets about airlines, 8 labelled tweets per class (negative / neutral / positive), 600 fixed test tweets.
+  The labelled tweets are written to a CSV that ``auto`` reads (so it never sees the test tweets). Rows: ``auto
+  --time-budget 10m``, MiniLM embeddings + logistic regression, SetFit when installed.
+
+    OMP_NUM_THREADS=1 nice -n 5 python -m bench.bench_auto --task fashion --seeds 0 1 2 [--budget 15m]
+
+Finished cells are cached under bench/cache/auto/ (an interrupted run resumes); markdown goes to
+bench/results/auto_<task>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import bench_command, cached, write_section
+
+ROOT = Path(__file__).resolve().parent
+CACHE = ROOT / "cache" / "auto"
+RESULTS = ROOT / "results"
+
+TASKS = {
+    "fashion": {"data": "fashion-mnist", "per_class": 20, "test_limit": 2000, "budget": "15m"},
+    "tweets": {"data": "tweets:airline", "per_class": 8, "test_limit": 600, "budget": "10m"},
+}
+
+
+def splits_for(task: str, seed: int):
+    from transferkit.data import load_data
+    from transferkit.evaluation.transferability import labelled_pool
+
+    spec = TASKS[task]
+    splits = load_data(spec["data"], limit_per_class=spec["per_class"], seed=seed, test_limit=spec["test_limit"])
+    return labelled_pool(splits), splits.test
+
+
+def auto_data(task: str, seed: int, labelled) -> list[str]:
+    """``auto --data ...`` arguments that give auto exactly ``labelled`` (and nothing of the test split)."""
+    spec = TASKS[task]
+    if task == "fashion":  # the built-in's official test split is separate: auto draws the same 20 per class
+        return ["--data", spec["data"], "--limit-per-class", str(spec["per_class"])]
+    path = write_csv(CACHE / "data" / f"{task}-seed{seed}.csv", labelled)
+    return ["--data", str(path), "--text-column", "text", "--label-column", "label"]
+
+
+def cell_auto(task: str, seed: int, budget: str) -> dict[str, Any]:
+    def compute() -> dict[str, Any]:
+        import json
+
+        import transferkit
+        from transferkit.rundir import is_output
+
+        labelled, test = splits_for(task, seed)
+        out = CACHE / "runs" / f"{task}-seed{seed}-{budget}"
+        wall_file = CACHE / "logs" / f"{task}-seed{seed}-{budget}.wall"
+        if not is_output(out, "auto"):
+            command = [sys.executable, "-m", "transferkit", "auto", *auto_data(task, seed, labelled), "--seed",
+                       str(seed), "--time-budget", budget, "--out", str(out), "--overwrite", "--cache-dir",
+                       str(CACHE / "features")]
+            started = time.perf_counter()
+            result = subprocess.run(command, capture_output=True, text=True)
+            wall = time.perf_counter() - started
+            if result.returncode != 0:
+                raise RuntimeError(f"auto failed: {result.stderr[-2000:]}")
+            wall_file.parent.mkdir(parents=True, exist_ok=True)
+            wall_file.with_suffix(".log").write_text(result.stderr)
+            wall_file.write_text(f"{wall:.1f}")
+        run_metrics = json.loads((out / "metrics.json").read_text())
+        # a run finished by an earlier, interrupted invocation of this script: its own clock (process start to
+        # the final write), which is what the command's wall time measures
+        wall = float(wall_file.read_text()) if wall_file.is_file() else float(run_metrics["train_seconds"])
+        model = transferkit.load(out)
+        index = [model.classes_.index(name) for name in test.class_names]  # the run's class order may differ
+        probabilities = test_probabilities(model, test)[:, index]
+        return {"accuracy": float((probabilities.argmax(1) == test.labels).mean()), "wall_seconds": wall,
+                "cv_accuracy": run_metrics["accuracy"], "final": run_metrics["strategy"],
+                "budget_seconds": run_metrics["time_budget_seconds"]}
+
+    return cached(CACHE, f"{task}-auto-{budget}-seed{seed}", compute)
+
+
+def test_probabilities(model, test) -> np.ndarray:
+    """The model's probabilities on the test items; linear-probe members score from cached features (the same
+    numbers as running the network, without recomputing 2,000 forward passes per member on a loaded machine)."""
+    import torch
+
+    from transferkit.api import EnsembleModel
+    from transferkit.engine.features import extract_features
+    from transferkit.search.training import mirrored
+
+    members = list(zip(model.members, model.weights)) if isinstance(model, EnsembleModel) else [(model, 1.0)]
+    total = sum(w for _, w in members)
+    out = 0.0
+    for member, weight in members:
+        if member.config.get("strategy", {}).get("name") != "linear-probe":
+            out = out + weight / total * member.predict_proba_data(test)
+            continue
+        views = [test, mirrored(test)] if member.config.get("tta") == "hflip" else [test]
+        probabilities = 0.0
+        for view in views:
+            x = torch.as_tensor(extract_features(member.module.backbone, view, cache_dir=CACHE / "features",
+                                                 progress=False))
+            with torch.no_grad():
+                logits = member.module.forward_head(x).logits
+            probabilities = probabilities + torch.softmax(logits.float(), -1).numpy() / len(views)
+        out = out + weight / total * probabilities
+    return np.asarray(out)
+
+
+def probe_224(labelled, test) -> dict[str, Any]:
+    """EfficientNet-Lite0 at its own 224 px, frozen features (transferkit's extraction = timm's pipeline on the same
+    weights, cached) + scikit-learn LogisticRegression (defaults, max_iter 1000) on all labelled items."""
+    from sklearn.linear_model import LogisticRegression
+
+    from transferkit.backbones import create_backbone
+    from transferkit.engine.features import extract_features
+
+    started = time.perf_counter()
+    backbone = create_backbone("efficientnet_lite0", image_size=224)
+    x_train = extract_features(backbone, labelled, cache_dir=CACHE / "features", progress=False)
+    x_test = extract_features(backbone, test, cache_dir=CACHE / "features", progress=False)
+    clf = LogisticRegression(max_iter=1000).fit(x_train, labelled.labels)
+    return {"accuracy": float((clf.predict(x_test) == test.labels).mean()), "seconds": time.perf_counter() - started}
+
+
+def cell_probe(task: str, seed: int) -> dict[str, Any]:
+    def compute() -> dict[str, Any]:
+        from bench.bench_core import sentence_transformers_text_pipeline
+
+        labelled, test = splits_for(task, seed)
+        if task == "fashion":
+            return probe_224(labelled, test)
+        return sentence_transformers_text_pipeline(labelled, test)
+
+    return cached(CACHE, f"{task}-probe-seed{seed}", compute)
+
+
+def write_csv(path: Path, data) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        for text, label in zip(data.items, data.labels):
+            writer.writerow([text, data.class_names[label]])
+    return path
+
+
+def cell_peer(task: str, seed: int, peer_python: str | None) -> dict[str, Any]:
+    """SetFit (text) through ``--peer-python`` (a Python with setfit installed; bench/setfit_direct.py); fastai
+    (images) is reported as not measured."""
+    if task == "fashion":
+        if importlib.util.find_spec("fastai") is None:
+            return {"error": "not measured: fastai is not installed in this environment"}
+        return {"error": "not measured: no CPU time left for fastai's runs in this session"}
+    if not peer_python:
+        return {"error": "not measured: pass --peer-python (a Python with setfit 1.2 installed)"}
+
+    def compute() -> dict[str, Any]:
+        import json
+
+        labelled, test = splits_for(task, seed)
+        train_csv = write_csv(CACHE / "data" / f"{task}-seed{seed}.csv", labelled)
+        test_csv = write_csv(CACHE / "data" / f"{task}-test.csv", test)
+        result = subprocess.run([peer_python, str(ROOT / "setfit_direct.py"), "--train", str(train_csv),
+                                 "--test", str(test_csv), "--seed", str(seed)], capture_output=True, text=True,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+        if result.returncode != 0:
+            return {"error": f"SetFit failed: {result.stderr.strip().splitlines()[-1] if result.stderr else '?'}"}
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    return cached(CACHE, f"{task}-setfit-seed{seed}", compute)
+
+
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--task", choices=list(TASKS), required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--budget", help="auto --time-budget (default: the task's target budget)")
+    parser.add_argument("--peer-python", help="A Python with setfit 1.2 installed (tweets: the SetFit row).")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    started = time.perf_counter()
+    spec = TASKS[args.task]
+    budget = args.budget or spec["budget"]
+    autos = {s: cell_auto(args.task, s, budget) for s in args.seeds}
+    probes = {s: cell_probe(args.task, s) for s in args.seeds}
+    peers = {s: cell_peer(args.task, s, args.peer_python) for s in args.seeds}
+    probe_name = ("linear probe, EfficientNet-Lite0 at its own 224 px (timm + scikit-learn LogisticRegression, all "
+                  "labels)" if args.task == "fashion" else "MiniLM embeddings + scikit-learn LogisticRegression")
+    peer_name = "fastai fine_tune, same wall time" if args.task == "fashion" else "SetFit 1.2 offline"
+    lines = ["| method | test accuracy (mean ± sd) | per seed | vs probe, paired per seed (points) | "
+             "wall seconds per seed |", "|---|---|---|---|---|"]
+    for name, cells in ((f"transferkit auto --time-budget {budget}", autos), (probe_name, probes), (peer_name, peers)):
+        accs = [cells[s]["accuracy"] for s in args.seeds if "accuracy" in cells[s]]
+        if not accs:
+            lines.append(f"| {name} | {cells[args.seeds[0]].get('error', '-')} | | | |")
+            continue
+        diffs = [100 * (cells[s]["accuracy"] - probes[s]["accuracy"]) for s in args.seeds if "accuracy" in cells[s]]
+        walls = [cells[s].get("wall_seconds", cells[s].get("seconds")) for s in args.seeds]
+        lines.append(f"| {name} | {_mean_sd(accs)} | {', '.join(f'{a:.4f}' for a in accs)} | "
+                     f"{', '.join(f'{d:+.1f}' for d in diffs) if cells is not probes else ''} | "
+                     f"{', '.join(f'{w:.0f}' for w in walls if w is not None)} |")
+    finals = "\n".join(f"- seed {s}: CV accuracy {autos[s]['cv_accuracy']:.4f}; final model {autos[s]['final']}"
+                       for s in args.seeds)
+    gains = [100 * (autos[s]["accuracy"] - probes[s]["accuracy"]) for s in args.seeds]
+    body = (f"{spec['data']}, {spec['per_class']} labelled items per class (drawn with the seed), "
+            f"{spec['test_limit']:,} fixed test items, seeds {args.seeds}. auto's wall time is the whole command "
+            f"(start-up, search, refit, writing); the budget allows +10%. Scoring the test items happens afterwards.\n\n"
+            + "\n".join(lines) + f"\n\nauto - probe: mean {statistics.mean(gains):+.1f} points (per seed "
+            + ", ".join(f"{g:+.1f}" for g in gains) + ").\n\nWhat auto chose:\n\n" + finals)
+    write_section(RESULTS / f"auto_{args.task}.md", f"transferkit auto: {args.task}",
+                  bench_command("bench.bench_auto", argv), started, body)
+
+
+if __name__ == "__main__":
+    main()

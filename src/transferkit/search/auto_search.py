@@ -1,0 +1,578 @@
+"""``transferkit auto``: the best model for a small labelled dataset within a wall-clock budget.
+
+1. Every labelled item is used: candidates are scored by stratified k-fold cross-validation
+   (:func:`transferkit.evaluation.protocol.cross_validate`, the same folds for every candidate, so scores are
+   paired); an explicit test split is never looked at.
+2. Cheap candidates first (linear probes on cached features of EfficientNet-Lite0/1/2 or MiniLM at several
+   resolutions, with and without flip test-time augmentation), then trained ones (LP-FT, LoRA, adapters,
+   contrastive). Before a candidate starts, its cost is estimated from measurements (feature-extraction speed of the
+   backbone under the current load; two timed training steps); what would not fit the remaining budget is skipped.
+   Racing, a form of successive halving: after each fold a trained candidate whose accuracy on the folds done so far
+   trails the leader's on the same folds by more than one binomial standard error of those items is stopped.
+3. The final model is the best candidate or a greedy ensemble of several (``search.ensemble``) when that lowers the
+   out-of-fold cross-entropy without lowering out-of-fold accuracy, refit on all labelled items.
+
+The output is an ordinary run folder (``model/``, ``metrics.json`` with ``accuracy_split: "cv"``) plus
+``leaderboard.json`` / ``leaderboard.md``. Finished candidates are stored atomically in the staging folder, so an
+interrupted ``auto`` continues with ``--resume`` without redoing them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from transferkit.errors import TransferkitError
+from transferkit.search.ensemble import accuracy, combine, log_loss, save_ensemble, select_ensemble
+from transferkit.search.space import Candidate, default_space
+
+logger = logging.getLogger(__name__)
+
+LEADERBOARD_JSON = "leaderboard.json"
+LEADERBOARD_MD = "leaderboard.md"
+RESULTS_FOLDER = "checkpoint/candidates"  # in the staging folder: kept by OutputFolder.abandon for --resume
+#: fraction of the budget the search plans to use; refit, saving and the process's start-up take the rest
+PLANNED_FRACTION = 0.85
+#: seconds kept for writing the output (model files, metrics, leaderboard)
+WRITE_SECONDS = 20.0
+#: static inference cost (seconds per item on one modern CPU core-pair) at the reference resolution, used until
+#: this process has measured the real speed
+STATIC_SECONDS_PER_ITEM = {"efficientnet_lite0": 0.05, "efficientnet_lite1": 0.07, "efficientnet_lite2": 0.1,
+                           "minilm": 0.01}
+
+
+@dataclass
+class AutoConfig:
+    """Options of ``transferkit auto`` (the CLI flags are generated from these fields)."""
+
+    data: str = field(default="", metadata={"help": "A folder of images, a .csv/.jsonl text file or a built-in "
+                                             "dataset name."})
+    out: str = field(default="", metadata={"help": "The run folder to write (evaluate / predict / report work on it)."})
+    time_budget: str = field(default="10m", metadata={"help": "Wall-clock budget of the whole command: 600, 600s, "
+                                                       "10m or 1h."})
+    seed: int = field(default=0, metadata={"help": "Seed of the folds, the training and the augmentation."})
+    limit_per_class: int | None = field(default=None, metadata={"help": "Use at most this many labelled items per "
+                                                                "class (drawn with --seed)."})
+    text_column: str | None = field(default=None, metadata={"help": "Text column of a .csv/.jsonl file."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column of a .csv/.jsonl file."})
+    backbones: list[str] | None = field(default=None, metadata={"help": "Backbones to search (default: "
+                                                                 "efficientnet_lite0/1/2 for images, minilm for text)."})
+    image_sizes: list[int] | None = field(default=None, metadata={"help": "Input resolutions to search (default: "
+                                                                   "each backbone's own and 3/4 of it)."})
+    strategies: list[str] | None = field(default=None, metadata={"help": "Restrict the search to these strategies."})
+    folds: int | None = field(default=None, metadata={"help": "k of the k-fold cross-validation (default: "
+                                                       "min(5, size of the smallest class))."})
+    max_ensemble: int = field(default=5, metadata={"help": "Most members of the final ensemble (1: no ensemble)."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Feature cache (default ~/.cache/transferkit)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a finished auto folder at --out."})
+    resume: bool = field(default=False, metadata={"help": "Continue an interrupted auto, keeping finished candidates."})
+    progress: bool = field(default=True, metadata={"help": "Log what is being tried and the time left."})
+
+    def validate(self) -> float:
+        """Checks the options; returns the budget in seconds."""
+        from transferkit.config import parse_duration
+
+        if not self.data:
+            raise TransferkitError("no data given", "pass --data PATH or a built-in dataset name")
+        if not self.out:
+            raise TransferkitError("no output folder given", "pass --out RUN")
+        budget = parse_duration(self.time_budget)
+        self.backbones = _split(self.backbones)
+        self.strategies = _split(self.strategies)
+        sizes = _split(self.image_sizes)
+        try:
+            self.image_sizes = [int(s) for s in sizes] if sizes else None
+        except ValueError:
+            raise TransferkitError(f"invalid --image-sizes {','.join(sizes or [])}", "pass whole numbers of pixels, "
+                                   "e.g. --image-sizes 112,224") from None
+        if self.image_sizes and min(self.image_sizes) < 16:
+            raise TransferkitError(f"invalid --image-sizes {min(self.image_sizes)}", "use at least 16 pixels")
+        if self.limit_per_class is not None and self.limit_per_class < 1:
+            raise TransferkitError(f"invalid --limit-per-class {self.limit_per_class}", "use a whole number >= 1")
+        if self.folds is not None and self.folds < 2:
+            raise TransferkitError(f"invalid --folds {self.folds}", "use at least 2")
+        if self.max_ensemble < 1:
+            raise TransferkitError(f"invalid --max-ensemble {self.max_ensemble}", "use at least 1")
+        return budget
+
+
+def _split(values: list | None) -> list[str] | None:
+    """Repeated and comma-separated list options as one list (None when empty)."""
+    parts = [p.strip() for v in values or [] for p in str(v).split(",") if p.strip()]
+    return parts or None
+
+
+def process_start_time() -> float:
+    """``time.time()`` at which this process started (Linux ``/proc``), so the budget covers the start-up too."""
+    try:
+        import os
+
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        started = boot + ticks / os.sysconf("SC_CLK_TCK")
+        if started <= time.time():
+            return started
+    except (OSError, ValueError, IndexError, StopIteration):
+        pass
+    return _IMPORTED_AT
+
+
+_IMPORTED_AT = time.time()
+
+
+class Clock:
+    """The budget: ``deadline`` in ``time.time()`` seconds; ``left()`` what remains of the planned part."""
+
+    def __init__(self, budget: float, started: float) -> None:
+        self.budget = budget
+        self.started = started
+        self.deadline = started + budget
+
+    def elapsed(self) -> float:
+        return time.time() - self.started
+
+    def left(self) -> float:
+        return self.started + PLANNED_FRACTION * self.budget - time.time()
+
+    def stamp(self) -> str:
+        return f"[{_mmss(self.elapsed())} of {_mmss(self.budget)}, {_mmss(max(0.0, self.budget - self.elapsed()))} left]"
+
+
+def _mmss(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class _Stopped(Exception):
+    """Raised from a fold callback to stop a candidate (behind the leader, or out of time)."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+# --- the search --------------------------------------------------------------------------------------------------
+
+
+class AutoSearch:
+    """One ``auto`` run: data, folds, budget and the finished candidates' results."""
+
+    def __init__(self, config: AutoConfig, budget: float, started: float) -> None:
+        from transferkit.data import load_data
+        from transferkit.engine.features import default_cache_dir
+        from transferkit.evaluation.protocol import check_cross_validatable, default_k
+        from transferkit.evaluation.transferability import labelled_pool
+
+        self.config = config
+        self.clock = Clock(budget, started)
+        splits = load_data(config.data, text_column=config.text_column, label_column=config.label_column,
+                           limit_per_class=config.limit_per_class, seed=config.seed, test_fraction=0.0)
+        self.splits = splits
+        self.data = labelled_pool(splits)
+        self.data.name = f"{Path(str(config.data)).name or config.data}/labelled"
+        check_cross_validatable(self.data.labels, self.data.class_names)
+        smallest = int(self.data.class_counts().min())
+        self.k = default_k(self.data.labels) if config.folds is None else config.folds
+        if self.k > smallest:
+            raise TransferkitError(f"--folds {self.k} is more than the smallest class ({smallest} items)",
+                                   f"use --folds {smallest} or fewer")
+        self.space = default_space(self.data.modality, config.backbones, config.image_sizes, config.strategies)
+        from transferkit.backbones import check_backbone_name, list_backbones
+
+        list_backbones()  # imports the backbone libraries now: start-up, not the first candidate's measured cost
+        for name in {c.backbone for c in self.space}:
+            check_backbone_name(name)
+        self.cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+        self.results: dict[str, dict[str, Any]] = {}  # candidate slug -> stored result
+        self.tables: dict[tuple[str, int | None], Any] = {}
+        self.speed: dict[tuple[str, int | None], float] = {}  # measured inference seconds per item
+        self.slowdown = 1.0  # measured / static cost, learnt as candidates finish
+        self.measured: dict[str, tuple[float, float, float]] = {}  # candidate slug -> seconds_per_item + build
+
+    # --- bookkeeping -------------------------------------------------------------------------------------
+    def log(self, message: str, *args: Any) -> None:
+        if self.config.progress:
+            logger.info("%s " + message, self.clock.stamp(), *args)
+
+    def variants(self) -> dict[str, dict[str, Any]]:
+        """Every scored variant (candidate, with or without TTA) by name: its CV summary and OOF probabilities."""
+        out = {}
+        for result in self.results.values():
+            for variant in result.get("variants", []):
+                out[variant["name"]] = variant
+        return out
+
+    def leader(self) -> dict[str, Any] | None:
+        scored = [v for v in self.variants().values() if v.get("complete")]
+        return max(scored, key=lambda v: (v["cv"]["mean"], -v["log_loss"]), default=None)
+
+    # --- cost estimates -------------------------------------------------------------------------------------
+    def inference_seconds(self, candidate: Candidate) -> float:
+        key = (candidate.backbone, candidate.image_size)
+        if key in self.speed:
+            return self.speed[key]
+        same = [(size, s) for (b, size), s in self.speed.items() if b == candidate.backbone and size]
+        if same and candidate.image_size:
+            size, s = same[0]
+            return s * (candidate.image_size / size) ** 2
+        static = STATIC_SECONDS_PER_ITEM.get(candidate.backbone, 0.05)
+        if candidate.image_size:
+            static *= (candidate.image_size / 224) ** 2
+        return static * self.slowdown
+
+    def estimate(self, candidate: Candidate) -> tuple[float, float]:
+        """(seconds to score by CV, seconds to refit on every item) of ``candidate``."""
+        n = len(self.data)
+        if candidate.kind == "features":
+            if (candidate.backbone, candidate.image_size) in self.tables:
+                return 1.0, 1.0
+            copies = 2 if self.data.modality == "image" else 1
+            return 3.0 + copies * n * self.inference_seconds(candidate), 1.0
+        train_item, infer, build = self.measured.get(candidate.slug) or self.measure(candidate)
+        n_train = n * (self.k - 1) / self.k
+        if candidate.strategy == "contrastive":  # SetFit's sentence pairs, two encoder passes each
+            from transferkit.strategies.fewshot import contrastive_pairs
+
+            pairs = len(contrastive_pairs(self.data.labels))
+            epochs = int(candidate.options.get("contrastive_epochs", 1))
+            passes_all, passes_fold = 2 * pairs * epochs, 2 * pairs * epochs * ((self.k - 1) / self.k) ** 2
+        else:
+            epochs = int(candidate.options.get("epochs", 1))
+            passes_all, passes_fold = epochs * n, epochs * n_train
+        fold = build + passes_fold * train_item + n_train * infer + 2 * (n / self.k) * infer
+        refit = build + passes_all * train_item + n * infer
+        return self.k * fold, refit
+
+    def measure(self, candidate: Candidate) -> tuple[float, float, float]:
+        """(training seconds per item and epoch, inference seconds per item, model build seconds), measured on a
+        batch of 8 items when there is time for it, else the static estimate scaled by the measured slowdown."""
+        from transferkit.search.training import seconds_per_item
+
+        infer = self.inference_seconds(candidate)
+        static = (3.5 * infer, infer, 3.0)
+        n = len(self.data)
+        rough = self.k * (3.0 + int(candidate.options.get("epochs", 1)) * n * static[0])
+        if self.clock.left() < 30 or rough > 3 * self.clock.left():  # clearly out of reach: not worth measuring
+            return static
+        started = time.perf_counter()
+        train_item, infer = seconds_per_item(candidate, self.data, self.config.seed)
+        self.measured[candidate.slug] = (train_item, infer, time.perf_counter() - started)
+        return self.measured[candidate.slug]
+
+    def refit_reserve(self, extra: float = 0.0) -> float:
+        """Seconds to keep for the final refit: the costliest refit among the leader and a new candidate."""
+        leader = self.leader()
+        costs = [extra]
+        if leader is not None:
+            costs.append(self.results[leader["candidate"]]["refit_seconds"])
+        return max(costs) + WRITE_SECONDS
+
+    # --- scoring ------------------------------------------------------------------------------------------
+    def run(self, results_dir: Path) -> None:
+        from transferkit.rundir import write_json
+
+        for path in sorted(results_dir.glob("*.json")):
+            import json
+
+            stored = json.loads(path.read_text())
+            self.results[stored["candidate"]] = stored
+        done = sum(1 for c in self.space if c.slug in self.results)
+        if done:
+            self.log("resuming: %d finished candidates kept", done)
+        self.log("%d labelled items, %d classes, %d-fold cross-validation; %d candidates", len(self.data),
+                 self.data.num_classes, self.k, len(self.space))
+        for index, candidate in enumerate(self.space, 1):
+            if candidate.slug in self.results:
+                continue
+            cost, refit = self.estimate(candidate)
+            if cost + self.refit_reserve(refit) > self.clock.left():
+                self.log("skip %d/%d %s: needs about %s, %s left", index, len(self.space), candidate.name,
+                         _mmss(cost + refit), _mmss(max(0.0, self.clock.left())))
+                self.results[candidate.slug] = {"candidate": candidate.slug, "spec": candidate.to_dict(),
+                                                "status": "skipped: would not fit the budget",
+                                                "estimated_seconds": round(cost, 1), "variants": [],
+                                                "refit_seconds": refit, "stored": False}
+                continue
+            self.log("try %d/%d %s (about %s)", index, len(self.space), candidate.name, _mmss(cost))
+            started = time.perf_counter()
+            result = self.score(candidate, refit)
+            result["seconds"] = round(time.perf_counter() - started, 1)
+            result["estimated_seconds"] = round(cost, 1)
+            if cost > 5:
+                self.slowdown = float(np.clip(self.slowdown * (0.5 + 0.5 * result["seconds"] / cost), 0.2, 20))
+            self.results[candidate.slug] = result
+            if result["status"] == "done":  # finished candidates survive an interruption (--resume)
+                write_json(results_dir / f"{candidate.slug}.json", {**result, "stored": True})
+            best = max((v for v in result["variants"]), key=lambda v: v["cv"]["mean"], default=None)
+            self.log("%s %s: %s", result["status"], candidate.name,
+                     f"CV accuracy {best['cv']['mean']:.4f} ± {best['cv']['sd']:.4f} ({best['name']})" if best
+                     else "no score")
+
+    def score(self, candidate: Candidate, refit: float) -> dict[str, Any]:
+        from transferkit.evaluation.protocol import cross_validate
+
+        tta_oof = np.zeros((len(self.data), self.data.num_classes))
+        tta_folds: list[float] = []
+        rows = {item_id: i for i, item_id in enumerate(self.data.ids)}
+        fold_started = [time.perf_counter()]
+        leader = self.leader()
+
+        def record_tta(val, probabilities: dict[str, np.ndarray]) -> np.ndarray:
+            if "tta" in probabilities:
+                positions = [rows[i] for i in val.ids]
+                tta_oof[positions] += probabilities["tta"]
+                tta_folds.append(accuracy(val.labels, probabilities["tta"]))
+            return probabilities["plain"]
+
+        if candidate.kind == "features":
+            c = float(candidate.options.get("probe_c", 1.0))
+
+            def train_and_predict(train, val):
+                from transferkit.search.training import probe_fold
+
+                return record_tta(val, probe_fold(self.feature_table(candidate), train, val, c))
+        else:
+            def train_and_predict(train, val):
+                from transferkit.search.training import predict_probabilities, train_candidate
+
+                model, _ = train_candidate(candidate, train, seed=self.config.seed, cache_dir=self.cache_dir,
+                                           epoch_callback=lambda row: self.check_time())
+                probabilities = {"plain": predict_probabilities(model, val, tta=False)}
+                if self.data.modality == "image":
+                    probabilities["tta"] = predict_probabilities(model, val, tta=True)
+                return record_tta(val, probabilities)
+
+        fold_scores: list[float] = []
+
+        def tracked(train, val):
+            probabilities = train_and_predict(train, val)
+            fold_scores.append(accuracy(val.labels, probabilities))
+            return probabilities
+
+        def on_fold(index: int, total: int, fold_accuracy: float) -> None:
+            seconds = time.perf_counter() - fold_started[0]
+            fold_started[0] = time.perf_counter()
+            self.log("  %s fold %d/%d: accuracy %.4f (%.0f s)", candidate.name, index, total, fold_accuracy, seconds)
+            if candidate.kind == "features" or index == total:
+                return
+            if leader is not None:  # racing: paired with the leader on the same folds
+                mine = float(np.mean(fold_scores[:index]))
+                theirs = float(np.mean(leader["cv"]["fold_accuracies"][:index]))
+                margin = math.sqrt(max(theirs * (1 - theirs), 0.01) / (len(self.data) * index / total))
+                if mine < theirs - margin:
+                    raise _Stopped(f"stopped after fold {index}/{total}: {mine:.3f} vs the leader's {theirs:.3f} "
+                                   "on the same folds")
+            if (total - index) * seconds + self.refit_reserve(refit) > self.clock.left():
+                raise _Stopped(f"stopped after fold {index}/{total}: the remaining folds would not fit the budget")
+
+        base = {"candidate": candidate.slug, "spec": candidate.to_dict(), "refit_seconds": refit}
+        try:
+            cv = cross_validate(tracked, self.data, k=self.k, repeats=1, seed=self.config.seed, on_fold=on_fold)
+        except _Stopped as stop:
+            partial = fold_scores
+            return {**base, "status": stop.status, "variants": [{
+                "name": candidate.name, "candidate": candidate.slug, "tta": False, "complete": False,
+                "cv": {"k": self.k, "fold_accuracies": partial, "mean": float(np.mean(partial)),
+                       "sd": float(np.std(partial, ddof=1)) if len(partial) > 1 else 0.0},
+                "log_loss": math.nan}] if partial else []}
+        variants = [self._variant(candidate, False, cv.fold_accuracies, cv.oof_probabilities)]
+        if tta_folds:
+            variants.append(self._variant(candidate, True, tta_folds, tta_oof))
+        if candidate.kind == "features":
+            base["refit_seconds"] = 1.0
+        return {**base, "status": "done", "variants": variants}
+
+    def _variant(self, candidate: Candidate, tta: bool, folds: list[float], oof: np.ndarray) -> dict[str, Any]:
+        labels = self.data.labels
+        return {"name": candidate.name + (" +flip TTA" if tta else ""), "candidate": candidate.slug, "tta": tta,
+                "complete": True,
+                "cv": {"k": self.k, "repeats": 1, "seed": self.config.seed, "fold_accuracies": list(folds),
+                       "mean": float(np.mean(folds)), "sd": float(np.std(folds, ddof=1)) if len(folds) > 1 else 0.0},
+                "oof_accuracy": accuracy(labels, oof), "log_loss": log_loss(labels, oof),
+                "oof_probabilities": np.round(oof, 6).tolist()}
+
+    def feature_table(self, candidate: Candidate):
+        from transferkit.search.training import FeatureTable
+
+        key = (candidate.backbone, candidate.image_size)
+        if key not in self.tables:
+            table = FeatureTable(candidate, self.data, self.cache_dir, self.config.seed, self.check_time)
+            copies = 2 if self.data.modality == "image" else 1
+            if table.seconds > 2:  # not read from the cache: a real speed measurement
+                self.speed[key] = table.seconds / (copies * len(self.data))
+                static = STATIC_SECONDS_PER_ITEM.get(candidate.backbone, 0.05) * (
+                    ((candidate.image_size or 224) / 224) ** 2 if candidate.image_size else 1.0)
+                self.slowdown = float(np.clip(self.speed[key] / static, 0.2, 20))
+            self.tables[key] = table
+        return self.tables[key]
+
+    def check_time(self) -> None:
+        """Stop the candidate in progress when the search's part of the budget is used up (the final refit of the
+        candidates already scored still fits in the rest)."""
+        if self.clock.left() < 0:
+            raise _Stopped("stopped: the time budget ran out")
+
+    # --- the final model ------------------------------------------------------------------------------------
+    def choose(self) -> tuple[dict[str, float], np.ndarray]:
+        """Ensemble weights by variant name (refits that fit the remaining time only) and their OOF probabilities."""
+        variants = {n: v for n, v in self.variants().items() if v.get("complete")}
+        if not variants:
+            raise TransferkitError("no candidate finished within the time budget",
+                                   "give a larger --time-budget (e.g. 10m) or fewer --backbones / --strategies")
+        oof = {n: np.asarray(v["oof_probabilities"]) for n, v in variants.items()}
+        weights = select_ensemble(oof, self.data.labels, self.config.max_ensemble)
+        affordable = self.clock.budget * 1.02 - self.clock.elapsed() - WRITE_SECONDS
+        refits = {}
+        for name in sorted(weights, key=lambda n: -weights[n]):
+            cost = self.results[variants[name]["candidate"]]["refit_seconds"]
+            if sum(refits.values()) + cost <= affordable or not refits:
+                refits[name] = cost
+        if set(refits) != set(weights):
+            kept = {n: weights[n] for n in refits}
+            total = sum(kept.values())
+            weights = {n: w / total for n, w in kept.items()}
+            self.log("ensemble reduced to %d members to fit the budget", len(weights))
+        return weights, combine(oof, weights)
+
+    def refit(self, name: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        """The final model of one variant, trained on every labelled item."""
+        from transferkit.search.training import probe_model, train_candidate
+
+        variant = self.variants()[name]
+        candidate = next(c for c in self.space if c.slug == variant["candidate"])
+        extra: dict[str, Any] = {"data": self.config.data, "auto_candidate": candidate.to_dict()}
+        if variant["tta"]:
+            extra["tta"] = "hflip"
+        if candidate.kind == "features":
+            model, strategy = probe_model(candidate, self.feature_table(candidate), self.data, variant["tta"])
+        else:
+            model, strategy = train_candidate(candidate, self.data, seed=self.config.seed, cache_dir=self.cache_dir)
+        return model, strategy.to_dict(), extra
+
+
+def run_auto(config: AutoConfig, started: float | None = None):
+    """Search, choose, refit and write the run folder; returns a :class:`transferkit.api.Run`. The budget runs from
+    ``started`` (``time.time()``; default: now)."""
+    from transferkit.api import Run
+    from transferkit.evaluation.metrics import classification_report
+    from transferkit.model import save_model
+    from transferkit.rundir import OutputFolder, write_json, write_jsonl
+
+    budget = config.validate()
+    started = time.time() if started is None else started  # the CLI passes the process's start (start-up counts)
+    import sklearn.metrics  # noqa: F401  (imported now, not during the final write: part of the measured start-up)
+
+    search = AutoSearch(config, budget, started)  # reads and checks the data: bad input fails before any write
+    options = {k: v for k, v in asdict(config).items() if k not in ("time_budget", "progress", "overwrite", "resume")}
+    folder = OutputFolder(config.out, "auto", overwrite=config.overwrite, resume=config.resume, options=options)
+    folder.begin()
+    try:
+        results_dir = folder.stage / RESULTS_FOLDER
+        results_dir.mkdir(parents=True, exist_ok=True)
+        search.run(results_dir)
+        weights, oof = search.choose()
+        search.log("final model: %s", " + ".join(f"{w:.2f} x {n}" for n, w in weights.items()))
+        members = []
+        for name in weights:
+            search.log("refit on all %d labelled items: %s", len(search.data), name)
+            members.append(search.refit(name))
+        if len(members) == 1:
+            model, strategy, extra = members[0]
+            save_model(model, folder.stage / "model", strategy, extra=extra)
+        else:
+            save_ensemble(folder.stage / "model", members, list(weights.values()), extra={"data": config.data})
+        metrics = final_metrics(search, weights, oof, classification_report)
+        write_json(folder.stage / "metrics.json", metrics)
+        write_jsonl(folder.stage / "history.jsonl", [])
+        leaderboard = leaderboard_rows(search, weights)
+        write_json(folder.stage / LEADERBOARD_JSON, {"data": config.data, "k": search.k, "seed": config.seed,
+                                                     "budget_seconds": budget, "final": weights,
+                                                     "leaderboard": leaderboard})
+        (folder.stage / LEADERBOARD_MD).write_text(leaderboard_markdown(leaderboard, weights, search))
+        out = folder.publish()
+    except BaseException as exc:
+        folder.abandon(exc)
+        raise
+    search.log("done: cross-validated accuracy %.4f; run written to %s", metrics["accuracy"], out)
+    return Run(out, metrics, [])
+
+
+def final_metrics(search: AutoSearch, weights: dict[str, float], oof: np.ndarray, classification_report) -> dict:
+    labels = search.data.labels
+    report = classification_report(labels, oof, list(search.data.class_names))
+    variants = search.variants()
+    folds = []
+    first = variants[next(iter(weights))]
+    from transferkit.evaluation.protocol import stratified_folds
+
+    for _, val in stratified_folds(labels, search.k, 1, search.config.seed):
+        folds.append(accuracy(labels[val], oof[val]))
+    members = [variants[n] for n in weights]
+    specs = [search.results[m["candidate"]]["spec"] for m in members]
+    return {
+        "accuracy": report["accuracy"], "macro_f1": report.get("macro_f1"),
+        "accuracy_split": "cv",
+        "cv": {"k": search.k, "repeats": 1, "seed": search.config.seed, "fold_accuracies": folds,
+               "mean": float(np.mean(folds)), "sd": float(np.std(folds, ddof=1)) if len(folds) > 1 else 0.0,
+               "oof_accuracy": report["accuracy"]},
+        "n_eval": len(labels), "n_train_final": len(labels),
+        "dataset_sizes": {"labelled": len(labels), "test (not used)": len(search.splits.test or [])},
+        "num_classes": search.data.num_classes, "class_names": list(search.data.class_names),
+        "backbone": ", ".join(sorted({s["backbone"] for s in specs})),
+        "strategy": "auto: " + " + ".join(f"{w:.2f} x {n}" for n, w in weights.items()),
+        "members": [{"name": n, "weight": w} for n, w in weights.items()],
+        "tta": bool(first.get("tta")),
+        "train_seconds": round(search.clock.elapsed(), 1), "time_budget_seconds": search.clock.budget,
+        "notes": [f"scored by {search.k}-fold cross-validation on all {len(labels)} labelled items (seed "
+                  f"{search.config.seed}); the final model was refit on every one of them",
+                  "accuracy is the out-of-fold accuracy of the final choice; it is chosen on the same folds, so it "
+                  "is slightly optimistic"],
+        "evaluation": report,
+        "config": {"fit": {"data": search.config.data, "text_column": search.config.text_column,
+                           "label_column": search.config.label_column,
+                           "limit_per_class": search.config.limit_per_class, "test_fraction": 0.0},
+                   "train": {"seed": search.config.seed}, "auto": asdict(search.config)},
+    }
+
+
+def leaderboard_rows(search: AutoSearch, weights: dict[str, float]) -> list[dict[str, Any]]:
+    rows = []
+    for result in search.results.values():
+        spec = result["spec"]
+        base = {"backbone": spec["backbone"], "strategy": spec["strategy"], "image_size": spec["image_size"],
+                "status": result["status"], "seconds": result.get("seconds"),
+                "estimated_seconds": result.get("estimated_seconds")}
+        if not result["variants"]:
+            rows.append({"name": spec["name"], **base, "cv_mean": None, "cv_sd": None, "oof_accuracy": None})
+        for v in result["variants"]:
+            rows.append({"name": v["name"], **base, "tta": v["tta"], "cv_mean": v["cv"]["mean"], "cv_sd": v["cv"]["sd"],
+                         "fold_accuracies": v["cv"]["fold_accuracies"], "oof_accuracy": v.get("oof_accuracy"),
+                         "log_loss": v.get("log_loss"), "ensemble_weight": weights.get(v["name"], 0.0)})
+    rows.sort(key=lambda r: (r["cv_mean"] is None, -(r["cv_mean"] or 0.0)))
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    return rows
+
+
+def leaderboard_markdown(rows: list[dict[str, Any]], weights: dict[str, float], search: AutoSearch) -> str:
+    lines = [f"# transferkit auto: {search.config.data}", "",
+             f"{len(search.data)} labelled items, {search.data.num_classes} classes, {search.k}-fold "
+             f"cross-validation (seed {search.config.seed}), budget {_mmss(search.clock.budget)}.", "",
+             "Final model: " + " + ".join(f"{w:.2f} x {n}" for n, w in weights.items()), "",
+             "| rank | candidate | CV accuracy | sd | status | seconds (estimated) | weight |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        acc = f"{r['cv_mean']:.4f}" if r["cv_mean"] is not None else "-"
+        sd = f"{r['cv_sd']:.4f}" if r["cv_sd"] is not None else "-"
+        secs = f"{r['seconds']:.0f}" if r.get("seconds") is not None else "-"
+        est = f"{r['estimated_seconds']:.0f}" if r.get("estimated_seconds") is not None else "-"
+        weight = f"{r.get('ensemble_weight', 0):.2f}" if r.get("ensemble_weight") else ""
+        lines.append(f"| {r['rank']} | {r['name']} | {acc} | {sd} | {r['status']} | {secs} ({est}) | {weight} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,80 @@
+"""Ensembles chosen on out-of-fold predictions, and the model folder that holds one.
+
+Selection is Caruana et al. 2004 ("Ensemble Selection from Libraries of Models"): start from the best single
+candidate, then repeatedly add (with replacement, so weights are multiples of 1/m) the candidate whose addition most
+lowers the cross-entropy of the averaged out-of-fold probabilities; stop when nothing lowers it or at ``max_members``.
+The ensemble is kept only if its out-of-fold accuracy is at least the best single candidate's.
+
+On disk an ensemble is a model folder whose ``config.json`` has ``"ensemble": {"members": [...], "weights": [...]}``
+and one ordinary model folder per member under ``members/``; :func:`transferkit.load` returns an
+:class:`EnsembleModel` that averages the members' probabilities (each with its own preprocessing and test-time
+augmentation).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ENSEMBLE_KEY = "ensemble"
+MEMBERS_FOLDER = "members"
+TTA_KEY = "tta"  # in a model's config.json: "hflip" = average over the image and its mirror image
+
+
+def log_loss(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    p = np.clip(probabilities[np.arange(len(labels)), labels], 1e-12, 1.0)
+    return float(-np.log(p).mean())
+
+
+def accuracy(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    return float((probabilities.argmax(1) == labels).mean())
+
+
+def select_ensemble(oof: dict[str, np.ndarray], labels: np.ndarray, max_members: int = 5) -> dict[str, float]:
+    """Weights (summing to 1) of the members chosen greedily on out-of-fold probabilities (see module doc)."""
+    if not oof:
+        return {}
+    names = list(oof)
+    best = max(names, key=lambda n: (accuracy(labels, oof[n]), -log_loss(labels, oof[n])))
+    chosen = [best]
+    total = oof[best].copy()
+    current = log_loss(labels, total)
+    while len(chosen) < max_members:
+        scores = {n: log_loss(labels, (total + oof[n]) / (len(chosen) + 1)) for n in names}
+        candidate = min(scores, key=lambda n: scores[n])
+        if scores[candidate] >= current - 1e-9:
+            break
+        chosen.append(candidate)
+        total = total + oof[candidate]
+        current = scores[candidate]
+    if accuracy(labels, total / len(chosen)) < accuracy(labels, oof[best]):
+        return {best: 1.0}
+    weights: dict[str, float] = {}
+    for name in chosen:
+        weights[name] = weights.get(name, 0.0) + 1.0 / len(chosen)
+    return weights
+
+
+def combine(oof: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
+    return sum(w * oof[n] for n, w in weights.items())  # type: ignore[return-value]
+
+
+def save_ensemble(folder: Path, members: list[tuple[Any, dict[str, Any], dict[str, Any]]], weights: list[float],
+                  extra: dict[str, Any] | None = None) -> None:
+    """Write ``members`` (``(TransferModel, strategy dict, extra config)``) and the ensemble's ``config.json``."""
+    from transferkit.model import FORMAT, FORMAT_VERSION, save_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (model, strategy, member_extra) in enumerate(members):
+        path = f"{MEMBERS_FOLDER}/{i}"
+        save_model(model, folder / path, strategy, extra=member_extra)
+        paths.append(path)
+    first = members[0][0]
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "modality": first.backbone.modality,
+              "tasks": [t.to_dict() for t in first.tasks], ENSEMBLE_KEY: {"members": paths, "weights": weights},
+              **(extra or {})}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))

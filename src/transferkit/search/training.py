@@ -1,0 +1,213 @@
+"""Train one candidate on some labelled items and predict others: the unit of work of ``transferkit auto``.
+
+Used inside cross-validation folds (train on k-1 folds, predict the held-out fold) and for the final refit on every
+labelled item. Nothing here holds out labels: trained candidates run a fixed number of epochs and keep the last
+weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from transferkit.data.base import DataSplits, LabeledData
+from transferkit.search.space import Candidate
+
+logger = logging.getLogger(__name__)
+
+FEATURE_CHUNK = 64
+#: fit options that shape the model (the rest are engine or strategy options)
+MODEL_OPTIONS = ("head_dropout", "label_smoothing", "augment")
+
+
+class Mirrored(Sequence):
+    """The horizontal mirror image of every item of an image sequence (lazy)."""
+
+    def __init__(self, items: Sequence) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        from PIL import ImageOps
+
+        return ImageOps.mirror(self.items[i])
+
+
+def mirrored(data: LabeledData) -> LabeledData:
+    """``data`` with every image mirrored left-right (flip test-time augmentation)."""
+    return LabeledData(Mirrored(data.items), data.labels, list(data.class_names), data.modality,
+                       [f"{i}#mirror" for i in data.ids], name=f"{data.name}#mirror")
+
+
+def create_candidate_backbone(candidate: Candidate, seed: int):
+    from transferkit.backbones import create_backbone
+    from transferkit.engine.trainer import seed_everything
+
+    options: dict[str, Any] = {}
+    if candidate.image_size:
+        options["image_size"] = candidate.image_size
+    if candidate.options.get("augment") is not None:
+        options["augment"] = bool(candidate.options["augment"])
+    seed_everything(seed)
+    return create_backbone(candidate.backbone, pretrained=True, **options)
+
+
+# --- features candidates -----------------------------------------------------------------------------------------
+
+
+class FeatureTable:
+    """Features of every labelled item (and of its mirror image, for images) under one frozen backbone."""
+
+    def __init__(self, candidate: Candidate, data: LabeledData, cache_dir: Path | None, seed: int,
+                 check_time: Callable[[], None] | None = None) -> None:
+        self.backbone = create_candidate_backbone(candidate, seed)
+        started = time.perf_counter()  # extraction only: the speed measurement that calibrates cost estimates
+        self.x = self._extract(data, cache_dir, check_time)
+        self.x_mirror = self._extract(mirrored(data), cache_dir, check_time) if data.modality == "image" else None
+        self.seconds = time.perf_counter() - started
+        self.position = {item_id: i for i, item_id in enumerate(data.ids)}
+
+    def _extract(self, data: LabeledData, cache_dir: Path | None, check_time: Callable[[], None] | None) -> np.ndarray:
+        """Features in chunks of ``FEATURE_CHUNK`` items (each cached), calling ``check_time`` between chunks so
+        that a search out of time stops here instead of finishing a long extraction."""
+        from transferkit.engine.features import extract_features
+
+        parts = []
+        for start in range(0, len(data), FEATURE_CHUNK):
+            if check_time is not None:
+                check_time()
+            chunk = data.subset(np.arange(start, min(start + FEATURE_CHUNK, len(data))))
+            parts.append(extract_features(self.backbone, chunk, cache_dir=cache_dir, progress=False))
+        return np.concatenate(parts)
+
+    def rows(self, data: LabeledData) -> np.ndarray:
+        return np.asarray([self.position[i] for i in data.ids], dtype=np.int64)
+
+
+def fit_probe_head(x: np.ndarray, labels: np.ndarray, num_classes: int, c: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from transferkit.engine.solvers import fit_logistic_regression
+
+    return fit_logistic_regression(x, labels, num_classes, c=c, max_iter=100)  # scikit-learn's default
+
+
+def probe_probabilities(weight: torch.Tensor, bias: torch.Tensor, x: np.ndarray) -> np.ndarray:
+    logits = torch.as_tensor(x, dtype=torch.float64) @ weight.double().T + bias.double()
+    return torch.softmax(logits, dim=-1).cpu().numpy()
+
+
+def probe_fold(table: FeatureTable, train: LabeledData, val: LabeledData, c: float) -> dict[str, np.ndarray]:
+    """Plain and flip-TTA probabilities of a probe trained on ``train``'s rows of the table."""
+    tr, va = table.rows(train), table.rows(val)
+    k = train.num_classes
+    w, b = fit_probe_head(table.x[tr], train.labels, k, c)
+    out = {"plain": probe_probabilities(w, b, table.x[va])}
+    if table.x_mirror is not None:
+        x = np.concatenate([table.x[tr], table.x_mirror[tr]])
+        w2, b2 = fit_probe_head(x, np.concatenate([train.labels, train.labels]), k, c)
+        out["tta"] = 0.5 * (probe_probabilities(w2, b2, table.x[va]) + probe_probabilities(w2, b2, table.x_mirror[va]))
+    return out
+
+
+def probe_model(candidate: Candidate, table: FeatureTable, data: LabeledData, tta: bool):
+    """The final linear-probe TransferModel on every labelled item (with mirrored copies when ``tta``)."""
+    from transferkit.model import TaskSpec, TransferModel
+    from transferkit.strategies import create_strategy
+    from transferkit.strategies.linear_probe import set_linear_head
+
+    rows = table.rows(data)
+    x, y = table.x[rows], data.labels
+    if tta and table.x_mirror is not None:
+        x, y = np.concatenate([x, table.x_mirror[rows]]), np.concatenate([y, y])
+    weight, bias = fit_probe_head(x, y, data.num_classes, float(candidate.options.get("probe_c", 1.0)))
+    model = TransferModel(table.backbone, [TaskSpec("label", "classify", list(data.class_names))])
+    strategy = create_strategy("linear-probe", {"probe_c": float(candidate.options.get("probe_c", 1.0))})
+    strategy.prepare(model)
+    set_linear_head(model, weight.float(), bias.float())
+    return model.eval(), strategy
+
+
+# --- trained candidates ------------------------------------------------------------------------------------------
+
+
+def split_options(candidate: Candidate, seed: int) -> tuple[Any, Any, dict[str, Any]]:
+    """(TrainConfig, Strategy, model options) of a trained candidate; engine defaults per strategy apply."""
+    from transferkit.config import build
+    from transferkit.engine.trainer import TrainConfig
+    from transferkit.strategies import strategy_class
+
+    cls = strategy_class(candidate.strategy)
+    merged = {**getattr(cls, "train_defaults", {}), **candidate.options, "seed": seed, "early_stopping": 0}
+    model_options = {k: merged.pop(k) for k in MODEL_OPTIONS if k in merged}
+    train_cfg = build(TrainConfig, merged)
+    strategy = cls(build(cls.config_class, merged))
+    merged.pop("probe_c", None)
+    if merged:
+        raise ValueError(f"unused candidate options {sorted(merged)}")
+    train_cfg.validate()
+    return train_cfg, strategy, model_options
+
+
+def train_candidate(candidate: Candidate, train: LabeledData, *, seed: int, cache_dir: Path | None,
+                    epoch_callback: Callable[[dict[str, Any]], None] | None = None):
+    """Train ``candidate`` on every item of ``train`` for its fixed number of epochs; returns the model."""
+    from transferkit.engine.context import RunContext
+    from transferkit.model import TaskSpec, TransferModel
+
+    train_cfg, strategy, model_options = split_options(candidate, seed)
+    backbone = create_candidate_backbone(candidate, seed)
+    model = TransferModel(backbone, [TaskSpec("label", "classify", list(train.class_names))],
+                          head_dropout=float(model_options.get("head_dropout", 0.0)))
+    strategy.prepare(model)
+    splits = DataSplits(train=train, val=train.subset(np.arange(0)), test=None)
+    context = RunContext(splits=splits, train=train_cfg, label_smoothing=float(model_options.get("label_smoothing", 0.0)),
+                         cache_dir=cache_dir, progress=False, epoch_callback=epoch_callback)
+    strategy.train(model, context)
+    return model.eval(), strategy
+
+
+def predict_probabilities(model, data: LabeledData, tta: bool) -> np.ndarray:
+    from transferkit.api import predict_proba_model
+
+    probabilities = predict_proba_model(model, data, batch_size=64)
+    if tta and data.modality == "image":
+        probabilities = 0.5 * (probabilities + predict_proba_model(model, mirrored(data), batch_size=64))
+    return probabilities
+
+
+def seconds_per_item(candidate: Candidate, data: LabeledData, seed: int) -> tuple[float, float]:
+    """(training seconds per item and epoch, inference seconds per item) of a trained candidate, measured on two
+    small batches: the cost estimate that decides whether the candidate fits the remaining budget."""
+    from transferkit.data.loader import make_loader
+    from transferkit.model import TaskSpec, TransferModel
+
+    _, strategy, _ = split_options(candidate, seed)
+
+    backbone = create_candidate_backbone(candidate, seed)
+    model = TransferModel(backbone, [TaskSpec("label", "classify", list(data.class_names))])
+    strategy.prepare(model)
+    n = min(len(data), 8)
+    sample = data.subset(np.arange(n))
+    batch = next(iter(make_loader(sample, backbone, batch_size=n, train=True, seed=seed)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    timings = []
+    for _ in range(2):
+        started = time.perf_counter()
+        model.train()
+        logits = model(batch["inputs"]).logits
+        loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
+        torch.autograd.grad(loss, params, allow_unused=True)
+        timings.append(time.perf_counter() - started)
+    with torch.no_grad():
+        model.eval()
+        started = time.perf_counter()
+        model(batch["inputs"])
+        infer = time.perf_counter() - started
+    return min(timings) / n, infer / n

@@ -1,0 +1,177 @@
+"""`transferkit auto`: budget, run folder usable by evaluate / predict / report, ensembles, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import transferkit
+from transferkit.config import parse_duration
+from transferkit.errors import TransferkitError
+from transferkit.search.ensemble import select_ensemble
+
+SMALL = {"backbones": ["efficientnet_lite0"], "image_sizes": [32], "progress": False}
+
+
+def shade(brightness: str, seed: int) -> Image.Image:
+    """Dark or bright noise with a bright stripe: separable even by a random network's features."""
+    rng = np.random.default_rng(seed)
+    low = 20 if brightness == "dark" else 150
+    image = rng.integers(low, low + 80, (28, 28)).astype(np.uint8)
+    image[:, (seed * 5) % 28] = 255
+    return Image.fromarray(image)
+
+
+def write_folder(root: Path, per_class: int, classes=("bright", "dark")) -> Path:
+    for cls in classes:
+        (root / cls).mkdir(parents=True)
+        for i in range(per_class):
+            shade(cls, i).save(root / cls / f"{i:02d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("shades"), 8)
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("TRANSFERKIT_PROGRESS", "0")
+
+
+@pytest.fixture(scope="module")
+def auto_run(folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("auto") / "run"
+    started = time.time()
+    run = transferkit.auto(str(folder), out=str(out), time_budget="120s", strategies=["linear-probe", "finetune"],
+                           **SMALL)
+    return run, time.time() - started
+
+
+def test_parse_duration():
+    assert parse_duration("600") == parse_duration("600s") == parse_duration("10m") == 600
+    assert parse_duration("1h") == 3600 and parse_duration(90) == 90
+    for bad in ("0", "-5m", "ten minutes", "5d"):
+        with pytest.raises(TransferkitError):
+            parse_duration(bad)
+
+
+def test_auto_writes_a_run_that_evaluate_predict_and_report_use(auto_run, folder):
+    run, seconds = auto_run
+    assert seconds <= 120 * 1.1
+    out = run.path
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["accuracy_split"] == "cv" and metrics["n_train_final"] == 16
+    assert len(metrics["cv"]["fold_accuracies"]) == metrics["cv"]["k"] == 5
+    assert metrics["accuracy"] >= 0.75  # dark vs bright is easy (chance: 0.5)
+    board = json.loads((out / "leaderboard.json").read_text())
+    rows = board["leaderboard"]
+    scored = [r for r in rows if r["cv_mean"] is not None]
+    assert scored and all(len(r["fold_accuracies"]) == 5 for r in scored if r["status"] == "done")
+    assert all(r["seconds"] is not None for r in scored)
+    assert {"probe C=1 efficientnet_lite0@32", "probe C=1 efficientnet_lite0@32 +flip TTA"} <= {r["name"] for r in rows}
+    assert "| rank |" in (out / "leaderboard.md").read_text()
+    report = transferkit.evaluate(out, str(folder), progress=False)
+    assert report["n"] == 16 and report["accuracy"] >= 0.75
+    rows = transferkit.predict(out, [str(folder / "dark" / "00.png")])
+    assert rows[0]["prediction"] == "dark"
+    from transferkit.evaluation.report import write_report
+
+    html = write_report(out).read_text()
+    assert "Leaderboard" in html and "cv" in html
+
+
+def test_ensemble_folder_loads_as_one_model_averaging_members(auto_run, tmp_path, folder):
+    from transferkit.api import EnsembleModel, load
+    from transferkit.search.ensemble import save_ensemble
+
+    single = load(auto_run[0].path)
+    member = single.members[0].module if isinstance(single, EnsembleModel) else single.module
+    save_ensemble(tmp_path / "ens", [(member, {"name": "linear-probe", "options": {}}, {}),
+                                     (member, {"name": "linear-probe", "options": {}}, {"tta": "hflip"})], [0.25, 0.75])
+    ensemble = load(tmp_path / "ens")
+    assert isinstance(ensemble, EnsembleModel) and len(ensemble.members) == 2
+    items = [str(folder / "bright" / "01.png"), str(folder / "dark" / "02.png")]
+    plain = ensemble.members[0].predict_proba(items)
+    flipped = ensemble.members[1].predict_proba(items)
+    assert np.allclose(ensemble.predict_proba(items), 0.25 * plain + 0.75 * flipped, atol=1e-6)
+
+
+def test_select_ensemble_adds_members_only_when_they_help():
+    labels = np.array([0, 0, 1, 1])
+    good = np.array([[0.9, 0.1], [0.6, 0.4], [0.4, 0.6], [0.2, 0.8]])
+    bad = np.array([[0.2, 0.8], [0.3, 0.7], [0.7, 0.3], [0.8, 0.2]])
+    assert select_ensemble({"good": good, "bad": bad}, labels) == {"good": 1.0}
+    first = np.array([[0.9, 0.1], [0.45, 0.55], [0.2, 0.8], [0.3, 0.7]])  # wrong on item 1 only
+    second = np.array([[0.45, 0.55], [0.9, 0.1], [0.3, 0.7], [0.2, 0.8]])  # wrong on item 0 only
+    weights = select_ensemble({"first": first, "second": second}, labels)
+    assert set(weights) == {"first", "second"} and abs(sum(weights.values()) - 1) < 1e-9
+
+
+def test_auto_resume_skips_finished_candidates(folder, tmp_path, monkeypatch):
+    from transferkit.search import auto_search as auto_module
+    from transferkit.search.auto_search import AutoConfig, run_auto
+
+    out = tmp_path / "run"
+    calls: list[str] = []
+    original = auto_module.AutoSearch.score
+
+    def interrupting(self, candidate, refit):
+        calls.append(candidate.slug)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, candidate, refit)
+
+    monkeypatch.setattr(auto_module.AutoSearch, "score", interrupting)
+    config = dict(data=str(folder), out=str(out), time_budget="10m", strategies=["linear-probe"], **SMALL)
+    with pytest.raises(KeyboardInterrupt):
+        run_auto(AutoConfig(**config))
+    stage = out.parent / f".{out.name}.partial"
+    assert not out.exists() and len(list((stage / "checkpoint" / "candidates").glob("*.json"))) == 1
+    with pytest.raises(TransferkitError):  # neither --resume nor --overwrite
+        run_auto(AutoConfig(**config))
+    calls.clear()
+    monkeypatch.setattr(auto_module.AutoSearch, "score", lambda self, c, r: (calls.append(c.slug), original(self, c, r))[1])
+    run = run_auto(AutoConfig(**config, resume=True))
+    first = "probe_C=1_efficientnet_lite0_32"
+    assert first not in calls and calls, calls
+    board = json.loads((run.path / "leaderboard.json").read_text())
+    assert any(r["name"].startswith("probe C=1 efficientnet_lite0@32") and r["status"] == "done" for r in board["leaderboard"])
+
+
+@pytest.mark.parametrize("per_class,classes,budget,fragment", [
+    (8, ("bright", "dark"), "0", "time-budget"),
+    (1, ("bright", "dark"), "1m", "single example"),
+    (6, ("bright",), "1m", "single class"),
+])
+def test_auto_bad_input_exits_2_with_one_line(tmp_path, per_class, classes, budget, fragment):
+    data = write_folder(tmp_path / "data", per_class, classes)
+    result = subprocess.run([sys.executable, "-m", "transferkit", "auto", "--data", str(data), "--out",
+                             str(tmp_path / "out"), "--time-budget", budget, "--backbones", "small_cnn"],
+                            capture_output=True, text=True, timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+
+
+@pytest.mark.parametrize("strategy", ["lora", "adapter"])
+def test_peft_strategies_start_from_the_probe_head(folder, tmp_path, strategy):
+    """LP-FT for LoRA and adapters: with a learning rate too small to move anything, the trained head is the
+    probe's, so the run scores exactly what the linear probe scores on the same split."""
+    common = dict(backbone="efficientnet_lite0", image_size=32, progress=False, seed=0, test_fraction=0.25)
+    probe = transferkit.fit(str(folder), strategy="linear-probe", out=str(tmp_path / "probe"), **common)
+    run = transferkit.fit(str(folder), strategy=strategy, out=str(tmp_path / strategy), epochs=1, lr=1e-12,
+                          augment=False, **common)
+    assert any("head initialised from the linear probe" in note for note in run.metrics["notes"])
+    assert run.metrics["accuracy"] == pytest.approx(probe.metrics["accuracy"])
+    assert run.metrics["accuracy"] > 0.5
