@@ -573,3 +573,14 @@ def test_a_run_that_diverges_after_its_first_checkpoint_does_not_block_the_next_
     monkeypatch.setattr(SequenceCrossEntropy, "forward", original_forward)
     code, _, err = run_cli([*args, "--lr", "0.001"], capsys)  # the next run, with other options, is not blocked
     assert code == 0, err
+
+
+@pytest.mark.parametrize("content", ["{", "[]", '{"evaluation": 3}', "\udcff".encode("utf-8", "surrogatepass")])
+def test_report_of_a_damaged_run_folder_is_one_line(content, trained_run, tmp_path, capsys):
+    broken = tmp_path / "run"
+    shutil.copytree(trained_run, broken)
+    metrics = broken / "metrics.json"
+    metrics.write_bytes(content if isinstance(content, bytes) else content.encode())
+    code, out, err = run_cli(["report", broken], capsys)
+    line = assert_one_line_error(code, out, err)
+    assert str(metrics) in line
