@@ -584,3 +584,17 @@ def test_report_of_a_damaged_run_folder_is_one_line(content, trained_run, tmp_pa
     code, out, err = run_cli(["report", broken], capsys)
     line = assert_one_line_error(code, out, err)
     assert str(metrics) in line
+
+
+def test_a_bug_is_one_line_with_exit_1_and_its_traceback_with_v(monkeypatch, capsys):
+    import transferkit.cli.catalog as catalog
+
+    def broken(args):
+        raise ZeroDivisionError("a programming error")
+
+    monkeypatch.setattr(catalog, "run_backbones", broken)
+    code, out, err = run_cli(["backbones", "--json"], capsys)
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "bug in transferkit" in err and json.loads(out)["error"].startswith("internal error")
+    code, _, err = run_cli(["-v", "backbones"], capsys)
+    assert code == 1 and "Traceback" in err and "ZeroDivisionError" in err
