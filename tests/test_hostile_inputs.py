@@ -305,7 +305,7 @@ def _numeric_cases(tmp: Path, run: Path, image: Path, data: Path) -> list[tuple[
         (["predict", "--model", run, image, "--json"], "--top"),
         *[(["fit", "--data", missing, "--backbone", "small_cnn", "--out", tmp / "f"], flag)
           for flag in ("--epochs", "--batch-size", "--lr", "--image-size", "--limit-per-class", "--val-fraction",
-                       "--head-dropout", "--weight-decay", "--warmup-steps")],
+                       "--head-dropout", "--weight-decay", "--warmup-steps", "--seed")],
         *[(["compare", "--data", missing, "--backbones", "small_cnn", "--strategies", "linear-probe",
             "--no-isolate", "--out", tmp / "c", "--json"], flag)
           for flag in ("--seeds", "--time-budget", "--cost-ratio", "--batch-size", "--epochs")],
