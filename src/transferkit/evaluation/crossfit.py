@@ -253,13 +253,14 @@ def _train_fold(model: TransferModel, strategy: Strategy, context: RunContext, e
 
 def fold_probabilities(model: TransferModel, strategy: Strategy, context: RunContext, data: LabeledData) -> np.ndarray:
     """Class probabilities of ``data`` under a trained model (through cached features when the backbone is frozen)."""
+    from transferkit.engine.placement import module_device
     from transferkit.inference import predict_proba_model
 
     if strategy.frozen_backbone:
         x = torch.as_tensor(context.features(model.backbone, data), dtype=torch.float32)
         model.eval()
         with torch.no_grad():
-            device = next(model.heads.parameters()).device
+            device = module_device(model.heads)  # a knn head holds buffers only
             return torch.softmax(model.forward_head(x.to(device)).logits.float(), -1).cpu().numpy()
     return predict_proba_model(model, data, batch_size=max(32, context.train.batch_size))
 
