@@ -18,10 +18,11 @@ PACKAGE = ROOT / "src" / "transferkit"
 LAYERS: list[set[str]] = [
     {"cli", "serving"},
     {"api", "fitting", "search", "export"},
-    {"strategies", "adaptation", "tasks", "evaluation", "memory", "zeroshot", "sequence", "model", "inference"},
+    {"strategies", "adaptation", "tasks", "evaluation", "memory", "zeroshot", "sequence", "model", "inference",
+     "tracking"},
     {"engine"},
     {"backbones", "data"},
-    {"errors", "config", "registry", "extensions", "progress", "console", "rundir", "tracking", "__init__"},
+    {"errors", "config", "registry", "extensions", "progress", "console", "rundir", "__init__"},
 ]
 #: modules every layer may import: leaves that import only the shared row
 LEAVES = {"transferkit.engine.placement"}  # where a model runs and how batches get there
