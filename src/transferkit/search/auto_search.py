@@ -360,7 +360,10 @@ class AutoSearch:
             seconds = time.perf_counter() - fold_started[0]
             fold_started[0] = time.perf_counter()
             self.log("  %s fold %d/%d: accuracy %.4f (%.0f s)", candidate.name, index, total, fold_accuracy, seconds)
-            if candidate.kind == "features" or index == total:
+            if index == total:
+                return
+            self.check_time()
+            if candidate.kind == "features":
                 return
             if leader is not None:  # racing: paired with the leader on the same folds
                 mine = float(np.mean(fold_scores[:index]))
