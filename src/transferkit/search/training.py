@@ -138,13 +138,13 @@ def probe_model(candidate: Candidate, table: FeatureTable, data: LabeledData, tt
 
 
 def split_options(candidate: Candidate, seed: int) -> tuple[Any, Any, dict[str, Any]]:
-    """(TrainConfig, Strategy, model options) of a trained candidate; engine defaults per strategy apply."""
+    """(TrainConfig, Strategy, model options) of a trained candidate: fixed epochs, no early stopping."""
     from transferkit.config import build
     from transferkit.engine.trainer import TrainConfig
     from transferkit.strategies import strategy_class
 
     cls = strategy_class(candidate.strategy)
-    merged = {**getattr(cls, "train_defaults", {}), **candidate.options, "seed": seed, "early_stopping": 0}
+    merged = {**candidate.options, "seed": seed, "early_stopping": 0}
     model_options = {k: merged.pop(k) for k in MODEL_OPTIONS if k in merged}
     train_cfg = build(TrainConfig, merged)
     strategy = cls(build(cls.config_class, merged))
