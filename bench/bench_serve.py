@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import bench_command, write_section
+from bench.common import bench_command, cached, write_section
 
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / "cache" / "serve"
@@ -285,8 +285,8 @@ def measure_model(modality: str, run: Path, paths: list[Path], texts: list[str],
         try:
             run_load({**spec, "port": server.port, "clients": 4, "total": 32})  # warm-up
             result[label] = {
-                16: run_load({**spec, "port": server.port, "clients": CLIENTS, "total": requests16}),
-                1: run_load({**spec, "port": server.port, "clients": 1, "total": requests1}),
+                "16": run_load({**spec, "port": server.port, "clients": CLIENTS, "total": requests16}),
+                "1": run_load({**spec, "port": server.port, "clients": 1, "total": requests1}),
             }
         finally:
             code = server.stop()
@@ -303,13 +303,13 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TRANSFERKIT_PROGRESS", "0")
     started = time.perf_counter()
     cache = CACHE / ("quick" if args.quick else "")
-    requests16, requests1, rounds = (96, 24, 6) if args.quick else (640, 120, 40)
+    requests16, requests1, rounds = (96, 24, 6) if args.quick else (400, 80, 25)
     load_total = 1_000 if args.quick else args.load_requests
     runs = train_runs(CACHE)
     paths, texts = sample_inputs(cache, 64)
 
-    measured = {m: measure_model(m, runs[m], paths, texts, args.threads, requests16, requests1, rounds)
-                for m in ("image", "text")}
+    measured = {m: cached(cache, f"measured-{m}-t{args.threads}", lambda m=m: measure_model(
+        m, runs[m], paths, texts, args.threads, requests16, requests1, rounds)) for m in ("image", "text")}
 
     # load test, OpenAI client and KServe V2 checks
     server = Server(runs["text"], args.threads, CLIENTS)
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
              "|---|---|---|---|---|---|"]
     names = {"image": "EfficientNet-Lite0 probe, 112 px", "text": "MiniLM probe"}
     for m, r in measured.items():
-        on, off = r["batching on"][16], r["batching off"][16]
+        on, off = r["batching on"]["16"], r["batching off"]["16"]
         lines.append(f"| {names[m]} | {r['in_process']:.1f} | {on['throughput']:.1f} | "
                      f"**{on['throughput'] / r['in_process']:.2f}x** | {off['throughput']:.1f} | "
                      f"{on['cpu_share']:.0%} of the machine |")
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     for m, r in measured.items():
         for label in ("batching on", "batching off"):
             for clients in (1, 16):
-                s = r[label][clients]
+                s = r[label][str(clients)]
                 lines.append(f"| {names[m]} | {label.split()[1]} | {clients} | {s['p50']:.1f} | {s['p95']:.1f} | "
                              f"{s['p99']:.1f} | {s['requests']} | {s['n_wrong']} | {s['n_dropped']} |")
     five = sum(v for k, v in load["statuses"].items() if k.startswith("5"))

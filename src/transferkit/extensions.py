@@ -20,6 +20,8 @@ from transferkit.errors import TransferkitError
 from transferkit.registry import add_entry, import_registering_modules
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from transferkit.config import FitConfig
     from transferkit.engine.context import RunContext
     from transferkit.engine.trainer import TrainResult
@@ -32,6 +34,7 @@ _MODULES = [
     "transferkit.tasks.extension",
     "transferkit.evaluation.calibration",
     "transferkit.evaluation.datacheck",
+    "transferkit.tracking",
 ]
 
 #: Option values that name an input file or folder in :meth:`FitExtension.modes` (filled in by whoever runs them).
@@ -87,6 +90,9 @@ class FitExtension:
     def metrics(self, context: RunContext, model: TransferModel) -> dict[str, Any]:
         """Extra entries for metrics.json after training."""
         return {}
+
+    def published(self, run_dir: Path, metrics: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        """Called once the run folder is in place (e.g. to log it to an experiment tracker)."""
 
 
 _REGISTRY: dict[str, type[FitExtension]] = {}

@@ -120,6 +120,8 @@ def fit_run(fit: FitConfig, train: TrainConfig, strategy: Strategy, extensions: 
         metrics = run_metrics(model, backbone_name, strategy, extensions, context, splits, result, report,
                               eval_split, train_seconds, options)
         write_run(folder, model, strategy, fit, metrics, result.history, backbone_name)
+    for ext in extensions:  # e.g. --track: log the published run
+        ext.published(folder.out, metrics, result.history)
     logger.info("%s %s; run written to %s", eval_split, ", ".join(f"{k} {metrics[k]:.4f}" for k in
                 ("accuracy", "macro_f1", "mae", "coverage") if isinstance(metrics.get(k), float)), folder.out)
     return Run(folder.out, metrics, result.history)

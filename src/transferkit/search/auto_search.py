@@ -500,8 +500,8 @@ def run_auto(config: AutoConfig, started: float | None = None):
                                                      "leaderboard": leaderboard})
         (folder.stage / LEADERBOARD_MD).write_text(leaderboard_markdown(leaderboard, weights, search))
         out = folder.publish()
-    except BaseException:
-        folder.abandon()
+    except BaseException as exc:
+        folder.abandon(exc)
         raise
     search.log("done: cross-validated accuracy %.4f; run written to %s", metrics["accuracy"], out)
     return Run(out, metrics, [])
