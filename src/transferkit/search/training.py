@@ -183,12 +183,14 @@ def predict_probabilities(model, data: LabeledData, tta: bool) -> np.ndarray:
 
 
 def seconds_per_item(candidate: Candidate, data: LabeledData, seed: int) -> tuple[float, float]:
-    """(training seconds per item and epoch, inference seconds per item) of a trained candidate, measured on two
-    small batches: the cost estimate that decides whether the candidate fits the remaining budget."""
+    """(training seconds per item and epoch, inference seconds per item) of gradient training on ``candidate``'s
+    backbone and resolution (full back-propagation, as fine-tuning, LoRA and adapters all need), measured on two small
+    batches: the cost estimate that decides whether a trained candidate fits the remaining budget."""
     from transferkit.data.loader import make_loader
     from transferkit.model import TaskSpec, TransferModel
+    from transferkit.strategies import create_strategy
 
-    _, strategy, _ = split_options(candidate, seed)
+    strategy = create_strategy("finetune")
 
     backbone = create_candidate_backbone(candidate, seed)
     model = TransferModel(backbone, [TaskSpec("label", "classify", list(data.class_names))])
