@@ -15,7 +15,7 @@ per class) and a MiniLM linear probe (tweets, 20 labels per class). For each:
 4. the ``openai`` client pointed at the server: cosine of its embeddings to transferkit's own MiniLM encoder;
 5. a KServe V2 request built by hand (base64 PNG in a BYTES tensor): same class as ``transferkit predict``.
 
-    nice -n 5 .venv/bin/python -m bench.bench_serve [--quick] [--threads 2]
+    nice -n 5 .venv/bin/python -m bench.bench_serve [--quick] [--threads 1]
 """
 
 from __future__ import annotations
@@ -297,13 +297,16 @@ def measure_model(modality: str, run: Path, paths: list[Path], texts: list[str],
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced smoke version")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads, in-process and in the server")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads, in-process and in the server (1: on a shared, oversubscribed 2-core "
+                             "machine, 2 OpenMP threads spin-wait for each other: a 16-image batch took 16-18 s with "
+                             "2 threads and 2.8 s with 1 when this was written)")
     parser.add_argument("--load-requests", type=int, default=10_000, help="requests of the load test")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRANSFERKIT_PROGRESS", "0")
     started = time.perf_counter()
     cache = CACHE / ("quick" if args.quick else "")
-    requests16, requests1, rounds = (96, 24, 6) if args.quick else (400, 80, 25)
+    requests16, requests1, rounds = (96, 24, 6) if args.quick else (240, 48, 15)
     load_total = 1_000 if args.quick else args.load_requests
     runs = train_runs(CACHE)
     paths, texts = sample_inputs(cache, 64)
