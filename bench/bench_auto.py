@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bench.common import bench_command, cached, write_section
 
 ROOT = Path(__file__).resolve().parent
@@ -54,38 +56,39 @@ def auto_data(task: str, seed: int, labelled) -> list[str]:
     spec = TASKS[task]
     if task == "fashion":  # the built-in's official test split is separate: auto draws the same 20 per class
         return ["--data", spec["data"], "--limit-per-class", str(spec["per_class"])]
-    path = CACHE / "data" / f"{task}-seed{seed}.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["text", "label"])
-        for text, label in zip(labelled.items, labelled.labels):
-            writer.writerow([text, labelled.class_names[label]])
+    path = write_csv(CACHE / "data" / f"{task}-seed{seed}.csv", labelled)
     return ["--data", str(path), "--text-column", "text", "--label-column", "label"]
 
 
 def cell_auto(task: str, seed: int, budget: str) -> dict[str, Any]:
     def compute() -> dict[str, Any]:
+        import json
+
         import transferkit
+        from transferkit.rundir import is_output
 
         labelled, test = splits_for(task, seed)
         out = CACHE / "runs" / f"{task}-seed{seed}-{budget}"
-        command = [sys.executable, "-m", "transferkit", "auto", *auto_data(task, seed, labelled), "--seed", str(seed),
-                   "--time-budget", budget, "--out", str(out), "--overwrite", "--cache-dir", str(CACHE / "features")]
-        started = time.perf_counter()
-        result = subprocess.run(command, capture_output=True, text=True)
-        wall = time.perf_counter() - started
-        if result.returncode != 0:
-            raise RuntimeError(f"auto failed: {result.stderr[-2000:]}")
-        (CACHE / "logs").mkdir(parents=True, exist_ok=True)
-        (CACHE / "logs" / f"{task}-seed{seed}-{budget}.log").write_text(result.stderr)
-        model = transferkit.load(out)
-        classes = model.classes_
-        index = [classes.index(name) for name in test.class_names]  # the run's class order may differ
-        probabilities = model.predict_proba_data(test)[:, index]
-        import json
-
+        wall_file = CACHE / "logs" / f"{task}-seed{seed}-{budget}.wall"
+        if not is_output(out, "auto"):
+            command = [sys.executable, "-m", "transferkit", "auto", *auto_data(task, seed, labelled), "--seed",
+                       str(seed), "--time-budget", budget, "--out", str(out), "--overwrite", "--cache-dir",
+                       str(CACHE / "features")]
+            started = time.perf_counter()
+            result = subprocess.run(command, capture_output=True, text=True)
+            wall = time.perf_counter() - started
+            if result.returncode != 0:
+                raise RuntimeError(f"auto failed: {result.stderr[-2000:]}")
+            wall_file.parent.mkdir(parents=True, exist_ok=True)
+            wall_file.with_suffix(".log").write_text(result.stderr)
+            wall_file.write_text(f"{wall:.1f}")
         run_metrics = json.loads((out / "metrics.json").read_text())
+        # a run finished by an earlier, interrupted invocation of this script: its own clock (process start to
+        # the final write), which is what the command's wall time measures
+        wall = float(wall_file.read_text()) if wall_file.is_file() else float(run_metrics["train_seconds"])
+        model = transferkit.load(out)
+        index = [model.classes_.index(name) for name in test.class_names]  # the run's class order may differ
+        probabilities = test_probabilities(model, test)[:, index]
         return {"accuracy": float((probabilities.argmax(1) == test.labels).mean()), "wall_seconds": wall,
                 "cv_accuracy": run_metrics["accuracy"], "final": run_metrics["strategy"],
                 "budget_seconds": run_metrics["time_budget_seconds"]}
@@ -93,24 +96,96 @@ def cell_auto(task: str, seed: int, budget: str) -> dict[str, Any]:
     return cached(CACHE, f"{task}-auto-{budget}-seed{seed}", compute)
 
 
+def test_probabilities(model, test, cache_dir: Path = CACHE / "features") -> np.ndarray:
+    """The model's probabilities on the test items; linear-probe members score from cached features (the same
+    numbers as running the network, without recomputing 2,000 forward passes per member on a loaded machine)."""
+    import torch
+
+    from transferkit.api import EnsembleModel
+    from transferkit.engine.features import extract_features
+    from transferkit.search.training import mirrored
+
+    members = list(zip(model.members, model.weights)) if isinstance(model, EnsembleModel) else [(model, 1.0)]
+    total = sum(w for _, w in members)
+    out = 0.0
+    for member, weight in members:
+        if member.config.get("strategy", {}).get("name") != "linear-probe":
+            out = out + weight / total * member.predict_proba_data(test)
+            continue
+        views = [test, mirrored(test)] if member.config.get("tta") == "hflip" else [test]
+        probabilities = 0.0
+        for view in views:
+            x = torch.as_tensor(extract_features(member.module.backbone, view, cache_dir=cache_dir,
+                                                 progress=False))
+            with torch.no_grad():
+                logits = member.module.forward_head(x).logits
+            probabilities = probabilities + torch.softmax(logits.float(), -1).numpy() / len(views)
+        out = out + weight / total * probabilities
+    return np.asarray(out)
+
+
+def probe_224(labelled, test) -> dict[str, Any]:
+    """EfficientNet-Lite0 at its own 224 px, frozen features (transferkit's extraction = timm's pipeline on the same
+    weights, cached) + scikit-learn LogisticRegression (defaults, max_iter 1000) on all labelled items."""
+    from sklearn.linear_model import LogisticRegression
+
+    from transferkit.backbones import create_backbone
+    from transferkit.engine.features import extract_features
+
+    started = time.perf_counter()
+    backbone = create_backbone("efficientnet_lite0", image_size=224)
+    x_train = extract_features(backbone, labelled, cache_dir=CACHE / "features", progress=False)
+    x_test = extract_features(backbone, test, cache_dir=CACHE / "features", progress=False)
+    clf = LogisticRegression(max_iter=1000).fit(x_train, labelled.labels)
+    return {"accuracy": float((clf.predict(x_test) == test.labels).mean()), "seconds": time.perf_counter() - started}
+
+
 def cell_probe(task: str, seed: int) -> dict[str, Any]:
     def compute() -> dict[str, Any]:
-        from bench.bench_core import sentence_transformers_text_pipeline, timm_sklearn_image_pipeline
+        from bench.bench_core import sentence_transformers_text_pipeline
 
         labelled, test = splits_for(task, seed)
         if task == "fashion":
-            return timm_sklearn_image_pipeline(labelled, test, 224)
+            return probe_224(labelled, test)
         return sentence_transformers_text_pipeline(labelled, test)
 
     return cached(CACHE, f"{task}-probe-seed{seed}", compute)
 
 
-def cell_peer(task: str, seed: int) -> dict[str, Any]:
-    """fastai (images) or SetFit (text), when installed; otherwise a row that says so."""
-    package = "fastai" if task == "fashion" else "setfit"
-    if importlib.util.find_spec(package) is None:
-        return {"error": f"{package} is not installed in this environment (not measured)"}
-    return {"error": f"{package} is installed but its cell is not implemented in this script yet"}
+def write_csv(path: Path, data) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        for text, label in zip(data.items, data.labels):
+            writer.writerow([text, data.class_names[label]])
+    return path
+
+
+def cell_peer(task: str, seed: int, peer_python: str | None) -> dict[str, Any]:
+    """SetFit (text) through ``--peer-python`` (a Python with setfit installed; bench/setfit_direct.py); fastai
+    (images) is reported as not measured."""
+    if task == "fashion":
+        if importlib.util.find_spec("fastai") is None:
+            return {"error": "not measured: fastai is not installed in this environment"}
+        return {"error": "not measured: no CPU time left for fastai's runs in this session"}
+    if not peer_python:
+        return {"error": "not measured: pass --peer-python (a Python with setfit 1.2 installed)"}
+
+    def compute() -> dict[str, Any]:
+        import json
+
+        labelled, test = splits_for(task, seed)
+        train_csv = write_csv(CACHE / "data" / f"{task}-seed{seed}.csv", labelled)
+        test_csv = write_csv(CACHE / "data" / f"{task}-test.csv", test)
+        result = subprocess.run([peer_python, str(ROOT / "setfit_direct.py"), "--train", str(train_csv),
+                                 "--test", str(test_csv), "--seed", str(seed)], capture_output=True, text=True,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+        if result.returncode != 0:
+            return {"error": f"SetFit failed: {result.stderr.strip().splitlines()[-1] if result.stderr else '?'}"}
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    return cached(CACHE, f"{task}-setfit-seed{seed}", compute)
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -126,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task", choices=list(TASKS), required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budget", help="auto --time-budget (default: the task's target budget)")
+    parser.add_argument("--peer-python", help="A Python with setfit 1.2 installed (tweets: the SetFit row).")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     started = time.perf_counter()
@@ -133,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     budget = args.budget or spec["budget"]
     autos = {s: cell_auto(args.task, s, budget) for s in args.seeds}
     probes = {s: cell_probe(args.task, s) for s in args.seeds}
-    peers = {s: cell_peer(args.task, s) for s in args.seeds}
+    peers = {s: cell_peer(args.task, s, args.peer_python) for s in args.seeds}
     probe_name = ("linear probe, EfficientNet-Lite0 at its own 224 px (timm + scikit-learn LogisticRegression, all "
                   "labels)" if args.task == "fashion" else "MiniLM embeddings + scikit-learn LogisticRegression")
     peer_name = "fastai fine_tune, same wall time" if args.task == "fashion" else "SetFit 1.2 offline"

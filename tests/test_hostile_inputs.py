@@ -187,6 +187,7 @@ def _edit_config(run: Path, edit) -> None:
     ("image_size huge", lambda c: c["backbone"]["options"].update(image_size=100000), "image_size"),
     ("class list shorter than the head", lambda c: c["tasks"][0]["class_names"].pop(), "classes for a head"),
     ("unknown backbone", lambda c: c["backbone"].update(name="resnet9000"), "unknown backbone"),
+    ("a width of 10^5", lambda c: c["backbone"]["options"].update(width=10**5), "do not fit"),  # 720 GB: not allocated
     ("no tasks", lambda c: c.pop("tasks"), "no tasks"),
     ("format_version text", lambda c: c.update(format_version="one"), "format_version"),
     ("tasks not a list", lambda c: c.update(tasks={"a": 1}), "no tasks"),
@@ -539,3 +540,36 @@ def test_read_only_folder_is_one_line(image_folder, trained_run, image_file, tmp
         assert_one_line_error(code, out, err, contains="read-only")
     finally:
         subprocess.run(["umount", "-l", str(read_only)], capture_output=True)
+
+
+def test_a_run_that_diverges_after_its_first_checkpoint_does_not_block_the_next_run(tmp_path, capsys, monkeypatch):
+    """issue 13: NaN losses left a staging folder that blocked the next valid run (here the loss turns NaN in
+    epoch 2, after epoch 1's checkpoint was written)."""
+    import torch
+
+    import transferkit.sequence.charlm as charlm
+    from transferkit.sequence.training import SequenceCrossEntropy
+
+    validated = []
+    original_metrics, original_forward = charlm.language_model_metrics, SequenceCrossEntropy.forward
+
+    def count_validation(*args, **kwargs):
+        validated.append(1)
+        return original_metrics(*args, **kwargs)
+
+    def nan_after_first_epoch(self, model, batch, outputs):
+        loss = original_forward(self, model, batch, outputs)
+        return loss * torch.tensor(float("nan")) if validated else loss
+
+    monkeypatch.setattr(charlm, "language_model_metrics", count_validation)
+    monkeypatch.setattr(SequenceCrossEntropy, "forward", nan_after_first_epoch)
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat. " * 40, encoding="utf-8")
+    out = tmp_path / "lm"
+    args = ["charlm", "train", text, "--out", out, *SEQ_SMALL, "--epochs", "2", "--bptt", "8", "--early-stopping", "0"]
+    code, _, err = run_cli(args, capsys)
+    assert_one_line_error(code, "", err, contains="loss became nan at epoch 2")
+    assert not out.exists() and not (tmp_path / ".lm.partial").exists()
+    monkeypatch.setattr(SequenceCrossEntropy, "forward", original_forward)
+    code, _, err = run_cli([*args, "--lr", "0.001"], capsys)  # the next run, with other options, is not blocked
+    assert code == 0, err

@@ -155,10 +155,15 @@ def test_two_concurrent_index_add_both_land(base_index, tmp_path):
     shutil.copytree(base_index, work)
     first = write_docs(tmp_path / "one", {f"one{i}.md": f"the cat plays {i} guitar" for i in range(5)})
     second = write_docs(tmp_path / "two", {f"two{i}.md": f"the dog sat on mat {i}" for i in range(5)})
+    logs = [tmp_path / "one.log", tmp_path / "two.log"]  # files, not pipes: a full pipe would block a writer
+    handles = [open(log, "w") for log in logs]  # noqa: SIM115
     processes = [subprocess.Popen([sys.executable, "-m", "transferkit", "-q", "index", "add", str(work), str(folder)],
-                                  env=_env(), stderr=subprocess.PIPE, text=True) for folder in (first, second)]
-    for process in processes:
-        assert process.wait(timeout=120) == 0, process.stderr.read()
+                                  env=_env(), stdout=subprocess.DEVNULL, stderr=handle)
+                 for folder, handle in zip((first, second), handles)]
+    for process, handle, log in zip(processes, handles, logs):
+        code = process.wait(timeout=600)
+        handle.close()
+        assert code == 0, log.read_text()[-3000:]
     index = VectorIndex.load(work)
     sources = set(index.sources())
     assert {f"one{i}.md" for i in range(5)} | {f"two{i}.md" for i in range(5)} | set(OLD_DOCS) == sources
@@ -386,3 +391,27 @@ def test_a_reader_overtaken_by_a_commit_reads_the_new_version(base_index, tmp_pa
 
     index = storage.read_consistent(work, reader)
     assert calls[0] != calls[1] and "d.md" in index.sources()
+
+
+# --- sharded embedding (issue 17) ----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_torchrun_two_processes_build_the_same_index_as_one(base_index, tiny_encoder, tmp_path):
+    docs = write_docs(tmp_path / "docs", {f"d{i}.md": "the cat sat on the mat today " * (i + 1) for i in range(6)})
+    options = ["--encoder", tiny_encoder, "--chunk-size", "40", "--chunk-overlap", "10"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "transferkit", "index", "build", "--docs", str(docs), "--out", str(tmp_path / "two"),
+                          *options], env={**_env(), "TRANSFERKIT_PROGRESS": "0"}, capture_output=True, text=True,
+                         timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    single = build_index(tmp_path / "one", docs=docs, encoder=tiny_encoder, progress=False, chunk_size=40,
+                         chunk_overlap=10)
+    n = len(single)
+    assert f"process 0 of 2 embedded items 0-{n // 2} of {n}" in two.stderr  # each process embedded its half
+    assert f"process 1 of 2 embedded items {n // 2}-{n} of {n}" in two.stderr
+    sharded_index = VectorIndex.load(tmp_path / "two")
+    assert sharded_index.records == single.records  # same chunks, same ids, same order
+    vectors = [np.stack([index.faiss_index.reconstruct(i) for i in sorted(index.records)])
+               for index in (sharded_index, single)]
+    assert np.abs(vectors[0] - vectors[1]).max() <= 1e-5
+    assert set(sharded_index.lexical.ids.tolist()) == set(single.records)
+    assert entries(tmp_path / "two") == {"CURRENT", ".lock", "v000001"}  # written once, by one process

@@ -196,9 +196,11 @@ def read_json(path: str | Path, what: str, fix: str | None = None) -> object:
         return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def read_safetensors(path: str | Path, what: str = "safetensors weights file", fix: str | None = None) -> dict:
-    """The tensors in a ``.safetensors`` file (never pickle); a truncated or damaged file is a TransferkitError."""
-    from safetensors import SafetensorError
+def read_safetensors(path: str | Path, what: str = "safetensors weights file", fix: str | None = None,
+                     shapes_only: bool = False) -> dict:
+    """The tensors in a ``.safetensors`` file (never pickle), or with ``shapes_only`` their shapes from the header
+    (nothing loaded); a truncated or damaged file is a TransferkitError naming it."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -206,6 +208,9 @@ def read_safetensors(path: str | Path, what: str = "safetensors weights file", f
         raise TransferkitError(f"'{path}' does not exist", fix or "write the model again")
     try:
         with reading(path, what, fix):
-            return load_file(str(path))
+            if not shapes_only:
+                return load_file(str(path))
+            with safe_open(str(path), framework="pt") as handle:
+                return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
     except SafetensorError as exc:  # not a ValueError subclass in every safetensors version
         raise corrupt_file_error(path, what, exc, fix) from None

@@ -2,9 +2,9 @@
 
 A saved model is a folder ``model/`` with ``config.json`` (backbone spec, tasks, strategy and its options, the
 SHA-256 of the weights file) and ``model.safetensors`` (the full state dict). Loading checks both (a damaged or
-edited folder is refused with one line instead of predicting something else). Loading rebuilds the backbone's architecture without pretrained
-weights, re-applies the strategy's structural changes (LoRA wrappers, adapters) and loads the state dict, so
-``load(save(m))`` predicts exactly like ``m``.
+edited folder is refused with one line instead of predicting something else), rebuilds the backbone's
+architecture without pretrained weights, re-applies the strategy's structural changes (LoRA wrappers, adapters)
+and loads the state dict, so ``load(save(m))`` predicts exactly like ``m``.
 """
 
 from __future__ import annotations
@@ -229,38 +229,39 @@ def check_model_config(config: dict[str, Any], path: Path) -> None:
         raise bad("the strategy entry is not a name with options")
 
 
-def load_model(folder: str | Path) -> tuple[TransferModel, dict[str, Any]]:
-    """Rebuild a saved TransferModel exactly; errors clearly on incompatible or damaged model folders."""
+def _build(config: dict[str, Any]) -> TransferModel:
+    """The architecture described by a checked config (random weights)."""
     from transferkit.strategies import create_strategy
 
-    config = read_model_config(folder)
-    folder = Path(config["_folder"])
-    path = folder / "config.json"
+    backbone = backbone_from_spec(config["backbone"], pretrained=False)
+    model = TransferModel(backbone, [TaskSpec(**t) for t in config["tasks"]],
+                          head_dropout=config.get("head_dropout", 0.0))
+    strategy_cfg = config.get("strategy", {})
+    create_strategy(strategy_cfg.get("name", "linear-probe"), strategy_cfg.get("options", {})).prepare(
+        model, for_loading=True)
+    return model
+
+
+def _shapes_on_meta(config: dict[str, Any], saved: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]] | None:
+    """The state-dict shapes of the described architecture, built on the ``meta`` device (no memory), or None
+    when a backbone cannot be built there. Compared with the weights file's ``saved`` shapes before the real
+    build, so that an edited config (e.g. a width of 10^9) is refused instead of exhausting memory."""
     try:
-        with reading(path, "model config", _REFIT):
-            backbone = backbone_from_spec(config["backbone"], pretrained=False)
-            tasks = [TaskSpec(**t) for t in config["tasks"]]
-            model = TransferModel(backbone, tasks, head_dropout=config.get("head_dropout", 0.0))
-            strategy_cfg = config.get("strategy", {})
-            strategy = create_strategy(strategy_cfg.get("name", "linear-probe"), strategy_cfg.get("options", {}))
-            strategy.prepare(model, for_loading=True)
-    except TransferkitError as exc:
-        if str(folder) in exc.problem:
-            raise
-        raise TransferkitError(f"the model in '{folder}' cannot be rebuilt: {exc.problem}", exc.fix) from None
-    weights = folder / "model.safetensors"
-    if not weights.is_file():
-        raise TransferkitError(f"'{folder}' has no model.safetensors", "re-run `transferkit fit` to write the model")
-    expected_digest = config.get("weights_sha256")
-    if expected_digest is not None and expected_digest != file_sha256(weights):
-        raise corrupt_file_error(weights, "safetensors weights file", "its SHA-256 differs from the one in "
-                                 "config.json", _REFIT)
-    state = read_safetensors(weights, "safetensors weights file", _REFIT)
-    _take_learned_sizes(model, state)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+        with torch.device("meta"):
+            model = _build(config)
+            _take_learned_sizes(model, {k: torch.empty(shape) for k, shape in saved.items()})
+            return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    except TransferkitError:
+        raise
+    except Exception:  # noqa: BLE001 - a backbone that needs real tensors to build: checked after the real build
+        return None
+
+
+def _check_fit(weights: Path, config: dict[str, Any], expected: dict[str, tuple[int, ...]],
+               found: dict[str, tuple[int, ...]]) -> None:
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    mismatched = [k for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
     if missing or unexpected or mismatched:
         detail = (missing or unexpected or mismatched)[0]
         raise TransferkitError(
@@ -269,6 +270,38 @@ def load_model(folder: str | Path) -> tuple[TransferModel, dict[str, Any]]:
             f"e.g. '{detail}')",
             "load it with the backbone and strategy it was trained with, or re-run `transferkit fit`",
         )
+
+
+def load_model(folder: str | Path) -> tuple[TransferModel, dict[str, Any]]:
+    """Rebuild a saved TransferModel exactly; errors clearly on incompatible or damaged model folders: the config
+    is checked, the weights file against its SHA-256, the architecture against the file's tensor shapes (on the
+    meta device, before any memory is allocated), then dtypes and finiteness."""
+    config = read_model_config(folder)
+    folder = Path(config["_folder"])
+    path = folder / "config.json"
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise TransferkitError(f"'{folder}' has no model.safetensors", "re-run `transferkit fit` to write the model")
+    expected_digest = config.get("weights_sha256")
+    if expected_digest is not None and expected_digest != file_sha256(weights):
+        raise corrupt_file_error(weights, "safetensors weights file", "its SHA-256 differs from the one in "
+                                 "config.json", _REFIT)
+    shapes = read_safetensors(weights, "safetensors weights file", _REFIT, shapes_only=True)
+    try:
+        with reading(path, "model config", _REFIT):
+            on_meta = _shapes_on_meta(config, shapes)
+            if on_meta is not None:
+                _check_fit(weights, config, on_meta, shapes)
+            model = _build(config)
+    except TransferkitError as exc:
+        if str(folder) in exc.problem:
+            raise
+        raise TransferkitError(f"the model in '{folder}' cannot be rebuilt: {exc.problem}", exc.fix) from None
+    state = read_safetensors(weights, "safetensors weights file", _REFIT)
+    _take_learned_sizes(model, state)
+    expected = model.state_dict()
+    _check_fit(weights, config, {k: tuple(v.shape) for k, v in expected.items()},
+               {k: tuple(v.shape) for k, v in state.items()})
     wrong_dtype = [k for k in expected if state[k].dtype != expected[k].dtype]
     if wrong_dtype:
         k = wrong_dtype[0]

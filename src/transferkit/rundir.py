@@ -9,8 +9,8 @@ Every command that writes an output folder (``fit``, ``seq2seq train``, ``charlm
     try:
         ... write into folder.stage ...
         folder.publish()        # marker file + atomic move into place
-    except BaseException:
-        folder.abandon()        # removes the stage unless it holds a checkpoint (then --resume continues it)
+    except BaseException as exc:
+        folder.abandon(exc)     # removes the stage unless it holds a checkpoint (then --resume continues it)
         raise
 
 Rules:
@@ -235,6 +235,7 @@ class OutputFolder:
         self.resume = resume
         self.options = jsonable(options) if options is not None else None
         self._begun = False
+        self._resuming = False
         self._state = _process_state()
 
     # --- processes ---------------------------------------------------------------------------------------
@@ -328,6 +329,7 @@ class OutputFolder:
                 write_json(self.stage / RUN_CONFIG, self.options)
         self._wait()
         self._begun = True
+        self._resuming = resuming
         return resuming
 
     def publish(self) -> Path:
@@ -363,12 +365,17 @@ class OutputFolder:
             raise
         shutil.rmtree(trash, ignore_errors=True)
 
-    def abandon(self) -> None:
-        """After a failure: remove the staging folder unless it holds a checkpoint (``--resume`` continues it)."""
+    def abandon(self, error: BaseException | None = None) -> None:
+        """After a failure: remove the staging folder unless it holds a checkpoint (``--resume`` continues it).
+
+        A run this command started that was refused (``error`` a TransferkitError: bad input, a NaN loss) is
+        removed even with a checkpoint: resuming it with the same options would fail the same way, and its
+        staging folder would only block the next run. A resumed run's stage is kept (it holds earlier work)."""
         if not self._begun:
             return
         self._begun = False
-        if self.is_main_process and self.stage.is_dir() and not _has_checkpoint(self.stage):
+        refused = isinstance(error, TransferkitError) and not self._resuming
+        if self.is_main_process and self.stage.is_dir() and (refused or not _has_checkpoint(self.stage)):
             shutil.rmtree(self.stage, ignore_errors=True)
 
     def __enter__(self) -> OutputFolder:
@@ -376,7 +383,7 @@ class OutputFolder:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            self.abandon()
+            self.abandon(exc)
 
 
 __all__ = ["KINDS", "MARKER", "OutputFolder", "is_output", "json_default", "output_kind", "read_marker",

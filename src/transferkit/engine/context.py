@@ -50,6 +50,8 @@ class RunContext:
     evaluate_fn: Callable | None = None
     monitor: tuple[str, str] = ("accuracy", "max")
     notes: list[str] = field(default_factory=list)
+    #: called with each epoch's history row (e.g. ``transferkit auto`` stops a candidate when its time is up)
+    epoch_callback: Callable[[dict[str, Any]], None] | None = None
     #: under ``--protocol cv`` the CVResult (evaluation/protocol.py): its out-of-fold predictions on every labelled
     #: item stand in for the (empty) validation split, e.g. for temperature scaling
     cv: Any = None
@@ -87,6 +89,8 @@ class RunContext:
     def _trainer(self, model: torch.nn.Module, objectives: list[Objective], groups: list[dict[str, Any]],
                  forward_fn: Callable) -> Trainer:
         kwargs: dict[str, Any] = {}
+        if self.epoch_callback is not None:
+            kwargs["epoch_callback"] = self.epoch_callback
         if self.evaluate_fn is not None:
             kwargs["evaluate_fn"] = self.evaluate_fn
         return Trainer(model, objectives, self.train, param_groups=groups, forward_fn=forward_fn,

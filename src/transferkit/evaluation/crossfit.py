@@ -68,7 +68,7 @@ def plan_protocol(fit: FitConfig, seed: int, *, extensions: list[FitExtension] =
     splits = load_data(fit.data, test_fraction=0.0, **options)
     pool = labelled_pool(splits)
     counts = pool.class_counts()
-    unsupported = [e.name for e in extensions if e.name not in CV_EXTENSIONS]
+    unsupported = [e.describe() for e in extensions if e.name not in CV_EXTENSIONS]
     if fit.protocol == "auto":
         reason = None
         if splits.given:
@@ -90,7 +90,8 @@ def plan_protocol(fit: FitConfig, seed: int, *, extensions: list[FitExtension] =
     else:
         reason = "--protocol cv"
         if unsupported:
-            raise TransferkitError(f"--protocol cv does not support {', '.join(unsupported)}",
+            raise TransferkitError(f"--protocol cv does not support {', '.join(unsupported)} (it trains on a train / "
+                                   "validation split)",
                                    "use --protocol holdout for it")
         if processes > 1:
             raise TransferkitError("--protocol cv runs in one process", "use --protocol holdout with torchrun")
@@ -253,7 +254,7 @@ def _train_fold(model: TransferModel, strategy: Strategy, context: RunContext, e
 
 def fold_probabilities(model: TransferModel, strategy: Strategy, context: RunContext, data: LabeledData) -> np.ndarray:
     """Class probabilities of ``data`` under a trained model (through cached features when the backbone is frozen)."""
-    from transferkit.api import predict_proba_model
+    from transferkit.inference import predict_proba_model
 
     if strategy.frozen_backbone:
         x = torch.as_tensor(context.features(model.backbone, data), dtype=torch.float32)

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -109,6 +109,32 @@ def embed(backbone: Backbone, items: Sequence[Any], batch_size: int = 32, progre
     vectors = predict_batches(backbone, batches, lambda batch: torch.nn.functional.normalize(
         backbone.forward_features(batch).float(), dim=-1))
     return vectors if vectors is not None else np.zeros((0, backbone.feature_dim), np.float32)
+
+
+def launched_processes() -> Any:
+    """Accelerate's process state under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def sharded(compute: Callable[[Sequence[Any]], np.ndarray], items: Sequence[Any]) -> np.ndarray:
+    """``compute(items)`` (one row per item) split across launched processes: process ``r`` of ``W`` computes the
+    ``r``-th of ``W`` contiguous, non-overlapping slices and every process gets all rows, in item order (so the
+    result equals one process's, up to floating-point batching effects). One process: ``compute(items)``."""
+    state = launched_processes()
+    if state is None or state.num_processes == 1:
+        return compute(items)
+    from accelerate.utils import gather_object
+
+    bounds = np.linspace(0, len(items), state.num_processes + 1).astype(int)
+    start, end = bounds[state.process_index], bounds[state.process_index + 1]
+    mine = compute(items[start:end])
+    logger.info("process %d of %d embedded items %d-%d of %d", state.process_index, state.num_processes, start, end,
+                len(items))
+    return np.concatenate(gather_object([mine])).astype(np.float32, copy=False)
 
 
 def encoder_identity(backbone: Backbone) -> str:
@@ -396,7 +422,7 @@ class VectorIndex:
         if self.meta.modality != "text":
             raise TransferkitError("this index holds images", "add images with --images, or build a text index")
         chunks = self.chunks_of(documents)
-        vectors = embed(self.encoder, [c.text for c in chunks], batch_size, progress)
+        vectors = sharded(lambda texts: embed(self.encoder, texts, batch_size, progress), [c.text for c in chunks])
         return sorted({d.source for d in documents}), vectors, [c.to_dict() for c in chunks]
 
     def embed_images(self, paths: Sequence[Path], root: Path, batch_size: int = 32,
@@ -407,12 +433,17 @@ class VectorIndex:
         if self.meta.modality != "image":
             raise TransferkitError("this index holds text", "add documents with --docs, or build an image index")
         sources = [p.relative_to(root).as_posix() if p != root else p.name for p in paths]
-        vectors = [np.zeros((0, self.meta.dim), np.float32)]
-        for start in range(0, len(paths), 256):  # bounded memory: decode 256 images at a time
-            vectors.append(embed(self.encoder, [open_image(p) for p in paths[start:start + 256]], batch_size,
-                                 progress))
+
+        def embed_files(files: Sequence[Path]) -> np.ndarray:
+            vectors = [np.zeros((0, self.meta.dim), np.float32)]
+            for start in range(0, len(files), 256):  # bounded memory: decode 256 images at a time
+                vectors.append(embed(self.encoder, [open_image(p) for p in files[start:start + 256]], batch_size,
+                                     progress))
+            return np.concatenate(vectors)
+
+        vectors = sharded(embed_files, list(paths))
         records = [{"source": s, "text": "", "start": None, "end": None} for s in sources]
-        return sources, np.concatenate(vectors), records
+        return sources, vectors, records
 
     def replace_sources(self, sources: Sequence[str], vectors: np.ndarray, records: list[dict[str, Any]]) -> int:
         """Remove what the index holds of ``sources``, then add ``vectors`` / ``records``. Returns vectors added."""
@@ -592,11 +623,13 @@ def build_index(out: str | Path, *, docs: str | Path | None = None, images: str 
             files, root = image_files(images)  # type: ignore[arg-type]
             index.add_images(files, root, batch_size, progress)
         index.meta.extra["built_from"] = str(docs if docs is not None else images)
-        index.save(folder.stage)
-        with storage.WriterLock(out) if storage.is_index_folder(out) else contextlib.nullcontext():
+        main = folder.is_main_process  # under torchrun every process embeds its share, the main one writes
+        if main:
+            index.save(folder.stage)
+        with storage.WriterLock(out) if main and storage.is_index_folder(out) else contextlib.nullcontext():
             folder.publish()  # an index being replaced is not in the middle of another writer's commit
-    except BaseException:
-        folder.abandon()
+    except BaseException as exc:
+        folder.abandon(exc)
         raise
     index.folder = out
     logger.info("index of %d vectors (%d sources) written to %s", len(index), len(index.sources()), out)
@@ -606,19 +639,27 @@ def build_index(out: str | Path, *, docs: str | Path | None = None, images: str 
 def add_to_index(folder: str | Path, path: str | Path, batch_size: int = 32, progress: bool = True,
                  lock_timeout: float = storage.DEFAULT_LOCK_TIMEOUT) -> int:
     """Add (or replace) the documents / images of ``path``; returns the number of vectors added. The items are
-    embedded first, then the index is re-read, changed and committed under its writer lock, so concurrent adds
-    all land."""
+    embedded first (split across processes under ``torchrun``), then the index is re-read, changed and committed
+    under its writer lock by one process, so concurrent adds all land."""
     snapshot = VectorIndex.load(folder)
     if snapshot.meta.modality == "text":
         prepared = snapshot.embed_documents(read_documents(path), batch_size, progress)
     else:
         files, root = image_files(path)
         prepared = snapshot.embed_images(files, root, batch_size, progress)
-    with VectorIndex.updating(folder, lock_timeout) as index:
-        if not index.same_setup(snapshot):
-            raise TransferkitError(f"index '{folder}' was rebuilt with another encoder or chunking while adding",
-                                   "run the add again")
-        return index.replace_sources(*prepared)
+    state = launched_processes()
+    if state is not None and not state.is_main_process:  # under torchrun: embedded its share, the main one writes
+        state.wait_for_everyone()
+        return len(prepared[2])
+    try:
+        with VectorIndex.updating(folder, lock_timeout) as index:
+            if not index.same_setup(snapshot):
+                raise TransferkitError(f"index '{folder}' was rebuilt with another encoder or chunking while adding",
+                                       "run the add again")
+            return index.replace_sources(*prepared)
+    finally:
+        if state is not None:
+            state.wait_for_everyone()
 
 
 def remove_from_index(folder: str | Path, sources: Sequence[str],

@@ -38,9 +38,9 @@ LEADERBOARD_JSON = "leaderboard.json"
 LEADERBOARD_MD = "leaderboard.md"
 RESULTS_FOLDER = "checkpoint/candidates"  # in the staging folder: kept by OutputFolder.abandon for --resume
 #: fraction of the budget the search plans to use; refit, saving and the process's start-up take the rest
-PLANNED_FRACTION = 0.92
+PLANNED_FRACTION = 0.85
 #: seconds kept for writing the output (model files, metrics, leaderboard)
-WRITE_SECONDS = 15.0
+WRITE_SECONDS = 20.0
 #: static inference cost (seconds per item on one modern CPU core-pair) at the reference resolution, used until
 #: this process has measured the real speed
 STATIC_SECONDS_PER_ITEM = {"efficientnet_lite0": 0.05, "efficientnet_lite1": 0.07, "efficientnet_lite2": 0.1,
@@ -184,6 +184,11 @@ class AutoSearch:
             raise TransferkitError(f"--folds {self.k} is more than the smallest class ({smallest} items)",
                                    f"use --folds {smallest} or fewer")
         self.space = default_space(self.data.modality, config.backbones, config.image_sizes, config.strategies)
+        from transferkit.backbones import check_backbone_name, list_backbones
+
+        list_backbones()  # imports the backbone libraries now: start-up, not the first candidate's measured cost
+        for name in {c.backbone for c in self.space}:
+            check_backbone_name(name)
         self.cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
         self.results: dict[str, dict[str, Any]] = {}  # candidate slug -> stored result
         self.tables: dict[tuple[str, int | None], Any] = {}
@@ -230,13 +235,19 @@ class AutoSearch:
                 return 1.0, 1.0
             copies = 2 if self.data.modality == "image" else 1
             return 3.0 + copies * n * self.inference_seconds(candidate), 1.0
-        epochs = int(candidate.options.get("epochs", 1))
         train_item, infer, build = self.measured.get(candidate.slug) or self.measure(candidate)
-        if candidate.strategy == "contrastive":  # sentence pairs: several passes per labelled item
-            train_item *= 3
         n_train = n * (self.k - 1) / self.k
-        fold = build + epochs * n_train * train_item + n_train * infer + 2 * (n / self.k) * infer
-        refit = build + epochs * n * train_item + n * infer
+        if candidate.strategy == "contrastive":  # SetFit's sentence pairs, two encoder passes each
+            from transferkit.strategies.fewshot import contrastive_pairs
+
+            pairs = len(contrastive_pairs(self.data.labels))
+            epochs = int(candidate.options.get("contrastive_epochs", 1))
+            passes_all, passes_fold = 2 * pairs * epochs, 2 * pairs * epochs * ((self.k - 1) / self.k) ** 2
+        else:
+            epochs = int(candidate.options.get("epochs", 1))
+            passes_all, passes_fold = epochs * n, epochs * n_train
+        fold = build + passes_fold * train_item + n_train * infer + 2 * (n / self.k) * infer
+        refit = build + passes_all * train_item + n * infer
         return self.k * fold, refit
 
     def measure(self, candidate: Candidate) -> tuple[float, float, float]:
@@ -246,7 +257,9 @@ class AutoSearch:
 
         infer = self.inference_seconds(candidate)
         static = (3.5 * infer, infer, 3.0)
-        if self.clock.left() < 30:
+        n = len(self.data)
+        rough = self.k * (3.0 + int(candidate.options.get("epochs", 1)) * n * static[0])
+        if self.clock.left() < 30 or rough > 3 * self.clock.left():  # clearly out of reach: not worth measuring
             return static
         started = time.perf_counter()
         train_item, infer = seconds_per_item(candidate, self.data, self.config.seed)
@@ -319,18 +332,18 @@ class AutoSearch:
             return probabilities["plain"]
 
         if candidate.kind == "features":
-            table = self.feature_table(candidate)
             c = float(candidate.options.get("probe_c", 1.0))
 
             def train_and_predict(train, val):
                 from transferkit.search.training import probe_fold
 
-                return record_tta(val, probe_fold(table, train, val, c))
+                return record_tta(val, probe_fold(self.feature_table(candidate), train, val, c))
         else:
             def train_and_predict(train, val):
                 from transferkit.search.training import predict_probabilities, train_candidate
 
-                model, _ = train_candidate(candidate, train, seed=self.config.seed, cache_dir=self.cache_dir)
+                model, _ = train_candidate(candidate, train, seed=self.config.seed, cache_dir=self.cache_dir,
+                                           epoch_callback=lambda row: self.check_time())
                 probabilities = {"plain": predict_probabilities(model, val, tta=False)}
                 if self.data.modality == "image":
                     probabilities["tta"] = predict_probabilities(model, val, tta=True)
@@ -367,7 +380,8 @@ class AutoSearch:
             return {**base, "status": stop.status, "variants": [{
                 "name": candidate.name, "candidate": candidate.slug, "tta": False, "complete": False,
                 "cv": {"k": self.k, "fold_accuracies": partial, "mean": float(np.mean(partial)),
-                       "sd": float(np.std(partial, ddof=1)) if len(partial) > 1 else 0.0}, "log_loss": math.nan}]}
+                       "sd": float(np.std(partial, ddof=1)) if len(partial) > 1 else 0.0},
+                "log_loss": math.nan}] if partial else []}
         variants = [self._variant(candidate, False, cv.fold_accuracies, cv.oof_probabilities)]
         if tta_folds:
             variants.append(self._variant(candidate, True, tta_folds, tta_oof))
@@ -389,7 +403,7 @@ class AutoSearch:
 
         key = (candidate.backbone, candidate.image_size)
         if key not in self.tables:
-            table = FeatureTable(candidate, self.data, self.cache_dir, self.config.seed)
+            table = FeatureTable(candidate, self.data, self.cache_dir, self.config.seed, self.check_time)
             copies = 2 if self.data.modality == "image" else 1
             if table.seconds > 2:  # not read from the cache: a real speed measurement
                 self.speed[key] = table.seconds / (copies * len(self.data))
@@ -398,6 +412,12 @@ class AutoSearch:
                 self.slowdown = float(np.clip(self.speed[key] / static, 0.2, 20))
             self.tables[key] = table
         return self.tables[key]
+
+    def check_time(self) -> None:
+        """Stop the candidate in progress when the search's part of the budget is used up (the final refit of the
+        candidates already scored still fits in the rest)."""
+        if self.clock.left() < 0:
+            raise _Stopped("stopped: the time budget ran out")
 
     # --- the final model ------------------------------------------------------------------------------------
     def choose(self) -> tuple[dict[str, float], np.ndarray]:
@@ -477,8 +497,8 @@ def run_auto(config: AutoConfig, started: float | None = None):
                                                      "leaderboard": leaderboard})
         (folder.stage / LEADERBOARD_MD).write_text(leaderboard_markdown(leaderboard, weights, search))
         out = folder.publish()
-    except BaseException:
-        folder.abandon()
+    except BaseException as exc:
+        folder.abandon(exc)
         raise
     search.log("done: cross-validated accuracy %.4f; run written to %s", metrics["accuracy"], out)
     return Run(out, metrics, [])

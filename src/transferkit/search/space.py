@@ -57,7 +57,10 @@ def image_space(backbones: list[str] | None = None, sizes: list[int] | None = No
         native = LITE_NATIVE.get(backbone, 224)
         return list(sizes) if sizes else [native, native * 3 // 4]
 
-    # diversity first (every backbone at its first resolution), then other resolutions, then a stronger penalty
+    if not sizes:  # the cheapest candidate first (a quarter of the pixels): a result early, even on a slow machine
+        candidates.append(Candidate(backbones[0], "linear-probe", LITE_NATIVE.get(backbones[0], 224) // 2,
+                                    {"probe_c": 1.0}, "features", "probe C=1"))
+    # diversity next (every backbone at its first resolution), then other resolutions, then a stronger penalty
     for rank in range(max(len(resolutions(b)) for b in backbones)):
         for backbone in backbones:
             if rank < len(resolutions(backbone)):
@@ -74,7 +77,7 @@ def image_space(backbones: list[str] | None = None, sizes: list[int] | None = No
         trained.append(Candidate(first, strategy, 160, dict(options), "train", label))
         trained.append(Candidate(first, strategy, LITE_NATIVE.get(first, 224), dict(options), "train", label))
     # interleave: a trained candidate after each group of probes, so a short budget still tries one of each kind
-    probes_first = len(backbones)
+    probes_first = len(backbones) + (0 if sizes else 1)
     ordered = candidates[:probes_first]
     rest = candidates[probes_first:]
     group = max(1, len(rest) // max(1, len(trained)))
@@ -95,8 +98,9 @@ TRAINED_IMAGE: list[tuple[str, str, dict[str, Any]]] = [
 
 def text_space(backbones: list[str] | None = None) -> list[Candidate]:
     backbones = backbones or ["minilm"]
+    # sentence embeddings are unit vectors: the probe needs a weaker penalty than scikit-learn's default C=1
     candidates = [Candidate(b, "linear-probe", None, {"probe_c": c}, "features", f"probe C={c:g}")
-                  for b in backbones for c in (1.0, 10.0, 0.1)]
+                  for b in backbones for c in (10.0, 100.0, 1.0)]
     first = backbones[0]
     candidates += [
         Candidate(first, "contrastive", None, {"contrastive_epochs": 1}, "train", "contrastive (SetFit-style)"),

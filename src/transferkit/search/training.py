@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from transferkit.search.space import Candidate
 
 logger = logging.getLogger(__name__)
 
+FEATURE_CHUNK = 64
 #: fit options that shape the model (the rest are engine or strategy options)
 MODEL_OPTIONS = ("head_dropout", "label_smoothing", "augment")
 
@@ -65,16 +66,27 @@ def create_candidate_backbone(candidate: Candidate, seed: int):
 class FeatureTable:
     """Features of every labelled item (and of its mirror image, for images) under one frozen backbone."""
 
-    def __init__(self, candidate: Candidate, data: LabeledData, cache_dir: Path | None, seed: int) -> None:
-        from transferkit.engine.features import extract_features
-
+    def __init__(self, candidate: Candidate, data: LabeledData, cache_dir: Path | None, seed: int,
+                 check_time: Callable[[], None] | None = None) -> None:
         self.backbone = create_candidate_backbone(candidate, seed)
         started = time.perf_counter()  # extraction only: the speed measurement that calibrates cost estimates
-        self.x = extract_features(self.backbone, data, cache_dir=cache_dir, progress=False)
-        self.x_mirror = extract_features(self.backbone, mirrored(data), cache_dir=cache_dir, progress=False) \
-            if data.modality == "image" else None
+        self.x = self._extract(data, cache_dir, check_time)
+        self.x_mirror = self._extract(mirrored(data), cache_dir, check_time) if data.modality == "image" else None
         self.seconds = time.perf_counter() - started
         self.position = {item_id: i for i, item_id in enumerate(data.ids)}
+
+    def _extract(self, data: LabeledData, cache_dir: Path | None, check_time: Callable[[], None] | None) -> np.ndarray:
+        """Features in chunks of ``FEATURE_CHUNK`` items (each cached), calling ``check_time`` between chunks so
+        that a search out of time stops here instead of finishing a long extraction."""
+        from transferkit.engine.features import extract_features
+
+        parts = []
+        for start in range(0, len(data), FEATURE_CHUNK):
+            if check_time is not None:
+                check_time()
+            chunk = data.subset(np.arange(start, min(start + FEATURE_CHUNK, len(data))))
+            parts.append(extract_features(self.backbone, chunk, cache_dir=cache_dir, progress=False))
+        return np.concatenate(parts)
 
     def rows(self, data: LabeledData) -> np.ndarray:
         return np.asarray([self.position[i] for i in data.ids], dtype=np.int64)
@@ -144,7 +156,7 @@ def split_options(candidate: Candidate, seed: int) -> tuple[Any, Any, dict[str, 
 
 
 def train_candidate(candidate: Candidate, train: LabeledData, *, seed: int, cache_dir: Path | None,
-                    epoch_callback=None):
+                    epoch_callback: Callable[[dict[str, Any]], None] | None = None):
     """Train ``candidate`` on every item of ``train`` for its fixed number of epochs; returns the model."""
     from transferkit.engine.context import RunContext
     from transferkit.model import TaskSpec, TransferModel
@@ -156,10 +168,8 @@ def train_candidate(candidate: Candidate, train: LabeledData, *, seed: int, cach
     strategy.prepare(model)
     splits = DataSplits(train=train, val=train.subset(np.arange(0)), test=None)
     context = RunContext(splits=splits, train=train_cfg, label_smoothing=float(model_options.get("label_smoothing", 0.0)),
-                         cache_dir=cache_dir, progress=False)
-    result = strategy.train(model, context)
-    if epoch_callback is not None:
-        epoch_callback(result)
+                         cache_dir=cache_dir, progress=False, epoch_callback=epoch_callback)
+    strategy.train(model, context)
     return model.eval(), strategy
 
 
