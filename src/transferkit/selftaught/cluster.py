@@ -32,6 +32,7 @@ K_AUTO_MAX = 20
 SILHOUETTE_SAMPLE = 2000
 KMEANS_N_INIT = 10
 TSNE_POINTS = 2000
+SMALL_INPUT = 5000
 
 
 @dataclass
@@ -107,9 +108,13 @@ def l2_normalise(features: np.ndarray) -> np.ndarray:
 
 
 def _kmeans(x: np.ndarray, k: int, seed: int):
+    """scikit-learn KMeans (n_init fixed, seeded). Below ``SMALL_INPUT`` items it runs on one thread: starting the
+    OpenMP pool costs more than the work there (measured 6x faster for 19 fits on 120 items, 2 busy cores)."""
     from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
 
-    return KMeans(n_clusters=k, n_init=KMEANS_N_INIT, random_state=seed).fit(x)
+    with threadpool_limits(1 if len(x) < SMALL_INPUT else None):
+        return KMeans(n_clusters=k, n_init=KMEANS_N_INIT, random_state=seed).fit(x)
 
 
 def choose_k(x: np.ndarray, seed: int = 0, k_max: int = K_AUTO_MAX,
