@@ -131,3 +131,21 @@ def test_pretrain_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
     assert not out.exists() and not (tmp_path / ".bb.partial").exists()
+
+
+def test_text_pretrain_masked_lm_changes_the_encoder(tmp_path, tiny_bert_dir):
+    from transferkit.backbones import create_backbone
+    from transferkit.selftaught.pretrain import pretrain
+
+    texts = tmp_path / "texts.csv"
+    words = ["the cat sat on the mat", "a dog plays guitar", "someone fell today", "the man is playing"]
+    texts.write_text("text\n" + "".join(f"{words[i % 4]}\n" for i in range(16)))
+    result = pretrain(data=str(texts), backbone=f"hf:{tiny_bert_dir}", out=str(tmp_path / "bb"), epochs=2,
+                      batch_size=8, lr=1e-3, progress=False)
+    spec = json.loads((result.path / "backbone.json").read_text())
+    assert spec["provenance"]["objective"].startswith("masked-LM") and spec["modality"] == "text"
+    base, loaded = create_backbone(f"hf:{tiny_bert_dir}"), create_backbone(str(result.path))
+    a = base.encode(words)
+    b = loaded.encode(words)
+    assert a.shape == b.shape and not np.allclose(a, b, atol=1e-4)
+    assert np.isfinite(result.summary["final_loss"])

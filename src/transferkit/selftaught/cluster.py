@@ -334,7 +334,12 @@ def default_cluster_out(data: str) -> str:
 def run_cluster(config: ClusterConfig, data: LabeledData | None = None) -> ClusterRun:
     """Embed, cluster and write ``config.out`` (see the module docstring). ``data``: already loaded items
     (Python API), else ``config.data`` is read with ``load_unlabelled``."""
-    from transferkit.backbones import backbone_modality, check_backbone_name, create_backbone, default_backbone
+    from transferkit.backbones import (
+        backbone_modality,
+        check_backbone_name,
+        create_backbone,
+        default_backbone,
+    )
     from transferkit.data import load_unlabelled
     from transferkit.engine.features import default_cache_dir, extract_features
     from transferkit.engine.placement import place
