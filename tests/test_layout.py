@@ -18,7 +18,8 @@ PACKAGE = ROOT / "src" / "transferkit"
 LAYERS: list[set[str]] = [
     {"cli", "serving"},
     {"api", "fitting", "search", "export"},
-    {"strategies", "adaptation", "tasks", "evaluation", "memory", "zeroshot", "sequence", "model", "inference"},
+    {"strategies", "adaptation", "tasks", "evaluation", "memory", "zeroshot", "sequence", "model", "inference",
+     "tracking"},
     {"engine"},
     {"backbones", "data"},
     {"errors", "config", "registry", "extensions", "progress", "console", "rundir", "__init__"},
