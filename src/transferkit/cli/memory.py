@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from transferkit.cli.options import add_dataclass_options, count, format_table, print_json
+from transferkit.cli.options import add_dataclass_options, count, format_table, number, print_json
 from transferkit.errors import TransferkitError
 from transferkit.memory.retrieval import RetrievalConfig
 from transferkit.memory.storage import DEFAULT_LOCK_TIMEOUT
@@ -16,7 +16,7 @@ def _add_encoder_flag(parser: argparse.ArgumentParser, help_text: str) -> None:
 
 
 def _add_lock_timeout(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--lock-timeout", type=float, default=DEFAULT_LOCK_TIMEOUT, metavar="SECONDS",
+    parser.add_argument("--lock-timeout", type=number(0), default=DEFAULT_LOCK_TIMEOUT, metavar="SECONDS",
                         help="How long to wait while another command writes the index "
                              f"(default: {DEFAULT_LOCK_TIMEOUT:g}).")
 
