@@ -752,7 +752,9 @@ def main(argv: list[str] | None = None) -> None:
                   "random unit queries, k = 10, exact search on both sides (FAISS `IndexFlatIP`; Milvus `FLAT` index, "
                   "inner product, milvus-lite 3.2.2 / pymilvus 3.0.2 in this process), both through `VectorIndex` "
                   "(`add_vectors`, `search_ids`). Build = inserting every vector; first search = Milvus loading and "
-                  "indexing the segment (FAISS: nothing). One run each on the shared 2-core machine.", "",
+                  "indexing the segment (FAISS: nothing). FAISS runs with the OpenMP threads of `OMP_NUM_THREADS`, Milvus Lite "
+                  "with its own thread pool (not limited by it); one run each on the shared 2-core machine while other "
+                  "jobs ran, so the throughputs are indicative only.", "",
                   "| store | build s | vectors/s | first search s | queries/s |", "|---|---|---|---|---|",
                   f"| FAISS flat | {f['build_seconds']:.2f} | {f['build_vectors_per_second']:,.0f} | "
                   f"{f['first_search_seconds']:.2f} | {f['queries_per_second']:,.0f} |",
