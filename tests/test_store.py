@@ -94,6 +94,9 @@ def test_milvus_build_add_remove_search_equal_faiss(tiny_encoder, db, tmp_path):
         assert np.abs(milvus_index.vectors(ids) - faiss_index.vectors(ids)).max() <= 1e-6
         assert stored_ids(milvus_index) == ids  # replaced and removed vectors were deleted from the collection
     assert "b.txt" not in milvus_index.sources() and "e.md" in milvus_index.sources()
+    # another process (or a restarted server) finds the collection released: opening the index loads it again
+    milvus_index.store.client.release_collection("parity")
+    assert results(VectorIndex.load(tmp_path / "m")) == results(faiss_index)
 
 
 def test_migrate_both_ways_keeps_ids_vectors_and_results(tiny_encoder, db, tmp_path, capsys):
