@@ -96,7 +96,7 @@ def cell_auto(task: str, seed: int, budget: str) -> dict[str, Any]:
     return cached(CACHE, f"{task}-auto-{budget}-seed{seed}", compute)
 
 
-def test_probabilities(model, test) -> np.ndarray:
+def test_probabilities(model, test, cache_dir: Path = CACHE / "features") -> np.ndarray:
     """The model's probabilities on the test items; linear-probe members score from cached features (the same
     numbers as running the network, without recomputing 2,000 forward passes per member on a loaded machine)."""
     import torch
@@ -115,7 +115,7 @@ def test_probabilities(model, test) -> np.ndarray:
         views = [test, mirrored(test)] if member.config.get("tta") == "hflip" else [test]
         probabilities = 0.0
         for view in views:
-            x = torch.as_tensor(extract_features(member.module.backbone, view, cache_dir=CACHE / "features",
+            x = torch.as_tensor(extract_features(member.module.backbone, view, cache_dir=cache_dir,
                                                  progress=False))
             with torch.no_grad():
                 logits = member.module.forward_head(x).logits

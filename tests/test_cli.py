@@ -58,7 +58,9 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 def trained_run(image_folder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "stripes"
     os.environ["TRANSFERKIT_PROGRESS"] = "0"
-    assert main(["fit", "--data", str(image_folder), "--strategy", "finetune", *SMALL, "--out", str(out)]) == 0
+    # holdout: these tests read the carved test split (the cv protocol has its own tests in test_crossfit.py)
+    assert main(["fit", "--data", str(image_folder), "--strategy", "finetune", *SMALL, "--protocol", "holdout",
+                 "--out", str(out)]) == 0
     return out
 
 
@@ -134,10 +136,13 @@ def test_linear_probe_feature_cache(image_folder, tmp_path, caplog):
     import logging
 
     caplog.set_level(logging.INFO, logger="transferkit")
-    first = transferkit.fit(str(image_folder), backbone="small_cnn", out=str(tmp_path / "a"), progress=False)
+    # holdout: under cv one fit already re-reads the features it extracted for the folds
+    first = transferkit.fit(str(image_folder), backbone="small_cnn", out=str(tmp_path / "a"), progress=False,
+                            protocol="holdout")
     assert not any("from the cache" in r.message for r in caplog.records)
     caplog.clear()
-    second = transferkit.fit(str(image_folder), backbone="small_cnn", out=str(tmp_path / "b"), progress=False)
+    second = transferkit.fit(str(image_folder), backbone="small_cnn", out=str(tmp_path / "b"), progress=False,
+                             protocol="holdout")
     assert any("from the cache" in r.message for r in caplog.records)
     assert first.metrics["accuracy"] == second.metrics["accuracy"]
     assert first.metrics["trainable_params"] == 2 * 128 + 2  # only the head: feature_dim x classes + bias
@@ -148,7 +153,7 @@ def test_config_file_and_flags(image_folder, tmp_path, capsys):
     config.write_text("strategy: finetune\nepochs: 1\nbackbone: small_cnn\nbatch-size: 8\n")
     out = tmp_path / "cfg"
     code, stdout, err = run_cli(["fit", "--config", config, "--data", image_folder, "--epochs", "2", "--out", out,
-                                 "--json"], capsys)
+                                 "--protocol", "holdout", "--json"], capsys)
     assert code == 0, err
     metrics = json.loads(stdout)
     assert metrics["config"]["train"]["epochs"] == 2  # the flag wins over the file

@@ -9,14 +9,17 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from transferkit.config import parse_duration
 from transferkit.errors import TransferkitError
 from transferkit.evaluation.compare import (
     CellResult,
     CompareConfig,
+    accuracy_interval,
     describe_paired_test,
     format_leaderboard,
     leaderboard_rows,
     options_for_strategy,
+    paired_folds_test,
     paired_t_test,
     plan_cells,
     recommend,
@@ -99,6 +102,66 @@ def test_paired_t_test_matches_scipy_and_needs_two_seeds():
     assert constant["t"] is None and "identical" in constant["reason"]
 
 
+def test_intervals_include_the_sampling_error_of_the_evaluated_items():
+    # the "95% CI 0.650-0.650" case: two seeds, identical accuracy on the same 20 test items
+    rows = leaderboard_rows([CellResult("b", "linear-probe", seed, "done", "/x", accuracy=0.65, macro_f1=0.6,
+                                        trainable_params=1, total_params=2, train_seconds=1.0, peak_memory_mb=1.0,
+                                        n_eval=20) for seed in (0, 1)])
+    low, high = rows[0]["accuracy_ci"]
+    assert rows[0]["n_eval"] == 20 and high - low > 0.3  # Wilson 95% on 13/20: 0.433-0.819
+    assert (low, high) == pytest.approx((0.4329, 0.8188), abs=1e-3)
+    # the seed spread widens it further; more items narrow it
+    assert np.diff(accuracy_interval([0.6, 0.7], 20))[0] > high - low
+    assert np.diff(accuracy_interval([0.65, 0.65], 2000))[0] < 0.05
+    assert accuracy_interval([1.0], 20)[1] == 1.0 and accuracy_interval([1.0], 20)[0] < 0.9  # no false certainty
+    assert accuracy_interval([0.7], None) is None
+
+
+def test_paired_test_adds_the_items_error_to_the_seed_differences():
+    a, b = {0: 0.65, 1: 0.66}, {0: 0.60, 1: 0.61}  # identical differences over seeds
+    assert paired_t_test(a, b)["t"] is None  # seeds alone: undefined
+    with_items = paired_t_test(a, b, n_items=20)
+    assert with_items["p_value"] > 0.5 and with_items["ci"][0] < 0 < with_items["ci"][1]  # 20 items: no evidence
+    assert paired_t_test(a, b, n_items=100_000)["p_value"] < 0.05  # t with 1 degree of freedom
+    assert paired_t_test({0: 0.8}, {0: 0.7}, n_items=50)["testable"] is True  # one seed, items known
+
+
+def _cv_cells(strategy: str, folds_by_seed: dict[int, list[float]], repeats: int = 1) -> list[CellResult]:
+    return [CellResult("b", strategy, seed, "done", "/x", accuracy=float(np.mean(f)), macro_f1=0.0,
+                       trainable_params=1, total_params=2, train_seconds=1.0, peak_memory_mb=1.0, n_eval=50,
+                       accuracy_split="cv", cv={"k": 5, "repeats": repeats, "seed": seed, "fold_accuracies": f})
+            for seed, f in folds_by_seed.items()]
+
+
+def test_cv_cells_are_paired_fold_by_fold_with_the_nadeau_bengio_correction():
+    first = _cv_cells("finetune", {0: [0.9, 0.8, 0.9, 1.0, 0.8], 1: [0.9, 0.9, 0.8, 0.9, 1.0]})
+    # the probe ran 3 repeats: only its first repeat shares folds with finetune's single repeat
+    second = _cv_cells("linear-probe", {0: [0.8, 0.8, 0.7, 0.9, 0.8] + [0.0] * 10,
+                                        1: [0.8, 0.9, 0.7, 0.8, 0.9] + [0.0] * 10}, repeats=3)
+    result = paired_folds_test(first, second)
+    d = np.array([0.1, 0.0, 0.2, 0.1, 0.0, 0.1, 0.0, 0.1, 0.1, 0.1])
+    se = np.sqrt((1 / 10 + 1 / 4) * d.var(ddof=1))
+    assert result["folds"] == 10 and result["mean_difference"] == pytest.approx(d.mean())
+    assert result["t"] == pytest.approx(d.mean() / se)  # corrected: much smaller than the naive sqrt(10) t
+    assert result["p_value"] == pytest.approx(2 * stats.t.sf(d.mean() / se, 9))
+    assert paired_folds_test(first, _cells("linear-probe", [0.8, 0.8], 1.0, 1)) is None  # holdout cells: by seed
+    text = describe_paired_test({"first": "a", "second": "b", **result})
+    assert "10 folds" in text and "Nadeau" in text
+
+
+@pytest.mark.parametrize("text, seconds", [("600", 600), ("600s", 600), ("10m", 600), ("1h", 3600), ("1.5h", 5400),
+                                           (90, 90)])
+def test_time_budget_durations(text, seconds):
+    assert parse_duration(text) == seconds
+    assert CompareConfig("digits", ["small_cnn"], ["finetune"], time_budget=text).validate() is None
+
+
+@pytest.mark.parametrize("bad", ["0", "-5m", "ten", "5d", "nan", "inf", ""])
+def test_bad_time_budgets_are_refused(bad):
+    with pytest.raises(TransferkitError, match="time-budget"):
+        parse_duration(bad)
+
+
 def test_plan_is_seed_major_and_options_are_routed_per_strategy():
     cells = plan_cells(["a", "b"], ["linear-probe", "finetune"], 2)
     assert [(c.backbone, c.strategy, c.seed) for c in cells[:4]] == [
@@ -134,14 +197,20 @@ def test_compare_end_to_end_resumes_and_respects_time_budget(tmp_path, monkeypat
     out = tmp_path / "cmp"
     fit_options = {"epochs": 1, "image_size": 8, "batch_size": 8}
     config = CompareConfig(str(data), ["small_cnn"], ["linear-probe", "finetune"], seeds=2, out=str(out),
-                           isolate=False, fit_options=fit_options)
+                           isolate=False, fit_options=fit_options, refit_best=True)
     document = run_compare(config)
     assert [c["status"] for c in document["cells"]] == ["done"] * 4
+    assert {c["accuracy_split"] for c in document["cells"]} == {"cv"}  # 14 per class, no split: cv
+    refit = document["refit"]  # the winner handed over as an ordinary run folder, refit on all 28 labels
+    assert refit["n_train_final"] == 28 and refit["strategy"] == document["recommendation"]["strategy"]
+    best = json.loads((out / "best" / "metrics.json").read_text())
+    assert best["protocol"] == "cv" and best["dataset_sizes"]["train"] == 28 and (out / "best" / "model").is_dir()
     assert not any(c["reused"] for c in document["cells"])
     saved = json.loads((out / "leaderboard.json").read_text())
     assert {r["strategy"] for r in saved["leaderboard"]} == {"linear-probe", "finetune"}
     assert all(r["seeds"] == 2 and r["accuracy_ci"] is not None for r in saved["leaderboard"])
-    assert saved["paired_test"]["n"] == 2 and saved["recommendation"]["strategy"] in ("linear-probe", "finetune")
+    assert saved["paired_test"]["folds"] == 10  # 2 seeds x 5 shared folds
+    assert saved["recommendation"]["strategy"] in ("linear-probe", "finetune")
     assert (out / "report.html").is_file()
     for cell in saved["cells"]:
         assert (tmp_path / "cmp" / "runs" / cell["path"].split("/runs/")[1] / "metrics.json").is_file()

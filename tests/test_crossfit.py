@@ -165,3 +165,46 @@ def test_data_that_cannot_be_cross_validated_exits_2_with_one_line(per_class, cl
 def test_bad_protocol_value_exits_2(stripes, tmp_path, capsys):
     assert main(["fit", "--data", str(stripes), "--protocol", "kfold", "--out", str(tmp_path / "o")]) == 2
     assert "--protocol" in capsys.readouterr().err
+
+
+def test_run_report_under_cv_shows_the_out_of_fold_predictions_of_every_item(stripes, tmp_path, monkeypatch):
+    from transferkit.evaluation import report
+
+    run = transferkit.fit(str(stripes), out=str(tmp_path / "run"), **SMALL)
+    data = report.evaluation_data(run.metrics)
+    assert set(data.ids) == _all_ids(stripes)  # every labelled item, not a 20% test split
+    shown = []
+    from transferkit.evaluation import calibration
+
+    original = calibration.reliability_diagram
+
+    def spy(probabilities, labels, *args):
+        shown.append(np.asarray(probabilities))
+        return original(probabilities, labels, *args)
+
+    monkeypatch.setattr(calibration, "reliability_diagram", spy)
+    text = report.write_report(run.path).read_text()
+    assert "labelled items, predicted out of fold" in text and "Feature t-SNE" in text
+    oof = np.array(run.metrics["evaluation"]["confusion_matrix"]).sum()
+    assert oof == 16 and len(shown) == 1 and shown[0].shape == (16, 2)
+    with open(run.path / "cv_predictions.csv") as fh:
+        rows = {r["id"]: float(r["p_vertical"]) for r in csv.DictReader(fh)}
+    np.testing.assert_allclose(shown[0][:, 1], [rows[i] for i in data.ids], atol=1e-5)
+
+
+def test_extensions_that_need_a_validation_split_keep_holdout_or_are_refused_under_cv(stripes):
+    from transferkit.config import FitConfig
+    from transferkit.errors import TransferkitError
+    from transferkit.evaluation.crossfit import plan_protocol
+
+    class Adaptation:
+        name = "adaptation"
+
+        def describe(self) -> str:
+            return "--adapt dann"
+
+    auto = plan_protocol(FitConfig(data=str(stripes)), 0, extensions=[Adaptation()])
+    assert auto.protocol == "holdout" and auto.test is not None and any("--adapt dann" in n for n in auto.notes)
+    with pytest.raises(TransferkitError, match="--protocol cv does not support --adapt dann"):
+        plan_protocol(FitConfig(data=str(stripes), protocol="cv"), 0, extensions=[Adaptation()])
+    assert plan_protocol(FitConfig(data=str(stripes)), 0, processes=2).protocol == "holdout"

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from transferkit.cli.options import add_fit_options, count, format_table, number, print_json
+from transferkit.cli.options import add_fit_options, count, duration, format_table, number, print_json
 from transferkit.config import MAX_IMAGE_SIZE
 from transferkit.errors import TransferkitError
 
 _GLOBAL_ARGS = {"func", "command", "verbose", "quiet"}
-_COMPARE_ARGS = {"data", "backbones", "strategies", "seeds", "out", "time_budget", "isolate", "cost_ratio", "json"}
+_COMPARE_ARGS = {"data", "backbones", "strategies", "seeds", "out", "time_budget", "isolate", "cost_ratio", "json",
+                 "refit_best"}
 
 
 def _split_list(text: str) -> list[str]:
@@ -41,7 +42,11 @@ def _register_compare(subparsers) -> None:
     parser.add_argument("--strategies", required=True, type=_split_list, help="Comma-separated strategy names.")
     parser.add_argument("--seeds", type=count(1), default=3, help="Number of seeds (0..N-1) per configuration.")
     parser.add_argument("--out", required=True, help="Folder for leaderboard.json, report.html and runs/.")
-    parser.add_argument("--time-budget", type=number(0, low_open=True), help="Start no new cell after this many seconds.")
+    parser.add_argument("--time-budget", type=duration(),
+                        help="Start no new cell after this long: seconds (600, 600s), minutes (10m) or hours (1h).")
+    parser.add_argument("--refit-best", action="store_true",
+                        help="Hand over the recommended configuration as a run folder OUT/best, refit on every "
+                             "labelled item (`fit --protocol cv`).")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                         help="Run each cell in a fresh process (per-cell peak memory; default on).")
     parser.add_argument("--cost-ratio", type=number(0, 1), default=0.5,
@@ -59,13 +64,17 @@ def run_compare_command(args: argparse.Namespace) -> int:
     fit_options = {k: v for k, v in vars(args).items() if k not in _GLOBAL_ARGS | _COMPARE_ARGS}
     config = CompareConfig(data=args.data, backbones=args.backbones, strategies=args.strategies, seeds=args.seeds,
                            out=args.out, time_budget=args.time_budget, isolate=args.isolate,
-                           cost_ratio=args.cost_ratio, fit_options=fit_options)
+                           cost_ratio=args.cost_ratio, fit_options=fit_options, refit_best=args.refit_best)
     document = run_compare(config)
     if args.json:
         print_json(document)
     else:
         print(format_leaderboard(document))
         print(f"\nleaderboard.json and report.html written to {args.out}")
+        if "refit" in document:
+            refit = document["refit"]
+            print(f"best configuration refit on {refit['n_train_final']} labelled items: run folder {refit['path']} "
+                  f"({refit['accuracy_split']} accuracy {refit['accuracy']:.4f})")
     return 0
 
 
@@ -81,7 +90,7 @@ def _register_rank(subparsers) -> None:
     parser.add_argument("--backbones", type=_split_list, default=None,
                         help="Comma-separated candidates (default: the offline image or text backbones).")
     parser.add_argument("--limit-per-class", type=count(1), default=None, help="Few-shot subset, as in fit.")
-    parser.add_argument("--seed", type=count(0), default=0)
+    parser.add_argument("--seed", type=count(0, 2**32 - 1), default=0)
     parser.add_argument("--text-column")
     parser.add_argument("--label-column")
     parser.add_argument("--cache-dir")

@@ -42,6 +42,14 @@ def number(low: float | None = None, high: float | None = None, *, low_open: boo
                                                                high_open=high_open))
 
 
+def duration() -> Any:
+    """argparse ``type=``: a positive duration in seconds from ``600``, ``600s``, ``10m`` or ``1h``
+    (:func:`transferkit.config.parse_duration`)."""
+    from transferkit.config import parse_duration
+
+    return _argument_type("duration", lambda text: parse_duration(text, "duration"))
+
+
 def add_dataclass_options(parser: argparse.ArgumentParser | Any, cls: type, seen: set[str],
                           title: str | None = None, defaults: dict[str, Any] | None = None) -> None:
     """Add ``--<field>`` for every field of ``cls`` not already in ``seen`` (defaults suppressed, so only the

@@ -6,10 +6,18 @@ rank the configurations honestly.
 * Each cell is a normal run folder ``<out>/runs/<backbone>__<strategy>__seed<k>``; finished cells are skipped
   and interrupted ones resumed, so an interrupted compare continues where it stopped. The on-disk feature
   cache is shared by every cell (frozen-backbone strategies extract each split once).
-* Statistics over seeds (each seed draws its own few-shot subset; the test set is the same for every seed):
-  mean accuracy, sample standard deviation, a two-sided 95% Student-t confidence interval
-  ``mean +- t_{0.975, n-1} s / sqrt(n)`` (clipped to [0, 1]), and a paired t-test between the top two configurations on the seeds
-  both finished (differences per seed, ``t = mean(d) / (sd(d) / sqrt(n))``, n - 1 degrees of freedom).
+* Statistics over seeds (each seed draws its own few-shot subset and, under ``--protocol cv``, its own folds; the
+  test set is the same for every seed): mean accuracy, sample standard deviation over seeds, and a 95% interval
+  that holds *both* sources of error: the spread over seeds and the sampling error of the n evaluated items
+  (the test items, or under cv every labelled item scored out of fold), which no number of seeds removes:
+  ``centre +- sqrt(h_items^2 + (z s / sqrt(m))^2)`` with ``(centre, h_items)`` the Wilson score interval of the
+  mean accuracy on n items and s the SD over m seeds (clipped to [0, 1]).
+* Paired comparison of the top two configurations. Cells under cv are paired fold by fold (the same seed gives
+  the same folds to every configuration): the corrected resampled t-test of Nadeau & Bengio (2003),
+  ``t = mean(d) / sqrt((1/J + n_val/n_train) s_d^2)`` over the J paired folds, J - 1 degrees of freedom, since
+  the training parts of folds overlap. Other cells are paired by seed, with the items' sampling error of the
+  difference added: ``var = s_d^2 / m + (p1 (1 - p1) + p2 (1 - p2)) / n`` (the bound for independent errors,
+  conservative because both are scored on the same items), t with m - 1 degrees of freedom (normal with one seed).
 * Recommendation: the most accurate configuration, unless another one's mean accuracy lies inside the best
   one's confidence interval at a fraction (``cost_ratio``, default one half) of its training time; then the
   cheapest such configuration, with the reason spelled out.
@@ -28,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from transferkit.errors import TransferkitError, read_json
+from transferkit.errors import TransferkitError, read_json, reading
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +77,9 @@ class CellResult:
     peak_memory_mb: float | None = None
     reused: bool = False
     message: str = ""
+    n_eval: int | None = None  # items the accuracy was measured on
+    accuracy_split: str | None = None  # "test", "cv", "val ..."
+    cv: dict[str, Any] | None = None  # metrics.json's cv block (k, repeats, seed, fold_accuracies, ...)
 
 
 # --- statistics --------------------------------------------------------------------------------------------
@@ -86,26 +97,100 @@ def t_interval(values: list[float] | np.ndarray, confidence: float = CONFIDENCE)
     return mean - half, mean + half
 
 
-def paired_t_test(first: dict[int, float], second: dict[int, float]) -> dict[str, Any]:
-    """Paired t-test of two configurations' accuracies over the seeds both have (first - second)."""
-    from scipy.stats import t
+def _z(confidence: float = CONFIDENCE) -> float:
+    from scipy.stats import norm
+
+    return float(norm.ppf(0.5 + confidence / 2))
+
+
+def accuracy_interval(accuracies: list[float] | np.ndarray, n_items: int | None,
+                      confidence: float = CONFIDENCE) -> tuple[float, float] | None:
+    """Interval of a configuration's accuracy over seeds *and* evaluated items (see the module docstring); None
+    when neither the items' count nor two seeds are known."""
+    values = np.asarray(accuracies, dtype=float)
+    m, z = len(values), _z(confidence)
+    seed_half = z * float(values.std(ddof=1)) / math.sqrt(m) if m > 1 else 0.0
+    if not n_items:
+        if m < 2:
+            return None
+        centre, item_half = float(values.mean()), 0.0
+    else:
+        p, n = float(values.mean()), int(n_items)
+        denominator = 1 + z**2 / n
+        centre = (p + z**2 / (2 * n)) / denominator
+        item_half = z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denominator
+    half = math.hypot(item_half, seed_half)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_t_test(first: dict[int, float], second: dict[int, float], n_items: int | None = None) -> dict[str, Any]:
+    """Paired comparison of two configurations' accuracies over the seeds both have (first - second), with the
+    evaluated items' sampling error of the difference when ``n_items`` is known (module docstring)."""
+    from scipy.stats import norm, t
 
     seeds = sorted(set(first) & set(second))
-    result: dict[str, Any] = {"seeds": seeds, "n": len(seeds)}
-    if len(seeds) < 2:
+    result: dict[str, Any] = {"method": "paired by seed" + (f", {n_items} evaluated items" if n_items else ""),
+                              "seeds": seeds, "n": len(seeds)}
+    if not seeds or (len(seeds) < 2 and not n_items):
         result.update(testable=False, reason=f"{len(seeds)} common seed(s): a paired test needs at least 2 "
                       "(run with --seeds 2 or more)")
         return result
     diffs = np.array([first[s] - second[s] for s in seeds])
-    mean, sd = float(diffs.mean()), float(diffs.std(ddof=1))
-    result.update(mean_difference=mean, sd_difference=sd, testable=True)
-    if sd <= 1e-12 * max(1.0, abs(mean)):  # rounding noise of equal differences
+    mean = float(diffs.mean())
+    sd = float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0
+    variance = sd**2 / len(diffs)
+    if n_items:
+        p1, p2 = np.mean([first[s] for s in seeds]), np.mean([second[s] for s in seeds])
+        variance += float(p1 * (1 - p1) + p2 * (1 - p2)) / n_items
+    result.update(mean_difference=mean, sd_difference=sd if len(diffs) > 1 else None, testable=True)
+    if variance <= 1e-24 * max(1.0, mean**2):  # rounding noise of equal differences
         result.update(t=None, p_value=1.0 if mean == 0 else None,
-                      reason="the difference is identical on every seed, so the t statistic is undefined")
+                      reason="the difference is identical on every seed and no item-level error is known, so the "
+                             "t statistic is undefined")
         return result
-    statistic = mean / (sd / math.sqrt(len(seeds)))
-    result.update(t=statistic, df=len(seeds) - 1, p_value=float(2 * t.sf(abs(statistic), len(seeds) - 1)),
-                  ci=t_interval(diffs))
+    se = math.sqrt(variance)
+    statistic = mean / se
+    if len(diffs) > 1:
+        df = len(diffs) - 1
+        p_value, quantile = float(2 * t.sf(abs(statistic), df)), float(t.ppf(0.5 + CONFIDENCE / 2, df))
+    else:
+        df = None
+        p_value, quantile = float(2 * norm.sf(abs(statistic))), _z()
+    result.update(t=statistic, df=df, p_value=p_value, ci=(mean - quantile * se, mean + quantile * se))
+    return result
+
+
+def paired_folds_test(first: list[CellResult], second: list[CellResult]) -> dict[str, Any] | None:
+    """Corrected resampled t-test (Nadeau & Bengio 2003) over the folds two cv configurations share (same seed,
+    same k: the same folds); None when they share none."""
+    from scipy.stats import t
+
+    by_seed = {c.seed: c.cv for c in second if c.cv}
+    diffs, ratio = [], None
+    for cell in first:
+        other = by_seed.get(cell.seed)
+        if not cell.cv or not other or cell.cv.get("k") != other.get("k"):
+            continue
+        k = int(cell.cv["k"])
+        shared = k * min(int(cell.cv.get("repeats", 1)), int(other.get("repeats", 1)))
+        diffs += [a - b for a, b in zip(cell.cv["fold_accuracies"][:shared], other["fold_accuracies"][:shared])]
+        ratio = 1 / (k - 1)  # n_val / n_train of a k-fold split
+    if len(diffs) < 2 or ratio is None:
+        return None
+    d = np.asarray(diffs)
+    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    result: dict[str, Any] = {"method": "paired by fold (corrected resampled t-test, Nadeau & Bengio 2003)",
+                              "folds": len(d), "n": len(d), "seeds": sorted({c.seed for c in first} & set(by_seed)),
+                              "mean_difference": mean, "sd_difference": sd, "testable": True}
+    se = math.sqrt((1 / len(d) + ratio) * sd**2)
+    if se <= 1e-12:
+        result.update(t=None, p_value=1.0 if mean == 0 else None,
+                      reason="the difference is identical on every fold, so the t statistic is undefined")
+        return result
+    df = len(d) - 1
+    quantile = float(t.ppf(0.5 + CONFIDENCE / 2, df))
+    result.update(t=mean / se, df=df, p_value=float(2 * t.sf(abs(mean / se), df)),
+                  ci=(mean - quantile * se, mean + quantile * se))
     return result
 
 
@@ -118,7 +203,8 @@ def leaderboard_rows(results: list[CellResult]) -> list[dict[str, Any]]:
     rows = []
     for (backbone, strategy), cells in groups.items():
         acc = np.array([c.accuracy for c in cells], dtype=float)
-        ci = t_interval(acc)
+        n_items = min((c.n_eval for c in cells if c.n_eval), default=None)
+        ci = accuracy_interval(acc, n_items)
         rows.append({
             "backbone": backbone,
             "strategy": strategy,
@@ -126,7 +212,9 @@ def leaderboard_rows(results: list[CellResult]) -> list[dict[str, Any]]:
             "accuracy_by_seed": {c.seed: c.accuracy for c in sorted(cells, key=lambda c: c.seed)},
             "accuracy_mean": float(acc.mean()),
             "accuracy_sd": float(acc.std(ddof=1)) if len(acc) > 1 else None,
-            "accuracy_ci": [max(0.0, ci[0]), min(1.0, ci[1])] if ci else None,  # accuracy lies in [0, 1]
+            "accuracy_ci": list(ci) if ci else None,  # over seeds and evaluated items, within [0, 1]
+            "n_eval": n_items,
+            "accuracy_split": cells[0].accuracy_split,
             "macro_f1_mean": float(np.mean([c.macro_f1 for c in cells])),
             "trainable_params": int(np.median([c.trainable_params for c in cells])),
             "total_params": int(np.median([c.total_params for c in cells])),
@@ -195,7 +283,9 @@ def _result_from_metrics(cell: Cell, path: Path, metrics: dict[str, Any], reused
                       accuracy=float(metrics["accuracy"]), macro_f1=float(metrics.get("macro_f1", 0.0)),
                       trainable_params=int(metrics["trainable_params"]), total_params=int(metrics["total_params"]),
                       train_seconds=float(metrics["train_seconds"]),
-                      peak_memory_mb=float(metrics.get("peak_memory_mb", float("nan"))), reused=reused)
+                      peak_memory_mb=float(metrics.get("peak_memory_mb", float("nan"))), reused=reused,
+                      n_eval=metrics.get("n_eval"), accuracy_split=metrics.get("accuracy_split"),
+                      cv=metrics.get("cv"))
 
 
 def _fit_cell(options: dict[str, Any], log_level: int | None = None) -> dict[str, Any]:
@@ -236,10 +326,11 @@ class CompareConfig:
     strategies: list[str]
     seeds: int = 3
     out: str = "runs/compare"
-    time_budget: float | None = None
+    time_budget: float | str | None = None  # seconds, or a duration such as "600s", "10m", "1h"
     isolate: bool = True
     cost_ratio: float = 0.5
     fit_options: dict[str, Any] = field(default_factory=dict)
+    refit_best: bool = False  # hand over the recommended configuration as a run folder <out>/best
 
     def validate(self) -> None:
         from transferkit.strategies import list_strategies
@@ -253,8 +344,10 @@ class CompareConfig:
             raise TransferkitError(f"unknown strategy {', '.join(unknown)}", f"choose from: {', '.join(known)}")
         if self.seeds < 1:
             raise TransferkitError(f"invalid --seeds {self.seeds}", "pass a count of at least 1")
-        if self.time_budget is not None and self.time_budget <= 0:
-            raise TransferkitError(f"invalid --time-budget {self.time_budget}", "pass a number of seconds above 0")
+        if self.time_budget is not None:
+            from transferkit.config import parse_duration
+
+            self.time_budget = parse_duration(self.time_budget)
         clash = sorted(k for k in self.fit_options if k in CELL_OPTIONS)
         if clash:
             raise TransferkitError(f"compare sets {', '.join(clash)} itself for every cell",
@@ -295,7 +388,8 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
         path = out / RUNS_FOLDER / cell.folder_name
         metrics_file = path / "metrics.json"
         if metrics_file.is_file() and (path / "model").is_dir():
-            results.append(_result_from_metrics(cell, path, json.loads(metrics_file.read_text()), reused=True))
+            with reading(metrics_file, "finished cell's metrics", "delete that cell's folder to train it again"):
+                results.append(_result_from_metrics(cell, path, read_json(metrics_file, "metrics file"), reused=True))
             logger.info("[%d/%d] %s seed %d: finished earlier, reused", i, len(cells), cell.key, cell.seed)
             continue
         elapsed = time.perf_counter() - started
@@ -322,12 +416,40 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
                     result.accuracy, result.train_seconds)
     refuse_if_nothing_trained(results)
     document = summarise(results, config)
+    if config.refit_best and document["recommendation"]:
+        document["refit"] = refit_best(config, document["recommendation"])
     document["wall_seconds"] = round(time.perf_counter() - started, 1)
     previous.write_text(json.dumps(document, indent=2, default=str))
     from transferkit.evaluation.report import write_report
 
     write_report(out)
     return document
+
+
+BEST_FOLDER = "best"
+
+
+def refit_best(config: CompareConfig, recommendation: dict[str, Any]) -> dict[str, Any]:
+    """Fit the recommended configuration once more, on every labelled item, into ``<out>/best`` (an ordinary run
+    folder) through the same ``fit``: ``--protocol cv`` chooses its settings in folds, then refits on all labels
+    (scored on the data's own test split when it has one, else out of fold); seed 0."""
+    path = Path(config.out) / BEST_FOLDER
+    options = {**options_for_strategy(recommendation["strategy"], config.fit_options), "data": config.data,
+               "backbone": recommendation["backbone"], "strategy": recommendation["strategy"], "seed": 0,
+               "out": str(path), "resume": True, "protocol": "cv"}
+    options.setdefault("progress", False)
+    if (path / "metrics.json").is_file() and (path / "model").is_dir():
+        metrics = json.loads((path / "metrics.json").read_text())
+    else:
+        logger.info("refitting the recommendation (%s on %s) on every labelled item into %s",
+                    recommendation["strategy"], recommendation["backbone"], path)
+        metrics = _fit_isolated(options) if config.isolate else _fit_cell(options)
+    if "error" in metrics:
+        raise TransferkitError(f"the refit of the recommended configuration failed: {metrics['error']}",
+                               "run `transferkit fit` with that configuration yourself")
+    return {"path": str(path), "backbone": recommendation["backbone"], "strategy": recommendation["strategy"],
+            "accuracy": metrics["accuracy"], "accuracy_split": metrics["accuracy_split"],
+            "n_train_final": metrics.get("n_train_final", metrics["dataset_sizes"]["train"])}
 
 
 def refuse_if_nothing_trained(results: list[CellResult]) -> None:
@@ -348,9 +470,16 @@ def summarise(results: list[CellResult], config: CompareConfig) -> dict[str, Any
     rows = leaderboard_rows(results)
     paired = None
     if len(rows) >= 2:
+        def cells_of(row: dict[str, Any]) -> list[CellResult]:
+            return [r for r in results if r.status == "done" and (r.backbone, r.strategy) ==
+                    (row["backbone"], row["strategy"])]
+
+        test = paired_folds_test(cells_of(rows[0]), cells_of(rows[1]))
+        if test is None:
+            n_items = min((r["n_eval"] for r in rows[:2] if r.get("n_eval")), default=None)
+            test = paired_t_test(rows[0]["accuracy_by_seed"], rows[1]["accuracy_by_seed"], n_items)
         paired = {"first": f"{rows[0]['strategy']} on {rows[0]['backbone']}",
-                  "second": f"{rows[1]['strategy']} on {rows[1]['backbone']}",
-                  **paired_t_test(rows[0]["accuracy_by_seed"], rows[1]["accuracy_by_seed"])}
+                  "second": f"{rows[1]['strategy']} on {rows[1]['backbone']}", **test}
     return {
         "data": config.data,
         "backbones": config.backbones,
@@ -401,5 +530,9 @@ def describe_paired_test(paired: dict[str, Any] | None) -> str:
     if not paired["testable"] or paired.get("t") is None:
         return f"{head}: cannot be tested ({paired['reason']})"
     verdict = "significant" if paired["p_value"] < 0.05 else "not significant"
-    return (f"{head} over {paired['n']} seeds: mean difference {paired['mean_difference']:+.4f}, "
-            f"t = {paired['t']:.2f}, p = {paired['p_value']:.3g} ({verdict} at 0.05)")
+    over = f"{paired['folds']} folds" if "folds" in paired else f"{paired['n']} seed{'s' * (paired['n'] != 1)}"
+    ci = paired.get("ci")
+    interval = f", 95% CI {ci[0]:+.4f} to {ci[1]:+.4f}" if ci else ""
+    return (f"{head} over {over} ({paired.get('method', 'paired by seed')}): mean difference "
+            f"{paired['mean_difference']:+.4f}{interval}, t = {paired['t']:.2f}, p = {paired['p_value']:.3g} "
+            f"({verdict} at 0.05)")

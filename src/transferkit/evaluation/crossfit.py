@@ -68,7 +68,7 @@ def plan_protocol(fit: FitConfig, seed: int, *, extensions: list[FitExtension] =
     splits = load_data(fit.data, test_fraction=0.0, **options)
     pool = labelled_pool(splits)
     counts = pool.class_counts()
-    unsupported = [e.name for e in extensions if e.name not in CV_EXTENSIONS]
+    unsupported = [e.describe() for e in extensions if e.name not in CV_EXTENSIONS]
     if fit.protocol == "auto":
         reason = None
         if splits.given:
@@ -90,7 +90,8 @@ def plan_protocol(fit: FitConfig, seed: int, *, extensions: list[FitExtension] =
     else:
         reason = "--protocol cv"
         if unsupported:
-            raise TransferkitError(f"--protocol cv does not support {', '.join(unsupported)}",
+            raise TransferkitError(f"--protocol cv does not support {', '.join(unsupported)} (it trains on a train / "
+                                   "validation split)",
                                    "use --protocol holdout for it")
         if processes > 1:
             raise TransferkitError("--protocol cv runs in one process", "use --protocol holdout with torchrun")
@@ -202,12 +203,12 @@ def _probe_folds(features: _PoolFeatures, pool: LabeledData, max_iter: int):
     from transferkit.engine.solvers import fit_logistic_regression
 
     def train_and_predict(train: LabeledData, val: LabeledData) -> FoldOutput:
-        x, xv = torch.as_tensor(features.rows(train)), torch.as_tensor(features.rows(val))
+        x, xv = np.asarray(features.rows(train)), torch.as_tensor(features.rows(val))
         candidates, solution = [], None
         for c in PROBE_C_GRID:  # increasing C, each solve warm-started from the previous (a regularisation path)
-            solution = fit_logistic_regression(x.numpy(), train.labels, pool.num_classes, c=c, max_iter=max_iter,
-                                               init=solution)
-            candidates.append(torch.softmax(xv @ solution[0].T + solution[1], -1).numpy())
+            solution = fit_logistic_regression(x, train.labels, pool.num_classes, c=c, max_iter=max_iter,
+                                               init=solution)  # on the CPU, like the features
+            candidates.append(torch.softmax(xv @ solution[0].T + solution[1], -1).cpu().numpy())
         return FoldOutput(candidates=candidates)
 
     return train_and_predict
@@ -253,14 +254,12 @@ def _train_fold(model: TransferModel, strategy: Strategy, context: RunContext, e
 
 def fold_probabilities(model: TransferModel, strategy: Strategy, context: RunContext, data: LabeledData) -> np.ndarray:
     """Class probabilities of ``data`` under a trained model (through cached features when the backbone is frozen)."""
-    from transferkit.api import predict_proba_model
+    from transferkit.engine.placement import predict_batches
+    from transferkit.inference import predict_proba_model
 
     if strategy.frozen_backbone:
         x = torch.as_tensor(context.features(model.backbone, data), dtype=torch.float32)
-        model.eval()
-        with torch.no_grad():
-            device = next(model.heads.parameters()).device
-            return torch.softmax(model.forward_head(x.to(device)).logits.float(), -1).cpu().numpy()
+        return predict_batches(model, [x], lambda x: torch.softmax(model.forward_head(x).logits.float(), -1))
     return predict_proba_model(model, data, batch_size=max(32, context.train.batch_size))
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, reading
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def tsne_figure(features: np.ndarray, labels: np.ndarray, class_names: list[str]
     ax.legend(fontsize=7, markerscale=2, loc="best")
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title("t-SNE of the test features (colour: true class)")
+    ax.set_title("t-SNE of the evaluated items' features (colour: true class)")
     return fig
 
 
@@ -229,10 +229,17 @@ def leaderboard_figure(rows: list[dict[str, Any]]) -> Any:
 
 
 def evaluation_data(metrics: dict[str, Any]) -> Any:
-    """The split a run was scored on, rebuilt exactly from the run's recorded options."""
+    """The split a run was scored on, rebuilt exactly from the run's recorded options (under ``--protocol cv``
+    without a test split: every labelled item, each scored out of fold)."""
     from transferkit.data import load_data
 
     fit = metrics["config"]["fit"]
+    if metrics.get("accuracy_split") == "cv":
+        from transferkit.config import FitConfig, build
+        from transferkit.evaluation.crossfit import plan_protocol
+
+        options = {k: v for k, v in fit.items() if v is not None}
+        return plan_protocol(build(FitConfig, {**options, "protocol": "cv"}), metrics["config"]["train"]["seed"]).train
     splits = load_data(fit["data"], text_column=fit.get("text_column"), label_column=fit.get("label_column"),
                        limit_per_class=fit.get("limit_per_class"), seed=metrics["config"]["train"]["seed"],
                        val_fraction=fit.get("val_fraction", 0.15), test_fraction=fit.get("test_fraction", 0.2),
@@ -352,8 +359,16 @@ def run_sections(run_dir: Path, with_examples: bool = True) -> list[str]:
     else:
         probabilities, features = _predict_with_features(module, data)
     class_names = list(module.class_names)
+    what = "test items"
+    if metrics.get("accuracy_split") == "cv":  # the final model saw every item: show the out-of-fold predictions
+        from transferkit.evaluation.crossfit import read_predictions
+
+        oof = read_predictions(run_dir, class_names) or {}
+        if all(i in oof for i in data.ids):
+            probabilities, what = np.stack([oof[i] for i in data.ids]), "labelled items, predicted out of fold"
     diagram = reliability_diagram(probabilities, data.labels)
-    sampled = f" ({len(data)} sampled test items)" if len(data) == MAX_EXAMPLE_ITEMS else ""
+    sampled = f" ({len(data)} sampled {what})" if len(data) == MAX_EXAMPLE_ITEMS else \
+        f" ({what})" if what != "test items" else ""
     parts += [f"<h2>Calibration{sampled}</h2>", _img(figure_to_data_uri(reliability_figure(diagram)), "reliability"),
               f"<h2>Most confidently wrong examples{sampled}</h2>", _examples_html(data, probabilities, class_names)]
     tsne = tsne_figure(features, data.labels, class_names) if features is not None else None
@@ -438,9 +453,11 @@ def write_report(folder: str | Path, output: str | Path | None = None) -> Path:
 
     folder = Path(folder)
     if (folder / LEADERBOARD_FILE).is_file() and not (folder / "metrics.json").is_file():
-        html_text = render_html(f"transferkit comparison: {folder.name}", compare_sections(folder))
+        with reading(folder / LEADERBOARD_FILE, "compare leaderboard", "run the compare again"):
+            html_text = render_html(f"transferkit comparison: {folder.name}", compare_sections(folder))
     elif (folder / "metrics.json").is_file():
-        html_text = render_html(f"transferkit run: {folder.name}", run_sections(folder))
+        with reading(folder / "metrics.json", "run folder (metrics.json, history.jsonl)", "run fit again"):
+            html_text = render_html(f"transferkit run: {folder.name}", run_sections(folder))
     else:
         raise TransferkitError(f"'{folder}' is neither a run folder (metrics.json) nor a compare folder "
                                f"({LEADERBOARD_FILE})", "pass the --out folder of `fit` or `compare`")
