@@ -42,6 +42,11 @@ TASKS = {
 }
 
 
+def _test_tag(task: str) -> str:
+    default = {"fashion": 2000, "tweets": 600}[task]
+    return "" if TASKS[task]["test_limit"] == default else f"-test{TASKS[task]['test_limit']}"
+
+
 def splits_for(task: str, seed: int):
     from transferkit.data import load_data
     from transferkit.evaluation.transferability import labelled_pool
@@ -93,7 +98,7 @@ def cell_auto(task: str, seed: int, budget: str) -> dict[str, Any]:
                 "cv_accuracy": run_metrics["accuracy"], "final": run_metrics["strategy"],
                 "budget_seconds": run_metrics["time_budget_seconds"]}
 
-    return cached(CACHE, f"{task}-auto-{budget}-seed{seed}", compute)
+    return cached(CACHE, f"{task}-auto-{budget}-seed{seed}{_test_tag(task)}", compute)
 
 
 def test_probabilities(model, test, cache_dir: Path = CACHE / "features") -> np.ndarray:
@@ -149,7 +154,7 @@ def cell_probe(task: str, seed: int) -> dict[str, Any]:
             return probe_224(labelled, test)
         return sentence_transformers_text_pipeline(labelled, test)
 
-    return cached(CACHE, f"{task}-probe-seed{seed}", compute)
+    return cached(CACHE, f"{task}-probe-seed{seed}{_test_tag(task)}", compute)
 
 
 def write_csv(path: Path, data) -> Path:
@@ -202,9 +207,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budget", help="auto --time-budget (default: the task's target budget)")
     parser.add_argument("--peer-python", help="A Python with setfit 1.2 installed (tweets: the SetFit row).")
+    parser.add_argument("--test-limit", type=int, help="Fewer fixed test items than the task's (a loaded machine).")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     started = time.perf_counter()
+    if args.test_limit:
+        TASKS[args.task]["test_limit"] = args.test_limit
     spec = TASKS[args.task]
     budget = args.budget or spec["budget"]
     autos = {s: cell_auto(args.task, s, budget) for s in args.seeds}
