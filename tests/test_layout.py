@@ -73,7 +73,7 @@ SOURCES = sorted(p for p in PACKAGE.rglob("*.py") if _unit(p) != "__main__")
 
 def test_every_unit_has_a_layer():
     units = {_unit(p) for p in SOURCES}
-    assert units <= set().union(*LAYERS), units - set().union(*LAYERS)
+    assert units <= set().union(*LAYERS), f"place {units - set().union(*LAYERS)} in LAYERS (and README's drawing)"
 
 
 def _typing_imports(path: Path) -> list[tuple[str, int]]:

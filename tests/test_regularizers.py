@@ -176,13 +176,13 @@ def test_init_from_new_label_space_uses_lwf_and_kl_without_any_head_fails(tmp_pa
 
 def test_finetune_and_fish_keep_a_head_copied_by_init_from(monkeypatch):
     """With ``heads_from`` set (--init-from, same classes) no linear-probe start replaces the copied head."""
+    import transferkit.strategies.finetune as finetune_module
     import transferkit.strategies.fish as fish_module
-    import transferkit.strategies.linear_probe as probe_module
 
     def no_probe(*args, **kwargs):
         raise AssertionError("the copied head was replaced by a probe")
 
-    monkeypatch.setattr(probe_module, "fit_probe", no_probe)  # finetune / LoRA / adapters: start_from_probe
+    monkeypatch.setattr(finetune_module, "start_from_probe", no_probe)
     monkeypatch.setattr(fish_module, "fit_probe", no_probe)
     for name, options in (("finetune", {"head_init": "auto"}), ("fish", {"fish_batches": 1})):
         model, data = model_and_data()
