@@ -94,6 +94,9 @@ def test_milvus_build_add_remove_search_equal_faiss(tiny_encoder, db, tmp_path):
         assert np.abs(milvus_index.vectors(ids) - faiss_index.vectors(ids)).max() <= 1e-6
         assert stored_ids(milvus_index) == ids  # replaced and removed vectors were deleted from the collection
     assert "b.txt" not in milvus_index.sources() and "e.md" in milvus_index.sources()
+    # another process (or a restarted server) finds the collection released: opening the index loads it again
+    milvus_index.store.client.release_collection("parity")
+    assert results(VectorIndex.load(tmp_path / "m")) == results(faiss_index)
 
 
 def test_migrate_both_ways_keeps_ids_vectors_and_results(tiny_encoder, db, tmp_path, capsys):
@@ -179,3 +182,18 @@ def test_bad_stores_exit_2_with_one_line_and_write_nothing(tiny_encoder, db, tmp
     assert "exists" in capsys.readouterr().err and not (tmp_path / "four").exists()
     one = VectorIndex.load(tmp_path / "one")
     assert stored_ids(one) == sorted(one.records) and len(one.search(["cat"], 3, retrieval="dense")[0]) == 3
+
+
+def test_missing_milvus_extra_is_one_clear_error(tiny_encoder, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from transferkit.memory import stores
+
+    monkeypatch.setitem(sys.modules, "pymilvus", None)  # import pymilvus -> ImportError
+    monkeypatch.setattr(stores, "_CLIENTS", {})
+    docs = write_docs(tmp_path / "docs", DOCS)
+    assert main(["index", "build", "--docs", str(docs), "--encoder", tiny_encoder, "--chunk-size", "30",
+                 "--chunk-overlap", "5", "--out", str(tmp_path / "out"), "--store", f"milvus:{tmp_path}/v.db"]) == 2
+    err = capsys.readouterr().err
+    assert "needs the 'milvus' extra" in err and "pip install 'transferkit[milvus]'" in err and one_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs"]

@@ -269,9 +269,9 @@ class _FoldContext(RunContext):
 
     pool_features: _PoolFeatures | None = None
 
-    def features(self, backbone: Any, data: LabeledData) -> np.ndarray:
+    def features(self, backbone: Any, data: LabeledData, shard: bool = False) -> np.ndarray:
         rows = self.pool_features.features(backbone, data) if self.pool_features is not None else None
-        return rows if rows is not None else super().features(backbone, data)
+        return rows if rows is not None else super().features(backbone, data, shard)
 
 
 # --- results -----------------------------------------------------------------------------------------------------

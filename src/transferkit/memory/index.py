@@ -35,6 +35,7 @@ import torch
 
 from transferkit.backbones import Backbone, BackboneSpec, backbone_from_spec, create_backbone
 from transferkit.engine.placement import predict_batches
+from transferkit.engine.sharding import is_main_process, launched_processes, sharded
 from transferkit.errors import TransferkitError
 from transferkit.memory import storage
 from transferkit.memory.chunking import Chunk, Document, check_chunking, chunk_document, read_documents
@@ -112,32 +113,6 @@ def embed(backbone: Backbone, items: Sequence[Any], batch_size: int = 32, progre
     return vectors if vectors is not None else np.zeros((0, backbone.feature_dim), np.float32)
 
 
-def launched_processes() -> Any:
-    """Accelerate's process state under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1), else None."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
-        return None
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
-def sharded(compute: Callable[[Sequence[Any]], np.ndarray], items: Sequence[Any]) -> np.ndarray:
-    """``compute(items)`` (one row per item) split across launched processes: process ``r`` of ``W`` computes the
-    ``r``-th of ``W`` contiguous, non-overlapping slices and every process gets all rows, in item order (so the
-    result equals one process's, up to floating-point batching effects). One process: ``compute(items)``."""
-    state = launched_processes()
-    if state is None or state.num_processes == 1:
-        return compute(items)
-    from accelerate.utils import gather_object
-
-    bounds = np.linspace(0, len(items), state.num_processes + 1).astype(int)
-    start, end = bounds[state.process_index], bounds[state.process_index + 1]
-    mine = compute(items[start:end])
-    logger.info("process %d of %d embedded items %d-%d of %d", state.process_index, state.num_processes, start, end,
-                len(items))
-    return np.concatenate(gather_object([mine])).astype(np.float32, copy=False)
-
-
 def encoder_identity(backbone: Backbone) -> str:
     return f"{backbone.spec.name} ({backbone.preprocess_signature()})"
 
@@ -185,7 +160,7 @@ class VectorIndex:
     def open_store(self, overwrite: bool = False) -> None:
         """Create the (empty) Milvus collection of a new index (``overwrite``: replace one of this encoder).
         Under ``torchrun`` only the main process writes to the store."""
-        if self.store is not None and _is_main_process():
+        if self.store is not None and is_main_process():
             self.store.create(self.meta.kind, {"hnsw_m": self.meta.hnsw_m, "ivf_nlist": self.meta.ivf_nlist},
                               overwrite)
 
@@ -327,7 +302,7 @@ class VectorIndex:
 
     def _store_vectors(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         if self.store is not None:
-            if _is_main_process():  # under torchrun every process holds all vectors, the main one writes
+            if is_main_process():  # under torchrun every process holds all vectors, the main one writes
                 self.store.add(vectors, ids)
             return
         if self.meta.kind == "ivf" and not self.faiss_index.is_trained:
@@ -640,11 +615,6 @@ def _read_lexical(version: Path, sha256: dict[str, str], records: dict[int, dict
     return lexical
 
 
-def _is_main_process() -> bool:
-    state = launched_processes()
-    return state is None or state.is_main_process
-
-
 def encoder_tag(meta: IndexMeta) -> str:
     """What a Milvus collection records about the encoder of its vectors (checked when it is opened)."""
     return json.dumps({"name": meta.encoder.get("name"), "encoder": meta.encoder,
@@ -737,7 +707,7 @@ def build_index(out: str | Path, *, docs: str | Path | None = None, images: str 
 def _new_store(index: VectorIndex, out: Path, overwrite: bool) -> Iterator[OutputFolder]:
     """Stage ``out`` (kind ``index``) and create the index's Milvus collection, if any; the block fills ``index``,
     then it is saved and published. On failure the stage and a collection this call created are removed."""
-    if index.store is not None and _is_main_process():
+    if index.store is not None and is_main_process():
         index.store.prepare(overwrite)  # an unreachable store or another encoder's collection: nothing written
     folder = OutputFolder(out, "index", overwrite=overwrite)
     folder.begin()
@@ -753,7 +723,7 @@ def _new_store(index: VectorIndex, out: Path, overwrite: bool) -> Iterator[Outpu
             folder.publish()  # an index being replaced is not in the middle of another writer's commit
     except BaseException as exc:
         folder.abandon(exc)
-        if created and _is_main_process():
+        if created and is_main_process():
             with contextlib.suppress(TransferkitError):
                 index.store.drop()  # type: ignore[union-attr]
         raise

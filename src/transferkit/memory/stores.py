@@ -130,6 +130,8 @@ class MilvusStore:
         if self._client is None:
             client = _client(self.spec.uri)
             self._check(client, must_exist=True)
+            # a collection opened by another process (or after a restart) is "released": load it into memory
+            self._call("load the collection", client.load_collection, self.spec.collection)
             self._client = client
         return self._client
 
