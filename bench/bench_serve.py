@@ -229,7 +229,8 @@ async def _generate(spec: dict[str, Any]) -> dict[str, Any]:
             i = counter["next"]
             counter["next"] += 1
             is_bad = malformed_every and i % malformed_every == malformed_every - 1
-            path, kind, payload, malformed = bad[i % len(bad)] if is_bad else valid[i % len(valid)]
+            path, kind, payload, malformed = (bad[(i // malformed_every) % len(bad)] if is_bad
+                                              else valid[i % len(valid)])
             started = time.perf_counter()
             try:
                 status, _ = await send(session, path, kind, payload)

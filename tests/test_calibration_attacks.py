@@ -104,7 +104,8 @@ def test_fit_with_temperature_then_evaluate_with_fgsm(tmp_path, monkeypatch):
     data = _tiny_image_folder(tmp_path / "data")
     run = transferkit.fit(str(data), backbone="small_cnn", strategy="linear-probe", image_size=8,
                           batch_size=8, lr=0.01, out=str(tmp_path / "run"), progress=False, temperature_scale=True,
-                          check_data=True)
+                          check_data=True, protocol="holdout")  # T on the validation split, data check of the test
+                                                                # split (under cv: test_crossfit.py)
     saved = json.loads((tmp_path / "run" / "calibration.json").read_text())
     assert saved["fitted_on"] == "validation split" and saved["temperature"] > 0
     assert run.metrics["temperature"] == pytest.approx(saved["temperature"])

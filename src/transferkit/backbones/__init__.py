@@ -88,7 +88,7 @@ def self_taught_spec(name: str) -> dict[str, Any] | None:
 
     if name in _REGISTRY or not Path(name).expanduser().is_dir():
         return None
-    from transferkit.selftaught.pretrain import SPEC_FILE, read_backbone_folder
+    from transferkit.backbones.self_taught import SPEC_FILE, read_backbone_folder
 
     spec = read_backbone_folder(name)
     if spec is None:
@@ -143,7 +143,7 @@ def create_backbone(name: str, pretrained: bool = True, **options: Any) -> Backb
             raise TransferkitError(f"backbone '{name}' names no model", f"write it as '{prefix}:<model name or path>'")
         backbone = _PREFIXES[prefix].factory(target, pretrained=pretrained, **options)
     elif (spec := self_taught_spec(name)) is not None:  # a `transferkit pretrain` folder
-        from transferkit.selftaught.pretrain import load_backbone_folder
+        from transferkit.backbones.self_taught import load_backbone_folder
 
         return load_backbone_folder(spec, pretrained=pretrained, **options)
     else:

@@ -9,29 +9,27 @@ from transferkit.cli.options import add_dataclass_options, print_json
 
 def register(subparsers) -> None:
     from transferkit.selftaught.cluster import ClusterConfig
+    from transferkit.selftaught.pretrain import PretrainConfig
 
-    parser = subparsers.add_parser(
-        "cluster", help="Group unlabelled images or texts with a pretrained (or self-taught) backbone.",
-        description="Embeds every item (cached features), L2-normalises, clusters with k-means (or HDBSCAN) and "
-                    "writes --out: clusters.csv (item, cluster, distance to its centre; -1 = noise), "
-                    "contact_sheet.png (images) or examples.md/.json (texts) with each cluster's most central "
-                    "items, tsne.png and metrics.json (k, the criterion's scores, and NMI/ARI with --labels).")
-    add_dataclass_options(parser, ClusterConfig, set())
-    parser.add_argument("--json", action="store_true", help="Print metrics.json on stdout.")
-    parser.set_defaults(func=run_cluster_command)
-    try:
-        from transferkit.selftaught.pretrain import PretrainConfig
-    except ImportError:  # pretraining not available in this build
-        return
-    parser = subparsers.add_parser(
-        "pretrain", help="Continue self-supervised pretraining of a backbone on unlabelled in-domain data.",
-        description="Images: a SimCLR-style two-view contrastive objective (NT-Xent) on the backbone's own "
-                    "training augmentations; text: masked-language modelling through transformers. --out is a "
-                    "backbone folder (weights.safetensors + backbone.json with provenance) that --backbone of "
-                    "fit and cluster accept like a registry name.")
-    add_dataclass_options(parser, PretrainConfig, set())
-    parser.add_argument("--json", action="store_true", help="Print the summary on stdout.")
-    parser.set_defaults(func=run_pretrain_command)
+    commands = [
+        ("cluster", ClusterConfig, run_cluster_command, "metrics.json",
+         "Group unlabelled images or texts with a pretrained (or self-taught) backbone.",
+         "Embeds every item (cached features), L2-normalises, clusters with k-means (or HDBSCAN) and writes --out: "
+         "clusters.csv (item, cluster, distance to its centre; -1 = noise), contact_sheet.png (images) or "
+         "examples.md/.json (texts) with each cluster's most central items, tsne.png and metrics.json (k, the "
+         "criterion's scores, and NMI/ARI with --labels)."),
+        ("pretrain", PretrainConfig, run_pretrain_command, "the summary",
+         "Continue self-supervised pretraining of a backbone on unlabelled in-domain data.",
+         "Images: a SimCLR-style two-view contrastive objective (NT-Xent) on the backbone's own training "
+         "augmentations; text: masked-language modelling through transformers. --out is a backbone folder "
+         "(weights.safetensors + backbone.json with provenance) that --backbone of fit and cluster accept like a "
+         "registry name."),
+    ]
+    for name, config_class, func, printed, help_text, description in commands:
+        parser = subparsers.add_parser(name, help=help_text, description=description)
+        add_dataclass_options(parser, config_class, set())
+        parser.add_argument("--json", action="store_true", help=f"Print {printed} on stdout.")
+        parser.set_defaults(func=func)
 
 
 def _options(args: argparse.Namespace) -> dict:

@@ -411,20 +411,21 @@ class AutoSearch:
         key = (candidate.backbone, candidate.image_size)
         if key not in self.tables:
             table = FeatureTable(candidate, self.data, self.cache_dir, self.config.seed, self.check_time)
-            copies = 2 if self.data.modality == "image" else 1
-            if table.seconds > 2:  # not read from the cache: a real speed measurement
-                self.speed[key] = table.seconds / (copies * len(self.data))
+            if table.computed:  # not read from the cache: a real speed measurement
+                self.speed[key] = table.seconds / table.computed
                 static = STATIC_SECONDS_PER_ITEM.get(candidate.backbone, 0.05) * (
                     ((candidate.image_size or 224) / 224) ** 2 if candidate.image_size else 1.0)
                 self.slowdown = float(np.clip(self.speed[key] / static, 0.2, 20))
             self.tables[key] = table
         return self.tables[key]
 
-    def check_time(self) -> None:
-        """Stop the candidate in progress when the search's part of the budget is used up (the final refit of the
-        candidates already scored still fits in the rest)."""
-        if self.clock.left() < 0:
-            raise _Stopped("stopped: the time budget ran out")
+    def check_time(self, projected: float = 0.0) -> None:
+        """Stop the candidate in progress when the search's part of the budget is used up, or will be before the
+        ``projected`` seconds the candidate still needs (the final refit of the candidates already scored still fits
+        in the rest)."""
+        if self.clock.left() < projected:
+            raise _Stopped("stopped: the time budget ran out" if self.clock.left() < 0 else
+                           f"stopped: it needed about {projected:.0f} s more, {max(0.0, self.clock.left()):.0f} s left")
 
     # --- the final model ------------------------------------------------------------------------------------
     def choose(self) -> tuple[dict[str, float], np.ndarray]:

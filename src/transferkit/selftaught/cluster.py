@@ -334,16 +334,12 @@ def default_cluster_out(data: str) -> str:
 def run_cluster(config: ClusterConfig, data: LabeledData | None = None) -> ClusterRun:
     """Embed, cluster and write ``config.out`` (see the module docstring). ``data``: already loaded items
     (Python API), else ``config.data`` is read with ``load_unlabelled``."""
-    from transferkit.backbones import (
-        backbone_modality,
-        check_backbone_name,
-        create_backbone,
-        default_backbone,
-    )
+    from transferkit.backbones import check_backbone_name, create_backbone
     from transferkit.data import load_unlabelled
     from transferkit.engine.features import default_cache_dir, extract_features
     from transferkit.engine.placement import place
     from transferkit.rundir import OutputFolder, write_json
+    from transferkit.selftaught import backbone_for
 
     config.validate()
     out = config.out or default_cluster_out(config.data)
@@ -357,21 +353,13 @@ def run_cluster(config: ClusterConfig, data: LabeledData | None = None) -> Clust
     if len(data) < 2:
         raise TransferkitError(f"'{config.data}' holds {len(data)} item(s); clustering needs at least 2",
                                "add more items")
-    name = config.backbone or default_backbone(data.modality)
-    if backbone_modality(name) != data.modality:
-        raise TransferkitError(f"backbone '{name}' takes {backbone_modality(name)} input but '{config.data}' holds "
-                               f"{data.modality} data", f"choose a {data.modality} backbone (`transferkit backbones`)")
+    name, backbone_options = backbone_for(config.backbone, data, config.data, config.image_size)
     k = config.k_value()
     if config.method == "kmeans" and k is not None and k > len(data):
         raise TransferkitError(f"--k {k} is larger than the number of items ({len(data)})",
                                f"pass --k {len(data)} or less, or --k auto")
     items = item_names(data, config.data)
     truth = read_label_file(config.labels, items) if config.labels else None
-    backbone_options: dict[str, Any] = {}
-    if config.image_size is not None:
-        if data.modality != "image":
-            raise TransferkitError("--image-size does not apply to text data", "remove it from the command")
-        backbone_options["image_size"] = config.image_size
     backbone = create_backbone(name, pretrained=True, **backbone_options)
     place(backbone, config.device)
     features = extract_features(backbone, data, batch_size=config.batch_size,

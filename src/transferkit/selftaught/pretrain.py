@@ -29,10 +29,6 @@ from transferkit.errors import TransferkitError
 
 logger = logging.getLogger(__name__)
 
-SPEC_FILE = "backbone.json"
-WEIGHTS_FILE = "weights.safetensors"
-SPEC_FORMAT = "transferkit-backbone"
-
 
 @dataclass
 class PretrainConfig:
@@ -207,19 +203,13 @@ def pretrain(**options: Any) -> PretrainResult:
 
 
 def run_pretrain(config: PretrainConfig) -> PretrainResult:
-    from safetensors.torch import save_file
-
-    from transferkit.backbones import (
-        backbone_modality,
-        check_backbone_name,
-        create_backbone,
-        default_backbone,
-        self_taught_spec,
-    )
+    from transferkit.backbones import check_backbone_name, create_backbone, self_taught_spec
+    from transferkit.backbones.self_taught import SPEC_FORMAT, write_backbone_folder
     from transferkit.data import load_unlabelled
     from transferkit.engine.objectives import ContrastiveObjective, ModelLossObjective
     from transferkit.engine.trainer import TrainConfig, Trainer, seed_everything
-    from transferkit.rundir import CHECKPOINT_DIR, OutputFolder, write_json
+    from transferkit.rundir import CHECKPOINT_DIR, OutputFolder
+    from transferkit.selftaught import backbone_for
 
     config.validate()
     options = {k: v for k, v in vars(config).items() if k != "progress"}
@@ -231,15 +221,7 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     if len(data) < 2:
         raise TransferkitError(f"'{config.data}' holds {len(data)} item(s); pretraining needs at least 2",
                                "add more unlabelled items")
-    name = config.backbone or default_backbone(data.modality)
-    if backbone_modality(name) != data.modality:
-        raise TransferkitError(f"backbone '{name}' takes {backbone_modality(name)} input but '{config.data}' holds "
-                               f"{data.modality} data", f"choose a {data.modality} backbone (`transferkit backbones`)")
-    backbone_options: dict[str, Any] = {}
-    if config.image_size is not None:
-        if data.modality != "image":
-            raise TransferkitError("--image-size does not apply to text data", "remove it from the command")
-        backbone_options["image_size"] = config.image_size
+    name, backbone_options = backbone_for(config.backbone, data, config.data, config.image_size)
     seed_everything(config.seed)
     backbone = create_backbone(name, pretrained=True, **backbone_options)
     if data.modality == "image":
@@ -274,9 +256,7 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
                 "earlier": base["provenance"] if base else None,
             },
         }
-        state = {k: v.detach().cpu().clone().contiguous() for k, v in backbone.state_dict().items()}
-        save_file(state, str(folder.stage / WEIGHTS_FILE))
-        write_json(folder.stage / SPEC_FILE, spec)
+        write_backbone_folder(folder.stage, backbone, spec)
         import shutil
 
         shutil.rmtree(folder.stage / CHECKPOINT_DIR, ignore_errors=True)
@@ -288,49 +268,4 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     return PretrainResult(folder.out, summary)
 
 
-def read_backbone_folder(path: str | Path) -> dict[str, Any] | None:
-    """The ``backbone.json`` of a pretrain folder (checked), or None when ``path`` is not one."""
-    import json
-
-    path = Path(path).expanduser()
-    spec_path = path / SPEC_FILE
-    if not spec_path.is_file():
-        return None
-    try:
-        spec = json.loads(spec_path.read_text())
-    except (OSError, ValueError) as error:
-        raise TransferkitError(f"'{spec_path}' cannot be read ({error})", "re-run `transferkit pretrain`") from error
-    base = spec.get("base") if isinstance(spec, dict) else None
-    if spec.get("format") != SPEC_FORMAT or not isinstance(base, dict) or not isinstance(base.get("name"), str):
-        raise TransferkitError(f"'{spec_path}' is not a transferkit backbone spec", "re-run `transferkit pretrain`")
-    if not (path / WEIGHTS_FILE).is_file():
-        raise TransferkitError(f"backbone folder '{path}' has no {WEIGHTS_FILE}", "re-run `transferkit pretrain`")
-    spec["_folder"] = str(path)
-    return spec
-
-
-def load_backbone_folder(spec: dict[str, Any], pretrained: bool = True, **options: Any) -> Any:
-    """Build the base architecture and load the self-taught weights (``pretrained=False``: architecture only)."""
-    from safetensors.torch import load_file
-
-    from transferkit.backbones import create_backbone
-
-    base = spec["base"]
-    merged = {**dict(base.get("options", {})), **options}
-    backbone = create_backbone(base["name"], pretrained=False, **merged)
-    if pretrained:
-        weights = Path(spec["_folder"]) / WEIGHTS_FILE
-        state = load_file(str(weights))
-        try:
-            backbone.load_state_dict(state, strict=True)
-        except RuntimeError as error:
-            first = str(error).splitlines()[0][:200]
-            raise TransferkitError(f"the weights in '{weights}' do not fit backbone '{base['name']}' ({first})",
-                                   "re-run `transferkit pretrain`") from error
-        backbone.self_taught_from = spec["_folder"]
-    backbone.is_pretrained = bool(pretrained)
-    return backbone
-
-
-__all__ = ["PretrainConfig", "PretrainResult", "load_backbone_folder", "pretrain", "read_backbone_folder",
-           "run_pretrain"]
+__all__ = ["PretrainConfig", "PretrainResult", "pretrain", "run_pretrain"]
