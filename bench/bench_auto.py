@@ -229,8 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     probes = {s: run(f"{args.task}-probe-seed{s}{tag}", lambda s=s: cell_probe(args.task, s)) for s in args.seeds}
     peers = {s: run(f"{args.task}-setfit-seed{s}", lambda s=s: cell_peer(args.task, s, args.peer_python))
              if args.task == "tweets" else cell_peer(args.task, s, None) for s in args.seeds}
-    probe_name = ("linear probe, EfficientNet-Lite0 at its own 224 px (timm + scikit-learn LogisticRegression, all "
-                  "labels)" if args.task == "fashion" else "MiniLM embeddings + scikit-learn LogisticRegression")
+    probe_name = ("linear probe, EfficientNet-Lite0 at its own 224 px (frozen features as timm's eval pipeline + "
+                  "scikit-learn LogisticRegression, all labels)" if args.task == "fashion"
+                  else "MiniLM embeddings + scikit-learn LogisticRegression")
     peer_name = "fastai fine_tune, same wall time" if args.task == "fashion" else "SetFit 1.2 offline"
     lines = ["| method | test accuracy (mean ± sd) | per seed | vs probe, paired per seed (points) | "
              "wall seconds per seed |", "|---|---|---|---|---|"]
