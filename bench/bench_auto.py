@@ -42,6 +42,11 @@ TASKS = {
 }
 
 
+def _test_tag(task: str) -> str:
+    default = {"fashion": 2000, "tweets": 600}[task]
+    return "" if TASKS[task]["test_limit"] == default else f"-test{TASKS[task]['test_limit']}"
+
+
 def splits_for(task: str, seed: int):
     from transferkit.data import load_data
     from transferkit.evaluation.transferability import labelled_pool
@@ -93,10 +98,10 @@ def cell_auto(task: str, seed: int, budget: str) -> dict[str, Any]:
                 "cv_accuracy": run_metrics["accuracy"], "final": run_metrics["strategy"],
                 "budget_seconds": run_metrics["time_budget_seconds"]}
 
-    return cached(CACHE, f"{task}-auto-{budget}-seed{seed}", compute)
+    return cached(CACHE, f"{task}-auto-{budget}-seed{seed}{_test_tag(task)}", compute)
 
 
-def test_probabilities(model, test) -> np.ndarray:
+def test_probabilities(model, test, cache_dir: Path = CACHE / "features") -> np.ndarray:
     """The model's probabilities on the test items; linear-probe members score from cached features (the same
     numbers as running the network, without recomputing 2,000 forward passes per member on a loaded machine)."""
     import torch
@@ -115,7 +120,7 @@ def test_probabilities(model, test) -> np.ndarray:
         views = [test, mirrored(test)] if member.config.get("tta") == "hflip" else [test]
         probabilities = 0.0
         for view in views:
-            x = torch.as_tensor(extract_features(member.module.backbone, view, cache_dir=CACHE / "features",
+            x = torch.as_tensor(extract_features(member.module.backbone, view, cache_dir=cache_dir,
                                                  progress=False))
             with torch.no_grad():
                 logits = member.module.forward_head(x).logits
@@ -149,7 +154,7 @@ def cell_probe(task: str, seed: int) -> dict[str, Any]:
             return probe_224(labelled, test)
         return sentence_transformers_text_pipeline(labelled, test)
 
-    return cached(CACHE, f"{task}-probe-seed{seed}", compute)
+    return cached(CACHE, f"{task}-probe-seed{seed}{_test_tag(task)}", compute)
 
 
 def write_csv(path: Path, data) -> Path:
@@ -202,14 +207,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budget", help="auto --time-budget (default: the task's target budget)")
     parser.add_argument("--peer-python", help="A Python with setfit 1.2 installed (tweets: the SetFit row).")
+    parser.add_argument("--test-limit", type=int, help="Fewer fixed test items than the task's (a loaded machine).")
+    parser.add_argument("--cached-only", action="store_true", help="Report finished cells only (the others: "
+                        "'not finished in this session').")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     started = time.perf_counter()
+    if args.test_limit:
+        TASKS[args.task]["test_limit"] = args.test_limit
     spec = TASKS[args.task]
     budget = args.budget or spec["budget"]
-    autos = {s: cell_auto(args.task, s, budget) for s in args.seeds}
-    probes = {s: cell_probe(args.task, s) for s in args.seeds}
-    peers = {s: cell_peer(args.task, s, args.peer_python) for s in args.seeds}
+    tag = _test_tag(args.task)
+
+    def run(key: str, compute):
+        if args.cached_only and not (CACHE / f"{key}.json").is_file():
+            return {"error": "not finished in this session"}
+        return compute()
+
+    autos = {s: run(f"{args.task}-auto-{budget}-seed{s}{tag}", lambda s=s: cell_auto(args.task, s, budget))
+             for s in args.seeds}
+    probes = {s: run(f"{args.task}-probe-seed{s}{tag}", lambda s=s: cell_probe(args.task, s)) for s in args.seeds}
+    peers = {s: run(f"{args.task}-setfit-seed{s}", lambda s=s: cell_peer(args.task, s, args.peer_python))
+             if args.task == "tweets" else cell_peer(args.task, s, None) for s in args.seeds}
     probe_name = ("linear probe, EfficientNet-Lite0 at its own 224 px (timm + scikit-learn LogisticRegression, all "
                   "labels)" if args.task == "fashion" else "MiniLM embeddings + scikit-learn LogisticRegression")
     peer_name = "fastai fine_tune, same wall time" if args.task == "fashion" else "SetFit 1.2 offline"
@@ -220,17 +239,22 @@ def main(argv: list[str] | None = None) -> None:
         if not accs:
             lines.append(f"| {name} | {cells[args.seeds[0]].get('error', '-')} | | | |")
             continue
-        diffs = [100 * (cells[s]["accuracy"] - probes[s]["accuracy"]) for s in args.seeds if "accuracy" in cells[s]]
-        walls = [cells[s].get("wall_seconds", cells[s].get("seconds")) for s in args.seeds]
+        diffs = [100 * (cells[s]["accuracy"] - probes[s]["accuracy"]) for s in args.seeds
+                 if "accuracy" in cells[s] and "accuracy" in probes[s]]
+        walls = [cells[s].get("wall_seconds", cells[s].get("seconds")) for s in args.seeds if "accuracy" in cells[s]]
         lines.append(f"| {name} | {_mean_sd(accs)} | {', '.join(f'{a:.4f}' for a in accs)} | "
                      f"{', '.join(f'{d:+.1f}' for d in diffs) if cells is not probes else ''} | "
                      f"{', '.join(f'{w:.0f}' for w in walls if w is not None)} |")
-    finals = "\n".join(f"- seed {s}: CV accuracy {autos[s]['cv_accuracy']:.4f}; final model {autos[s]['final']}"
-                       for s in args.seeds)
-    gains = [100 * (autos[s]["accuracy"] - probes[s]["accuracy"]) for s in args.seeds]
+    finals = "\n".join(f"- seed {s}: CV accuracy {autos[s]['cv_accuracy']:.4f}; final model {autos[s]['final']}; "
+                       f"wall {autos[s]['wall_seconds']:.0f} s for a {autos[s]['budget_seconds']:.0f} s budget"
+                       for s in args.seeds if "accuracy" in autos[s])
+    gains = [100 * (autos[s]["accuracy"] - probes[s]["accuracy"]) for s in args.seeds
+             if "accuracy" in autos[s] and "accuracy" in probes[s]] or [float("nan")]
     body = (f"{spec['data']}, {spec['per_class']} labelled items per class (drawn with the seed), "
             f"{spec['test_limit']:,} fixed test items, seeds {args.seeds}. auto's wall time is the whole command "
-            f"(start-up, search, refit, writing); the budget allows +10%. Scoring the test items happens afterwards.\n\n"
+            f"(start-up, search, refit, writing); the budget allows +10%. Scoring the test items happens afterwards. "
+            f"Load average when this file was written: {' / '.join(f'{v:.1f}' for v in os.getloadavg())} on "
+            f"{os.cpu_count()} shared cores (a wall-clock budget buys less search on a loaded machine).\n\n"
             + "\n".join(lines) + f"\n\nauto - probe: mean {statistics.mean(gains):+.1f} points (per seed "
             + ", ".join(f"{g:+.1f}" for g in gains) + ").\n\nWhat auto chose:\n\n" + finals)
     write_section(RESULTS / f"auto_{args.task}.md", f"transferkit auto: {args.task}",

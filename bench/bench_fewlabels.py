@@ -173,6 +173,36 @@ def cell_fit_c1(seed: int, k: int) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - started, 1)}
 
 
+@cell("fit --strategy lora")
+def cell_fit_lora(seed: int, k: int) -> dict[str, Any]:
+    """``transferkit fit --data DIR --strategy lora`` with every default (LP-FT head, the strategy's defaults)."""
+    return fit_cell(seed, k, "lora", strategy="lora")
+
+
+@cell("auto 10m")
+def cell_auto(seed: int, k: int) -> dict[str, Any]:
+    """``transferkit auto --data DIR --time-budget 10m`` (the whole command's wall time in ``seconds``)."""
+    import json
+    import subprocess
+    import sys
+
+    import transferkit
+    from bench.bench_auto import test_probabilities
+
+    out = CACHE / "runs" / f"auto10m-k{k}-seed{seed}"
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "transferkit", "auto", "--data", str(labelled_folder(seed, k)),
+                    "--time-budget", "10m", "--seed", str(seed), "--out", str(out), "--overwrite",
+                    "--cache-dir", str(CACHE / "features")], check=True, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    model = transferkit.load(out)
+    probabilities = test_probabilities(model, test_data(), CACHE / "features")
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {"accuracy": float((probabilities.argmax(1) == test_labels_for(model.classes_)).mean()),
+            "seconds": round(seconds, 1), "estimate": metrics["accuracy"], "estimate_split": "cv",
+            "n_train_final": metrics["n_train_final"], "chosen": metrics["strategy"]}
+
+
 @cell(BASELINE)
 def cell_timm_sklearn(seed: int, k: int) -> dict[str, Any]:
     """timm model + timm eval transform + scikit-learn logistic regression on every labelled image."""

@@ -146,6 +146,7 @@ def test_every_rng_goes_through_the_checkpoint_including_cuda(tmp_path, monkeypa
             self.optimizer = torch.optim.Adam(self.inner.parameters())
             self.state = TrainState(epoch=1, step=4)
             self.accelerator = PartialState(cpu=True)
+            self.callbacks: list = []
 
     random.seed(1)
     np.random.seed(2)

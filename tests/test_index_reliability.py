@@ -155,10 +155,15 @@ def test_two_concurrent_index_add_both_land(base_index, tmp_path):
     shutil.copytree(base_index, work)
     first = write_docs(tmp_path / "one", {f"one{i}.md": f"the cat plays {i} guitar" for i in range(5)})
     second = write_docs(tmp_path / "two", {f"two{i}.md": f"the dog sat on mat {i}" for i in range(5)})
+    logs = [tmp_path / "one.log", tmp_path / "two.log"]  # files, not pipes: a full pipe would block a writer
+    handles = [open(log, "w") for log in logs]  # noqa: SIM115
     processes = [subprocess.Popen([sys.executable, "-m", "transferkit", "-q", "index", "add", str(work), str(folder)],
-                                  env=_env(), stderr=subprocess.PIPE, text=True) for folder in (first, second)]
-    for process in processes:
-        assert process.wait(timeout=120) == 0, process.stderr.read()
+                                  env=_env(), stdout=subprocess.DEVNULL, stderr=handle)
+                 for folder, handle in zip((first, second), handles)]
+    for process, handle, log in zip(processes, handles, logs):
+        code = process.wait(timeout=600)
+        handle.close()
+        assert code == 0, log.read_text()[-3000:]
     index = VectorIndex.load(work)
     sources = set(index.sources())
     assert {f"one{i}.md" for i in range(5)} | {f"two{i}.md" for i in range(5)} | set(OLD_DOCS) == sources

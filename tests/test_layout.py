@@ -17,8 +17,9 @@ PACKAGE = ROOT / "src" / "transferkit"
 #: left to right: a unit may import its own layer and the layers to its right (README "Development")
 LAYERS: list[set[str]] = [
     {"cli", "serving"},
-    {"api", "fitting"},
-    {"strategies", "adaptation", "tasks", "evaluation", "memory", "zeroshot", "sequence", "model", "inference"},
+    {"api", "fitting", "search", "export"},
+    {"strategies", "adaptation", "tasks", "evaluation", "memory", "zeroshot", "sequence", "model", "inference",
+     "tracking", "selftaught"},
     {"engine"},
     {"backbones", "data"},
     {"errors", "config", "registry", "extensions", "progress", "console", "rundir", "__init__"},
@@ -29,6 +30,11 @@ LEAVES = {"transferkit.engine.placement"}  # where a model runs and how batches 
 EXCEPTIONS = {
     ("evaluation/compare.py", "api"): "compare runs transferkit.fit for every cell",
     ("sequence/runs.py", "fitting"): "the seq2seq / charlm run API returns fitting's Run",
+    ("evaluation/report.py", "search"): "the report names an auto folder's leaderboard file",
+    ("evaluation/report.py", "api"): "the report of a run folder loads its model (api.load)",
+    ("__init__.py", "api"): "the package root exposes the API lazily (transferkit.fit, ...)",
+    ("__init__.py", "search"): "the package root exposes the API lazily (transferkit.auto)",
+    ("__init__.py", "selftaught"): "the package root exposes the API lazily (transferkit.cluster)",
     ("data/loader.py", "engine"): "EpochShuffleSampler",
     ("backbones/causal_lm.py", "engine"): "default_cache_dir",
 }
@@ -67,7 +73,7 @@ SOURCES = sorted(p for p in PACKAGE.rglob("*.py") if _unit(p) != "__main__")
 
 def test_every_unit_has_a_layer():
     units = {_unit(p) for p in SOURCES}
-    assert units <= set().union(*LAYERS), units - set().union(*LAYERS)
+    assert units <= set().union(*LAYERS), f"place {units - set().union(*LAYERS)} in LAYERS (and README's drawing)"
 
 
 def _typing_imports(path: Path) -> list[tuple[str, int]]:

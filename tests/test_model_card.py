@@ -34,7 +34,8 @@ def test_fit_writes_a_card_with_the_run_numbers_and_a_command_that_reproduces_it
             image[::4, :] = 255
             Image.fromarray(image if cls == "horizontal" else image.T).save(tmp_path / "data" / cls / f"{i}.png")
     run = transferkit.fit(str(tmp_path / "data"), backbone="small_cnn", strategy="finetune", epochs=2, batch_size=8,
-                          lr=0.01, out=str(tmp_path / "stripes"), progress=False, seed=3, head_dropout=0.1)
+                          lr=0.01, out=str(tmp_path / "stripes"), progress=False, seed=3, head_dropout=0.1,
+                          protocol="holdout")
     card = (run.path / "README.md").read_text()
     metrics = json.loads((run.path / "metrics.json").read_text())
 
@@ -87,11 +88,26 @@ def test_card_reports_cross_validation_calibration_and_shift():
     assert result["dataset"]["split"] == "cross-validation"
     assert result["metrics"][0] == {"type": "accuracy", "value": 0.83, "name": "Accuracy (5-fold CV mean)"}
     assert "0.8300 +- 0.0483 (mean +- standard deviation over 10 folds: 5-fold stratified, 2 repeat(s)" in card
-    assert "**Out-of-fold accuracy**" in card and "0.8275" in card and "C = 1.0" in card
+    assert "**Accuracy on the test split** (n = 160): 0.8125" in card and "C = 1.0" in card
+    assert "**Out-of-fold accuracy** (every training item predicted by a model that did not see it): 0.8275" in card
     assert "T = 1.7321" in card and "0.1234 before, 0.0456 after" in card
     assert "adapted to target data with coral" in card and "Domain shift: not measured" not in card
     assert "Few labels" not in card  # 100 per class
     assert "transferkit fit --data reviews.csv" in card
+
+
+def test_card_of_a_cross_validated_run_reports_out_of_fold_numbers_not_a_held_out_split():
+    metrics = {"accuracy": 0.9, "macro_f1": 0.899, "accuracy_split": "cv", "protocol": "cv", "n_eval": 20,
+               "dataset_sizes": {"train": 20, "val": 0, "test": 0}, "num_classes": 2, "backbone": "small_cnn",
+               "cv": {"k": 5, "repeats": 1, "seed": 3, "fold_accuracies": [1.0, 1.0, 1.0, 1.0, 0.5], "mean": 0.9,
+                      "sd": 0.2236, "oof_accuracy": 0.9, "chosen": {"epochs": 2}},
+               "evaluation": {"per_class": {"h": {"precision": 0.8333, "recall": 1.0, "f1": 0.9091, "support": 10}}}}
+    card = model_card(metrics, name="cv-run")
+    low, high = wilson_interval(0.9, 20)
+    assert f"**Out-of-fold accuracy** (every labelled item predicted by a model that did not see it) (n = 20): " \
+           f"0.9000, 95% Wilson interval [{low:.4f}, {high:.4f}]" in card
+    assert "held-out" not in card and "Per class on the out-of-fold predictions:" in card
+    assert "0.9000 +- 0.2236" in card and "epochs = 2" in card
 
 
 def test_write_model_card_names_the_published_run_and_replaces_atomically(tmp_path):

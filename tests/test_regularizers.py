@@ -182,7 +182,7 @@ def test_finetune_and_fish_keep_a_head_copied_by_init_from(monkeypatch):
     def no_probe(*args, **kwargs):
         raise AssertionError("the copied head was replaced by a probe")
 
-    monkeypatch.setattr(finetune_module, "fit_probe", no_probe)
+    monkeypatch.setattr(finetune_module, "start_from_probe", no_probe)
     monkeypatch.setattr(fish_module, "fit_probe", no_probe)
     for name, options in (("finetune", {"head_init": "auto"}), ("fish", {"fish_batches": 1})):
         model, data = model_and_data()

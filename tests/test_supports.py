@@ -87,7 +87,7 @@ def inputs(tmp_path_factory, tiny_llama_dir) -> dict[str, str]:
     (root / "notes.txt").write_text("\n\n".join(passages))
     return {"target_data": str(root / "target"), "target_labelled": str(root / "labelled"),
             "pairs": str(root / "pairs" / "pairs.csv"), "init_from": str(run.path), "text": str(root / "notes.txt"),
-            "lm": f"hf-causal:{tiny_llama_dir}", "cache": str(root / "cache")}
+            "lm": f"hf-causal:{tiny_llama_dir}", "cache": str(root / "cache"), "track_uri": str(root / "tracking")}
 
 
 def _options(strategy: str, mode: str, kind: str, inputs: dict[str, str]) -> dict:
@@ -105,6 +105,7 @@ def _options(strategy: str, mode: str, kind: str, inputs: dict[str, str]) -> dic
 
 
 def test_the_matrix_is_generated_from_the_registries():
+    assert all(cls.modes() for cls in list_extensions().values())  # every extension is in the matrix
     assert {"linear-probe", "finetune", "knn", "prototypes", "contrastive"} <= set(list_strategies())
     assert {"adapt dann", "adapt coral", "adapt feature-matching", "anchor kl", "temperature-scale",
             "check-data"} <= set(MODES)

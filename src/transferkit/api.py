@@ -38,8 +38,6 @@ def resolve_options(options: dict[str, Any], config_file: str | Path | None = No
     merged.update({k.replace("-", "_"): v for k, v in options.items() if v is not None})
     fit = build(FitConfig, merged)
     fit.validate()
-    for key, value in strategy_class(fit.strategy).train_defaults.items():  # the strategy's few-shot defaults
-        merged.setdefault(key, value)
     train = build(TrainConfig, merged)
     train.validate()
     extensions = []
@@ -273,12 +271,17 @@ def expand_inputs(inputs: list[str], modality: str) -> list[str]:
 def predict(model: str | Path | LoadedModel, inputs: list[str], batch_size: int = 64,
             device: str = "auto") -> list[dict[str, Any]]:
     """One row per input: ``{"input", "prediction", "probabilities": {class: p}}``; ``device`` places a model
-    loaded from a folder."""
+    loaded from a folder. Under ``torchrun`` every process predicts one contiguous slice of the (expanded) inputs
+    and every process returns all rows, in input order (:mod:`transferkit.engine.sharding`)."""
+    from transferkit.engine.sharding import sharded_slices
+
     check_count("--batch-size", batch_size)
     loaded = load(model, device) if isinstance(model, (str, Path)) else model  # a LoadedModel or an OnnxModel
     loaded.refuse_language_model()
     items = expand_inputs(list(inputs), loaded.modality)
-    return prediction_rows(loaded, items, items, batch_size)
+    parts = sharded_slices(lambda start, end: prediction_rows(loaded, items[start:end], items[start:end], batch_size),
+                           len(items), "inputs")
+    return [row for part in parts for row in part]
 
 
 def prediction_rows(loaded: LoadedModel, items: list[Any], names: list[Any],

@@ -162,6 +162,12 @@ class Tracking(FitExtension):
     def describe(self) -> str:
         return f"--track {self.config.track}"
 
+    @classmethod
+    def modes(cls) -> dict[str, dict[str, Any]]:
+        from transferkit.extensions import NEEDS_PATH
+
+        return {"track tensorboard": {"track": "tensorboard", "track_uri": NEEDS_PATH}}  # mlflow: the same hook
+
     def check(self, fit: Any, strategy: Any) -> None:
         require_tracker(self.config.track)
 

@@ -39,11 +39,14 @@ def write_predictions_csv(rows: list[dict], path: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from transferkit.api import load, predict
+    from transferkit.engine.sharding import is_main_process
 
     if args.top < 1:
         raise TransferkitError(f"invalid --top {args.top}", "use a whole number >= 1")
     model = load(args.model, args.device)
-    rows = predict(model, args.inputs, batch_size=args.batch_size)
+    rows = predict(model, args.inputs, batch_size=args.batch_size)  # under torchrun: split, all rows everywhere
+    if not is_main_process():  # the main process alone writes and prints the merged predictions
+        return 0
     csv_path = args.csv or ("predictions.csv" if model.modality == "image" and any(Path(i).is_dir()
                                                                                    for i in args.inputs) else None)
     if csv_path:

@@ -69,9 +69,11 @@ class RunContext:
         return not has_checkpoint(self.checkpoint_dir)
 
     # --- features ------------------------------------------------------------------------------------------
-    def features(self, backbone: Backbone, data: LabeledData) -> np.ndarray:
+    def features(self, backbone: Backbone, data: LabeledData, shard: bool = False) -> np.ndarray:
+        """Frozen-backbone features of ``data`` (cached); ``shard``: split across ``torchrun`` processes (every
+        process must call it then)."""
         features = extract_features(backbone, data, batch_size=max(32, self.train.batch_size),
-                                    cache_dir=self.cache_dir, progress=self.progress)
+                                    cache_dir=self.cache_dir, progress=self.progress, shard=shard)
         return features if self.feature_transform is None else self.feature_transform(data, features)
 
     # --- loaders -------------------------------------------------------------------------------------------

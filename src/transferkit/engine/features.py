@@ -2,7 +2,9 @@
 
 A frozen backbone gives the same features every time, so strategies that keep it frozen (linear probe,
 prototypes, kNN, classical CORAL, backbone ranking) extract once and reuse: the second fit on the same data
-skips the forward passes entirely.
+skips the forward passes entirely. With ``shard=True`` under ``torchrun`` the items are split across the
+processes (:mod:`transferkit.engine.sharding`: every process gets all features, in order) and the main process
+alone writes the cache.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from transferkit.backbones import Backbone
 from transferkit.data.base import LabeledData
 from transferkit.engine.placement import predict_batches
+from transferkit.engine.sharding import is_main_process, sharded_slices
 from transferkit.progress import progress as progress_bar
 
 logger = logging.getLogger(__name__)
@@ -51,25 +54,37 @@ def extract_features(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
+    shard: bool = False,
 ) -> np.ndarray:
     """``(len(data), feature_dim)`` float32 embeddings (eval-mode preprocessing, no augmentation), computed where
-    the backbone is (``device``: place it there first)."""
-    from transferkit.data.loader import make_loader
-
+    the backbone is (``device``: place it there first). ``shard``: split the items across the processes of a
+    ``torchrun`` job; every process must then call this (a collective), and every process gets all rows."""
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / "features" / f"{feature_cache_key(backbone, data)}.npy"
         if path.is_file():
             logger.info("features of %d %s items loaded from the cache", len(data), data.name)
             return np.load(path)
-    loader = make_loader(data, backbone, batch_size=batch_size, train=False)
-    batches = (batch["inputs"] for batch in progress_bar(loader, f"features ({data.name})", enabled=progress))
-    features = predict_batches(backbone, batches, lambda inputs: backbone.forward_features(inputs).float(), device)
-    if features is None:
-        features = np.zeros((0, backbone.feature_dim), np.float32)
-    if path is not None:
+
+    def compute(start: int, end: int) -> np.ndarray:
+        part = data if (start, end) == (0, len(data)) else data.subset(np.arange(start, end))
+        return _features(backbone, part, batch_size, progress, device)
+
+    parts = sharded_slices(compute, len(data)) if shard else [compute(0, len(data))]
+    features = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    if path is not None and is_main_process():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.stem + f".{os.getpid()}.tmp.npy")
         np.save(tmp, features)
         os.replace(tmp, path)
     return features
+
+
+def _features(backbone: Backbone, data: LabeledData, batch_size: int, progress: bool,
+              device: str | torch.device | None) -> np.ndarray:
+    from transferkit.data.loader import make_loader
+
+    loader = make_loader(data, backbone, batch_size=batch_size, train=False)
+    batches = (batch["inputs"] for batch in progress_bar(loader, f"features ({data.name})", enabled=progress))
+    features = predict_batches(backbone, batches, lambda inputs: backbone.forward_features(inputs).float(), device)
+    return features if features is not None else np.zeros((0, backbone.feature_dim), np.float32)

@@ -203,12 +203,12 @@ def _probe_folds(features: _PoolFeatures, pool: LabeledData, max_iter: int):
     from transferkit.engine.solvers import fit_logistic_regression
 
     def train_and_predict(train: LabeledData, val: LabeledData) -> FoldOutput:
-        x, xv = torch.as_tensor(features.rows(train)), torch.as_tensor(features.rows(val))
+        x, xv = np.asarray(features.rows(train)), torch.as_tensor(features.rows(val))
         candidates, solution = [], None
         for c in PROBE_C_GRID:  # increasing C, each solve warm-started from the previous (a regularisation path)
-            solution = fit_logistic_regression(x.numpy(), train.labels, pool.num_classes, c=c, max_iter=max_iter,
-                                               init=solution)
-            candidates.append(torch.softmax(xv @ solution[0].T + solution[1], -1).numpy())
+            solution = fit_logistic_regression(x, train.labels, pool.num_classes, c=c, max_iter=max_iter,
+                                               init=solution)  # on the CPU, like the features
+            candidates.append(torch.softmax(xv @ solution[0].T + solution[1], -1).cpu().numpy())
         return FoldOutput(candidates=candidates)
 
     return train_and_predict
@@ -254,14 +254,12 @@ def _train_fold(model: TransferModel, strategy: Strategy, context: RunContext, e
 
 def fold_probabilities(model: TransferModel, strategy: Strategy, context: RunContext, data: LabeledData) -> np.ndarray:
     """Class probabilities of ``data`` under a trained model (through cached features when the backbone is frozen)."""
-    from transferkit.api import predict_proba_model
+    from transferkit.engine.placement import predict_batches
+    from transferkit.inference import predict_proba_model
 
     if strategy.frozen_backbone:
         x = torch.as_tensor(context.features(model.backbone, data), dtype=torch.float32)
-        model.eval()
-        with torch.no_grad():
-            device = next(model.heads.parameters()).device
-            return torch.softmax(model.forward_head(x.to(device)).logits.float(), -1).cpu().numpy()
+        return predict_batches(model, [x], lambda x: torch.softmax(model.forward_head(x).logits.float(), -1))
     return predict_proba_model(model, data, batch_size=max(32, context.train.batch_size))
 
 
@@ -271,9 +269,9 @@ class _FoldContext(RunContext):
 
     pool_features: _PoolFeatures | None = None
 
-    def features(self, backbone: Any, data: LabeledData) -> np.ndarray:
+    def features(self, backbone: Any, data: LabeledData, shard: bool = False) -> np.ndarray:
         rows = self.pool_features.features(backbone, data) if self.pool_features is not None else None
-        return rows if rows is not None else super().features(backbone, data)
+        return rows if rows is not None else super().features(backbone, data, shard)
 
 
 # --- results -----------------------------------------------------------------------------------------------------

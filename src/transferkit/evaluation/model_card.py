@@ -132,18 +132,24 @@ def _split_phrase(split: str) -> str:
 
 
 def _evaluation(metrics: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]], str]:
-    """(markdown lines, model-index metric entries, split name) of the card's evaluation section."""
+    """(markdown lines, model-index metric entries, split name) of the card's evaluation section.
+
+    ``accuracy_split`` says where ``accuracy`` was measured: ``test`` / ``val ...`` (a held-out split) or ``cv``
+    (the out-of-fold predictions of every labelled item: no held-out split then)."""
     lines: list[str] = []
     entries: list[dict[str, Any]] = []
     cv = metrics.get("cv")
-    split = str(metrics.get("accuracy_split", "test"))
+    measured_on = str(metrics.get("accuracy_split", "test"))
+    out_of_fold = measured_on == "cv"
+    where = "the out-of-fold predictions" if out_of_fold else _split_phrase(measured_on)
+    split = measured_on
     n = int(metrics.get("n_eval", 0) or 0)
     if isinstance(cv, dict) and "mean" in cv:
         folds = len(cv.get("fold_accuracies", [])) or cv.get("k", 0) * cv.get("repeats", 1)
         lines.append(f"- **Accuracy, cross-validated:** {_fmt(cv['mean'])} +- {_fmt(cv.get('sd', 0.0))} (mean +- "
                      f"standard deviation over {folds} folds: {cv.get('k')}-fold stratified, {cv.get('repeats', 1)} "
                      f"repeat(s), seed {cv.get('seed', 0)})")
-        if "oof_accuracy" in cv:
+        if "oof_accuracy" in cv and not out_of_fold:
             lines.append(f"- **Out-of-fold accuracy** (every training item predicted by a model that did not see "
                          f"it): {_fmt(cv['oof_accuracy'])}")
         if cv.get("chosen"):
@@ -153,17 +159,20 @@ def _evaluation(metrics: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]
         split = "cross-validation"
     if "accuracy" in metrics:
         low, high = wilson_interval(float(metrics["accuracy"]), n)
-        where = "the held-out split" if split == "cross-validation" else _split_phrase(split)
-        lines.append(f"- **Accuracy on {where}** (n = {n}): {_fmt(metrics['accuracy'])}, 95% Wilson interval "
+        label = ("Out-of-fold accuracy** (every labelled item predicted by a model that did not see it)"
+                 if out_of_fold else f"Accuracy on {where}**")
+        lines.append(f"- **{label} (n = {n}): {_fmt(metrics['accuracy'])}, 95% Wilson interval "
                      f"[{low:.4f}, {high:.4f}]")
         if "macro_f1" in metrics:
-            lines.append(f"- **Macro-F1:** {_fmt(metrics['macro_f1'])}")
+            lines.append(f"- **Macro-F1{' (out-of-fold)' if out_of_fold else ''}:** {_fmt(metrics['macro_f1'])}")
         if "top5_accuracy" in metrics:
             lines.append(f"- **Top-5 accuracy:** {_fmt(metrics['top5_accuracy'])}")
         if not entries:
             entries.append({"type": "accuracy", "value": metrics["accuracy"], "name": f"Accuracy ({split}, n={n})"})
         if "macro_f1" in metrics:
             entries.append({"type": "f1", "value": metrics["macro_f1"], "name": "Macro-F1"})
+    elif isinstance(cv, dict) and "oof_accuracy" in cv:
+        lines.append(f"- **Out-of-fold accuracy:** {_fmt(cv['oof_accuracy'])}")
     for key, label in (("perplexity_before", "Held-out perplexity before training"),
                        ("perplexity_after", "Held-out perplexity after training"), ("mae", "Mean absolute error"),
                        ("coverage", "Interval coverage")):
@@ -172,7 +181,6 @@ def _evaluation(metrics: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]
             entries.append({"type": key.split("_")[0], "value": metrics[key], "name": label})
     per_class = (metrics.get("evaluation") or {}).get("per_class")
     if isinstance(per_class, dict) and per_class:
-        where = "the held-out split" if split == "cross-validation" else _split_phrase(split)
         lines += ["", f"Per class on {where}:", "",
                   "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
         for name, row in per_class.items():

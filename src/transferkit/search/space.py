@@ -90,7 +90,7 @@ def image_space(backbones: list[str] | None = None, sizes: list[int] | None = No
 
 #: trained image candidates: (strategy, label, options); the few-shot defaults measured in bench/bench_defaults.py
 TRAINED_IMAGE: list[tuple[str, str, dict[str, Any]]] = [
-    ("finetune", "LP-FT", {"epochs": 12}),
+    ("finetune", "LP-FT", {"epochs": 12, "optimizer": "sgd", "lr": 0.01, "backbone_lr": 1e-3, "weight_decay": 0.0}),
     ("lora", "LoRA", {"epochs": 12}),
     ("adapter", "adapters", {"epochs": 12}),
 ]

@@ -21,7 +21,7 @@ from transferkit.search.space import Candidate
 
 logger = logging.getLogger(__name__)
 
-FEATURE_CHUNK = 64
+FEATURE_CHUNK = 16
 #: fit options that shape the model (the rest are engine or strategy options)
 MODEL_OPTIONS = ("head_dropout", "label_smoothing", "augment")
 
@@ -67,26 +67,37 @@ class FeatureTable:
     """Features of every labelled item (and of its mirror image, for images) under one frozen backbone."""
 
     def __init__(self, candidate: Candidate, data: LabeledData, cache_dir: Path | None, seed: int,
-                 check_time: Callable[[], None] | None = None) -> None:
+                 check_time: Callable[[float], None] | None = None) -> None:
         self.backbone = create_candidate_backbone(candidate, seed)
+        views = [data, mirrored(data)] if data.modality == "image" else [data]
+        self.computed = 0  # items extracted now (not read from the cache): what ``seconds`` measures
         started = time.perf_counter()  # extraction only: the speed measurement that calibrates cost estimates
-        self.x = self._extract(data, cache_dir, check_time)
-        self.x_mirror = self._extract(mirrored(data), cache_dir, check_time) if data.modality == "image" else None
+        features = self._extract(views, cache_dir, check_time)
+        self.x, self.x_mirror = features[0], (features[1] if len(features) > 1 else None)
         self.seconds = time.perf_counter() - started
         self.position = {item_id: i for i, item_id in enumerate(data.ids)}
 
-    def _extract(self, data: LabeledData, cache_dir: Path | None, check_time: Callable[[], None] | None) -> np.ndarray:
-        """Features in chunks of ``FEATURE_CHUNK`` items (each cached), calling ``check_time`` between chunks so
-        that a search out of time stops here instead of finishing a long extraction."""
+    def _extract(self, views: list[LabeledData], cache_dir: Path | None,
+                 check_time: Callable[[float], None] | None) -> list[np.ndarray]:
+        """Features of every view in chunks of ``FEATURE_CHUNK`` items (each cached). Between chunks
+        ``check_time(projected seconds still needed)`` may stop the search as soon as the extraction clearly cannot
+        finish in time, instead of after a long extraction."""
         from transferkit.engine.features import extract_features
 
-        parts = []
-        for start in range(0, len(data), FEATURE_CHUNK):
+        chunks = [(v, start) for v, view in enumerate(views) for start in range(0, len(view), FEATURE_CHUNK)]
+        parts: list[list[np.ndarray]] = [[] for _ in views]
+        started, total = time.perf_counter(), sum(len(view) for view in views)
+        for done, (v, start) in enumerate(chunks):
             if check_time is not None:
-                check_time()
-            chunk = data.subset(np.arange(start, min(start + FEATURE_CHUNK, len(data))))
-            parts.append(extract_features(self.backbone, chunk, cache_dir=cache_dir, progress=False))
-        return np.concatenate(parts)
+                rate = (time.perf_counter() - started) / self.computed if self.computed else 0.0
+                check_time(rate * (total - done * FEATURE_CHUNK))
+            view = views[v]
+            chunk = view.subset(np.arange(start, min(start + FEATURE_CHUNK, len(view))))
+            chunk_started = time.perf_counter()
+            parts[v].append(extract_features(self.backbone, chunk, cache_dir=cache_dir, progress=False))
+            if time.perf_counter() - chunk_started > 0.05:  # computed, not read from the cache (a file load: ~1 ms)
+                self.computed += len(chunk)
+        return [np.concatenate(p) for p in parts]
 
     def rows(self, data: LabeledData) -> np.ndarray:
         return np.asarray([self.position[i] for i in data.ids], dtype=np.int64)
@@ -138,13 +149,13 @@ def probe_model(candidate: Candidate, table: FeatureTable, data: LabeledData, tt
 
 
 def split_options(candidate: Candidate, seed: int) -> tuple[Any, Any, dict[str, Any]]:
-    """(TrainConfig, Strategy, model options) of a trained candidate; engine defaults per strategy apply."""
+    """(TrainConfig, Strategy, model options) of a trained candidate: fixed epochs, no early stopping."""
     from transferkit.config import build
     from transferkit.engine.trainer import TrainConfig
     from transferkit.strategies import strategy_class
 
     cls = strategy_class(candidate.strategy)
-    merged = {**getattr(cls, "train_defaults", {}), **candidate.options, "seed": seed, "early_stopping": 0}
+    merged = {**candidate.options, "seed": seed, "early_stopping": 0}
     model_options = {k: merged.pop(k) for k in MODEL_OPTIONS if k in merged}
     train_cfg = build(TrainConfig, merged)
     strategy = cls(build(cls.config_class, merged))
@@ -183,12 +194,14 @@ def predict_probabilities(model, data: LabeledData, tta: bool) -> np.ndarray:
 
 
 def seconds_per_item(candidate: Candidate, data: LabeledData, seed: int) -> tuple[float, float]:
-    """(training seconds per item and epoch, inference seconds per item) of a trained candidate, measured on two
-    small batches: the cost estimate that decides whether the candidate fits the remaining budget."""
+    """(training seconds per item and epoch, inference seconds per item) of gradient training on ``candidate``'s
+    backbone and resolution (full back-propagation, as fine-tuning, LoRA and adapters all need), measured on two small
+    batches: the cost estimate that decides whether a trained candidate fits the remaining budget."""
     from transferkit.data.loader import make_loader
     from transferkit.model import TaskSpec, TransferModel
+    from transferkit.strategies import create_strategy
 
-    _, strategy, _ = split_options(candidate, seed)
+    strategy = create_strategy("finetune")
 
     backbone = create_candidate_backbone(candidate, seed)
     model = TransferModel(backbone, [TaskSpec("label", "classify", list(data.class_names))])

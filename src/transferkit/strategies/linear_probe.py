@@ -49,13 +49,13 @@ def set_linear_head(model: TransferModel, weight: torch.Tensor, bias: torch.Tens
 def fit_probe(model: TransferModel, context: RunContext, c: float, max_iter: int) -> dict[str, float]:
     """Fit the first task's head by logistic regression on cached features; returns validation metrics."""
     train, val = context.splits.train, context.splits.val
-    x = context.features(model.backbone, train)
+    x = context.features(model.backbone, train, shard=True)  # every process fits: split the extraction
     keep = train.labels >= 0
     weight, bias = fit_logistic_regression(x[keep], train.labels[keep], train.num_classes, c=c, max_iter=max_iter)
     set_linear_head(model, weight, bias)
     metrics: dict[str, float] = {}
     if len(val):
-        xv = torch.as_tensor(context.features(model.backbone, val))
+        xv = torch.as_tensor(context.features(model.backbone, val, shard=True))
         logits = xv @ weight.T + bias
         labels = torch.as_tensor(val.labels)
         metrics = {

@@ -1,0 +1,70 @@
+"""The folder format of a self-taught backbone (``transferkit pretrain --out``): ``weights.safetensors`` (the
+backbone's state dict) + ``backbone.json`` (``format``, the base backbone's spec ``base``, ``modality``,
+``feature_dim`` and ``provenance``). ``create_backbone(FOLDER)`` builds the base architecture and loads the weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transferkit.errors import TransferkitError
+
+SPEC_FILE = "backbone.json"
+WEIGHTS_FILE = "weights.safetensors"
+SPEC_FORMAT = "transferkit-backbone"
+
+
+def write_backbone_folder(folder: str | Path, backbone: Any, spec: dict[str, Any]) -> None:
+    """Write ``backbone``'s weights and ``spec`` into ``folder`` (a staging folder: published by the caller)."""
+    from safetensors.torch import save_file
+
+    from transferkit.rundir import write_json
+
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in backbone.state_dict().items()}
+    save_file(state, str(Path(folder) / WEIGHTS_FILE))
+    write_json(Path(folder) / SPEC_FILE, spec)
+
+
+def read_backbone_folder(path: str | Path) -> dict[str, Any] | None:
+    """The ``backbone.json`` of a pretrain folder (checked), or None when ``path`` is not one."""
+    import json
+
+    path = Path(path).expanduser()
+    spec_path = path / SPEC_FILE
+    if not spec_path.is_file():
+        return None
+    try:
+        spec = json.loads(spec_path.read_text())
+    except (OSError, ValueError) as error:
+        raise TransferkitError(f"'{spec_path}' cannot be read ({error})", "re-run `transferkit pretrain`") from error
+    base = spec.get("base") if isinstance(spec, dict) else None
+    if spec.get("format") != SPEC_FORMAT or not isinstance(base, dict) or not isinstance(base.get("name"), str):
+        raise TransferkitError(f"'{spec_path}' is not a transferkit backbone spec", "re-run `transferkit pretrain`")
+    if not (path / WEIGHTS_FILE).is_file():
+        raise TransferkitError(f"backbone folder '{path}' has no {WEIGHTS_FILE}", "re-run `transferkit pretrain`")
+    spec["_folder"] = str(path)
+    return spec
+
+
+def load_backbone_folder(spec: dict[str, Any], pretrained: bool = True, **options: Any) -> Any:
+    """Build the base architecture and load the self-taught weights (``pretrained=False``: architecture only)."""
+    from safetensors.torch import load_file
+
+    from transferkit.backbones import create_backbone
+
+    base = spec["base"]
+    merged = {**dict(base.get("options", {})), **options}
+    backbone = create_backbone(base["name"], pretrained=False, **merged)
+    if pretrained:
+        weights = Path(spec["_folder"]) / WEIGHTS_FILE
+        state = load_file(str(weights))
+        try:
+            backbone.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            first = str(error).splitlines()[0][:200]
+            raise TransferkitError(f"the weights in '{weights}' do not fit backbone '{base['name']}' ({first})",
+                                   "re-run `transferkit pretrain`") from error
+        backbone.self_taught_from = spec["_folder"]
+    backbone.is_pretrained = bool(pretrained)
+    return backbone
