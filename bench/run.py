@@ -32,9 +32,11 @@ OUTPUT = REPO / "BENCHMARKS.md"
 
 #: How the published sections were measured (they are produced over several sessions and cached per cell).
 SHARED_MACHINE = (
-    "most sections were measured while several benchmarks shared the 2 cores (load average 2-7, 1 torch thread "
-    "per process; each section states its own setting). Accuracies are unaffected; time ratios were measured "
-    "interleaved within one run so the shared load cancels out; absolute times are pessimistic."
+    "most sections were measured while several benchmarks shared the 2 cores (load average 2-7 in earlier sessions; "
+    "10-26 for the sections added on 2026-11-29: auto, defaults, fewlabels, serve, unlabelled and the hybrid / store "
+    "/ sharded parts of memory; each section states its own setting). Accuracies are unaffected; time ratios were "
+    "measured interleaved within one run so the shared load cancels out only partly under such load; absolute "
+    "times are pessimistic."
 )
 
 
