@@ -152,6 +152,29 @@ def test_approximate_kinds_find_exact_neighbours_and_remove(kind, tiny_encoder):
     assert len(index) == 399 and index.search_vectors(vectors[:1], k=1)[0][0].id != ids[0]
 
 
+def test_tied_scores_come_back_in_id_order_whatever_the_store(tiny_encoder):
+    """Duplicate passages have identical vectors: their tie is broken by id, also at the k-th place, so FAISS and
+    Milvus give the same `search --json` order (canonical_order)."""
+    from transferkit.backbones import create_backbone
+    from transferkit.memory.index import canonical_order
+
+    scores = np.array([[0.9, 0.5, 0.5, 0.4, -3.4e38], [0.7, 0.7 + 1e-8, 0.7, 0.1, 0.0]], np.float32)
+    ids = np.array([[3, 9, 2, 5, -1], [8, 1, 4, 0, 6]])
+    kept_scores, kept_ids = canonical_order(scores, ids, 4)
+    assert kept_ids.tolist() == [[3, 2, 9, 5], [1, 4, 8, 0]]
+    assert kept_scores[0].tolist() == pytest.approx([0.9, 0.5, 0.5, 0.4])
+
+    rng = np.random.default_rng(0)
+    unique = rng.normal(size=(6, 16)).astype(np.float32)
+    unique /= np.linalg.norm(unique, axis=1, keepdims=True)
+    vectors = np.concatenate([unique, unique[::-1]])  # every vector twice: ids i and 11 - i hold the same vector
+    index = VectorIndex.create(create_backbone(tiny_encoder))
+    index.add_vectors(vectors, [{"source": f"v{i}", "text": ""} for i in range(12)])
+    for q in range(6):
+        hits = index.search_vectors(unique[q:q + 1], k=1)[0]  # two equal best scores: the smaller id wins
+        assert [h.id for h in hits] == [min(q, 11 - q)]
+
+
 # --- ask ---------------------------------------------------------------------------------------------------------
 def test_sentence_windows_are_spans():
     text = "First one. Second one!\n\nThird"

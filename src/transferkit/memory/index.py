@@ -370,25 +370,29 @@ class VectorIndex:
 
     # search -----------------------------------------------------------------------------------------------
     def search_ids(self, queries: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
-        """``(scores, ids)`` arrays ``(n_queries, k)`` of the most similar stored vectors (id -1: none)."""
+        """``(scores, ids)`` arrays ``(n_queries, k)`` of the most similar stored vectors (id -1: none), best first;
+        scores equal to 1e-6 are ordered by id, so every store (FAISS, Milvus) returns the same order even for
+        duplicate passages, whose identical vectors tie (:func:`canonical_order`)."""
         if k < 1:
             raise TransferkitError(f"invalid -k {k}", "use a whole number of at least 1")
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.meta.dim)
         if not len(self):
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-        if self.store is None:
-            return self.faiss_index.search(queries, min(k, len(self)))
         k = min(k, len(self))
+        depth = min(k + _TIE_MARGIN, len(self))  # a tie at the k-th place is decided by id, not by the store
+        if self.store is None:
+            scores, ids = self.faiss_index.search(queries, depth)
+            return canonical_order(scores, ids, k)
         stale = len(self._retired) + len(self.meta.extra.get("store_retired", []))  # not yet deleted from the store
-        scores, ids = self.store.search(queries, k + stale, self.meta.next_id, _milvus_search_params(self.meta))
-        if not stale:
-            return scores[:, :k], ids[:, :k]
-        kept_scores = np.full((len(ids), k), -np.inf, np.float32)
-        kept_ids = np.full((len(ids), k), -1, np.int64)
-        for row in range(len(ids)):  # the first k ids this version's records reference
-            columns = [j for j, i in enumerate(ids[row].tolist()) if i in self.records][:k]
-            kept_scores[row, :len(columns)], kept_ids[row, :len(columns)] = scores[row, columns], ids[row, columns]
-        return kept_scores, kept_ids
+        scores, ids = self.store.search(queries, depth + stale, self.meta.next_id, _milvus_search_params(self.meta))
+        if stale:
+            kept_scores = np.full((len(ids), depth), -np.inf, np.float32)
+            kept_ids = np.full((len(ids), depth), -1, np.int64)
+            for row in range(len(ids)):  # the first ids this version's records reference
+                columns = [j for j, i in enumerate(ids[row].tolist()) if i in self.records][:depth]
+                kept_scores[row, :len(columns)], kept_ids[row, :len(columns)] = scores[row, columns], ids[row, columns]
+            scores, ids = kept_scores, kept_ids
+        return canonical_order(scores, ids, k)
 
     def search_vectors(self, queries: np.ndarray, k: int = 5) -> list[list[SearchHit]]:
         """The ``k`` stored vectors most similar (inner product) to each query, best first, with records.
@@ -613,6 +617,20 @@ def _read_lexical(version: Path, sha256: dict[str, str], records: dict[int, dict
         if not same:
             raise storage.corrupt(version / LEXICAL_FOLDER, "its BM25 index does not match the records")
     return lexical
+
+
+#: extra candidates fetched beyond k, so that a tie at the k-th place is broken by id (see canonical_order)
+_TIE_MARGIN = 8
+
+
+def canonical_order(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``k`` columns of ``(scores, ids)`` rows re-sorted by score (best first, rounded to 1e-6) and then by
+    id: one deterministic order whatever store produced them (missing results, id -1, stay last)."""
+    scores = np.asarray(scores, dtype=np.float32)
+    ids = np.asarray(ids, dtype=np.int64)
+    rounded = np.where(ids < 0, np.inf, -np.round(scores.astype(np.float64), 6))
+    order = np.lexsort((np.where(ids < 0, np.iinfo(np.int64).max, ids), rounded), axis=-1)[:, :k]
+    return np.take_along_axis(scores, order, axis=-1), np.take_along_axis(ids, order, axis=-1)
 
 
 def encoder_tag(meta: IndexMeta) -> str:
