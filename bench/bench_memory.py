@@ -774,10 +774,11 @@ def main(argv: list[str] | None = None) -> None:
                   f"with the same settings), `search --json -k 5` output on the "
                   f"{d['questions']} questions of both sets: same top-5 (source and span, in order) for "
                   + ", ".join(f"{r['same_top5']:.0%} with --retrieval {name} (largest score difference "
-                              f"{r['max_score_diff']:.1e})" for name, r in d["retrievals"].items()) + ". Setting aside "
-                  "the order among hits of exactly equal score (the pydoc topics repeat some passages: identical "
-                  "chunks in two topics, e.g. `for` and `compound`, get identical vectors, and FAISS and Milvus break "
-                  "such ties differently), the top-5 chunk texts and scores (within 1e-5) agree for "
+                              f"{r['max_score_diff']:.1e})" for name, r in d["retrievals"].items()) + ". The pydoc "
+                  "topics repeat some passages (identical chunks in two topics, e.g. `for` and `compound`, get "
+                  "identical vectors): `search_ids` orders scores equal to 1e-6 by id on every store, without which "
+                  "FAISS and Milvus broke those ties differently (95% in order before that rule). Ignoring the order "
+                  "of tied hits, the top-5 chunk texts and scores (within 1e-5) agree for "
                   + ", ".join(f"{r['same_top5_up_to_ties']:.0%} ({name})" for name, r in d["retrievals"].items())
                   + ".", ""]
     else:
