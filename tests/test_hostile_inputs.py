@@ -305,7 +305,7 @@ def _numeric_cases(tmp: Path, run: Path, image: Path, data: Path) -> list[tuple[
         (["predict", "--model", run, image, "--json"], "--top"),
         *[(["fit", "--data", missing, "--backbone", "small_cnn", "--out", tmp / "f"], flag)
           for flag in ("--epochs", "--batch-size", "--lr", "--image-size", "--limit-per-class", "--val-fraction",
-                       "--head-dropout", "--weight-decay", "--warmup-steps")],
+                       "--head-dropout", "--weight-decay", "--warmup-steps", "--seed")],
         *[(["compare", "--data", missing, "--backbones", "small_cnn", "--strategies", "linear-probe",
             "--no-isolate", "--out", tmp / "c", "--json"], flag)
           for flag in ("--seeds", "--time-budget", "--cost-ratio", "--batch-size", "--epochs")],
@@ -573,3 +573,28 @@ def test_a_run_that_diverges_after_its_first_checkpoint_does_not_block_the_next_
     monkeypatch.setattr(SequenceCrossEntropy, "forward", original_forward)
     code, _, err = run_cli([*args, "--lr", "0.001"], capsys)  # the next run, with other options, is not blocked
     assert code == 0, err
+
+
+@pytest.mark.parametrize("content", ["{", "[]", '{"evaluation": 3}', "\udcff".encode("utf-8", "surrogatepass")])
+def test_report_of_a_damaged_run_folder_is_one_line(content, trained_run, tmp_path, capsys):
+    broken = tmp_path / "run"
+    shutil.copytree(trained_run, broken)
+    metrics = broken / "metrics.json"
+    metrics.write_bytes(content if isinstance(content, bytes) else content.encode())
+    code, out, err = run_cli(["report", broken], capsys)
+    line = assert_one_line_error(code, out, err)
+    assert str(metrics) in line
+
+
+def test_a_bug_is_one_line_with_exit_1_and_its_traceback_with_v(monkeypatch, capsys):
+    import transferkit.cli.catalog as catalog
+
+    def broken(args):
+        raise ZeroDivisionError("a programming error")
+
+    monkeypatch.setattr(catalog, "run_backbones", broken)
+    code, out, err = run_cli(["backbones", "--json"], capsys)
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "bug in transferkit" in err and json.loads(out)["error"].startswith("internal error")
+    code, _, err = run_cli(["-v", "backbones"], capsys)
+    assert code == 1 and "Traceback" in err and "ZeroDivisionError" in err

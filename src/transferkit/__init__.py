@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "fit", "auto", "load", "evaluate", "predict", "TransferkitError"]
+__all__ = ["__version__", "fit", "auto", "cluster", "load", "evaluate", "predict", "TransferkitError"]
 
 from transferkit.errors import TransferkitError
 
@@ -15,6 +15,10 @@ def __getattr__(name: str):
         from transferkit import api
 
         return getattr(api, name)
+    if name == "cluster":
+        from transferkit.selftaught.cluster import cluster
+
+        return cluster
     if name == "auto":
         from transferkit.search import auto
 

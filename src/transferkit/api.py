@@ -38,8 +38,6 @@ def resolve_options(options: dict[str, Any], config_file: str | Path | None = No
     merged.update({k.replace("-", "_"): v for k, v in options.items() if v is not None})
     fit = build(FitConfig, merged)
     fit.validate()
-    for key, value in strategy_class(fit.strategy).train_defaults.items():  # the strategy's few-shot defaults
-        merged.setdefault(key, value)
     train = build(TrainConfig, merged)
     train.validate()
     extensions = []

@@ -1,7 +1,9 @@
 """Backbone registry: ``create_backbone("efficientnet_lite0")``, ``create_backbone("timm:resnet18")``, ...
 
 Exact names are registered with ``@register_backbone``; prefixed names (``timm:<name>``, ``hf:<name-or-path>``)
-with ``@register_prefix``. Modules that register entries are imported lazily on first use.
+with ``@register_prefix``. Modules that register entries are imported lazily on first use. A folder written by
+``transferkit pretrain`` (``backbone.json`` + ``weights.safetensors``) is accepted wherever a name is: its base
+architecture is built and the self-taught weights loaded (``self_taught_spec``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ __all__ = [
     "default_backbone",
     "register_backbone",
     "register_prefix",
+    "self_taught_spec",
     "move_to",
     "batch_size_of",
 ]
@@ -78,10 +81,28 @@ def _load_modules() -> None:
     _loaded = True
 
 
+def self_taught_spec(name: str) -> dict[str, Any] | None:
+    """The spec of a ``transferkit pretrain`` folder named by ``name`` (None: ``name`` is not a folder). A folder
+    that is not one is refused in one line."""
+    from pathlib import Path
+
+    if name in _REGISTRY or not Path(name).expanduser().is_dir():
+        return None
+    from transferkit.selftaught.pretrain import SPEC_FILE, read_backbone_folder
+
+    spec = read_backbone_folder(name)
+    if spec is None:
+        raise TransferkitError(f"backbone folder '{name}' has no {SPEC_FILE}",
+                               "pass a folder written by `transferkit pretrain`, or a registry name")
+    return spec
+
+
 def check_backbone_name(name: str) -> None:
     """Raise the unknown-backbone error early, before any data is loaded."""
     _load_modules()
     if name in _REGISTRY or (":" in name and name.split(":", 1)[0] in _PREFIXES):
+        return
+    if self_taught_spec(name) is not None:
         return
     known = ", ".join(sorted(_REGISTRY) + [f"{p}:<name>" for p in sorted(_PREFIXES)])
     raise TransferkitError(f"unknown backbone '{name}'", f"choose one of: {known} (see `transferkit backbones`)")
@@ -90,6 +111,13 @@ def check_backbone_name(name: str) -> None:
 def backbone_info(name: str) -> BackboneInfo:
     """What the registry says about a backbone (its family's entry for ``prefix:target`` names), unbuilt."""
     check_backbone_name(name)
+    spec = self_taught_spec(name) if name not in _REGISTRY and ":" not in name else None
+    if spec is not None:
+        import dataclasses
+
+        info = backbone_info(spec["base"]["name"])
+        return dataclasses.replace(info, name=name, weights=f"self-taught: {name}", offline_available=True,
+                                   description=f"{spec['base']['name']} after `transferkit pretrain`")
     entry = _REGISTRY.get(name) or _PREFIXES[name.split(":", 1)[0]]
     return entry.info()
 
@@ -114,6 +142,10 @@ def create_backbone(name: str, pretrained: bool = True, **options: Any) -> Backb
         if not target:
             raise TransferkitError(f"backbone '{name}' names no model", f"write it as '{prefix}:<model name or path>'")
         backbone = _PREFIXES[prefix].factory(target, pretrained=pretrained, **options)
+    elif (spec := self_taught_spec(name)) is not None:  # a `transferkit pretrain` folder
+        from transferkit.selftaught.pretrain import load_backbone_folder
+
+        return load_backbone_folder(spec, pretrained=pretrained, **options)
     else:
         check_backbone_name(name)
         raise AssertionError("unreachable")

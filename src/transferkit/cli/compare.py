@@ -90,7 +90,7 @@ def _register_rank(subparsers) -> None:
     parser.add_argument("--backbones", type=_split_list, default=None,
                         help="Comma-separated candidates (default: the offline image or text backbones).")
     parser.add_argument("--limit-per-class", type=count(1), default=None, help="Few-shot subset, as in fit.")
-    parser.add_argument("--seed", type=count(0), default=0)
+    parser.add_argument("--seed", type=count(0, 2**32 - 1), default=0)
     parser.add_argument("--text-column")
     parser.add_argument("--label-column")
     parser.add_argument("--cache-dir")

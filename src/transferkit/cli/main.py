@@ -35,6 +35,7 @@ _COMMAND_MODULES = [
     "transferkit.cli.compare",
     "transferkit.cli.serve",
     "transferkit.cli.auto",
+    "transferkit.cli.selftaught",
 ]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from transferkit.cli.options import add_dataclass_options, count, format_table, print_json
+from transferkit.cli.options import add_dataclass_options, count, format_table, number, print_json
 from transferkit.errors import TransferkitError
 from transferkit.memory.retrieval import RetrievalConfig
 from transferkit.memory.storage import DEFAULT_LOCK_TIMEOUT
@@ -16,9 +16,16 @@ def _add_encoder_flag(parser: argparse.ArgumentParser, help_text: str) -> None:
 
 
 def _add_lock_timeout(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--lock-timeout", type=float, default=DEFAULT_LOCK_TIMEOUT, metavar="SECONDS",
+    parser.add_argument("--lock-timeout", type=number(0), default=DEFAULT_LOCK_TIMEOUT, metavar="SECONDS",
                         help="How long to wait while another command writes the index "
                              f"(default: {DEFAULT_LOCK_TIMEOUT:g}).")
+
+
+def _add_store_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", default="faiss", metavar="faiss|milvus:PATH_OR_URI[#COLLECTION]",
+                        help="Where the vectors live: faiss (in the index folder, default); milvus:./vectors.db "
+                             "(Milvus Lite, a local file) or milvus:http://host:19530 (a Milvus server / cluster; "
+                             "collection: transferkit_<out folder name> unless #COLLECTION is given).")
 
 
 def _retrieval_config(args: argparse.Namespace) -> RetrievalConfig:
@@ -50,7 +57,15 @@ def register(subparsers) -> None:
     build.add_argument("--nprobe", type=count(1), default=8, help="ivf: cells scanned per query.")
     build.add_argument("--batch-size", type=count(1), default=32)
     build.add_argument("--overwrite", action="store_true", help="Replace an existing index in --out.")
+    _add_store_flag(build)
     build.set_defaults(func=run_build)
+
+    migrate = actions.add_parser("migrate", help="Copy an index into another vector store (FAISS <-> Milvus).")
+    migrate.add_argument("index", help="Index folder to copy (only read).")
+    _add_store_flag(migrate)
+    migrate.add_argument("--out", required=True, help="Folder of the new index.")
+    migrate.add_argument("--overwrite", action="store_true", help="Replace an existing index in --out.")
+    migrate.set_defaults(func=run_migrate)
 
     add = actions.add_parser("add", help="Add (or replace) documents / images in an existing index.")
     add.add_argument("index", help="Index folder.")
@@ -100,9 +115,19 @@ def run_build(args: argparse.Namespace) -> int:
     index = build_index(args.out, docs=args.docs, images=args.images, encoder=args.encoder, kind=args.kind,
                         batch_size=args.batch_size, overwrite=args.overwrite, chunk_size=args.chunk_size,
                         chunk_overlap=args.chunk_overlap, chunk_unit=args.chunk_unit, hnsw_m=args.hnsw_m,
-                        ef_search=args.ef_search, ivf_nlist=args.ivf_nlist, nprobe=args.nprobe)
+                        ef_search=args.ef_search, ivf_nlist=args.ivf_nlist, nprobe=args.nprobe, store=args.store)
     print(f"indexed {len(index)} {'chunks' if index.meta.modality == 'text' else 'images'} from "
-          f"{len(index.sources())} sources into {args.out} ({index.meta.kind}, {index.meta.encoder['name']})")
+          f"{len(index.sources())} sources into {args.out} ({index.meta.kind}, {index.meta.encoder['name']}, "
+          f"{index.store.spec if index.store else 'faiss'})")
+    return 0
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    from transferkit.memory.index import migrate_index
+
+    index = migrate_index(args.index, args.out, store=args.store, overwrite=args.overwrite)
+    print(f"copied {len(index)} vectors of {args.index} into {args.out} "
+          f"({index.store.spec if index.store else 'faiss'})")
     return 0
 
 
@@ -134,6 +159,7 @@ def run_info(args: argparse.Namespace) -> int:
     else:
         for key in ("encoder", "preprocess_signature", "modality", "kind", "dim", "vectors"):
             print(f"{key}: {document[key]}")
+        print(f"store: {index.store.spec if index.store else 'faiss'}")
         print(f"sources ({len(document['sources'])}): {', '.join(document['sources'][:20])}"
               + (" ..." if len(document["sources"]) > 20 else ""))
     return 0

@@ -54,7 +54,7 @@ def register(subparsers: Any) -> None:
     source.add_argument("--backbone", help="A causal-LM backbone without fine-tuning, e.g. smollm2-135m.")
     generate.add_argument("--max-new-tokens", type=count(1), default=64, help="Tokens to generate.")
     generate.add_argument("--temperature", type=number(0), default=0.0, help="0: greedy; above 0: sampling.")
-    generate.add_argument("--seed", type=count(0), default=0, help="Seed for sampling.")
+    generate.add_argument("--seed", type=count(0, 2**32 - 1), default=0, help="Seed for sampling.")
     generate.add_argument("--chat", action="store_true", help="Wrap the prompt in the model's chat template.")
     generate.set_defaults(func=run_generate)
 

@@ -58,7 +58,7 @@ def register(subparsers) -> None:
     lm_sample.add_argument("--prime", default="", help="Text to start from.")
     lm_sample.add_argument("--temperature", type=number(0, low_open=True), default=0.8, help="Softmax temperature (lower: safer).")
     lm_sample.add_argument("--top-k", type=count(0), default=0, help="Sample among the k most likely characters (0: all).")
-    lm_sample.add_argument("--seed", type=count(0), default=0, help="Random seed.")
+    lm_sample.add_argument("--seed", type=count(0, 2**32 - 1), default=0, help="Random seed.")
     lm_sample.set_defaults(func=run_charlm_sample)
 
 

@@ -39,7 +39,7 @@ def register(subparsers) -> None:
     prompt.add_argument("--instruction", default="Classify each text into one of these labels: {labels}.")
     prompt.add_argument("--lm", default="smollm2-135m", help="smollm2-135m or hf:<folder of a causal LM>.")
     prompt.add_argument("--limit", type=count(1), default=50, help="Test texts classified (without --input).")
-    prompt.add_argument("--seed", type=count(0), default=0)
+    prompt.add_argument("--seed", type=count(0, 2**32 - 1), default=0)
     prompt.add_argument("--text-column")
     prompt.add_argument("--label-column")
     prompt.add_argument("--show-prompt", action="store_true", help="Print the prompt of the first text.")

@@ -89,3 +89,33 @@ class ScaledObjective(Objective):
 
     def forward(self, model: nn.Module, batch: dict[str, Any], outputs: Any) -> torch.Tensor:
         return self.inner(model, batch, outputs)
+
+
+class ContrastiveObjective(Objective):
+    """NT-Xent, the two-view contrastive loss of SimCLR (Chen et al. 2020): for ``2N`` projected, L2-normalised
+    views ``z``, ``L = -1/2N sum_i log( exp(z_i . z_j(i) / t) / sum_{k != i} exp(z_i . z_k / t) )`` where ``j(i)``
+    is the other view of the same item. ``outputs`` is the pair ``(z1, z2)`` of the two views' projections."""
+
+    name = "nt_xent"
+
+    def __init__(self, weight: float = 1.0, temperature: float = 0.2) -> None:
+        super().__init__(weight)
+        self.temperature = float(temperature)
+
+    def forward(self, model: nn.Module, batch: dict[str, Any], outputs: Any) -> torch.Tensor:
+        z1, z2 = outputs
+        z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+        n = len(z1)
+        similarity = z @ z.T / self.temperature
+        similarity = similarity.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+        targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+        return F.cross_entropy(similarity, targets)
+
+
+class ModelLossObjective(Objective):
+    """The loss a library model computes itself (``outputs.loss``, e.g. masked-LM in transformers)."""
+
+    name = "model_loss"
+
+    def forward(self, model: nn.Module, batch: dict[str, Any], outputs: Any) -> torch.Tensor:
+        return outputs["loss"] if isinstance(outputs, dict) else outputs.loss

@@ -99,6 +99,8 @@ class TrainConfig:
         for name in ("warmup_steps", "plateau_patience", "early_stopping", "threads", "noam_d_model"):
             if getattr(self, name) < 0:
                 raise bad(name, getattr(self, name), "use a whole number of at least 0")
+        if not 0 <= self.seed < 2**32:  # NumPy's seed range
+            raise bad("seed", self.seed, "use a whole number from 0 to 4294967295")
         check_device_spec(self.device)
 
     def to_dict(self) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from transferkit.errors import TransferkitError, read_json
+from transferkit.errors import TransferkitError, read_json, reading
 
 logger = logging.getLogger(__name__)
 
@@ -388,7 +388,8 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
         path = out / RUNS_FOLDER / cell.folder_name
         metrics_file = path / "metrics.json"
         if metrics_file.is_file() and (path / "model").is_dir():
-            results.append(_result_from_metrics(cell, path, json.loads(metrics_file.read_text()), reused=True))
+            with reading(metrics_file, "finished cell's metrics", "delete that cell's folder to train it again"):
+                results.append(_result_from_metrics(cell, path, read_json(metrics_file, "metrics file"), reused=True))
             logger.info("[%d/%d] %s seed %d: finished earlier, reused", i, len(cells), cell.key, cell.seed)
             continue
         elapsed = time.perf_counter() - started

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, reading
 
 logger = logging.getLogger(__name__)
 
@@ -453,9 +453,11 @@ def write_report(folder: str | Path, output: str | Path | None = None) -> Path:
 
     folder = Path(folder)
     if (folder / LEADERBOARD_FILE).is_file() and not (folder / "metrics.json").is_file():
-        html_text = render_html(f"transferkit comparison: {folder.name}", compare_sections(folder))
+        with reading(folder / LEADERBOARD_FILE, "compare leaderboard", "run the compare again"):
+            html_text = render_html(f"transferkit comparison: {folder.name}", compare_sections(folder))
     elif (folder / "metrics.json").is_file():
-        html_text = render_html(f"transferkit run: {folder.name}", run_sections(folder))
+        with reading(folder / "metrics.json", "run folder (metrics.json, history.jsonl)", "run fit again"):
+            html_text = render_html(f"transferkit run: {folder.name}", run_sections(folder))
     else:
         raise TransferkitError(f"'{folder}' is neither a run folder (metrics.json) nor a compare folder "
                                f"({LEADERBOARD_FILE})", "pass the --out folder of `fit` or `compare`")

@@ -12,7 +12,8 @@ Every vector has a stable integer id (``IndexIDMap2`` / IVF ids) pointing to a r
 so documents can be added and removed incrementally. A version of the index holds ``index.faiss``,
 ``records.jsonl``, ``meta.json`` (encoder spec + preprocessing signature, kind, dimension, chunking) and, for
 text, ``lexical/`` (BM25 over the same chunks, :mod:`transferkit.memory.lexical`); :mod:`transferkit.memory.storage`
-commits versions atomically under a writer lock. A query must be embedded by the same encoder with the same
+commits versions atomically under a writer lock. With ``store="milvus:..."`` the vectors live in a Milvus
+collection instead of ``index.faiss`` (:mod:`transferkit.memory.stores`: what holds when a write is interrupted). A query must be embedded by the same encoder with the same
 preprocessing as the index, else the scores mean nothing: this is checked. Search is dense, lexical or hybrid
 (:mod:`transferkit.memory.retrieval`).
 """
@@ -40,6 +41,7 @@ from transferkit.memory.chunking import Chunk, Document, check_chunking, chunk_d
 from transferkit.memory.lexical import CONFIG_FILE, IDS_FILE, LexicalIndex
 from transferkit.memory.lexical import FOLDER as LEXICAL_FOLDER
 from transferkit.memory.retrieval import RetrievalConfig, fuse, ranking, rerank_scores
+from transferkit.memory.stores import MilvusStore, StoreSpec
 from transferkit.progress import progress as progress_bar
 from transferkit.rundir import OutputFolder
 
@@ -47,8 +49,7 @@ logger = logging.getLogger(__name__)
 
 INDEX_KINDS = ("flat", "hnsw", "ivf")
 INDEX_FORMAT = "transferkit-index"
-INDEX_VERSION = 1
-_FILES = storage.FLAT_FILES  # index.faiss, records.jsonl, meta.json
+INDEX_VERSION = 2  # 2: vectors in a Milvus collection (meta.extra["store"]); FAISS indexes are still written as 1
 _SETUP_FIELDS = ("encoder", "preprocess_signature", "modality", "dim", "chunk_size", "chunk_overlap", "chunk_unit")
 
 
@@ -70,7 +71,7 @@ class IndexMeta:
     nprobe: int = 8
     next_id: int = 0
     format: str = INDEX_FORMAT
-    format_version: int = INDEX_VERSION
+    format_version: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -146,9 +147,12 @@ class VectorIndex:
     """FAISS vectors + records keyed by id. Build with :meth:`create`, reopen with :meth:`load`."""
 
     def __init__(self, meta: IndexMeta, faiss_index: Any, records: dict[int, dict[str, Any]],
-                 folder: Path | None = None, lexical: LexicalIndex | None = None) -> None:
+                 folder: Path | None = None, lexical: LexicalIndex | None = None,
+                 store: MilvusStore | None = None) -> None:
         self.meta = meta
-        self.faiss_index = faiss_index
+        self.faiss_index = faiss_index  # None when the vectors live in ``store``
+        self.store = store
+        self._retired: list[int] = []  # ids removed from the records, deleted from ``store`` after the commit
         self.records = records
         self.folder = folder
         self._encoder: Backbone | None = None
@@ -157,8 +161,10 @@ class VectorIndex:
 
     # construction ---------------------------------------------------------------------------------------
     @classmethod
-    def create(cls, encoder: Backbone, kind: str = "flat", **options: Any) -> VectorIndex:
-        """An empty index for ``encoder``'s embeddings (``options``: IndexMeta fields, e.g. ``hnsw_m``)."""
+    def create(cls, encoder: Backbone, kind: str = "flat", store: StoreSpec | None = None,
+               **options: Any) -> VectorIndex:
+        """An empty index for ``encoder``'s embeddings (``options``: IndexMeta fields, e.g. ``hnsw_m``) whose
+        vectors go to FAISS (default) or to ``store`` (then call :meth:`open_store` before adding)."""
         if kind not in INDEX_KINDS:
             raise TransferkitError(f"unknown index kind '{kind}'", f"choose one of {', '.join(INDEX_KINDS)}")
         if encoder.modality not in ("text", "image"):
@@ -167,9 +173,21 @@ class VectorIndex:
         meta = IndexMeta(encoder=encoder.spec.to_dict(), preprocess_signature=encoder.preprocess_signature(),
                          modality=encoder.modality, dim=int(encoder.feature_dim), kind=kind, **options)
         check_chunking(meta.chunk_size, meta.chunk_overlap, meta.chunk_unit)
-        index = cls(meta, _new_faiss_index(meta), {})
+        if store is not None and store.scheme != "faiss":
+            meta.extra["store"] = store.to_dict()
+            meta.format_version = 2
+            index = cls(meta, None, {}, store=_milvus_store(meta))
+        else:
+            index = cls(meta, _new_faiss_index(meta), {})
         index._encoder = encoder
         return index
+
+    def open_store(self, overwrite: bool = False) -> None:
+        """Create the (empty) Milvus collection of a new index (``overwrite``: replace one of this encoder).
+        Under ``torchrun`` only the main process writes to the store."""
+        if self.store is not None and _is_main_process():
+            self.store.create(self.meta.kind, {"hnsw_m": self.meta.hnsw_m, "ivf_nlist": self.meta.ivf_nlist},
+                              overwrite)
 
     @classmethod
     def load(cls, folder: str | Path) -> VectorIndex:
@@ -190,6 +208,7 @@ class VectorIndex:
         commits the changes when the block ends without an exception (and nothing otherwise)."""
         with storage.writer(folder, lock_timeout):
             index = cls.load(folder)
+            index._clean_store()
             yield index
             index.save(folder)
 
@@ -205,17 +224,38 @@ class VectorIndex:
                                    "save the index to a new or empty folder")
         target.mkdir(parents=True, exist_ok=True)
         lexical = self.lexical if self.meta.modality == "text" else None
+        retired = sorted(self._retired)
+        if self.store is not None:
+            self.meta.extra["store_retired"] = retired  # deleted after the commit, again by the next writer
         with storage.WriterLock(target, lock_timeout):
             storage.commit(target, lambda version: self._write_files(version, lexical))
+            if retired:
+                try:
+                    self.store.remove(retired)  # type: ignore[union-attr]
+                    self._retired = []
+                except TransferkitError as error:  # committed: the next writer deletes them
+                    logger.warning("index '%s': superseded vectors stay in the store until the next write (%s)",
+                                   target, error.problem if hasattr(error, "problem") else error)
         self.folder = target
         self._lexical_stored = lexical is not None
         return target
 
+    def _clean_store(self) -> None:
+        """Delete what an interrupted writer left in the store: uncommitted inserts (ids >= next_id) and the ids
+        the committed version retired (the writer's own step 3); called under the writer lock."""
+        if self.store is None:
+            return
+        self.store.remove_from(self.meta.next_id)
+        retired = self.meta.extra.pop("store_retired", [])
+        if retired:
+            self.store.remove(retired)
+
     def _write_files(self, version: Path, lexical: LexicalIndex | None) -> None:
         import faiss
 
-        with open(version / "index.faiss", "wb") as fh:  # Python writes: a full disk is an OSError naming the file
-            fh.write(faiss.serialize_index(self.faiss_index).tobytes())
+        if self.store is None:
+            with open(version / "index.faiss", "wb") as fh:  # Python writes: a full disk is an OSError naming it
+                fh.write(faiss.serialize_index(self.faiss_index).tobytes())
         with open(version / "records.jsonl", "w", encoding="utf-8") as fh:
             for record_id in sorted(self.records):
                 fh.write(json.dumps({"id": record_id, **self.records[record_id]}, ensure_ascii=False) + "\n")
@@ -266,7 +306,7 @@ class VectorIndex:
 
     # contents ---------------------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return int(self.faiss_index.ntotal)
+        return len(self.records) if self.store is not None else int(self.faiss_index.ntotal)
 
     def sources(self) -> list[str]:
         return sorted({r["source"] for r in self.records.values()})
@@ -278,14 +318,33 @@ class VectorIndex:
             raise ValueError(f"expected {len(records)} vectors of dimension {self.meta.dim}, got {vectors.shape}")
         if not len(vectors):
             return np.zeros(0, np.int64)
-        if self.meta.kind == "ivf" and not self.faiss_index.is_trained:
-            self._train_ivf(vectors)
         ids = np.arange(self.meta.next_id, self.meta.next_id + len(vectors), dtype=np.int64)
-        self.faiss_index.add_with_ids(vectors, ids)
+        self._store_vectors(vectors, ids)
         self.records.update({int(i): r for i, r in zip(ids, records)})
         self.meta.next_id += len(vectors)
         self._lexical = None
         return ids
+
+    def _store_vectors(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        if self.store is not None:
+            if _is_main_process():  # under torchrun every process holds all vectors, the main one writes
+                self.store.add(vectors, ids)
+            return
+        if self.meta.kind == "ivf" and not self.faiss_index.is_trained:
+            self._train_ivf(vectors)
+        self.faiss_index.add_with_ids(vectors, ids)
+
+    def vectors(self, ids: Sequence[int]) -> np.ndarray:
+        """The stored vectors of ``ids`` (``(len(ids), dim)``, in that order), from FAISS or the store."""
+        import faiss
+
+        ids = [int(i) for i in ids]
+        if self.store is not None:
+            return self.store.vectors(ids)
+        if self.meta.kind == "ivf":
+            faiss.extract_index_ivf(self.faiss_index).set_direct_map_type(faiss.DirectMap.Hashtable)
+        return np.stack([self.faiss_index.reconstruct(i) for i in ids]) if ids else np.zeros((0, self.meta.dim),
+                                                                                              np.float32)
 
     def _train_ivf(self, vectors: np.ndarray) -> None:
         import faiss
@@ -305,7 +364,9 @@ class VectorIndex:
         ids = np.asarray(sorted(set(int(i) for i in ids) & set(self.records)), dtype=np.int64)
         if not len(ids):
             return 0
-        if self.meta.kind == "hnsw":  # HNSW graphs cannot delete: rebuild from the kept vectors
+        if self.store is not None:
+            self._retired.extend(ids.tolist())
+        elif self.meta.kind == "hnsw":  # HNSW graphs cannot delete: rebuild from the kept vectors
             keep = np.asarray(sorted(set(self.records) - set(ids.tolist())), dtype=np.int64)
             vectors = np.stack([self.faiss_index.reconstruct(int(i)) for i in keep]) if len(keep) else None
             self.faiss_index = _new_faiss_index(self.meta)
@@ -340,7 +401,19 @@ class VectorIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.meta.dim)
         if not len(self):
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-        return self.faiss_index.search(queries, min(k, len(self)))
+        if self.store is None:
+            return self.faiss_index.search(queries, min(k, len(self)))
+        k = min(k, len(self))
+        stale = len(self._retired) + len(self.meta.extra.get("store_retired", []))  # not yet deleted from the store
+        scores, ids = self.store.search(queries, k + stale, self.meta.next_id, _milvus_search_params(self.meta))
+        if not stale:
+            return scores[:, :k], ids[:, :k]
+        kept_scores = np.full((len(ids), k), -np.inf, np.float32)
+        kept_ids = np.full((len(ids), k), -1, np.int64)
+        for row in range(len(ids)):  # the first k ids this version's records reference
+            columns = [j for j, i in enumerate(ids[row].tolist()) if i in self.records][:k]
+            kept_scores[row, :len(columns)], kept_ids[row, :len(columns)] = scores[row, columns], ids[row, columns]
+        return kept_scores, kept_ids
 
     def search_vectors(self, queries: np.ndarray, k: int = 5) -> list[list[SearchHit]]:
         """The ``k`` stored vectors most similar (inner product) to each query, best first, with records.
@@ -517,15 +590,19 @@ def _read_version(version: Path, sha256: dict[str, str]) -> VectorIndex:
     """One version's files, each checked against its recorded SHA-256 (a flat-layout index has none)."""
     import faiss
 
-    missing = [name for name in _FILES if sha256 and name not in sha256]
-    if missing:
-        raise storage.corrupt(version.parent / storage.POINTER, f"it lists no {missing[0]}")
-
     def data(name: str) -> bytes:
+        if sha256 and name not in sha256:
+            raise storage.corrupt(version.parent / storage.POINTER, f"it lists no {name}")
         return storage.check_file(version / name, sha256.get(name) if sha256 else None)
 
     meta = _parse_meta(version / "meta.json", data("meta.json"))
     records = _parse_records(version / "records.jsonl", data("records.jsonl"))
+    if "store" in meta.extra:  # vectors in a Milvus collection: connected on first search
+        index = VectorIndex(meta, None, records, lexical=_read_lexical(version, sha256, records, data),
+                            store=_milvus_store(meta, version / "meta.json"))
+        if records and max(records) >= meta.next_id:
+            raise storage.corrupt(version / "meta.json", f"next_id {meta.next_id} is not above the largest id")
+        return index
     faiss_path = version / "index.faiss"
     try:
         faiss_index = faiss.deserialize_index(np.frombuffer(data("index.faiss"), dtype=np.uint8))
@@ -539,6 +616,13 @@ def _read_version(version: Path, sha256: dict[str, str]) -> VectorIndex:
         raise storage.corrupt(faiss_path, "its vector ids differ from the records' ids")
     if records and max(records) >= meta.next_id:
         raise storage.corrupt(version / "meta.json", f"next_id {meta.next_id} is not above the largest id")
+    index = VectorIndex(meta, faiss_index, records, lexical=_read_lexical(version, sha256, records, data))
+    _apply_search_params(index.faiss_index, meta)
+    return index
+
+
+def _read_lexical(version: Path, sha256: dict[str, str], records: dict[int, dict[str, Any]],
+                  data: Callable[[str], bytes]) -> LexicalIndex | None:
     lexical = None
     if LexicalIndex.present(version) or any(n.startswith(LEXICAL_FOLDER + "/") for n in sha256):
         names = sorted(n for n in sha256 if n.startswith(LEXICAL_FOLDER + "/")) or [
@@ -553,9 +637,31 @@ def _read_version(version: Path, sha256: dict[str, str]) -> VectorIndex:
             same = False
         if not same:
             raise storage.corrupt(version / LEXICAL_FOLDER, "its BM25 index does not match the records")
-    index = VectorIndex(meta, faiss_index, records, lexical=lexical)
-    _apply_search_params(index.faiss_index, meta)
-    return index
+    return lexical
+
+
+def _is_main_process() -> bool:
+    state = launched_processes()
+    return state is None or state.is_main_process
+
+
+def encoder_tag(meta: IndexMeta) -> str:
+    """What a Milvus collection records about the encoder of its vectors (checked when it is opened)."""
+    return json.dumps({"name": meta.encoder.get("name"), "encoder": meta.encoder,
+                       "preprocess_signature": meta.preprocess_signature, "dim": meta.dim}, sort_keys=True)
+
+
+def _milvus_store(meta: IndexMeta, meta_path: Path | None = None) -> MilvusStore:
+    raw = meta.extra.get("store")
+    valid = (isinstance(raw, dict) and raw.get("scheme") == "milvus" and isinstance(raw.get("uri"), str)
+             and isinstance(raw.get("collection"), str) and raw["uri"] and raw["collection"])
+    if not valid and meta_path is not None:
+        raise storage.corrupt(meta_path, "its vector store entry is invalid")
+    return MilvusStore(StoreSpec(**raw), encoder_tag(meta), meta.dim)
+
+
+def _milvus_search_params(meta: IndexMeta) -> dict[str, Any]:
+    return {"ef": max(meta.ef_search, 1)} if meta.kind == "hnsw" else {"nprobe": meta.nprobe} if meta.kind == "ivf" else {}
 
 
 def _new_faiss_index(meta: IndexMeta) -> Any:
@@ -601,28 +707,45 @@ def image_files(path: str | Path) -> tuple[list[Path], Path]:
 
 def build_index(out: str | Path, *, docs: str | Path | None = None, images: str | Path | None = None,
                 encoder: str | None = None, kind: str = "flat", batch_size: int = 32, progress: bool = True,
-                overwrite: bool = False, **options: Any) -> VectorIndex:
+                overwrite: bool = False, store: str | None = None, **options: Any) -> VectorIndex:
     """Build an index of ``docs`` (folder/file/``pydoc-topics``) or ``images`` (folder) and publish it as ``out``
     with the run-folder lifecycle (:class:`transferkit.rundir.OutputFolder`, kind ``index``: staged beside ``out``,
-    moved into place with its marker; ``overwrite`` replaces an index only)."""
+    moved into place with its marker; ``overwrite`` replaces an index only). ``store``: ``faiss`` (default) or
+    ``milvus:PATH_OR_URI[#COLLECTION]`` (:mod:`transferkit.memory.stores`; collection ``transferkit_<out name>``)."""
     if (docs is None) == (images is None):
         raise TransferkitError("give exactly one of --docs and --images", "e.g. --docs ./notes")
     out = Path(out)
+    spec = StoreSpec.parse(store, f"transferkit_{out.name}")
     if storage.is_index_folder(out) and not overwrite:
         raise TransferkitError(f"'{out}' already holds an index",
                                "add to it with `transferkit index add`, or pass --overwrite")
     name = encoder or ("minilm" if docs is not None else "efficientnet_lite0")
     backbone = create_backbone(name, pretrained=True)
-    index = VectorIndex.create(backbone, kind, **options)
-    folder = OutputFolder(out, "index", overwrite=overwrite)
-    folder.begin()
-    try:
+    index = VectorIndex.create(backbone, kind, store=spec, **options)
+    with _new_store(index, out, overwrite):
         if docs is not None:
             index.add_documents(read_documents(docs), batch_size, progress)
         else:
             files, root = image_files(images)  # type: ignore[arg-type]
             index.add_images(files, root, batch_size, progress)
         index.meta.extra["built_from"] = str(docs if docs is not None else images)
+    logger.info("index of %d vectors (%d sources) written to %s", len(index), len(index.sources()), out)
+    return index
+
+
+@contextlib.contextmanager
+def _new_store(index: VectorIndex, out: Path, overwrite: bool) -> Iterator[OutputFolder]:
+    """Stage ``out`` (kind ``index``) and create the index's Milvus collection, if any; the block fills ``index``,
+    then it is saved and published. On failure the stage and a collection this call created are removed."""
+    if index.store is not None and _is_main_process():
+        index.store.prepare(overwrite)  # an unreachable store or another encoder's collection: nothing written
+    folder = OutputFolder(out, "index", overwrite=overwrite)
+    folder.begin()
+    created = False
+    try:
+        index.open_store(overwrite)
+        created = index.store is not None
+        yield folder
         main = folder.is_main_process  # under torchrun every process embeds its share, the main one writes
         if main:
             index.save(folder.stage)
@@ -630,9 +753,45 @@ def build_index(out: str | Path, *, docs: str | Path | None = None, images: str 
             folder.publish()  # an index being replaced is not in the middle of another writer's commit
     except BaseException as exc:
         folder.abandon(exc)
+        if created and _is_main_process():
+            with contextlib.suppress(TransferkitError):
+                index.store.drop()  # type: ignore[union-attr]
         raise
     index.folder = out
-    logger.info("index of %d vectors (%d sources) written to %s", len(index), len(index.sources()), out)
+
+
+def migrate_index(source: str | Path, out: str | Path, store: str | None = None, overwrite: bool = False,
+                  batch: int = 10000) -> VectorIndex:
+    """Copy the index ``source`` into a new index folder ``out`` whose vectors live in ``store`` (``faiss`` or
+    ``milvus:PATH_OR_URI[#COLLECTION]``): same ids, records, metadata and lexical side; the vectors are copied,
+    not re-embedded (no encoder needed). ``source`` is only read."""
+    out = Path(out)
+    spec = StoreSpec.parse(store, f"transferkit_{out.name}")
+    src = VectorIndex.load(source)
+    if Path(source).resolve() == out.resolve():
+        raise TransferkitError("index migrate needs a new folder for the copy", "give --out another folder")
+    if storage.is_index_folder(out) and not overwrite:
+        raise TransferkitError(f"'{out}' already holds an index", "pass --overwrite or give another --out")
+    meta = IndexMeta(**{**asdict(src.meta), "extra": {k: v for k, v in src.meta.extra.items()
+                                                      if k not in ("store", "store_retired")}})
+    meta.format_version = 1
+    if spec.scheme == "milvus":
+        meta.extra["store"], meta.format_version = spec.to_dict(), 2
+        index = VectorIndex(meta, None, dict(src.records), store=_milvus_store(meta))
+        index.store.check_source_differs(src.store)  # type: ignore[union-attr]
+    else:
+        index = VectorIndex(meta, _new_faiss_index(meta), dict(src.records))
+    if src.meta.modality == "text" and src._lexical_stored:
+        index._lexical = src.lexical  # same ids and texts: the BM25 side is copied as it is
+    ids = sorted(src.records)
+    with _new_store(index, out, overwrite):
+        if index.store is None and meta.kind == "ivf" and ids:  # train the cells on the same vectors as FAISS did
+            index._train_ivf(src.vectors(ids[:max(meta.ivf_nlist * 39, 10000)]))
+        for start in range(0, len(ids), batch):
+            part = np.asarray(ids[start:start + batch], np.int64)
+            index._store_vectors(src.vectors(part), part)
+    logger.info("index '%s' (%s) copied to '%s' (%s): %d vectors", source,
+                src.store.spec if src.store else "faiss", out, spec, len(index))
     return index
 
 

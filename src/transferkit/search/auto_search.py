@@ -194,7 +194,9 @@ class AutoSearch:
         self.tables: dict[tuple[str, int | None], Any] = {}
         self.speed: dict[tuple[str, int | None], float] = {}  # measured inference seconds per item
         self.slowdown = 1.0  # measured / static cost, learnt as candidates finish
-        self.measured: dict[str, tuple[float, float, float]] = {}  # candidate slug -> seconds_per_item + build
+        #: (backbone, image size) -> seconds_per_item + build time: measured once, shared by the strategies (each
+        #: back-propagates through the whole network, so their step costs are close)
+        self.measured: dict[tuple[str, int | None], tuple[float, float, float]] = {}
 
     # --- bookkeeping -------------------------------------------------------------------------------------
     def log(self, message: str, *args: Any) -> None:
@@ -235,7 +237,8 @@ class AutoSearch:
                 return 1.0, 1.0
             copies = 2 if self.data.modality == "image" else 1
             return 3.0 + copies * n * self.inference_seconds(candidate), 1.0
-        train_item, infer, build = self.measured.get(candidate.slug) or self.measure(candidate)
+        train_item, infer, build = self.measured.get((candidate.backbone, candidate.image_size)) or \
+            self.measure(candidate)
         n_train = n * (self.k - 1) / self.k
         if candidate.strategy == "contrastive":  # SetFit's sentence pairs, two encoder passes each
             from transferkit.strategies.fewshot import contrastive_pairs
@@ -263,8 +266,9 @@ class AutoSearch:
             return static
         started = time.perf_counter()
         train_item, infer = seconds_per_item(candidate, self.data, self.config.seed)
-        self.measured[candidate.slug] = (train_item, infer, time.perf_counter() - started)
-        return self.measured[candidate.slug]
+        key = (candidate.backbone, candidate.image_size)
+        self.measured[key] = (train_item, infer, time.perf_counter() - started)
+        return self.measured[key]
 
     def refit_reserve(self, extra: float = 0.0) -> float:
         """Seconds to keep for the final refit: the costliest refit among the leader and a new candidate."""
@@ -360,7 +364,10 @@ class AutoSearch:
             seconds = time.perf_counter() - fold_started[0]
             fold_started[0] = time.perf_counter()
             self.log("  %s fold %d/%d: accuracy %.4f (%.0f s)", candidate.name, index, total, fold_accuracy, seconds)
-            if candidate.kind == "features" or index == total:
+            if index == total:
+                return
+            self.check_time()
+            if candidate.kind == "features":
                 return
             if leader is not None:  # racing: paired with the leader on the same folds
                 mine = float(np.mean(fold_scores[:index]))

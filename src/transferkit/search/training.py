@@ -138,13 +138,13 @@ def probe_model(candidate: Candidate, table: FeatureTable, data: LabeledData, tt
 
 
 def split_options(candidate: Candidate, seed: int) -> tuple[Any, Any, dict[str, Any]]:
-    """(TrainConfig, Strategy, model options) of a trained candidate; engine defaults per strategy apply."""
+    """(TrainConfig, Strategy, model options) of a trained candidate: fixed epochs, no early stopping."""
     from transferkit.config import build
     from transferkit.engine.trainer import TrainConfig
     from transferkit.strategies import strategy_class
 
     cls = strategy_class(candidate.strategy)
-    merged = {**getattr(cls, "train_defaults", {}), **candidate.options, "seed": seed, "early_stopping": 0}
+    merged = {**candidate.options, "seed": seed, "early_stopping": 0}
     model_options = {k: merged.pop(k) for k in MODEL_OPTIONS if k in merged}
     train_cfg = build(TrainConfig, merged)
     strategy = cls(build(cls.config_class, merged))
@@ -183,12 +183,14 @@ def predict_probabilities(model, data: LabeledData, tta: bool) -> np.ndarray:
 
 
 def seconds_per_item(candidate: Candidate, data: LabeledData, seed: int) -> tuple[float, float]:
-    """(training seconds per item and epoch, inference seconds per item) of a trained candidate, measured on two
-    small batches: the cost estimate that decides whether the candidate fits the remaining budget."""
+    """(training seconds per item and epoch, inference seconds per item) of gradient training on ``candidate``'s
+    backbone and resolution (full back-propagation, as fine-tuning, LoRA and adapters all need), measured on two small
+    batches: the cost estimate that decides whether a trained candidate fits the remaining budget."""
     from transferkit.data.loader import make_loader
     from transferkit.model import TaskSpec, TransferModel
+    from transferkit.strategies import create_strategy
 
-    _, strategy, _ = split_options(candidate, seed)
+    strategy = create_strategy("finetune")
 
     backbone = create_candidate_backbone(candidate, seed)
     model = TransferModel(backbone, [TaskSpec("label", "classify", list(data.class_names))])

@@ -37,9 +37,6 @@ class Strategy:
     description: ClassVar[str] = ""
     #: True when the backbone stays frozen and unchanged, so features can be extracted once and cached.
     frozen_backbone: ClassVar[bool] = False
-    #: engine settings (TrainConfig fields) this strategy uses unless the user sets them: few-shot defaults measured
-    #: per strategy (bench/bench_defaults.py), e.g. a warm-up that protects the pretrained features
-    train_defaults: ClassVar[dict[str, Any]] = {}
     #: the run task kinds (``transferkit.tasks.RUN_TASK_KINDS``) this strategy trains: ``label`` is the dataset's
     #: label alone; the others are the kind of the first ``--task`` (several heads, trained by the engine)
     task_kinds: ClassVar[tuple[str, ...]] = ("label", "classify", "regress", "quantile")

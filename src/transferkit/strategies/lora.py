@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, read_safetensors
 from transferkit.strategies import register_strategy
 from transferkit.strategies.base import Strategy, StrategyConfig, freeze, unfreeze
 from transferkit.strategies.linear_probe import start_from_probe
@@ -271,7 +271,6 @@ _MODEL_CONFIG_KEYS = ("format", "format_version", "backbone", "modality", "tasks
 def load_lora_export(folder: str | Path) -> tuple[TransferModel, dict[str, Any]]:
     """Load what :func:`export_lora` wrote. Adapter folders need the backbone's pretrained weights."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     from transferkit.backbones import backbone_from_spec
     from transferkit.model import TaskSpec, TransferModel, load_model, read_model_config
@@ -283,11 +282,11 @@ def load_lora_export(folder: str | Path) -> tuple[TransferModel, dict[str, Any]]
     backbone = backbone_from_spec(config["backbone"], pretrained=True)
     model = TransferModel(backbone, [TaskSpec(**t) for t in config["tasks"]], config.get("head_dropout", 0.0))
     Lora(LoraStrategyConfig(**_lora_options(config))).prepare(model, for_loading=True)
-    result = set_peft_model_state_dict(inner_network(backbone), load_file(str(folder / "adapter_model.safetensors")),
+    result = set_peft_model_state_dict(inner_network(backbone), read_safetensors(folder / "adapter_model.safetensors"),
                                        adapter_name=ADAPTER_NAME)
     if getattr(result, "unexpected_keys", None):
         raise TransferkitError(f"the adapter in '{folder}' does not fit backbone '{config['backbone']['name']}'",
                                "load it with the backbone it was trained on")
-    model.heads.load_state_dict(load_file(str(folder / HEAD_FILE)), strict=True)
+    model.heads.load_state_dict(read_safetensors(folder / HEAD_FILE), strict=True)
     model.eval()
     return model, config

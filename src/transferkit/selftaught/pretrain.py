@@ -1,0 +1,336 @@
+"""Self-taught learning: continued self-supervised pretraining of a pretrained backbone on unlabelled in-domain data
+(the supervised task is made from the data itself), written as a backbone folder that ``--backbone`` accepts.
+
+* Images: SimCLR (Chen et al. 2020): two views of every item from the backbone's own training augmentation
+  (``preprocess(item, train=True)``), a 2-layer MLP projection head, NT-Xent loss
+  (``engine.objectives.ContrastiveObjective``); the head is discarded afterwards.
+* Text: masked-language modelling (Devlin et al. 2019) through transformers: ``AutoModelForMaskedLM`` around the
+  backbone's encoder, masking by ``DataCollatorForLanguageModeling`` (tokenizer-based: no nltk data needed);
+  the loss is the model's own (``engine.objectives.ModelLossObjective``). The MLM head is discarded afterwards.
+
+Both run in the one engine (``engine.trainer.Trainer``: seeded, checkpointed every epoch, ``--resume``).
+The output folder (kind ``pretrain``) holds ``weights.safetensors`` (the backbone's state dict) and
+``backbone.json``: the base backbone's spec and the provenance (data, objective, epochs, seed, losses).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from transferkit.data.base import LabeledData
+from transferkit.errors import TransferkitError
+
+logger = logging.getLogger(__name__)
+
+SPEC_FILE = "backbone.json"
+WEIGHTS_FILE = "weights.safetensors"
+SPEC_FORMAT = "transferkit-backbone"
+
+
+@dataclass
+class PretrainConfig:
+    """What to pretrain on, from which backbone, for how long, and where to write the new backbone."""
+
+    data: str = field(default="", metadata={"help": "Unlabelled in-domain data: a folder of images or a "
+                                           ".csv/.tsv/.jsonl file of texts."})
+    backbone: str | None = field(default=None, metadata={"help": "The backbone to continue from (registry name or "
+                                 "an earlier pretrain folder); default efficientnet_lite0 / minilm."})
+    out: str = field(default="", metadata={"help": "Backbone folder to write (use it as --backbone OUT)."})
+    epochs: int = field(default=5, metadata={"help": "Passes over the unlabelled data."})
+    batch_size: int = field(default=64, metadata={"help": "Items per step (images: 2 views each; larger batches "
+                                                  "give the contrastive loss more negatives)."})
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (small: the backbone is pretrained)."})
+    temperature: float = field(default=0.2, metadata={"help": "Images: NT-Xent temperature."})
+    projection_dim: int = field(default=128, metadata={"help": "Images: output width of the projection head."})
+    mask_probability: float = field(default=0.15, metadata={"help": "Text: share of tokens masked."})
+    text_column: str | None = field(default=None, metadata={"help": "Text column of a .csv/.jsonl file."})
+    image_size: int | None = field(default=None, metadata={"help": "Input resolution (default: the backbone's)."})
+    seed: int = field(default=0, metadata={"help": "Seed of initialisation, data order and augmentation."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps."})
+    resume: bool = field(default=False, metadata={"help": "Continue an interrupted pretrain from its checkpoint."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a finished pretrain output in --out."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+
+    def validate(self) -> None:
+        from transferkit.errors import check_count, check_number
+
+        if not self.data:
+            raise TransferkitError("no data given", "pass --data FOLDER_OR_TEXT_FILE")
+        if not self.out:
+            raise TransferkitError("no --out given", "pass --out BACKBONE_DIR")
+        check_count("--epochs", self.epochs, 1)
+        check_count("--batch-size", self.batch_size, 2)
+        check_count("--projection-dim", self.projection_dim, 1)
+        check_number("--lr", self.lr, 0, None, low_open=True)
+        check_number("--temperature", self.temperature, 0, None, low_open=True)
+        check_number("--mask-probability", self.mask_probability, 0, 1, low_open=True, high_open=True)
+
+
+@dataclass
+class PretrainResult:
+    path: Path
+    summary: dict[str, Any]
+
+
+# --- images: two views, projection head ---------------------------------------------------------------------------
+
+
+class TwoViews(Dataset):
+    """``dataset[i] = (view_1, view_2, i)``: two independent draws of the backbone's training augmentation."""
+
+    def __init__(self, data: LabeledData, backbone: Any) -> None:
+        self.data, self.backbone = data, backbone
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[Any, Any, int]:
+        item = self.data.items[i]
+        return self.backbone.preprocess(item, True), self.backbone.preprocess(item, True), i
+
+
+class TwoViewCollator:
+    def __init__(self, backbone: Any) -> None:
+        self.backbone = backbone
+
+    def __call__(self, samples: list[tuple[Any, Any, int]]) -> dict[str, Any]:
+        first, second, index = zip(*samples)
+        return {"inputs": self.backbone.collate(list(first)), "view2": self.backbone.collate(list(second)),
+                "labels": torch.full((len(index),), -1, dtype=torch.long), "index": torch.as_tensor(index)}
+
+
+class ContrastiveModel(nn.Module):
+    """Backbone + SimCLR projection head ``Linear -> ReLU -> Linear``; ``forward`` returns both views' projections."""
+
+    def __init__(self, backbone: Any, projection_dim: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        width = backbone.feature_dim
+        self.projection = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, projection_dim))
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.projection(self.backbone.forward_features(batch["inputs"])),
+                self.projection(self.backbone.forward_features(batch["view2"])))
+
+
+def _two_view_forward(model: nn.Module, batch: dict[str, Any]) -> Any:
+    return model(batch)
+
+
+# --- text: masked-language modelling -------------------------------------------------------------------------------
+
+
+class MaskedLMModel(nn.Module):
+    """``AutoModelForMaskedLM`` of the encoder's config whose encoder *is* the backbone's (shared parameters), so
+    training it trains the backbone; the freshly initialised MLM head is tied to the input embeddings."""
+
+    def __init__(self, backbone: Any) -> None:
+        super().__init__()
+        from transformers import AutoModelForMaskedLM
+
+        encoder = backbone.model
+        try:
+            mlm = AutoModelForMaskedLM.from_config(encoder.config)
+        except ValueError as error:
+            raise TransferkitError(f"text backbone '{backbone.spec.name}' has no masked-LM form in transformers "
+                                   f"({encoder.config.model_type})", "pretrain a BERT-like encoder") from error
+        prefix = mlm.base_model_prefix
+        if not hasattr(mlm, prefix):
+            raise TransferkitError(f"masked-LM pretraining is not supported for '{backbone.spec.name}'",
+                                   "pretrain a BERT-like encoder")
+        setattr(mlm, prefix, encoder)
+        output = mlm.get_output_embeddings()
+        if output is not None and output.weight.shape == encoder.get_input_embeddings().weight.shape:
+            output.weight = encoder.get_input_embeddings().weight  # tied as in pretraining
+        self.backbone = backbone
+        self.mlm = mlm
+
+    def forward(self, batch: dict[str, Any]) -> Any:
+        inputs = batch["inputs"]
+        return self.mlm(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                        labels=inputs["labels"])
+
+
+class MaskingCollator:
+    """Tokenise with the backbone, then mask with transformers' ``DataCollatorForLanguageModeling``."""
+
+    def __init__(self, backbone: Any, probability: float) -> None:
+        from transformers import DataCollatorForLanguageModeling
+
+        self.backbone = backbone
+        self.masking = DataCollatorForLanguageModeling(backbone.tokenizer, mlm=True, mlm_probability=probability,
+                                                       return_tensors="pt")
+
+    def __call__(self, samples: list[tuple[str, int, int]]) -> dict[str, Any]:
+        texts, _, index = zip(*samples)
+        encoded = self.backbone.collate(list(texts))
+        masked = self.masking([{"input_ids": ids} for ids in encoded["input_ids"]])
+        inputs = {"input_ids": masked["input_ids"], "attention_mask": encoded["attention_mask"],
+                  "labels": masked["labels"].masked_fill(encoded["attention_mask"] == 0, -100)}
+        return {"inputs": inputs, "labels": torch.full((len(index),), -1, dtype=torch.long),
+                "index": torch.as_tensor(index)}
+
+
+# --- the command --------------------------------------------------------------------------------------------------
+
+
+def _loader(data: LabeledData, backbone: Any, config: PretrainConfig) -> DataLoader:
+    from transferkit.data.loader import TorchDataset
+    from transferkit.engine.sampling import EpochShuffleSampler
+
+    if data.modality == "image":
+        dataset: Dataset = TwoViews(data, backbone)
+        collate: Any = TwoViewCollator(backbone)
+    else:
+        dataset = TorchDataset(data, backbone, train=False)
+        collate = MaskingCollator(backbone, config.mask_probability)
+    return DataLoader(dataset, batch_size=min(config.batch_size, len(data)), sampler=EpochShuffleSampler(
+        len(dataset), config.seed), drop_last=len(data) > config.batch_size, collate_fn=collate)
+
+
+def pretrain(**options: Any) -> PretrainResult:
+    """Python API of ``transferkit pretrain`` (options as its flags)."""
+    from transferkit.config import build
+
+    options = {key.replace("-", "_"): value for key, value in options.items() if value is not None}
+    config = build(PretrainConfig, options)
+    if options:
+        raise TransferkitError(f"unknown option(s): {', '.join(sorted(options))}", "see `transferkit pretrain --help`")
+    return run_pretrain(config)
+
+
+def run_pretrain(config: PretrainConfig) -> PretrainResult:
+    from safetensors.torch import save_file
+
+    from transferkit.backbones import (
+        backbone_modality,
+        check_backbone_name,
+        create_backbone,
+        default_backbone,
+        self_taught_spec,
+    )
+    from transferkit.data import load_unlabelled
+    from transferkit.engine.objectives import ContrastiveObjective, ModelLossObjective
+    from transferkit.engine.trainer import TrainConfig, Trainer, seed_everything
+    from transferkit.rundir import CHECKPOINT_DIR, OutputFolder, write_json
+
+    config.validate()
+    options = {k: v for k, v in vars(config).items() if k != "progress"}
+    folder = OutputFolder(config.out, "pretrain", overwrite=config.overwrite, resume=config.resume, options=options)
+    folder.check()
+    if config.backbone:
+        check_backbone_name(config.backbone)
+    data = load_unlabelled(config.data, text_column=config.text_column)
+    if len(data) < 2:
+        raise TransferkitError(f"'{config.data}' holds {len(data)} item(s); pretraining needs at least 2",
+                               "add more unlabelled items")
+    name = config.backbone or default_backbone(data.modality)
+    if backbone_modality(name) != data.modality:
+        raise TransferkitError(f"backbone '{name}' takes {backbone_modality(name)} input but '{config.data}' holds "
+                               f"{data.modality} data", f"choose a {data.modality} backbone (`transferkit backbones`)")
+    backbone_options: dict[str, Any] = {}
+    if config.image_size is not None:
+        if data.modality != "image":
+            raise TransferkitError("--image-size does not apply to text data", "remove it from the command")
+        backbone_options["image_size"] = config.image_size
+    seed_everything(config.seed)
+    backbone = create_backbone(name, pretrained=True, **backbone_options)
+    if data.modality == "image":
+        model: nn.Module = ContrastiveModel(backbone, config.projection_dim)
+        objective: Any = ContrastiveObjective(temperature=config.temperature)
+        objective_name = f"SimCLR NT-Xent (temperature {config.temperature}, two views of the backbone's training " \
+                         "augmentation)"
+    else:
+        if not hasattr(backbone, "tokenizer") or not hasattr(backbone, "model"):
+            raise TransferkitError(f"text backbone '{name}' is not a transformers encoder", "use minilm or hf:<path>")
+        model = MaskedLMModel(backbone)
+        objective = ModelLossObjective()
+        objective_name = f"masked-LM (transformers, {config.mask_probability:.0%} of tokens)"
+    train = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, weight_decay=0.01,
+                        schedule="cosine", early_stopping=0, seed=config.seed, device=config.device)
+    resuming = folder.begin()
+    with folder:
+        trainer = Trainer(model, [objective], train, forward_fn=_two_view_forward, monitor=("loss", "min"),
+                          checkpoint_dir=folder.stage / CHECKPOINT_DIR, progress=config.progress)
+        result = trainer.fit(_loader(data, backbone, config))
+        losses = [row.get("train_loss") for row in result.history]
+        base = self_taught_spec(name)
+        spec = {
+            "format": SPEC_FORMAT, "format_version": 1,
+            "base": base["base"] if base else backbone.spec.to_dict(),
+            "modality": backbone.modality, "feature_dim": backbone.feature_dim,
+            "provenance": {
+                "base_backbone": name, "data": str(config.data), "items": len(data), "objective": objective_name,
+                "epochs": config.epochs, "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed,
+                "train_seconds": round(result.train_seconds, 1), "losses": losses,
+                "resumed_from_epoch": result.resumed_from_epoch if resuming else None,
+                "earlier": base["provenance"] if base else None,
+            },
+        }
+        state = {k: v.detach().cpu().clone().contiguous() for k, v in backbone.state_dict().items()}
+        save_file(state, str(folder.stage / WEIGHTS_FILE))
+        write_json(folder.stage / SPEC_FILE, spec)
+        import shutil
+
+        shutil.rmtree(folder.stage / CHECKPOINT_DIR, ignore_errors=True)
+        folder.publish()
+    summary = {"out": str(folder.out), "objective": objective_name, "epochs": config.epochs,
+               "final_loss": float(losses[-1]) if losses and losses[-1] is not None else float("nan"),
+               "losses": losses, "items": len(data), "base_backbone": name}
+    logger.info("self-taught backbone written to %s", folder.out)
+    return PretrainResult(folder.out, summary)
+
+
+def read_backbone_folder(path: str | Path) -> dict[str, Any] | None:
+    """The ``backbone.json`` of a pretrain folder (checked), or None when ``path`` is not one."""
+    import json
+
+    path = Path(path).expanduser()
+    spec_path = path / SPEC_FILE
+    if not spec_path.is_file():
+        return None
+    try:
+        spec = json.loads(spec_path.read_text())
+    except (OSError, ValueError) as error:
+        raise TransferkitError(f"'{spec_path}' cannot be read ({error})", "re-run `transferkit pretrain`") from error
+    base = spec.get("base") if isinstance(spec, dict) else None
+    if spec.get("format") != SPEC_FORMAT or not isinstance(base, dict) or not isinstance(base.get("name"), str):
+        raise TransferkitError(f"'{spec_path}' is not a transferkit backbone spec", "re-run `transferkit pretrain`")
+    if not (path / WEIGHTS_FILE).is_file():
+        raise TransferkitError(f"backbone folder '{path}' has no {WEIGHTS_FILE}", "re-run `transferkit pretrain`")
+    spec["_folder"] = str(path)
+    return spec
+
+
+def load_backbone_folder(spec: dict[str, Any], pretrained: bool = True, **options: Any) -> Any:
+    """Build the base architecture and load the self-taught weights (``pretrained=False``: architecture only)."""
+    from safetensors.torch import load_file
+
+    from transferkit.backbones import create_backbone
+
+    base = spec["base"]
+    merged = {**dict(base.get("options", {})), **options}
+    backbone = create_backbone(base["name"], pretrained=False, **merged)
+    if pretrained:
+        weights = Path(spec["_folder"]) / WEIGHTS_FILE
+        state = load_file(str(weights))
+        try:
+            backbone.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            first = str(error).splitlines()[0][:200]
+            raise TransferkitError(f"the weights in '{weights}' do not fit backbone '{base['name']}' ({first})",
+                                   "re-run `transferkit pretrain`") from error
+        backbone.self_taught_from = spec["_folder"]
+    backbone.is_pretrained = bool(pretrained)
+    return backbone
+
+
+__all__ = ["PretrainConfig", "PretrainResult", "load_backbone_folder", "pretrain", "read_backbone_folder",
+           "run_pretrain"]
