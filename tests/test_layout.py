@@ -19,7 +19,7 @@ LAYERS: list[set[str]] = [
     {"cli", "serving"},
     {"api", "fitting", "search", "export"},
     {"strategies", "adaptation", "tasks", "evaluation", "memory", "zeroshot", "sequence", "model", "inference",
-     "tracking"},
+     "tracking", "selftaught"},
     {"engine"},
     {"backbones", "data"},
     {"errors", "config", "registry", "extensions", "progress", "console", "rundir", "__init__"},
@@ -34,6 +34,8 @@ EXCEPTIONS = {
     ("evaluation/report.py", "api"): "the report of a run folder loads its model (api.load)",
     ("__init__.py", "api"): "the package root exposes the API lazily (transferkit.fit, ...)",
     ("__init__.py", "search"): "the package root exposes the API lazily (transferkit.auto)",
+    ("__init__.py", "selftaught"): "the package root exposes the API lazily (transferkit.cluster)",
+    ("backbones/__init__.py", "selftaught"): "a backbone folder written by `pretrain` loads by its path",
     ("data/loader.py", "engine"): "EpochShuffleSampler",
     ("backbones/causal_lm.py", "engine"): "default_cache_dir",
 }
