@@ -25,7 +25,8 @@ from transferkit.tasks import RUN_TASK_KINDS, TASK_TYPES
 STRATEGY_OPTIONS = {"lora": {"lora_targets": ["stages.2.0"], "lora_r": 2}, "fish": {"fish_batches": 1},
                     "contrastive": {"max_pairs": 8, "pair_batch_size": 8}, "adapter": {}}
 TINY = {"backbone": "small_cnn", "image_size": 16, "limit_per_class": 3, "test_limit": 6, "epochs": 1,
-        "batch_size": 16, "progress": False, "device": "cpu", "threads": 1, "head_init": None}
+        "batch_size": 16, "progress": False, "device": "cpu", "threads": 1, "head_init": None,
+        "protocol": "holdout"}  # one training per combination; every strategy under cv: the test below
 
 
 def _modes() -> dict[str, tuple[str, dict]]:
@@ -128,6 +129,15 @@ def test_every_combination_trains_or_is_refused_up_front(strategy, mode, kind, i
     assert (tmp_path / "run" / "metrics.json").is_file() and run.metrics["strategy"] == strategy
     recorded = run.metrics["config"]["extensions"]
     assert MODES[mode][0] in recorded or mode == "none"
+
+
+@pytest.mark.parametrize("strategy", sorted(list_strategies()))
+def test_every_strategy_trains_under_the_cv_protocol(strategy, inputs, tmp_path):
+    """The few-shot default (``--protocol auto`` picks cv for tiny data): k folds, then the refit on every item
+    (3 per class: contrastive needs two of a class in every fold's training part)."""
+    run = transferkit.fit(out=str(tmp_path / "run"), **{**_options(strategy, "none", "label", inputs), "protocol": "cv"})
+    assert run.metrics["protocol"] == "cv" and run.metrics["accuracy_split"] == "cv"
+    assert run.metrics["strategy"] == strategy
 
 
 def _flag_of(mode: str) -> str:
