@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from transferkit.errors import TransferkitError
-from transferkit.registry import add_entry, import_registering_modules
+from transferkit.registry import Registry
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -95,20 +95,15 @@ class FitExtension:
         """Called once the run folder is in place (e.g. to log it to an experiment tracker)."""
 
 
-_REGISTRY: dict[str, type[FitExtension]] = {}
-_loaded = False
+_REGISTRY = Registry("fit extension", _MODULES)
 
 
 def register_extension(cls: type[FitExtension]) -> type[FitExtension]:
-    return add_entry(_REGISTRY, cls.name, cls, "fit extension")
+    return _REGISTRY.add(cls.name, cls)
 
 
 def list_extensions() -> dict[str, type[FitExtension]]:
-    global _loaded
-    if not _loaded:
-        import_registering_modules(_MODULES)
-        _loaded = True
-    return dict(_REGISTRY)
+    return dict(_REGISTRY.load())
 
 
 #: run options that only act on a head trained by the engine's loss (closed-form and own-loop strategies ignore them)

@@ -39,3 +39,25 @@ def add_entry(registry: dict[str, T], name: str, entry: T, kind: str) -> T:
         raise ValueError(f"{kind} '{name}' is registered twice: by {_origin(registry[name])} and {_origin(entry)}")
     registry[name] = entry
     return entry
+
+
+class Registry(dict):
+    """Entries by name, filled by importing the registering ``modules`` on first read (:meth:`load`); a different
+    entry under a taken name is refused (:func:`add_entry`). One class for the strategy, fit-extension and
+    adaptation registries, so each keeps only its own checks."""
+
+    def __init__(self, kind: str, modules: Iterable[str]) -> None:
+        super().__init__()
+        self.kind = kind
+        self.modules = list(modules)
+        self._loaded = False
+
+    def add(self, name: str, entry: T) -> T:
+        return add_entry(self, name, entry, self.kind)
+
+    def load(self) -> Registry:
+        """The registry after every registering module was imported (once)."""
+        if not self._loaded:
+            import_registering_modules(self.modules)
+            self._loaded = True
+        return self

@@ -16,7 +16,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from transferkit.errors import TransferkitError
-from transferkit.registry import add_entry, import_registering_modules
+from transferkit.registry import Registry
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -120,22 +120,17 @@ def fit_head_in_closed_form(model: TransferModel, context: RunContext,
     return TrainResult([row], 1, row.get("val_accuracy"), False, time.perf_counter() - started)
 
 
-_REGISTRY: dict[str, type[AdaptationMethod]] = {}
-_loaded = False
+_REGISTRY = Registry("adaptation method", _MODULES)
 
 
 def register_adaptation(cls: type[AdaptationMethod]) -> type[AdaptationMethod]:
     if cls.needs not in INPUTS or cls.backbone not in BACKBONES:
         raise ValueError(f"adaptation method '{cls.name}': needs one of {INPUTS}, backbone one of {BACKBONES}")
-    return add_entry(_REGISTRY, cls.name, cls, "adaptation method")
+    return _REGISTRY.add(cls.name, cls)
 
 
 def list_adaptations() -> dict[str, type[AdaptationMethod]]:
-    global _loaded
-    if not _loaded:
-        import_registering_modules(_MODULES)
-        _loaded = True
-    return dict(_REGISTRY)
+    return dict(_REGISTRY.load())
 
 
 def adaptation_class(name: str) -> type[AdaptationMethod]:

@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any
 
 from transferkit.errors import TransferkitError
-from transferkit.registry import add_entry, import_registering_modules
+from transferkit.registry import Registry
 from transferkit.strategies.base import Strategy, StrategyConfig, freeze, unfreeze
 
 __all__ = ["Strategy", "StrategyConfig", "create_strategy", "list_strategies", "register_strategy", "freeze",
@@ -25,29 +25,19 @@ _STRATEGY_MODULES = [
     "transferkit.strategies.fewshot",
 ]
 
-_REGISTRY: dict[str, type[Strategy]] = {}
-_loaded = False
+_REGISTRY = Registry("strategy", _STRATEGY_MODULES)
 
 
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
-    return add_entry(_REGISTRY, cls.name, cls, "strategy")
-
-
-def _load_modules() -> None:
-    global _loaded
-    if _loaded:
-        return
-    import_registering_modules(_STRATEGY_MODULES)
-    _loaded = True
+    return _REGISTRY.add(cls.name, cls)
 
 
 def list_strategies() -> dict[str, type[Strategy]]:
-    _load_modules()
-    return dict(_REGISTRY)
+    return dict(_REGISTRY.load())
 
 
 def strategy_class(name: str) -> type[Strategy]:
-    _load_modules()
+    _REGISTRY.load()
     if name not in _REGISTRY:
         raise TransferkitError(f"unknown strategy '{name}'", f"choose one of: {', '.join(_REGISTRY)}")
     return _REGISTRY[name]
