@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 TINY_LLAMA = {**TINY_BERT, "num_key_value_heads": 1, "head_dim": 16}
@@ -45,3 +47,26 @@ def tiny_bert_dir(tmp_path_factory) -> str:
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=5 + len(BERT_WORDS), max_position_embeddings=64, **TINY_BERT)).save_pretrained(folder)
     return str(folder)
+
+
+def stripes(direction: str, seed: int) -> Image.Image:
+    """A 28x28 grey image of noise with bright horizontal ("h") or vertical ("v") stripes: two easy classes."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 60, (28, 28)).astype(np.uint8)
+    period = 4 + seed % 3
+    if direction == "h":
+        image[::period, :] = 255
+    else:
+        image[:, ::period] = 255
+    return Image.fromarray(image)
+
+
+ANIMALS = ["cat", "dog", "mat", "sat", "fell"]
+MUSIC = ["guitar", "plays", "market", "today", "playing"]
+
+
+@pytest.fixture
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """A feature cache of this test session's own (not ~/.cache) and no progress bars."""
+    monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("TRANSFERKIT_PROGRESS", "0")

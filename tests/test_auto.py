@@ -42,10 +42,7 @@ def folder(tmp_path_factory) -> Path:
     return write_folder(tmp_path_factory.mktemp("shades"), 8)
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    monkeypatch.setenv("TRANSFERKIT_PROGRESS", "0")
+pytestmark = pytest.mark.usefixtures("isolated_cache")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -13,23 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import transferkit
+from tests.conftest import stripes
 from transferkit.cli.main import main
 
 SMALL = ["--backbone", "small_cnn", "--epochs", "3", "--batch-size", "8", "--lr", "0.01"]
 
-
-def stripes(direction: str, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    image = rng.integers(0, 60, (28, 28)).astype(np.uint8)
-    period = 4 + seed % 3
-    if direction == "h":
-        image[::period, :] = 255
-    else:
-        image[:, ::period] = 255
-    return Image.fromarray(image)
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +32,7 @@ def image_folder(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    monkeypatch.setenv("TRANSFERKIT_PROGRESS", "0")
+pytestmark = pytest.mark.usefixtures("isolated_cache")  # tests/conftest.py
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:

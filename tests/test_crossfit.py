@@ -8,23 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import transferkit
+from tests.conftest import stripes as stripe_image
 from transferkit.cli.main import main
 from transferkit.engine.context import RunContext
 
 SMALL = {"backbone": "small_cnn", "batch_size": 8, "lr": 0.01, "progress": False, "threads": 1}
 
-
-def _stripes(direction: str, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    image = rng.integers(0, 60, (28, 28)).astype(np.uint8)
-    if direction == "h":
-        image[:: 4 + seed % 3, :] = 255
-    else:
-        image[:, :: 4 + seed % 3] = 255
-    return Image.fromarray(image)
 
 
 def _folder(root: Path, per_class: int, classes=("horizontal", "vertical"), test: int = 0) -> Path:
@@ -32,18 +23,15 @@ def _folder(root: Path, per_class: int, classes=("horizontal", "vertical"), test
         for i in range(per_class):
             path = root / ("train" if test else "") / name / f"{i:02d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            _stripes("hv"[c % 2], i + 50 * c).save(path)
+            stripe_image("hv"[c % 2], i + 50 * c).save(path)
         for i in range(test):
             path = root / "test" / name / f"{i:02d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            _stripes("hv"[c % 2], 1000 + i).save(path)
+            stripe_image("hv"[c % 2], 1000 + i).save(path)
     return root
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    monkeypatch.setenv("TRANSFERKIT_PROGRESS", "0")
+pytestmark = pytest.mark.usefixtures("isolated_cache")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

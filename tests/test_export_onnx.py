@@ -11,18 +11,14 @@ import pytest
 from PIL import Image
 
 import transferkit
+from tests.conftest import ANIMALS, MUSIC
 from transferkit.cli.main import main
 
 pytest.importorskip("onnxruntime")
 
-ANIMALS = ["cat", "dog", "mat", "sat", "fell"]
-MUSIC = ["guitar", "plays", "market", "today", "playing"]
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    monkeypatch.setenv("TRANSFERKIT_PROGRESS", "0")
+pytestmark = pytest.mark.usefixtures("isolated_cache")  # tests/conftest.py
 
 
 def test_image_run_exports_to_onnx_with_parity_and_runs_on_onnxruntime(tmp_path, capsys):

@@ -14,11 +14,7 @@ from PIL import Image
 import transferkit
 from transferkit.evaluation.model_card import fit_command, model_card, wilson_interval, write_model_card
 
-
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    monkeypatch.setenv("TRANSFERKIT_PROGRESS", "0")
+pytestmark = pytest.mark.usefixtures("isolated_cache")  # tests/conftest.py
 
 
 def front_matter(card: str) -> dict:

@@ -21,29 +21,15 @@ import pytest
 from PIL import Image
 
 import transferkit
-from tests.conftest import BERT_WORDS
+from tests.conftest import ANIMALS, BERT_WORDS, MUSIC, stripes
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-ANIMALS = ["cat", "dog", "mat", "sat", "fell"]
-MUSIC = ["guitar", "plays", "market", "today", "playing"]
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    monkeypatch.setenv("TRANSFERKIT_PROGRESS", "0")
+pytestmark = pytest.mark.usefixtures("isolated_cache")  # tests/conftest.py
 
-
-def stripes(direction: str, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    image = rng.integers(0, 60, (28, 28)).astype(np.uint8)
-    if direction == "h":
-        image[:: 4 + seed % 3, :] = 255
-    else:
-        image[:, :: 4 + seed % 3] = 255
-    return Image.fromarray(image)
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -12,11 +12,7 @@ from PIL import Image
 import transferkit
 from transferkit.errors import TransferkitError
 
-
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    monkeypatch.setenv("TRANSFERKIT_PROGRESS", "0")
+pytestmark = pytest.mark.usefixtures("isolated_cache")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
