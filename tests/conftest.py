@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -70,3 +72,25 @@ def isolated_cache(tmp_path_factory, monkeypatch):
     """A feature cache of this test session's own (not ~/.cache) and no progress bars."""
     monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     monkeypatch.setenv("TRANSFERKIT_PROGRESS", "0")
+
+
+def interrupt_seq2seq_train(tmp_path: Path, monkeypatch, epochs: int) -> list[str]:
+    """Run a tiny ``seq2seq train`` into ``tmp_path/b2d`` that is interrupted (Ctrl-C) at its second validation,
+    leaving a staging folder with a checkpoint; returns the command's arguments for a second run."""
+    import transferkit.sequence.seq2seq as seq2seq
+    from transferkit.cli.main import main
+
+    original, calls = seq2seq.seq2seq_metrics, []
+
+    def interrupt_at_second_validation(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(seq2seq, "seq2seq_metrics", interrupt_at_second_validation)
+    args = ["seq2seq", "train", "--task", "binary-to-decimal", "--bits", "5", "--out", str(tmp_path / "b2d"),
+            "--epochs", str(epochs), "--hidden-size", "8", "--embedding-dim", "4", "--batch-size", "8", "--no-progress"]
+    assert main(args) == 130
+    monkeypatch.setattr(seq2seq, "seq2seq_metrics", original)
+    return args

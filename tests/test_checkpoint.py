@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import interrupt_seq2seq_train
 from tests.test_engine import loaders, make_model
 from transferkit.engine import CrossEntropyObjective, TrainConfig, Trainer
 from transferkit.engine.checkpoint import (
@@ -206,22 +207,10 @@ def test_truncated_and_foreign_checkpoints_are_refused(tmp_path):
 
 
 def test_cli_resume_of_a_run_with_an_old_checkpoint_exits_2_then_overwrite_works(tmp_path, monkeypatch, capsys):
-    import transferkit.sequence.seq2seq as seq2seq
     from transferkit.cli.main import main
 
-    original, calls = seq2seq.seq2seq_metrics, []
-
-    def interrupt_at_second_validation(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(seq2seq, "seq2seq_metrics", interrupt_at_second_validation)
+    args = interrupt_seq2seq_train(tmp_path, monkeypatch, epochs=2)
     out = tmp_path / "b2d"
-    args = ["seq2seq", "train", "--task", "binary-to-decimal", "--bits", "5", "--out", str(out), "--epochs", "2",
-            "--hidden-size", "8", "--embedding-dim", "4", "--batch-size", "8", "--no-progress"]
-    assert main(args) == 130
     checkpoint = tmp_path / ".b2d.partial" / "checkpoint"
     (checkpoint / CHECKPOINT_NAME).unlink()  # as an earlier version left it: a pickled checkpoint.pt
     witness = tmp_path / "code-ran"
@@ -231,5 +220,4 @@ def test_cli_resume_of_a_run_with_an_old_checkpoint_exits_2_then_overwrite_works
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--overwrite" in err and "earlier" in err
     assert not witness.exists() and (checkpoint / LEGACY_CHECKPOINT_NAME).exists()  # kept, not deleted
-    monkeypatch.setattr(seq2seq, "seq2seq_metrics", original)
     assert main([*args, "--overwrite"]) == 0 and (out / "metrics.json").is_file()

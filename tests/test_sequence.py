@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import interrupt_seq2seq_train
 from transferkit.backbones import create_backbone
 from transferkit.backbones.base import check_layer_groups
 from transferkit.errors import TransferkitError
@@ -393,22 +394,10 @@ def test_train_seq2seq_ensemble_and_save_load(tmp_path) -> None:
 
 
 def test_cli_seq2seq_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys) -> None:
-    import transferkit.sequence.seq2seq as seq2seq
     from transferkit.cli.main import main
 
-    original, calls = seq2seq.seq2seq_metrics, []
-
-    def interrupt_at_second_validation(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(seq2seq, "seq2seq_metrics", interrupt_at_second_validation)
+    args = interrupt_seq2seq_train(tmp_path, monkeypatch, epochs=3)
     out = tmp_path / "b2d"
-    args = ["seq2seq", "train", "--task", "binary-to-decimal", "--bits", "5", "--out", str(out), "--epochs", "3",
-            "--hidden-size", "8", "--embedding-dim", "4", "--batch-size", "8", "--no-progress"]
-    assert main(args) == 130
     stage = tmp_path / ".b2d.partial"
     assert (stage / "checkpoint" / "trainer.safetensors").is_file() and not out.exists()
     assert main(args) == 2  # an interrupted run is neither discarded nor silently restarted
