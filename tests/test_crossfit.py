@@ -102,13 +102,45 @@ def test_seeds_reshuffle_the_folds(stripes, tmp_path):
     folds = [transferkit.fit(str(stripes), out=str(tmp_path / f"s{seed}"), seed=seed, **SMALL).metrics["cv"]
              for seed in (0, 1)]
     assert folds[0]["seed"] == 0 and folds[1]["seed"] == 1
-    assert folds[0]["fold_accuracies"] != folds[1]["fold_accuracies"] or True  # scores may tie; ids below
     from transferkit.data.images import read_image_folder
     from transferkit.evaluation.protocol import stratified_folds
 
     labels = read_image_folder(stripes)["all"].labels
     assert [v.tolist() for _, v in stratified_folds(labels, 5, seed=0)] != \
         [v.tolist() for _, v in stratified_folds(labels, 5, seed=1)]
+
+
+class _Interrupt(KeyboardInterrupt):
+    pass
+
+
+def test_interrupted_cv_resumes_at_the_first_unfinished_fold_with_the_same_result(stripes, tmp_path, monkeypatch):
+    from transferkit.evaluation import crossfit
+
+    options = dict(strategy="finetune", epochs=2, seed=1, **SMALL)
+    reference = transferkit.fit(str(stripes), out=str(tmp_path / "reference"), **options).metrics
+    original, trained = crossfit._train_fold, []
+
+    def interrupt_at_fold_three(*args, **kwargs):
+        if len(trained) == 2:
+            raise _Interrupt
+        trained.append(args[-1].ids)  # the validation items of the fold
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(crossfit, "_train_fold", interrupt_at_fold_three)
+    out = tmp_path / "run"
+    with pytest.raises(_Interrupt):
+        transferkit.fit(str(stripes), out=str(out), **options)
+    stage = out.parent / f".{out.name}.partial"
+    assert not out.exists() and sorted(p.name for p in (stage / "checkpoint" / "cv").iterdir()) == \
+        ["fold-00.safetensors", "fold-01.safetensors"]
+    first_two, trained[:] = list(trained), []
+    monkeypatch.setattr(crossfit, "_train_fold", lambda *a, **k: (trained.append(a[-1].ids), original(*a, **k))[1])
+    resumed = transferkit.fit(str(stripes), out=str(out), resume=True, **options).metrics
+    assert len(trained) == 3 and not {tuple(t) for t in trained} & {tuple(t) for t in first_two}
+    assert resumed["cv"]["fold_accuracies"] == reference["cv"]["fold_accuracies"]
+    assert resumed["accuracy"] == reference["accuracy"] and resumed["cv"]["chosen"] == reference["cv"]["chosen"]
+    assert not (out / "checkpoint").exists()  # the fold checkpoints are not part of the finished run
 
 
 def test_temperature_scaling_under_cv_uses_the_out_of_fold_predictions(stripes, tmp_path):

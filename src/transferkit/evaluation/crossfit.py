@@ -143,8 +143,9 @@ def cross_validate_fit(model: TransferModel, strategy: Strategy, context: RunCon
             return _train_fold(copy.deepcopy(initial), strategy, context, extensions, fit, features,
                                fold_train, train, val)
 
+        store = FoldCheckpoints(Path(context.checkpoint_dir) / "cv") if context.checkpoint_dir else None
         result = cross_validate(train_and_predict, pool, repeats=repeats, seed=seed,
-                                settings=lambda i: {"epochs": i + 1}, on_fold=progress)
+                                settings=lambda i: {"epochs": i + 1}, on_fold=progress, store=store)
         if "epochs" in result.chosen:
             context.train.epochs = result.chosen["epochs"]
     logger.info("cv (%d folds x %d): out-of-fold accuracy %.4f, fold mean %.4f (sd %.4f); chosen %s", result.k,
@@ -272,6 +273,44 @@ class _FoldContext(RunContext):
     def features(self, backbone: Any, data: LabeledData, shard: bool = False) -> np.ndarray:
         rows = self.pool_features.features(backbone, data) if self.pool_features is not None else None
         return rows if rows is not None else super().features(backbone, data, shard)
+
+
+class FoldCheckpoints:
+    """Finished folds of a run's cross-validation in its checkpoint folder (``checkpoint/cv/fold-NN.safetensors``,
+    the trainer checkpoint format: tensors plus a JSON header, never pickle). They keep an interrupted run's stage
+    folder for ``--resume``, which then trains only the folds that did not finish; publishing the run removes
+    them with the rest of the checkpoint."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def path(self, index: int) -> Path:
+        return self.folder / f"fold-{index:02d}.safetensors"
+
+    def load(self, index: int, key: str) -> FoldOutput | None:
+        from transferkit.engine.checkpoint import load_checkpoint
+
+        path = self.path(index)
+        if not path.is_file():
+            return None
+        sections, state = load_checkpoint(path)
+        if state.get("fold_key") != key:  # another split of the items: train the fold again
+            logger.info("cv: %s belongs to another split; the fold is trained again", path.name)
+            return None
+        arrays = sections.get("fold", {})
+        candidates = [arrays[f"candidate_{i}"].numpy() for i in range(int(state.get("candidates", 0)))]
+        probabilities = arrays["probabilities"].numpy() if "probabilities" in arrays else None
+        logger.info("cv: fold %d restored from %s (--resume)", index + 1, path.name)
+        return FoldOutput(probabilities, candidates, dict(state.get("curves", {})))
+
+    def save(self, index: int, key: str, output: FoldOutput) -> None:
+        from transferkit.engine.checkpoint import save_checkpoint
+
+        tensors = {f"candidate_{i}": torch.as_tensor(np.asarray(c)) for i, c in enumerate(output.candidates)}
+        if output.probabilities is not None:
+            tensors["probabilities"] = torch.as_tensor(np.asarray(output.probabilities))
+        save_checkpoint(self.path(index), {"fold": tensors},
+                        {"fold_key": key, "candidates": len(output.candidates), "curves": output.curves})
 
 
 # --- results -----------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -44,6 +44,27 @@ class FoldOutput:
     probabilities: np.ndarray | None = None
     candidates: list[np.ndarray] = field(default_factory=list)
     curves: dict[str, list[float]] = field(default_factory=dict)
+
+
+class FoldStore(Protocol):
+    """Where finished folds are kept so that an interrupted cross-validation resumes without re-training them.
+    ``key`` identifies the fold's items (a fold is only reused for exactly the same split)."""
+
+    def load(self, index: int, key: str) -> FoldOutput | None: ...
+
+    def save(self, index: int, key: str, output: FoldOutput) -> None: ...
+
+
+def fold_key(data: LabeledData, train_pos: np.ndarray, val_pos: np.ndarray) -> str:
+    """A digest of the fold's training and validation item ids (and their labels)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for part in (train_pos, val_pos):
+        for i in part:
+            digest.update(f"{data.ids[i]}\t{int(data.labels[i])}\n".encode())
+        digest.update(b"|")
+    return digest.hexdigest()
 
 
 @dataclass
@@ -135,11 +156,13 @@ def cross_validate(train_and_predict: Callable[[LabeledData, LabeledData], np.nd
                    data: LabeledData, *, k: int | None = None, repeats: int = 1, seed: int = 0,
                    settings: Callable[[int], dict[str, Any]] | None = None,
                    choose: Callable[[list[dict[str, list[float]]]], dict[str, Any]] | None = None,
-                   on_fold: Callable[[int, int, float], None] | None = None) -> CVResult:
+                   on_fold: Callable[[int, int, float], None] | None = None,
+                   store: FoldStore | None = None) -> CVResult:
     """Stratified k-fold cross-validation of ``train_and_predict(train, val) -> probabilities (len(val), C)``
     (or a :class:`FoldOutput`). ``k=None``: :func:`default_k`. ``settings(i)`` names candidate i's settings
     (e.g. ``{"epochs": i + 1}``) in ``chosen``; ``choose(fold_curves) -> dict`` adds choices made from curves.
-    ``on_fold(index, total, accuracy)`` reports progress."""
+    ``on_fold(index, total, accuracy)`` reports progress. With a ``store``, every finished fold is saved and a
+    fold found there (same items) is not trained again: an interrupted run resumes at the first unfinished fold."""
     check_cross_validatable(data.labels, data.class_names)
     k = default_k(data.labels) if k is None else k
     folds = stratified_folds(data.labels, k, repeats, seed)
@@ -148,9 +171,14 @@ def cross_validate(train_and_predict: Callable[[LabeledData, LabeledData], np.nd
     for index, (train_pos, val_pos) in enumerate(folds):
         train = data.subset(train_pos, name=f"{data.name}/cv-train")
         val = data.subset(val_pos, name=f"{data.name}/cv-val")
-        output = train_and_predict(train, val)
-        if not isinstance(output, FoldOutput):
-            output = FoldOutput(np.asarray(output))
+        key = fold_key(data, train_pos, val_pos) if store is not None else ""
+        output = store.load(index, key) if store is not None else None
+        if output is None:
+            output = train_and_predict(train, val)
+            if not isinstance(output, FoldOutput):
+                output = FoldOutput(np.asarray(output))
+            if store is not None:
+                store.save(index, key, output)
         arrays = list(output.candidates) or [output.probabilities]
         for probabilities in arrays:
             if probabilities is None or np.shape(probabilities) != (len(val_pos), data.num_classes):
