@@ -328,10 +328,13 @@ class SemiExtension(FitExtension):
 
         c = self.config
         assert self.unlabelled is not None and self.truth is not None
-        initial = copy.deepcopy(model)  # every student starts where the teacher did (prepared, untrained)
+        # every student starts where the teacher did (prepared, untrained): teachers and students are copies of
+        # ``model``, which itself is trained only as the last student (a strategy may size its state by the data)
         base_dir = context.checkpoint_dir
-        result = strategy.train(model, self._round_context(context, base_dir, 0, context.splits, context.train.epochs))
-        level = self._choose_level(self._held_out(context, model, strategy))
+        teacher = copy.deepcopy(model)
+        result = strategy.train(teacher, self._round_context(context, base_dir, 0, context.splits,
+                                                             context.train.epochs))
+        level = self._choose_level(self._held_out(context, teacher, strategy))
         _, accept, where = level
         self.summary.update(accept_share=round(accept, 4), accept_chosen_by=where, rounds=[])
         logger.info("self-training: up to %.0f%% of each predicted class accepted (chosen by %s at precision %.2f)",
@@ -339,7 +342,7 @@ class SemiExtension(FitExtension):
         lines = ["round,id,pseudo_label,confidence,accepted"]
         names = list(context.splits.class_names)
         for r in range(1, c.semi_rounds + 1):
-            probabilities = fold_probabilities(model, strategy, context, self.unlabelled)
+            probabilities = fold_probabilities(teacher, strategy, context, self.unlabelled)
             accepted, pseudo, thresholds = accept_per_class(probabilities, accept * r / c.semi_rounds)
             row = self._round_row(r, accepted, pseudo, thresholds, names)
             self.summary["rounds"].append(row)
@@ -352,10 +355,10 @@ class SemiExtension(FitExtension):
                       for i in range(len(pseudo))]
             train = with_pseudo_labels(context.splits.train, self.unlabelled, accepted, pseudo)
             epochs = max(1, int(np.ceil(c.semi_epochs * len(self.unlabelled) / max(1, len(train)))))
-            student = copy.deepcopy(initial)
+            student = model if r == c.semi_rounds else copy.deepcopy(model)
             result = strategy.train(student, self._round_context(
                 context, base_dir, r, dataclasses.replace(context.splits, train=train), epochs))
-            model.load_state_dict(student.state_dict())
+            teacher = student
         if context.run_dir is not None:
             write_text(Path(context.run_dir) / PSEUDO_LABELS_FILE, "\n".join(lines) + "\n")
             self.summary["pseudo_labels_file"] = PSEUDO_LABELS_FILE
