@@ -33,12 +33,30 @@ def bench_command(module: str, argv: list[str] | None) -> str:
 
 
 def write_section(path: Path, heading: str, command: str, started: float, body: str) -> None:
-    """Write (and print) a results section: heading, the exact command, machine, this run's wall time, body."""
+    """Write (and print) a results section: heading, the exact command, machine, this run's wall time, body. The
+    file's other ``## `` sections (written by other scripts into the same topic file) are kept, in their order."""
     section = (f"## {heading}\n\nCommand: `{command}` ({platform.machine()}, {os.cpu_count()} cores shared; "
                f"{time.perf_counter() - started:.0f} s this run, cached cells reused)\n\n{body}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(section + "\n")
+    sections = split_sections(path.read_text()) if path.is_file() else {}
+    sections[heading] = section.rstrip()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n\n".join(sections.values()) + "\n")
+    tmp.replace(path)
     print(section)
+
+
+def split_sections(text: str) -> dict[str, str]:
+    """``{heading: section text}`` of the ``## heading`` sections of a results file, in order."""
+    sections: dict[str, str] = {}
+    heading = None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            heading = line[3:].strip()
+            sections[heading] = line
+        elif heading is not None:
+            sections[heading] += "\n" + line
+    return {k: v.rstrip() for k, v in sections.items()}
 
 
 def run_jobs(worker: Callable[[Any], Any], jobs: list[Any], parallel: int = 1) -> list[Any]:

@@ -86,7 +86,8 @@ def inputs(tmp_path_factory, tiny_llama_dir) -> dict[str, str]:
                           **{**TINY, "head_init": "random"})
     passages = ["the cat sat on the mat . " * 3 + str(rng.choice(["good", "bad"])) for _ in range(10)]
     (root / "notes.txt").write_text("\n\n".join(passages))
-    return {"target_data": str(root / "target"), "target_labelled": str(root / "labelled"),
+    return {"target_data": str(root / "target"), "unlabelled": str(root / "target"),
+            "target_labelled": str(root / "labelled"),
             "pairs": str(root / "pairs" / "pairs.csv"), "init_from": str(run.path), "text": str(root / "notes.txt"),
             "lm": f"hf-causal:{tiny_llama_dir}", "cache": str(root / "cache"), "track_uri": str(root / "tracking")}
 

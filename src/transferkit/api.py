@@ -36,6 +36,10 @@ def resolve_options(options: dict[str, Any], config_file: str | Path | None = No
 
     merged: dict[str, Any] = load_yaml_config(config_file) if config_file else {}
     merged.update({k.replace("-", "_"): v for k, v in options.items() if v is not None})
+    if merged.get("unlabelled") is not None and "strategy" not in merged:  # the measured best semi-supervised pair
+        from transferkit.selftaught.semi import DEFAULT_STRATEGY
+
+        merged["strategy"] = DEFAULT_STRATEGY
     fit = build(FitConfig, merged)
     fit.validate()
     train = build(TrainConfig, merged)

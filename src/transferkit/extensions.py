@@ -35,6 +35,7 @@ _MODULES = [
     "transferkit.evaluation.calibration",
     "transferkit.evaluation.datacheck",
     "transferkit.tracking",
+    "transferkit.selftaught.semi",
 ]
 
 #: Option values that name an input file or folder in :meth:`FitExtension.modes` (filled in by whoever runs them).

@@ -122,7 +122,7 @@ class LabeledData:
             h.update("\0".join(map(str, self.items)).encode())
         else:  # in-memory items (small datasets only): hash their pixels / values, else their repr
             for item in self.items:
-                h.update(_item_bytes(item))
+                h.update(item_bytes(item))
         return h.hexdigest()[:24]
 
     def without_labels(self, name: str | None = None) -> LabeledData:
@@ -155,7 +155,7 @@ def sort_class_names(names: Iterable[str]) -> list[str]:
     return sorted(unique)
 
 
-def _item_bytes(item: Any) -> bytes:
+def item_bytes(item: Any) -> bytes:
     """Deterministic bytes for one in-memory item: a PIL image's mode, size and pixels, an array's bytes."""
     if hasattr(item, "mode") and hasattr(item, "size") and hasattr(item, "tobytes"):  # PIL.Image
         return f"{item.mode}{item.size}".encode() + item.tobytes()

@@ -41,6 +41,9 @@ class RunContext:
     label_smoothing: float = 0.0
     #: unlabelled / auxiliary datasets fed next to every training batch under their name (e.g. "target")
     aux_data: dict[str, LabeledData] = field(default_factory=dict)
+    #: auxiliary loaders that need their own batching (e.g. weak and strong views of unlabelled items for
+    #: consistency training): ``{name: factory(backbone) -> DataLoader}``, fed next to every batch like ``aux_data``
+    aux_loaders: dict[str, Callable[[Any], DataLoader]] = field(default_factory=dict)
     checkpoint_dir: Path | None = None
     #: the run's staging folder (files written here end up in the finished run folder)
     run_dir: Path | None = None
@@ -105,6 +108,7 @@ class RunContext:
         train_loader = self.loader(self.splits.train, backbone, train=True)
         val_loader = self.loader(self.splits.val, backbone, train=False) if len(self.splits.val) else None
         aux = {name: self.loader(data, backbone, train=True) for name, data in self.aux_data.items()}
+        aux.update({name: factory(backbone) for name, factory in self.aux_loaders.items()})
         trainer = self._trainer(model, self.all_objectives(model, strategy),
                                 strategy.param_groups(model, self.train), self.forward_fn)
         return trainer.fit(train_loader, val_loader, aux)

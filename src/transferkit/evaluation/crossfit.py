@@ -50,8 +50,9 @@ PROBE_C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # candidates for the probe's C (sc
 FROZEN_REPEATS = 3  # repeats of k-fold for strategies whose folds are cheap (closed-form probe on cached features)
 PREDICTIONS_FILE = "cv_predictions.csv"
 #: extensions whose effect is per training run and so carries into every fold (objectives) or that the cv
-#: protocol handles itself (calibration on the OOF predictions; the data check runs once, on all labels)
-CV_EXTENSIONS = ("anchor", "calibration", "data check")
+#: protocol handles itself (calibration on the OOF predictions; the data check runs once, on all labels; semi-supervised
+#: training: the folds are supervised and choose its settings, then one semi-supervised run uses every label)
+CV_EXTENSIONS = ("anchor", "calibration", "data check", "semi")
 
 
 def plan_protocol(fit: FitConfig, seed: int, *, extensions: list[FitExtension] = (), processes: int = 1

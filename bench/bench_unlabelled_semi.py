@@ -1,0 +1,279 @@
+"""Semi-supervised transfer benchmark (issue 15, item 1): ``fit --unlabelled`` on Fashion-MNIST.
+
+``--part fm`` (the main target): 20 labelled training images per class + a pool of 5,000 other (unlabelled)
+training images, scored on 2,000 test images (200 per class, fixed). Rows, each one ``transferkit fit`` run in a
+subprocess (wall time measured around it), all with ``--protocol cv`` on the labelled images:
+
+* ``supervised finetune``: the same strategy without unlabelled data;
+* ``finetune + self-training`` / ``finetune + consistency``: ``--unlabelled POOL --semi ...``;
+* ``linear-probe + self-training``: the frozen-backbone case (only the head learns from pseudo-labels);
+* ``scikit-learn SelfTrainingClassifier``: the baseline a user would write: ``SelfTrainingClassifier(
+  LogisticRegression(max_iter=1000))`` on frozen EfficientNet-Lite0 224 px features of the labelled + unlabelled
+  images, and ``LogisticRegression`` on the labelled images alone for reference.
+
+``--part small`` (defaults): a plain folder of 10 labelled images per class and a folder of 2,000 unlabelled ones,
+``transferkit fit --data DIR --unlabelled DIR2`` with nothing else, then ``transferkit evaluate`` on the 2,000 test
+images; against scikit-learn ``LogisticRegression`` on EfficientNet-Lite0 224 px features of the labelled images.
+
+Pseudo-label accuracy comes from ``--unlabelled-labels`` (the pool's true labels, used only for reporting). Data
+per seed are written once as PNG folders under bench/cache/semi/. Results: bench/results/unlabelled.md.
+
+    python -m bench.bench_unlabelled_semi --part fm [--seeds 1] [--image-size 112] [--pool 5000]
+    python -m bench.bench_unlabelled_semi --part small [--seeds 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import bench_command, cached, write_section
+
+ROOT = Path(__file__).resolve().parent
+CACHE = ROOT / "cache" / "semi"
+RESULTS = ROOT / "results" / "unlabelled.md"
+FEATURES = CACHE / "features"  # EfficientNet-Lite0 feature cache of the frozen baselines and our runs
+TEST_PER_CLASS = 200
+
+
+def write_data(seed: int, labelled_per_class: int, pool: int, split_layout: bool) -> dict[str, Path]:
+    """PNG folders for one seed: labelled images (``data/train/<class>`` + ``data/test/<class>`` with the split
+    layout, else ``labelled/<class>``), a flat ``unlabelled`` folder with its labels CSV, and the test images."""
+    from PIL import Image
+
+    from transferkit.data.builtin import builtin_arrays
+
+    name = f"fm-l{labelled_per_class}-u{pool}-s{seed}" + ("" if split_layout else "-plain")
+    root = CACHE / name
+    paths = {"root": root, "data": root / "data" if split_layout else root / "labelled",
+             "unlabelled": root / "unlabelled", "labels": root / "unlabelled-labels.csv",
+             "test": root / "data" / "test" if split_layout else root / "test"}
+    if (root / "done").is_file():
+        return paths
+    images, labels, class_names, test_index = builtin_arrays("fashion-mnist")
+    is_test = np.zeros(len(labels), dtype=bool)
+    is_test[test_index] = True
+    train_index = np.flatnonzero(~is_test)
+    rng = np.random.default_rng(seed)
+    chosen = np.concatenate([rng.choice(train_index[labels[train_index] == c], labelled_per_class, replace=False)
+                             for c in range(len(class_names))])
+    rest = np.setdiff1d(train_index, chosen)
+    unlabelled = rng.choice(rest, pool, replace=False)
+    test_rng = np.random.default_rng(0)  # the same test images for every seed
+    test = np.concatenate([test_rng.choice(test_index[labels[test_index] == c], TEST_PER_CLASS, replace=False)
+                           for c in range(len(class_names))])
+    train_folder = paths["data"] / "train" if split_layout else paths["data"]
+
+    def save(folder: Path, index: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.asarray(images[index])).save(folder / f"{index:05d}.png")
+
+    for i in chosen:
+        save(train_folder / class_names[labels[i]], int(i))
+    for i in test:
+        save(paths["test"] / class_names[labels[i]], int(i))
+    rows = ["item,label"]
+    for i in unlabelled:
+        save(paths["unlabelled"], int(i))
+        rows.append(f"{int(i):05d}.png,{class_names[labels[i]]}")
+    paths["labels"].write_text("\n".join(rows) + "\n")
+    (root / "done").write_text("ok\n")
+    return paths
+
+
+def run_cli(args: list[str]) -> float:
+    """``transferkit ARGS`` in a subprocess of this tree; returns its wall time (seconds)."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT.parent / 'src'}:{ROOT.parent}"}
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "transferkit", *args], check=True, env=env)
+    return time.perf_counter() - started
+
+
+def fit_cell(paths: dict[str, Path], out: Path, options: list[str]) -> dict:
+    load_before = os.getloadavg()[0]
+    seconds = run_cli(["fit", "--data", str(paths["data"]), "--out", str(out), "--overwrite", "--no-progress",
+                       *options])
+    metrics = json.loads((out / "metrics.json").read_text())
+    semi = metrics.get("semi", {})
+    return {"accuracy": metrics["accuracy"], "split": metrics["accuracy_split"], "wall_seconds": round(seconds, 1),
+            "load": [round(load_before, 2), round(os.getloadavg()[0], 2)], "semi": semi,
+            "epochs": metrics["config"]["train"]["epochs"], "command": "transferkit fit --data DATA " + " ".join(
+                o if not o.startswith(str(CACHE)) else Path(o).name.upper() for o in options)}
+
+
+def frozen_baselines(paths: dict[str, Path], cache_dir: Path, with_self_training: bool) -> dict:
+    """scikit-learn on EfficientNet-Lite0 224 px features: LogisticRegression on the labelled images and
+    SelfTrainingClassifier(LogisticRegression) on labelled + unlabelled."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.semi_supervised import SelfTrainingClassifier
+
+    from transferkit.backbones import create_backbone
+    from transferkit.data import load_data, load_unlabelled
+    from transferkit.engine.features import extract_features
+
+    backbone = create_backbone("efficientnet_lite0")
+    splits = load_data(str(paths["data"]), seed=0, test_fraction=0.0, val_fraction=0.5)
+    labelled = [d for d in (splits.train, splits.val) if len(d)]
+    x = np.concatenate([extract_features(backbone, d, cache_dir=cache_dir, progress=False) for d in labelled])
+    y = np.concatenate([d.labels for d in labelled])
+    test = load_data(str(paths["test"]), seed=0, test_fraction=0.0, val_fraction=0.5)
+    test_parts = [d for d in (test.train, test.val) if len(d)]
+    xt = np.concatenate([extract_features(backbone, d, cache_dir=cache_dir, progress=False) for d in test_parts])
+    # the test folder's class order is the same (same class folder names)
+    yt = np.concatenate([d.labels for d in test_parts])
+    assert list(test.train.class_names) == list(splits.train.class_names)
+    out = {"logistic_regression": float(LogisticRegression(max_iter=1000).fit(x, y).score(xt, yt))}
+    if with_self_training:
+        unlabelled = load_unlabelled(str(paths["unlabelled"]))
+        xu = extract_features(backbone, unlabelled, cache_dir=cache_dir, progress=False)
+        started = time.perf_counter()
+        model = SelfTrainingClassifier(LogisticRegression(max_iter=1000)).fit(
+            np.concatenate([x, xu]), np.concatenate([y, np.full(len(xu), -1)]))
+        out["self_training_classifier"] = float(model.score(xt, yt))
+        out["self_training_seconds"] = round(time.perf_counter() - started, 1)
+    return out
+
+
+def summary(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def semi_text(cell: dict) -> str:
+    rounds = cell["semi"].get("rounds") or []
+    if not rounds:
+        return ""
+    if "round" in rounds[0]:
+        parts = [f"r{r['round']}: {r['acceptance_rate']:.0%} accepted, pseudo acc "
+                 f"{r.get('pseudo_label_accuracy', float('nan')):.3f}" for r in rounds]
+    else:
+        last = rounds[-1]
+        parts = [f"tau {cell['semi'].get('tau')}", f"last epoch {last['acceptance_rate']:.0%} accepted, pseudo acc "
+                 f"{(last.get('pseudo_label_accuracy') or float('nan')):.3f}"]
+    return "; ".join(parts)
+
+
+def part_fm(args: argparse.Namespace, argv: list[str] | None, started: float) -> None:
+    size = ["--image-size", str(args.image_size)] if args.image_size else []
+    common = ["--protocol", "cv", "--seed"]
+    methods = {
+        "supervised finetune (no unlabelled data)": ["--strategy", "finetune"],
+        "finetune + self-training": ["--strategy", "finetune", "--semi", "self-training"],
+        "finetune + consistency": ["--strategy", "finetune", "--semi", "consistency"],
+        "linear-probe + self-training": ["--strategy", "linear-probe", "--semi", "self-training"],
+    }
+    methods = {k: v for k, v in methods.items() if not args.only or any(o in k for o in args.only)}
+    cells: dict[str, list[dict]] = {name: [] for name in methods}
+    frozen: list[dict] = []
+    tag = f"fm-u{args.pool}-px{args.image_size or 224}"
+    for seed in range(args.seeds):
+        paths = write_data(seed, 20, args.pool, split_layout=True)
+        frozen.append(cached(CACHE / "cells", f"frozen-{tag}-s{seed}",
+                             lambda p=paths: frozen_baselines(p, FEATURES, True)))
+        for name, options in methods.items():
+            extra = [] if "supervised" in name else ["--unlabelled", str(paths["unlabelled"]),
+                                                     "--unlabelled-labels", str(paths["labels"])]
+            key = f"{tag}-{name.split(' (')[0].replace(' + ', '-').replace(' ', '-')}-s{seed}"
+            cells[name].append(cached(CACHE / "cells", key, lambda o=options, e=extra, s=seed, k=key, p=paths: fit_cell(
+                p, CACHE / "runs" / k, [*common, str(s), *size, "--cache-dir", str(FEATURES), *o, *e])))
+    supervised = cells.get("supervised finetune (no unlabelled data)", [])
+    lines = ["| method | test accuracy | vs supervised finetune (paired) | wall per run (s) | pseudo-labels |",
+             "|---|---|---|---|---|"]
+    for key, label in (("logistic_regression", "scikit-learn LogisticRegression, labelled only (Lite0 224 px)"),
+                       ("self_training_classifier", "scikit-learn SelfTrainingClassifier (Lite0 224 px features)")):
+        values = [f[key] for f in frozen]
+        diff = summary([v - s["accuracy"] for v, s in zip(values, supervised)]) if supervised else ""
+        lines.append(f"| {label} | {summary(values)} | {diff} | | |")
+    for name, runs in cells.items():
+        values = [r["accuracy"] for r in runs]
+        diff = summary([r["accuracy"] - s["accuracy"] for r, s in zip(runs, supervised)]) if supervised else ""
+        wall = summary([r["wall_seconds"] for r in runs])
+        lines.append(f"| {name} | {summary(values)} | {'' if 'supervised' in name else diff} | {wall} | "
+                     f"{semi_text(runs[0])} |")
+    commands = "\n".join(f"- {name}: `{runs[0]['command']}`" for name, runs in cells.items() if runs)
+    loads = "; ".join(f"{name}: {runs[0]['load']}" for name, runs in cells.items() if runs)
+    best = max((n for n in cells if "supervised" not in n), key=lambda n: statistics.mean(r["accuracy"] for r in cells[n]),
+               default=None)
+    verdict = ""
+    if best and supervised:
+        gain = statistics.mean(r["accuracy"] - s["accuracy"] for r, s in zip(cells[best], supervised))
+        acc = statistics.mean(r["accuracy"] for r in cells[best])
+        wall = max(r["wall_seconds"] for r in cells[best])
+        verdict = (f"- Best semi-supervised row: **{best}**, {gain * 100:+.1f} points over supervised finetune "
+                   f"(target >= +4: {'met' if gain >= 0.04 else 'NOT met'}), accuracy {acc:.4f} (target >= 0.86: "
+                   f"{'met' if acc >= 0.86 else 'NOT met'}), slowest run {wall / 60:.1f} min wall (target <= 30: "
+                   f"{'met' if wall <= 1800 else 'NOT met'}).\n")
+    body = "\n".join(lines) + (
+        f"\n\nFashion-MNIST: 20 labelled training images per class (seeded), {args.pool} other training images as "
+        f"`--unlabelled` (their labels only in `--unlabelled-labels`, for the pseudo-label accuracy), 2,000 test "
+        f"images (200 per class, fixed); EfficientNet-Lite0 at {args.image_size or 224} px for our rows, "
+        f"`--protocol cv` (settings chosen in the supervised folds, one semi-supervised run on every label); "
+        f"{args.seeds} seed(s){', mean ± SD' if args.seeds > 1 else ''}.\n\n{verdict}"
+        f"- Commands (DATA = the labelled folder with train/ and test/, UNLABELLED its pool):\n{commands}\n"
+        f"- 1-minute load average before / after each run (seed 0): {loads}.\n")
+    write_section(RESULTS, f"Semi-supervised fit --unlabelled (Fashion-MNIST, 20 labels per class + {args.pool} "
+                  "unlabelled)", bench_command("bench.bench_unlabelled_semi", argv), started, body)
+
+
+def part_small(args: argparse.Namespace, argv: list[str] | None, started: float) -> None:
+    rows = []
+    for seed in range(args.seeds):
+        paths = write_data(seed, 10, 2000, split_layout=False)
+        frozen = cached(CACHE / "cells", f"small-frozen-s{seed}", lambda p=paths: frozen_baselines(p, FEATURES, True))
+
+        def ours(p: dict[str, Path] = paths, s: int = seed) -> dict:
+            out = CACHE / "runs" / f"small-defaults-s{s}"
+            seconds = run_cli(["fit", "--data", str(p["data"]), "--unlabelled", str(p["unlabelled"]), "--out",
+                               str(out), "--overwrite", "--no-progress", "--seed", str(s)])
+            proc = subprocess.run([sys.executable, "-m", "transferkit", "evaluate", "--model", str(out), "--data",
+                                   str(p["test"]), "--json"], check=True, capture_output=True, text=True,
+                                  env={**os.environ, "PYTHONPATH": f"{ROOT.parent / 'src'}:{ROOT.parent}"})
+            metrics = json.loads((out / "metrics.json").read_text())
+            return {"accuracy": json.loads(proc.stdout)["accuracy"], "wall_seconds": round(seconds, 1),
+                    "semi": metrics.get("semi", {}), "strategy": metrics["strategy"]}
+
+        rows.append({"frozen": frozen, "ours": cached(CACHE / "cells", f"small-defaults-s{seed}", ours)})
+    lr = [r["frozen"]["logistic_regression"] for r in rows]
+    st = [r["frozen"]["self_training_classifier"] for r in rows]
+    ours_acc = [r["ours"]["accuracy"] for r in rows]
+    gain = [o - b for o, b in zip(ours_acc, lr)]
+    body = "\n".join([
+        "| method | test accuracy | vs logistic regression (paired) | wall (s) | pseudo-labels |", "|---|---|---|---|---|",
+        f"| timm + scikit-learn LogisticRegression, labelled only (Lite0 224 px) | {summary(lr)} | | | |",
+        f"| scikit-learn SelfTrainingClassifier (same features + unlabelled) | {summary(st)} | "
+        f"{summary([s - b for s, b in zip(st, lr)])} | | |",
+        f"| `transferkit fit --data DIR --unlabelled DIR2` (defaults: {rows[0]['ours']['strategy']} + "
+        f"{rows[0]['ours']['semi'].get('method')}) | {summary(ours_acc)} | {summary(gain)} | "
+        f"{summary([r['ours']['wall_seconds'] for r in rows])} | {semi_text(rows[0]['ours'])} |",
+    ]) + (f"\n\nA plain folder of 10 labelled Fashion-MNIST images per class + a folder of 2,000 unlabelled ones; "
+          f"scored with `transferkit evaluate` on the 2,000 test images; {args.seeds} seed(s).\n\n"
+          f"- Gain over logistic regression: {statistics.mean(gain) * 100:+.1f} points (target >= +3: "
+          f"{'met' if statistics.mean(gain) >= 0.03 else 'NOT met'}).\n")
+    write_section(RESULTS, "Semi-supervised fit --unlabelled with defaults (10 labels per class + 2,000 unlabelled)",
+                  bench_command("bench.bench_unlabelled_semi", argv), started, body)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--part", choices=("fm", "small"), default="fm")
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--pool", type=int, default=5000)
+    parser.add_argument("--image-size", type=int, default=112, help="Our rows' resolution (0: the backbone's 224).")
+    parser.add_argument("--only", action="append", help="Run only the rows whose name contains this.")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    (part_fm if args.part == "fm" else part_small)(args, argv, started)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

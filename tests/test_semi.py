@@ -1,0 +1,159 @@
+"""``fit --unlabelled`` (issue 15, item 1): semi-supervised self-training and consistency training."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import stripes
+from transferkit.cli.main import main
+
+FAST = ["--backbone", "small_cnn", "--epochs", "2", "--batch-size", "8", "--threads", "1", "--no-progress"]
+
+
+def _labelled(root: Path, n: int, offset: int = 0) -> Path:
+    for direction in ("h", "v"):
+        (root / direction).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            stripes(direction, offset + i).save(root / direction / f"{direction}{offset + i}.png")
+    return root
+
+
+def _unlabelled(root: Path, n: int, offset: int = 100) -> tuple[Path, Path]:
+    """A flat folder of stripes images and a labels CSV (item,label) for pseudo-label accuracy."""
+    root.mkdir(parents=True, exist_ok=True)
+    rows = ["item,label"]
+    for i in range(n):
+        direction = "hv"[i % 2]
+        stripes(direction, offset + i).save(root / f"u{i}.png")
+        rows.append(f"u{i}.png,{direction}")
+    labels = root.parent / f"{root.name}-labels.csv"
+    labels.write_text("\n".join(rows) + "\n")
+    return root, labels
+
+
+def _pseudo_ids(run: Path) -> set[str]:
+    with open(run / "pseudo_labels.csv", newline="") as fh:
+        return {row["id"] for row in csv.DictReader(fh)}
+
+
+def test_pseudo_labels_exclude_validation_and_test_ids(tmp_path, isolated_cache):
+    from transferkit.data import load_data
+
+    data = _labelled(tmp_path / "data", 12)
+    extra = _labelled(tmp_path / "data_more", 6, offset=50)
+    pool = tmp_path / "pool"  # the labelled items (same ids as --data) plus 12 new ones
+    for source in (data, extra):
+        for file in source.rglob("*.png"):
+            (pool / file.parent.name).mkdir(parents=True, exist_ok=True)
+            (pool / file.parent.name / file.name).write_bytes(file.read_bytes())
+    out = tmp_path / "run"
+    code = main(["fit", "--data", str(data), "--unlabelled", str(pool), "--strategy", "linear-probe",
+                 "--protocol", "holdout", "--semi-rounds", "2", "--out", str(out), *FAST])
+    assert code == 0
+    splits = load_data(str(data), seed=0)
+    held_out = set(splits.val.ids) | set(splits.test.ids)
+    assert held_out
+    pseudo = _pseudo_ids(out)
+    assert pseudo and not pseudo & held_out and not pseudo & set(splits.train.ids)
+    assert pseudo == {f"{d}/{d}{i}.png" for d in "hv" for i in range(50, 56)}
+    semi = json.loads((out / "metrics.json").read_text())["semi"]
+    assert semi["dropped_as_labelled_val_or_test"] == 24 and semi["unlabelled_items_used"] == 12
+    assert semi["learns_from_pseudo_labels"].startswith("head only")
+
+
+def test_self_training_round_accepts_items_and_records_the_rate(tmp_path, isolated_cache):
+    data = _labelled(tmp_path / "data", 10)
+    unlabelled, labels = _unlabelled(tmp_path / "u", 20)
+    out = tmp_path / "run"
+    code = main(["fit", "--data", str(data), "--unlabelled", str(unlabelled), "--unlabelled-labels", str(labels),
+                 "--strategy", "finetune", "--semi", "self-training", "--semi-rounds", "2", "--semi-epochs", "1",
+                 "--out", str(out), *FAST])
+    assert code == 0
+    semi = json.loads((out / "metrics.json").read_text())["semi"]
+    assert semi["method"] == "self-training" and semi["unlabelled_items_used"] == 20
+    rounds = semi["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["accepted"] > 0 and r["acceptance_rate"] == pytest.approx(r["accepted"] / 20) for r in rounds)
+    assert rounds[1]["accepted"] >= rounds[0]["accepted"]  # the curriculum accepts more every round
+    assert all(0 <= r["pseudo_label_accuracy"] <= 1 for r in rounds)
+
+
+def test_consistency_loss_is_zero_on_identical_views_and_has_fixmatch_gradient():
+    from transferkit.selftaught.consistency import consistency_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 3) * 4
+    loss, mask, _ = consistency_loss(logits, logits.clone().requires_grad_(True), tau=0.5)
+    assert mask.any() and float(loss.detach()) == pytest.approx(0.0, abs=1e-7)
+    strong = torch.randn(6, 3, requires_grad=True)
+    loss, mask, pseudo = consistency_loss(logits, strong, tau=0.5)
+    loss.backward()
+    fixmatch = strong.detach().clone().requires_grad_(True)
+    (mask.float() * torch.nn.functional.cross_entropy(fixmatch, pseudo, reduction="none")).mean().backward()
+    assert torch.allclose(strong.grad, fixmatch.grad) and float(loss) > 0
+
+
+def test_consistency_run_records_acceptance_per_epoch(tmp_path, isolated_cache):
+    data = _labelled(tmp_path / "data", 10)
+    unlabelled, labels = _unlabelled(tmp_path / "u", 16)
+    out = tmp_path / "run"
+    code = main(["fit", "--data", str(data), "--unlabelled", str(unlabelled), "--unlabelled-labels", str(labels),
+                 "--strategy", "finetune", "--semi", "consistency", "--semi-threshold", "0.5", "--semi-epochs", "1",
+                 "--out", str(out), *FAST])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    semi = metrics["semi"]
+    assert semi["method"] == "consistency" and semi["tau"] == 0.5
+    assert semi["rounds"] and all(r["seen"] > 0 for r in semi["rounds"])
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert all("train_consistency" in row for row in history)
+
+
+def test_no_strategy_with_unlabelled_uses_the_measured_default(tmp_path, isolated_cache):
+    from transferkit.api import resolve_options
+    from transferkit.selftaught.semi import DEFAULT_STRATEGY
+
+    _, _, strategy, active = resolve_options({"data": "x", "unlabelled": "y"})
+    assert strategy.name == DEFAULT_STRATEGY and any(e.name == "semi" for e in active)
+    _, _, strategy, _ = resolve_options({"data": "x"})
+    assert strategy.name == "linear-probe"
+
+
+@pytest.mark.parametrize("case", ["empty", "text-for-images", "consistency-probe", "semi-alone"])
+def test_bad_unlabelled_input_exits_2_with_one_line(case, tmp_path, capsys, isolated_cache):
+    data = _labelled(tmp_path / "data", 4)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    texts = tmp_path / "texts.csv"
+    texts.write_text("text\na cat sat\nthe dog fell\n")
+    extra = {"empty": ["--unlabelled", str(empty)], "text-for-images": ["--unlabelled", str(texts)],
+             "consistency-probe": ["--unlabelled", str(empty), "--semi", "consistency", "--strategy",
+                                   "linear-probe"],
+             "semi-alone": ["--semi", "self-training"]}[case]
+    out = tmp_path / "run"
+    assert main(["fit", "--data", str(data), "--out", str(out), *FAST, *extra]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert {"empty": "no images found", "text-for-images": "holds text data but --data is image data",
+            "consistency-probe": "consistency training needs the engine on raw inputs",
+            "semi-alone": "--semi is given without --unlabelled"}[case] in errors[0]
+    assert not out.exists()
+
+
+def test_accept_per_class_takes_each_class_share():
+    from transferkit.selftaught.semi import accept_per_class, confidence_level
+
+    p = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.45, 0.55], [0.3, 0.7], [0.99, 0.01]])
+    accepted, pseudo, thresholds = accept_per_class(p, 0.5)
+    assert list(pseudo) == [0, 0, 1, 1, 1, 0]
+    assert list(accepted) == [True, False, True, False, True, True]  # ceil(0.5 * 3) = 2 per class
+    assert thresholds == {0: 0.9, 1: 0.7}
+    tau, share = confidence_level(p, np.array([0, 1, 1, 1, 1, 0]), 0.9)
+    assert tau == 0.7 and share == pytest.approx(4 / 6)
