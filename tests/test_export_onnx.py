@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import transferkit
-from tests.conftest import ANIMALS, MUSIC
+from tests.conftest import ANIMALS, MUSIC, stripes
 from transferkit.cli.main import main
 
 pytest.importorskip("onnxruntime")
@@ -81,3 +81,85 @@ def test_text_run_exports_to_onnx_with_its_tokenizer(strategy, tiny_bert_dir, tm
     np.testing.assert_allclose(onnx_model.predict_proba(texts, batch_size=3), torch_model.predict_proba(texts),
                                atol=1e-5)
     assert onnx_model.predict(texts) == torch_model.predict(texts)
+
+
+def test_auto_ensemble_exports_to_one_onnx_graph_and_to_a_plain_model_folder(tmp_path, capsys):
+    """Members with different backbones, image modes, resolutions and flip TTA: one graph averaging their
+    probabilities, equal to the PyTorch ensemble; `--format safetensors` writes a plain ensemble folder."""
+    from transferkit.api import EnsembleModel
+    from transferkit.search.ensemble import save_ensemble
+
+    data = tmp_path / "data"
+    for cls in ("horizontal", "vertical"):
+        (data / cls).mkdir(parents=True)
+        for i in range(8):
+            image = np.random.default_rng(i).integers(0, 60, (28, 28 + 6 * (i % 2))).astype(np.uint8)  # some wide
+            image[:: 3 + i % 3, :] = 255
+            Image.fromarray(image if cls == "horizontal" else image.T).save(data / cls / f"{i}.png")
+    common = {"progress": False, "seed": 0}
+    cnn = transferkit.fit(str(data), backbone="small_cnn", strategy="finetune", epochs=2, batch_size=8, lr=0.01,
+                          out=str(tmp_path / "cnn"), **common)
+    lite = transferkit.fit(str(data), backbone="efficientnet_lite0", image_size=32, pretrained=False,
+                           strategy="linear-probe", out=str(tmp_path / "lite"), **common)
+    members = [transferkit.load(cnn.path, device="cpu"), transferkit.load(lite.path, device="cpu")]
+    save_ensemble(tmp_path / "auto" / "model", [(members[0].module, members[0].config["strategy"], {}),
+                                                (members[1].module, members[1].config["strategy"], {"tta": "hflip"})],
+                  [0.3, 0.7])
+    ensemble = transferkit.load(tmp_path / "auto", device="cpu")
+    assert isinstance(ensemble, EnsembleModel)
+
+    export = tmp_path / "onnx"
+    assert main(["export", "--model", str(tmp_path / "auto"), "--format", "onnx", "--out", str(export)]) == 0
+    assert "ensemble probabilities vs PyTorch" in capsys.readouterr().out
+    parity = json.loads((export / "parity.json").read_text())
+    assert parity["max_abs_logit_diff"] <= 1e-4 and parity["agreement"] == 1.0
+    assert parity["ensemble"]["max_abs_probability_diff"] <= 1e-5 and parity["ensemble"]["agreement"] == 1.0
+    views = json.loads((export / "preprocess.json").read_text())["views"]
+    assert [(v["mode"], v["size"], v["mirror"]) for v in views] == [("L", 28, False), ("RGB", 32, False),
+                                                                   ("RGB", 32, True)]
+    import onnx
+
+    graph = onnx.load(str(export / "model.onnx")).graph  # ONE graph: every view in, the averaged probabilities out
+    assert [i.name for i in graph.input] == ["pixels_0", "pixels_1", "pixels_2"]
+    assert graph.output[0].name == "probabilities"
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"  # dynamic batch
+
+    files = sorted(str(p) for p in data.rglob("*.png"))
+    onnx_model = transferkit.load(export)
+    assert type(onnx_model).__name__ == "OnnxModel" and onnx_model.classes_ == ensemble.classes_
+    expected = ensemble.predict_proba(files)
+    np.testing.assert_allclose(onnx_model.predict_proba(files, batch_size=5), expected, atol=1e-5)
+    # the weights and the TTA are in the graph: a member alone gives other probabilities
+    assert np.abs(members[1].predict_proba(files) - expected).max() > 1e-3
+    assert main(["predict", "--model", str(export), "--json", *files[:4]]) == 0
+    rows = json.loads(capsys.readouterr().out)["predictions"]
+    assert [r["prediction"] for r in rows] == ensemble.predict(files[:4])
+    report = transferkit.evaluate(export, str(data), progress=False)
+    assert report["accuracy"] == transferkit.evaluate(tmp_path / "auto", str(data), progress=False)["accuracy"]
+    from tests.test_serve import Client, running_server, stop_cleanly
+
+    with running_server(["--model", export, "--name", "ens"]) as (port, process):
+        status, answer = Client(port).upload("/predict", [(Path(f).name, Path(f).read_bytes()) for f in files[:4]])
+        assert status == 200 and [r["prediction"] for r in answer["predictions"]] == [r["prediction"] for r in rows]
+        stop_cleanly(process)
+
+    # --format safetensors (the default): a plain ensemble folder that loads as the same model
+    assert main(["export", "--model", str(tmp_path / "auto"), "--out", str(tmp_path / "plain")]) == 0
+    plain = transferkit.load(tmp_path / "plain", device="cpu")
+    assert isinstance(plain, EnsembleModel) and plain.weights == [0.3, 0.7]
+    assert sorted(p.name for p in (tmp_path / "plain" / "members" / "0").iterdir()) == ["config.json",
+                                                                                       "model.safetensors"]
+    np.testing.assert_allclose(plain.predict_proba(files), expected, atol=1e-6)
+
+
+def test_safetensors_export_of_a_plain_run_keeps_its_weights(tmp_path):
+    for cls in ("h", "v"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(6):
+            stripes(cls, i).save(tmp_path / "data" / cls / f"{i}.png")
+    run = transferkit.fit(str(tmp_path / "data"), backbone="small_cnn", strategy="finetune", epochs=1, batch_size=4,
+                          out=str(tmp_path / "run"), progress=False, seed=0)
+    assert main(["export", "--model", str(run.path), "--out", str(tmp_path / "plain")]) == 0
+    files = sorted(str(p) for p in (tmp_path / "data").rglob("*.png"))
+    np.testing.assert_allclose(transferkit.load(tmp_path / "plain").predict_proba(files),
+                               transferkit.load(run.path).predict_proba(files), atol=1e-7)

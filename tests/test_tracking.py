@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,3 +74,98 @@ def test_missing_tracker_or_unknown_name_is_refused_before_training(image_folder
     with pytest.raises(TransferkitError, match="'track' extra"):
         fit(image_folder, tmp_path / "b", track="mlflow")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def _runs(uri: str, experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == len(runs) - 1
+    return client, parents[0], children
+
+
+def test_auto_logs_a_parent_run_and_a_child_per_candidate(image_folder, tmp_path):
+    pytest.importorskip("mlflow")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = transferkit.auto(str(image_folder), out=str(tmp_path / "auto"), time_budget="300s",
+                           strategies=["linear-probe"], backbones=["efficientnet_lite0"], image_sizes=[32],
+                           folds=2, progress=False, track="mlflow", track_uri=uri, track_experiment="auto")
+    client, parent, children = _runs(uri, "auto")
+    assert parent.info.run_name == "auto" and parent.info.status == "FINISHED"
+    assert parent.data.metrics["accuracy"] == pytest.approx(run.metrics["accuracy"])
+    assert parent.data.metrics["cv.mean"] == pytest.approx(run.metrics["cv"]["mean"])
+    assert parent.data.params["auto.time_budget"] == "300s"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "run")}
+    assert {"run/metrics.json", "run/README.md", "run/leaderboard.json", "run/model"} <= artifacts
+    rows = json.loads((run.path / "leaderboard.json").read_text())["leaderboard"]
+    assert sorted(c.info.run_name for c in children) == sorted(r["name"] for r in rows)
+    for child in children:
+        row = next(r for r in rows if r["name"] == child.info.run_name)
+        assert child.data.params["backbone"] == "efficientnet_lite0" and child.data.params["image_size"] == "32"
+        assert child.data.tags["transferkit.status"] == row["status"]
+        if row["cv_mean"] is not None:
+            assert child.data.metrics["cv_mean"] == pytest.approx(row["cv_mean"])
+            assert child.data.metrics["seconds"] == pytest.approx(row["seconds"])
+            folds = client.get_metric_history(child.info.run_id, "fold_accuracy")
+            assert [m.value for m in sorted(folds, key=lambda m: m.step)] == pytest.approx(row["fold_accuracies"])
+
+
+def test_compare_logs_a_parent_run_and_a_child_per_cell_to_mlflow_and_tensorboard(image_folder, tmp_path):
+    pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from transferkit.evaluation.compare import CompareConfig, run_compare, track_compare
+    from transferkit.tracking import TrackingConfig
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "cmp"
+    document = run_compare(CompareConfig(str(image_folder), ["small_cnn"], ["linear-probe", "finetune"], seeds=1,
+                                         out=str(out), isolate=False,
+                                         fit_options={"epochs": 2, "batch_size": 8, "track": "mlflow",
+                                                      "track_uri": uri, "track_experiment": "cmp"}))
+    assert "track" not in document["fit_options"]  # the cells did not log themselves as top-level runs
+    client, parent, children = _runs(uri, "cmp")
+    assert parent.info.run_name == "cmp"
+    best = document["leaderboard"][0]
+    assert parent.data.metrics["best.accuracy_mean"] == pytest.approx(best["accuracy_mean"])
+    assert parent.data.metrics["cells.done"] == 2
+    assert parent.data.params["compare.strategies"] == '["linear-probe", "finetune"]'
+    assert {"leaderboard.json", "report.html"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert sorted(c.info.run_name for c in children) == sorted(Path(c["path"]).name for c in document["cells"])
+    for child in children:
+        cell = next(c for c in document["cells"] if Path(c["path"]).name == child.info.run_name)
+        assert child.data.metrics["accuracy"] == pytest.approx(cell["accuracy"])
+        assert child.data.params["strategy.name"] == cell["strategy"]
+        assert "run/metrics.json" in {a.path for a in client.list_artifacts(child.info.run_id, "run")}
+
+    track_compare(TrackingConfig(track="tensorboard", track_uri=str(tmp_path / "tb")), out, document)
+    events = EventAccumulator(str(tmp_path / "tb" / "cmp"))
+    events.Reload()
+    assert events.Scalars("final/best.accuracy_mean")[0].value == pytest.approx(best["accuracy_mean"])
+    for cell in document["cells"]:
+        child = EventAccumulator(str(tmp_path / "tb" / "cmp" / Path(cell["path"]).name))
+        child.Reload()
+        assert child.Scalars("final/accuracy")[0].value == pytest.approx(cell["accuracy"])
+
+
+def test_auto_and_compare_refuse_a_missing_tracker_in_one_line_before_any_work(image_folder, tmp_path, monkeypatch,
+                                                                              capsys):
+    from transferkit.cli.main import main
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    with pytest.raises(TransferkitError, match="'track' extra"):
+        transferkit.auto(str(image_folder), out=str(tmp_path / "a"), track="mlflow")
+    for command in (["auto", "--data", str(image_folder), "--out", str(tmp_path / "b")],
+                    ["compare", "--data", str(image_folder), "--backbones", "small_cnn", "--strategies", "finetune",
+                     "--out", str(tmp_path / "c")]):
+        assert main([*command, "--track", "mlflow"]) == 2
+        error = capsys.readouterr().err.strip()
+        assert "'track' extra" in error and len(error.splitlines()) == 1
+    assert main(["auto", "--data", str(image_folder), "--out", str(tmp_path / "d"), "--track", "wandb"]) == 2
+    assert "unknown --track 'wandb'" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in "abcd")

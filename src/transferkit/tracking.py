@@ -1,4 +1,4 @@
-"""Experiment tracking: ``fit --track mlflow|tensorboard`` logs a finished run to a tracker.
+"""Experiment tracking: ``fit / auto / compare --track mlflow|tensorboard`` log finished runs to a tracker.
 
 Logged once the run folder is published: the options as parameters (``fit.data``, ``train.lr``,
 ``strategy.name``, ...), every numeric column of ``history.jsonl`` per epoch, the final numeric metrics of
@@ -7,6 +7,12 @@ artefact (``run/``). MLflow logs to ``--track-uri``, else ``$MLFLOW_TRACKING_URI
 ``sqlite:///mlflow.db`` (recent MLflow refuses the plain file store unless told otherwise), whose artefacts go to
 ``mlartifacts/`` beside the database; TensorBoard writes
 event files under ``--track-uri`` (default ``runs/tensorboard``) in a folder named after the run.
+
+``auto`` and ``compare`` log one parent run and nested child runs (MLflow's ``mlflow.parentRunId``; TensorBoard
+subfolders): ``auto`` a child per leaderboard candidate (its settings, cross-validated score per fold, mean and sd,
+cost in seconds, status) under a parent with the final metrics and the run folder; ``compare`` a child per cell (the
+cell's run folder logged as ``fit --track`` logs it) under a parent with the leaderboard and the recommendation.
+Everything is logged once the command's output is published (:func:`log_runs`).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,61 +98,140 @@ def epoch_rows(history: list[dict[str, Any]]) -> list[tuple[int, dict[str, float
     return rows
 
 
-def log_to_mlflow(run_dir: Path, options: dict[str, Any], metrics: dict[str, Any], history: list[dict[str, Any]],
-                  uri: str | None = None, experiment: str = "transferkit") -> str:
-    """One MLflow run: parameters, per-epoch metrics, final metrics, the run folder as artefact ``run/``;
-    returns the MLflow run id."""
-    from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
+@dataclass
+class TrackedRun:
+    """One run for a tracker: its name, options (logged as parameters), per-step rows (``history.jsonl``-like: each
+    row's numeric values at the row's ``epoch``, else its position), final ``metrics``, an optional ``folder``
+    logged as artefact ``run/`` and single ``files`` logged at the top, tags and an MLflow status."""
 
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_MLFLOW_URI
-    client = MlflowClient(tracking_uri=uri)
+    name: str
+    options: dict[str, Any]
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    folder: Path | None = None
+    files: list[Path] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+    status: str = "FINISHED"  # MLflow: FINISHED, FAILED or KILLED (stopped / skipped)
+
+
+def _mlflow_experiment(client: Any, uri: str, experiment: str) -> str:
     found = client.get_experiment_by_name(experiment)
     if found is not None:
-        experiment_id = found.experiment_id
-    else:  # a SQLite store keeps its artefacts beside the database, not in the working directory
-        location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri() \
-            if uri.startswith("sqlite:///") else None
-        experiment_id = client.create_experiment(experiment, artifact_location=location)
-    run = client.create_run(experiment_id, run_name=run_dir.name, tags={"transferkit.run_dir": str(run_dir)})
-    run_id = run.info.run_id
+        return found.experiment_id
+    # a SQLite store keeps its artefacts beside the database, not in the working directory
+    location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri() \
+        if uri.startswith("sqlite:///") else None
+    return client.create_experiment(experiment, artifact_location=location)
+
+
+def _mlflow_key(name: str) -> str:
+    """A parameter or metric name as MLflow accepts it (other characters, e.g. brackets, become "_")."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name)[:250]
+
+
+def _mlflow_run(client: Any, experiment_id: str, run: TrackedRun, parent_id: str | None = None) -> str:
+    """One MLflow run (nested under ``parent_id`` when given, MLflow's ``mlflow.parentRunId`` tag); its id."""
+    from mlflow.entities import Metric, Param
+
+    tags = {**run.tags, **({"transferkit.run_dir": str(run.folder)} if run.folder else {}),
+            **({"mlflow.parentRunId": parent_id} if parent_id else {})}
+    run_id = client.create_run(experiment_id, run_name=run.name, tags=tags).info.run_id
     try:
         now = int(1000 * time.time())
-        params = [Param(k, v[:6000]) for k, v in flat_params(options).items()]
-        series = [Metric(k, v, now, step) for step, values in epoch_rows(history) for k, v in values.items()]
-        series += [Metric(k, v, now, 0) for k, v in numeric_metrics(metrics).items()]
+        params = [Param(_mlflow_key(k), v[:6000]) for k, v in flat_params(run.options).items()]
+        series = [Metric(_mlflow_key(k), v, now, step) for step, values in epoch_rows(run.history)
+                  for k, v in values.items()]
+        series += [Metric(_mlflow_key(k), v, now, 0) for k, v in numeric_metrics(run.metrics).items()]
         for start in range(0, len(params), 100):  # MLflow's batch limits: 100 parameters, 1000 metrics
             client.log_batch(run_id, params=params[start:start + 100])
         for start in range(0, len(series), 1000):
             client.log_batch(run_id, metrics=series[start:start + 1000])
-        client.log_artifacts(run_id, str(run_dir), artifact_path="run")
-        client.set_terminated(run_id, "FINISHED")
+        if run.folder is not None:
+            client.log_artifacts(run_id, str(run.folder), artifact_path="run")
+        for file in run.files:
+            if file.is_file():
+                client.log_artifact(run_id, str(file))
+        client.set_terminated(run_id, run.status)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
     return run_id
 
 
-def log_to_tensorboard(run_dir: Path, options: dict[str, Any], metrics: dict[str, Any],
-                       history: list[dict[str, Any]], logdir: str | None = None) -> Path:
-    """Event files under ``logdir/<run name>``: per-epoch scalars, final metrics (``final/...``), the options as
-    text; returns the folder written."""
+def log_to_mlflow(parent: TrackedRun, children: list[TrackedRun] = (), uri: str | None = None,
+                  experiment: str = "transferkit") -> str:
+    """``parent`` as an MLflow run and each of ``children`` as a run nested under it; returns the parent's id."""
+    from mlflow.tracking import MlflowClient
+
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_MLFLOW_URI
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = _mlflow_experiment(client, uri, experiment)
+    parent_id = _mlflow_run(client, experiment_id, parent)
+    for child in children:
+        _mlflow_run(client, experiment_id, child, parent_id)
+    return parent_id
+
+
+def _tensorboard_run(folder: Path, run: TrackedRun) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
-    folder = Path(logdir or DEFAULT_TENSORBOARD_DIR) / run_dir.name
     writer = SummaryWriter(log_dir=str(folder))
     try:
-        for step, values in epoch_rows(history):
+        rows = epoch_rows(run.history)
+        for step, values in rows:
             for key, value in values.items():
                 writer.add_scalar(key, value, step)
-        last = max((step for step, _ in epoch_rows(history)), default=0)
-        for key, value in numeric_metrics(metrics).items():
+        last = max((step for step, _ in rows), default=0)
+        for key, value in numeric_metrics(run.metrics).items():
             writer.add_scalar(f"final/{key}", value, last)
-        writer.add_text("options", "\n".join(f"    {k} = {v}" for k, v in flat_params(options).items()))
-        writer.add_text("run_dir", str(run_dir.resolve()))
+        writer.add_text("options", "\n".join(f"    {k} = {v}" for k, v in flat_params(run.options).items()))
+        for key, value in {**run.tags, "status": run.status}.items():
+            writer.add_text(key, str(value))
+        if run.folder is not None:
+            writer.add_text("run_dir", str(run.folder.resolve()))
     finally:
         writer.close()
+
+
+def safe_name(name: str) -> str:
+    """A run name as one folder name."""
+    return re.sub(r"[^A-Za-z0-9_.@=+-]+", "_", name).strip("_.") or "run"
+
+
+def log_to_tensorboard(parent: TrackedRun, children: list[TrackedRun] = (), logdir: str | None = None) -> Path:
+    """Event files under ``logdir/<parent name>`` (per-step scalars, final metrics as ``final/...``, the options
+    as text), each child's in a subfolder of it (TensorBoard shows them as runs ``parent/child``); returns the
+    parent's folder."""
+    folder = Path(logdir or DEFAULT_TENSORBOARD_DIR) / safe_name(parent.name)
+    _tensorboard_run(folder, parent)
+    for child in children:
+        _tensorboard_run(folder / safe_name(child.name), child)
     return folder
+
+
+def log_runs(config: TrackingConfig, parent: TrackedRun, children: list[TrackedRun] = ()) -> str:
+    """Log ``parent`` (and its ``children``, nested) to the tracker ``config`` names; returns where (for the log)."""
+    if config.track == "mlflow":
+        run_id = log_to_mlflow(parent, children, config.track_uri, config.track_experiment)
+        where = f"MLflow run {run_id} ({config.track_uri or os.environ.get('MLFLOW_TRACKING_URI') or DEFAULT_MLFLOW_URI})"
+    else:
+        where = f"TensorBoard in {log_to_tensorboard(parent, children, config.track_uri)}"
+    logger.info("logged %s%s to %s", parent.name, f" and {len(children)} child runs" if children else "", where)
+    return where
+
+
+def tracking_options(options: dict[str, Any]) -> TrackingConfig | None:
+    """Take the ``--track`` options out of ``options`` (``track``, ``track_uri``, ``track_experiment``): a checked
+    TrackingConfig (its library installed), or None when tracking is off. For commands that log runs of their own
+    (``auto``, ``compare``) before they start any work."""
+    names = [f for f in TrackingConfig.__dataclass_fields__ if f in options]
+    values = {name: options.pop(name) for name in names}
+    config = TrackingConfig(**{k: v for k, v in values.items() if v is not None})
+    config.validate()
+    if config.track is None:
+        return None
+    require_tracker(config.track)
+    return config
 
 
 @register_extension
@@ -172,12 +258,15 @@ class Tracking(FitExtension):
         require_tracker(self.config.track)
 
     def published(self, run_dir: Path, metrics: dict[str, Any], history: list[dict[str, Any]]) -> None:
-        options = metrics.get("config") or {}
-        if self.config.track == "mlflow":
-            run_id = log_to_mlflow(run_dir, options, metrics, history, self.config.track_uri,
-                                   self.config.track_experiment)
-            logger.info("logged to MLflow run %s (%s)", run_id, self.config.track_uri or
-                        os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_MLFLOW_URI)
-        else:
-            logger.info("logged to TensorBoard in %s", log_to_tensorboard(run_dir, options, metrics, history,
-                                                                         self.config.track_uri))
+        log_runs(self.config, run_record(run_dir, metrics, history))
+
+
+def run_record(run_dir: Path, metrics: dict[str, Any], history: list[dict[str, Any]] | None = None,
+               name: str | None = None) -> TrackedRun:
+    """A finished run folder as a TrackedRun: its options (``metrics.json``'s config), ``history.jsonl`` rows (read
+    from the folder when not given), final metrics and the folder itself."""
+    if history is None:
+        file = run_dir / "history.jsonl"
+        history = [json.loads(line) for line in file.read_text().splitlines() if line.strip()] \
+            if file.is_file() else []
+    return TrackedRun(name or run_dir.name, metrics.get("config") or {}, metrics, history, folder=run_dir)

@@ -18,7 +18,11 @@ def register(subparsers) -> None:
                     "cross-validation on your labels only; candidates that would not fit the remaining budget are "
                     "skipped and clearly worse ones stopped early. The final model is refit on every labelled item. "
                     "--out is an ordinary run folder (evaluate, predict, report) plus leaderboard.json / .md.")
-    add_dataclass_options(parser, AutoConfig, set())
+    from transferkit.tracking import TrackingConfig
+
+    seen: set[str] = set()
+    add_dataclass_options(parser, AutoConfig, seen)
+    add_dataclass_options(parser, TrackingConfig, seen, "experiment tracking (a parent run, a child per candidate)")
     parser.add_argument("--json", action="store_true", help="Print metrics.json on stdout.")
     parser.set_defaults(func=run_auto_command)
 
@@ -26,10 +30,12 @@ def register(subparsers) -> None:
 def run_auto_command(args: argparse.Namespace) -> int:
     from transferkit.config import build
     from transferkit.search.auto_search import AutoConfig, process_start_time, run_auto
+    from transferkit.tracking import tracking_options
 
     options = {k: v for k, v in vars(args).items() if k not in {"func", "command", "verbose", "quiet", "json"}}
+    tracking = tracking_options(options)  # --track: its library checked before the search starts
     config = build(AutoConfig, options)
-    run = run_auto(config, started=process_start_time())  # the budget covers the whole command
+    run = run_auto(config, started=process_start_time(), tracking=tracking)  # the budget covers the whole command
     if args.json:
         print_json(run.metrics)
     else:

@@ -7,7 +7,9 @@
 * export: a LoRA run as a small peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors`` +
   the head; loads on the pretrained backbone), or with ``--merge`` as an ordinary transferkit model whose weights
   include the LoRA update (no peft needed to predict). Both load with ``transferkit.strategies.lora
-  .load_lora_export`` (merged ones also with ``transferkit.load``).
+  .load_lora_export`` (merged ones also with ``transferkit.load``). Other runs and ``auto`` ensembles are written as
+  plain model folders (LoRA members merged; ``transferkit.export.safetensors``); ``--format onnx`` writes an ONNX
+  graph, one graph for an ensemble (``transferkit.export.onnx``).
 * generate: a continuation (or, with ``--chat``, a chat answer) from a causal-LM run or backbone.
 """
 
@@ -34,14 +36,15 @@ def register(subparsers: Any) -> None:
     inspect.add_argument("--json", action="store_true", help="One JSON document on stdout.")
     inspect.set_defaults(func=run_inspect)
 
-    export = subparsers.add_parser("export", help="Export a run as ONNX (--format onnx), or a LoRA run as its "
-                                                  "adapter or merged (--merge).")
+    export = subparsers.add_parser("export", help="Export a run (or an auto ensemble) as ONNX (--format onnx) or as a "
+                                                  "plain model folder; a LoRA run as its adapter or merged (--merge).")
     export.add_argument("--model", required=True, help="Run folder (or its model/ subfolder).")
     export.add_argument("--out", required=True, help="New folder to write.")
     export.add_argument("--format", default="safetensors", choices=("safetensors", "onnx"),
-                        help="safetensors: a LoRA run's adapter (or merged model with --merge); onnx: the classifier "
-                             "as an ONNX graph with its preprocessing, checked against PyTorch (needs the 'onnx' "
-                             "extra).")
+                        help="safetensors: a plain transferkit model folder (a LoRA run: its adapter, or the merged "
+                             "model with --merge; an auto ensemble: its members, LoRA ones merged); onnx: the "
+                             "classifier as an ONNX graph with its preprocessing, one graph averaging the members' "
+                             "probabilities for an auto ensemble, checked against PyTorch (needs the 'onnx' extra).")
     export.add_argument("--merge", action="store_true",
                         help="Fold the LoRA update into the base weights and write a plain transferkit model.")
     export.add_argument("--overwrite", action="store_true", help="Replace an earlier export in --out.")
@@ -118,23 +121,27 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from transferkit.strategies.lora import export_lora
+    from transferkit.export.safetensors import export_safetensors
 
     if args.format == "onnx":
         from transferkit.export.onnx import PARITY_FILE, export_onnx
 
         out = export_onnx(args.model, args.out, overwrite=args.overwrite)
         parity = json.loads((out / PARITY_FILE).read_text())
+        ensemble = parity.get("ensemble")
         print(f"ONNX export written to {out}: max |logit difference| to PyTorch {parity['max_abs_logit_diff']:.2e}, "
-              f"predicted-class agreement {parity['agreement']:.4f}")
+              f"predicted-class agreement {parity['agreement']:.4f}"
+              + (f"; ensemble probabilities vs PyTorch: max difference {ensemble['max_abs_probability_diff']:.2e}, "
+                 f"agreement {ensemble['agreement']:.4f}" if ensemble else ""))
         return 0
 
-    out = export_lora(args.model, args.out, merge=args.merge, overwrite=args.overwrite)
+    out = export_safetensors(args.model, args.out, merge=args.merge, overwrite=args.overwrite)
     from transferkit.rundir import MARKER
 
     files = sorted(f.name for f in out.iterdir() if f.name != MARKER)
     size = sum(f.stat().st_size for f in out.iterdir())
-    print(f"{'merged model' if args.merge else 'LoRA adapter'} written to {out} ({size / 2**20:.2f} MB: "
+    kind = "LoRA adapter" if (out / "adapter_config.json").is_file() else "merged model" if args.merge else "model"
+    print(f"{kind} written to {out} ({size / 2**20:.2f} MB: "
           f"{', '.join(files)})")
     return 0
 

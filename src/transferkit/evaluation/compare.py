@@ -18,6 +18,7 @@ rank the configurations honestly.
   the training parts of folds overlap. Other cells are paired by seed, with the items' sampling error of the
   difference added: ``var = s_d^2 / m + (p1 (1 - p1) + p2 (1 - p2)) / n`` (the bound for independent errors,
   conservative because both are scored on the same items), t with m - 1 degrees of freedom (normal with one seed).
+* ``--track mlflow|tensorboard``: one parent run for the comparison and a child run per cell (``track_compare``).
 * Recommendation: the most accurate configuration, unless another one's mean accuracy lies inside the best
   one's confidence interval at a fraction (``cost_ratio``, default one half) of its training time; then the
   cheapest such configuration, with the reason spelled out.
@@ -372,6 +373,9 @@ class CompareConfig:
 
 def run_compare(config: CompareConfig) -> dict[str, Any]:
     """Run (or resume) a comparison; writes ``leaderboard.json`` and ``report.html`` into ``config.out``."""
+    from transferkit.tracking import tracking_options
+
+    tracking = tracking_options(config.fit_options)  # --track: not the cells' own; logged nested at the end
     config.validate()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -423,7 +427,44 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     from transferkit.evaluation.report import write_report
 
     write_report(out)
+    if tracking is not None:
+        track_compare(tracking, out, document)
     return document
+
+
+def track_compare(tracking: Any, out: Path, document: dict[str, Any]) -> None:
+    """``compare --track``: a parent run (the comparison's settings, the best configuration's numbers, the
+    recommendation, ``leaderboard.json`` and ``report.html`` as artefacts) and a child run per cell (a finished cell
+    as ``fit --track`` logs its run folder; a failed or skipped one with its reason)."""
+    from transferkit.tracking import TrackedRun, log_runs, run_record
+
+    children = []
+    for cell in document["cells"]:
+        path = Path(cell["path"])
+        if cell["status"] == "done" and (path / "metrics.json").is_file():
+            children.append(run_record(path, read_json(path / "metrics.json", "metrics file")))
+        else:
+            children.append(TrackedRun(path.name, {k: cell[k] for k in ("backbone", "strategy", "seed")}, {},
+                                       status="FAILED" if cell["status"] == "failed" else "KILLED",
+                                       tags={"transferkit.status": cell["status"],
+                                             "transferkit.message": str(cell["message"])[:5000]}))
+    refit = document.get("refit")
+    if refit and (Path(refit["path"]) / "metrics.json").is_file():  # --refit-best: the handed-over run folder
+        children.append(run_record(Path(refit["path"]), read_json(Path(refit["path"]) / "metrics.json", "metrics file"),
+                                   name=f"{out.resolve().name}/best"))
+    rows, paired = document["leaderboard"], document.get("paired_test") or {}
+    best = rows[0] if rows else {}
+    metrics = {"best": {k: best.get(k) for k in ("accuracy_mean", "accuracy_sd", "macro_f1_mean", "train_seconds")},
+               "cells": {s: sum(c["status"] == s for c in document["cells"]) for s in ("done", "failed", "skipped")},
+               "wall_seconds": document.get("wall_seconds"),
+               "paired_test": {k: paired.get(k) for k in ("mean_difference", "t", "p_value")}}
+    if best.get("accuracy_ci"):
+        metrics["best"].update(ci_low=best["accuracy_ci"][0], ci_high=best["accuracy_ci"][1])
+    options = {"compare": {k: document.get(k) for k in ("data", "backbones", "strategies", "seeds")},
+               "fit": document.get("fit_options") or {}, "recommendation": document.get("recommendation") or {}}
+    parent = TrackedRun(out.resolve().name, options, metrics, files=[out / LEADERBOARD_FILE, out / "report.html"],
+                        tags={"transferkit.compare_dir": str(out)})
+    log_runs(tracking, parent, children)
 
 
 BEST_FOLDER = "best"

@@ -67,7 +67,8 @@ def wilson_interval(accuracy: float, n: int, z: float = 1.959964) -> tuple[float
 # --- the reproducing command -------------------------------------------------------------------------------
 
 
-def _flags(values: dict[str, Any], cls: type, always: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> list[str]:
+def option_flags(values: dict[str, Any], cls: type, always: tuple[str, ...] = (),
+                 skip: tuple[str, ...] = ()) -> list[str]:
     """``--name value`` for every field of option dataclass ``cls`` whose value in ``values`` is not its default."""
     args: list[str] = []
     for f in dataclasses.fields(cls):
@@ -101,16 +102,16 @@ def fit_command(options: dict[str, Any], backbone: str | None = None) -> str:
     if backbone and not fit.get("backbone"):
         fit["backbone"] = backbone
     args = ["transferkit", "fit"]
-    args += _flags(fit, FitConfig, always=("data", "backbone", "strategy"),
+    args += option_flags(fit, FitConfig, always=("data", "backbone", "strategy"),
                    skip=("overwrite", "resume", "progress", "cache_dir"))
-    args += _flags(options.get("train", {}), TrainConfig, always=("seed",), skip=("device",))
+    args += option_flags(options.get("train", {}), TrainConfig, always=("seed",), skip=("device",))
     strategy = options.get("strategy", {})
     if strategy.get("name"):
-        args += _flags(strategy.get("options", {}), strategy_class(strategy["name"]).config_class)
+        args += option_flags(strategy.get("options", {}), strategy_class(strategy["name"]).config_class)
     extensions = list_extensions()
     for name, values in options.get("extensions", {}).items():
         if name in extensions:
-            args += _flags(values, extensions[name].config_class)
+            args += option_flags(values, extensions[name].config_class)
     return shlex.join(args)
 
 
@@ -237,21 +238,32 @@ def _limits(metrics: dict[str, Any], split: str) -> list[str]:
 
 
 def model_card(metrics: dict[str, Any], *, command: str | None = None, name: str = "model",
-               data: str | None = None) -> str:
-    """The card's Markdown text (with YAML front matter) for a run whose ``metrics.json`` is ``metrics``."""
+               data: str | None = None, backbones: list[str] | None = None, summary: str | None = None,
+               sections: list[tuple[str, list[str]]] = (), limits: list[str] = ()) -> str:
+    """The card's Markdown text (with YAML front matter) for a run whose ``metrics.json`` is ``metrics``.
+
+    ``backbones``: every backbone of the model (an ensemble's; default: the run's one); ``summary``: the opening
+    sentence instead of "A <strategy> adaptation of <backbone> ..."; ``sections``: extra ``(heading, lines)`` after
+    the training data (e.g. what ``auto`` searched); ``limits``: extra known limits."""
     from transferkit import __version__
 
     config = metrics.get("config") or {}
     fit = config.get("fit") or {}
     data = data or fit.get("data") or "unknown"
     backbone = str(metrics.get("backbone") or fit.get("backbone") or "unknown")
+    backbones = list(backbones or [backbone])
     pretrained = bool(fit.get("pretrained", True))
-    weights = _backbone_weights(backbone, pretrained)
+    sources = {b: _backbone_weights(b, pretrained) for b in backbones}
+    licences = sorted({w["license"] for w in sources.values()})
+    weights = {"license": licences[0] if len(licences) == 1 else "other", "source": ""}
+    base_models = [w["base_model"] for w in sources.values() if "base_model" in w]
+    if base_models:
+        weights["base_model"] = base_models[0] if len(base_models) == 1 else base_models  # type: ignore[assignment]
     strategy = metrics.get("strategy") or (config.get("strategy") or {}).get("name") or "unknown"
     try:
         from transferkit.backbones import backbone_info
 
-        backbone_modality = backbone_info(backbone).modality
+        backbone_modality = backbone_info(backbones[0]).modality
     except Exception:
         backbone_modality = "unknown"
     modality = "text" if metrics.get("task") == "causal-lm" else backbone_modality
@@ -264,7 +276,7 @@ def model_card(metrics: dict[str, Any], *, command: str | None = None, name: str
         front["base_model"] = weights["base_model"]
     if pipeline:
         front["pipeline_tag"] = pipeline
-    front["tags"] = ["transferkit", str(strategy), *([modality] if modality != "unknown" else [])]
+    front["tags"] = ["transferkit", str(strategy).split(":")[0], *([modality] if modality != "unknown" else [])]
     front["datasets"] = [str(data)]
     if entries:
         front["model-index"] = [{"name": name, "results": [{
@@ -277,9 +289,9 @@ def model_card(metrics: dict[str, Any], *, command: str | None = None, name: str
                         if v is not None}
     lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
              f"# {name}", "",
-             f"A `{strategy}` adaptation of `{backbone}` to `{data}`, trained with transferkit {__version__}.", "",
-             "## Model details", "",
-             f"- **Backbone:** `{backbone}`; weights: {weights['source']}; licence: {weights['license']}",
+             summary or f"A `{strategy}` adaptation of `{backbone}` to `{data}`, trained with transferkit {__version__}.",
+             "", "## Model details", "",
+             *(f"- **Backbone:** `{b}`; weights: {w['source']}; licence: {w['license']}" for b, w in sources.items()),
              f"- **Strategy:** `{strategy}`" + (f" with {', '.join(f'{k}={v}' for k, v in strategy_options.items())}"
                                                 if strategy_options else ""),
              ]
@@ -293,8 +305,10 @@ def model_card(metrics: dict[str, Any], *, command: str | None = None, name: str
         lines.append("- **Sizes:** " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
     if classes:
         lines.append(f"- **Classes ({len(classes)}):** " + ", ".join(f"`{c}`" for c in classes))
+    for heading, section in sections:
+        lines += ["", f"## {heading}", "", *section]
     lines += ["", "## Evaluation", "", *evaluation, "", "## Calibration", "", *_calibration(metrics), "",
-              "## Known limits", "", *_limits(metrics, split), ""]
+              "## Known limits", "", *_limits(metrics, split), *limits, ""]
     if command:
         lines += ["## Reproduce", "", "```bash", command, "```", ""]
     lines += ["## Use", "", "```python", "import transferkit", "", f'model = transferkit.load("{name}")',
@@ -304,9 +318,10 @@ def model_card(metrics: dict[str, Any], *, command: str | None = None, name: str
 
 
 def write_model_card(run_dir: str | Path, metrics: dict[str, Any], command: str | None = None,
-                     name: str | None = None) -> Path:
+                     name: str | None = None, **details: Any) -> Path:
     """Write ``README.md`` (the model card) into ``run_dir`` atomically; returns its path. ``name``: the run's
-    published folder name (default: ``run_dir``'s, without the staging folder's ``.NAME.partial`` dressing)."""
+    published folder name (default: ``run_dir``'s, without the staging folder's ``.NAME.partial`` dressing);
+    ``details``: :func:`model_card`'s other options."""
     from transferkit.rundir import write_text
 
     run_dir = Path(run_dir)
@@ -315,5 +330,5 @@ def write_model_card(run_dir: str | Path, metrics: dict[str, Any], command: str 
         if name.startswith(".") and name.endswith(".partial"):
             name = name[1:-len(".partial")]
     path = run_dir / CARD_FILE
-    write_text(path, model_card(metrics, command=command, name=name))
+    write_text(path, model_card(metrics, command=command, name=name, **details))
     return path

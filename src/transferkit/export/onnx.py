@@ -12,6 +12,17 @@
 * ``parity.json``: PyTorch against onnxruntime on sample inputs at export time (max absolute logit difference
   and agreement of the predicted class), at two batch sizes.
 
+An ``auto`` ensemble (members with their own backbones, resolutions and flip test-time augmentation) becomes ONE
+graph whose first output ``probabilities`` is the weighted mean of the members' softmax probabilities, exactly as
+:class:`transferkit.api.EnsembleModel` computes them. Its members may need different inputs, so the graph has one
+input per distinct *view* (``pixels_0``, ``pixels_1``, ... or ``input_ids_0`` / ``attention_mask_0``, ...): one
+per member preprocessing (resolution, crop, normalisation, tokenizer), and one more for the mirror image of a
+member with flip TTA. ``preprocess.json`` (``"kind": "ensemble"``) lists every view's preprocessing, which
+``transferkit`` runs in Python before the graph; the resizing is done there (PIL, as in training), not in the
+graph, so the export reproduces the PyTorch ensemble to rounding error. The members' raw logits follow as
+outputs ``logits_<member>_<view>``. ``parity.json`` then also holds the end-to-end comparison with the PyTorch
+ensemble (maximum probability difference, agreement).
+
 ``load(OUT)`` returns an :class:`OnnxModel` (``predict``, ``predict_proba``, ``classes_``): ``transferkit
 predict / evaluate / serve --model OUT`` then run onnxruntime, without PyTorch weights.
 """
@@ -30,7 +41,8 @@ from transferkit.errors import TransferkitError
 logger = logging.getLogger(__name__)
 
 FORMAT = "transferkit-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ensembles (``preprocess.json`` kind "ensemble", output_kind "probabilities")
+SINGLE_FORMAT_VERSION = 1  # a single model's export is still readable by version-1 readers
 GRAPH_FILE = "model.onnx"
 PREPROCESS_FILE = "preprocess.json"
 PARITY_FILE = "parity.json"
@@ -85,7 +97,8 @@ def preprocess_spec(backbone: Any) -> dict[str, Any]:
 
 
 class Preprocessor:
-    """``preprocess.json`` applied in Python: images -> float32 NCHW arrays, texts -> token arrays."""
+    """``preprocess.json`` applied in Python: images -> float32 NCHW arrays, texts -> token arrays (an ensemble's
+    views: :class:`ViewsPreprocessor`)."""
 
     def __init__(self, spec: dict[str, Any], folder: Path) -> None:
         self.spec = spec
@@ -117,18 +130,54 @@ class Preprocessor:
 
         from transferkit.backbones.base import as_pil_image
 
-        tensors = [self.transform(as_pil_image(item, self.spec["mode"])) for item in items]
-        return {"pixels": torch.stack(tensors).cpu().numpy().astype(np.float32)}
+        images = [as_pil_image(item, self.spec["mode"]) for item in items]
+        if self.spec.get("mirror"):  # the flip-TTA view: the mirror image, preprocessed the same way
+            from PIL import ImageOps
+
+            images = [ImageOps.mirror(image) for image in images]
+        return {"pixels": torch.stack([self.transform(image) for image in images]).cpu().numpy().astype(np.float32)}
+
+
+class ViewsPreprocessor:
+    """An ensemble export's views (``preprocess.json`` kind ``ensemble``): each view's arrays under its own graph
+    input names (``graph_inputs``)."""
+
+    def __init__(self, spec: dict[str, Any], folder: Path) -> None:
+        self.spec = spec
+        self.views = [(view, Preprocessor(view, folder)) for view in spec["views"]]
+
+    def __call__(self, items: list[Any]) -> dict[str, np.ndarray]:
+        arrays: dict[str, np.ndarray] = {}
+        for view, preprocess in self.views:
+            own = preprocess(items)
+            arrays.update(zip(view["graph_inputs"], (own[name] for name in _view_keys(view))))
+        return arrays
+
+
+def make_preprocessor(spec: dict[str, Any], folder: Path) -> Preprocessor | ViewsPreprocessor:
+    """The preprocessing of an export folder's ``preprocess.json``."""
+    return ViewsPreprocessor(spec, folder) if spec["kind"] == "ensemble" else Preprocessor(spec, folder)
+
+
+def _view_keys(spec: dict[str, Any]) -> list[str]:
+    """The names :class:`Preprocessor` gives a view's arrays, in graph-input order."""
+    return list(spec["inputs"]) if spec["kind"] == "text" else ["pixels"]
 
 
 # --- export ------------------------------------------------------------------------------------------------------
 
 
+def _batch(input_names: list[str], inputs: tuple) -> Any:
+    """What ``TransferModel.forward`` takes: the pixel tensor, or the tokenizer's tensors by name."""
+    return inputs[0] if input_names == ["pixels"] else dict(zip(input_names, inputs))
+
+
 class _Graph:
-    """A torch module from preprocessed inputs to every head's raw output (built lazily: torch imported late)."""
+    """Torch modules from preprocessed inputs to the exported outputs (built lazily: torch imported late)."""
 
     @staticmethod
     def build(model: Any, input_names: list[str]):
+        """A single model: every head's raw output."""
         import torch
 
         class Graph(torch.nn.Module):
@@ -137,18 +186,44 @@ class _Graph:
                 self.model = model
 
             def forward(self, *inputs):
-                if len(input_names) == 1 and input_names[0] == "pixels":
-                    batch = inputs[0]
-                else:
-                    batch = dict(zip(input_names, inputs))
-                outputs = self.model(batch).outputs
+                outputs = self.model(_batch(input_names, inputs)).outputs
                 return tuple(outputs[t.name] for t in self.model.tasks)
 
         return Graph().eval()
 
+    @staticmethod
+    def build_ensemble(members: list[dict[str, Any]], views: list[dict[str, Any]], input_names: list[str]):
+        """An ensemble: the weighted mean of the members' probabilities (each member: softmax of its first head's
+        logits / its temperature, averaged over its views, i.e. plain and mirror image under flip TTA), then
+        every member's logits per view."""
+        import torch
+
+        class EnsembleGraph(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.members = torch.nn.ModuleList(m["module"] for m in members)
+
+            def forward(self, *inputs):
+                named = dict(zip(input_names, inputs))
+                total, logits = None, []
+                for module, member in zip(self.members, members):
+                    probabilities = None
+                    for v in member["views"]:
+                        tensors = tuple(named[n] for n in views[v]["graph_inputs"])
+                        out = module(_batch(_view_keys(views[v]), tensors)).outputs[module.tasks[0].name]
+                        logits.append(out)
+                        p = torch.softmax(out / member["temperature"], dim=-1)
+                        probabilities = p if probabilities is None else probabilities + p
+                    weighted = probabilities * (member["weight"] / len(member["views"]))
+                    total = weighted if total is None else total + weighted
+                return (total, *logits)
+
+        return EnsembleGraph().eval()
+
 
 def _sample_items(spec: dict[str, Any], class_names: list[str], n: int, seed: int = 0) -> list[Any]:
-    """Inputs for the parity check: random-pattern images, or texts made of the class names and common words."""
+    """Inputs for the parity check: random-pattern images (square and wide), or texts made of the class names and
+    common words."""
     rng = np.random.default_rng(seed)
     if spec["kind"] == "text":
         words = [*class_names, "the", "a", "good", "bad", "is", "was", "very", "not", "service", "great"]
@@ -156,107 +231,232 @@ def _sample_items(spec: dict[str, Any], class_names: list[str], n: int, seed: in
     from PIL import Image
 
     size = max(spec["size"], 8)
-    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+    return [Image.fromarray(rng.integers(0, 256, (size, size + (i % 2) * (size // 3 + 1), 3), dtype=np.uint8))
+            for i in range(n)]
+
+
+def _merge_lora_of(loaded: Any) -> None:
+    """Fold a LoRA run's update into its base weights (the graph then holds plain layers)."""
+    strategy = loaded.config.get("strategy", {})
+    if strategy.get("name") == "lora" and not strategy.get("options", {}).get("_merged"):
+        from transferkit.strategies.lora import merge_lora
+
+        logger.info("merged %d LoRA layers into the base weights before export", merge_lora(loaded.module.backbone))
+
+
+def _check_classifier(loaded: Any) -> None:
+    loaded.refuse_language_model()
+    if any(t.kind != "classify" for t in loaded.module.tasks[:1]):
+        raise TransferkitError("ONNX export needs a classifier as the first task",
+                               "export this run with --format safetensors")
 
 
 def export_onnx(model_dir: str | Path, out: str | Path, overwrite: bool = False, samples: int = 16) -> Path:
-    """Write ``model_dir``'s classifier as an ONNX export folder (see the module docstring); returns ``out``."""
+    """Write ``model_dir``'s classifier (or ``auto`` ensemble) as an ONNX export folder (see the module docstring);
+    returns ``out``."""
     _require_onnx()
-    import torch
-
-    from transferkit.api import load
+    from transferkit.api import EnsembleModel, load
     from transferkit.rundir import OutputFolder, write_json, write_text
 
     folder = OutputFolder(out, "export", overwrite=overwrite)
     folder.check()
     loaded = load(model_dir, device="cpu")  # traced with CPU example inputs, compared on onnxruntime's CPU provider
-    loaded.refuse_language_model()
-    model = loaded.module
-    if any(t.kind != "classify" for t in model.tasks[:1]):
-        raise TransferkitError("ONNX export needs a classifier as the first task",
-                               "export this run with --format safetensors")
-    strategy = loaded.config.get("strategy", {})
-    if strategy.get("name") == "lora" and not strategy.get("options", {}).get("_merged"):
-        from transferkit.strategies.lora import merge_lora
-
-        logger.info("merged %d LoRA layers into the base weights before export", merge_lora(model.backbone))
-    model.eval()
-    spec = preprocess_spec(model.backbone)
+    parts = loaded.members if isinstance(loaded, EnsembleModel) else [loaded]
+    for part in parts:
+        _check_classifier(part)
+        _merge_lora_of(part)
+        part.module.eval()
     folder.begin()
     with folder:
-        stage = folder.stage
-        if spec["kind"] == "text":
-            model.backbone.tokenizer.save_pretrained(str(stage / TOKENIZER_DIR))
-        preprocessor = Preprocessor(spec, stage)
-        items = _sample_items(spec, loaded.classes_, samples)
-        arrays = preprocessor(items[:2])
-        input_names = list(arrays)
-        output_names = [t.name for t in model.tasks]
-        graph = _Graph.build(model, input_names)
-        dynamic = {name: ({0: "batch"} if name == "pixels" else {0: "batch", 1: "sequence"}) for name in input_names}
-        dynamic.update({name: {0: "batch"} for name in output_names})
-        example = tuple(torch.from_numpy(arrays[name]) for name in input_names)
-        with torch.no_grad():
-            torch.onnx.export(graph, example, str(stage / GRAPH_FILE), input_names=input_names,
-                              output_names=output_names, dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
-        parity = check_parity(graph, stage / GRAPH_FILE, preprocessor, items, input_names)
-        write_json(stage / PARITY_FILE, parity)
-        write_json(stage / PREPROCESS_FILE, spec)
-        config = {"format": FORMAT, "format_version": FORMAT_VERSION, "modality": model.backbone.modality,
-                  "tasks": [t.to_dict() for t in model.tasks], "temperature": loaded.temperature,
-                  "inputs": input_names, "outputs": output_names, "backbone": model.backbone.spec.to_dict(),
-                  "strategy": strategy.get("name"), "source": str(model_dir), "opset": OPSET}
-        write_json(stage / "config.json", config)
-        write_text(stage / "README.md", _readme(spec, config, parity))
+        if isinstance(loaded, EnsembleModel):
+            spec, config, parity = _export_ensemble(loaded, folder.stage, samples)
+        else:
+            spec, config, parity = _export_single(loaded, folder.stage, samples)
+        config["source"] = str(model_dir)
+        write_json(folder.stage / PARITY_FILE, parity)
+        write_json(folder.stage / PREPROCESS_FILE, spec)
+        write_json(folder.stage / "config.json", config)
+        write_text(folder.stage / "README.md", _readme(spec, config, parity))
         published = folder.publish()
     logger.info("ONNX export written to %s (max |logit difference| %.2e, agreement %.4f)", published,
                 parity["max_abs_logit_diff"], parity["agreement"])
     return published
 
 
-def check_parity(graph: Any, onnx_path: Path, preprocessor: Preprocessor, items: list[Any],
-                 input_names: list[str]) -> dict[str, Any]:
-    """PyTorch vs onnxruntime on ``items`` at batch sizes 1 and len(items): max |logit diff| and argmax agreement."""
+def _write_graph(graph: Any, stage: Path, arrays: dict[str, np.ndarray], output_names: list[str]) -> None:
+    """``torch.onnx.export`` with a dynamic batch (and sequence length for token inputs)."""
+    import torch
+
+    input_names = list(arrays)
+    dynamic = {name: ({0: "batch"} if name.startswith("pixels") else {0: "batch", 1: "sequence"})
+               for name in input_names}
+    dynamic.update({name: {0: "batch"} for name in output_names})
+    example = tuple(torch.from_numpy(arrays[name]) for name in input_names)
+    with torch.no_grad():
+        torch.onnx.export(graph, example, str(stage / GRAPH_FILE), input_names=input_names,
+                          output_names=output_names, dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
+
+
+def _export_single(loaded: Any, stage: Path, samples: int) -> tuple[dict, dict, dict]:
+    model = loaded.module
+    spec = preprocess_spec(model.backbone)
+    if spec["kind"] == "text":
+        model.backbone.tokenizer.save_pretrained(str(stage / TOKENIZER_DIR))
+    preprocessor = Preprocessor(spec, stage)
+    items = _sample_items(spec, loaded.classes_, samples)
+    arrays = preprocessor(items[:2])
+    input_names, output_names = list(arrays), [t.name for t in model.tasks]
+    graph = _Graph.build(model, input_names)
+    _write_graph(graph, stage, arrays, output_names)
+    parity = check_parity(graph, stage / GRAPH_FILE, preprocessor, items, input_names)
+    config = {"format": FORMAT, "format_version": SINGLE_FORMAT_VERSION, "modality": model.backbone.modality,
+              "tasks": [t.to_dict() for t in model.tasks], "temperature": loaded.temperature,
+              "inputs": input_names, "outputs": output_names, "output_kind": "logits",
+              "backbone": model.backbone.spec.to_dict(), "strategy": loaded.config.get("strategy", {}).get("name"),
+              "opset": OPSET}
+    return spec, config, parity
+
+
+def _export_ensemble(ensemble: Any, stage: Path, samples: int) -> tuple[dict, dict, dict]:
+    """One graph for an ``auto`` ensemble (module docstring): views deduplicated over members, probabilities
+    averaged in the graph; parity against the graph in PyTorch and against the PyTorch ensemble itself."""
+    views: list[dict[str, Any]] = []
+    members: list[dict[str, Any]] = []
+    total = sum(ensemble.weights)
+    for member, weight in zip(ensemble.members, ensemble.weights):
+        backbone = member.module.backbone
+        base = preprocess_spec(backbone)
+        mirrors = [False, True] if member.config.get("tta") == "hflip" and base["kind"] == "image" else [False]
+        indices = []
+        for mirror in mirrors:
+            key = {**base, "mirror": mirror, "backbone": backbone.spec.to_dict()}
+            found = next((i for i, v in enumerate(views) if v["key"] == key), None)
+            if found is None:
+                found = len(views)
+                view = {**base, "mirror": mirror, "name": f"view{found}", "key": key}
+                if base["kind"] == "text":
+                    view["tokenizer"] = f"{TOKENIZER_DIR}_{found}"
+                    backbone.tokenizer.save_pretrained(str(stage / view["tokenizer"]))
+                    view["graph_inputs"] = [f"{name}_{found}" for name in base["inputs"]]
+                else:
+                    view["graph_inputs"] = [f"pixels_{found}"]
+                views.append(view)
+            indices.append(found)
+        members.append({"module": member.module, "views": indices, "weight": weight / total,
+                        "temperature": float(member.temperature), "backbone": backbone.spec.name,
+                        "strategy": member.config.get("strategy", {}).get("name"),
+                        "tta": member.config.get("tta"), "path": str(member.path)})
+    for view in views:
+        del view["key"]
+    spec = {"kind": "ensemble", "modality": ensemble.modality, "views": views}
+    preprocessor = ViewsPreprocessor(spec, stage)
+    largest = max((v for v in views if v["kind"] == "image"), key=lambda v: v["size"], default=views[0])
+    items = _sample_items(largest, ensemble.classes_, samples)
+    arrays = preprocessor(items[:2])
+    input_names = list(arrays)
+    output_names = ["probabilities"] + [f"logits_{m}_{v}" for m, member in enumerate(members) for v in member["views"]]
+    graph = _Graph.build_ensemble(members, views, input_names)
+    _write_graph(graph, stage, arrays, output_names)
+    parity = check_parity(graph, stage / GRAPH_FILE, preprocessor, items, input_names, probabilities=True)
+    parity["ensemble"] = _ensemble_parity(ensemble, stage / GRAPH_FILE, preprocessor, items)
+    tasks = [ensemble.members[0].module.tasks[0].to_dict()]
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "modality": ensemble.modality, "tasks": tasks,
+              "temperature": 1.0, "inputs": input_names, "outputs": output_names, "output_kind": "probabilities",
+              "members": [{k: v for k, v in m.items() if k != "module"} for m in members],
+              "strategy": "ensemble", "opset": OPSET}
+    return spec, config, parity
+
+
+def _ensemble_parity(ensemble: Any, onnx_path: Path, preprocessor: ViewsPreprocessor,
+                     items: list[Any]) -> dict[str, Any]:
+    """The PyTorch ensemble (each member with its own preprocessing and TTA) against the graph's probabilities."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    reference = ensemble.predict_proba(items)
+    got = session.run(["probabilities"], preprocessor(items))[0]
+    return {"max_abs_probability_diff": float(np.abs(reference - got).max()),
+            "agreement": float((reference.argmax(1) == got.argmax(1)).mean()), "samples": len(items),
+            "reference": "transferkit.load(RUN).predict_proba (PyTorch, members' own preprocessing and TTA)"}
+
+
+def check_parity(graph: Any, onnx_path: Path, preprocessor: Any, items: list[Any], input_names: list[str],
+                 probabilities: bool = False) -> dict[str, Any]:
+    """PyTorch vs onnxruntime on ``items`` at batch sizes 1 and len(items): max |difference| over every output
+    (logits; the first output separately when it is ``probabilities``) and argmax agreement of the first output."""
     import onnxruntime as ort
     import torch
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    diffs, agree, total = [], 0, 0
+    logit_diffs, probability_diffs, agree, total = [], [], 0, 0
     for batch in (1, len(items)):
         for start in range(0, len(items) if batch == len(items) else min(len(items), 4), batch):
             arrays = preprocessor(items[start:start + batch])
             with torch.no_grad():
-                reference = graph(*(torch.from_numpy(arrays[n]) for n in input_names))[0].float().cpu().numpy()
-            got = session.run(None, {n: arrays[n] for n in input_names})[0]
-            diffs.append(float(np.abs(reference - got).max()))
-            agree += int((reference.argmax(1) == got.argmax(1)).sum())
-            total += len(reference)
-    return {"samples": len(items), "batch_sizes": [1, len(items)], "max_abs_logit_diff": max(diffs),
-            "agreement": agree / total, "onnxruntime": ort.__version__, "torch": torch.__version__,
-            "inputs": "synthetic (random-pattern images or texts of class names and common words)"}
+                reference = [t.float().cpu().numpy() for t in graph(*(torch.from_numpy(arrays[n]) for n in input_names))]
+            got = session.run(None, {n: arrays[n] for n in input_names})
+            for i, (ref, out) in enumerate(zip(reference, got)):
+                (probability_diffs if probabilities and i == 0 else logit_diffs).append(float(np.abs(ref - out).max()))
+            agree += int((reference[0].argmax(1) == got[0].argmax(1)).sum())
+            total += len(reference[0])
+    result = {"samples": len(items), "batch_sizes": [1, len(items)], "max_abs_logit_diff": max(logit_diffs),
+              "agreement": agree / total, "onnxruntime": ort.__version__, "torch": torch.__version__,
+              "inputs": "synthetic (random-pattern images or texts of class names and common words)"}
+    if probabilities:
+        result["max_abs_probability_diff"] = max(probability_diffs)
+    return result
+
+
+def _image_steps(spec: dict[str, Any], name: str) -> str:
+    return (f"1. decode the image file and convert it to mode `{spec['mode']}`"
+            + (", then mirror it left-right\n" if spec.get("mirror") else "\n")
+            + (f"2. resize to exactly {spec['size']}x{spec['size']} ({spec['interpolation']})\n"
+               if spec["resize"] == "exact" else
+               f"2. resize the shorter side to floor({spec['size']} / {spec['crop_pct']}) "
+               f"({spec['interpolation']}), then centre-crop {spec['size']}x{spec['size']}\n")
+            + f"3. scale to [0, 1], subtract mean {spec['mean']}, divide by std {spec['std']}\n"
+            f"4. stack as float32 `{name}` of shape (batch, channels, height, width)\n")
+
+
+def _text_steps(spec: dict[str, Any], names: list[str]) -> str:
+    return (f"1. tokenise with the tokenizer in `{spec['tokenizer']}/` (padding to the longest, truncation to "
+            f"{spec['max_length']} tokens)\n2. feed {' and '.join(f'`{n}`' for n in names)} as int64 "
+            "(batch, tokens)\n")
 
 
 def _readme(spec: dict[str, Any], config: dict[str, Any], parity: dict[str, Any]) -> str:
-    if spec["kind"] == "image":
-        steps = (f"1. decode the image file and convert it to mode `{spec['mode']}`\n"
-                 + (f"2. resize to exactly {spec['size']}x{spec['size']} ({spec['interpolation']})\n"
-                    if spec["resize"] == "exact" else
-                    f"2. resize the shorter side to floor({spec['size']} / {spec['crop_pct']}) "
-                    f"({spec['interpolation']}), then centre-crop {spec['size']}x{spec['size']}\n")
-                 + f"3. scale to [0, 1], subtract mean {spec['mean']}, divide by std {spec['std']}\n"
-                 "4. stack as float32 `pixels` of shape (batch, channels, height, width)\n")
-    else:
-        steps = (f"1. tokenise with the tokenizer in `{TOKENIZER_DIR}/` (padding to the longest, truncation to "
-                 f"{spec['max_length']} tokens)\n2. feed `input_ids` and `attention_mask` as int64 (batch, tokens)\n")
     classes = config["tasks"][0]["class_names"]
-    return (f"# ONNX export\n\nGraph `{GRAPH_FILE}` (opset {config['opset']}), exported from `{config['source']}`.\n\n"
-            f"## Preprocessing (in Python, before the graph; also in `{PREPROCESS_FILE}`)\n\n{steps}\n"
-            f"## Outputs\n\n{', '.join(f'`{o}`' for o in config['outputs'])}: raw logits (batch, classes); "
-            f"probabilities = softmax(logits / {config['temperature']}). Classes in order: {classes}.\n\n"
+    if spec["kind"] == "ensemble":
+        steps = "\n".join(f"### Input view {i}{' (mirror image: flip test-time augmentation)' if v['mirror'] else ''}"
+                          f"\n\n" + (_image_steps(v, v["graph_inputs"][0]) if v["kind"] == "image" else
+                                     _text_steps(v, v["graph_inputs"]))
+                          for i, v in enumerate(spec["views"]))
+        members = "\n".join(f"- member {m}: `{member['strategy']}` on `{member['backbone']}`, weight "
+                            f"{member['weight']:.4f}, views {member['views']}, temperature {member['temperature']}"
+                            for m, member in enumerate(config["members"]))
+        outputs = (f"`probabilities` (batch, classes): the weighted mean over the members of softmax(logits / "
+                   f"temperature), each member averaged over its views. Members:\n\n{members}\n\nThen each member's "
+                   f"raw logits per view: {', '.join(f'`{o}`' for o in config['outputs'][1:])}.")
+        ensemble = parity["ensemble"]
+        extra = (f" Against the PyTorch ensemble itself (each member with its own preprocessing and TTA): max "
+                 f"|probability difference| {ensemble['max_abs_probability_diff']:.2e}, agreement "
+                 f"{ensemble['agreement']:.4f}.")
+        head = ("Every member of the ensemble may need another resolution or tokenizer, so the graph has one input "
+                "per view; resizing runs in Python before the graph, as in training.\n\n")
+    else:
+        steps = _image_steps(spec, "pixels") if spec["kind"] == "image" else \
+            _text_steps({**spec, "tokenizer": TOKENIZER_DIR}, ["input_ids", "attention_mask"])
+        outputs = (f"{', '.join(f'`{o}`' for o in config['outputs'])}: raw logits (batch, classes); "
+                   f"probabilities = softmax(logits / {config['temperature']}).")
+        extra, head = "", ""
+    return (f"# ONNX export\n\nGraph `{GRAPH_FILE}` (opset {config['opset']}), exported from `{config['source']}`. "
+            f"Batch size is dynamic.\n\n"
+            f"## Preprocessing (in Python, before the graph; also in `{PREPROCESS_FILE}`)\n\n{head}{steps}\n"
+            f"## Outputs\n\n{outputs} Classes in order: {classes}.\n\n"
             f"## Parity with PyTorch (at export)\n\nmax |logit difference| {parity['max_abs_logit_diff']:.2e}, "
-            f"predicted-class agreement {parity['agreement']:.4f} on {parity['samples']} synthetic inputs.\n\n"
+            f"predicted-class agreement {parity['agreement']:.4f} on {parity['samples']} synthetic inputs.{extra}\n\n"
             "## Use\n\n```bash\ntransferkit predict --model THIS_FOLDER INPUT...\n"
-            "transferkit serve --model THIS_FOLDER\n```\n")
+            "transferkit evaluate --model THIS_FOLDER --data DATA\ntransferkit serve --model THIS_FOLDER\n```\n")
 
 
 # --- runtime -------------------------------------------------------------------------------------------------------
@@ -280,7 +480,7 @@ class OnnxModel:
         # the graph outputs every head; the runtime predicts the first task (a classifier)
         self.tasks = [TaskSpec(**self.config["tasks"][0])]
         self.temperature = float(self.config.get("temperature") or 1.0)
-        self.preprocessor = Preprocessor(json.loads((self.path / PREPROCESS_FILE).read_text()), self.path)
+        self.preprocessor = make_preprocessor(json.loads((self.path / PREPROCESS_FILE).read_text()), self.path)
         try:
             self.session = ort.InferenceSession(str(self.path / GRAPH_FILE), providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types for damaged graphs
@@ -305,7 +505,8 @@ class OnnxModel:
             items = [items]
         return [_open_image(item) if self.modality == "image" else str(item) for item in items]
 
-    def logits(self, items: Any, batch_size: int = 64) -> np.ndarray:
+    def first_output(self, items: Any, batch_size: int = 64) -> np.ndarray:
+        """The graph's first output for ``items``: the first head's logits, or an ensemble's probabilities."""
         items = self._items(items)
         chunks = []
         for start in range(0, len(items), batch_size):
@@ -315,7 +516,9 @@ class OnnxModel:
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes_)), np.float32)
 
     def predict_proba(self, items: Any, batch_size: int = 64) -> np.ndarray:
-        logits = self.logits(items, batch_size).astype(np.float64) / self.temperature
+        if self.config.get("output_kind") == "probabilities":  # an ensemble: averaged in the graph
+            return self.first_output(items, batch_size).astype(np.float64)
+        logits = self.first_output(items, batch_size).astype(np.float64) / self.temperature
         logits -= logits.max(axis=1, keepdims=True)
         exp = np.exp(logits)
         return exp / exp.sum(axis=1, keepdims=True)

@@ -465,9 +465,10 @@ class AutoSearch:
         return model, strategy.to_dict(), extra
 
 
-def run_auto(config: AutoConfig, started: float | None = None):
-    """Search, choose, refit and write the run folder; returns a :class:`transferkit.api.Run`. The budget runs from
-    ``started`` (``time.time()``; default: now)."""
+def run_auto(config: AutoConfig, started: float | None = None, tracking: Any = None):
+    """Search, choose, refit and write the run folder (with its model card); returns a :class:`transferkit.api.Run`.
+    The budget runs from ``started`` (``time.time()``; default: now). ``tracking``: a checked
+    :class:`transferkit.tracking.TrackingConfig` to log the published run to (``--track``)."""
     from transferkit.api import Run
     from transferkit.evaluation.metrics import classification_report
     from transferkit.model import save_model
@@ -504,11 +505,16 @@ def run_auto(config: AutoConfig, started: float | None = None):
                                                      "budget_seconds": budget, "final": weights,
                                                      "leaderboard": leaderboard})
         (folder.stage / LEADERBOARD_MD).write_text(leaderboard_markdown(leaderboard, weights, search))
+        from transferkit.search.publish import track_auto, write_auto_card
+
+        write_auto_card(folder.stage, metrics, name=Path(config.out).name)
         out = folder.publish()
     except BaseException as exc:
         folder.abandon(exc)
         raise
     search.log("done: cross-validated accuracy %.4f; run written to %s", metrics["accuracy"], out)
+    if tracking is not None:
+        track_auto(tracking, out, metrics)
     return Run(out, metrics, [])
 
 
