@@ -163,3 +163,26 @@ def test_safetensors_export_of_a_plain_run_keeps_its_weights(tmp_path):
     files = sorted(str(p) for p in (tmp_path / "data").rglob("*.png"))
     np.testing.assert_allclose(transferkit.load(tmp_path / "plain").predict_proba(files),
                                transferkit.load(run.path).predict_proba(files), atol=1e-7)
+
+
+def test_text_ensemble_exports_one_graph_with_a_tokenizer_per_view(tiny_bert_dir, tmp_path):
+    from transferkit.search.ensemble import save_ensemble
+
+    rng = np.random.default_rng(0)
+    rows = ["text,label"] + [f"{' '.join(rng.choice(ANIMALS if i % 2 == 0 else MUSIC, 2 + i % 5))},"
+                             f"{'animals' if i % 2 == 0 else 'music'}" for i in range(24)]
+    (tmp_path / "texts.csv").write_text("\n".join(rows) + "\n")
+    runs = [transferkit.fit(str(tmp_path / "texts.csv"), backbone=f"hf:{tiny_bert_dir}", strategy="linear-probe",
+                            out=str(tmp_path / f"run{n}"), progress=False, seed=n, max_length=n) for n in (6, 16)]
+    loaded = [transferkit.load(r.path, device="cpu") for r in runs]
+    save_ensemble(tmp_path / "ens" / "model", [(m.module, m.config["strategy"], {}) for m in loaded], [0.5, 0.5])
+    from transferkit.export.onnx import export_onnx
+
+    export = export_onnx(tmp_path / "ens", tmp_path / "onnx")
+    parity = json.loads((export / "parity.json").read_text())
+    assert parity["max_abs_logit_diff"] <= 1e-4 and parity["ensemble"]["max_abs_probability_diff"] <= 1e-5
+    views = json.loads((export / "preprocess.json").read_text())["views"]
+    assert [v["max_length"] for v in views] == [6, 16] and all((export / v["tokenizer"]).is_dir() for v in views)
+    texts = ["cat dog mat sat fell guitar plays market", "guitar", "the dog sat on the mat today with a cat"]
+    np.testing.assert_allclose(transferkit.load(export).predict_proba(texts),
+                               transferkit.load(tmp_path / "ens", device="cpu").predict_proba(texts), atol=1e-5)
