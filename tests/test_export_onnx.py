@@ -143,6 +143,16 @@ def test_auto_ensemble_exports_to_one_onnx_graph_and_to_a_plain_model_folder(tmp
         assert status == 200 and [r["prediction"] for r in answer["predictions"]] == [r["prediction"] for r in rows]
         stop_cleanly(process)
 
+    # one model with flip TTA (auto's single choice): exported as a one-member ensemble, mirror view included
+    from transferkit.export.onnx import export_onnx
+    from transferkit.model import save_model
+
+    save_model(members[1].module, tmp_path / "tta", members[1].config["strategy"], extra={"tta": "hflip"})
+    tta = export_onnx(tmp_path / "tta", tmp_path / "tta-onnx")
+    assert [v["mirror"] for v in json.loads((tta / "preprocess.json").read_text())["views"]] == [False, True]
+    np.testing.assert_allclose(transferkit.load(tta).predict_proba(files),
+                               transferkit.load(tmp_path / "tta", device="cpu").predict_proba(files), atol=1e-5)
+
     # --format safetensors (the default): a plain ensemble folder that loads as the same model
     assert main(["export", "--model", str(tmp_path / "auto"), "--out", str(tmp_path / "plain")]) == 0
     plain = transferkit.load(tmp_path / "plain", device="cpu")
