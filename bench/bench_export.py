@@ -164,7 +164,9 @@ def report(parities: dict[str, Any], latencies: dict[str, Any], parity_command: 
 
     lines = [f"Models: Fashion-MNIST (20 labels per class, seed 0) at {IMAGE_SIZE} px on EfficientNet-Lite0, and a "
              "MiniLM probe on the tweets corpus (20 labels per class); evaluated on a fixed stratified subset of "
-             f"{TEST_ITEMS:,} test items. onnxruntime {version('onnxruntime')}, torch {version('torch')}, opset 18.",
+             f"{TEST_ITEMS:,} test items. onnxruntime {version('onnxruntime')}, torch {version('torch')}, opset 18. "
+             "Training settings (`transferkit.fit`, seed 0, `limit_per_class=20`, other options at their defaults): "
+             + "; ".join(f"{name}: `{options}`" for name, (_, options) in MODELS.items()) + ".",
              "", f"### Parity (`{parity_command}`, under nice)", "",
              "| model | max abs logit difference (same arrays) | identical predicted classes (each with its own "
              "preprocessing) | accuracy PyTorch | accuracy ONNX | parity.json at export |",
