@@ -84,8 +84,9 @@ def test_text_run_exports_to_onnx_with_its_tokenizer(strategy, tiny_bert_dir, tm
 
 
 def test_auto_ensemble_exports_to_one_onnx_graph_and_to_a_plain_model_folder(tmp_path, capsys):
-    """Members with different backbones, image modes, resolutions and flip TTA: one graph averaging their
-    probabilities, equal to the PyTorch ensemble; `--format safetensors` writes a plain ensemble folder."""
+    """Members with different backbones, image modes, resolutions, strategies (one LoRA, merged) and flip TTA: one
+    graph averaging their probabilities, equal to the PyTorch ensemble; `--format safetensors` writes a plain
+    ensemble folder."""
     from transferkit.api import EnsembleModel
     from transferkit.search.ensemble import save_ensemble
 
@@ -100,7 +101,7 @@ def test_auto_ensemble_exports_to_one_onnx_graph_and_to_a_plain_model_folder(tmp
     cnn = transferkit.fit(str(data), backbone="small_cnn", strategy="finetune", epochs=2, batch_size=8, lr=0.01,
                           out=str(tmp_path / "cnn"), **common)
     lite = transferkit.fit(str(data), backbone="efficientnet_lite0", image_size=32, pretrained=False,
-                           strategy="linear-probe", out=str(tmp_path / "lite"), **common)
+                           strategy="lora", lora_r=2, epochs=1, batch_size=8, out=str(tmp_path / "lite"), **common)
     members = [transferkit.load(cnn.path, device="cpu"), transferkit.load(lite.path, device="cpu")]
     save_ensemble(tmp_path / "auto" / "model", [(members[0].module, members[0].config["strategy"], {}),
                                                 (members[1].module, members[1].config["strategy"], {"tta": "hflip"})],
@@ -157,6 +158,7 @@ def test_auto_ensemble_exports_to_one_onnx_graph_and_to_a_plain_model_folder(tmp
     assert main(["export", "--model", str(tmp_path / "auto"), "--out", str(tmp_path / "plain")]) == 0
     plain = transferkit.load(tmp_path / "plain", device="cpu")
     assert isinstance(plain, EnsembleModel) and plain.weights == [0.3, 0.7]
+    assert plain.members[1].config["strategy"]["options"]["_merged"]  # the LoRA member merged: no peft needed
     assert sorted(p.name for p in (tmp_path / "plain" / "members" / "0").iterdir()) == ["config.json",
                                                                                        "model.safetensors"]
     np.testing.assert_allclose(plain.predict_proba(files), expected, atol=1e-6)
@@ -173,6 +175,7 @@ def test_safetensors_export_of_a_plain_run_keeps_its_weights(tmp_path):
     files = sorted(str(p) for p in (tmp_path / "data").rglob("*.png"))
     np.testing.assert_allclose(transferkit.load(tmp_path / "plain").predict_proba(files),
                                transferkit.load(run.path).predict_proba(files), atol=1e-7)
+    assert main(["export", "--model", str(run.path), "--out", str(tmp_path / "merged"), "--merge"]) == 2  # not LoRA
 
 
 def test_text_ensemble_exports_one_graph_with_a_tokenizer_per_view(tiny_bert_dir, tmp_path):
