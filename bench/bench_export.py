@@ -159,12 +159,14 @@ def latency(name: str, threads: int, repeats: int) -> dict[str, Any]:
     return out
 
 
-def report(parities: dict[str, Any], latencies: dict[str, Any], parity_command: str, latency_command: str) -> str:
+def report(parities: dict[str, Any], latencies: dict[tuple[str, int], Any], parity_command: str, latency_command: str) -> str:
     from importlib.metadata import version
 
     lines = [f"Models: Fashion-MNIST (20 labels per class, seed 0) at {IMAGE_SIZE} px on EfficientNet-Lite0, and a "
              "MiniLM probe on the tweets corpus (20 labels per class); evaluated on a fixed stratified subset of "
-             f"{TEST_ITEMS:,} test items. onnxruntime {version('onnxruntime')}, torch {version('torch')}, opset 18.",
+             f"{TEST_ITEMS:,} test items. onnxruntime {version('onnxruntime')}, torch {version('torch')}, opset 18. "
+             "Training settings (`transferkit.fit`, seed 0, `limit_per_class=20`, other options at their defaults): "
+             + "; ".join(f"{name}: `{options}`" for name, (_, options) in MODELS.items()) + ".",
              "", f"### Parity (`{parity_command}`, under nice)", "",
              "| model | max abs logit difference (same arrays) | identical predicted classes (each with its own "
              "preprocessing) | accuracy PyTorch | accuracy ONNX | parity.json at export |",
@@ -180,13 +182,14 @@ def report(parities: dict[str, Any], latencies: dict[str, Any], parity_command: 
                   "repetitions (interquartile range in brackets).", "",
                   "| model | threads | batch | PyTorch ms | onnxruntime ms | ratio (onnxruntime / PyTorch) |",
                   "|---|---|---|---|---|---|"]
-        for name, lat in latencies.items():
+        for (name, _), lat in sorted(latencies.items()):
             for size in (1, 32):
                 row = lat[f"batch{size}"]
                 lines.append(f"| {LABELS[name]} | {lat['threads']} | {size} | {row['torch_ms']:.1f} "
                              f"[{row['torch_iqr_ms'][0]:.1f}-{row['torch_iqr_ms'][1]:.1f}] | {row['onnx_ms']:.1f} "
                              f"[{row['onnx_iqr_ms'][0]:.1f}-{row['onnx_iqr_ms'][1]:.1f}] | **{row['ratio']:.2f}** |")
-        loads = ", ".join(f"{name}: {lat['load_average'][0]:.2f}" for name, lat in latencies.items())
+        loads = ", ".join(f"{name} ({threads} threads): {lat['load_average'][0]:.1f}"
+                          for (name, threads), lat in sorted(latencies.items()))
         lines += ["", f"1-minute load average at the end of each measurement: {loads} (2 cores; other engineers' "
                   "jobs run niced beside it)."]
     return "\n".join(lines)
@@ -210,17 +213,19 @@ def main(argv: list[str] | None = None) -> None:
         for name in names:
             cached(CACHE, f"latency-{name}-t{args.threads}", lambda name=name: latency(name, args.threads,
                                                                                         args.repeats))
-        (CACHE / "latency-command.txt").write_text(command)
+        (CACHE / f"latency-command-t{args.threads}.txt").write_text(command)
     if args.part == "parity":
         (CACHE / "parity-command.txt").write_text(command)
     import json
 
     parities = {n: json.loads((CACHE / f"parity-{n}.json").read_text()) for n in MODELS
                 if (CACHE / f"parity-{n}.json").is_file()}
-    latencies = {n: json.loads(p.read_text()) for n in MODELS for p in sorted(CACHE.glob(f"latency-{n}-t*.json"))}
+    latencies = {(n, int(p.stem.rsplit("-t", 1)[1])): json.loads(p.read_text()) for n in MODELS
+                 for p in sorted(CACHE.glob(f"latency-{n}-t*.json"))}
     read = lambda f: (CACHE / f).read_text() if (CACHE / f).is_file() else "-"  # noqa: E731
     write_section(RESULTS / "export.md", "ONNX export: parity and latency", command, started,
-                  report(parities, latencies, read("parity-command.txt"), read("latency-command.txt")))
+                  report(parities, latencies, read("parity-command.txt"),
+                         "`, `".join(p.read_text() for p in sorted(CACHE.glob("latency-command-t*.txt")))))
 
 
 if __name__ == "__main__":

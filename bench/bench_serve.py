@@ -336,8 +336,13 @@ def image_server_checks(run: Path, paths: list[Path], threads: int) -> dict[str,
 
 def report(measured: dict[str, Any], text_checks: dict[str, Any] | None, image_checks: dict[str, Any] | None,
            threads: int, load_total: int, n_images: int) -> list[str]:
-    lines = ["Served on this 2-core machine, shared with other work while measuring (1-minute load average "
-             f"{os.getloadavg()[0]:.0f} when this report was written: the numbers are noisy); the load generator (aiohttp, closed loop, one item per request) runs in its own "
+    loads = "; ".join(f"{name}: {r['load_average'][0]:.1f} before, {r['load_average'][1]:.1f} after"
+                      for name, r in (*measured.items(), ("load test", text_checks), ("KServe check", image_checks))
+                      if r and "load_average" in r)
+    lines = ["Served on this 2-core machine, shared with other work while measuring (the timed parts run at normal "
+             "priority under `flock /work/wt/bench.lock`, others' jobs niced beside them; 1-minute load average "
+             + (loads or f"{os.getloadavg()[0]:.0f} when this report was written") + ": the numbers are noisy); "
+             "the load generator (aiohttp, closed loop, one item per request) runs in its own "
              f"process on the same cores. Torch threads: {threads} in the server and in-process.", "",
              "| model | in-process predict_proba, batch 16 (items/s) | server, 16 clients, batching on (req/s) | "
              "ratio | server, 16 clients, batching off (req/s) | load generator CPU share |",
@@ -404,6 +409,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--load-requests", type=int, default=10_000, help="requests of the load test")
     parser.add_argument("--report-cached", action="store_true",
                         help="only write the report from the measurements an earlier run cached")
+    parser.add_argument("--parts", default="image,text,checks-text,checks-image",
+                        help="measure only these parts (comma-separated; the others are reported from the cache), "
+                             "so each timed run stays short: image, text, checks-text, checks-image")
+    parser.add_argument("--train-only", action="store_true",
+                        help="only train the two served models (run this under nice before the timed parts)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRANSFERKIT_PROGRESS", "0")
     started = time.perf_counter()
@@ -412,20 +422,30 @@ def main(argv: list[str] | None = None) -> None:
     load_total = 1_000 if args.quick else args.load_requests
     runs = train_runs(CACHE)
     paths, texts = sample_inputs(cache, 64)
+    if args.train_only:
+        return
+    parts = set(args.parts.split(","))
 
-    def measure(name: str, compute):
-        """A cached measurement; with --report-cached only what an earlier (interrupted) run stored."""
+    def measure(name: str, part: str, compute):
+        """A cached measurement; with --report-cached (or outside --parts) only what an earlier run stored. Each
+        records the 1-minute load average before and after it."""
         path = cache / f"{name}.json"
-        if args.report_cached:
+        if args.report_cached or part not in parts:
             return json.loads(path.read_text()) if path.is_file() else None
-        return cached(cache, name, compute)
 
-    measured = {m: measure(f"measured-{m}-t{args.threads}", lambda m=m: measure_model(
+        def timed():
+            before = os.getloadavg()[0]
+            result = compute()
+            return {**result, "load_average": [before, os.getloadavg()[0]]}
+
+        return cached(cache, name, timed)
+
+    measured = {m: measure(f"measured-{m}-t{args.threads}", m, lambda m=m: measure_model(
         m, runs[m], paths, texts, args.threads, requests16, requests1, rounds)) for m in ("image", "text")}
-    text_checks = measure(f"checks-text-t{args.threads}-{load_total}",
+    text_checks = measure(f"checks-text-t{args.threads}-{load_total}", "checks-text",
                           lambda: text_server_checks(runs["text"], texts, args.threads, load_total))
-    image_checks = measure(f"checks-image-t{args.threads}", lambda: image_server_checks(runs["image"], paths,
-                                                                                      args.threads))
+    image_checks = measure(f"checks-image-t{args.threads}", "checks-image",
+                           lambda: image_server_checks(runs["image"], paths, args.threads))
     lines = report(measured, text_checks, image_checks, args.threads, load_total, len(paths))
     target = RESULTS / ("quick" if args.quick else "") / "serve.md"
     write_section(target, "Serving: transferkit serve", bench_command("bench.bench_serve", argv), started,

@@ -84,8 +84,9 @@ def test_text_run_exports_to_onnx_with_its_tokenizer(strategy, tiny_bert_dir, tm
 
 
 def test_auto_ensemble_exports_to_one_onnx_graph_and_to_a_plain_model_folder(tmp_path, capsys):
-    """Members with different backbones, image modes, resolutions and flip TTA: one graph averaging their
-    probabilities, equal to the PyTorch ensemble; `--format safetensors` writes a plain ensemble folder."""
+    """Members with different backbones, image modes, resolutions, strategies (one LoRA, merged) and flip TTA: one
+    graph averaging their probabilities, equal to the PyTorch ensemble; `--format safetensors` writes a plain
+    ensemble folder."""
     from transferkit.api import EnsembleModel
     from transferkit.search.ensemble import save_ensemble
 
@@ -100,7 +101,7 @@ def test_auto_ensemble_exports_to_one_onnx_graph_and_to_a_plain_model_folder(tmp
     cnn = transferkit.fit(str(data), backbone="small_cnn", strategy="finetune", epochs=2, batch_size=8, lr=0.01,
                           out=str(tmp_path / "cnn"), **common)
     lite = transferkit.fit(str(data), backbone="efficientnet_lite0", image_size=32, pretrained=False,
-                           strategy="linear-probe", out=str(tmp_path / "lite"), **common)
+                           strategy="lora", lora_r=2, epochs=1, batch_size=8, out=str(tmp_path / "lite"), **common)
     members = [transferkit.load(cnn.path, device="cpu"), transferkit.load(lite.path, device="cpu")]
     save_ensemble(tmp_path / "auto" / "model", [(members[0].module, members[0].config["strategy"], {}),
                                                 (members[1].module, members[1].config["strategy"], {"tta": "hflip"})],
@@ -143,10 +144,21 @@ def test_auto_ensemble_exports_to_one_onnx_graph_and_to_a_plain_model_folder(tmp
         assert status == 200 and [r["prediction"] for r in answer["predictions"]] == [r["prediction"] for r in rows]
         stop_cleanly(process)
 
+    # one model with flip TTA (auto's single choice): exported as a one-member ensemble, mirror view included
+    from transferkit.export.onnx import export_onnx
+    from transferkit.model import save_model
+
+    save_model(members[1].module, tmp_path / "tta", members[1].config["strategy"], extra={"tta": "hflip"})
+    tta = export_onnx(tmp_path / "tta", tmp_path / "tta-onnx")
+    assert [v["mirror"] for v in json.loads((tta / "preprocess.json").read_text())["views"]] == [False, True]
+    np.testing.assert_allclose(transferkit.load(tta).predict_proba(files),
+                               transferkit.load(tmp_path / "tta", device="cpu").predict_proba(files), atol=1e-5)
+
     # --format safetensors (the default): a plain ensemble folder that loads as the same model
     assert main(["export", "--model", str(tmp_path / "auto"), "--out", str(tmp_path / "plain")]) == 0
     plain = transferkit.load(tmp_path / "plain", device="cpu")
     assert isinstance(plain, EnsembleModel) and plain.weights == [0.3, 0.7]
+    assert plain.members[1].config["strategy"]["options"]["_merged"]  # the LoRA member merged: no peft needed
     assert sorted(p.name for p in (tmp_path / "plain" / "members" / "0").iterdir()) == ["config.json",
                                                                                        "model.safetensors"]
     np.testing.assert_allclose(plain.predict_proba(files), expected, atol=1e-6)
@@ -163,3 +175,27 @@ def test_safetensors_export_of_a_plain_run_keeps_its_weights(tmp_path):
     files = sorted(str(p) for p in (tmp_path / "data").rglob("*.png"))
     np.testing.assert_allclose(transferkit.load(tmp_path / "plain").predict_proba(files),
                                transferkit.load(run.path).predict_proba(files), atol=1e-7)
+    assert main(["export", "--model", str(run.path), "--out", str(tmp_path / "merged"), "--merge"]) == 2  # not LoRA
+
+
+def test_text_ensemble_exports_one_graph_with_a_tokenizer_per_view(tiny_bert_dir, tmp_path):
+    from transferkit.search.ensemble import save_ensemble
+
+    rng = np.random.default_rng(0)
+    rows = ["text,label"] + [f"{' '.join(rng.choice(ANIMALS if i % 2 == 0 else MUSIC, 2 + i % 5))},"
+                             f"{'animals' if i % 2 == 0 else 'music'}" for i in range(24)]
+    (tmp_path / "texts.csv").write_text("\n".join(rows) + "\n")
+    runs = [transferkit.fit(str(tmp_path / "texts.csv"), backbone=f"hf:{tiny_bert_dir}", strategy="linear-probe",
+                            out=str(tmp_path / f"run{n}"), progress=False, seed=n, max_length=n) for n in (6, 16)]
+    loaded = [transferkit.load(r.path, device="cpu") for r in runs]
+    save_ensemble(tmp_path / "ens" / "model", [(m.module, m.config["strategy"], {}) for m in loaded], [0.5, 0.5])
+    from transferkit.export.onnx import export_onnx
+
+    export = export_onnx(tmp_path / "ens", tmp_path / "onnx")
+    parity = json.loads((export / "parity.json").read_text())
+    assert parity["max_abs_logit_diff"] <= 1e-4 and parity["ensemble"]["max_abs_probability_diff"] <= 1e-5
+    views = json.loads((export / "preprocess.json").read_text())["views"]
+    assert [v["max_length"] for v in views] == [6, 16] and all((export / v["tokenizer"]).is_dir() for v in views)
+    texts = ["cat dog mat sat fell guitar plays market", "guitar", "the dog sat on the mat today with a cat"]
+    np.testing.assert_allclose(transferkit.load(export).predict_proba(texts),
+                               transferkit.load(tmp_path / "ens", device="cpu").predict_proba(texts), atol=1e-5)

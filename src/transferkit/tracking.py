@@ -41,7 +41,8 @@ DEFAULT_TENSORBOARD_DIR = "runs/tensorboard"
 class TrackingConfig(ExtensionConfig):
     track: str | None = field(default=None, metadata={
         "help": "Log the finished run (options, per-epoch metrics, final metrics, the run folder) to mlflow or "
-                "tensorboard (needs the 'track' extra)."})
+                "tensorboard (needs the 'track' extra); auto and compare log a parent run with a child run per "
+                "candidate / per cell."})
     track_uri: str | None = field(default=None, metadata={
         "help": f"mlflow: tracking URI (default $MLFLOW_TRACKING_URI or {DEFAULT_MLFLOW_URI}); tensorboard: log "
                 f"folder (default {DEFAULT_TENSORBOARD_DIR})."})

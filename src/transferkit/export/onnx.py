@@ -269,7 +269,9 @@ def export_onnx(model_dir: str | Path, out: str | Path, overwrite: bool = False,
     folder.begin()
     with folder:
         if isinstance(loaded, EnsembleModel):
-            spec, config, parity = _export_ensemble(loaded, folder.stage, samples)
+            spec, config, parity = _export_ensemble(loaded, loaded.members, loaded.weights, folder.stage, samples)
+        elif loaded.config.get("tta"):  # one model with flip TTA (an auto run): a one-member ensemble graph
+            spec, config, parity = _export_ensemble(loaded, [loaded], [1.0], folder.stage, samples)
         else:
             spec, config, parity = _export_single(loaded, folder.stage, samples)
         config["source"] = str(model_dir)
@@ -317,13 +319,15 @@ def _export_single(loaded: Any, stage: Path, samples: int) -> tuple[dict, dict, 
     return spec, config, parity
 
 
-def _export_ensemble(ensemble: Any, stage: Path, samples: int) -> tuple[dict, dict, dict]:
-    """One graph for an ``auto`` ensemble (module docstring): views deduplicated over members, probabilities
-    averaged in the graph; parity against the graph in PyTorch and against the PyTorch ensemble itself."""
+def _export_ensemble(ensemble: Any, parts: list[Any], weights: list[float], stage: Path,
+                     samples: int) -> tuple[dict, dict, dict]:
+    """One graph for an ``auto`` ensemble (module docstring) of the loaded models ``parts`` (``ensemble`` itself
+    may be a single model with flip TTA): views deduplicated over members, probabilities averaged in the graph;
+    parity against the graph in PyTorch and against ``ensemble.predict_proba`` itself."""
     views: list[dict[str, Any]] = []
     members: list[dict[str, Any]] = []
-    total = sum(ensemble.weights)
-    for member, weight in zip(ensemble.members, ensemble.weights):
+    total = sum(weights)
+    for member, weight in zip(parts, weights):
         backbone = member.module.backbone
         base = preprocess_spec(backbone)
         mirrors = [False, True] if member.config.get("tta") == "hflip" and base["kind"] == "image" else [False]
@@ -359,7 +363,7 @@ def _export_ensemble(ensemble: Any, stage: Path, samples: int) -> tuple[dict, di
     _write_graph(graph, stage, arrays, output_names)
     parity = check_parity(graph, stage / GRAPH_FILE, preprocessor, items, input_names, probabilities=True)
     parity["ensemble"] = _ensemble_parity(ensemble, stage / GRAPH_FILE, preprocessor, items)
-    tasks = [ensemble.members[0].module.tasks[0].to_dict()]
+    tasks = [parts[0].module.tasks[0].to_dict()]
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "modality": ensemble.modality, "tasks": tasks,
               "temperature": 1.0, "inputs": input_names, "outputs": output_names, "output_kind": "probabilities",
               "members": [{k: v for k, v in m.items() if k != "module"} for m in members],

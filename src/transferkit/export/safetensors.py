@@ -18,6 +18,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from transferkit.errors import TransferkitError
+
 logger = logging.getLogger(__name__)
 
 #: keys of a model's config.json that ``save_model`` / ``save_ensemble`` write themselves
@@ -56,6 +58,10 @@ def export_safetensors(model_dir: str | Path, out: str | Path, merge: bool = Fal
         from transferkit.strategies.lora import export_lora
 
         return export_lora(model_dir, out, merge=merge, overwrite=overwrite)
+    if merge and ENSEMBLE_KEY not in config:
+        raise TransferkitError(f"--merge folds a LoRA update into its base weights, but the model in "
+                               f"'{config['_folder']}' was trained with strategy "
+                               f"'{(config.get('strategy') or {}).get('name')}'", "drop --merge")
     folder = OutputFolder(out, "export", overwrite=overwrite)
     folder.check()
     loaded = load(model_dir, device="cpu")
