@@ -340,6 +340,8 @@ def probe_cells(task: str, seed: int) -> dict:
         spec = PROBE_TASKS[task]
         splits = load_data(spec["data"], limit_per_class=spec["per_class"], seed=seed, test_limit=spec["test_limit"])
         labelled, test = labelled_pool(splits), splits.test
+        if task == "fashion":  # the clustering section's 2,000 test images: their features serve both sections
+            test = clustering_test_set(labelled.class_names)
         options = {"image_size": spec["image_size"]} if spec["image_size"] else {}
         cell = {}
         for name, backbone_name in (("original", spec["backbone"]), ("self-taught", str(CACHE / "backbones" / task))):
@@ -351,6 +353,19 @@ def probe_cells(task: str, seed: int) -> dict:
         return cell
 
     return cached(CACHE, f"probe-{task}-s{seed}", compute)
+
+
+def clustering_test_set(class_names: list[str]):
+    """The 2,000 Fashion-MNIST test images of the clustering section (200 per class of the official test split) as
+    labelled data in ``class_names`` order."""
+    from transferkit.data import load_unlabelled
+
+    folder, labels_csv = write_images(2000)
+    data = load_unlabelled(folder)
+    truth = dict(zip(*truth_of(labels_csv)))
+    data.labels = np.asarray([class_names.index(truth[item]) for item in data.ids])
+    data.class_names = list(class_names)
+    return data
 
 
 def probe_section(task: str, seeds: int, argv: list[str] | None) -> None:
@@ -372,7 +387,7 @@ def probe_section(task: str, seeds: int, argv: list[str] | None) -> None:
     sd = statistics.stdev(differences) if len(differences) > 1 else 0.0
     body = "\n".join(lines) + (
         f"\n\n{spec['data']}: {spec['per_class']} labelled items per class (drawn per seed), {spec['test_limit']} "
-        f"fixed test items, unlabelled pool of {provenance['items']} items of the training side (no test item); "
+        f"fixed test items{' (the clustering section' + chr(39) + 's images)' if task == 'fashion' else ''}, unlabelled pool of {provenance['items']} items of the training side (no test item); "
         f"{spec['backbone']}{' at ' + str(spec['image_size']) + ' px' if spec['image_size'] else ''}; probe: "
         f"scikit-learn LogisticRegression(max_iter=1000) on frozen features.\n\n"
         f"- Paired difference self-taught - original: {mean_difference * 100:+.2f} points (SD over seeds "
