@@ -58,7 +58,12 @@ def criteria(x: np.ndarray, y: np.ndarray) -> dict[str, dict[int, float]]:
     from scipy.sparse.linalg import eigsh
     from sklearn.cluster import KMeans
     from sklearn.decomposition import PCA
-    from sklearn.metrics import adjusted_rand_score, calinski_harabasz_score, normalized_mutual_info_score, silhouette_score
+    from sklearn.metrics import (
+        adjusted_rand_score,
+        calinski_harabasz_score,
+        normalized_mutual_info_score,
+        silhouette_score,
+    )
     from sklearn.mixture import GaussianMixture
 
     from transferkit.selftaught.cluster import modularity, neighbour_graph
