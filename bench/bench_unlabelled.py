@@ -56,6 +56,23 @@ def write_images(n: int) -> tuple[Path, Path]:
     return folder, labels_csv
 
 
+def write_part(heading: str, argv: list[str] | None, started: float, body: str) -> None:
+    """Write one section of bench/results/unlabelled.md (``write_section``'s format), keeping the file's other
+    sections (every section of this script, and other scripts' sections of the same file)."""
+    import re
+    import tempfile
+
+    scratch = Path(tempfile.mkdtemp()) / "section.md"
+    write_section(scratch, heading, bench_command("bench.bench_unlabelled", argv), started, body)
+    section = scratch.read_text()
+    old = RESULTS.read_text() if RESULTS.is_file() else ""
+    parts = [p for p in re.split(r"(?m)^(?=## )", old) if p.strip()]
+    parts = [section if p.startswith(f"## {heading}\n") else p for p in parts]
+    if section not in parts:
+        parts.append(section)
+    RESULTS.write_text("\n".join(p.rstrip("\n") + "\n" for p in parts))
+
+
 def truth_of(labels_csv: Path) -> tuple[list[str], list[str]]:
     lines = labels_csv.read_text().splitlines()[1:]
     return [line.split(",")[0] for line in lines], [line.split(",")[1] for line in lines]
@@ -128,8 +145,7 @@ def selftaught_cluster_section(args: argparse.Namespace, argv: list[str] | None)
         f"\n\n{args.n} Fashion-MNIST test images (the clustering section's), {args.seeds} k-means seeds; the "
         f"self-taught backbone is the one of the Fashion-MNIST probe section (`{pretrained['command']}`).\n\n"
         + "\n".join(notes) + "\n")
-    write_section(RESULTS, "Self-taught clustering on the self-taught backbone (Fashion-MNIST)",
-                  bench_command("bench.bench_unlabelled", argv), started, body)
+    write_part("Self-taught clustering on the self-taught backbone (Fashion-MNIST)", argv, started, body)
 
 
 SECTIONS = ("cluster", "probe-fashion", "probe-tweets", "cluster-selftaught")
@@ -224,8 +240,7 @@ def cluster_section(args: argparse.Namespace, argv: list[str] | None) -> None:
         f"- `cluster` vs k-means on the same backbone features: {ours - bare:+.3f} NMI (target: not below: "
         f"{'met' if ours - bare >= 0 else 'NOT met'}; seed SDs shown above).\n"
         f"- `--method spectral` vs k-means on the same backbone features: {spectral - bare:+.3f} NMI.\n" + auto_line)
-    write_section(RESULTS, "Self-taught clustering (Fashion-MNIST)", bench_command("bench.bench_unlabelled", argv),
-                  started, body)
+    write_part("Self-taught clustering (Fashion-MNIST)", argv, started, body)
 
 
 
@@ -397,8 +412,7 @@ def probe_section(task: str, seeds: int, argv: list[str] | None) -> None:
         f"epoch(s), train loss per epoch {provenance['losses']}, {pretrained['wall_seconds'] / 60:.1f} min wall "
         f"(under nice, not a timed run; load average {pretrained['load_before']:.1f} before, "
         f"{pretrained['load_after']:.1f} after). One pretraining (seed 0); the seeds are label draws.\n")
-    write_section(RESULTS, f"Self-taught learning: linear probe ({task})", bench_command("bench.bench_unlabelled", argv),
-                  started, body)
+    write_part(f"Self-taught learning: linear probe ({task})", argv, started, body)
 
 
 if __name__ == "__main__":
