@@ -13,8 +13,9 @@ raises the expected share ``(d_c / 2m)^2`` more than the observed one (Q falls).
 whether an item's nearest neighbours share its cluster, the notion graph-based clustering uses, instead of
 comparing global Euclidean distances as the silhouette coefficient (Rousseeuw 1987) does. On pretrained
 embeddings the global geometry is dominated by a few super-groups (Fashion-MNIST: tops, shoes, the rest), so
-the silhouette curve is flat and peaks at a small k (it chose k = 2 on Fashion-MNIST); modularity chose 10
-on 2,000 Fashion-MNIST training images and 9-10 on MNIST digits (bench/results/unlabelled.md). Every k's
+the silhouette curve is flat and peaks at a small k (it chose k = 2 on Fashion-MNIST test images and on MNIST);
+modularity chose 10 on 2,000 Fashion-MNIST training images and 12 on 2,000 MNIST digits, the only candidate
+within 2 of the class count on both (bench/k_criteria.py, bench/results/unlabelled.md). Every k's
 modularity is written to ``metrics.json``.
 
 ``--method spectral``: spectral clustering (Ng, Jordan & Weiss 2002; scikit-learn ``SpectralClustering``) on the
