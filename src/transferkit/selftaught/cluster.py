@@ -14,8 +14,8 @@ whether an item's nearest neighbours share its cluster, the notion graph-based c
 comparing global Euclidean distances as the silhouette coefficient (Rousseeuw 1987) does. On pretrained
 embeddings the global geometry is dominated by a few super-groups (Fashion-MNIST: tops, shoes, the rest), so
 the silhouette curve is flat and peaks at a small k (it chose k = 2 on Fashion-MNIST test images and on MNIST);
-modularity chose 10 on 2,000 Fashion-MNIST training images and 12 on 2,000 MNIST digits, the only candidate
-within 2 of the class count on both (bench/k_criteria.py, bench/results/unlabelled.md). Every k's
+modularity chose 10 on 2,000 Fashion-MNIST training images and 12 on 2,000 MNIST digits, the closest of nine
+candidates to the class count (the knee of the inertia curve: 8 and 8; bench/k_criteria.py). Every k's
 modularity is written to ``metrics.json``.
 
 ``--method spectral``: spectral clustering (Ng, Jordan & Weiss 2002; scikit-learn ``SpectralClustering``) on the
