@@ -33,6 +33,26 @@ def test_kmeans_recovers_three_blobs_and_auto_k_finds_three():
     assert choose_k(x, seed=1, k_max=6)[0] == 3
 
 
+def test_modularity_prefers_the_true_partition_to_split_or_merged_ones():
+    from transferkit.selftaught.cluster import modularity, neighbour_graph
+
+    x, truth = _blobs()
+    graph = neighbour_graph(x)
+    split = np.where((truth == 0) & (np.arange(len(x)) % 2 == 0), 3, truth)  # one blob cut in two
+    merged = np.minimum(truth, 1)  # two blobs as one
+    assert modularity(graph, truth) > max(modularity(graph, split), modularity(graph, merged))
+    assert modularity(graph, np.zeros(len(x), dtype=np.int64)) == pytest.approx(0.0)
+
+
+def test_spectral_recovers_three_blobs_with_auto_k():
+    from sklearn.metrics import adjusted_rand_score
+
+    x, truth = _blobs()
+    result = cluster_features(x, k=None, method="spectral", seed=0)
+    assert result.k_ == 3 and adjusted_rand_score(truth, result.labels_) == 1.0
+    assert result.centres_.shape == (3, x.shape[1]) and np.all(result.distances_ >= 0)
+
+
 def test_hdbscan_recovers_three_blobs():
     from sklearn.metrics import adjusted_rand_score
 

@@ -149,3 +149,61 @@ def test_text_pretrain_masked_lm_changes_the_encoder(tmp_path, tiny_bert_dir):
     b = loaded.encode(words)
     assert a.shape == b.shape and not np.allclose(a, b, atol=1e-4)
     assert np.isfinite(result.summary["final_loss"])
+
+
+def test_simclr_views_of_a_grey_image_stay_grey_differ_and_have_the_backbone_size():
+    from types import SimpleNamespace
+
+    from transferkit.selftaught.pretrain import TwoViews, view_transform
+
+    backbone = SimpleNamespace(image_size=24, image_mode="RGB", normalization={
+        "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear", "crop_pct": 0.875})
+    rng = np.random.default_rng(0)
+    grey = Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8))
+    data = SimpleNamespace(items=[grey], __len__=lambda: 1)
+    torch.manual_seed(0)
+    first, second, index = TwoViews(data, backbone, crop_scale=0.3)[0]
+    assert first.shape == second.shape == (3, 24, 24) and index == 0
+    assert not torch.allclose(first, second)  # two different random views ...
+    for view in (first, second):  # ... and no colour invented on a grey image (jitter acts on brightness/contrast)
+        assert torch.allclose(view[0], view[1], atol=1e-5) and torch.allclose(view[1], view[2], atol=1e-5)
+    assert view_transform(SimpleNamespace(), 0.3) is None  # no timm normalisation: the backbone's own augmentation
+
+
+def test_train_groups_freezes_the_lower_groups_and_trains_the_top(tmp_path):
+    from safetensors.torch import load_file
+
+    _images(tmp_path / "pool")
+    result = _pretrain(tmp_path, tmp_path / "bb", train_groups=1)
+    assert json.loads((result.path / "backbone.json").read_text())["provenance"]["trained_layer_groups"] == 1
+    base = _base_small_cnn()
+    trained = load_file(str(result.path / "weights.safetensors"))
+    groups = base.layer_groups()
+    names = {id(p): n for n, p in base.named_parameters()}
+    lower = [names[id(p)] for g in groups[:-1] for p in g.parameters()]
+    top = [names[id(p)] for p in groups[-1].parameters()]
+    state = base.state_dict()
+    assert lower and all(torch.equal(state[n], trained[n]) for n in lower)
+    assert any(not torch.equal(state[n], trained[n]) for n in top)
+
+
+def test_text_pretrain_keeps_mean_pooling_for_the_probe(tmp_path, tiny_bert_dir):
+    """After masked-LM the backbone folder still embeds with the base's pooling (mean over real tokens + L2 norm),
+    from the trained encoder: what a probe reads."""
+    from transferkit.backbones import create_backbone
+    from transferkit.selftaught.pretrain import pretrain
+
+    texts = tmp_path / "texts.csv"
+    words = ["the cat sat on the mat", "a dog plays guitar", "someone fell today"]
+    texts.write_text("text\n" + "".join(f"{words[i % 3]}\n" for i in range(12)))
+    result = pretrain(data=str(texts), backbone=f"hf:{tiny_bert_dir}", out=str(tmp_path / "bb"), epochs=1,
+                      batch_size=6, lr=1e-3, progress=False)
+    loaded = create_backbone(str(result.path))
+    assert loaded.pooling == "mean" and loaded.normalize
+    batch = loaded.collate(words)
+    loaded.eval()
+    with torch.no_grad():
+        hidden = loaded.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    manual = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    assert np.allclose(loaded.encode(words), manual, atol=1e-5)

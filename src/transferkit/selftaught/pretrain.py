@@ -1,9 +1,12 @@
 """Self-taught learning: continued self-supervised pretraining of a pretrained backbone on unlabelled in-domain data
 (the supervised task is made from the data itself), written as a backbone folder that ``--backbone`` accepts.
 
-* Images: SimCLR (Chen et al. 2020): two views of every item from the backbone's own training augmentation
-  (``preprocess(item, train=True)``), a 2-layer MLP projection head, NT-Xent loss
-  (``engine.objectives.ContrastiveObjective``); the head is discarded afterwards.
+* Images: SimCLR (Chen et al. 2020): two views of every item (:func:`view_transform`: random resized crop of
+  ``--crop-scale``..1 of the area, flip, colour jitter that on grey images acts on brightness and contrast only),
+  a 2-layer MLP projection head (learning rate ``--head-lr-scale`` x ``--lr``: it starts random), NT-Xent loss
+  (``engine.objectives.ContrastiveObjective``); the head is discarded afterwards. Batch norm runs in training mode,
+  so its statistics move to the unlabelled domain in every layer; ``--train-groups N`` trains only the top N
+  layer groups (cheaper steps on CPU, and the lower layers keep their pretrained filters).
 * Text: masked-language modelling (Devlin et al. 2019) through transformers: ``AutoModelForMaskedLM`` around the
   backbone's encoder, masking by ``DataCollatorForLanguageModeling`` (tokenizer-based: no nltk data needed);
   the loss is the model's own (``engine.objectives.ModelLossObjective``). The MLM head is discarded afterwards.
@@ -44,7 +47,14 @@ class PretrainConfig:
                                                   "give the contrastive loss more negatives)."})
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (small: the backbone is pretrained)."})
     temperature: float = field(default=0.2, metadata={"help": "Images: NT-Xent temperature."})
+    crop_scale: float = field(default=0.3, metadata={"help": "Images: smallest area share of a view's random "
+                              "resized crop (SimCLR's views differ mostly by cropping; 1 = no cropping)."})
+    head_lr_scale: float = field(default=10.0, metadata={"help": "Images: learning rate of the new projection head "
+                                 "as a multiple of --lr (the backbone stays close to its pretrained weights)."})
     projection_dim: int = field(default=128, metadata={"help": "Images: output width of the projection head."})
+    train_groups: int | None = field(default=None, metadata={"help": "Train only the top N layer groups of the "
+                                     "backbone (the rest frozen: cheaper steps, closer to the pretrained weights; "
+                                     "batch-norm statistics still adapt everywhere). Default: all."})
     mask_probability: float = field(default=0.15, metadata={"help": "Text: share of tokens masked."})
     text_column: str | None = field(default=None, metadata={"help": "Text column of a .csv/.jsonl file."})
     image_size: int | None = field(default=None, metadata={"help": "Input resolution (default: the backbone's)."})
@@ -64,8 +74,12 @@ class PretrainConfig:
         check_count("--epochs", self.epochs, 1)
         check_count("--batch-size", self.batch_size, 2)
         check_count("--projection-dim", self.projection_dim, 1)
+        if self.train_groups is not None:
+            check_count("--train-groups", self.train_groups, 1)
         check_number("--lr", self.lr, 0, None, low_open=True)
         check_number("--temperature", self.temperature, 0, None, low_open=True)
+        check_number("--crop-scale", self.crop_scale, 0, 1, low_open=True)
+        check_number("--head-lr-scale", self.head_lr_scale, 0, None, low_open=True)
         check_number("--mask-probability", self.mask_probability, 0, 1, low_open=True, high_open=True)
 
 
@@ -78,18 +92,50 @@ class PretrainResult:
 # --- images: two views, projection head ---------------------------------------------------------------------------
 
 
-class TwoViews(Dataset):
-    """``dataset[i] = (view_1, view_2, i)``: two independent draws of the backbone's training augmentation."""
+def view_transform(backbone: Any, crop_scale: float) -> Any:
+    """SimCLR's view augmentation (Chen et al. 2020, appendix A) in the backbone's own resolution, interpolation and
+    normalisation: random resized crop (area ``crop_scale``..1), horizontal flip, colour jitter (brightness,
+    contrast, saturation 0.4, hue 0.1; p 0.8) and random greyscale (p 0.2). On grey images saturation, hue and
+    greyscale are no-ops, so only brightness and contrast act (no colour signal to be invariant to). No blur: at
+    the small resolutions used on CPU it erases the few pixels of a 28 px source. Backbones without timm-style
+    ``normalization`` (e.g. ``small_cnn``) use their own training augmentation."""
+    normalization = getattr(backbone, "normalization", None)
+    if not isinstance(normalization, dict) or not hasattr(backbone, "image_size"):
+        return None
+    from torchvision import transforms
 
-    def __init__(self, data: LabeledData, backbone: Any) -> None:
+    mode = transforms.InterpolationMode(normalization["interpolation"])
+    return transforms.Compose([
+        transforms.RandomResizedCrop(backbone.image_size, scale=(crop_scale, 1.0), interpolation=mode),
+        transforms.RandomHorizontalFlip(),
+        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        transforms.RandomGrayscale(p=0.2),
+        transforms.ToTensor(),
+        transforms.Normalize(normalization["mean"], normalization["std"]),
+    ])
+
+
+class TwoViews(Dataset):
+    """``dataset[i] = (view_1, view_2, i)``: two independent draws of the view augmentation (:func:`view_transform`,
+    else the backbone's training augmentation)."""
+
+    def __init__(self, data: LabeledData, backbone: Any, crop_scale: float = 0.3) -> None:
         self.data, self.backbone = data, backbone
+        self.transform = view_transform(backbone, crop_scale)
 
     def __len__(self) -> int:
         return len(self.data)
 
+    def _view(self, item: Any) -> Any:
+        if self.transform is None:
+            return self.backbone.preprocess(item, True)
+        from transferkit.backbones.base import as_pil_image
+
+        return self.transform(as_pil_image(item, getattr(self.backbone, "image_mode", "RGB")))
+
     def __getitem__(self, i: int) -> tuple[Any, Any, int]:
         item = self.data.items[i]
-        return self.backbone.preprocess(item, True), self.backbone.preprocess(item, True), i
+        return self._view(item), self._view(item), i
 
 
 class TwoViewCollator:
@@ -182,13 +228,36 @@ def _loader(data: LabeledData, backbone: Any, config: PretrainConfig) -> DataLoa
     from transferkit.engine.sampling import EpochShuffleSampler
 
     if data.modality == "image":
-        dataset: Dataset = TwoViews(data, backbone)
+        dataset: Dataset = TwoViews(data, backbone, config.crop_scale)
         collate: Any = TwoViewCollator(backbone)
     else:
         dataset = TorchDataset(data, backbone, train=False)
         collate = MaskingCollator(backbone, config.mask_probability)
     return DataLoader(dataset, batch_size=min(config.batch_size, len(data)), sampler=EpochShuffleSampler(
         len(dataset), config.seed), drop_last=len(data) > config.batch_size, collate_fn=collate)
+
+
+def freeze_lower_groups(backbone: Any, train_groups: int | None) -> int:
+    """Freeze every layer group of ``backbone`` but the top ``train_groups`` (None: train all); returns the number
+    of trainable groups."""
+    groups = backbone.layer_groups()
+    if train_groups is None or train_groups >= len(groups):
+        return len(groups)
+    for group in groups[: len(groups) - train_groups]:
+        for param in group.parameters():
+            param.requires_grad_(False)
+    return train_groups
+
+
+def _param_groups(model: nn.Module, config: PretrainConfig) -> list[dict[str, Any]] | None:
+    """Images: the backbone at ``--lr``, the new projection head at ``--lr x --head-lr-scale`` (it starts random and
+    must catch up before its gradients are worth following). Text: every parameter at ``--lr`` (engine default)."""
+    if not isinstance(model, ContrastiveModel):
+        return None
+    return [{"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": config.lr,
+             "name": "backbone"},
+            {"params": list(model.projection.parameters()), "lr": config.lr * config.head_lr_scale,
+             "name": "projection"}]
 
 
 def pretrain(**options: Any) -> PretrainResult:
@@ -227,20 +296,22 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     if data.modality == "image":
         model: nn.Module = ContrastiveModel(backbone, config.projection_dim)
         objective: Any = ContrastiveObjective(temperature=config.temperature)
-        objective_name = f"SimCLR NT-Xent (temperature {config.temperature}, two views of the backbone's training " \
-                         "augmentation)"
+        objective_name = (f"SimCLR NT-Xent (temperature {config.temperature}, two views: random resized crop "
+                          f"{config.crop_scale:g}-1, flip, colour jitter)")
     else:
         if not hasattr(backbone, "tokenizer") or not hasattr(backbone, "model"):
             raise TransferkitError(f"text backbone '{name}' is not a transformers encoder", "use minilm or hf:<path>")
         model = MaskedLMModel(backbone)
         objective = ModelLossObjective()
         objective_name = f"masked-LM (transformers, {config.mask_probability:.0%} of tokens)"
+    trained_groups = freeze_lower_groups(backbone, config.train_groups)
     train = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, weight_decay=0.01,
                         schedule="cosine", early_stopping=0, seed=config.seed, device=config.device)
     resuming = folder.begin()
     with folder:
         trainer = Trainer(model, [objective], train, forward_fn=_two_view_forward, monitor=("loss", "min"),
-                          checkpoint_dir=folder.stage / CHECKPOINT_DIR, progress=config.progress)
+                          checkpoint_dir=folder.stage / CHECKPOINT_DIR, progress=config.progress,
+                          param_groups=_param_groups(model, config))
         result = trainer.fit(_loader(data, backbone, config))
         losses = [row.get("train_loss") for row in result.history]
         base = self_taught_spec(name)
@@ -251,6 +322,7 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
             "provenance": {
                 "base_backbone": name, "data": str(config.data), "items": len(data), "objective": objective_name,
                 "epochs": config.epochs, "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed,
+                "trained_layer_groups": trained_groups,
                 "train_seconds": round(result.train_seconds, 1), "losses": losses,
                 "resumed_from_epoch": result.resumed_from_epoch if resuming else None,
                 "earlier": base["provenance"] if base else None,
