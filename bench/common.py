@@ -51,3 +51,17 @@ def run_jobs(worker: Callable[[Any], Any], jobs: list[Any], parallel: int = 1) -
         with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
             return list(pool.map(worker, jobs))
     return [worker(job) for job in jobs]
+
+
+def timed_command(command: list[str], lock: str | None = None) -> tuple[Any, float]:
+    """Run ``command`` (output captured) and measure its wall time; with ``lock``, inside ``flock LOCK`` so that only
+    one timed benchmark runs on the machine at a time, the wait for the lock not counted. Returns
+    (CompletedProcess, seconds)."""
+    import subprocess
+
+    timer = [sys.executable, "-c", "import subprocess, sys, time; t = time.perf_counter(); "
+             "r = subprocess.run(sys.argv[1:]); print(f'wall {time.perf_counter() - t:.1f}', file=sys.stderr); "
+             "sys.exit(r.returncode)", *command]
+    result = subprocess.run(["flock", lock, *timer] if lock else timer, capture_output=True, text=True)
+    walls = [line for line in result.stderr.splitlines() if line.startswith("wall ")]
+    return result, float(walls[-1].split()[1]) if walls else float("nan")
