@@ -74,15 +74,17 @@ def run_timed(task: str, seed: int, budget: str, lock: str | None) -> tuple[Path
     out = CACHE / "runs" / f"{task}-seed{seed}-{budget}"
     wall_file = CACHE / "logs" / f"{task}-seed{seed}-{budget}.wall"
     if not is_output(out, "auto"):
+        import shutil
+
         labelled, _ = splits_for(task, seed)
+        features = CACHE / "features-auto" / f"{task}-seed{seed}"  # empty: auto extracts as a new user's run would
+        shutil.rmtree(features, ignore_errors=True)
         command = [sys.executable, "-m", "transferkit", "auto", *auto_data(task, seed, labelled), "--seed",
                    str(seed), "--time-budget", budget, "--out", str(out), "--overwrite", "--cache-dir",
-                   str(CACHE / "features")]
-        result, wall = timed_command(command, lock)
+                   str(features)]
+        result, wall = timed_command(command, lock, wall_file.with_suffix(".log"))
         if result.returncode != 0:
             raise RuntimeError(f"auto failed: {result.stderr[-2000:]}")
-        wall_file.parent.mkdir(parents=True, exist_ok=True)
-        wall_file.with_suffix(".log").write_text(result.stderr)
         wall_file.write_text(f"{wall:.1f}")
     return out, wall_file
 

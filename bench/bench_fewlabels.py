@@ -195,10 +195,14 @@ def run_auto_timed(seed: int, k: int) -> tuple[Path, float]:
     out = CACHE / "runs" / f"auto10m-k{k}-seed{seed}"
     wall_file = CACHE / "runs" / f"auto10m-k{k}-seed{seed}.wall.json"
     if not is_output(out, "auto"):
+        import shutil
+
+        features = CACHE / "features-auto" / f"k{k}-seed{seed}"  # empty: auto extracts as a new user's run would
+        shutil.rmtree(features, ignore_errors=True)
         result, wall = timed_command([sys.executable, "-m", "transferkit", "auto", "--data",
                                       str(labelled_folder(seed, k)), "--time-budget", "10m", "--seed", str(seed),
-                                      "--out", str(out), "--overwrite", "--cache-dir", str(CACHE / "features")],
-                                     LOCK[0] if LOCK else None)
+                                      "--out", str(out), "--overwrite", "--cache-dir", str(features)],
+                                     LOCK[0] if LOCK else None, wall_file.with_suffix(".log"))
         if result.returncode != 0:
             raise RuntimeError(f"auto failed: {result.stderr[-2000:]}")
         wall_file.write_text(json.dumps({"wall_seconds": wall}))

@@ -53,15 +53,22 @@ def run_jobs(worker: Callable[[Any], Any], jobs: list[Any], parallel: int = 1) -
     return [worker(job) for job in jobs]
 
 
-def timed_command(command: list[str], lock: str | None = None) -> tuple[Any, float]:
-    """Run ``command`` (output captured) and measure its wall time; with ``lock``, inside ``flock LOCK`` so that only
-    one timed benchmark runs on the machine at a time, the wait for the lock not counted. Returns
-    (CompletedProcess, seconds)."""
+def timed_command(command: list[str], lock: str | None = None, log: Path | None = None) -> tuple[Any, float]:
+    """Run ``command`` and measure its wall time; with ``lock``, inside ``flock LOCK`` so that only one timed
+    benchmark runs on the machine at a time, the wait for the lock not counted. Its standard error goes to ``log``
+    as it runs (when given). Returns (CompletedProcess with stdout and stderr as text, seconds)."""
     import subprocess
+    import tempfile
 
     timer = [sys.executable, "-c", "import subprocess, sys, time; t = time.perf_counter(); "
              "r = subprocess.run(sys.argv[1:]); print(f'wall {time.perf_counter() - t:.1f}', file=sys.stderr); "
              "sys.exit(r.returncode)", *command]
-    result = subprocess.run(["flock", lock, *timer] if lock else timer, capture_output=True, text=True)
+    if log is None:
+        log = Path(tempfile.mkstemp(suffix=".log")[1])
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as stderr:
+        result = subprocess.run(["flock", lock, *timer] if lock else timer, stdout=subprocess.PIPE, stderr=stderr,
+                                text=True)
+    result.stderr = log.read_text()
     walls = [line for line in result.stderr.splitlines() if line.startswith("wall ")]
     return result, float(walls[-1].split()[1]) if walls else float("nan")
