@@ -260,6 +260,8 @@ def main(argv: list[str] | None = None) -> None:
                         "time on a shared machine).")
     parser.add_argument("--timed-only", action="store_true", help="Only run the timed auto commands (at this "
                         "process's priority); score and report later with a niced invocation without this flag.")
+    parser.add_argument("--no-run", action="store_true", help="Never start a timed auto command: score the runs "
+                        "that exist (the others: 'not finished in this session').")
     parser.add_argument("--fastai-epochs", type=int, help="fashion: the fastai row's fine_tune epochs.")
     parser.add_argument("--rows", default="auto,probe,peer", help="Rows to compute (the others are read from the "
                         "cache when finished).")
@@ -288,8 +290,14 @@ def main(argv: list[str] | None = None) -> None:
             return {"error": "not finished in this session"}
         return run(key, compute)
 
-    autos = {s: row("auto", f"{args.task}-auto-{budget}-seed{s}{tag}",
-                    lambda s=s: cell_auto(args.task, s, budget, args.lock)) for s in args.seeds}
+    def auto_row(s: int) -> dict[str, Any]:
+        from transferkit.rundir import is_output
+
+        if args.no_run and not is_output(CACHE / "runs" / f"{args.task}-seed{s}-{budget}", "auto"):
+            return {"error": "not finished in this session"}
+        return row("auto", f"{args.task}-auto-{budget}-seed{s}{tag}", lambda: cell_auto(args.task, s, budget, args.lock))
+
+    autos = {s: auto_row(s) for s in args.seeds}
     probes = {s: row("probe", f"{args.task}-probe-seed{s}{tag}", lambda s=s: cell_probe(args.task, s))
               for s in args.seeds}
     peer_key = "{task}-setfit-seed{s}" if args.task == "tweets" else "{task}-fastai-e{e}-seed{s}" + tag

@@ -56,13 +56,16 @@ def run_jobs(worker: Callable[[Any], Any], jobs: list[Any], parallel: int = 1) -
 def timed_command(command: list[str], lock: str | None = None, log: Path | None = None) -> tuple[Any, float]:
     """Run ``command`` and measure its wall time; with ``lock``, inside ``flock LOCK`` so that only one timed
     benchmark runs on the machine at a time, the wait for the lock not counted. Its standard error goes to ``log``
-    as it runs (when given). Returns (CompletedProcess with stdout and stderr as text, seconds)."""
+    as it runs (when given), ending with lines ``wall SECONDS`` and ``cpu SECONDS`` (the CPU time the command got:
+    on a shared machine, how much of it the timed run had). Returns (CompletedProcess with stdout and stderr as
+    text, wall seconds)."""
     import subprocess
     import tempfile
 
-    timer = [sys.executable, "-c", "import subprocess, sys, time; t = time.perf_counter(); "
+    timer = [sys.executable, "-c", "import resource, subprocess, sys, time; t = time.perf_counter(); "
              "r = subprocess.run(sys.argv[1:]); print(f'wall {time.perf_counter() - t:.1f}', file=sys.stderr); "
-             "sys.exit(r.returncode)", *command]
+             "u = resource.getrusage(resource.RUSAGE_CHILDREN); print(f'cpu {u.ru_utime + u.ru_stime:.1f}', "
+             "file=sys.stderr); sys.exit(r.returncode)", *command]
     if log is None:
         log = Path(tempfile.mkstemp(suffix=".log")[1])
     log.parent.mkdir(parents=True, exist_ok=True)

@@ -225,3 +225,17 @@ def test_trained_candidate_stops_before_an_epoch_that_would_overrun(folder, tmp_
     result = search.score(candidate, refit=1.0)
     assert result["status"].startswith("stopped: it needed") and len(projected) == 2
     assert all(p > 0 for p in projected)  # each check projects the measured length of the epoch just finished
+
+
+def test_image_space_tries_native_probes_then_top_block_lp_ft_with_fewer_folds():
+    from transferkit.search.space import TRAIN_FOLDS, default_space
+
+    space = default_space("image")
+    names = [c.name for c in space]
+    assert names[:4] == ["probe C=1 efficientnet_lite0@112", "probe C=1 efficientnet_lite0@224",
+                         "probe C=1 efficientnet_lite1@240", "probe C=1 efficientnet_lite2@260"]
+    top = space[4]
+    assert (top.strategy, top.image_size, top.options["unfreeze"], top.folds) == ("finetune", 224, "3", TRAIN_FOLDS)
+    assert all(c.options["probe_c"] == 1.0 and c.folds is None for c in space if c.kind == "features")
+    assert all(c.folds == TRAIN_FOLDS for c in space if c.kind == "train")
+    assert all(c.folds == TRAIN_FOLDS for c in default_space("text") if c.kind == "train")
