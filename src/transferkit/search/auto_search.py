@@ -357,11 +357,13 @@ class AutoSearch:
                 from transferkit.search.training import predict_plain_and_flipped, train_candidate
 
                 epoch_started = [time.perf_counter()]
+                epochs = int(candidate.options.get("epochs", 0))
 
                 def on_epoch(row: dict[str, Any]) -> None:  # stop before an epoch that would overrun the budget
                     seconds = time.perf_counter() - epoch_started[0]
                     epoch_started[0] = time.perf_counter()
-                    self.check_time(seconds)
+                    if row.get("epoch") != epochs:  # (after the last epoch the fold's training is done)
+                        self.check_time(seconds)
 
                 model, _ = train_candidate(candidate, train, seed=self.config.seed, cache_dir=self.cache_dir,
                                            epoch_callback=on_epoch)
