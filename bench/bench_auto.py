@@ -239,6 +239,13 @@ def cell_peer(task: str, seed: int, peer_python: str | None, fastai_epochs: int 
     return cached(CACHE, f"{task}-setfit-seed{seed}", compute)
 
 
+def cpu_seconds(task: str, seed: int, budget: str) -> float | None:
+    """CPU seconds the timed auto command got (the ``cpu`` line bench.common.timed_command logs), if recorded."""
+    log = CACHE / "logs" / f"{task}-seed{seed}-{budget}.log"
+    lines = [line for line in log.read_text().splitlines() if line.startswith("cpu ")] if log.is_file() else []
+    return float(lines[-1].split()[1]) if lines else None
+
+
 def _mean_sd(values: list[float]) -> str:
     if not values:
         return "-"
@@ -262,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
                         "process's priority); score and report later with a niced invocation without this flag.")
     parser.add_argument("--no-run", action="store_true", help="Never start a timed auto command: score the runs "
                         "that exist (the others: 'not finished in this session').")
+    parser.add_argument("--note", action="append", default=[], help="A line added to the report (repeatable).")
     parser.add_argument("--fastai-epochs", type=int, help="fashion: the fastai row's fine_tune epochs.")
     parser.add_argument("--rows", default="auto,probe,peer", help="Rows to compute (the others are read from the "
                         "cache when finished).")
@@ -321,9 +329,14 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {name} | {_mean_sd(accs)} | {', '.join(f'{a:.4f}' for a in accs)} | "
                      f"{', '.join(f'{d:+.1f}' for d in diffs) if cells is not probes else ''} | "
                      f"{', '.join(f'{w:.0f}' for w in walls if w is not None)} |")
+    def cpu_text(s: int) -> str:
+        cpu = cpu_seconds(args.task, s, budget)
+        return "" if cpu is None else (f", {cpu:.0f} CPU s (on average {cpu / autos[s]['wall_seconds']:.2f} of the "
+                                       f"{os.cpu_count()} cores)")
+
     finals = "\n".join(f"- seed {s}: CV accuracy {autos[s]['cv_accuracy']:.4f}; final model {autos[s]['final']}; "
                        f"wall {autos[s]['wall_seconds']:.0f} s for a {autos[s]['budget_seconds']:.0f} s budget"
-                       for s in args.seeds if "accuracy" in autos[s])
+                       + cpu_text(s) for s in args.seeds if "accuracy" in autos[s])
     gains = [100 * (autos[s]["accuracy"] - probes[s]["accuracy"]) for s in args.seeds
              if "accuracy" in autos[s] and "accuracy" in probes[s]] or [float("nan")]
     body = (f"{spec['data']}, {spec['per_class']} labelled items per class (drawn with the seed), "
@@ -332,7 +345,8 @@ def main(argv: list[str] | None = None) -> None:
             f"Load average when this file was written: {' / '.join(f'{v:.1f}' for v in os.getloadavg())} on "
             f"{os.cpu_count()} shared cores (a wall-clock budget buys less search on a loaded machine).\n\n"
             + "\n".join(lines) + f"\n\nauto - probe: mean {statistics.mean(gains):+.1f} points (per seed "
-            + ", ".join(f"{g:+.1f}" for g in gains) + ").\n\nWhat auto chose:\n\n" + finals)
+            + ", ".join(f"{g:+.1f}" for g in gains) + ").\n\nWhat auto chose:\n\n" + finals
+            + "".join(f"\n\n{note}" for note in args.note))
     write_section(RESULTS / f"auto_{args.task}.md", f"transferkit auto: {args.task}",
                   bench_command("bench.bench_auto", argv), started, body)
 
