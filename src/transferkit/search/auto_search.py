@@ -1,14 +1,16 @@
 """``transferkit auto``: the best model for a small labelled dataset within a wall-clock budget.
 
 1. Every labelled item is used: candidates are scored by stratified k-fold cross-validation
-   (:func:`transferkit.evaluation.protocol.cross_validate`, the same folds for every candidate, so scores are
-   paired); an explicit test split is never looked at.
+   (:func:`transferkit.evaluation.protocol.cross_validate`, the same folds for every candidate of a kind, so scores
+   are paired; trained candidates use fewer folds, ``Candidate.folds``, each fold being a full training run); every
+   candidate's out-of-fold predictions cover every item once. An explicit test split is never looked at.
 2. Cheap candidates first (linear probes on cached features of EfficientNet-Lite0/1/2 or MiniLM at several
    resolutions, with and without flip test-time augmentation), then trained ones (LP-FT, LoRA, adapters,
    contrastive). Before a candidate starts, its cost is estimated from measurements (feature-extraction speed of the
    backbone under the current load; two timed training steps); what would not fit the remaining budget is skipped.
-   Racing, a form of successive halving: after each fold a trained candidate whose accuracy on the folds done so far
-   trails the leader's on the same folds by more than one binomial standard error of those items is stopped.
+   Racing, a form of successive halving: after each fold a trained candidate whose accuracy on the items validated so
+   far trails the leader's out-of-fold accuracy on the same items by more than one binomial standard error is
+   stopped; so is one whose next epoch (as long as its last) or remaining folds would not fit the budget.
 3. The final model is the best candidate or a greedy ensemble of several (``search.ensemble``) when that lowers the
    out-of-fold cross-entropy without lowering out-of-fold accuracy, refit on all labelled items.
 
