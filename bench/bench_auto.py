@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import bench_command, cached, write_section
+from bench.common import bench_command, cached, timed_command, write_section
 
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / "cache" / "auto"
@@ -65,28 +65,38 @@ def auto_data(task: str, seed: int, labelled) -> list[str]:
     return ["--data", str(path), "--text-column", "text", "--label-column", "label"]
 
 
-def cell_auto(task: str, seed: int, budget: str) -> dict[str, Any]:
+def run_timed(task: str, seed: int, budget: str, lock: str | None) -> tuple[Path, Path]:
+    """Run ``transferkit auto`` for one seed unless its run folder exists: the timed part, inside ``flock LOCK``
+    when ``lock`` is given (one timed benchmark at a time on the machine). The wall time is measured around the
+    auto command only (waiting for the lock is not counted). Returns (run folder, wall-time file)."""
+    from transferkit.rundir import is_output
+
+    out = CACHE / "runs" / f"{task}-seed{seed}-{budget}"
+    wall_file = CACHE / "logs" / f"{task}-seed{seed}-{budget}.wall"
+    if not is_output(out, "auto"):
+        import shutil
+
+        labelled, _ = splits_for(task, seed)
+        features = CACHE / "features-auto" / f"{task}-seed{seed}"  # empty: auto extracts as a new user's run would
+        shutil.rmtree(features, ignore_errors=True)
+        command = [sys.executable, "-m", "transferkit", "auto", *auto_data(task, seed, labelled), "--seed",
+                   str(seed), "--time-budget", budget, "--out", str(out), "--overwrite", "--cache-dir",
+                   str(features)]
+        result, wall = timed_command(command, lock, wall_file.with_suffix(".log"))
+        if result.returncode != 0:
+            raise RuntimeError(f"auto failed: {result.stderr[-2000:]}")
+        wall_file.write_text(f"{wall:.1f}")
+    return out, wall_file
+
+
+def cell_auto(task: str, seed: int, budget: str, lock: str | None = None) -> dict[str, Any]:
     def compute() -> dict[str, Any]:
         import json
 
         import transferkit
-        from transferkit.rundir import is_output
 
-        labelled, test = splits_for(task, seed)
-        out = CACHE / "runs" / f"{task}-seed{seed}-{budget}"
-        wall_file = CACHE / "logs" / f"{task}-seed{seed}-{budget}.wall"
-        if not is_output(out, "auto"):
-            command = [sys.executable, "-m", "transferkit", "auto", *auto_data(task, seed, labelled), "--seed",
-                       str(seed), "--time-budget", budget, "--out", str(out), "--overwrite", "--cache-dir",
-                       str(CACHE / "features")]
-            started = time.perf_counter()
-            result = subprocess.run(command, capture_output=True, text=True)
-            wall = time.perf_counter() - started
-            if result.returncode != 0:
-                raise RuntimeError(f"auto failed: {result.stderr[-2000:]}")
-            wall_file.parent.mkdir(parents=True, exist_ok=True)
-            wall_file.with_suffix(".log").write_text(result.stderr)
-            wall_file.write_text(f"{wall:.1f}")
+        _, test = splits_for(task, seed)
+        out, wall_file = run_timed(task, seed, budget, lock)
         run_metrics = json.loads((out / "metrics.json").read_text())
         # a run finished by an earlier, interrupted invocation of this script: its own clock (process start to
         # the final write), which is what the command's wall time measures
@@ -167,13 +177,49 @@ def write_csv(path: Path, data) -> Path:
     return path
 
 
-def cell_peer(task: str, seed: int, peer_python: str | None) -> dict[str, Any]:
+def write_image_folder(path: Path, data) -> Path:
+    """``data``'s images as PNG files in one sub-folder per class (the layout fastai reads)."""
+    if (path / ".complete").is_file():
+        return path
+    for i, (image, label) in enumerate(zip(data.items, data.labels)):
+        folder = path / data.class_names[label].replace("/", "-")
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"{i:05d}.png")
+    (path / ".complete").write_text("")
+    return path
+
+
+def cell_fastai(seed: int, epochs: int) -> dict[str, Any]:
+    """fastai's ``fine_tune(epochs)`` on the same labelled images (bench/fastai_direct.py); its wall time is set by
+    the epoch count (chosen once so that it matches auto's budget on a quiet machine)."""
+    if importlib.util.find_spec("fastai") is None:
+        return {"error": "not measured: fastai is not installed in this environment (the bench extra)"}
+
+    def compute() -> dict[str, Any]:
+        import json
+
+        labelled, test = splits_for("fashion", seed)
+        train_dir = write_image_folder(CACHE / "data" / f"fashion-seed{seed}-images", labelled)
+        test_dir = write_image_folder(CACHE / "data" / f"fashion-test{TASKS['fashion']['test_limit']}-images", test)
+        result = subprocess.run([sys.executable, str(ROOT / "fastai_direct.py"), "--train", str(train_dir), "--test",
+                                 str(test_dir), "--epochs", str(epochs), "--seed", str(seed)],
+                                capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                    p for p in (str(ROOT.parent / "src"), str(ROOT.parent),
+                                                os.environ.get("PYTHONPATH", "")) if p)})
+        if result.returncode != 0:
+            return {"error": f"fastai failed: {result.stderr.strip().splitlines()[-1] if result.stderr else '?'}"}
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    return cached(CACHE, f"fashion-fastai-e{epochs}-seed{seed}{_test_tag('fashion')}", compute)
+
+
+def cell_peer(task: str, seed: int, peer_python: str | None, fastai_epochs: int | None = None) -> dict[str, Any]:
     """SetFit (text) through ``--peer-python`` (a Python with setfit installed; bench/setfit_direct.py); fastai
-    (images) is reported as not measured."""
+    (images) with ``fastai_epochs`` epochs of ``fine_tune``."""
     if task == "fashion":
-        if importlib.util.find_spec("fastai") is None:
-            return {"error": "not measured: fastai is not installed in this environment"}
-        return {"error": "not measured: no CPU time left for fastai's runs in this session"}
+        if not fastai_epochs:
+            return {"error": "not measured: pass --fastai-epochs"}
+        return cell_fastai(seed, fastai_epochs)
     if not peer_python:
         return {"error": "not measured: pass --peer-python (a Python with setfit 1.2 installed)"}
 
@@ -193,6 +239,13 @@ def cell_peer(task: str, seed: int, peer_python: str | None) -> dict[str, Any]:
     return cached(CACHE, f"{task}-setfit-seed{seed}", compute)
 
 
+def cpu_seconds(task: str, seed: int, budget: str) -> float | None:
+    """CPU seconds the timed auto command got (the ``cpu`` line bench.common.timed_command logs), if recorded."""
+    log = CACHE / "logs" / f"{task}-seed{seed}-{budget}.log"
+    lines = [line for line in log.read_text().splitlines() if line.startswith("cpu ")] if log.is_file() else []
+    return float(lines[-1].split()[1]) if lines else None
+
+
 def _mean_sd(values: list[float]) -> str:
     if not values:
         return "-"
@@ -210,6 +263,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-limit", type=int, help="Fewer fixed test items than the task's (a loaded machine).")
     parser.add_argument("--cached-only", action="store_true", help="Report finished cells only (the others: "
                         "'not finished in this session').")
+    parser.add_argument("--lock", help="Run each timed auto command inside `flock LOCK` (one timed benchmark at a "
+                        "time on a shared machine).")
+    parser.add_argument("--timed-only", action="store_true", help="Only run the timed auto commands (at this "
+                        "process's priority); score and report later with a niced invocation without this flag.")
+    parser.add_argument("--no-run", action="store_true", help="Never start a timed auto command: score the runs "
+                        "that exist (the others: 'not finished in this session').")
+    parser.add_argument("--note", action="append", default=[], help="A line added to the report (repeatable).")
+    parser.add_argument("--fastai-epochs", type=int, help="fashion: the fastai row's fine_tune epochs.")
+    parser.add_argument("--rows", default="auto,probe,peer", help="Rows to compute (the others are read from the "
+                        "cache when finished).")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     started = time.perf_counter()
@@ -224,15 +287,35 @@ def main(argv: list[str] | None = None) -> None:
             return {"error": "not finished in this session"}
         return compute()
 
-    autos = {s: run(f"{args.task}-auto-{budget}-seed{s}{tag}", lambda s=s: cell_auto(args.task, s, budget))
-             for s in args.seeds}
-    probes = {s: run(f"{args.task}-probe-seed{s}{tag}", lambda s=s: cell_probe(args.task, s)) for s in args.seeds}
-    peers = {s: run(f"{args.task}-setfit-seed{s}", lambda s=s: cell_peer(args.task, s, args.peer_python))
-             if args.task == "tweets" else cell_peer(args.task, s, None) for s in args.seeds}
+    if args.timed_only:
+        for s in args.seeds:
+            run_timed(args.task, s, budget, args.lock)
+        return
+    rows = set(args.rows.split(","))
+
+    def row(name: str, key: str, compute):
+        if name not in rows and not (CACHE / f"{key}.json").is_file():
+            return {"error": "not finished in this session"}
+        return run(key, compute)
+
+    def auto_row(s: int) -> dict[str, Any]:
+        from transferkit.rundir import is_output
+
+        if args.no_run and not is_output(CACHE / "runs" / f"{args.task}-seed{s}-{budget}", "auto"):
+            return {"error": "not finished in this session"}
+        return row("auto", f"{args.task}-auto-{budget}-seed{s}{tag}", lambda: cell_auto(args.task, s, budget, args.lock))
+
+    autos = {s: auto_row(s) for s in args.seeds}
+    probes = {s: row("probe", f"{args.task}-probe-seed{s}{tag}", lambda s=s: cell_probe(args.task, s))
+              for s in args.seeds}
+    peer_key = "{task}-setfit-seed{s}" if args.task == "tweets" else "{task}-fastai-e{e}-seed{s}" + tag
+    peers = {s: row("peer", peer_key.format(task=args.task, s=s, e=args.fastai_epochs),
+                    lambda s=s: cell_peer(args.task, s, args.peer_python, args.fastai_epochs)) for s in args.seeds}
     probe_name = ("linear probe, EfficientNet-Lite0 at its own 224 px (frozen features as timm's eval pipeline + "
                   "scikit-learn LogisticRegression, all labels)" if args.task == "fashion"
                   else "MiniLM embeddings + scikit-learn LogisticRegression")
-    peer_name = "fastai fine_tune, same wall time" if args.task == "fashion" else "SetFit 1.2 offline"
+    peer_name = (f"fastai vision_learner fine_tune({args.fastai_epochs}), 224 px, its standard recipe (15% of the "
+                 "labels as its validation set)" if args.task == "fashion" else "SetFit 1.2 offline")
     lines = ["| method | test accuracy (mean ± sd) | per seed | vs probe, paired per seed (points) | "
              "wall seconds per seed |", "|---|---|---|---|---|"]
     for name, cells in ((f"transferkit auto --time-budget {budget}", autos), (probe_name, probes), (peer_name, peers)):
@@ -246,9 +329,14 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {name} | {_mean_sd(accs)} | {', '.join(f'{a:.4f}' for a in accs)} | "
                      f"{', '.join(f'{d:+.1f}' for d in diffs) if cells is not probes else ''} | "
                      f"{', '.join(f'{w:.0f}' for w in walls if w is not None)} |")
+    def cpu_text(s: int) -> str:
+        cpu = cpu_seconds(args.task, s, budget)
+        return "" if cpu is None else (f", {cpu:.0f} CPU s (on average {cpu / autos[s]['wall_seconds']:.2f} of the "
+                                       f"{os.cpu_count()} cores)")
+
     finals = "\n".join(f"- seed {s}: CV accuracy {autos[s]['cv_accuracy']:.4f}; final model {autos[s]['final']}; "
                        f"wall {autos[s]['wall_seconds']:.0f} s for a {autos[s]['budget_seconds']:.0f} s budget"
-                       for s in args.seeds if "accuracy" in autos[s])
+                       + cpu_text(s) for s in args.seeds if "accuracy" in autos[s])
     gains = [100 * (autos[s]["accuracy"] - probes[s]["accuracy"]) for s in args.seeds
              if "accuracy" in autos[s] and "accuracy" in probes[s]] or [float("nan")]
     body = (f"{spec['data']}, {spec['per_class']} labelled items per class (drawn with the seed), "
@@ -257,7 +345,8 @@ def main(argv: list[str] | None = None) -> None:
             f"Load average when this file was written: {' / '.join(f'{v:.1f}' for v in os.getloadavg())} on "
             f"{os.cpu_count()} shared cores (a wall-clock budget buys less search on a loaded machine).\n\n"
             + "\n".join(lines) + f"\n\nauto - probe: mean {statistics.mean(gains):+.1f} points (per seed "
-            + ", ".join(f"{g:+.1f}" for g in gains) + ").\n\nWhat auto chose:\n\n" + finals)
+            + ", ".join(f"{g:+.1f}" for g in gains) + ").\n\nWhat auto chose:\n\n" + finals
+            + "".join(f"\n\n{note}" for note in args.note))
     write_section(RESULTS / f"auto_{args.task}.md", f"transferkit auto: {args.task}",
                   bench_command("bench.bench_auto", argv), started, body)
 

@@ -69,3 +69,27 @@ def run_jobs(worker: Callable[[Any], Any], jobs: list[Any], parallel: int = 1) -
         with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
             return list(pool.map(worker, jobs))
     return [worker(job) for job in jobs]
+
+
+def timed_command(command: list[str], lock: str | None = None, log: Path | None = None) -> tuple[Any, float]:
+    """Run ``command`` and measure its wall time; with ``lock``, inside ``flock LOCK`` so that only one timed
+    benchmark runs on the machine at a time, the wait for the lock not counted. Its standard error goes to ``log``
+    as it runs (when given), ending with lines ``wall SECONDS`` and ``cpu SECONDS`` (the CPU time the command got:
+    on a shared machine, how much of it the timed run had). Returns (CompletedProcess with stdout and stderr as
+    text, wall seconds)."""
+    import subprocess
+    import tempfile
+
+    timer = [sys.executable, "-c", "import resource, subprocess, sys, time; t = time.perf_counter(); "
+             "r = subprocess.run(sys.argv[1:]); print(f'wall {time.perf_counter() - t:.1f}', file=sys.stderr); "
+             "u = resource.getrusage(resource.RUSAGE_CHILDREN); print(f'cpu {u.ru_utime + u.ru_stime:.1f}', "
+             "file=sys.stderr); sys.exit(r.returncode)", *command]
+    if log is None:
+        log = Path(tempfile.mkstemp(suffix=".log")[1])
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as stderr:
+        result = subprocess.run(["flock", lock, *timer] if lock else timer, stdout=subprocess.PIPE, stderr=stderr,
+                                text=True)
+    result.stderr = log.read_text()
+    walls = [line for line in result.stderr.splitlines() if line.startswith("wall ")]
+    return result, float(walls[-1].split()[1]) if walls else float("nan")

@@ -73,7 +73,10 @@ def test_auto_writes_a_run_that_evaluate_predict_and_report_use(auto_run, folder
     board = json.loads((out / "leaderboard.json").read_text())
     rows = board["leaderboard"]
     scored = [r for r in rows if r["cv_mean"] is not None]
-    assert scored and all(len(r["fold_accuracies"]) == 5 for r in scored if r["status"] == "done")
+    done = [r for r in scored if r["status"] == "done"]
+    assert any(r["strategy"] == "finetune" for r in done), rows
+    for r in done:  # trained candidates are scored on fewer (TRAIN_FOLDS) folds than the probes
+        assert len(r["fold_accuracies"]) == (5 if r["strategy"] == "linear-probe" else 3), r
     assert all(r["seconds"] is not None for r in scored)
     assert {"probe C=1 efficientnet_lite0@32", "probe C=1 efficientnet_lite0@32 +flip TTA"} <= {r["name"] for r in rows}
     assert "| rank |" in (out / "leaderboard.md").read_text()
@@ -216,3 +219,67 @@ def test_auto_writes_a_model_card_with_the_numbers_of_metrics_json(auto_run):
     for key in ("data", "out", "time_budget", "seed", "strategies", "backbones"):
         assert parsed[key] == saved[key] or [str(v) for v in parsed[key]] == [str(v) for v in saved[key]], key
     assert [int(v) for v in parsed["image_sizes"]] == saved["image_sizes"]
+
+
+def _search(folder, tmp_path, **options):
+    from transferkit.search.auto_search import AutoConfig, AutoSearch
+
+    config = AutoConfig(data=str(folder), out=str(tmp_path / "run"), **{**SMALL, **options})
+    return AutoSearch(config, config.validate(), time.time())
+
+
+def test_trained_candidates_race_the_leader_on_the_same_items(folder, tmp_path, monkeypatch):
+    """A trained candidate (3 folds) is stopped after its first fold when it trails the leader's out-of-fold
+    predictions (5 folds) on the very items that fold validated; its out-of-fold rows are not compared by fold index."""
+    from transferkit.search import training
+    from transferkit.search.space import Candidate
+
+    search = _search(folder, tmp_path)
+    labels = search.data.labels
+    perfect = np.eye(2)[labels]
+    search.results["leader"] = {"candidate": "leader", "refit_seconds": 1.0, "variants": [{
+        "name": "leader", "candidate": "leader", "tta": False, "complete": True, "log_loss": 0.0,
+        "cv": {"k": 5, "fold_accuracies": [1.0] * 5, "mean": 1.0, "sd": 0.0},
+        "oof_probabilities": perfect.tolist()}]}
+    monkeypatch.setattr(training, "train_candidate", lambda *a, **k: (None, None))
+    monkeypatch.setattr(training, "predict_plain_and_flipped",  # always wrong
+                        lambda model, val: {"plain": 1.0 - np.eye(2)[val.labels]})
+    candidate = Candidate("efficientnet_lite0", "finetune", 32, {"epochs": 1}, "train", "LP-FT", folds=3)
+    result = search.score(candidate, refit=1.0)
+    assert result["status"].startswith("stopped after fold 1/3") and "same items" in result["status"], result
+    assert result["variants"][0]["cv"]["k"] == 3 and not result["variants"][0]["complete"]
+
+
+def test_trained_candidate_stops_before_an_epoch_that_would_overrun(folder, tmp_path, monkeypatch):
+    """After every epoch the search checks that the next epoch (as long as the last one) still fits the budget."""
+    from transferkit.search.auto_search import _Stopped
+    from transferkit.search.space import Candidate
+
+    search = _search(folder, tmp_path)
+    projected: list[float] = []
+
+    def check_time(seconds: float = 0.0) -> None:
+        projected.append(seconds)
+        if len(projected) == 2:
+            raise _Stopped("stopped: it needed about 1 s more, 0 s left")
+
+    monkeypatch.setattr(search, "check_time", check_time)
+    candidate = Candidate("efficientnet_lite0", "finetune", 32, {"epochs": 5, "augment": False}, "train", "LP-FT",
+                          folds=3)
+    result = search.score(candidate, refit=1.0)
+    assert result["status"].startswith("stopped: it needed") and len(projected) == 2
+    assert all(p > 0 for p in projected)  # each check projects the measured length of the epoch just finished
+
+
+def test_image_space_tries_native_probes_then_top_block_lp_ft_with_fewer_folds():
+    from transferkit.search.space import TRAIN_FOLDS, default_space
+
+    space = default_space("image")
+    names = [c.name for c in space]
+    assert names[:4] == ["probe C=1 efficientnet_lite0@112", "probe C=1 efficientnet_lite0@224",
+                         "probe C=1 efficientnet_lite1@240", "probe C=1 efficientnet_lite2@260"]
+    top = space[4]
+    assert (top.strategy, top.image_size, top.options["unfreeze"], top.folds) == ("finetune", 224, "3", TRAIN_FOLDS)
+    assert all(c.options["probe_c"] == 1.0 and c.folds is None for c in space if c.kind == "features")
+    assert all(c.folds == TRAIN_FOLDS for c in space if c.kind == "train")
+    assert all(c.folds == TRAIN_FOLDS for c in default_space("text") if c.kind == "train")

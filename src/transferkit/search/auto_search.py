@@ -1,14 +1,16 @@
 """``transferkit auto``: the best model for a small labelled dataset within a wall-clock budget.
 
 1. Every labelled item is used: candidates are scored by stratified k-fold cross-validation
-   (:func:`transferkit.evaluation.protocol.cross_validate`, the same folds for every candidate, so scores are
-   paired); an explicit test split is never looked at.
+   (:func:`transferkit.evaluation.protocol.cross_validate`, the same folds for every candidate of a kind, so scores
+   are paired; trained candidates use fewer folds, ``Candidate.folds``, each fold being a full training run); every
+   candidate's out-of-fold predictions cover every item once. An explicit test split is never looked at.
 2. Cheap candidates first (linear probes on cached features of EfficientNet-Lite0/1/2 or MiniLM at several
    resolutions, with and without flip test-time augmentation), then trained ones (LP-FT, LoRA, adapters,
    contrastive). Before a candidate starts, its cost is estimated from measurements (feature-extraction speed of the
    backbone under the current load; two timed training steps); what would not fit the remaining budget is skipped.
-   Racing, a form of successive halving: after each fold a trained candidate whose accuracy on the folds done so far
-   trails the leader's on the same folds by more than one binomial standard error of those items is stopped.
+   Racing, a form of successive halving: after each fold a trained candidate whose accuracy on the items validated so
+   far trails the leader's out-of-fold accuracy on the same items by more than one binomial standard error is
+   stopped; so is one whose next epoch (as long as its last) or remaining folds would not fit the budget.
 3. The final model is the best candidate or a greedy ensemble of several (``search.ensemble``) when that lowers the
    out-of-fold cross-entropy without lowering out-of-fold accuracy, refit on all labelled items.
 
@@ -194,9 +196,9 @@ class AutoSearch:
         self.tables: dict[tuple[str, int | None], Any] = {}
         self.speed: dict[tuple[str, int | None], float] = {}  # measured inference seconds per item
         self.slowdown = 1.0  # measured / static cost, learnt as candidates finish
-        #: (backbone, image size) -> seconds_per_item + build time: measured once, shared by the strategies (each
-        #: back-propagates through the whole network, so their step costs are close)
-        self.measured: dict[tuple[str, int | None], tuple[float, float, float]] = {}
+        #: (backbone, image size, depth of back-propagation) -> seconds_per_item + build time: measured once, shared
+        #: by the strategies that back-propagate as deep (their step costs are close)
+        self.measured: dict[tuple[str, int | None, str], tuple[float, float, float]] = {}
 
     # --- bookkeeping -------------------------------------------------------------------------------------
     def log(self, message: str, *args: Any) -> None:
@@ -237,21 +239,25 @@ class AutoSearch:
                 return 1.0, 1.0
             copies = 2 if self.data.modality == "image" else 1
             return 3.0 + copies * n * self.inference_seconds(candidate), 1.0
-        train_item, infer, build = self.measured.get((candidate.backbone, candidate.image_size)) or \
-            self.measure(candidate)
-        n_train = n * (self.k - 1) / self.k
+        train_item, infer, build = self.measured.get(self.measure_key(candidate)) or self.measure(candidate)
+        k = self.folds(candidate)
+        n_train = n * (k - 1) / k
         if candidate.strategy == "contrastive":  # SetFit's sentence pairs, two encoder passes each
             from transferkit.strategies.fewshot import contrastive_pairs
 
             pairs = len(contrastive_pairs(self.data.labels))
             epochs = int(candidate.options.get("contrastive_epochs", 1))
-            passes_all, passes_fold = 2 * pairs * epochs, 2 * pairs * epochs * ((self.k - 1) / self.k) ** 2
+            passes_all, passes_fold = 2 * pairs * epochs, 2 * pairs * epochs * ((k - 1) / k) ** 2
         else:
             epochs = int(candidate.options.get("epochs", 1))
             passes_all, passes_fold = epochs * n, epochs * n_train
-        fold = build + passes_fold * train_item + n_train * infer + 2 * (n / self.k) * infer
+        fold = build + passes_fold * train_item + n_train * infer + 2 * (n / k) * infer
         refit = build + passes_all * train_item + n * infer
-        return self.k * fold, refit
+        return k * fold, refit
+
+    def folds(self, candidate: Candidate) -> int:
+        """k of the cross-validation scoring ``candidate``: its own (fewer, for trained candidates) or the search's."""
+        return min(self.k, candidate.folds) if candidate.folds else self.k
 
     def measure(self, candidate: Candidate) -> tuple[float, float, float]:
         """(training seconds per item and epoch, inference seconds per item, model build seconds), measured on a
@@ -261,14 +267,20 @@ class AutoSearch:
         infer = self.inference_seconds(candidate)
         static = (3.5 * infer, infer, 3.0)
         n = len(self.data)
-        rough = self.k * (3.0 + int(candidate.options.get("epochs", 1)) * n * static[0])
+        rough = self.folds(candidate) * (3.0 + int(candidate.options.get("epochs", 1)) * n * static[0])
         if self.clock.left() < 30 or rough > 3 * self.clock.left():  # clearly out of reach: not worth measuring
             return static
         started = time.perf_counter()
         train_item, infer = seconds_per_item(candidate, self.data, self.config.seed)
-        key = (candidate.backbone, candidate.image_size)
+        key = self.measure_key(candidate)
         self.measured[key] = (train_item, infer, time.perf_counter() - started)
         return self.measured[key]
+
+    @staticmethod
+    def measure_key(candidate: Candidate) -> tuple[str, int | None, str]:
+        from transferkit.search.training import trained_depth
+
+        return candidate.backbone, candidate.image_size, trained_depth(candidate)
 
     def refit_reserve(self, extra: float = 0.0) -> float:
         """Seconds to keep for the final refit: the costliest refit among the leader and a new candidate."""
@@ -344,63 +356,79 @@ class AutoSearch:
                 return record_tta(val, probe_fold(self.feature_table(candidate), train, val, c))
         else:
             def train_and_predict(train, val):
-                from transferkit.search.training import predict_probabilities, train_candidate
+                from transferkit.search.training import predict_plain_and_flipped, train_candidate
+
+                epoch_started = [time.perf_counter()]
+                epochs = int(candidate.options.get("epochs", 0))
+
+                def on_epoch(row: dict[str, Any]) -> None:  # stop before an epoch that would overrun the budget
+                    seconds = time.perf_counter() - epoch_started[0]
+                    epoch_started[0] = time.perf_counter()
+                    if row.get("epoch") != epochs:  # (after the last epoch the fold's training is done)
+                        self.check_time(seconds)
 
                 model, _ = train_candidate(candidate, train, seed=self.config.seed, cache_dir=self.cache_dir,
-                                           epoch_callback=lambda row: self.check_time())
-                probabilities = {"plain": predict_probabilities(model, val, tta=False)}
-                if self.data.modality == "image":
-                    probabilities["tta"] = predict_probabilities(model, val, tta=True)
-                return record_tta(val, probabilities)
+                                           epoch_callback=on_epoch)
+                return record_tta(val, predict_plain_and_flipped(model, val))
 
         fold_scores: list[float] = []
+        validated: list[int] = []  # positions of the items validated so far
+        correct: list[bool] = []
+        fold_seconds: list[float] = []
+        k = self.folds(candidate)
 
         def tracked(train, val):
             probabilities = train_and_predict(train, val)
             fold_scores.append(accuracy(val.labels, probabilities))
+            validated.extend(rows[i] for i in val.ids)
+            correct.extend(np.asarray(probabilities).argmax(1) == val.labels)
             return probabilities
 
         def on_fold(index: int, total: int, fold_accuracy: float) -> None:
             seconds = time.perf_counter() - fold_started[0]
             fold_started[0] = time.perf_counter()
+            fold_seconds.append(seconds)
             self.log("  %s fold %d/%d: accuracy %.4f (%.0f s)", candidate.name, index, total, fold_accuracy, seconds)
             if index == total:
                 return
             self.check_time()
             if candidate.kind == "features":
                 return
-            if leader is not None:  # racing: paired with the leader on the same folds
-                mine = float(np.mean(fold_scores[:index]))
-                theirs = float(np.mean(leader["cv"]["fold_accuracies"][:index]))
-                margin = math.sqrt(max(theirs * (1 - theirs), 0.01) / (len(self.data) * index / total))
+            if leader is not None:  # racing: paired with the leader's out-of-fold predictions on the same items
+                mine = float(np.mean(correct))
+                theirs = accuracy(self.data.labels[validated], np.asarray(leader["oof_probabilities"])[validated])
+                margin = math.sqrt(max(theirs * (1 - theirs), 0.01) / len(validated))
                 if mine < theirs - margin:
                     raise _Stopped(f"stopped after fold {index}/{total}: {mine:.3f} vs the leader's {theirs:.3f} "
-                                   "on the same folds")
+                                   "on the same items")
             if (total - index) * seconds + self.refit_reserve(refit) > self.clock.left():
                 raise _Stopped(f"stopped after fold {index}/{total}: the remaining folds would not fit the budget")
 
         base = {"candidate": candidate.slug, "spec": candidate.to_dict(), "refit_seconds": refit}
         try:
-            cv = cross_validate(tracked, self.data, k=self.k, repeats=1, seed=self.config.seed, on_fold=on_fold)
+            cv = cross_validate(tracked, self.data, k=k, repeats=1, seed=self.config.seed, on_fold=on_fold)
         except _Stopped as stop:
             partial = fold_scores
             return {**base, "status": stop.status, "variants": [{
                 "name": candidate.name, "candidate": candidate.slug, "tta": False, "complete": False,
-                "cv": {"k": self.k, "fold_accuracies": partial, "mean": float(np.mean(partial)),
+                "cv": {"k": k, "fold_accuracies": partial, "mean": float(np.mean(partial)),
                        "sd": float(np.std(partial, ddof=1)) if len(partial) > 1 else 0.0},
                 "log_loss": math.nan}] if partial else []}
-        variants = [self._variant(candidate, False, cv.fold_accuracies, cv.oof_probabilities)]
+        variants = [self._variant(candidate, False, cv.fold_accuracies, cv.oof_probabilities, k)]
         if tta_folds:
-            variants.append(self._variant(candidate, True, tta_folds, tta_oof))
+            variants.append(self._variant(candidate, True, tta_folds, tta_oof, k))
         if candidate.kind == "features":
             base["refit_seconds"] = 1.0
+        elif fold_seconds:  # measured: a fold trains on (k-1)/k of the items, the refit on all of them
+            base["refit_seconds"] = max(refit, float(np.mean(fold_seconds)) * k / (k - 1))
         return {**base, "status": "done", "variants": variants}
 
-    def _variant(self, candidate: Candidate, tta: bool, folds: list[float], oof: np.ndarray) -> dict[str, Any]:
+    def _variant(self, candidate: Candidate, tta: bool, folds: list[float], oof: np.ndarray,
+                 k: int) -> dict[str, Any]:
         labels = self.data.labels
         return {"name": candidate.name + (" +flip TTA" if tta else ""), "candidate": candidate.slug, "tta": tta,
                 "complete": True,
-                "cv": {"k": self.k, "repeats": 1, "seed": self.config.seed, "fold_accuracies": list(folds),
+                "cv": {"k": k, "repeats": 1, "seed": self.config.seed, "fold_accuracies": list(folds),
                        "mean": float(np.mean(folds)), "sd": float(np.std(folds, ddof=1)) if len(folds) > 1 else 0.0},
                 "oof_accuracy": accuracy(labels, oof), "log_loss": log_loss(labels, oof),
                 "oof_probabilities": np.round(oof, 6).tolist()}

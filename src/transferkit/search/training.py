@@ -184,24 +184,31 @@ def train_candidate(candidate: Candidate, train: LabeledData, *, seed: int, cach
     return model.eval(), strategy
 
 
-def predict_probabilities(model, data: LabeledData, tta: bool) -> np.ndarray:
+def predict_plain_and_flipped(model, data: LabeledData) -> dict[str, np.ndarray]:
+    """{"plain": probabilities, "tta": flip-TTA probabilities} (images) with one pass per view."""
     from transferkit.api import predict_proba_model
 
-    probabilities = predict_proba_model(model, data, batch_size=64)
-    if tta and data.modality == "image":
-        probabilities = 0.5 * (probabilities + predict_proba_model(model, mirrored(data), batch_size=64))
-    return probabilities
+    plain = predict_proba_model(model, data, batch_size=64)
+    if data.modality != "image":
+        return {"plain": plain}
+    return {"plain": plain, "tta": 0.5 * (plain + predict_proba_model(model, mirrored(data), batch_size=64))}
+
+
+def trained_depth(candidate: Candidate) -> str:
+    """How deep a trained candidate back-propagates: its ``unfreeze`` (fine-tuning of the top groups), else "all"
+    (fine-tuning, LoRA and adapters all need gradients through the whole network)."""
+    return str(candidate.options.get("unfreeze", "all")) if candidate.strategy == "finetune" else "all"
 
 
 def seconds_per_item(candidate: Candidate, data: LabeledData, seed: int) -> tuple[float, float]:
     """(training seconds per item and epoch, inference seconds per item) of gradient training on ``candidate``'s
-    backbone and resolution (full back-propagation, as fine-tuning, LoRA and adapters all need), measured on two small
-    batches: the cost estimate that decides whether a trained candidate fits the remaining budget."""
+    backbone and resolution, back-propagating as deep as the candidate does (:func:`trained_depth`), measured on two
+    small batches: the cost estimate that decides whether a trained candidate fits the remaining budget."""
     from transferkit.data.loader import make_loader
     from transferkit.model import TaskSpec, TransferModel
     from transferkit.strategies import create_strategy
 
-    strategy = create_strategy("finetune")
+    strategy = create_strategy("finetune", {"unfreeze": trained_depth(candidate)})
 
     backbone = create_candidate_backbone(candidate, seed)
     model = TransferModel(backbone, [TaskSpec("label", "classify", list(data.class_names))])
