@@ -132,7 +132,8 @@ def test_auto_resume_skips_finished_candidates(folder, tmp_path, monkeypatch):
         return original(self, candidate, refit)
 
     monkeypatch.setattr(auto_module.AutoSearch, "score", interrupting)
-    config = dict(data=str(folder), out=str(out), time_budget="10m", strategies=["linear-probe"], **SMALL)
+    config = dict(data=str(folder), out=str(out), time_budget="10m", strategies=["linear-probe"],
+                  **{**SMALL, "image_sizes": [32, 40]})  # two probe candidates: the second one is interrupted
     with pytest.raises(KeyboardInterrupt):
         run_auto(AutoConfig(**config))
     stage = out.parent / f".{out.name}.partial"
