@@ -343,7 +343,10 @@ def report(measured: dict[str, Any], text_checks: dict[str, Any] | None, image_c
              "priority under `flock /work/wt/bench.lock`, others' jobs niced beside them; 1-minute load average "
              + (loads or f"{os.getloadavg()[0]:.0f} when this report was written") + ": the numbers are noisy); "
              "the load generator (aiohttp, closed loop, one item per request) runs in its own "
-             f"process on the same cores. Torch threads: {threads} in the server and in-process.", "",
+             f"process on the same cores. Torch threads: {threads} in the server and in-process. Measured in short "
+             "parts: `nice -n 19 python -m bench.bench_serve --train-only` (the two models), then for PART in image, "
+             "text, checks-image, checks-text: `flock /work/wt/bench.lock python -m bench.bench_serve --parts PART`; "
+             "the report is assembled from the cached parts.", "",
              "| model | in-process predict_proba, batch 16 (items/s) | server, 16 clients, batching on (req/s) | "
              "ratio | server, 16 clients, batching off (req/s) | load generator CPU share |",
              "|---|---|---|---|---|---|"]

@@ -161,7 +161,7 @@ def test_auto_ensemble_exports_to_one_onnx_graph_and_to_a_plain_model_folder(tmp
     assert plain.members[1].config["strategy"]["options"]["_merged"]  # the LoRA member merged: no peft needed
     assert sorted(p.name for p in (tmp_path / "plain" / "members" / "0").iterdir()) == ["config.json",
                                                                                        "model.safetensors"]
-    np.testing.assert_allclose(plain.predict_proba(files), expected, atol=1e-6)
+    np.testing.assert_allclose(plain.predict_proba(files), expected, atol=1e-5)  # LoRA merged: rounding only
 
 
 def test_safetensors_export_of_a_plain_run_keeps_its_weights(tmp_path):
