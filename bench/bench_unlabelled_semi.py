@@ -216,8 +216,8 @@ def finished_cells(tag: str, seeds: int, pool: int) -> tuple[dict[str, list[dict
 FM_METHODS = {
     "supervised finetune (no unlabelled data)": ["--strategy", "finetune"],
     "finetune + self-training": ["--strategy", "finetune", "--semi", "self-training"],
-    "finetune + consistency": ["--strategy", "finetune", "--semi", "consistency"],
     "linear-probe + self-training": ["--strategy", "linear-probe", "--semi", "self-training"],
+    "finetune + consistency": ["--strategy", "finetune", "--semi", "consistency"],
 }
 
 

@@ -334,6 +334,7 @@ class SemiExtension(FitExtension):
         teacher = copy.deepcopy(model)
         result = strategy.train(teacher, self._round_context(context, base_dir, 0, context.splits,
                                                              context.train.epochs))
+        self._score_teacher(context, teacher, strategy)
         level = self._choose_level(self._held_out(context, teacher, strategy))
         _, accept, where = level
         self.summary.update(accept_share=round(accept, 4), accept_chosen_by=where, rounds=[])
@@ -363,6 +364,22 @@ class SemiExtension(FitExtension):
             write_text(Path(context.run_dir) / PSEUDO_LABELS_FILE, "\n".join(lines) + "\n")
             self.summary["pseudo_labels_file"] = PSEUDO_LABELS_FILE
         return result
+
+    def _score_teacher(self, context: RunContext, teacher: TransferModel, strategy: Strategy) -> None:
+        """The teacher is the same strategy trained on the labels alone (same settings and seed): its test accuracy
+        is the supervised-only baseline of this run, recorded as ``teacher_test_accuracy`` (when there is a test
+        split; never used for any choice)."""
+        from transferkit.evaluation.crossfit import fold_probabilities
+
+        test = context.splits.test
+        if test is None or not len(test) or not (test.labels >= 0).any():
+            return
+        keep = test.labels >= 0
+        probabilities = fold_probabilities(teacher, strategy, context, test)
+        self.summary["teacher_test_accuracy"] = round(float((probabilities[keep].argmax(1) ==
+                                                             test.labels[keep]).mean()), 4)
+        logger.info("self-training: the teacher (labels only) scores %.4f on the test split",
+                    self.summary["teacher_test_accuracy"])
 
     @staticmethod
     def _round_context(context: RunContext, base_dir: Path | None, r: int, splits: Any, epochs: int) -> RunContext:
