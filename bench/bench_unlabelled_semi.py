@@ -154,10 +154,15 @@ def frozen_baselines(paths: dict[str, Path], cache_dir: Path, with_self_training
     return out
 
 
-def summary(values: list[float]) -> str:
+def summary(values: list[float], form: str = ".4f") -> str:
     if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+        return f"{values[0]:{form}}"
+    return f"{statistics.mean(values):{form}} ± {statistics.stdev(values):{form}}"
+
+
+def points(values: list[float]) -> str:
+    """Paired differences in accuracy points (mean ± SD over seeds)."""
+    return summary([100 * v for v in values], "+.1f") + " pts"
 
 
 def semi_text(cell: dict) -> str:
@@ -237,12 +242,12 @@ def render_fm(args: argparse.Namespace, argv: list[str] | None, started: float, 
         if not frozen:
             continue
         values = [f[key] for f in frozen]
-        diff = summary([v - s["accuracy"] for v, s in zip(values, supervised)]) if supervised else ""
+        diff = points([v - s["accuracy"] for v, s in zip(values, supervised)]) if supervised else ""
         lines.append(f"| {label} | {summary(values)} | {diff} | | |")
     for name, runs in cells.items():
         values = [r["accuracy"] for r in runs]
-        diff = summary([r["accuracy"] - s["accuracy"] for r, s in zip(runs, supervised)]) if supervised else ""
-        wall = summary([r["wall_seconds"] for r in runs])
+        diff = points([r["accuracy"] - s["accuracy"] for r, s in zip(runs, supervised)]) if supervised else ""
+        wall = summary([r["wall_seconds"] for r in runs], ".0f")
         lines.append(f"| {name} | {summary(values)} | {'' if 'supervised' in name else diff} | {wall} | "
                      f"{semi_text(runs[0])} |")
     commands = "\n".join(f"- {name}: `{runs[0]['command']}`" for name, runs in cells.items())
@@ -299,10 +304,10 @@ def part_small(args: argparse.Namespace, argv: list[str] | None, started: float)
         "| method | test accuracy | vs logistic regression (paired) | wall (s) | pseudo-labels |", "|---|---|---|---|---|",
         f"| timm + scikit-learn LogisticRegression, labelled only (Lite0 224 px) | {summary(lr)} | | | |",
         f"| scikit-learn SelfTrainingClassifier (same features + unlabelled) | {summary(st)} | "
-        f"{summary([s - b for s, b in zip(st, lr)])} | | |",
+        f"{points([s - b for s, b in zip(st, lr)])} | | |",
         f"| `transferkit fit --data DIR --unlabelled DIR2` (defaults: {rows[0]['ours']['strategy']} + "
-        f"{rows[0]['ours']['semi'].get('method')}) | {summary(ours_acc)} | {summary(gain)} | "
-        f"{summary([r['ours']['wall_seconds'] for r in rows])} | {semi_text(rows[0]['ours'])} |",
+        f"{rows[0]['ours']['semi'].get('method')}) | {summary(ours_acc)} | {points(gain)} | "
+        f"{summary([r['ours']['wall_seconds'] for r in rows], '.0f')} | {semi_text(rows[0]['ours'])} |",
     ]) + (f"\n\nA plain folder of 10 labelled Fashion-MNIST images per class + a folder of 2,000 unlabelled ones; "
           f"scored with `transferkit evaluate` on the 2,000 test images; {args.seeds} seed(s).\n\n"
           f"- Gain over logistic regression: {statistics.mean(gain) * 100:+.1f} points (target >= +3: "
