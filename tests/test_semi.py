@@ -73,10 +73,11 @@ def test_self_training_round_accepts_items_and_records_the_rate(tmp_path, isolat
     out = tmp_path / "run"
     code = main(["fit", "--data", str(data), "--unlabelled", str(unlabelled), "--unlabelled-labels", str(labels),
                  "--strategy", "finetune", "--semi", "self-training", "--semi-rounds", "2", "--semi-epochs", "1",
-                 "--out", str(out), *FAST])
+                 "--protocol", "holdout", "--out", str(out), *FAST])
     assert code == 0
     semi = json.loads((out / "metrics.json").read_text())["semi"]
     assert semi["method"] == "self-training" and semi["unlabelled_items_used"] == 20
+    assert 0 <= semi["teacher_test_accuracy"] <= 1  # the supervised-only baseline of the same run
     rounds = semi["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(r["accepted"] > 0 and r["acceptance_rate"] == pytest.approx(r["accepted"] / 20) for r in rounds)
