@@ -336,6 +336,7 @@ def pretrain_backbone(task: str) -> dict:
             raise RuntimeError(f"pretrain failed: see {log}")
         provenance = json.loads((out / "backbone.json").read_text())["provenance"]
         return {"wall_seconds": time.perf_counter() - begun, "load_before": load_before,
+                "threads": os.environ.get("OMP_NUM_THREADS", "default"),
                 "load_after": os.getloadavg()[0], "command": " ".join(["transferkit", *command[3:]]),
                 "provenance": provenance}
 
@@ -410,8 +411,9 @@ def probe_section(task: str, seeds: int, argv: list[str] | None) -> None:
         f"{'met' if mean_difference >= 0.02 else 'NOT met'}.\n"
         f"- Pretraining budget: `{pretrained['command']}`: {provenance['objective']}, {provenance['epochs']} "
         f"epoch(s), train loss per epoch {provenance['losses']}, {pretrained['wall_seconds'] / 60:.1f} min wall "
-        f"(under nice, not a timed run; load average {pretrained['load_before']:.1f} before, "
-        f"{pretrained['load_after']:.1f} after). One pretraining (seed 0); the seeds are label draws.\n")
+        f"(a timed run: `flock /work/wt/bench.lock`, normal priority, {pretrained.get('threads', '?')} torch threads; "
+        f"load average {pretrained['load_before']:.1f} before, {pretrained['load_after']:.1f} after). One "
+        f"pretraining (seed 0); the seeds are label draws.\n")
     write_part(f"Self-taught learning: linear probe ({task})", argv, started, body)
 
 
