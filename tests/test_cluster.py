@@ -110,7 +110,8 @@ def test_cluster_python_api_on_texts_writes_examples(tmp_path, tiny_bert_dir):
     words = ["the cat sat on the mat", "a dog plays guitar", "someone fell today", "the man is playing"]
     texts.write_text("text\n" + "".join(f"{words[i % 4]}\n" for i in range(12)))
     run = transferkit.cluster(str(texts), out=str(tmp_path / "run"), k=4, backbone=f"hf:{tiny_bert_dir}",
-                              cache_dir=str(tmp_path / "cache"), progress=False)
+                              cache_dir=str(tmp_path / "cache"), progress=False, map=False)
+    assert not (run.path / "tsne.png").exists()  # --no-map
     rows = list(csv.DictReader((run.path / "clusters.csv").open()))
     assert [r["item"] for r in rows] == [str(i) for i in range(12)]
     clusters = [r["cluster"] for r in rows]

@@ -72,6 +72,8 @@ class ClusterConfig:
                                "clusters.csv): NMI and ARI of the clustering against it go into metrics.json."})
     text_column: str | None = field(default=None, metadata={"help": "Text column of a .csv/.jsonl file."})
     image_size: int | None = field(default=None, metadata={"help": "Input resolution (default: the backbone's)."})
+    map: bool = field(default=True, metadata={"help": "Write tsne.png, a 2-D t-SNE map of (at most 2,000 seeded) "
+                      "items coloured by cluster (--no-map skips it: on a CPU it is the slowest step)."})
     examples: int = field(default=8, metadata={"help": "Most central items shown per cluster."})
     batch_size: int = field(default=64, metadata={"help": "Items per forward pass."})
     seed: int = field(default=0, metadata={"help": "Seed of k-means, the --k auto subsample and t-SNE."})
@@ -435,7 +437,8 @@ def run_cluster(config: ClusterConfig, data: LabeledData | None = None) -> Clust
             write_contact_sheet(data, central, sizes, stage / "contact_sheet.png")
         else:
             write_examples(data, items, central, sizes, stage)
-        write_map(l2_normalise(features), clustering.labels_, stage / "tsne.png", config.seed)
+        if config.map:
+            write_map(l2_normalise(features), clustering.labels_, stage / "tsne.png", config.seed)
         write_json(stage / "metrics.json", metrics)
         folder.publish()
     logger.info("%d items in %d clusters (%s); written to %s", len(data), clustering.k_, config.method, folder.out)
