@@ -232,7 +232,7 @@ def _search(folder, tmp_path, **options):
 def test_trained_candidates_race_the_leader_on_the_same_items(folder, tmp_path, monkeypatch):
     """A trained candidate (3 folds) is stopped after its first fold when it trails the leader's out-of-fold
     predictions (5 folds) on the very items that fold validated; its out-of-fold rows are not compared by fold index."""
-    from transferkit.search import training
+    from transferkit.search import auto_search, training
     from transferkit.search.space import Candidate
 
     search = _search(folder, tmp_path)
@@ -246,6 +246,9 @@ def test_trained_candidates_race_the_leader_on_the_same_items(folder, tmp_path, 
     monkeypatch.setattr(training, "predict_plain_and_flipped",  # always wrong
                         lambda model, val: {"plain": 1.0 - np.eye(2)[val.labels]})
     candidate = Candidate("efficientnet_lite0", "finetune", 32, {"epochs": 1}, "train", "LP-FT", folds=3)
+    result = search.score(candidate, refit=1.0)  # 16 items: fewer validated items than racing needs
+    assert result["status"] == "done" and result["variants"][0]["cv"]["k"] == 3, result
+    monkeypatch.setattr(auto_search, "RACING_MIN_ITEMS", 4)
     result = search.score(candidate, refit=1.0)
     assert result["status"].startswith("stopped after fold 1/3") and "same items" in result["status"], result
     assert result["variants"][0]["cv"]["k"] == 3 and not result["variants"][0]["complete"]

@@ -41,6 +41,8 @@ LEADERBOARD_MD = "leaderboard.md"
 RESULTS_FOLDER = "checkpoint/candidates"  # in the staging folder: kept by OutputFolder.abandon for --resume
 #: fraction of the budget the search plans to use; refit, saving and the process's start-up take the rest
 PLANNED_FRACTION = 0.85
+#: racing stops a candidate only after this many validated items (a fold of 8 tweets is too noisy to judge)
+RACING_MIN_ITEMS = 30
 #: seconds kept for writing the output (model files, metrics, leaderboard)
 WRITE_SECONDS = 20.0
 #: static inference cost (seconds per item on one modern CPU core-pair) at the reference resolution, used until
@@ -394,7 +396,8 @@ class AutoSearch:
             self.check_time()
             if candidate.kind == "features":
                 return
-            if leader is not None:  # racing: paired with the leader's out-of-fold predictions on the same items
+            if leader is not None and len(validated) >= RACING_MIN_ITEMS:  # racing: paired with the leader's
+                # out-of-fold predictions on the same items
                 mine = float(np.mean(correct))
                 theirs = accuracy(self.data.labels[validated], np.asarray(leader["oof_probabilities"])[validated])
                 margin = math.sqrt(max(theirs * (1 - theirs), 0.01) / len(validated))

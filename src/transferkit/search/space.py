@@ -107,10 +107,16 @@ def text_space(backbones: list[str] | None = None) -> list[Candidate]:
     candidates = [Candidate(b, "linear-probe", None, {"probe_c": c}, "features", f"probe C={c:g}")
                   for b in backbones for c in (10.0, 100.0, 1.0)]
     first = backbones[0]
+    # a small encoder on a few dozen sentences trains in seconds: several contrastive schedules fit a 10-minute budget.
+    # Their head takes the probe's weaker penalty (C=10); SetFit's own head (C=1) is the last variant
     candidates += [
-        Candidate(first, "contrastive", None, {"contrastive_epochs": 1}, "train", "contrastive (SetFit-style)",
-                  TRAIN_FOLDS),
+        Candidate(first, "contrastive", None, {"contrastive_epochs": 1, "probe_c": 10.0}, "train",
+                  "contrastive (SetFit-style) C=10", TRAIN_FOLDS),
         Candidate(first, "finetune", None, {"epochs": 10}, "train", "LP-FT", TRAIN_FOLDS),
+        Candidate(first, "contrastive", None, {"contrastive_epochs": 4, "probe_c": 10.0}, "train",
+                  "contrastive 4 epochs C=10", TRAIN_FOLDS),
+        Candidate(first, "contrastive", None, {"contrastive_epochs": 1, "probe_c": 1.0}, "train",
+                  "contrastive (SetFit-style) C=1", TRAIN_FOLDS),
         Candidate(first, "lora", None, {"epochs": 10}, "train", "LoRA", TRAIN_FOLDS),
     ]
     return candidates
