@@ -228,6 +228,7 @@ FM_METHODS = {
     "finetune + self-training": ["--strategy", "finetune", "--semi", "self-training"],
     "linear-probe + self-training": ["--strategy", "linear-probe", "--semi", "self-training"],
     "finetune + consistency": ["--strategy", "finetune", "--semi", "consistency"],
+    "finetune + consistency, 4 passes": ["--strategy", "finetune", "--semi", "consistency", "--semi-epochs", "4"],
 }
 
 
