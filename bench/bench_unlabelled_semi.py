@@ -275,8 +275,16 @@ def render_fm(args: argparse.Namespace, argv: list[str] | None, started: float, 
         [] if frozen and all("self_training_classifier" in f for f in frozen) else
         ["scikit-learn SelfTrainingClassifier on Lite0 224 px features (the 5,000 unlabelled images' 224 px features "
          "were not extracted in time)"])
+    if not (CACHE / "cells" / "small-defaults-s0.json").is_file():
+        missing.append("the small defaults case (`--part small`: 10 labels per class + 2,000 unlabelled, `fit --data "
+                       "DIR --unlabelled DIR2` at 224 px against logistic regression)")
     if missing:
         verdict += f"- Not measured yet (no machine time before the deadline): {'; '.join(missing)}.\n"
+    if frozen and cells.get("finetune + consistency"):
+        lr = statistics.mean(f["logistic_regression"] for f in frozen)
+        ours = statistics.mean(r["accuracy"] for r in cells["finetune + consistency"])
+        verdict += (f"- finetune + consistency at 112 px vs the frozen 224 px logistic regression on the labels: "
+                    f"{(ours - lr) * 100:+.1f} points (supervised finetune at 112 px is below that probe).\n")
     body = "\n".join(lines) + (
         f"\n\nFashion-MNIST: 20 labelled training images per class (seeded), {args.pool} other training images as "
         f"`--unlabelled` (their labels only in `--unlabelled-labels`, for the pseudo-label accuracy), 2,000 test "
