@@ -279,6 +279,7 @@ def test_fish_mask_keeps_the_largest_fisher_values():
 def test_cli_inspect_marks_targets_and_export_merges(tiny_bert_dir, tmp_path, capsys):
     import json
 
+    import transferkit
     from transferkit.cli.main import main
 
     assert main(["inspect", f"hf:{tiny_bert_dir}", "--json"]) == 0
@@ -290,8 +291,12 @@ def test_cli_inspect_marks_targets_and_export_merges(tiny_bert_dir, tmp_path, ca
     model, strategy = build("small_cnn", "lora", {"lora_r": 2, "lora_targets": [r"re:stages\.\d\.[03]"]}, width=4,
                             feature_dim=8, in_chans=3, image_size=16)
     save_model(model, tmp_path / "run" / "model", strategy.to_dict())
+    (tmp_path / "run" / "calibration.json").write_text(json.dumps({"temperature": 1.7}))
     assert main(["export", "--model", str(tmp_path / "run"), "--out", str(tmp_path / "merged"), "--merge"]) == 0
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+    assert transferkit.load(tmp_path / "merged").temperature == 1.7  # the fitted temperature travels with it
+    assert main(["export", "--model", str(tmp_path / "run"), "--out", str(tmp_path / "adapter")]) == 0
+    assert json.loads((tmp_path / "adapter" / "calibration.json").read_text()) == {"temperature": 1.7}
     assert main(["export", "--model", str(tmp_path / "merged"), "--out", str(tmp_path / "again")]) == 2
 
 

@@ -105,6 +105,18 @@ def run_folder_of(model_path: str | Path) -> Path:
     return path.parent if path.name == "model" and not (path / "model").is_dir() else path
 
 
+def copy_calibration(model_path: str | Path, destination: str | Path) -> bool:
+    """Copy the run's fitted softmax temperature (``calibration.json``) next to an exported model, so the export
+    predicts the same calibrated probabilities; False when the run has none."""
+    import shutil
+
+    source = run_folder_of(model_path) / CALIBRATION_FILE
+    if not source.is_file():
+        return False
+    shutil.copyfile(source, Path(destination) / CALIBRATION_FILE)
+    return True
+
+
 def read_temperature(model_path: str | Path) -> float | None:
     from transferkit.errors import check_number, read_json, reading
 

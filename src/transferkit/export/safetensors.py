@@ -14,7 +14,6 @@ export.
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,7 @@ def plain_member(loaded: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
 def export_safetensors(model_dir: str | Path, out: str | Path, merge: bool = False, overwrite: bool = False) -> Path:
     """Write ``model_dir`` as a plain model folder at ``out`` (see the module docstring); returns ``out``."""
     from transferkit.api import EnsembleModel, load
-    from transferkit.evaluation.calibration import CALIBRATION_FILE, run_folder_of
+    from transferkit.evaluation.calibration import copy_calibration
     from transferkit.model import read_model_config, save_model
     from transferkit.rundir import OutputFolder
     from transferkit.search.ensemble import ENSEMBLE_KEY, save_ensemble
@@ -74,7 +73,5 @@ def export_safetensors(model_dir: str | Path, out: str | Path, merge: bool = Fal
         else:
             model, strategy, extra = plain_member(loaded)
             save_model(model, folder.stage, strategy, extra=extra)
-            calibration = run_folder_of(config["_folder"]) / CALIBRATION_FILE
-            if calibration.is_file():  # the fitted softmax temperature travels with the model
-                shutil.copyfile(calibration, folder.stage / CALIBRATION_FILE)
+            copy_calibration(config["_folder"], folder.stage)  # the fitted temperature travels with the model
         return folder.publish()

@@ -230,6 +230,7 @@ def export_lora(model_dir: str | Path, out: str | Path, merge: bool = False, ove
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
+    from transferkit.evaluation.calibration import copy_calibration
     from transferkit.model import load_model, read_model_config, save_model
     from transferkit.rundir import OutputFolder, write_json
 
@@ -244,6 +245,7 @@ def export_lora(model_dir: str | Path, out: str | Path, merge: bool = False, ove
     folder.begin()
     with folder:
         stage = folder.stage
+        copy_calibration(config["_folder"], stage)  # a fitted softmax temperature travels with the export
         if merge:
             merged = merge_lora(model.backbone)
             logger.info("merged %d LoRA layers into the base weights", merged)
