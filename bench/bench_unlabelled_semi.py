@@ -169,6 +169,8 @@ def semi_text(cell: dict) -> str:
     rounds = cell["semi"].get("rounds") or []
     if not rounds:
         return ""
+    teacher = cell["semi"].get("teacher_test_accuracy")
+    prefix = f"teacher (same strategy, labels only) {teacher:.4f}; " if teacher is not None else ""
     if "round" in rounds[0]:
         parts = [f"r{r['round']}: {r['acceptance_rate']:.0%} accepted, pseudo acc "
                  f"{r.get('pseudo_label_accuracy', float('nan')):.3f}" for r in rounds]
@@ -176,7 +178,7 @@ def semi_text(cell: dict) -> str:
         last = rounds[-1]
         parts = [f"tau {cell['semi'].get('tau')}", f"last epoch {last['acceptance_rate']:.0%} accepted, pseudo acc "
                  f"{(last.get('pseudo_label_accuracy') or float('nan')):.3f}"]
-    return "; ".join(parts)
+    return prefix + "; ".join(parts)
 
 
 def part_fm(args: argparse.Namespace, argv: list[str] | None, started: float) -> None:
@@ -250,6 +252,13 @@ def render_fm(args: argparse.Namespace, argv: list[str] | None, started: float, 
         values = [f[key] for f in frozen]
         diff = points([v - s["accuracy"] for v, s in zip(values, supervised)]) if supervised else ""
         lines.append(f"| {label} | {summary(values)} | {diff} | | |")
+    extra = CACHE / "cells" / "frozen112-fm-u5000-s0.json"  # the same baselines on our rows' 112 px features
+    if extra.is_file() and supervised:
+        row = json.loads(extra.read_text())
+        for key, label in (("logistic_regression_112", "scikit-learn LogisticRegression, labelled only (Lite0 112 px)"),
+                           ("self_training_classifier_112", "scikit-learn SelfTrainingClassifier (Lite0 112 px "
+                            "features, seed 0)")):
+            lines.append(f"| {label} | {row[key]:.4f} | {points([row[key] - supervised[0]['accuracy']])} | | |")
     for name, runs in cells.items():
         values = [r["accuracy"] for r in runs]
         diff = points([r["accuracy"] - s["accuracy"] for r, s in zip(runs, supervised)]) if supervised else ""
