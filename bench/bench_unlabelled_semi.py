@@ -154,6 +154,29 @@ def frozen_baselines(paths: dict[str, Path], cache_dir: Path, with_self_training
     return out
 
 
+def frozen_baselines_112(paths: dict[str, Path], image_size: int) -> dict:
+    """The scikit-learn rows on the features our rows start from: Lite0 at ``image_size`` px, the labelled pool of
+    ``--protocol cv``, the run's test split and the unlabelled folder (the run's own cached features)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.semi_supervised import SelfTrainingClassifier
+
+    from transferkit.backbones import create_backbone
+    from transferkit.config import FitConfig
+    from transferkit.data import load_unlabelled
+    from transferkit.engine.features import extract_features
+    from transferkit.evaluation.crossfit import plan_protocol
+
+    splits = plan_protocol(FitConfig(data=str(paths["data"]), protocol="cv", image_size=image_size), 0)
+    backbone = create_backbone("efficientnet_lite0", image_size=image_size)
+    x, xt, xu = (extract_features(backbone, d, cache_dir=FEATURES, progress=False)
+                 for d in (splits.train, splits.test, load_unlabelled(str(paths["unlabelled"]))))
+    y, yt = splits.train.labels, splits.test.labels
+    model = SelfTrainingClassifier(LogisticRegression(max_iter=1000)).fit(np.concatenate([x, xu]),
+                                                                           np.concatenate([y, np.full(len(xu), -1)]))
+    return {"logistic_regression_112": float(LogisticRegression(max_iter=1000).fit(x, y).score(xt, yt)),
+            "self_training_classifier_112": float(model.score(xt, yt))}
+
+
 def summary(values: list[float], form: str = ".4f") -> str:
     if len(values) == 1:
         return f"{values[0]:{form}}"
@@ -169,6 +192,8 @@ def semi_text(cell: dict) -> str:
     rounds = cell["semi"].get("rounds") or []
     if not rounds:
         return ""
+    teacher = cell["semi"].get("teacher_test_accuracy")
+    prefix = f"teacher (same strategy, labels only) {teacher:.4f}; " if teacher is not None else ""
     if "round" in rounds[0]:
         parts = [f"r{r['round']}: {r['acceptance_rate']:.0%} accepted, pseudo acc "
                  f"{r.get('pseudo_label_accuracy', float('nan')):.3f}" for r in rounds]
@@ -176,7 +201,7 @@ def semi_text(cell: dict) -> str:
         last = rounds[-1]
         parts = [f"tau {cell['semi'].get('tau')}", f"last epoch {last['acceptance_rate']:.0%} accepted, pseudo acc "
                  f"{(last.get('pseudo_label_accuracy') or float('nan')):.3f}"]
-    return "; ".join(parts)
+    return prefix + "; ".join(parts)
 
 
 def part_fm(args: argparse.Namespace, argv: list[str] | None, started: float) -> None:
@@ -196,6 +221,9 @@ def part_fm(args: argparse.Namespace, argv: list[str] | None, started: float) ->
         frozen_key = f"frozen-fm-u{args.pool}-s{seed}"
         if wanted(args, "frozen"):
             frozen.append(cached(CACHE / "cells", frozen_key, lambda p=paths: frozen_baselines(p, FEATURES, True)))
+        if wanted(args, "frozen-112") and seed == 0:
+            cached(CACHE / "cells", f"frozen112-fm-u{args.pool}-s0",
+                   lambda p=paths: frozen_baselines_112(p, args.image_size))
         for name, options in methods.items():
             extra = [] if "supervised" in name else ["--unlabelled", str(paths["unlabelled"]),
                                                      "--unlabelled-labels", str(paths["labels"])]
@@ -250,6 +278,13 @@ def render_fm(args: argparse.Namespace, argv: list[str] | None, started: float, 
         values = [f[key] for f in frozen]
         diff = points([v - s["accuracy"] for v, s in zip(values, supervised)]) if supervised else ""
         lines.append(f"| {label} | {summary(values)} | {diff} | | |")
+    extra = CACHE / "cells" / "frozen112-fm-u5000-s0.json"  # the same baselines on our rows' 112 px features
+    if extra.is_file() and supervised:
+        row = json.loads(extra.read_text())
+        for key, label in (("logistic_regression_112", "scikit-learn LogisticRegression, labelled only (Lite0 112 px)"),
+                           ("self_training_classifier_112", "scikit-learn SelfTrainingClassifier (Lite0 112 px "
+                            "features, seed 0)")):
+            lines.append(f"| {label} | {row[key]:.4f} | {points([row[key] - supervised[0]['accuracy']])} | | |")
     for name, runs in cells.items():
         values = [r["accuracy"] for r in runs]
         diff = points([r["accuracy"] - s["accuracy"] for r, s in zip(runs, supervised)]) if supervised else ""
