@@ -33,10 +33,13 @@ OUTPUT = REPO / "BENCHMARKS.md"
 #: How the published sections were measured (they are produced over several sessions and cached per cell).
 SHARED_MACHINE = (
     "most sections were measured while several benchmarks shared the 2 cores (load average 2-7 in earlier sessions; "
-    "10-26 for the sections added on 2026-11-29: auto, defaults, fewlabels, serve, unlabelled and the hybrid / store "
-    "/ sharded parts of memory; each section states its own setting). Accuracies are unaffected; time ratios were "
-    "measured interleaved within one run so the shared load cancels out only partly under such load; absolute "
-    "times are pessimistic."
+    "10-26 for the sections added in session 4: auto, defaults, fewlabels, serve, unlabelled and the hybrid / store "
+    "/ sharded parts of memory). In session 5 (2026-11-29, 10:45-13:10 UTC) timed runs (wall-clock budgets, latency "
+    "and throughput ratios) ran one at a time under a lock at normal priority while untimed work ran under nice 19; "
+    "until 11:27 the kernel's autogroup scheduling made nice ineffective (a timed run got about a quarter of the CPU), "
+    "after that a timed run got 1.3-1.8 of the 2 cores. Each section states its own load. Accuracies are unaffected; "
+    "time ratios were measured interleaved within one run, so shared load cancels out only partly; absolute times "
+    "are pessimistic."
 )
 
 
