@@ -57,20 +57,9 @@ def write_images(n: int) -> tuple[Path, Path]:
 
 
 def write_part(heading: str, argv: list[str] | None, started: float, body: str) -> None:
-    """Write one section of bench/results/unlabelled.md (``write_section``'s format), keeping the file's other
-    sections (every section of this script, and other scripts' sections of the same file)."""
-    import re
-    import tempfile
-
-    scratch = Path(tempfile.mkdtemp()) / "section.md"
-    write_section(scratch, heading, bench_command("bench.bench_unlabelled", argv), started, body)
-    section = scratch.read_text()
-    old = RESULTS.read_text() if RESULTS.is_file() else ""
-    parts = [p for p in re.split(r"(?m)^(?=## )", old) if p.strip()]
-    parts = [section if p.startswith(f"## {heading}\n") else p for p in parts]
-    if section not in parts:
-        parts.append(section)
-    RESULTS.write_text("\n".join(p.rstrip("\n") + "\n" for p in parts))
+    """Write one section of bench/results/unlabelled.md; ``write_section`` keeps the file's other sections (this
+    script's and ``bench_unlabelled_semi``'s)."""
+    write_section(RESULTS, heading, bench_command("bench.bench_unlabelled", argv), started, body)
 
 
 def truth_of(labels_csv: Path) -> tuple[list[str], list[str]]:
