@@ -199,3 +199,27 @@ def test_text_ensemble_exports_one_graph_with_a_tokenizer_per_view(tiny_bert_dir
     texts = ["cat dog mat sat fell guitar plays market", "guitar", "the dog sat on the mat today with a cat"]
     np.testing.assert_allclose(transferkit.load(export).predict_proba(texts),
                                transferkit.load(tmp_path / "ens", device="cpu").predict_proba(texts), atol=1e-5)
+
+
+def test_multitask_run_exports_every_head_as_a_graph_output_with_parity(tmp_path):
+    """A shared trunk with a classification head and a quantile head: one ONNX graph whose outputs are both
+    heads (named after their tasks), each equal to PyTorch's; the export classifies like the run."""
+    import onnxruntime
+    import torch
+
+    run = transferkit.fit("stars", backbone="small_cnn", strategy="finetune", head_init="random", freeze_bn=False,
+                          task=["count:classify", "size:quantile"], limit_per_class=6, epochs=1, batch_size=16,
+                          image_size=16, test_limit=12, out=str(tmp_path / "run"), progress=False, device="cpu")
+    assert main(["export", "--model", str(run.path), "--format", "onnx", "--out", str(tmp_path / "onnx")]) == 0
+    parity = json.loads((tmp_path / "onnx" / "parity.json").read_text())
+    assert parity["max_abs_logit_diff"] <= 1e-4 and parity["agreement"] == 1.0
+    session = onnxruntime.InferenceSession(str(next((tmp_path / "onnx").glob("*.onnx"))))
+    assert [o.name for o in session.get_outputs()][:2] == ["count", "size"]
+    x = np.random.default_rng(0).normal(size=(5, 1, 16, 16)).astype(np.float32)  # a batch size never exported
+    count, size = session.run(["count", "size"], {session.get_inputs()[0].name: x})
+    torch_model = transferkit.load(run.path)
+    with torch.no_grad():
+        reference = torch_model.module(torch.from_numpy(x)).outputs
+    np.testing.assert_allclose(count, reference["count"].numpy(), atol=1e-4)
+    np.testing.assert_allclose(size, reference["size"].numpy(), atol=1e-4)
+    assert transferkit.load(tmp_path / "onnx").classes_ == torch_model.classes_
