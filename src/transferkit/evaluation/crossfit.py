@@ -290,6 +290,7 @@ class FoldCheckpoints:
 
     def load(self, index: int, key: str) -> FoldOutput | None:
         from transferkit.engine.checkpoint import load_checkpoint
+        from transferkit.engine.placement import to_numpy
 
         path = self.path(index)
         if not path.is_file():
@@ -299,8 +300,8 @@ class FoldCheckpoints:
             logger.info("cv: %s belongs to another split; the fold is trained again", path.name)
             return None
         arrays = sections.get("fold", {})
-        candidates = [arrays[f"candidate_{i}"].numpy() for i in range(int(state.get("candidates", 0)))]
-        probabilities = arrays["probabilities"].numpy() if "probabilities" in arrays else None
+        candidates = [to_numpy(arrays[f"candidate_{i}"]) for i in range(int(state.get("candidates", 0)))]
+        probabilities = to_numpy(arrays["probabilities"]) if "probabilities" in arrays else None
         logger.info("cv: fold %d restored from %s (--resume)", index + 1, path.name)
         return FoldOutput(probabilities, candidates, dict(state.get("curves", {})))
 
