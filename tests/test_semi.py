@@ -67,14 +67,21 @@ def test_pseudo_labels_exclude_validation_and_test_ids(tmp_path, isolated_cache)
     assert semi["learns_from_pseudo_labels"].startswith("head only")
 
 
-def test_self_training_round_accepts_items_and_records_the_rate(tmp_path, isolated_cache):
+def _semi_fit(tmp_path: Path, unlabelled_items: int, *options: str) -> Path:
+    """``fit --unlabelled`` (finetune, with the unlabelled items' labels for the pseudo-label accuracy) on 10
+    labelled items per class; returns the run folder after checking the command succeeded."""
     data = _labelled(tmp_path / "data", 10)
-    unlabelled, labels = _unlabelled(tmp_path / "u", 20)
+    unlabelled, labels = _unlabelled(tmp_path / "u", unlabelled_items)
     out = tmp_path / "run"
     code = main(["fit", "--data", str(data), "--unlabelled", str(unlabelled), "--unlabelled-labels", str(labels),
-                 "--strategy", "finetune", "--semi", "self-training", "--semi-rounds", "2", "--semi-epochs", "1",
-                 "--protocol", "holdout", "--out", str(out), *FAST])
+                 "--strategy", "finetune", *options, "--out", str(out), *FAST])
     assert code == 0
+    return out
+
+
+def test_self_training_round_accepts_items_and_records_the_rate(tmp_path, isolated_cache):
+    out = _semi_fit(tmp_path, 20, "--semi", "self-training", "--semi-rounds", "2", "--semi-epochs", "1",
+                    "--protocol", "holdout")
     semi = json.loads((out / "metrics.json").read_text())["semi"]
     assert semi["method"] == "self-training" and semi["unlabelled_items_used"] == 20
     assert 0 <= semi["teacher_test_accuracy"] <= 1  # the supervised-only baseline of the same run
@@ -101,13 +108,7 @@ def test_consistency_loss_is_zero_on_identical_views_and_has_fixmatch_gradient()
 
 
 def test_consistency_run_records_acceptance_per_epoch(tmp_path, isolated_cache):
-    data = _labelled(tmp_path / "data", 10)
-    unlabelled, labels = _unlabelled(tmp_path / "u", 16)
-    out = tmp_path / "run"
-    code = main(["fit", "--data", str(data), "--unlabelled", str(unlabelled), "--unlabelled-labels", str(labels),
-                 "--strategy", "finetune", "--semi", "consistency", "--semi-threshold", "0.5", "--semi-epochs", "1",
-                 "--out", str(out), *FAST])
-    assert code == 0
+    out = _semi_fit(tmp_path, 16, "--semi", "consistency", "--semi-threshold", "0.5", "--semi-epochs", "1")
     metrics = json.loads((out / "metrics.json").read_text())
     semi = metrics["semi"]
     assert semi["method"] == "consistency" and semi["tau"] == 0.5
