@@ -74,21 +74,30 @@ def isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TRANSFERKIT_PROGRESS", "0")
 
 
+def interrupt_seq2seq_validation(monkeypatch, at: int):
+    """Make seq2seq training raise KeyboardInterrupt (Ctrl-C) at its ``at``-th validation; returns the original
+    ``seq2seq_metrics`` so the caller can restore it before resuming."""
+    import transferkit.sequence.seq2seq as seq2seq
+
+    original, calls = seq2seq.seq2seq_metrics, []
+
+    def interrupting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(seq2seq, "seq2seq_metrics", interrupting)
+    return original
+
+
 def interrupt_seq2seq_train(tmp_path: Path, monkeypatch, epochs: int) -> list[str]:
     """Run a tiny ``seq2seq train`` into ``tmp_path/b2d`` that is interrupted (Ctrl-C) at its second validation,
     leaving a staging folder with a checkpoint; returns the command's arguments for a second run."""
     import transferkit.sequence.seq2seq as seq2seq
     from transferkit.cli.main import main
 
-    original, calls = seq2seq.seq2seq_metrics, []
-
-    def interrupt_at_second_validation(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(seq2seq, "seq2seq_metrics", interrupt_at_second_validation)
+    original = interrupt_seq2seq_validation(monkeypatch, 2)
     args = ["seq2seq", "train", "--task", "binary-to-decimal", "--bits", "5", "--out", str(tmp_path / "b2d"),
             "--epochs", str(epochs), "--hidden-size", "8", "--embedding-dim", "4", "--batch-size", "8", "--no-progress"]
     assert main(args) == 130

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import interrupt_seq2seq_train
+from tests.conftest import interrupt_seq2seq_train, interrupt_seq2seq_validation
 from transferkit.backbones import create_backbone
 from transferkit.backbones.base import check_layer_groups
 from transferkit.errors import TransferkitError
@@ -447,15 +447,7 @@ def test_resumed_seq2seq_averages_the_same_epochs_as_an_uninterrupted_run(tmp_pa
     train = TrainConfig(epochs=4, batch_size=8, lr=0.01, early_stopping=0, device="cpu", threads=1, seed=1)
     reference = train_seq2seq(splits, config, train, progress=False)
 
-    original, calls = seq2seq.seq2seq_metrics, []
-
-    def interrupt_at_third_validation(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(seq2seq, "seq2seq_metrics", interrupt_at_third_validation)
+    original = interrupt_seq2seq_validation(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         train_seq2seq(splits, config, train, checkpoint_dir=tmp_path, progress=False)
     monkeypatch.setattr(seq2seq, "seq2seq_metrics", original)
