@@ -40,6 +40,16 @@ def test_image_run_exports_to_onnx_with_parity_and_runs_on_onnxruntime(tmp_path,
 
     onnx_model, torch_model = transferkit.load(export), transferkit.load(run.path)
     assert type(onnx_model).__name__ == "OnnxModel" and onnx_model.classes_ == torch_model.classes_
+    import torch
+
+    from transferkit.serving.app import ServeConfig, load_service
+
+    torch_threads = torch.get_num_threads()  # load_service sets torch's threads too: restored for the other tests
+    try:
+        served = load_service(ServeConfig(model=str(export), threads=1)).loaded  # serve --threads reaches onnxruntime
+    finally:
+        torch.set_num_threads(torch_threads)
+    assert served.session.get_session_options().intra_op_num_threads == 1
     files = sorted(str(p) for p in (tmp_path / "data").rglob("*.png"))
     np.testing.assert_allclose(onnx_model.predict_proba(files, batch_size=7), torch_model.predict_proba(files),
                                atol=1e-5)

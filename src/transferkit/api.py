@@ -169,9 +169,10 @@ def _open_image(item: Any):
                                "remove or replace the file") from None
 
 
-def load(path: str | Path, device: str = "auto") -> LoadedModel:
+def load(path: str | Path, device: str = "auto", threads: int = 0) -> LoadedModel:
     """Restore a model from a run folder (or its ``model/`` subfolder), placed on ``device`` (auto, cpu, cuda,
-    cuda:N or mps; see ``transferkit.engine.placement``)."""
+    cuda:N or mps; see ``transferkit.engine.placement``). ``threads`` sets onnxruntime's intra-op threads when
+    ``path`` is an ONNX export (0: its default; torch's threads are the caller's ``torch.set_num_threads``)."""
     from transferkit.engine.placement import place, resolve_device
     from transferkit.model import load_model
 
@@ -184,7 +185,7 @@ def load(path: str | Path, device: str = "auto") -> LoadedModel:
     from transferkit.search.ensemble import ENSEMBLE_KEY
 
     if is_onnx_export(path):  # `export --format onnx`: runs on onnxruntime
-        return OnnxModel(path)  # type: ignore[return-value]
+        return OnnxModel(path, threads)  # type: ignore[return-value]
     config = read_model_config(path)
     if ENSEMBLE_KEY in config:
         return EnsembleModel(config, path, device)

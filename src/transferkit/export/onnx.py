@@ -471,7 +471,8 @@ class OnnxModel:
 
     is_language_model = False
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, threads: int = 0) -> None:
+        """``threads``: onnxruntime's intra-op threads (0: its default, one per core)."""
         _require_onnx()
         import onnxruntime as ort
 
@@ -486,7 +487,12 @@ class OnnxModel:
         self.temperature = float(self.config.get("temperature") or 1.0)
         self.preprocessor = make_preprocessor(json.loads((self.path / PREPROCESS_FILE).read_text()), self.path)
         try:
-            self.session = ort.InferenceSession(str(self.path / GRAPH_FILE), providers=["CPUExecutionProvider"])
+            options = ort.SessionOptions()
+            if threads:
+                options.intra_op_num_threads = threads
+                options.inter_op_num_threads = 1
+            self.session = ort.InferenceSession(str(self.path / GRAPH_FILE), options,
+                                                providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types for damaged graphs
             raise TransferkitError(f"cannot load '{self.path / GRAPH_FILE}' ({str(exc).splitlines()[0]})",
                                    "export the run again") from None

@@ -64,7 +64,8 @@ class ServeConfig:
     max_items: int = field(default=256, metadata={"help": "Most inputs (images or texts) in one request."})
     max_text_chars: int = field(default=20_000, metadata={"help": "Longest text accepted (characters)."})
     queue_limit: int = field(default=1024, metadata={"help": "Requests waiting for the model before 503."})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)."})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch, or for onnxruntime when MODEL is an "
+                                                       "ONNX export (0: the library's default)."})
 
     def validate(self) -> None:
         if not self.model:
@@ -186,7 +187,7 @@ def load_service(config: ServeConfig) -> ModelService:
     config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
-    loaded = load(config.model, config.device)
+    loaded = load(config.model, config.device, config.threads)
     loaded.refuse_language_model()
     name = config.name or Path(config.model).resolve().name
     if not name or "/" in name:
