@@ -117,8 +117,8 @@ def test_probabilities(model, test, cache_dir: Path = CACHE / "features") -> np.
     import torch
 
     from transferkit.api import EnsembleModel
+    from transferkit.autofit.training import mirrored
     from transferkit.engine.features import extract_features
-    from transferkit.search.training import mirrored
 
     members = list(zip(model.members, model.weights)) if isinstance(model, EnsembleModel) else [(model, 1.0)]
     total = sum(w for _, w in members)

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 import transferkit
+from transferkit.autofit.ensemble import select_ensemble
 from transferkit.config import parse_duration
 from transferkit.errors import TransferkitError
-from transferkit.search.ensemble import select_ensemble
 
 SMALL = {"backbones": ["efficientnet_lite0"], "image_sizes": [32], "progress": False}
 
@@ -92,7 +92,7 @@ def test_auto_writes_a_run_that_evaluate_predict_and_report_use(auto_run, folder
 
 def test_ensemble_folder_loads_as_one_model_averaging_members(auto_run, tmp_path, folder):
     from transferkit.api import EnsembleModel, load
-    from transferkit.search.ensemble import save_ensemble
+    from transferkit.autofit.ensemble import save_ensemble
 
     single = load(auto_run[0].path)
     member = single.members[0].module if isinstance(single, EnsembleModel) else single.module
@@ -118,8 +118,8 @@ def test_select_ensemble_adds_members_only_when_they_help():
 
 
 def test_auto_resume_skips_finished_candidates(folder, tmp_path, monkeypatch):
-    from transferkit.search import auto_search as auto_module
-    from transferkit.search.auto_search import AutoConfig, run_auto
+    from transferkit.autofit import auto_search as auto_module
+    from transferkit.autofit.auto_search import AutoConfig, run_auto
 
     out = tmp_path / "run"
     calls: list[str] = []
@@ -223,7 +223,7 @@ def test_auto_writes_a_model_card_with_the_numbers_of_metrics_json(auto_run):
 
 
 def _search(folder, tmp_path, **options):
-    from transferkit.search.auto_search import AutoConfig, AutoSearch
+    from transferkit.autofit.auto_search import AutoConfig, AutoSearch
 
     config = AutoConfig(data=str(folder), out=str(tmp_path / "run"), **{**SMALL, **options})
     return AutoSearch(config, config.validate(), time.time())
@@ -232,8 +232,8 @@ def _search(folder, tmp_path, **options):
 def test_trained_candidates_race_the_leader_on_the_same_items(folder, tmp_path, monkeypatch):
     """A trained candidate (3 folds) is stopped after its first fold when it trails the leader's out-of-fold
     predictions (5 folds) on the very items that fold validated; its out-of-fold rows are not compared by fold index."""
-    from transferkit.search import auto_search, training
-    from transferkit.search.space import Candidate
+    from transferkit.autofit import auto_search, training
+    from transferkit.autofit.space import Candidate
 
     search = _search(folder, tmp_path)
     labels = search.data.labels
@@ -256,8 +256,8 @@ def test_trained_candidates_race_the_leader_on_the_same_items(folder, tmp_path, 
 
 def test_trained_candidate_stops_before_an_epoch_that_would_overrun(folder, tmp_path, monkeypatch):
     """After every epoch the search checks that the next epoch (as long as the last one) still fits the budget."""
-    from transferkit.search.auto_search import _Stopped
-    from transferkit.search.space import Candidate
+    from transferkit.autofit.auto_search import _Stopped
+    from transferkit.autofit.space import Candidate
 
     search = _search(folder, tmp_path)
     projected: list[float] = []
@@ -276,7 +276,7 @@ def test_trained_candidate_stops_before_an_epoch_that_would_overrun(folder, tmp_
 
 
 def test_image_space_tries_native_probes_then_top_block_lp_ft_with_fewer_folds():
-    from transferkit.search.space import TRAIN_FOLDS, default_space
+    from transferkit.autofit.space import TRAIN_FOLDS, default_space
 
     space = default_space("image")
     names = [c.name for c in space]

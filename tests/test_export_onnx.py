@@ -98,7 +98,7 @@ def test_auto_ensemble_exports_to_one_onnx_graph_and_to_a_plain_model_folder(tmp
     graph averaging their probabilities, equal to the PyTorch ensemble; `--format safetensors` writes a plain
     ensemble folder."""
     from transferkit.api import EnsembleModel
-    from transferkit.search.ensemble import save_ensemble
+    from transferkit.autofit.ensemble import save_ensemble
 
     data = tmp_path / "data"
     for cls in ("horizontal", "vertical"):
@@ -189,7 +189,7 @@ def test_safetensors_export_of_a_plain_run_keeps_its_weights(tmp_path):
 
 
 def test_text_ensemble_exports_one_graph_with_a_tokenizer_per_view(tiny_bert_dir, tmp_path):
-    from transferkit.search.ensemble import save_ensemble
+    from transferkit.autofit.ensemble import save_ensemble
 
     rng = np.random.default_rng(0)
     rows = ["text,label"] + [f"{' '.join(rng.choice(ANIMALS if i % 2 == 0 else MUSIC, 2 + i % 5))},"

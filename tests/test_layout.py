@@ -17,7 +17,7 @@ PACKAGE = ROOT / "src" / "transferkit"
 #: left to right: a unit may import its own layer and the layers to its right (README "Development")
 LAYERS: list[set[str]] = [
     {"cli", "serving"},
-    {"api", "fitting", "search", "export"},
+    {"api", "fitting", "autofit", "export"},
     {"strategies", "adaptation", "tasks", "evaluation", "memory", "zeroshot", "sequence", "model", "inference",
      "tracking", "selftaught"},
     {"engine"},
@@ -30,10 +30,10 @@ LEAVES = {"transferkit.engine.placement"}  # where a model runs and how batches 
 EXCEPTIONS = {
     ("evaluation/compare.py", "api"): "compare runs transferkit.fit for every cell",
     ("sequence/runs.py", "fitting"): "the seq2seq / charlm run API returns fitting's Run",
-    ("evaluation/report.py", "search"): "the report names an auto folder's leaderboard file",
+    ("evaluation/report.py", "autofit"): "the report names an auto folder's leaderboard file",
     ("evaluation/report.py", "api"): "the report of a run folder loads its model (api.load)",
     ("__init__.py", "api"): "the package root exposes the API lazily (transferkit.fit, ...)",
-    ("__init__.py", "search"): "the package root exposes the API lazily (transferkit.auto)",
+    ("__init__.py", "autofit"): "the package root exposes the API lazily (transferkit.auto)",
     ("__init__.py", "selftaught"): "the package root exposes the API lazily (transferkit.cluster)",
     ("data/loader.py", "engine"): "EpochShuffleSampler",
     ("backbones/causal_lm.py", "engine"): "default_cache_dir",

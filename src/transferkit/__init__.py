@@ -20,7 +20,7 @@ def __getattr__(name: str):
 
         return cluster
     if name == "auto":
-        from transferkit.search import auto
+        from transferkit.autofit import auto
 
         return auto
     raise AttributeError(f"module 'transferkit' has no attribute {name!r}")

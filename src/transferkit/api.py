@@ -138,7 +138,7 @@ class LoadedModel:
         in its config: ``hflip`` averages each image with its mirror image) and temperature."""
         probabilities = predict_proba_model(self.module, data, batch_size, progress, temperature=self.temperature)
         if self.config.get("tta") == "hflip" and data.modality == "image":
-            from transferkit.search.training import mirrored
+            from transferkit.autofit.training import mirrored
 
             probabilities = 0.5 * (probabilities + predict_proba_model(self.module, mirrored(data), batch_size,
                                                                        temperature=self.temperature))
@@ -180,9 +180,9 @@ def load(path: str | Path, device: str = "auto", threads: int = 0) -> LoadedMode
     target = resolve_device(device)  # a bad --device is refused before anything is read
     if not path.exists():
         raise TransferkitError(f"model folder '{path}' does not exist", "pass the --out folder of a finished fit")
+    from transferkit.autofit.ensemble import ENSEMBLE_KEY
     from transferkit.export.onnx import OnnxModel, is_onnx_export
     from transferkit.model import read_model_config
-    from transferkit.search.ensemble import ENSEMBLE_KEY
 
     if is_onnx_export(path):  # `export --format onnx`: runs on onnxruntime
         return OnnxModel(path, threads)  # type: ignore[return-value]

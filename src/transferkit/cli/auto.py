@@ -8,7 +8,7 @@ from transferkit.cli.options import add_dataclass_options, print_json
 
 
 def register(subparsers) -> None:
-    from transferkit.search.auto_search import AutoConfig
+    from transferkit.autofit.auto_search import AutoConfig
 
     parser = subparsers.add_parser(
         "auto", help="Search backbones, resolutions and strategies by cross-validation within a time budget; "
@@ -28,8 +28,8 @@ def register(subparsers) -> None:
 
 
 def run_auto_command(args: argparse.Namespace) -> int:
+    from transferkit.autofit.auto_search import AutoConfig, process_start_time, run_auto
     from transferkit.config import build
-    from transferkit.search.auto_search import AutoConfig, process_start_time, run_auto
     from transferkit.tracking import tracking_options
 
     options = {k: v for k, v in vars(args).items() if k not in {"func", "command", "verbose", "quiet", "json"}}

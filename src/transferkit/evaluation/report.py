@@ -382,7 +382,7 @@ def run_sections(run_dir: Path, with_examples: bool = True) -> list[str]:
 
 def auto_sections(run_dir: Path) -> list[str]:
     """The leaderboard of a ``transferkit auto`` run folder (nothing for other runs)."""
-    from transferkit.search.auto_search import LEADERBOARD_JSON
+    from transferkit.autofit.auto_search import LEADERBOARD_JSON
 
     path = run_dir / LEADERBOARD_JSON
     if not path.is_file():

@@ -47,10 +47,10 @@ def plain_member(loaded: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
 def export_safetensors(model_dir: str | Path, out: str | Path, merge: bool = False, overwrite: bool = False) -> Path:
     """Write ``model_dir`` as a plain model folder at ``out`` (see the module docstring); returns ``out``."""
     from transferkit.api import EnsembleModel, load
+    from transferkit.autofit.ensemble import ENSEMBLE_KEY, save_ensemble
     from transferkit.evaluation.calibration import copy_calibration
     from transferkit.model import read_model_config, save_model
     from transferkit.rundir import OutputFolder
-    from transferkit.search.ensemble import ENSEMBLE_KEY, save_ensemble
 
     config = read_model_config(model_dir)
     if ENSEMBLE_KEY not in config and (config.get("strategy") or {}).get("name") == "lora":

@@ -10,7 +10,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from transferkit.search.auto_search import LEADERBOARD_JSON, AutoConfig
+from transferkit.autofit.auto_search import LEADERBOARD_JSON, AutoConfig
 
 #: leaderboard rows shown in the card (the full table is leaderboard.md)
 CARD_ROWS = 10

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from transferkit.autofit.space import Candidate
 from transferkit.data.base import DataSplits, LabeledData
-from transferkit.search.space import Candidate
 
 logger = logging.getLogger(__name__)
 

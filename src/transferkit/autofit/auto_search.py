@@ -11,7 +11,7 @@
    Racing, a form of successive halving: after each fold a trained candidate whose accuracy on the items validated so
    far trails the leader's out-of-fold accuracy on the same items by more than one binomial standard error is
    stopped; so is one whose next epoch (as long as its last) or remaining folds would not fit the budget.
-3. The final model is the best candidate or a greedy ensemble of several (``search.ensemble``) when that lowers the
+3. The final model is the best candidate or a greedy ensemble of several (``autofit.ensemble``) when that lowers the
    out-of-fold cross-entropy without lowering out-of-fold accuracy, refit on all labelled items.
 
 The output is an ordinary run folder (``model/``, ``metrics.json`` with ``accuracy_split: "cv"``) plus
@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from transferkit.autofit.ensemble import accuracy, combine, log_loss, save_ensemble, select_ensemble
+from transferkit.autofit.space import Candidate, default_space
 from transferkit.errors import TransferkitError
-from transferkit.search.ensemble import accuracy, combine, log_loss, save_ensemble, select_ensemble
-from transferkit.search.space import Candidate, default_space
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ class AutoSearch:
     def measure(self, candidate: Candidate) -> tuple[float, float, float]:
         """(training seconds per item and epoch, inference seconds per item, model build seconds), measured on a
         batch of 8 items when there is time for it, else the static estimate scaled by the measured slowdown."""
-        from transferkit.search.training import seconds_per_item
+        from transferkit.autofit.training import seconds_per_item
 
         infer = self.inference_seconds(candidate)
         static = (3.5 * infer, infer, 3.0)
@@ -280,7 +280,7 @@ class AutoSearch:
 
     @staticmethod
     def measure_key(candidate: Candidate) -> tuple[str, int | None, str]:
-        from transferkit.search.training import trained_depth
+        from transferkit.autofit.training import trained_depth
 
         return candidate.backbone, candidate.image_size, trained_depth(candidate)
 
@@ -353,12 +353,12 @@ class AutoSearch:
             c = float(candidate.options.get("probe_c", 1.0))
 
             def train_and_predict(train, val):
-                from transferkit.search.training import probe_fold
+                from transferkit.autofit.training import probe_fold
 
                 return record_tta(val, probe_fold(self.feature_table(candidate), train, val, c))
         else:
             def train_and_predict(train, val):
-                from transferkit.search.training import predict_plain_and_flipped, train_candidate
+                from transferkit.autofit.training import predict_plain_and_flipped, train_candidate
 
                 epoch_started = [time.perf_counter()]
                 epochs = int(candidate.options.get("epochs", 0))
@@ -437,7 +437,7 @@ class AutoSearch:
                 "oof_probabilities": np.round(oof, 6).tolist()}
 
     def feature_table(self, candidate: Candidate):
-        from transferkit.search.training import FeatureTable
+        from transferkit.autofit.training import FeatureTable
 
         key = (candidate.backbone, candidate.image_size)
         if key not in self.tables:
@@ -482,7 +482,7 @@ class AutoSearch:
 
     def refit(self, name: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         """The final model of one variant, trained on every labelled item."""
-        from transferkit.search.training import probe_model, train_candidate
+        from transferkit.autofit.training import probe_model, train_candidate
 
         variant = self.variants()[name]
         candidate = next(c for c in self.space if c.slug == variant["candidate"])
@@ -536,7 +536,7 @@ def run_auto(config: AutoConfig, started: float | None = None, tracking: Any = N
                                                      "budget_seconds": budget, "final": weights,
                                                      "leaderboard": leaderboard})
         (folder.stage / LEADERBOARD_MD).write_text(leaderboard_markdown(leaderboard, weights, search))
-        from transferkit.search.publish import track_auto, write_auto_card
+        from transferkit.autofit.publish import track_auto, write_auto_card
 
         write_auto_card(folder.stage, metrics, name=Path(config.out).name)
         out = folder.publish()

@@ -8,7 +8,7 @@ from typing import Any
 
 def auto(data: str, *, out: str, time_budget: str | float = "10m", **options: Any):
     """``transferkit.auto("photos/", out="runs/auto", time_budget="10m")``: see ``transferkit auto --help``."""
-    from transferkit.search.auto_search import AutoConfig, run_auto
+    from transferkit.autofit.auto_search import AutoConfig, run_auto
     from transferkit.tracking import tracking_options
 
     tracking = tracking_options(options)  # track=, track_uri=, track_experiment=: checked before any work
