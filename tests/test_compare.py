@@ -224,3 +224,20 @@ def test_compare_end_to_end_resumes_and_respects_time_budget(tmp_path, monkeypat
     assert statuses[:4] == [(0, "done", True), (0, "done", True), (1, "done", True), (1, "done", True)]
     assert [s[1] for s in statuses[4:]] == ["skipped", "skipped"]
     assert "skipped" in format_leaderboard(again)
+
+
+def test_auto_protocol_is_resolved_once_for_every_cell(tmp_path):
+    """50 items per class: the probe alone is cross-validated, but next to finetune (which cross-validates only
+    below 50) every cell runs holdout, so that no leaderboard mixes out-of-fold and test-split accuracies."""
+    from tests.test_crossfit import _folder
+    from transferkit.evaluation.compare import CompareConfig, shared_protocol
+
+    data = str(_folder(tmp_path / "d", 50))
+
+    def protocol(strategies: list[str], **fit_options) -> str:
+        return shared_protocol(CompareConfig(data=data, backbones=["small_cnn"], strategies=strategies,
+                                             fit_options=fit_options))
+
+    assert protocol(["linear-probe"]) == "cv"
+    assert protocol(["linear-probe", "finetune"]) == "holdout"
+    assert protocol(["linear-probe", "finetune"], protocol="cv") == "cv"

@@ -161,10 +161,16 @@ def test_holdout_and_given_test_split_keep_todays_behaviour(stripes, tmp_path):
     assert cv["dataset_sizes"] == {"train": 12, "val": 0, "test": 6}
 
 
-def test_auto_uses_holdout_for_large_classes(tmp_path):
+def test_auto_threshold_depends_on_whether_the_folds_train_the_backbone(tmp_path):
+    """--protocol auto: holdout from 50 items per class for trained strategies, cv up to 99 for the probe."""
+    from transferkit.config import FitConfig
+    from transferkit.evaluation.crossfit import plan_protocol
+
     big = _folder(tmp_path / "big", 50)
-    metrics = transferkit.fit(str(big), out=str(tmp_path / "r"), **SMALL).metrics
+    metrics = transferkit.fit(str(big), out=str(tmp_path / "r"), strategy="finetune", epochs=1, **SMALL).metrics
     assert metrics["protocol"] == "holdout" and metrics["accuracy_split"] == "test"
+    assert plan_protocol(FitConfig(data=str(big)), seed=0).protocol == "cv"  # the probe: cv at 50 per class
+    assert plan_protocol(FitConfig(data=str(_folder(tmp_path / "bigger", 100))), seed=0).protocol == "holdout"
 
 
 @pytest.mark.parametrize("per_class, classes, protocol, expected", [

@@ -46,7 +46,8 @@ class FitConfig:
                           "cross-validation (k = min(5, smallest class)) chooses the settings and estimates accuracy "
                           "out of fold, then the final model is refit on every labelled item; holdout: train / "
                           "validation / test splits (--val-fraction, --test-fraction); auto: cv when the data has "
-                          "no test or validation split of its own and its smallest class has fewer than 50 items, "
+                          "no test or validation split of its own and its smallest class has fewer than 100 items "
+                          "(frozen-backbone strategies such as the linear probe) or 50 items (trained strategies), "
                           "holdout otherwise."})
     pretrained: bool = field(default=True, metadata={"help": "Start from pretrained weights (--no-pretrained: "
                                                     "the same architecture from random initialisation)."})

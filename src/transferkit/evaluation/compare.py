@@ -371,6 +371,24 @@ class CompareConfig:
         build(TrainConfig, dict(shared)).validate()
 
 
+def shared_protocol(config: CompareConfig) -> str:
+    """One ``--protocol`` for every cell, so that all accuracies are the same kind of estimate: ``auto`` is
+    resolved once, by the rule of the compared strategy that cross-validates least (crossfit.cv_max_class_size;
+    e.g. the probe alone cross-validates up to 99 items per class, finetune up to 49)."""
+    from transferkit.config import FitConfig, build
+    from transferkit.evaluation.crossfit import cv_max_class_size, plan_protocol
+
+    shared = {k.replace("-", "_"): v for k, v in config.fit_options.items() if v is not None}
+    if shared.get("protocol", "auto") != "auto":
+        return shared["protocol"]
+    strictest = min(config.strategies, key=cv_max_class_size)
+    fit = build(FitConfig, {**shared, "data": config.data, "strategy": strictest})
+    try:
+        return plan_protocol(fit, seed=0).protocol
+    except TransferkitError:  # unreadable data: every cell reports its own error (and compare stops after the first)
+        return "auto"
+
+
 def run_compare(config: CompareConfig) -> dict[str, Any]:
     """Run (or resume) a comparison; writes ``leaderboard.json`` and ``report.html`` into ``config.out``."""
     from transferkit.tracking import tracking_options
@@ -388,6 +406,7 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     started = time.perf_counter()
     results: list[CellResult] = []
     cells = plan_cells(config.backbones, config.strategies, config.seeds)
+    protocol = shared_protocol(config)
     for i, cell in enumerate(cells, 1):
         path = out / RUNS_FOLDER / cell.folder_name
         metrics_file = path / "metrics.json"
@@ -404,7 +423,7 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
         logger.info("[%d/%d] %s seed %d ...", i, len(cells), cell.key, cell.seed)
         options = {**options_for_strategy(cell.strategy, config.fit_options), "data": config.data,
                    "backbone": cell.backbone, "strategy": cell.strategy, "seed": cell.seed, "out": str(path),
-                   "resume": True}
+                   "resume": True, "protocol": protocol}
         options.setdefault("progress", False)
         metrics = _fit_isolated(options) if config.isolate else _fit_cell(options)
         if "error" in metrics:

@@ -2,9 +2,12 @@
 accuracy out of fold, then refit the final model on every labelled item with the chosen settings.
 
 * Which protocol (:func:`plan_protocol`): ``auto`` is ``cv`` when the data provides no test or validation split of
-  its own and its smallest class has fewer than :data:`CV_MAX_CLASS_SIZE` items (then a carved 20% test split
+  its own and its smallest class has fewer than :func:`cv_max_class_size` items (then a carved 20% test split
   would be a handful of items per class and the carved validation split fewer still), else ``holdout`` (today's
-  train / validation / test split). ``--protocol cv`` with a given test split cross-validates on the training
+  train / validation / test split). The threshold is 100 for frozen-backbone strategies, whose folds cost seconds
+  on cached features (measured, bench/results/protocol_threshold.md: for the probe cv beats holdout by 1.6-2.0
+  points at 10, 20 and 50 items per class and is level at 100), and 50 for trained ones, where each fold is a full
+  training run. ``--protocol cv`` with a given test split cross-validates on the training
   (and validation) items, refits on them and is scored on the test split.
 * What is chosen (:func:`cross_validate_fit`): for the closed-form linear probe, its inverse L2 strength C from
   :data:`PROBE_C_GRID` (repeated k-fold, :data:`FROZEN_REPEATS` repeats: each fold is a few L-BFGS solves on
@@ -45,7 +48,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CV_MAX_CLASS_SIZE = 50  # auto: cross-validate when the smallest class has fewer items than this
+CV_MAX_CLASS_SIZE = 50  # auto: cross-validate when the smallest class has fewer items than this (trained strategies)
+CV_MAX_CLASS_SIZE_FROZEN = 100  # the same for frozen-backbone strategies (folds on cached features)
 PROBE_C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # candidates for the probe's C (scikit-learn's objective)
 FROZEN_REPEATS = 3  # repeats of k-fold for strategies whose folds are cheap (closed-form probe on cached features)
 PREDICTIONS_FILE = "cv_predictions.csv"
@@ -53,6 +57,13 @@ PREDICTIONS_FILE = "cv_predictions.csv"
 #: protocol handles itself (calibration on the OOF predictions; the data check runs once, on all labels; semi-supervised
 #: training: the folds are supervised and choose its settings, then one semi-supervised run uses every label)
 CV_EXTENSIONS = ("anchor", "calibration", "data check", "semi")
+
+
+def cv_max_class_size(strategy: str) -> int:
+    """``--protocol auto`` cross-validates when the smallest class has fewer items than this (module docstring)."""
+    from transferkit.strategies import strategy_class
+
+    return CV_MAX_CLASS_SIZE_FROZEN if strategy_class(strategy).frozen_backbone else CV_MAX_CLASS_SIZE
 
 
 def plan_protocol(fit: FitConfig, seed: int, *, extensions: list[FitExtension] = (), processes: int = 1
@@ -74,8 +85,8 @@ def plan_protocol(fit: FitConfig, seed: int, *, extensions: list[FitExtension] =
         reason = None
         if splits.given:
             reason = f"the data has its own {' and '.join(splits.given)} split"
-        elif counts.min() >= CV_MAX_CLASS_SIZE:
-            reason = f"the smallest class has {counts.min()} items (cv below {CV_MAX_CLASS_SIZE})"
+        elif counts.min() >= (limit := cv_max_class_size(fit.strategy)):
+            reason = f"the smallest class has {counts.min()} items (cv below {limit} for {fit.strategy})"
         elif counts.min() < 2:
             reason = "a class has a single labelled item, too few to cross-validate"
         elif unsupported:
