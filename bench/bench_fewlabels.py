@@ -279,14 +279,28 @@ def cached_array(name: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
 # --- statistics and the report -----------------------------------------------------------------------------------
 
 
+def cell_key(name: str, seed: int, k: int) -> str:
+    return f"{name.replace(' ', '_').replace(',', '').replace('=', '')}-k{k}-seed{seed}"
+
+
 def run_cells(names: list[str], seeds: int, k: int) -> dict[str, dict[int, dict[str, Any]]]:
     results: dict[str, dict[int, dict[str, Any]]] = {}
     for seed in range(seeds):  # seed-major: every row has seed 0 before any row gets seed 1
         for name in names:
-            key = f"{name.replace(' ', '_').replace(',', '').replace('=', '')}-k{k}-seed{seed}"
-            results.setdefault(name, {})[seed] = cached(CACHE, key, lambda n=name, s=seed: CELLS[n](s, k))
+            results.setdefault(name, {})[seed] = cached(CACHE, cell_key(name, seed, k),
+                                                        lambda n=name, s=seed: CELLS[n](s, k))
             logging.getLogger("bench").info("%s seed %d: %s", name, seed, results[name][seed])
     return results
+
+
+def finished_cells(names: list[str], seeds: int, k: int) -> dict[str, dict[int, dict[str, Any]]]:
+    """The seeds of ``names`` that are already in the cache (rows too slow to finish for every seed)."""
+    import json
+
+    found = {name: {seed: json.loads((CACHE / f"{cell_key(name, seed, k)}.json").read_text())
+                    for seed in range(seeds) if (CACHE / f"{cell_key(name, seed, k)}.json").is_file()}
+             for name in names}
+    return {name: by_seed for name, by_seed in found.items() if by_seed}
 
 
 def paired(first: dict[int, dict[str, Any]], second: dict[int, dict[str, Any]]) -> tuple[list[float], str]:
@@ -322,6 +336,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--k", type=int, default=10, help="Labelled images per class.")
     parser.add_argument("--cells", default=",".join(CELLS), help="Comma-separated rows (default: all registered).")
+    parser.add_argument("--cached-cells", default="", help="Comma-separated rows shown with the seeds already "
+                        "cached only (never computed here): rows too slow to run for every seed.")
+    parser.add_argument("--note", action="append", default=[], help="A line added to the report (repeatable).")
     parser.add_argument("--threshold", action="store_true", help="Also the cv-versus-holdout threshold section.")
     parser.add_argument("--threshold-k", default="10,20,50", help="K values of the threshold section.")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on shared, busy cores).")
@@ -345,6 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"unknown cells {unknown}; known: {list(CELLS)}")
     results = run_cells(names, args.seeds, args.k)
+    results.update(finished_cells([n.strip() for n in args.cached_cells.split(",") if n.strip()], args.seeds, args.k))
     body = [f"A plain folder of {args.k} labelled Fashion-MNIST images per class (no split folders; drawn per seed "
             f"from the official training set), scored on the same {TEST_LIMIT} official test images (fixed "
             "stratified subset) for every row and seed. EfficientNet-Lite0 at 224 px throughout. The binomial "
@@ -353,6 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     chosen = [r.get("chosen") for r in results.get("fit", {}).values() if r.get("chosen")]
     if chosen:
         body += ["", f"Settings chosen inside the folds by `fit` (per seed): {chosen}"]
+    body += [f"\n{note}" for note in args.note]
     if args.threshold:
         body += ["", "### Threshold of `--protocol auto`: cv against holdout by class size", "",
                  "The same two `fit` rows (linear probe) at several K; `auto` switches from cv to holdout at "

@@ -187,6 +187,20 @@ def test_train_groups_freezes_the_lower_groups_and_trains_the_top(tmp_path):
     assert any(not torch.equal(state[n], trained[n]) for n in top)
 
 
+def test_batch_norm_statistics_stay_frozen_by_default_and_adapt_with_batch_norm_train(tmp_path):
+    from safetensors.torch import load_file
+
+    _images(tmp_path / "pool")
+    state = _base_small_cnn().state_dict()
+    statistics = [n for n in state if n.endswith(("running_mean", "running_var"))]
+    assert statistics
+    frozen = load_file(str(_pretrain(tmp_path, tmp_path / "frozen").path / "weights.safetensors"))
+    assert all(torch.equal(state[n], frozen[n]) for n in statistics)
+    assert any(not torch.equal(state[n], frozen[n]) for n in state if n.endswith(".weight"))  # the weights learned
+    adapted = load_file(str(_pretrain(tmp_path, tmp_path / "train", batch_norm="train").path / "weights.safetensors"))
+    assert any(not torch.equal(state[n], adapted[n]) for n in statistics)
+
+
 def test_text_pretrain_keeps_mean_pooling_for_the_probe(tmp_path, tiny_bert_dir):
     """After masked-LM the backbone folder still embeds with the base's pooling (mean over real tokens + L2 norm),
     from the trained encoder: what a probe reads."""
