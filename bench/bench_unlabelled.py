@@ -400,8 +400,9 @@ def probe_section(task: str, seeds: int, argv: list[str] | None) -> None:
         f"{'met' if mean_difference >= 0.02 else 'NOT met'}.\n"
         f"- Pretraining budget: `{pretrained['command']}`: {provenance['objective']}, {provenance['epochs']} "
         f"epoch(s), train loss per epoch {provenance['losses']}, {pretrained['wall_seconds'] / 60:.1f} min wall "
-        f"(a timed run: `flock /work/wt/bench.lock`, normal priority, {pretrained.get('threads', '?')} torch threads; "
-        f"load average {pretrained['load_before']:.1f} before, {pretrained['load_after']:.1f} after). One "
+        f"(normal priority, {pretrained.get('threads', '?')} torch threads; 1-minute load average "
+        f"{pretrained['load_before']:.1f} before, {pretrained['load_after']:.1f} after: above 2, other work shared the "
+        "2 cores). One "
         f"pretraining (seed 0); the seeds are label draws.\n")
     write_part(f"Self-taught learning: linear probe ({task})", argv, started, body)
 
