@@ -146,7 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--no-auto", action="store_true", help="Skip the --k auto row (the slowest cell).")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    parser.add_argument("--pretrain-epochs", type=int, help="Pretraining epochs of the probe sections (another "
+                        "value than the settings' writes its own row, e.g. 5: the pretrain command's default).")
     args = parser.parse_args(argv)
+    if args.pretrain_epochs:
+        for settings in PRETRAIN.values():
+            settings["epochs"] = args.pretrain_epochs
     for task in ("fashion", "tweets"):
         if f"probe-{task}" in args.sections:
             probe_section(task, args.seeds, argv)
@@ -253,6 +258,14 @@ PRETRAIN = {
                 "temperature": 0.2},
     "tweets": {"epochs": 1, "batch_size": 32, "lr": 2e-5},
 }
+#: the pretraining epochs the cached results above were measured with (--pretrain-epochs N writes a separate row)
+BASE_EPOCHS = {task: settings["epochs"] for task, settings in PRETRAIN.items()}
+
+
+def variant(task: str) -> str:
+    """Cache and folder name of ``task``'s pretraining: ``fashion``, or ``fashion-e5`` with --pretrain-epochs 5."""
+    epochs = PRETRAIN[task]["epochs"]
+    return task if epochs == BASE_EPOCHS[task] else f"{task}-e{epochs}"
 
 
 def pool_for(task: str) -> Path:
@@ -304,7 +317,7 @@ def pretrain_backbone(task: str) -> dict:
     import sys
 
     spec, settings = PROBE_TASKS[task], PRETRAIN[task]
-    out = CACHE / "backbones" / task
+    out = CACHE / "backbones" / variant(task)
 
     def compute() -> dict:
         command = [sys.executable, "-m", "transferkit", "pretrain", "--data", str(pool_for(task)), "--backbone",
@@ -317,7 +330,7 @@ def pretrain_backbone(task: str) -> dict:
             command += [f"--{key.replace('_', '-')}", str(value)]
         load_before = os.getloadavg()[0]
         begun = time.perf_counter()
-        log = CACHE / "logs" / f"pretrain-{task}.log"
+        log = CACHE / "logs" / f"pretrain-{variant(task)}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("w") as stream:  # the progress bar, to follow a long run
             code = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT).returncode
@@ -329,7 +342,7 @@ def pretrain_backbone(task: str) -> dict:
                 "load_after": os.getloadavg()[0], "command": " ".join(["transferkit", *command[3:]]),
                 "provenance": provenance}
 
-    return cached(CACHE, f"pretrain-{task}", compute)
+    return cached(CACHE, f"pretrain-{variant(task)}", compute)
 
 
 def probe_cells(task: str, seed: int) -> dict:
@@ -349,7 +362,8 @@ def probe_cells(task: str, seed: int) -> dict:
             test = clustering_test_set(labelled.class_names)
         options = {"image_size": spec["image_size"]} if spec["image_size"] else {}
         cell = {}
-        for name, backbone_name in (("original", spec["backbone"]), ("self-taught", str(CACHE / "backbones" / task))):
+        self_taught = str(CACHE / "backbones" / variant(task))
+        for name, backbone_name in (("original", spec["backbone"]), ("self-taught", self_taught)):
             backbone = create_backbone(backbone_name, **options)
             train_x, test_x = (extract_features(backbone, part, cache_dir=CACHE / "features", progress=False)
                                for part in (labelled, test))
@@ -357,7 +371,7 @@ def probe_cells(task: str, seed: int) -> dict:
             cell[name] = float((probe.predict(test_x) == test.labels).mean())
         return cell
 
-    return cached(CACHE, f"probe-{task}-s{seed}", compute)
+    return cached(CACHE, f"probe-{variant(task)}-s{seed}", compute)
 
 
 def clustering_test_set(class_names: list[str]):
@@ -404,7 +418,8 @@ def probe_section(task: str, seeds: int, argv: list[str] | None) -> None:
         f"{pretrained['load_before']:.1f} before, {pretrained['load_after']:.1f} after: above 2, other work shared the "
         "2 cores). One "
         f"pretraining (seed 0); the seeds are label draws.\n")
-    write_part(f"Self-taught learning: linear probe ({task})", argv, started, body)
+    epochs = "" if variant(task) == task else f", {PRETRAIN[task]['epochs']} pretraining epochs"
+    write_part(f"Self-taught learning: linear probe ({task}{epochs})", argv, started, body)
 
 
 if __name__ == "__main__":
