@@ -98,16 +98,17 @@ def selftaught_cluster_section(args: argparse.Namespace, argv: list[str] | None)
     rows: dict[str, list[dict]] = {}
     for seed in range(args.seeds):
         def ours(s: int = seed) -> dict:
-            out = CACHE / "runs" / f"selftaught-k10-s{s}"
+            out = CACHE / "runs" / f"selftaught-{variant('fashion')}-k10-s{s}"
             command = ["cluster", "--data", str(folder), "--out", str(out), "--k", "10", "--labels", str(labels_csv),
-                       "--backbone", str(CACHE / "backbones" / "fashion"), "--image-size", str(size), "--seed",
+                       "--backbone", str(CACHE / "backbones" / variant("fashion")), "--image-size", str(size), "--seed",
                        str(s), "--cache-dir", str(CACHE / "features"), "--overwrite", "--no-progress", "--no-map"]
             assert cli(command) == 0
             metrics = json.loads((out / "metrics.json").read_text())
             return {"nmi": metrics["nmi"], "ari": metrics["ari"]}
 
         rows.setdefault(f"transferkit cluster --k 10, self-taught backbone ({size} px)", []).append(
-            cached(CACHE, f"selftaught-cluster-s{seed}", ours))
+            cached(CACHE, "selftaught-cluster" + ("" if variant("fashion") == "fashion" else
+                                                  f"-{variant('fashion')}") + f"-s{seed}", ours))
     for label, options in ((f"{size} px", {"image_size": size}), ("224 px", {})):
         features = extract_features(create_backbone("efficientnet_lite0", **options), data,
                                     cache_dir=CACHE / "features", progress=False)[positions]
@@ -134,7 +135,8 @@ def selftaught_cluster_section(args: argparse.Namespace, argv: list[str] | None)
         f"\n\n{args.n} Fashion-MNIST test images (the clustering section's), {args.seeds} k-means seeds; the "
         f"self-taught backbone is the one of the Fashion-MNIST probe section (`{pretrained['command']}`).\n\n"
         + "\n".join(notes) + "\n")
-    write_part("Self-taught clustering on the self-taught backbone (Fashion-MNIST)", argv, started, body)
+    epochs = "" if variant("fashion") == "fashion" else f", {PRETRAIN['fashion']['epochs']} pretraining epochs"
+    write_part(f"Self-taught clustering on the self-taught backbone (Fashion-MNIST{epochs})", argv, started, body)
 
 
 SECTIONS = ("cluster", "probe-fashion", "probe-tweets", "cluster-selftaught")
