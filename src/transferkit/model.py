@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from transferkit.backbones import Backbone, backbone_from_spec
+from transferkit.backbones.base import keep_batch_norm_statistics
 from transferkit.config import MAX_IMAGE_SIZE
 from transferkit.errors import (
     TransferkitError,
@@ -100,9 +101,7 @@ class TransferModel(nn.Module):
     def train(self, mode: bool = True) -> TransferModel:
         super().train(mode)
         if mode and self.freeze_norm_stats:
-            for module in self.backbone.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+            keep_batch_norm_statistics(self.backbone)
         return self
 
     def head_parameters(self) -> list[nn.Parameter]:

@@ -155,6 +155,14 @@ def group_from_parameter_names(model: nn.Module, names: Sequence[str]) -> nn.Mod
     return ModuleGroup(chosen, loose)
 
 
+def keep_batch_norm_statistics(module: nn.Module) -> None:
+    """Put every batch-norm layer of ``module`` in eval mode: its running statistics keep their values (call after
+    ``train()``); its scale and shift still learn."""
+    for child in module.modules():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            child.eval()
+
+
 def check_layer_groups(backbone: Backbone) -> None:
     """Raise ``ValueError`` unless ``backbone.layer_groups()`` covers every parameter exactly once."""
     seen: dict[int, int] = {}

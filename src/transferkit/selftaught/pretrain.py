@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from transferkit.backbones.base import keep_batch_norm_statistics
 from transferkit.data.base import LabeledData
 from transferkit.errors import TransferkitError
 
@@ -175,9 +176,7 @@ class ContrastiveModel(nn.Module):
     def train(self, mode: bool = True) -> ContrastiveModel:
         super().train(mode)
         if mode and self.freeze_batch_norm:
-            for module in self.backbone.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+            keep_batch_norm_statistics(self.backbone)
         return self
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
