@@ -241,3 +241,5 @@ def test_auto_protocol_is_resolved_once_for_every_cell(tmp_path):
     assert protocol(["linear-probe"]) == "cv"
     assert protocol(["linear-probe", "finetune"]) == "holdout"
     assert protocol(["linear-probe", "finetune"], protocol="cv") == "cv"
+    # an extension that trains on a validation split gives holdout, as it does in `fit --protocol auto`
+    assert protocol(["linear-probe"], adapt="coral", target_data=data) == "holdout"

@@ -374,17 +374,21 @@ class CompareConfig:
 def shared_protocol(config: CompareConfig) -> str:
     """One ``--protocol`` for every cell, so that all accuracies are the same kind of estimate: ``auto`` is
     resolved once, by the rule of the compared strategy that cross-validates least (crossfit.cv_max_class_size;
-    e.g. the probe alone cross-validates up to 99 items per class, finetune up to 49)."""
-    from transferkit.config import FitConfig, build
+    e.g. the probe alone cross-validates up to 99 items per class, finetune up to 49). The cell's options are
+    resolved as ``fit`` resolves them, so its extensions count too (one that trains on a validation split gives
+    holdout)."""
+    from transferkit.api import resolve_options
     from transferkit.evaluation.crossfit import cv_max_class_size, plan_protocol
 
-    shared = {k.replace("-", "_"): v for k, v in config.fit_options.items() if v is not None}
-    if shared.get("protocol", "auto") != "auto":
-        return shared["protocol"]
+    protocol = config.fit_options.get("protocol") or "auto"
+    if protocol != "auto":
+        return protocol
     strictest = min(config.strategies, key=cv_max_class_size)
-    fit = build(FitConfig, {**shared, "data": config.data, "strategy": strictest})
+    options = {**options_for_strategy(strictest, config.fit_options), "data": config.data,
+               "backbone": config.backbones[0], "strategy": strictest}
     try:
-        return plan_protocol(fit, seed=0).protocol
+        fit, train, _, extensions = resolve_options(options)
+        return plan_protocol(fit, train.seed, extensions=extensions).protocol
     except TransferkitError:  # unreadable data: every cell reports its own error (and compare stops after the first)
         return "auto"
 
