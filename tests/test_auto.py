@@ -276,14 +276,41 @@ def test_trained_candidate_stops_before_an_epoch_that_would_overrun(folder, tmp_
 
 
 def test_image_space_tries_native_probes_then_top_block_lp_ft_with_fewer_folds():
-    from transferkit.autofit.space import TRAIN_FOLDS, default_space
+    from transferkit.autofit.space import POOL_STAGES, TRAIN_FOLDS, default_space
 
     space = default_space("image")
     names = [c.name for c in space]
-    assert names[:4] == ["probe C=1 efficientnet_lite0@112", "probe C=1 efficientnet_lite0@224",
-                         "probe C=1 efficientnet_lite1@240", "probe C=1 efficientnet_lite2@260"]
-    top = space[4]
+    assert names[:7] == ["probe C=1 efficientnet_lite0@112", "probe C=1 efficientnet_lite0@224",
+                         "probe C=1 efficientnet_lite1@240", "probe C=1 efficientnet_lite2@260",
+                         "multi-stage probe C=1 efficientnet_lite0@224", "multi-stage probe C=1 efficientnet_lite1@240",
+                         "multi-stage probe C=1 efficientnet_lite2@260"]
+    assert all(c.options["pool_stages"] == list(POOL_STAGES) for c in space[4:7])
+    assert not any("pool_stages" in c.options for c in space[:4])
+    top = space[7]
     assert (top.strategy, top.image_size, top.options["unfreeze"], top.folds) == ("finetune", 224, "3", TRAIN_FOLDS)
     assert all(c.options["probe_c"] == 1.0 and c.folds is None for c in space if c.kind == "features")
     assert all(c.folds == TRAIN_FOLDS for c in space if c.kind == "train")
     assert all(c.folds == TRAIN_FOLDS for c in default_space("text") if c.kind == "train")
+
+
+def test_multi_stage_probe_refit_saves_and_loads_as_an_ordinary_model(folder, tmp_path):
+    """The multi-stage candidate's features (pooled stages + final layer) are part of the saved backbone: the loaded
+    model predicts what the probe predicted on the search's feature table."""
+    from transferkit.api import load
+    from transferkit.autofit.space import POOL_STAGES, Candidate
+    from transferkit.autofit.training import FeatureTable, probe_model, probe_probabilities
+    from transferkit.data import load_data
+    from transferkit.model import save_model
+
+    data = load_data(str(folder)).train
+    candidate = Candidate("efficientnet_lite0", "linear-probe", 32, {"probe_c": 1.0, "pool_stages": list(POOL_STAGES)},
+                          "features", "multi-stage probe C=1")
+    table = FeatureTable(candidate, data, None, seed=0)
+    assert table.x.shape == (len(data), 112 + 320 + 1280)
+    model, strategy = probe_model(candidate, table, data, tta=False)
+    save_model(model, tmp_path / "model", strategy.to_dict())
+    loaded = load(tmp_path / "model")
+    assert loaded.module.backbone.pool_stages == POOL_STAGES
+    head = model.heads["label"][-1]
+    expected = probe_probabilities(head.weight.detach(), head.bias.detach(), table.x)
+    assert np.allclose(loaded.predict_proba_data(data), expected, atol=1e-4)

@@ -292,3 +292,30 @@ def test_feature_stage_embeds_an_earlier_depth_and_round_trips(tmp_path):
     assert rebuilt.feature_dim == 40 and rebuilt.feature_stage == 2
     with pytest.raises(TransferkitError, match="out of range"):
         create_backbone("efficientnet_lite0", pretrained=False, image_size=32, feature_stage=7)
+
+
+def test_pool_stages_concatenate_pooled_earlier_stages_before_the_final_embedding():
+    from transferkit.data.base import LabeledData
+    from transferkit.engine.features import feature_cache_key
+
+    torch.manual_seed(0)
+    full = create_backbone("efficientnet_lite0", pretrained=False, image_size=32, augment=False)
+    multi = create_backbone("efficientnet_lite0", pretrained=False, image_size=32, augment=False, pool_stages=[4, 3])
+    assert multi.pool_stages == (3, 4) and multi.feature_dim == 112 + 320 + 1280 and multi.pretrained_head() is None
+    multi.load_state_dict(full.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    full.eval(), multi.eval()
+    with torch.no_grad():
+        stage3 = full.model.forward_intermediates(x, indices=[3], intermediates_only=True)[0].mean(dim=(2, 3))
+        features = multi.forward_features(x)
+        assert features.shape == (2, 1712)
+        np.testing.assert_allclose(features[:, :112].numpy(), stage3.numpy(), atol=1e-5)
+        np.testing.assert_allclose(features[:, -1280:].numpy(), full.forward_features(x).numpy(), atol=1e-5)
+    data = LabeledData([np.zeros((8, 8), np.uint8)], np.array([0]), ["a"], "image", ["x"])
+    assert feature_cache_key(multi, data) != feature_cache_key(full, data)
+    rebuilt = backbone_from_spec(multi.spec)
+    assert rebuilt.pool_stages == (3, 4) and rebuilt.feature_dim == 1712
+    with pytest.raises(TransferkitError, match="cannot be combined"):
+        create_backbone("efficientnet_lite0", pretrained=False, image_size=32, feature_stage=2, pool_stages=[3])
+    with pytest.raises(TransferkitError, match="out of range"):
+        create_backbone("efficientnet_lite0", pretrained=False, image_size=32, pool_stages=[9])

@@ -56,6 +56,10 @@ class FitConfig:
     feature_stage: int | None = field(default=None, metadata={"help": "Image backbones: embed with the pooled output "
                                       "of this earlier feature stage (e.g. 0-4 for EfficientNet) instead of the last "
                                       "layer; `transferkit rank-backbones` scores depths as NAME#STAGE."})
+    pool_stages: list[int] | None = field(default=None, metadata={"help": "Image backbones (repeatable): also embed "
+                                          "the pooled outputs of these earlier feature stages, concatenated before "
+                                          "the last layer's features (Head2Toe-style multi-stage probe; e.g. "
+                                          "--pool-stages 3 --pool-stages 4 on EfficientNet)."})
     max_length: int | None = field(default=None, metadata={"help": "Token limit of text backbones (default: the "
                                    "backbone's own; 128 for --task causal-lm)."})
     augment: bool = field(default=True, metadata={"help": "Training-time augmentation (flips, crops, jitter)."})

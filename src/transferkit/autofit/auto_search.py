@@ -195,7 +195,7 @@ class AutoSearch:
             check_backbone_name(name)
         self.cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
         self.results: dict[str, dict[str, Any]] = {}  # candidate slug -> stored result
-        self.tables: dict[tuple[str, int | None], Any] = {}
+        self.tables: dict[tuple[str, int | None, tuple[int, ...]], Any] = {}
         self.speed: dict[tuple[str, int | None], float] = {}  # measured inference seconds per item
         self.slowdown = 1.0  # measured / static cost, learnt as candidates finish
         #: (backbone, image size, depth of back-propagation) -> seconds_per_item + build time: measured once, shared
@@ -237,7 +237,7 @@ class AutoSearch:
         """(seconds to score by CV, seconds to refit on every item) of ``candidate``."""
         n = len(self.data)
         if candidate.kind == "features":
-            if (candidate.backbone, candidate.image_size) in self.tables:
+            if self.table_key(candidate) in self.tables:
                 return 1.0, 1.0
             copies = 2 if self.data.modality == "image" else 1
             return 3.0 + copies * n * self.inference_seconds(candidate), 1.0
@@ -436,17 +436,22 @@ class AutoSearch:
                 "oof_accuracy": accuracy(labels, oof), "log_loss": log_loss(labels, oof),
                 "oof_probabilities": np.round(oof, 6).tolist()}
 
+    @staticmethod
+    def table_key(candidate: Candidate) -> tuple[str, int | None, tuple[int, ...]]:
+        """Candidates with the same key share one feature table (backbone, resolution, pooled stages)."""
+        return candidate.backbone, candidate.image_size, tuple(candidate.options.get("pool_stages") or ())
+
     def feature_table(self, candidate: Candidate):
         from transferkit.autofit.training import FeatureTable
 
-        key = (candidate.backbone, candidate.image_size)
+        key = self.table_key(candidate)
         if key not in self.tables:
             table = FeatureTable(candidate, self.data, self.cache_dir, self.config.seed, self.check_time)
             if table.computed:  # not read from the cache: a real speed measurement
-                self.speed[key] = table.seconds / table.computed
+                self.speed[key[:2]] = table.seconds / table.computed
                 static = STATIC_SECONDS_PER_ITEM.get(candidate.backbone, 0.05) * (
                     ((candidate.image_size or 224) / 224) ** 2 if candidate.image_size else 1.0)
-                self.slowdown = float(np.clip(self.speed[key] / static, 0.2, 20))
+                self.slowdown = float(np.clip(self.speed[key[:2]] / static, 0.2, 20))
             self.tables[key] = table
         return self.tables[key]
 

@@ -56,6 +56,8 @@ def create_candidate_backbone(candidate: Candidate, seed: int):
         options["image_size"] = candidate.image_size
     if candidate.options.get("augment") is not None:
         options["augment"] = bool(candidate.options["augment"])
+    if candidate.options.get("pool_stages"):
+        options["pool_stages"] = list(candidate.options["pool_stages"])
     seed_everything(seed)
     return create_backbone(candidate.backbone, pretrained=True, **options)
 

@@ -137,8 +137,9 @@ class EfficientNetLite(TimmBackbone):
         augment: bool,
         imagenet_head: nn.Linear | None,
         feature_stage: int | None = None,
+        pool_stages: Sequence[int] | None = None,
     ) -> None:
-        super().__init__(model, spec, image_size, augment, feature_stage=feature_stage)
+        super().__init__(model, spec, image_size, augment, feature_stage=feature_stage, pool_stages=pool_stages)
         # Stored outside the module tree: not a backbone parameter, not in state_dict(), never trained.
         self.__dict__["_imagenet_head"] = imagenet_head
 
@@ -155,7 +156,8 @@ class EfficientNetLite(TimmBackbone):
         return ["conv_pw", "conv_pwl"]
 
     def pretrained_head(self) -> nn.Module | None:
-        return self._imagenet_head if self.feature_stage is None else None  # it reads the final features
+        # it reads the final features only
+        return self._imagenet_head if self.feature_stage is None and not self.pool_stages else None
 
     def pretrained_class_names(self) -> list[str] | None:
         if self.pretrained_head() is None:
@@ -182,12 +184,14 @@ def create_efficientnet_lite(
     augment: bool = True,
     drop_path_rate: float = 0.0,
     feature_stage: int | None = None,
+    pool_stages: Sequence[int] | None = None,
     **options: Any,
 ) -> EfficientNetLite:
     """Build EfficientNet-Lite``variant``; ``pretrained=False`` never touches the weight file. ``feature_stage``
-    (0-4, channels 16 / 24 / 40 / 112 / 320) takes the pooled output of an earlier stage as the embedding."""
+    (0-4, channels 16 / 24 / 40 / 112 / 320) takes the pooled output of an earlier stage as the embedding;
+    ``pool_stages`` (e.g. ``[3, 4]``) concatenates the pooled outputs of those stages before the final embedding."""
     name = f"efficientnet_lite{variant}"
-    reject_unknown_options(name, options, ["image_size", "augment", "drop_path_rate", "feature_stage"])
+    reject_unknown_options(name, options, ["image_size", "augment", "drop_path_rate", "feature_stage", "pool_stages"])
     image_size = int(image_size or _NATIVE_SIZE[variant])
     if image_size < 32:
         raise TransferkitError(
@@ -211,7 +215,7 @@ def create_efficientnet_lite(
     spec = BackboneSpec(
         name, {"image_size": image_size, "augment": augment, "drop_path_rate": drop_path_rate}
     )
-    return EfficientNetLite(model, spec, image_size, augment, imagenet_head, feature_stage)
+    return EfficientNetLite(model, spec, image_size, augment, imagenet_head, feature_stage, pool_stages)
 
 
 for _variant in (0, 1, 2):

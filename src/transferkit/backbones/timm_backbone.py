@@ -9,7 +9,7 @@ the same grouping timm uses for layer-wise learning-rate decay); preprocessing f
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,23 +79,24 @@ class TimmBackbone(Backbone):
         augment: bool,
         in_chans: int = 3,
         feature_stage: int | None = None,
+        pool_stages: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.spec = spec
         self.feature_dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
         self.feature_stage = None
+        self.pool_stages: tuple[int, ...] = ()
         if feature_stage is not None:  # embeddings from an earlier depth: pooled output of that feature stage
-            stages = [info["num_chs"] for info in getattr(model, "feature_info", [])]
-            if not stages or not hasattr(model, "forward_intermediates"):
-                raise TransferkitError(f"backbone '{spec.name}' cannot take features from an earlier stage",
-                                       "drop feature_stage")
-            if not -len(stages) <= feature_stage < len(stages):
-                raise TransferkitError(f"feature_stage {feature_stage} is out of range for '{spec.name}'",
-                                       f"use 0..{len(stages) - 1} (channels per stage: {stages})")
-            self.feature_stage = feature_stage % len(stages)
-            self.feature_dim = int(stages[self.feature_stage])
+            self.feature_stage = self._stage_index(feature_stage, "feature_stage")
+            self.feature_dim = self._stage_channels()[self.feature_stage]
             spec.options["feature_stage"] = self.feature_stage
+        if pool_stages:  # Head2Toe-style: pooled earlier stages concatenated to the final embedding
+            if feature_stage is not None:
+                raise TransferkitError("feature_stage and pool_stages cannot be combined", "drop one of them")
+            self.pool_stages = tuple(sorted({self._stage_index(int(s), "pool_stages") for s in pool_stages}))
+            self.feature_dim += sum(self._stage_channels()[s] for s in self.pool_stages)
+            spec.options["pool_stages"] = list(self.pool_stages)
         config = resolve_data_config({}, model=model)
         if in_chans not in (1, 3):
             raise TransferkitError(
@@ -116,11 +117,33 @@ class TimmBackbone(Backbone):
         self._eval_transform = image_transform(self.image_size, train=False, **self.normalization)
         self._train_transform = image_transform(self.image_size, train=augment, **self.normalization)
 
+    def _stage_channels(self) -> list[int]:
+        return [int(info["num_chs"]) for info in getattr(self.model, "feature_info", [])]
+
+    def _stage_index(self, stage: int, option: str) -> int:
+        """``stage`` (negative counts from the end) as an index into timm's feature stages, validated."""
+        stages = self._stage_channels()
+        if not stages or not hasattr(self.model, "forward_intermediates"):
+            raise TransferkitError(f"backbone '{self.spec.name}' cannot take features from an earlier stage",
+                                   f"drop {option}")
+        if not -len(stages) <= stage < len(stages):
+            raise TransferkitError(f"{option} {stage} is out of range for '{self.spec.name}'",
+                                   f"use 0..{len(stages) - 1} (channels per stage: {stages})")
+        return stage % len(stages)
+
     def forward_features(self, inputs: torch.Tensor) -> torch.Tensor:
-        if self.feature_stage is not None:  # global average pool of an intermediate feature map
+        """The pooled pre-logits embedding; with ``feature_stage`` the global average of that stage's feature map
+        instead; with ``pool_stages`` the global averages of those stages followed by the final embedding, from one
+        pass (Evci et al. 2022, "Head2Toe": intermediate representations are often more transferable to a domain far
+        from the pretraining data than the last layer)."""
+        if self.feature_stage is not None:
             (feature_map,) = self.model.forward_intermediates(inputs, indices=[self.feature_stage],
                                                              intermediates_only=True, stop_early=True)
             return feature_map.mean(dim=(2, 3))
+        if self.pool_stages:
+            final, maps = self.model.forward_intermediates(inputs, indices=list(self.pool_stages))
+            pooled = [feature_map.mean(dim=(2, 3)) for feature_map in maps]
+            return torch.cat([*pooled, self.model.forward_head(final, pre_logits=True)], dim=1)
         return self.model.forward_head(self.model.forward_features(inputs), pre_logits=True)
 
     def _groups(self, coarse: bool) -> list[nn.Module]:
@@ -166,6 +189,7 @@ class TimmBackbone(Backbone):
             f"{self.spec.name}|{self.image_mode}|size={self.image_size}|{norm['interpolation']}"
             f"|crop_pct={norm['crop_pct']}|mean={norm['mean']}|std={norm['std']}"
             + (f"|stage={self.feature_stage}" if self.feature_stage is not None else "")
+            + (f"|pool={','.join(map(str, self.pool_stages))}" if self.pool_stages else "")
         )
 
 
@@ -189,6 +213,7 @@ def create_timm_backbone(
     augment: bool = True,
     checkpoint_path: str | None = None,
     feature_stage: int | None = None,
+    pool_stages: Sequence[int] | None = None,
     **timm_kwargs: Any,
 ) -> TimmBackbone:
     """``timm.create_model(target, pretrained=..., num_classes=0, **timm_kwargs)``.
@@ -227,6 +252,6 @@ def create_timm_backbone(
         options["checkpoint_path"] = str(checkpoint_path)
     in_chans = int(timm_kwargs.get("in_chans", 3))
     backbone = TimmBackbone(model, BackboneSpec(f"timm:{target}", options), image_size, augment, in_chans,
-                            feature_stage)
+                            feature_stage, pool_stages)
     backbone.spec.options["image_size"] = backbone.image_size
     return backbone
