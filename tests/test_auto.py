@@ -314,3 +314,70 @@ def test_multi_stage_probe_refit_saves_and_loads_as_an_ordinary_model(folder, tm
     head = model.heads["label"][-1]
     expected = probe_probabilities(head.weight.detach(), head.bias.detach(), table.x)
     assert np.allclose(loaded.predict_proba_data(data), expected, atol=1e-4)
+
+
+def test_label_examples_add_class_name_sentences_to_the_training_side_only():
+    from transferkit.data.base import LabeledData
+    from transferkit.data.label_examples import ID_PREFIX, names_are_words, with_label_examples
+
+    data = LabeledData(["great flight", "lost my bag"], np.array([1, 0]), ["negative", "positive"], "text", ["r0", "r1"])
+    augmented = with_label_examples(data, 2)
+    assert len(augmented) == 2 + 2 * 2 and augmented.ids[:2] == ["r0", "r1"]
+    assert list(augmented.items[2:4]) == ["This sentence is negative", "This sentence is positive"]
+    assert list(augmented.labels[2:]) == [0, 1, 0, 1] and all(i.startswith(ID_PREFIX) for i in augmented.ids[2:])
+    assert names_are_words(["negative", "billing issue"]) and not names_are_words(["0", "1"])
+    images = LabeledData([np.zeros((4, 4))], np.array([0]), ["a"], "image", ["x"])
+    with pytest.raises(TransferkitError, match="text data"):
+        with_label_examples(images, 1)
+
+
+def test_preferred_start_lets_a_measured_prior_decide_only_within_the_paired_standard_error():
+    from transferkit.autofit.ensemble import paired_standard_error, preferred_start
+
+    def probabilities(correct: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        p = np.full((len(labels), 2), 0.2)
+        p[np.arange(len(labels)), np.where(correct, labels, 1 - labels)] = 0.8
+        return p
+
+    rng = np.random.default_rng(0)
+    for n, expected in ((24, "prior"), (2400, "best")):
+        labels = rng.integers(0, 2, n)
+        best_correct = np.arange(n) % 10 < 7  # 70 %
+        prior_correct = best_correct.copy()
+        prior_correct[np.flatnonzero(best_correct)[: max(1, n // 40)]] = False  # fewer right, on the same items
+        oof = {"best": probabilities(best_correct, labels), "prior": probabilities(prior_correct, labels)}
+        gap = best_correct.mean() - prior_correct.mean()
+        assert gap > 0 and (gap <= paired_standard_error(labels, oof["best"], oof["prior"])) == (expected == "prior")
+        assert preferred_start(oof, labels, {"prior": 1}) == expected
+        assert preferred_start(oof, labels, {}) == "best"  # no prior: the best cross-validated accuracy
+
+
+def test_text_space_learns_from_class_names_only_when_they_are_words():
+    from transferkit.autofit.space import default_space
+
+    named = default_space("text", class_names=["negative", "neutral", "positive"])
+    coded = default_space("text", class_names=["0", "1", "2"])
+    with_names = [c for c in named if c.options.get("label_examples")]
+    assert {c.strategy for c in with_names} == {"linear-probe", "contrastive", "finetune"}
+    assert not any(c.options.get("label_examples") for c in coded)
+    strongest = max(named, key=lambda c: c.prior)
+    assert strongest.strategy == "contrastive" and strongest.options.get("label_examples")
+    assert max(coded, key=lambda c: c.prior).name == "contrastive (SetFit-style) C=10 minilm"
+
+
+def test_text_auto_trains_with_class_name_sentences_and_writes_a_usable_run(tmp_path):
+    texts = {"delighted": ["what a lovely smooth flight", "friendly crew and great seats", "wonderful service today",
+                           "happy with the upgrade", "best airline ever", "really enjoyed the trip"],
+             "furious": ["they lost my luggage again", "delayed for six hours", "rude staff at the gate",
+                         "worst service ever", "cancelled without notice", "terrible seats and no food"]}
+    rows = ["text,label"] + [f"{t},{label}" for label, items in texts.items() for t in items]
+    csv = tmp_path / "tweets.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    run = transferkit.auto(str(csv), out=str(tmp_path / "run"), time_budget="300s", seed=0, progress=False,
+                           strategies=["linear-probe", "finetune"])
+    board = {r["name"]: r for r in json.loads((run.path / "leaderboard.json").read_text())["leaderboard"]}
+    assert board["probe C=1 + class names minilm"]["status"] == "done"
+    assert board["LP-FT + class names minilm"]["status"] == "done"
+    assert len(board["LP-FT + class names minilm"]["fold_accuracies"]) == 3
+    rows = transferkit.predict(run.path, ["the crew lost my bag and were rude"])
+    assert rows[0]["prediction"] in texts

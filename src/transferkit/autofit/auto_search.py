@@ -30,7 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from transferkit.autofit.ensemble import accuracy, combine, log_loss, save_ensemble, select_ensemble
+from transferkit.autofit.ensemble import (
+    accuracy,
+    combine,
+    log_loss,
+    preferred_start,
+    save_ensemble,
+    select_ensemble,
+)
 from transferkit.autofit.space import Candidate, default_space
 from transferkit.errors import TransferkitError
 
@@ -187,7 +194,8 @@ class AutoSearch:
         if self.k > smallest:
             raise TransferkitError(f"--folds {self.k} is more than the smallest class ({smallest} items)",
                                    f"use --folds {smallest} or fewer")
-        self.space = default_space(self.data.modality, config.backbones, config.image_sizes, config.strategies)
+        self.space = default_space(self.data.modality, config.backbones, config.image_sizes, config.strategies,
+                                   class_names=self.data.class_names)
         from transferkit.backbones import check_backbone_name, list_backbones
 
         list_backbones()  # imports the backbone libraries now: start-up, not the first candidate's measured cost
@@ -243,16 +251,17 @@ class AutoSearch:
             return 3.0 + copies * n * self.inference_seconds(candidate), 1.0
         train_item, infer, build = self.measured.get(self.measure_key(candidate)) or self.measure(candidate)
         k = self.folds(candidate)
-        n_train = n * (k - 1) / k
+        extra = int(candidate.options.get("label_examples", 0)) * self.data.num_classes  # class-name sentences
+        n_train = n * (k - 1) / k + extra
         if candidate.strategy == "contrastive":  # SetFit's sentence pairs, two encoder passes each
             from transferkit.strategies.fewshot import contrastive_pairs
 
-            pairs = len(contrastive_pairs(self.data.labels))
+            pairs = len(contrastive_pairs(np.concatenate([self.data.labels, np.arange(extra) % self.data.num_classes])))
             epochs = int(candidate.options.get("contrastive_epochs", 1))
             passes_all, passes_fold = 2 * pairs * epochs, 2 * pairs * epochs * ((k - 1) / k) ** 2
         else:
             epochs = int(candidate.options.get("epochs", 1))
-            passes_all, passes_fold = epochs * n, epochs * n_train
+            passes_all, passes_fold = epochs * (n + extra), epochs * n_train
         fold = build + passes_fold * train_item + n_train * infer + 2 * (n / k) * infer
         refit = build + passes_all * train_item + n * infer
         return k * fold, refit
@@ -351,11 +360,12 @@ class AutoSearch:
 
         if candidate.kind == "features":
             c = float(candidate.options.get("probe_c", 1.0))
+            copies = int(candidate.options.get("label_examples", 0))
 
             def train_and_predict(train, val):
                 from transferkit.autofit.training import probe_fold
 
-                return record_tta(val, probe_fold(self.feature_table(candidate), train, val, c))
+                return record_tta(val, probe_fold(self.feature_table(candidate), train, val, c, copies))
         else:
             def train_and_predict(train, val):
                 from transferkit.autofit.training import predict_plain_and_flipped, train_candidate
@@ -471,7 +481,14 @@ class AutoSearch:
             raise TransferkitError("no candidate finished within the time budget",
                                    "give a larger --time-budget (e.g. 10m) or fewer --backbones / --strategies")
         oof = {n: np.asarray(v["oof_probabilities"]) for n, v in variants.items()}
-        weights = select_ensemble(oof, self.data.labels, self.config.max_ensemble)
+        priors = {c.slug: c.prior for c in self.space}
+        start = preferred_start(oof, self.data.labels, {n: priors.get(v["candidate"], 0) for n, v in variants.items()})
+        best = max(variants, key=lambda n: (variants[n]["oof_accuracy"], -variants[n]["log_loss"]))
+        if start != best:
+            self.log("%s (CV %.4f) is within one paired standard error of the best, %s (CV %.4f), and preferred on "
+                     "benchmarks: the final model builds on it", start, variants[start]["oof_accuracy"], best,
+                     variants[best]["oof_accuracy"])
+        weights = select_ensemble(oof, self.data.labels, self.config.max_ensemble, start=start)
         affordable = self.clock.budget * 1.02 - self.clock.elapsed() - WRITE_SECONDS
         refits = {}
         for name in sorted(weights, key=lambda n: -weights[n]):

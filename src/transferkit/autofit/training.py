@@ -78,6 +78,7 @@ class FeatureTable:
         self.x, self.x_mirror = features[0], (features[1] if len(features) > 1 else None)
         self.seconds = time.perf_counter() - started
         self.position = {item_id: i for i, item_id in enumerate(data.ids)}
+        self.label_x: np.ndarray | None = None  # features of the class-name sentences, when a candidate uses them
 
     def _extract(self, views: list[LabeledData], cache_dir: Path | None,
                  check_time: Callable[[float], None] | None) -> list[np.ndarray]:
@@ -104,6 +105,22 @@ class FeatureTable:
     def rows(self, data: LabeledData) -> np.ndarray:
         return np.asarray([self.position[i] for i in data.ids], dtype=np.int64)
 
+    def with_label_examples(self, rows: np.ndarray, labels: np.ndarray, class_names: list[str],
+                            copies: int) -> tuple[np.ndarray, np.ndarray]:
+        """Features and labels of ``rows`` followed by ``copies`` templated class-name sentences per class
+        (:mod:`transferkit.data.label_examples`; their features are extracted once)."""
+        x = self.x[rows]
+        if not copies:
+            return x, labels
+        if self.label_x is None:
+            from transferkit.data.label_examples import with_label_examples
+            from transferkit.engine.features import extract_features
+
+            names = with_label_examples(LabeledData([], np.zeros(0), list(class_names), "text", []), 1)
+            self.label_x = extract_features(self.backbone, names, progress=False)
+        extra = np.tile(np.arange(len(class_names)), copies)
+        return np.concatenate([x, self.label_x[extra]]), np.concatenate([labels, extra])
+
 
 def fit_probe_head(x: np.ndarray, labels: np.ndarray, num_classes: int, c: float) -> tuple[torch.Tensor, torch.Tensor]:
     from transferkit.engine.solvers import fit_logistic_regression
@@ -116,11 +133,13 @@ def probe_probabilities(weight: torch.Tensor, bias: torch.Tensor, x: np.ndarray)
     return torch.softmax(logits, dim=-1).cpu().numpy()
 
 
-def probe_fold(table: FeatureTable, train: LabeledData, val: LabeledData, c: float) -> dict[str, np.ndarray]:
-    """Plain and flip-TTA probabilities of a probe trained on ``train``'s rows of the table."""
+def probe_fold(table: FeatureTable, train: LabeledData, val: LabeledData, c: float,
+               label_examples: int = 0) -> dict[str, np.ndarray]:
+    """Plain and flip-TTA probabilities of a probe trained on ``train``'s rows of the table (and ``label_examples``
+    class-name sentences per class, text only)."""
     tr, va = table.rows(train), table.rows(val)
     k = train.num_classes
-    w, b = fit_probe_head(table.x[tr], train.labels, k, c)
+    w, b = fit_probe_head(*table.with_label_examples(tr, train.labels, train.class_names, label_examples), k, c)
     out = {"plain": probe_probabilities(w, b, table.x[va])}
     if table.x_mirror is not None:
         x = np.concatenate([table.x[tr], table.x_mirror[tr]])
@@ -136,7 +155,7 @@ def probe_model(candidate: Candidate, table: FeatureTable, data: LabeledData, tt
     from transferkit.strategies.linear_probe import set_linear_head
 
     rows = table.rows(data)
-    x, y = table.x[rows], data.labels
+    x, y = table.with_label_examples(rows, data.labels, data.class_names, int(candidate.options.get("label_examples", 0)))
     if tta and table.x_mirror is not None:
         x, y = np.concatenate([x, table.x_mirror[rows]]), np.concatenate([y, y])
     weight, bias = fit_probe_head(x, y, data.num_classes, float(candidate.options.get("probe_c", 1.0)))
@@ -162,6 +181,7 @@ def split_options(candidate: Candidate, seed: int) -> tuple[Any, Any, dict[str, 
     train_cfg = build(TrainConfig, merged)
     strategy = cls(build(cls.config_class, merged))
     merged.pop("probe_c", None)
+    merged.pop("label_examples", None)  # a data option (train_candidate)
     if merged:
         raise ValueError(f"unused candidate options {sorted(merged)}")
     train_cfg.validate()
@@ -170,11 +190,16 @@ def split_options(candidate: Candidate, seed: int) -> tuple[Any, Any, dict[str, 
 
 def train_candidate(candidate: Candidate, train: LabeledData, *, seed: int, cache_dir: Path | None,
                     epoch_callback: Callable[[dict[str, Any]], None] | None = None):
-    """Train ``candidate`` on every item of ``train`` for its fixed number of epochs; returns the model."""
+    """Train ``candidate`` on every item of ``train`` (plus its class-name sentences, with the option
+    ``label_examples``) for its fixed number of epochs; returns the model."""
     from transferkit.engine.context import RunContext
     from transferkit.model import TaskSpec, TransferModel
 
     train_cfg, strategy, model_options = split_options(candidate, seed)
+    if candidate.options.get("label_examples"):
+        from transferkit.data.label_examples import with_label_examples
+
+        train = with_label_examples(train, int(candidate.options["label_examples"]))
     backbone = create_candidate_backbone(candidate, seed)
     model = TransferModel(backbone, [TaskSpec("label", "classify", list(train.class_names))],
                           head_dropout=float(model_options.get("head_dropout", 0.0)))
