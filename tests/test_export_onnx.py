@@ -69,6 +69,22 @@ def test_image_run_exports_to_onnx_with_parity_and_runs_on_onnxruntime(tmp_path,
     assert "already holds" in capsys.readouterr().err
 
 
+def test_multi_stage_probe_exports_to_onnx_with_parity(tmp_path):
+    """``--pool-stages`` (pooled earlier stages + final features, as auto's multi-stage probe) traces into the graph."""
+    for cls in ("horizontal", "vertical"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(6):
+            image = np.random.default_rng(i).integers(0, 60, (28, 28)).astype(np.uint8)
+            image[:: 3 + i % 3, :] = 255
+            Image.fromarray(image if cls == "horizontal" else image.T).save(tmp_path / "data" / cls / f"{i}.png")
+    run = transferkit.fit(str(tmp_path / "data"), backbone="efficientnet_lite0", pretrained=False, image_size=32,
+                          pool_stages=[3, 4], out=str(tmp_path / "run"), progress=False, seed=0, protocol="holdout")
+    assert json.loads((run.path / "model" / "config.json").read_text())["backbone"]["options"]["pool_stages"] == [3, 4]
+    assert main(["export", "--model", str(run.path), "--format", "onnx", "--out", str(tmp_path / "onnx")]) == 0
+    parity = json.loads((tmp_path / "onnx" / "parity.json").read_text())
+    assert parity["max_abs_logit_diff"] <= 1e-4 and parity["agreement"] == 1.0
+
+
 @pytest.mark.parametrize("strategy", ["linear-probe", "lora"])
 def test_text_run_exports_to_onnx_with_its_tokenizer(strategy, tiny_bert_dir, tmp_path):
     rng = np.random.default_rng(0)
