@@ -348,8 +348,8 @@ def test_preferred_start_lets_a_measured_prior_decide_only_within_the_paired_sta
         oof = {"best": probabilities(best_correct, labels), "prior": probabilities(prior_correct, labels)}
         gap = best_correct.mean() - prior_correct.mean()
         assert gap > 0 and (gap <= paired_standard_error(labels, oof["best"], oof["prior"])) == (expected == "prior")
-        assert preferred_start(oof, labels, {"prior": 1}) == expected
-        assert preferred_start(oof, labels, {}) == "best"  # no prior: the best cross-validated accuracy
+        assert preferred_start(oof, labels, {"prior": 1}) == (expected, "best")
+        assert preferred_start(oof, labels, {}) == ("best", "best")  # no prior: the best cross-validated accuracy
 
 
 def test_text_space_learns_from_class_names_only_when_they_are_words():

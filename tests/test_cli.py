@@ -147,6 +147,18 @@ def test_config_file_and_flags(image_folder, tmp_path, capsys):
     assert metrics["config"]["train"]["batch_size"] == 8 and metrics["strategy"] == "finetune"
 
 
+def test_list_options_are_coerced_to_their_element_type(image_folder, tmp_path, capsys):
+    from transferkit.config import FitConfig, build
+    from transferkit.errors import TransferkitError
+
+    assert build(FitConfig, {"pool_stages": ["3", 4]}).pool_stages == [3, 4]  # flags arrive as text
+    with pytest.raises(TransferkitError, match="pool_stages' expects int"):
+        build(FitConfig, {"pool_stages": ["x"]})
+    code, _, err = run_cli(["fit", "--data", image_folder, "--pool-stages", "x", "--out", tmp_path / "bad"], capsys)
+    assert code == 2 and "expects int" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+
+
 def corrupt_folder(tmp_path: Path) -> Path:
     root = tmp_path / "corrupt"
     for cls in ("a", "b"):

@@ -21,13 +21,18 @@ pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.usefixtures("isolated_cache")  # tests/conftest.py
 
 
-def test_image_run_exports_to_onnx_with_parity_and_runs_on_onnxruntime(tmp_path, capsys):
+def write_striped_folder(root: Path, per_class: int) -> None:
+    """``root/horizontal`` and ``root/vertical``: 28 x 28 grey noise with bright stripes in that direction."""
     for cls in ("horizontal", "vertical"):
-        (tmp_path / "data" / cls).mkdir(parents=True)
-        for i in range(10):
+        (root / cls).mkdir(parents=True)
+        for i in range(per_class):
             image = np.random.default_rng(i).integers(0, 60, (28, 28)).astype(np.uint8)
             image[:: 3 + i % 3, :] = 255
-            Image.fromarray(image if cls == "horizontal" else image.T).save(tmp_path / "data" / cls / f"{i}.png")
+            Image.fromarray(image if cls == "horizontal" else image.T).save(root / cls / f"{i}.png")
+
+
+def test_image_run_exports_to_onnx_with_parity_and_runs_on_onnxruntime(tmp_path, capsys):
+    write_striped_folder(tmp_path / "data", 10)
     run = transferkit.fit(str(tmp_path / "data"), backbone="small_cnn", strategy="finetune", epochs=2, batch_size=8,
                           lr=0.01, out=str(tmp_path / "run"), progress=False, seed=0)
     assert main(["export", "--model", str(run.path), "--format", "onnx", "--out", str(tmp_path / "onnx")]) == 0
@@ -71,12 +76,7 @@ def test_image_run_exports_to_onnx_with_parity_and_runs_on_onnxruntime(tmp_path,
 
 def test_multi_stage_probe_exports_to_onnx_with_parity(tmp_path):
     """``--pool-stages`` (pooled earlier stages + final features, as auto's multi-stage probe) traces into the graph."""
-    for cls in ("horizontal", "vertical"):
-        (tmp_path / "data" / cls).mkdir(parents=True)
-        for i in range(6):
-            image = np.random.default_rng(i).integers(0, 60, (28, 28)).astype(np.uint8)
-            image[:: 3 + i % 3, :] = 255
-            Image.fromarray(image if cls == "horizontal" else image.T).save(tmp_path / "data" / cls / f"{i}.png")
+    write_striped_folder(tmp_path / "data", 6)
     run = transferkit.fit(str(tmp_path / "data"), backbone="efficientnet_lite0", pretrained=False, image_size=32,
                           pool_stages=[3, 4], out=str(tmp_path / "run"), progress=False, seed=0, protocol="holdout")
     assert json.loads((run.path / "model" / "config.json").read_text())["backbone"]["options"]["pool_stages"] == [3, 4]

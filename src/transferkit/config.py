@@ -141,8 +141,9 @@ def coerce(value: Any, tp: type, name: str) -> Any:
             return result
         if tp is str:
             return str(value)
-        if typing.get_origin(tp) is list or tp is list:
-            return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+        if typing.get_origin(tp) is list or tp is list:  # each element to the list's element type (default str)
+            element = (typing.get_args(tp) or (str,))[0]
+            return [coerce(v, element, name) for v in (value if isinstance(value, (list, tuple)) else [value])]
     except (TypeError, ValueError):
         raise TransferkitError(f"option '{name}' expects {getattr(tp, '__name__', tp)}, got {value!r}",
                                "fix the value on the command line or in the --config file") from None

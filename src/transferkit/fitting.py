@@ -143,15 +143,6 @@ def _wrong_modality(name: str, modality: str, data_modality: str) -> Transferkit
                             f"choose a {data_modality} backbone (`transferkit backbones`)")
 
 
-def stage_numbers(values: list[Any]) -> list[int]:
-    """``--pool-stages`` values as stage indices (a clear error for anything that is not a whole number)."""
-    try:
-        return [int(v) for v in values]
-    except (TypeError, ValueError):
-        raise TransferkitError(f"invalid --pool-stages {values}", "give whole stage numbers, e.g. --pool-stages 3 "
-                                                                   "--pool-stages 4") from None
-
-
 def build_backbone(name: str, fit: FitConfig, train: TrainConfig, splits: DataSplits) -> Backbone:
     """Backbone ``name`` with the options that apply to the data's modality (seeded)."""
     from transferkit.backbones import backbone_modality, create_backbone
@@ -175,7 +166,7 @@ def build_backbone(name: str, fit: FitConfig, train: TrainConfig, splits: DataSp
         if fit.feature_stage is not None:
             options["feature_stage"] = fit.feature_stage
         if fit.pool_stages:
-            options["pool_stages"] = stage_numbers(fit.pool_stages)
+            options["pool_stages"] = fit.pool_stages
     elif fit.max_length:
         options["max_length"] = fit.max_length
     seed_everything(train.seed)

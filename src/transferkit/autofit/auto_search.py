@@ -74,7 +74,8 @@ class AutoConfig:
     label_column: str | None = field(default=None, metadata={"help": "Label column of a .csv/.jsonl file."})
     backbones: list[str] | None = field(default=None, metadata={"help": "Backbones to search (default: "
                                                                  "efficientnet_lite0/1/2 for images, minilm for text)."})
-    image_sizes: list[int] | None = field(default=None, metadata={"help": "Input resolutions to search (default: "
+    # list[str]: comma-separated values such as "112,224" arrive as text; validate() turns them into pixels
+    image_sizes: list[str] | None = field(default=None, metadata={"help": "Input resolutions to search (default: "
                                                                    "each backbone's own and 3/4 of it)."})
     strategies: list[str] | None = field(default=None, metadata={"help": "Restrict the search to these strategies."})
     folds: int | None = field(default=None, metadata={"help": "k of the k-fold cross-validation (default: "
@@ -482,8 +483,8 @@ class AutoSearch:
                                    "give a larger --time-budget (e.g. 10m) or fewer --backbones / --strategies")
         oof = {n: np.asarray(v["oof_probabilities"]) for n, v in variants.items()}
         priors = {c.slug: c.prior for c in self.space}
-        start = preferred_start(oof, self.data.labels, {n: priors.get(v["candidate"], 0) for n, v in variants.items()})
-        best = max(variants, key=lambda n: (variants[n]["oof_accuracy"], -variants[n]["log_loss"]))
+        start, best = preferred_start(oof, self.data.labels,
+                                      {n: priors.get(v["candidate"], 0) for n, v in variants.items()})
         if start != best:
             self.log("%s (CV %.4f) is within one paired standard error of the best, %s (CV %.4f), and preferred on "
                      "benchmarks: the final model builds on it", start, variants[start]["oof_accuracy"], best,

@@ -67,20 +67,20 @@ def paired_standard_error(labels: np.ndarray, first: np.ndarray, second: np.ndar
     return float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("inf")
 
 
-def preferred_start(oof: dict[str, np.ndarray], labels: np.ndarray, prior: dict[str, int]) -> str:
-    """The candidate to build the final model on: the best out-of-fold accuracy, unless candidates with a stronger
-    ``prior`` (a preference measured on benchmarks) are within one paired standard error of it; then the one with the
-    strongest prior among those (ties: the better accuracy). With a few dozen labels, cross-validation cannot tell
+def preferred_start(oof: dict[str, np.ndarray], labels: np.ndarray, prior: dict[str, int]) -> tuple[str, str]:
+    """(the candidate to build the final model on, the one with the best out-of-fold accuracy). The first is the
+    second, unless candidates with a stronger ``prior`` (a preference measured on benchmarks) are within one paired
+    standard error of it; then the one with the strongest prior among those (ties: the better accuracy). With a few dozen labels, cross-validation cannot tell
     most candidates apart and its maximum is mostly noise; a measured prior is the better guess there, while a
     difference that cross-validation does resolve still decides."""
     def rank(n: str) -> tuple[float, float]:
         return accuracy(labels, oof[n]), -log_loss(labels, oof[n])
 
     best = max(oof, key=rank)
-    gap = accuracy(labels, oof[best])
+    top = accuracy(labels, oof[best])
     tied = [n for n in oof
-            if gap - accuracy(labels, oof[n]) <= paired_standard_error(labels, oof[best], oof[n]) + 1e-12]
-    return max(tied, key=lambda n: (prior.get(n, 0), *rank(n)))
+            if top - accuracy(labels, oof[n]) <= paired_standard_error(labels, oof[best], oof[n]) + 1e-12]
+    return max(tied, key=lambda n: (prior.get(n, 0), *rank(n))), best
 
 
 def combine(oof: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
