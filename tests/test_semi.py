@@ -82,7 +82,9 @@ def _semi_fit(tmp_path: Path, unlabelled_items: int, *options: str) -> Path:
 def test_self_training_round_accepts_items_and_records_the_rate(tmp_path, isolated_cache):
     out = _semi_fit(tmp_path, 20, "--semi", "self-training", "--semi-rounds", "2", "--semi-epochs", "1",
                     "--protocol", "holdout")
-    semi = json.loads((out / "metrics.json").read_text())["semi"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "caveats" not in metrics  # holdout: the accuracy is the semi-supervised model's own
+    semi = metrics["semi"]
     assert semi["method"] == "self-training" and semi["unlabelled_items_used"] == 20
     assert 0 <= semi["teacher_test_accuracy"] <= 1  # the supervised-only baseline of the same run
     rounds = semi["rounds"]
@@ -107,9 +109,15 @@ def test_consistency_loss_is_zero_on_identical_views_and_has_fixmatch_gradient()
     assert torch.allclose(strong.grad, fixmatch.grad) and float(loss) > 0
 
 
-def test_consistency_run_records_acceptance_per_epoch(tmp_path, isolated_cache):
+def test_consistency_run_records_acceptance_per_epoch(tmp_path, isolated_cache, capsys):
     out = _semi_fit(tmp_path, 16, "--semi", "consistency", "--semi-threshold", "0.5", "--semi-epochs", "1")
     metrics = json.loads((out / "metrics.json").read_text())
+    # cv without a test split: the accuracy is the supervised folds' estimate, and the run says so
+    from transferkit.selftaught.semi import CV_CAVEAT
+
+    assert metrics["accuracy_split"] == "cv" and metrics["caveats"] == [CV_CAVEAT]
+    assert f"note: {CV_CAVEAT}" in capsys.readouterr().out
+    assert CV_CAVEAT in (out / "README.md").read_text()
     semi = metrics["semi"]
     assert semi["method"] == "consistency" and semi["tau"] == 0.5
     assert semi["rounds"] and all(r["seen"] > 0 for r in semi["rounds"])

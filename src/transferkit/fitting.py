@@ -262,7 +262,9 @@ def run_metrics(model: TransferModel, backbone_name: str, strategy: Strategy, ex
     if hasattr(strategy, "metrics"):  # strategy-specific counts (e.g. FISH's mask size)
         metrics.update(strategy.metrics(model))
     for ext in extensions:
-        metrics.update(ext.metrics(context, model))
+        extra = ext.metrics(context, model)
+        caveats = metrics.get("caveats", []) + extra.pop("caveats", [])
+        metrics.update(extra, **({"caveats": caveats} if caveats else {}))
     return metrics
 
 

@@ -49,5 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if "top5_accuracy" in m:
         row["top5"] = m["top5_accuracy"]
     print(format_table([row], list(row)))
+    for caveat in m.get("caveats", []):  # what the accuracy above does not say (metrics.json "caveats")
+        print(f"note: {caveat}")
     print(f"run written to {result.path}")
     return 0

@@ -180,6 +180,7 @@ def _evaluation(metrics: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]
         if key in metrics and isinstance(metrics[key], (int, float)):
             lines.append(f"- **{label}:** {_fmt(metrics[key])}")
             entries.append({"type": key.split("_")[0], "value": metrics[key], "name": label})
+    lines += [f"- **Note:** {caveat}" for caveat in metrics.get("caveats", [])]
     per_class = (metrics.get("evaluation") or {}).get("per_class")
     if isinstance(per_class, dict) and per_class:
         lines += ["", f"Per class on {where}:", "",

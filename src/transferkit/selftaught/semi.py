@@ -70,6 +70,11 @@ AUTO_METHOD = "consistency"
 PSEUDO_LABELS_FILE = "pseudo_labels.csv"
 DEFAULT_TAU = 0.95  # FixMatch's threshold, used when there is no held-out prediction to choose one from
 DEFAULT_ACCEPT = 0.8  # self-training: the last round's accepted share when there is nothing to choose it from
+#: under cv without a test split, ``accuracy`` is the supervised folds' estimate: the one semi-supervised run on every
+#: label is not cross-validated (k semi-supervised runs would cost k times the longest step)
+CV_CAVEAT = ("accuracy is the supervised cross-validation estimate (labels only); the semi-supervised final model "
+             "was trained once on every label and has no estimate of its own: score it with `transferkit evaluate "
+             "--model RUN --data HELD_OUT`")
 
 
 @dataclass
@@ -439,4 +444,7 @@ class SemiExtension(FitExtension):
 
     # --- after training ----------------------------------------------------------------------------------
     def metrics(self, context: RunContext, model: TransferModel) -> dict[str, Any]:
-        return {"semi": dict(self.summary)}
+        metrics: dict[str, Any] = {"semi": dict(self.summary)}
+        if context.cv is not None and not (context.splits.test is not None and len(context.splits.test)):
+            metrics["caveats"] = [CV_CAVEAT]
+        return metrics
