@@ -261,7 +261,8 @@ FM_METHODS = {
 
 
 def wanted(args: argparse.Namespace, name: str) -> bool:
-    return not args.only or any(o in name for o in args.only)
+    """``--only``: a row's full name selects that row alone; other text selects every row whose name contains it."""
+    return not args.only or any(o == name if o in FM_METHODS else o in name for o in args.only)
 
 
 def render_fm(args: argparse.Namespace, argv: list[str] | None, started: float, cells: dict[str, list[dict]],
@@ -378,8 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--pool", type=int, default=5000)
     parser.add_argument("--image-size", type=int, default=112, help="Our rows' resolution (0: the backbone's 224).")
-    parser.add_argument("--only", action="append", help="Run only the rows whose name contains this ('frozen': the "
-                        "scikit-learn rows).")
+    parser.add_argument("--only", action="append", help="Run only this row (its full name), or the rows whose name "
+                        "contains this ('frozen': the scikit-learn rows).")
     parser.add_argument("--timed", action="store_true", help="Run each fit inside flock /work/wt/bench.lock (run "
                         "this process at normal priority: its wall times are claims).")
     parser.add_argument("--render", action="store_true", help="Only rewrite the section from the cached cells.")
