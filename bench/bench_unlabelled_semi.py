@@ -286,11 +286,13 @@ def render_fm(args: argparse.Namespace, argv: list[str] | None, started: float, 
                            ("self_training_classifier_112", "scikit-learn SelfTrainingClassifier (Lite0 112 px "
                             "features, seed 0)")):
             lines.append(f"| {label} | {row[key]:.4f} | {points([row[key] - supervised[0]['accuracy']])} | | |")
+    most = max(len(runs) for runs in cells.values()) if cells else 0
     for name, runs in cells.items():
         values = [r["accuracy"] for r in runs]
         diff = points([r["accuracy"] - s["accuracy"] for r, s in zip(runs, supervised)]) if supervised else ""
         wall = summary([r["wall_seconds"] for r in runs], ".0f")
-        lines.append(f"| {name} | {summary(values)} | {'' if 'supervised' in name else diff} | {wall} | "
+        seeds = f" (first {len(runs)} seed{'s' if len(runs) > 1 else ''} only)" if len(runs) < most else ""
+        lines.append(f"| {name}{seeds} | {summary(values)} | {'' if 'supervised' in name else diff} | {wall} | "
                      f"{semi_text(runs[0])} |")
     commands = "\n".join(f"- {name}: `{runs[0]['command']}`" for name, runs in cells.items())
     loads = "; ".join(f"{name}: {runs[0]['load']}" for name, runs in cells.items())
