@@ -188,6 +188,12 @@ def points(values: list[float]) -> str:
     return summary([100 * v for v in values], "+.1f") + " pts"
 
 
+def pseudo_accuracy(row: dict) -> str:
+    """", pseudo acc 0.900" where the unlabelled items' labels were given (--unlabelled-labels), else nothing."""
+    value = row.get("pseudo_label_accuracy")
+    return f", pseudo acc {value:.3f}" if value is not None else ""
+
+
 def semi_text(cell: dict) -> str:
     rounds = cell["semi"].get("rounds") or []
     if not rounds:
@@ -195,12 +201,11 @@ def semi_text(cell: dict) -> str:
     teacher = cell["semi"].get("teacher_test_accuracy")
     prefix = f"teacher (same strategy, labels only) {teacher:.4f}; " if teacher is not None else ""
     if "round" in rounds[0]:
-        parts = [f"r{r['round']}: {r['acceptance_rate']:.0%} accepted, pseudo acc "
-                 f"{r.get('pseudo_label_accuracy', float('nan')):.3f}" for r in rounds]
+        parts = [f"r{r['round']}: {r['acceptance_rate']:.0%} accepted{pseudo_accuracy(r)}" for r in rounds]
     else:
         last = rounds[-1]
-        parts = [f"tau {cell['semi'].get('tau')}", f"last epoch {last['acceptance_rate']:.0%} accepted, pseudo acc "
-                 f"{(last.get('pseudo_label_accuracy') or float('nan')):.3f}"]
+        parts = [f"tau {cell['semi'].get('tau')}", f"last epoch {last['acceptance_rate']:.0%} accepted"
+                 f"{pseudo_accuracy(last)}"]
     return prefix + "; ".join(parts)
 
 
@@ -332,9 +337,14 @@ def render_fm(args: argparse.Namespace, argv: list[str] | None, started: float, 
         f"{'were measured under `flock /work/wt/bench.lock` at normal priority' if args.timed else 'are NOT timed runs (nice 19, shared machine)'}."
         f"\n\n{verdict}"
         f"- Commands (DATA = the labelled folder with train/ and test/, UNLABELLED its pool):\n{commands}\n"
-        f"- 1-minute load average before / after each run (seed 0): {loads}.\n")
+        f"- 1-minute load average before / after each run (seed 0): {loads}.\n" + notes(args))
     write_section(RESULTS, f"Semi-supervised fit --unlabelled (Fashion-MNIST, 20 labels per class + {args.pool} "
                   "unlabelled)", bench_command("bench.bench_unlabelled_semi", argv), started, body)
+
+
+def notes(args: argparse.Namespace) -> str:
+    """The ``--note`` lines (what the cached cells cannot say: the conditions they ran under)."""
+    return "".join(f"- {note}\n" for note in args.note)
 
 
 def part_small(args: argparse.Namespace, argv: list[str] | None, started: float) -> None:
@@ -346,7 +356,7 @@ def part_small(args: argparse.Namespace, argv: list[str] | None, started: float)
         def ours(p: dict[str, Path] = paths, s: int = seed) -> dict:
             out = CACHE / "runs" / f"small-defaults-s{s}"
             seconds = run_cli(["fit", "--data", str(p["data"]), "--unlabelled", str(p["unlabelled"]), "--out",
-                               str(out), "--overwrite", "--no-progress", "--seed", str(s)])
+                               str(out), "--overwrite", "--no-progress", "--seed", str(s)], args.timed)
             proc = subprocess.run([sys.executable, "-m", "transferkit", "evaluate", "--model", str(out), "--data",
                                    str(p["test"]), "--json"], check=True, capture_output=True, text=True,
                                   env={**os.environ, "PYTHONPATH": f"{ROOT.parent / 'src'}:{ROOT.parent}"})
@@ -370,7 +380,7 @@ def part_small(args: argparse.Namespace, argv: list[str] | None, started: float)
     ]) + (f"\n\nA plain folder of 10 labelled Fashion-MNIST images per class + a folder of 2,000 unlabelled ones; "
           f"scored with `transferkit evaluate` on the 2,000 test images; {args.seeds} seed(s).\n\n"
           f"- Gain over logistic regression: {statistics.mean(gain) * 100:+.1f} points (target >= +3: "
-          f"{'met' if statistics.mean(gain) >= 0.03 else 'NOT met'}).\n")
+          f"{'met' if statistics.mean(gain) >= 0.03 else 'NOT met'}).\n" + notes(args))
     write_section(RESULTS, "Semi-supervised fit --unlabelled with defaults (10 labels per class + 2,000 unlabelled)",
                   bench_command("bench.bench_unlabelled_semi", argv), started, body)
 
@@ -386,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timed", action="store_true", help="Run each fit inside flock /work/wt/bench.lock (run "
                         "this process at normal priority: its wall times are claims).")
     parser.add_argument("--render", action="store_true", help="Only rewrite the section from the cached cells.")
+    parser.add_argument("--note", action="append", default=[], help="A line added to the section (repeatable).")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     (part_fm if args.part == "fm" else part_small)(args, argv, started)
