@@ -283,7 +283,8 @@ def render_fm(args: argparse.Namespace, argv: list[str] | None, started: float, 
             continue
         values = [f[key] for f in frozen]
         diff = points([v - s["accuracy"] for v, s in zip(values, supervised)]) if supervised else ""
-        lines.append(f"| {label} | {summary(values)} | {diff} | | |")
+        seeds = f" (first {len(values)} seed{'s' if len(values) > 1 else ''} only)" if len(values) < len(supervised) else ""
+        lines.append(f"| {label}{seeds} | {summary(values)} | {diff} | | |")
     extra = CACHE / "cells" / "frozen112-fm-u5000-s0.json"  # the same baselines on our rows' 112 px features
     if extra.is_file() and supervised:
         row = json.loads(extra.read_text())
@@ -301,7 +302,8 @@ def render_fm(args: argparse.Namespace, argv: list[str] | None, started: float, 
                      f"{semi_text(runs[0])} |")
     commands = "\n".join(f"- {name}: `{runs[0]['command']}`" for name, runs in cells.items())
     loads = "; ".join(f"{name}: {runs[0]['load']}" for name, runs in cells.items())
-    best = max((n for n in cells if "supervised" not in n), key=lambda n: statistics.mean(r["accuracy"] for r in cells[n]),
+    best = max((n for n in cells if "supervised" not in n and len(cells[n]) == most),  # same seeds: comparable means
+               key=lambda n: statistics.mean(r["accuracy"] for r in cells[n]),
                default=None)
     verdict = ""
     if best and supervised:
@@ -324,10 +326,12 @@ def render_fm(args: argparse.Namespace, argv: list[str] | None, started: float, 
     if missing:
         verdict += f"- Not measured yet (no machine time before the deadline): {'; '.join(missing)}.\n"
     if frozen and cells.get("finetune + consistency"):
-        lr = statistics.mean(f["logistic_regression"] for f in frozen)
-        ours = statistics.mean(r["accuracy"] for r in cells["finetune + consistency"])
+        pairs = list(zip(cells["finetune + consistency"], frozen))  # the seeds both have
+        lr = statistics.mean(f["logistic_regression"] for _, f in pairs)
+        ours = statistics.mean(r["accuracy"] for r, _ in pairs)
         verdict += (f"- finetune + consistency at 112 px vs the frozen 224 px logistic regression on the labels: "
-                    f"{(ours - lr) * 100:+.1f} points (supervised finetune at 112 px is below that probe).\n")
+                    f"{(ours - lr) * 100:+.1f} points on the {len(pairs)} seed(s) both were run on (supervised finetune "
+                    "at 112 px is below that probe).\n")
     body = "\n".join(lines) + (
         f"\n\nFashion-MNIST: 20 labelled training images per class (seeded), {args.pool} other training images as "
         f"`--unlabelled` (their labels only in `--unlabelled-labels`, for the pseudo-label accuracy), 2,000 test "
