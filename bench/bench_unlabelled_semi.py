@@ -194,6 +194,11 @@ def pseudo_accuracy(row: dict) -> str:
     return f", pseudo acc {value:.3f}" if value is not None else ""
 
 
+def fewer_seeds(count: int, most: int) -> str:
+    """" (first 2 seeds only)" for a row measured on fewer seeds than the table's fullest row, else nothing."""
+    return f" (first {count} seed{'s' if count > 1 else ''} only)" if count < most else ""
+
+
 def semi_text(cell: dict) -> str:
     rounds = cell["semi"].get("rounds") or []
     if not rounds:
@@ -283,8 +288,7 @@ def render_fm(args: argparse.Namespace, argv: list[str] | None, started: float, 
             continue
         values = [f[key] for f in frozen]
         diff = points([v - s["accuracy"] for v, s in zip(values, supervised)]) if supervised else ""
-        seeds = f" (first {len(values)} seed{'s' if len(values) > 1 else ''} only)" if len(values) < len(supervised) else ""
-        lines.append(f"| {label}{seeds} | {summary(values)} | {diff} | | |")
+        lines.append(f"| {label}{fewer_seeds(len(values), len(supervised))} | {summary(values)} | {diff} | | |")
     extra = CACHE / "cells" / "frozen112-fm-u5000-s0.json"  # the same baselines on our rows' 112 px features
     if extra.is_file() and supervised:
         row = json.loads(extra.read_text())
@@ -297,8 +301,7 @@ def render_fm(args: argparse.Namespace, argv: list[str] | None, started: float, 
         values = [r["accuracy"] for r in runs]
         diff = points([r["accuracy"] - s["accuracy"] for r, s in zip(runs, supervised)]) if supervised else ""
         wall = summary([r["wall_seconds"] for r in runs], ".0f")
-        seeds = f" (first {len(runs)} seed{'s' if len(runs) > 1 else ''} only)" if len(runs) < most else ""
-        lines.append(f"| {name}{seeds} | {summary(values)} | {'' if 'supervised' in name else diff} | {wall} | "
+        lines.append(f"| {name}{fewer_seeds(len(runs), most)} | {summary(values)} | {'' if 'supervised' in name else diff} | {wall} | "
                      f"{semi_text(runs[0])} |")
     commands = "\n".join(f"- {name}: `{runs[0]['command']}`" for name, runs in cells.items())
     loads = "; ".join(f"{name}: {runs[0]['load']}" for name, runs in cells.items())

@@ -214,11 +214,11 @@ def score_model(model: TransferModel, strategy: Strategy, splits: DataSplits, co
     """(split name, report) on the test split, or the validation split when there is no test split."""
     from transferkit.inference import evaluate_features, evaluate_model
 
-    eval_split, data = ("test", splits.test) if splits.test is not None and len(splits.test) else ("val", splits.val)
-    if context.cv is not None and eval_split != "test":  # scored out of fold, on every labelled item
+    if context.scored_out_of_fold():  # on every labelled item
         from transferkit.evaluation.crossfit import cv_report
 
         return "cv", cv_report(context.cv, splits.train)
+    eval_split, data = ("test", splits.test) if splits.test is not None and len(splits.test) else ("val", splits.val)
     batch_size = max(32, train.batch_size)
     if model.tasks[0].kind != "classify":  # regression first (--task size:regress ...): scored by the task metrics
         from transferkit.tasks.extension import first_task_report

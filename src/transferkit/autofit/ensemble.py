@@ -70,9 +70,9 @@ def paired_standard_error(labels: np.ndarray, first: np.ndarray, second: np.ndar
 def preferred_start(oof: dict[str, np.ndarray], labels: np.ndarray, prior: dict[str, int]) -> tuple[str, str]:
     """(the candidate to build the final model on, the one with the best out-of-fold accuracy). The first is the
     second, unless candidates with a stronger ``prior`` (a preference measured on benchmarks) are within one paired
-    standard error of it; then the one with the strongest prior among those (ties: the better accuracy). With a few dozen labels, cross-validation cannot tell
-    most candidates apart and its maximum is mostly noise; a measured prior is the better guess there, while a
-    difference that cross-validation does resolve still decides."""
+    standard error of it; then the one with the strongest prior among those (ties: the better accuracy). With a few
+    dozen labels, cross-validation cannot tell most candidates apart and its maximum is mostly noise; a measured prior
+    is the better guess there, while a difference that cross-validation does resolve still decides."""
     def rank(n: str) -> tuple[float, float]:
         return accuracy(labels, oof[n]), -log_loss(labels, oof[n])
 

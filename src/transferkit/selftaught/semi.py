@@ -445,6 +445,6 @@ class SemiExtension(FitExtension):
     # --- after training ----------------------------------------------------------------------------------
     def metrics(self, context: RunContext, model: TransferModel) -> dict[str, Any]:
         metrics: dict[str, Any] = {"semi": dict(self.summary)}
-        if context.cv is not None and not (context.splits.test is not None and len(context.splits.test)):
+        if context.scored_out_of_fold():
             metrics["caveats"] = [CV_CAVEAT]
         return metrics
