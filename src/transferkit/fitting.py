@@ -218,7 +218,7 @@ def score_model(model: TransferModel, strategy: Strategy, splits: DataSplits, co
         from transferkit.evaluation.crossfit import cv_report
 
         return "cv", cv_report(context.cv, splits.train)
-    eval_split, data = ("test", splits.test) if splits.test is not None and len(splits.test) else ("val", splits.val)
+    eval_split, data = splits.scoring_split()
     batch_size = max(32, train.batch_size)
     if model.tasks[0].kind != "classify":  # regression first (--task size:regress ...): scored by the task metrics
         from transferkit.tasks.extension import first_task_report

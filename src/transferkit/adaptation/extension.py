@@ -217,7 +217,7 @@ class AdaptationExtension(FitExtension):
         result = strategy.train(baseline, baseline_context)
         save_model(baseline, folder / "model", strategy.to_dict(), extra={"data": context.splits.source,
                                                                               "role": "source-only baseline"})
-        test = context.splits.test if context.splits.test is not None and len(context.splits.test) else None
+        test = context.splits.test if context.splits.has_test() else None
         report = evaluate_model(baseline, test, batch_size=max(32, context.train.batch_size)) if test else {}
         info = {"source_test_accuracy": report.get("accuracy"), "best_epoch": result.best_epoch,
                 "train_seconds": round(time.perf_counter() - started, 3), "notes": baseline_context.notes}

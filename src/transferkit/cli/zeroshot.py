@@ -100,7 +100,7 @@ def run_prompt(args: argparse.Namespace) -> int:
         raise TransferkitError(f"--labels gives {len(names)} names for {len(splits.class_names)} classes",
                                f"give one per class, in this order: {', '.join(splits.class_names)}")
     lm = load_causal_lm(args.lm)
-    test = splits.test if splits.test is not None and len(splits.test) else splits.val
+    test = splits.scoring_split()[1]
     texts = list(args.input) if args.input else [test.items[i] for i in range(len(test))]
     results = evaluate_prompting(lm, PromptBuilder(names, args.instruction), splits.train, texts, args.shots or [0],
                                  args.seed, labels=None if args.input else test.labels,

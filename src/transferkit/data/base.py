@@ -187,5 +187,15 @@ class DataSplits:
     def modality(self) -> str:
         return self.train.modality
 
+    def has_test(self) -> bool:
+        """True when there is a test split with at least one item."""
+        return self.scoring_split()[0] == "test"
+
+    def scoring_split(self) -> tuple[str, LabeledData]:
+        """(name, data) of the split a model is scored on: the test split when it has items, else validation."""
+        if self.test is not None and len(self.test):
+            return "test", self.test
+        return "val", self.val
+
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test) if self.test else 0}

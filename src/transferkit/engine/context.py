@@ -68,7 +68,7 @@ class RunContext:
     def scored_out_of_fold(self) -> bool:
         """True when the run's ``accuracy`` is the cross-validation out-of-fold estimate: ``--protocol cv`` ran and
         there is no test split to score the final model on."""
-        return self.cv is not None and not (self.splits.test is not None and len(self.splits.test))
+        return self.cv is not None and not self.splits.has_test()
 
     def checkpoint_is_fresh(self) -> bool:
         """True unless an engine checkpoint exists (a resumed run must not redo one-off initialisations)."""

@@ -244,7 +244,7 @@ def evaluation_data(metrics: dict[str, Any]) -> Any:
                        limit_per_class=fit.get("limit_per_class"), seed=metrics["config"]["train"]["seed"],
                        val_fraction=fit.get("val_fraction", 0.15), test_fraction=fit.get("test_fraction", 0.2),
                        test_limit=fit.get("test_limit"))
-    return splits.test if splits.test is not None and len(splits.test) else splits.val
+    return splits.scoring_split()[1]
 
 
 def _predict_with_features(module: Any, data: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -238,7 +238,7 @@ class TasksExtension(FitExtension):
         """Per-task test metrics. Quantile intervals are first calibrated on the validation split (this runs after
         training and before the model is saved, so the saved heads carry the correction)."""
         splits = context.splits
-        split, data = ("test", splits.test) if splits.test is not None and len(splits.test) else ("val", splits.val)
+        split, data = splits.scoring_split()
         batch_size = max(32, context.train.batch_size)
         calibration = {}
         if self.config.calibrate_intervals and any(t.kind == "quantile" for t in model.tasks):
