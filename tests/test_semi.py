@@ -109,6 +109,21 @@ def test_consistency_loss_is_zero_on_identical_views_and_has_fixmatch_gradient()
     assert torch.allclose(strong.grad, fixmatch.grad) and float(loss) > 0
 
 
+def test_consistency_schedule_has_a_step_floor_capped_by_passes():
+    from transferkit.selftaught.consistency import MIN_STEPS, consistency_epochs
+
+    # 100 labels, batch 32 (4 steps an epoch), 2,000 unlabelled, 64 a step: 2 passes would be 16 epochs (64 steps);
+    # the default raises it towards MIN_STEPS but stops at 4 passes (32 epochs, 128 steps).
+    assert consistency_epochs(100, 2000, 32, 2, passes=2) == 16
+    assert consistency_epochs(100, 2000, 32, 2) == 32
+    # 200 labels (7 steps an epoch) and 5,000 unlabelled: 2 passes are already >= MIN_STEPS, left as they were.
+    assert consistency_epochs(200, 5000, 32, 2) == consistency_epochs(200, 5000, 32, 2, passes=2) == 23
+    assert MIN_STEPS <= 23 * 7
+    # a big pool needs no floor; a tiny one is capped by passes, so small runs stay small
+    assert consistency_epochs(100, 20000, 32, 2) == consistency_epochs(100, 20000, 32, 2, passes=2)
+    assert consistency_epochs(16, 20, 8, 2) == consistency_epochs(16, 20, 8, 2, passes=4) == 3
+
+
 def test_consistency_run_records_acceptance_per_epoch(tmp_path, isolated_cache, capsys):
     out = _semi_fit(tmp_path, 16, "--semi", "consistency", "--semi-threshold", "0.5", "--semi-epochs", "1")
     metrics = json.loads((out / "metrics.json").read_text())

@@ -155,8 +155,23 @@ class ConsistencyObjective(Objective):
         return rows
 
 
-def consistency_epochs(n_labelled: int, n_unlabelled: int, batch_size: int, ratio: int, passes: float) -> int:
+#: Default consistency schedule: 2 passes over the unlabelled pool, lengthened (up to 4 passes) to at least 160
+#: optimiser steps. With 10 labels per class a pass is only ~32 steps, and FixMatch needs steps, not passes, to move
+#: the representation: on 100 labelled + 2,000 unlabelled Fashion-MNIST images, 4 passes (128 steps) scored +2.6
+#: points over 2 passes (64 steps); on 200 labelled + 5,000 unlabelled, 2 passes are already ~160 steps.
+DEFAULT_PASSES, MAX_PASSES, MIN_STEPS = 2.0, 4.0, 160
+
+
+def consistency_epochs(n_labelled: int, n_unlabelled: int, batch_size: int, ratio: int,
+                       passes: float | None = None) -> int:
     """Epochs (over the labelled items) in which the unlabelled pool is drawn ``passes`` times, with ``ratio x
-    batch_size`` unlabelled items next to each labelled batch."""
+    batch_size`` unlabelled items next to each labelled batch. ``passes=None`` is the default schedule:
+    ``DEFAULT_PASSES``, raised towards ``MIN_STEPS`` optimiser steps but never beyond ``MAX_PASSES``."""
     steps_per_epoch = max(1, math.ceil(n_labelled / batch_size))
-    return max(1, math.ceil(passes * n_unlabelled / (steps_per_epoch * ratio * batch_size)))
+
+    def epochs_for(p: float) -> int:
+        return max(1, math.ceil(p * n_unlabelled / (steps_per_epoch * ratio * batch_size)))
+
+    if passes is not None:
+        return epochs_for(passes)
+    return max(epochs_for(DEFAULT_PASSES), min(math.ceil(MIN_STEPS / steps_per_epoch), epochs_for(MAX_PASSES)))
