@@ -157,8 +157,9 @@ class ConsistencyObjective(Objective):
 
 #: Default consistency schedule: 2 passes over the unlabelled pool, lengthened (up to 4 passes) to at least 160
 #: optimiser steps. With 10 labels per class a pass is only ~32 steps, and FixMatch needs steps, not passes, to move
-#: the representation: on 100 labelled + 2,000 unlabelled Fashion-MNIST images, 4 passes (128 steps) scored +2.6
-#: points over 2 passes (64 steps); on 200 labelled + 5,000 unlabelled, 2 passes are already ~160 steps.
+#: the representation: on 100 labelled + 2,000 unlabelled Fashion-MNIST images (224 px, 3 seeds), 4 passes (128
+#: steps) scored +1.9 points over 2 passes (64 steps; +2.6, +1.9, +1.1 per seed), 0.805 against 0.768 for logistic
+#: regression on frozen features; on 200 labelled + 5,000 unlabelled, 2 passes are already 161 steps.
 DEFAULT_PASSES, MAX_PASSES, MIN_STEPS = 2.0, 4.0, 160
 
 
