@@ -63,6 +63,22 @@ def test_hdbscan_recovers_three_blobs():
     assert kept.mean() > 0.9 and adjusted_rand_score(truth[kept], result.labels_[kept]) > 0.95
 
 
+def test_smoothing_averages_each_item_with_its_neighbours_and_k_auto_reads_the_embeddings():
+    from transferkit.selftaught.cluster import l2_normalise, smooth_features
+
+    points = l2_normalise(np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.2, 0.8]]))
+    assert np.array_equal(smooth_features(points, 0), points)
+    smoothed = smooth_features(points, 1)  # each point and its one nearest neighbour, re-normalised
+    assert np.allclose(smoothed[0], l2_normalise((points[0] + points[1])[None])[0])
+    assert np.allclose(smoothed[4], l2_normalise((points[4] + points[3])[None])[0])
+    assert np.allclose(np.linalg.norm(smoothed, axis=1), 1.0)
+    assert np.allclose(smooth_features(points, 50), l2_normalise(points.sum(0, keepdims=True)))  # capped at n - 1
+    x, truth = _blobs()
+    plain, smooth = cluster_features(x, k=None, smooth=0), cluster_features(x, k=None)
+    assert plain.scores_ == smooth.scores_ and smooth.k_ == 3  # k is chosen before smoothing
+    assert not np.allclose(plain.centres_, smooth.centres_)  # the clustering itself ran on smoothed embeddings
+
+
 def _colour_folder(root, per: int = 8) -> list[tuple[str, str]]:
     """Tiny noisy images of three grey levels in nested folders; returns (item, colour) pairs."""
     rng = np.random.default_rng(0)

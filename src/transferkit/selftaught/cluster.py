@@ -18,6 +18,15 @@ modularity chose 10 on 2,000 Fashion-MNIST training images and 12 on 2,000 MNIST
 candidates to the class count (the knee of the inertia curve: 8 and 8; bench/k_criteria.py). Every k's
 modularity is written to ``metrics.json``.
 
+``--smooth N`` (default 10; 0 = off): before clustering, each embedding is replaced by the mean of itself and its N
+nearest neighbours, re-normalised: one step of feature propagation on the k-nearest-neighbour graph
+(``X <- normalise(D^-1 (A + I) X)``, as in SGC, Wu et al. 2019). Neighbours in a pretrained embedding mostly share
+a class, so averaging pulls each item towards its group and away from the boundary; k-means then sees tighter
+groups. Measured (k-means, k = 10, EfficientNet-Lite0 224 px, 2,000 items, 3 seeds; NMI before -> after):
+Fashion-MNIST test images 0.670 -> 0.683, training images 0.661 -> 0.677, MNIST digits 0.478 -> 0.572. ARI rose on
+MNIST (0.35 -> 0.44) and fell on Fashion-MNIST (0.57 -> 0.54). N = 10 is the neighbourhood ``--k auto`` uses, not
+tuned per dataset (N = 5 and 20 were within 0.012 NMI of it); ``python -m bench.k_criteria --normalise``.
+
 ``--method spectral``: spectral clustering (Ng, Jordan & Weiss 2002; scikit-learn ``SpectralClustering``) on the
 same 10-nearest-neighbour graph, k given or chosen as above.
 """
@@ -64,6 +73,8 @@ class ClusterConfig:
                                                     "spectral (scikit-learn SpectralClustering on the "
                                                     "10-nearest-neighbour graph) or hdbscan (scikit-learn "
                                                     "HDBSCAN; -1 = noise)."})
+    smooth: int = field(default=NEIGHBOURS, metadata={"help": "Average each embedding with its N nearest "
+                        "neighbours before clustering (one step of kNN-graph feature propagation); 0 = off."})
     min_cluster_size: int | None = field(default=None, metadata={"help": "HDBSCAN's smallest cluster (default: "
                                          "max(5, n/100))."})
     backbone: str | None = field(default=None, metadata={"help": "Registry name or a `transferkit pretrain` "
@@ -92,6 +103,7 @@ class ClusterConfig:
         self.k_value()
         check_count("--examples", self.examples, 1, 100)
         check_count("--batch-size", self.batch_size, 1)
+        check_count("--smooth", self.smooth, 0, 100)
         if self.min_cluster_size is not None:
             check_count("--min-cluster-size", self.min_cluster_size, 2)
         if self.labels is not None and not Path(self.labels).is_file():
@@ -124,6 +136,19 @@ class Clustering:
 def l2_normalise(features: np.ndarray) -> np.ndarray:
     x = np.asarray(features, dtype=np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def smooth_features(x: np.ndarray, neighbours: int = NEIGHBOURS) -> np.ndarray:
+    """``normalise((x_i + sum of x_j over i's ``neighbours`` nearest neighbours) / (neighbours + 1))`` for every row
+    of the L2-normalised ``x``: one step of kNN-graph feature propagation. ``neighbours=0`` returns ``x``."""
+    from sklearn.neighbors import NearestNeighbors
+
+    neighbours = min(neighbours, len(x) - 1)
+    if neighbours < 1:
+        return x
+    _, index = NearestNeighbors(n_neighbors=neighbours + 1).fit(x).kneighbors(x)
+    others = x[index[:, 1:]].sum(1)  # column 0 is the item itself (or an identical copy)
+    return l2_normalise(x + others)
 
 
 def _kmeans(x: np.ndarray, k: int, seed: int):
@@ -174,9 +199,12 @@ def choose_k(x: np.ndarray, seed: int = 0, k_max: int = K_AUTO_MAX,
 
 
 def cluster_features(features: np.ndarray, k: int | None = None, method: str = "kmeans", seed: int = 0,
-                     min_cluster_size: int | None = None) -> Clustering:
-    """Cluster embeddings (rows of ``features``; L2-normalised here). ``k=None``: chosen by :func:`choose_k`."""
-    x = l2_normalise(features)
+                     min_cluster_size: int | None = None, smooth: int = NEIGHBOURS) -> Clustering:
+    """Cluster embeddings (rows of ``features``; L2-normalised, then averaged with their ``smooth`` nearest
+    neighbours by :func:`smooth_features`). ``k=None``: chosen by :func:`choose_k` on the embeddings before
+    smoothing (where the criterion was measured)."""
+    embeddings = l2_normalise(features)
+    x = smooth_features(embeddings, smooth)
     n = len(x)
     if method not in METHODS:
         raise TransferkitError(f"invalid method '{method}'", f"choose one of {', '.join(METHODS)}")
@@ -191,7 +219,7 @@ def cluster_features(features: np.ndarray, k: int | None = None, method: str = "
         return _with_centres(x, labels, method, f"HDBSCAN min_cluster_size={size} (k found by density; -1 = noise)")
     scores: dict[int, float] = {}
     if k is None:
-        k, scores = choose_k(x, seed)
+        k, scores = choose_k(embeddings, seed)
         criterion = (f"modularity of k-means on the {NEIGHBOURS}-nearest-neighbour graph for k=2..{max(scores)} on "
                      f"{min(n, K_AUTO_SAMPLE)} seeded items; best k={k}")
     else:
@@ -415,11 +443,12 @@ def run_cluster(config: ClusterConfig, data: LabeledData | None = None) -> Clust
     features = extract_features(backbone, data, batch_size=config.batch_size,
                                 cache_dir=config.cache_dir or default_cache_dir(), progress=config.progress)
     clustering = cluster_features(features, k if config.method != "hdbscan" else None, config.method, config.seed,
-                                  config.min_cluster_size)
+                                  config.min_cluster_size, config.smooth)
     sizes = {int(c): int((clustering.labels_ == c).sum()) for c in sorted(set(clustering.labels_.tolist()))}
     metrics: dict[str, Any] = {
         "data": config.data, "items": len(data), "modality": data.modality, "backbone": name,
-        "method": config.method, "k": clustering.k_, "k_requested": config.k if config.method != "hdbscan" else None,
+        "method": config.method, "smooth": config.smooth, "k": clustering.k_,
+        "k_requested": config.k if config.method != "hdbscan" else None,
         "criterion": clustering.criterion,
         "modularity_by_k": {str(k): round(s, 6) for k, s in clustering.scores_.items()},
         "cluster_sizes": {str(c): s for c, s in sizes.items()}, "noise": sizes.get(-1, 0), "seed": config.seed,
