@@ -31,6 +31,16 @@ def features(which: str) -> tuple[np.ndarray, np.ndarray]:
     from transferkit.data.builtin import builtin_arrays
     from transferkit.engine.features import extract_features
 
+    if which == "tweets":  # 300 tweets of each of the 6 topics (labels: the topic), MiniLM embeddings
+        from transferkit.data.builtin import TWEET_TOPICS, _tweets_table
+
+        texts, _, _, topic = _tweets_table()
+        rng = np.random.default_rng(123)
+        chosen = np.concatenate([rng.choice(np.flatnonzero(topic == t), 300, replace=False) for t in TWEET_TOPICS if t != "other"])
+        data = LabeledData(items=[texts[i] for i in chosen], labels=np.zeros(len(chosen), dtype=np.int64),
+                           class_names=["?"], modality="text", ids=[f"tweets/{i}" for i in chosen], name=which)
+        x = extract_features(create_backbone("minilm"), data, cache_dir=CACHE / "features", progress=False)
+        return x, topic[chosen].astype(str)
     if which == "fmtest":  # the clustering benchmark's 2,000 Fashion-MNIST test images (bench_unlabelled)
         from bench.bench_unlabelled import truth_of, write_images
         from transferkit.data import load_unlabelled
@@ -127,22 +137,23 @@ def normalisations(x: np.ndarray, y: np.ndarray) -> dict[str, list[float]]:
 
 
 def smoothing(x: np.ndarray, y: np.ndarray) -> dict[str, tuple[list[float], list[float]]]:
-    """NMI and ARI (seeds 0-2) of k-means (k = 10) on L2-normalised features and after `cluster --smooth N`
-    (each embedding averaged with its N nearest neighbours), and of spectral clustering before / after."""
+    """NMI and ARI (seeds 0-2) of k-means (k = the number of classes) on L2-normalised features and after
+    `cluster --smooth N` (each embedding averaged with its N nearest neighbours), and of spectral clustering before /
+    after."""
     from sklearn.cluster import KMeans, SpectralClustering
     from sklearn.metrics import adjusted_rand_score as ari
     from sklearn.metrics import normalized_mutual_info_score as nmi
 
     from transferkit.selftaught.cluster import neighbour_graph, smooth_features
 
-    xl = l2(x)
+    xl, k = l2(x), len(np.unique(y))
     variants = {"raw (bare)": x, "l2": xl, **{f"smooth {n}": smooth_features(xl, n) for n in (5, 10, 20)}}
     result = {}
     for name, v in variants.items():
-        labels = [KMeans(10, n_init=10, random_state=s).fit(v).labels_ for s in (0, 1, 2)]
+        labels = [KMeans(k, n_init=10, random_state=s).fit(v).labels_ for s in (0, 1, 2)]
         result[name] = ([nmi(y, p) for p in labels], [ari(y, p) for p in labels])
     for name in ("l2", "smooth 10"):
-        p = SpectralClustering(10, affinity="precomputed_nearest_neighbors", random_state=0, n_init=10,
+        p = SpectralClustering(k, affinity="precomputed_nearest_neighbors", random_state=0, n_init=10,
                                assign_labels="kmeans").fit(neighbour_graph(variants[name])).labels_
         result[f"spectral, {name}"] = ([nmi(y, p)], [ari(y, p)])
     return result
@@ -152,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     from threadpoolctl import threadpool_limits
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sets", nargs="+", default=["fmtrain", "mnist"], choices=["fmtest", "fmtrain", "mnist"])
+    parser.add_argument("--sets", nargs="+", default=["fmtrain", "mnist"], choices=["fmtest", "fmtrain", "mnist", "tweets"])
     parser.add_argument("--normalise", action="store_true")
     parser.add_argument("--smooth", action="store_true", help="k-means NMI / ARI before and after --smooth N.")
     args = parser.parse_args(argv)
