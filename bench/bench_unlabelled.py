@@ -67,6 +67,20 @@ def truth_of(labels_csv: Path) -> tuple[list[str], list[str]]:
     return [line.split(",")[0] for line in lines], [line.split(",")[1] for line in lines]
 
 
+def benchmark_features(folder: Path, items: list[str], backbone: str = "efficientnet_lite0",
+                       **options: object) -> np.ndarray:
+    """Cached features of the images in ``folder``, one row per entry of ``items`` (the labels file's order)."""
+    from transferkit.backbones import create_backbone
+    from transferkit.data import load_unlabelled
+    from transferkit.engine.features import extract_features
+
+    data = load_unlabelled(folder)
+    order = {item: i for i, item in enumerate(data.ids)}
+    features = extract_features(create_backbone(backbone, **options), data, cache_dir=CACHE / "features",
+                                progress=False)
+    return features[[order[item] for item in items]]
+
+
 def kmeans_nmi(x: np.ndarray, truth: list[str], seed: int) -> dict[str, float]:
     from sklearn.cluster import KMeans
 
@@ -82,20 +96,14 @@ def selftaught_cluster_section(args: argparse.Namespace, argv: list[str] | None)
     """`cluster --k 10` on the self-taught Fashion-MNIST backbone (pretrained on the 5,000-image pool, which holds no
     test image) vs the bare pipeline (scikit-learn KMeans(10, n_init=10) on the original backbone's features) at
     the self-taught backbone's resolution and at 224 px, on the same 2,000 test images, seeds 0..S-1."""
-    from transferkit.backbones import create_backbone
     from transferkit.cli.main import main as cli
-    from transferkit.data import load_unlabelled
-    from transferkit.engine.features import extract_features
 
     started = time.perf_counter()
     pretrained = pretrain_backbone("fashion")
     size = PROBE_TASKS["fashion"]["image_size"]
     folder, labels_csv = write_images(args.n)
     items, truth = truth_of(labels_csv)
-    data = load_unlabelled(folder)
-    order = {item: i for i, item in enumerate(data.ids)}
-    positions = [order[item] for item in items]
-    rows: dict[str, list[dict]] = {}
+
     def ours(backbone: str, out: Path, s: int) -> dict:
         command = ["cluster", "--data", str(folder), "--out", str(out), "--k", "10", "--labels", str(labels_csv),
                    "--backbone", backbone, "--image-size", str(size), "--seed", str(s), "--cache-dir",
@@ -104,18 +112,20 @@ def selftaught_cluster_section(args: argparse.Namespace, argv: list[str] | None)
         metrics = json.loads((out / "metrics.json").read_text())
         return {"nmi": metrics["nmi"], "ari": metrics["ari"]}
 
-    self_taught = str(CACHE / "backbones" / variant("fashion"))
+    fashion = variant("fashion")
+    self_taught, original = (f"transferkit cluster --k 10, {which} backbone ({size} px)"
+                             for which in ("self-taught", "original"))
+    rows: dict[str, list[dict]] = {self_taught: [], original: []}
     for seed in range(args.seeds):
-        rows.setdefault(f"transferkit cluster --k 10, self-taught backbone ({size} px)", []).append(cached(
-            CACHE, "selftaught-cluster" + ("" if variant("fashion") == "fashion" else f"-{variant('fashion')}") +
-            f"-s{seed}", lambda s=seed: ours(self_taught, CACHE / "runs" / f"selftaught-{variant('fashion')}-k10-s{s}", s)))
-    for seed in range(args.seeds):  # the same command on the original backbone: the self-taught backbone's own share
-        rows.setdefault(ORIGINAL_CLUSTER.format(size=size), []).append(cached(
+        rows[self_taught].append(cached(
+            CACHE, f"selftaught-cluster{'' if fashion == 'fashion' else f'-{fashion}'}-s{seed}",
+            lambda s=seed: ours(str(CACHE / "backbones" / fashion), CACHE / "runs" / f"selftaught-{fashion}-k10-s{s}", s)))
+        # the same command on the original backbone: the self-taught backbone's own share, apart from --smooth
+        rows[original].append(cached(
             CACHE, f"original-cluster-{size}px-s{seed}",
             lambda s=seed: ours("efficientnet_lite0", CACHE / "runs" / f"original-{size}px-k10-s{s}", s)))
     for label, options in ((f"{size} px", {"image_size": size}), ("224 px", {})):
-        features = extract_features(create_backbone("efficientnet_lite0", **options), data,
-                                    cache_dir=CACHE / "features", progress=False)[positions]
+        features = benchmark_features(folder, items, **options)
         for seed in range(args.seeds):
             rows.setdefault(f"bare: original backbone features ({label}) + k-means", []).append(
                 cached(CACHE, f"bare-{label.replace(' ', '')}-s{seed}", lambda s=seed, f=features: kmeans_nmi(f, truth, s)))
@@ -144,7 +154,6 @@ def selftaught_cluster_section(args: argparse.Namespace, argv: list[str] | None)
     write_part(f"Self-taught clustering on the self-taught backbone (Fashion-MNIST{epochs})", argv, started, body)
 
 
-ORIGINAL_CLUSTER = "transferkit cluster --k 10, original backbone ({size} px)"
 SECTIONS = ("cluster", "probe-fashion", "probe-tweets", "cluster-selftaught")
 
 
@@ -195,21 +204,14 @@ def cluster_section(args: argparse.Namespace, argv: list[str] | None) -> None:
         rows["transferkit cluster --k 10"].append(cached(CACHE, f"cluster-k10-s{seed}", lambda s=seed: cluster_cell("10", s)))
         rows["transferkit cluster --k 10 --method spectral"].append(
             cached(CACHE, f"cluster-spectral-k10-s{seed}", lambda s=seed: cluster_cell("10", s, "spectral")))
-    from transferkit.backbones import create_backbone
-    from transferkit.data import load_unlabelled
-    from transferkit.engine.features import extract_features
-
-    data = load_unlabelled(folder)
-    order = {item: i for i, item in enumerate(data.ids)}
-    positions = [order[item] for item in items]
-    features = extract_features(create_backbone("efficientnet_lite0"), data, cache_dir=features_dir, progress=False)
+    features = benchmark_features(folder, items)
     from transferkit.data.images import open_image
 
     pixels = np.stack([np.asarray(open_image(folder / item), np.float32).reshape(-1) / 255.0 for item in items])
     for seed in range(args.seeds):
         rows["raw pixels + k-means"].append(cached(CACHE, f"pixels-s{seed}", lambda s=seed: kmeans_nmi(pixels, truth, s)))
         rows["backbone features + k-means"].append(
-            cached(CACHE, f"features-s{seed}", lambda s=seed: kmeans_nmi(features[positions], truth, s)))
+            cached(CACHE, f"features-s{seed}", lambda s=seed: kmeans_nmi(features, truth, s)))
     # --k auto fits k-means 19 times (k = 2..20): seed 0 only on this CPU budget
     autos = [] if args.no_auto else [cached(CACHE, "cluster-kauto-modularity-s0", lambda: cluster_cell("auto", 0))]
 

@@ -36,21 +36,18 @@ def features(which: str) -> tuple[np.ndarray, np.ndarray]:
 
         texts, _, _, topic = _tweets_table()
         rng = np.random.default_rng(123)
-        chosen = np.concatenate([rng.choice(np.flatnonzero(topic == t), 300, replace=False) for t in TWEET_TOPICS if t != "other"])
+        chosen = np.concatenate([rng.choice(np.flatnonzero(topic == t), 300, replace=False)
+                                 for t in TWEET_TOPICS if t != "other"])
         data = LabeledData(items=[texts[i] for i in chosen], labels=np.zeros(len(chosen), dtype=np.int64),
                            class_names=["?"], modality="text", ids=[f"tweets/{i}" for i in chosen], name=which)
         x = extract_features(create_backbone("minilm"), data, cache_dir=CACHE / "features", progress=False)
         return x, topic[chosen].astype(str)
     if which == "fmtest":  # the clustering benchmark's 2,000 Fashion-MNIST test images (bench_unlabelled)
-        from bench.bench_unlabelled import truth_of, write_images
-        from transferkit.data import load_unlabelled
+        from bench.bench_unlabelled import benchmark_features, truth_of, write_images
 
         folder, labels_csv = write_images(2000)
         items, truth = truth_of(labels_csv)
-        data = load_unlabelled(folder)
-        order = {item: i for i, item in enumerate(data.ids)}
-        x = extract_features(create_backbone("efficientnet_lite0"), data, cache_dir=CACHE / "features", progress=False)
-        return x[[order[item] for item in items]], np.asarray(truth)
+        return benchmark_features(folder, items), np.asarray(truth)
     name = {"fmtrain": "fashion-mnist", "mnist": "mnist-5k"}[which]
     images, labels, class_names, test_index = builtin_arrays(name)
     pool = np.arange(len(labels)) if test_index is None else np.setdiff1d(np.arange(len(labels)), test_index)
@@ -163,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     from threadpoolctl import threadpool_limits
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sets", nargs="+", default=["fmtrain", "mnist"], choices=["fmtest", "fmtrain", "mnist", "tweets"])
+    parser.add_argument("--sets", nargs="+", default=["fmtrain", "mnist"],
+                        choices=["fmtest", "fmtrain", "mnist", "tweets"])
     parser.add_argument("--normalise", action="store_true")
     parser.add_argument("--smooth", action="store_true", help="k-means NMI / ARI before and after --smooth N.")
     args = parser.parse_args(argv)

@@ -146,9 +146,8 @@ def smooth_features(x: np.ndarray, neighbours: int = NEIGHBOURS) -> np.ndarray:
     neighbours = min(neighbours, len(x) - 1)
     if neighbours < 1:
         return x
-    _, index = NearestNeighbors(n_neighbors=neighbours + 1).fit(x).kneighbors(x)
-    others = x[index[:, 1:]].sum(1)  # column 0 is the item itself (or an identical copy)
-    return l2_normalise(x + others)
+    _, index = NearestNeighbors(n_neighbors=neighbours).fit(x).kneighbors()  # no query: each item's own row excluded
+    return l2_normalise(x + x[index].sum(1))
 
 
 def _kmeans(x: np.ndarray, k: int, seed: int):
