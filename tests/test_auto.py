@@ -291,6 +291,36 @@ def test_image_space_tries_native_probes_then_top_block_lp_ft_with_fewer_folds()
     assert all(c.options["probe_c"] == 1.0 and c.folds is None for c in space if c.kind == "features")
     assert all(c.folds == TRAIN_FOLDS for c in space if c.kind == "train")
     assert all(c.folds == TRAIN_FOLDS for c in default_space("text") if c.kind == "train")
+    # the committee: the final-layer and multi-stage probes at each backbone's own resolution, nothing else
+    assert [c.name for c in space if c.committee] == names[1:7]
+    assert not any(c.committee for c in default_space("text"))
+
+
+def test_committee_averages_its_members_unless_the_best_beats_it_beyond_the_paired_error():
+    from transferkit.autofit.ensemble import accuracy, committee
+
+    rng = np.random.default_rng(0)
+    n = 200
+    labels = rng.integers(0, 3, n)
+
+    def member(correct_share: float) -> np.ndarray:
+        """Probabilities right on a random ``correct_share`` of the items (confident, 0.6 vs 0.2)."""
+        right = rng.random(n) < correct_share
+        p = np.full((n, 3), 0.2)
+        p[np.arange(n), np.where(right, labels, (labels + 1) % 3)] = 0.6
+        return p
+
+    oof = {f"m{i}": member(0.75) for i in range(4)}
+    oof["best"] = member(0.8)
+    weights = committee(oof, labels, ["m0", "m1", "m2", "m3"], "best", max_members=6)
+    assert weights == {f"m{i}": 0.25 for i in range(4)}  # independent errors: the average beats every member
+    assert accuracy(labels, sum(oof[m] for m in weights) / 4) > accuracy(labels, oof["best"]) - 0.05
+    capped = committee(oof, labels, ["m0", "m1", "m2", "m3"], "best", max_members=2)
+    ranked = sorted(["m0", "m1", "m2", "m3"], key=lambda m: -accuracy(labels, oof[m]))
+    assert capped == {ranked[0]: 0.5, ranked[1]: 0.5}  # the members with the best out-of-fold accuracy
+    oof["clearly better"] = np.eye(3)[labels] * 0.9 + 0.05  # right on every item
+    assert committee(oof, labels, ["m0", "m1", "m2", "m3"], "clearly better", max_members=6) == {}
+    assert committee(oof, labels, ["m0", "missing"], "best", max_members=6) == {}  # fewer than two finished
 
 
 def test_multi_stage_probe_refit_saves_and_loads_as_an_ordinary_model(folder, tmp_path):

@@ -11,8 +11,10 @@
    Racing, a form of successive halving: after each fold a trained candidate whose accuracy on the items validated so
    far trails the leader's out-of-fold accuracy on the same items by more than one binomial standard error is
    stopped; so is one whose next epoch (as long as its last) or remaining folds would not fit the budget.
-3. The final model is the best candidate or a greedy ensemble of several (``autofit.ensemble``) when that lowers the
-   out-of-fold cross-entropy without lowering out-of-fold accuracy, refit on all labelled items.
+3. The final model is the committee (the probes of every backbone at its own resolution, averaged with equal
+   weights: no selection) unless the best candidate beats it by more than one paired standard error; then the best
+   candidate or a greedy ensemble of several (``autofit.ensemble``) when that lowers the out-of-fold cross-entropy
+   without lowering out-of-fold accuracy. The final model is refit on all labelled items.
 
 The output is an ordinary run folder (``model/``, ``metrics.json`` with ``accuracy_split: "cv"``) plus
 ``leaderboard.json`` / ``leaderboard.md``. Finished candidates are stored atomically in the staging folder, so an
@@ -33,6 +35,7 @@ import numpy as np
 from transferkit.autofit.ensemble import (
     accuracy,
     combine,
+    committee,
     log_loss,
     preferred_start,
     save_ensemble,
@@ -80,7 +83,8 @@ class AutoConfig:
     strategies: list[str] | None = field(default=None, metadata={"help": "Restrict the search to these strategies."})
     folds: int | None = field(default=None, metadata={"help": "k of the k-fold cross-validation (default: "
                                                        "min(5, size of the smallest class))."})
-    max_ensemble: int = field(default=5, metadata={"help": "Most members of the final ensemble (1: no ensemble)."})
+    max_ensemble: int = field(default=6, metadata={"help": "Most members of the final ensemble (1: no ensemble; 6 "
+                                                     "holds the committee of EfficientNet-Lite0/1/2 probes)."})
     cache_dir: str | None = field(default=None, metadata={"help": "Feature cache (default ~/.cache/transferkit)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a finished auto folder at --out."})
     resume: bool = field(default=False, metadata={"help": "Continue an interrupted auto, keeping finished candidates."})
@@ -489,7 +493,13 @@ class AutoSearch:
             self.log("%s (CV %.4f) is within one paired standard error of the best, %s (CV %.4f), and preferred on "
                      "benchmarks: the final model builds on it", start, variants[start]["oof_accuracy"], best,
                      variants[best]["oof_accuracy"])
-        weights = select_ensemble(oof, self.data.labels, self.config.max_ensemble, start=start)
+        weights = committee(oof, self.data.labels, self.committee_members(variants), best, self.config.max_ensemble)
+        if weights:
+            self.log("the committee of %d probes (CV %.4f) is within one paired standard error of the best candidate, "
+                     "%s (CV %.4f): the final model averages them", len(weights),
+                     accuracy(self.data.labels, combine(oof, weights)), best, variants[best]["oof_accuracy"])
+        else:
+            weights = select_ensemble(oof, self.data.labels, self.config.max_ensemble, start=start)
         affordable = self.clock.budget * 1.02 - self.clock.elapsed() - WRITE_SECONDS
         refits = {}
         for name in sorted(weights, key=lambda n: -weights[n]):
@@ -502,6 +512,16 @@ class AutoSearch:
             weights = {n: w / total for n, w in kept.items()}
             self.log("ensemble reduced to %d members to fit the budget", len(weights))
         return weights, combine(oof, weights)
+
+    def committee_members(self, variants: dict[str, dict[str, Any]]) -> list[str]:
+        """The finished variants of the committee candidates (``Candidate.committee``), each with flip TTA when it
+        was scored with it (its training saw the mirror images too)."""
+        members = {c.slug for c in self.space if c.committee}
+        chosen: dict[str, str] = {}
+        for name, variant in variants.items():
+            if variant["candidate"] in members and (variant["tta"] or variant["candidate"] not in chosen):
+                chosen[variant["candidate"]] = name
+        return list(chosen.values())
 
     def refit(self, name: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         """The final model of one variant, trained on every labelled item."""

@@ -39,6 +39,9 @@ class Candidate:
     #: preference measured on benchmarks (higher: preferred) that decides between candidates whose cross-validated
     #: accuracies are within one paired standard error of the best (autofit.ensemble.preferred_start); 0 = none
     prior: int = 0
+    #: member of the committee (autofit.ensemble.committee): the candidates averaged without selection when selecting
+    #: among all of them on the out-of-fold predictions would not be better by more than its own noise
+    committee: bool = False
 
     @property
     def name(self) -> str:
@@ -70,8 +73,9 @@ def image_space(backbones: list[str] | None = None, sizes: list[int] | None = No
     """The image search space, in the order it is tried: the cheapest probe (a result early, even on a slow machine),
     the probe of every backbone at its own resolution (the strongest cheap candidates), the first trained candidate
     (LP-FT), the probes at 3/4 resolution, then the other trained candidates. Each EfficientNet also gets a
-    multi-stage probe at its own resolution (:data:`POOL_STAGES`), after the final-layer probes. The probe's C is fixed
-    at 1 (cross-validated C in {0.1, 1, 10} gained nothing on Fashion-MNIST 20/class: bench/results/auto_fashion.md)."""
+    multi-stage probe at its own resolution (:data:`POOL_STAGES`), after the final-layer probes. The final-layer and
+    multi-stage probes at each backbone's own resolution form the committee (``Candidate.committee``). The probe's C
+    is fixed at 1 (cross-validated C in {0.1, 1, 10} gained nothing on Fashion-MNIST 20/class: bench/results/auto_fashion.md)."""
     backbones = backbones or list(LITE_NATIVE)
 
     def resolutions(backbone: str) -> list[int]:
@@ -79,11 +83,12 @@ def image_space(backbones: list[str] | None = None, sizes: list[int] | None = No
         return list(sizes) if sizes else [native, native * 3 // 4]
 
     def probe(backbone: str, size: int) -> Candidate:
-        return Candidate(backbone, "linear-probe", size, {"probe_c": 1.0}, "features", "probe C=1")
+        return Candidate(backbone, "linear-probe", size, {"probe_c": 1.0}, "features", "probe C=1",
+                         committee=size == resolutions(backbone)[0])
 
     def multi_stage_probe(backbone: str, size: int) -> Candidate:
         return Candidate(backbone, "linear-probe", size, {"probe_c": 1.0, "pool_stages": list(POOL_STAGES)},
-                         "features", "multi-stage probe C=1")
+                         "features", "multi-stage probe C=1", committee=True)
 
     first = backbones[0]
     ordered: list[Candidate] = []
