@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import bench_command, cached, write_section
+from bench.common import bench_command, cached, note_lines, write_section
 
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / "cache" / "unlabelled"
@@ -56,10 +56,15 @@ def write_images(n: int) -> tuple[Path, Path]:
     return folder, labels_csv
 
 
+#: the command's ``--note`` lines, added to every section it writes
+NOTES: list[str] = []
+
+
 def write_part(heading: str, argv: list[str] | None, started: float, body: str) -> None:
-    """Write one section of bench/results/unlabelled.md; ``write_section`` keeps the file's other sections (this
-    script's and ``bench_unlabelled_semi``'s)."""
-    write_section(RESULTS, heading, bench_command("bench.bench_unlabelled", argv), started, body)
+    """Write one section of bench/results/unlabelled.md (with the ``--note`` lines); ``write_section`` keeps the
+    file's other sections (this script's and ``bench_unlabelled_semi``'s)."""
+    write_section(RESULTS, heading, bench_command("bench.bench_unlabelled", argv), started,
+                  body.rstrip("\n") + "\n" + ("\n" + note_lines(NOTES) if NOTES else ""))
 
 
 def truth_of(labels_csv: Path) -> tuple[list[str], list[str]]:
@@ -165,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     parser.add_argument("--pretrain-epochs", type=int, help="Pretraining epochs of the probe sections (another "
                         "value than the settings' writes its own row, e.g. 5: the pretrain command's default).")
+    parser.add_argument("--note", action="append", default=[], help="A line added to each section written "
+                        "(repeatable): what the cached cells cannot say.")
     args = parser.parse_args(argv)
+    NOTES[:] = args.note
     if args.pretrain_epochs:
         for settings in PRETRAIN.values():
             settings["epochs"] = args.pretrain_epochs

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import bench_command, cached, write_section
+from bench.common import bench_command, cached, note_lines, write_section
 
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / "cache" / "semi"
@@ -351,7 +351,7 @@ def render_fm(args: argparse.Namespace, argv: list[str] | None, started: float, 
 
 def notes(args: argparse.Namespace) -> str:
     """The ``--note`` lines (what the cached cells cannot say: the conditions they ran under)."""
-    return "".join(f"- {note}\n" for note in args.note)
+    return note_lines(args.note)
 
 
 def part_small(args: argparse.Namespace, argv: list[str] | None, started: float) -> None:

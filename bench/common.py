@@ -46,6 +46,12 @@ def write_section(path: Path, heading: str, command: str, started: float, body: 
     print(section)
 
 
+def note_lines(notes: list[str]) -> str:
+    """``--note`` values as markdown list lines: what cached cells cannot say (the conditions they ran under, what an
+    earlier session measured). Kept in the command line, so re-rendering a section from its cells keeps them."""
+    return "".join(f"- {note}\n" for note in notes)
+
+
 def split_sections(text: str) -> dict[str, str]:
     """``{heading: section text}`` of the ``## heading`` sections of a results file, in order."""
     sections: dict[str, str] = {}
