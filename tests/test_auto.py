@@ -297,7 +297,7 @@ def test_image_space_tries_native_probes_then_top_block_lp_ft_with_fewer_folds()
 
 
 def test_committee_averages_its_members_unless_the_best_beats_it_beyond_the_paired_error():
-    from transferkit.autofit.ensemble import accuracy, committee
+    from transferkit.autofit.ensemble import accuracy, committee, paired_standard_error
 
     rng = np.random.default_rng(0)
     n = 200
@@ -321,6 +321,17 @@ def test_committee_averages_its_members_unless_the_best_beats_it_beyond_the_pair
     oof["clearly better"] = np.eye(3)[labels] * 0.9 + 0.05  # right on every item
     assert committee(oof, labels, ["m0", "m1", "m2", "m3"], "clearly better", max_members=6) == {}
     assert committee(oof, labels, ["m0", "missing"], "best", max_members=6) == {}  # fewer than two finished
+    # a gap of exactly one paired standard error is within it (floating point must not decide): 100 items; the best
+    # is right on items 0-80, the committee's members on 0-77 and 81 (3 against 1 where they disagree)
+    labels = np.zeros(100, dtype=int)
+    right = np.eye(2)[labels] * 0.8 + 0.1
+    wrong = np.eye(2)[1 - labels] * 0.8 + 0.1
+    best = np.where((np.arange(100) <= 80)[:, None], right, wrong)
+    member = np.where(((np.arange(100) <= 77) | (np.arange(100) == 81))[:, None], right, wrong)
+    tie = {"best": best, "a": member, "b": member}
+    gap = accuracy(labels, best) - accuracy(labels, member)
+    assert abs(gap - 0.02) < 1e-12 and abs(paired_standard_error(labels, best, member) - 0.02) < 1e-12
+    assert committee(tie, labels, ["a", "b"], "best", max_members=6) == {"a": 0.5, "b": 0.5}
 
 
 def test_multi_stage_probe_refit_saves_and_loads_as_an_ordinary_model(folder, tmp_path):

@@ -103,7 +103,8 @@ def committee(oof: dict[str, np.ndarray], labels: np.ndarray, members: list[str]
     if len(ranked) < 2:
         return {}
     average = sum(oof[m] for m in ranked) / len(ranked)
-    if accuracy(labels, oof[best]) - accuracy(labels, average) > paired_standard_error(labels, oof[best], average):
+    gap = accuracy(labels, oof[best]) - accuracy(labels, average)
+    if gap > paired_standard_error(labels, oof[best], average) + 1e-12:  # (a gap of exactly one error is within it)
         return {}
     return {m: 1.0 / len(ranked) for m in ranked}
 
