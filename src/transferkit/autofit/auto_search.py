@@ -12,7 +12,8 @@
    far trails the leader's out-of-fold accuracy on the same items by more than one binomial standard error is
    stopped; so is one whose next epoch (as long as its last) or remaining folds would not fit the budget.
 3. The final model is the committee (the probes of every backbone at its own resolution, averaged with equal
-   weights: no selection) unless the best candidate beats it by more than one paired standard error; then the best
+   weights: no selection) unless the best candidate beats it by more than the winner's curse explains (``sqrt(2 ln m)``
+   paired standard errors for the best of ``m``); then the best
    candidate or a greedy ensemble of several (``autofit.ensemble``) when that lowers the out-of-fold cross-entropy
    without lowering out-of-fold accuracy. The final model is refit on all labelled items.
 
@@ -495,9 +496,9 @@ class AutoSearch:
                      variants[best]["oof_accuracy"])
         weights = committee(oof, self.data.labels, self.committee_members(variants), best, self.config.max_ensemble)
         if weights:
-            self.log("the committee of %d probes (CV %.4f) is within one paired standard error of the best candidate, "
-                     "%s (CV %.4f): the final model averages them", len(weights),
-                     accuracy(self.data.labels, combine(oof, weights)), best, variants[best]["oof_accuracy"])
+            self.log("the committee of %d probes (CV %.4f) is not beaten beyond the winner's curse by the best of %d "
+                     "candidates, %s (CV %.4f): the final model averages them", len(weights),
+                     accuracy(self.data.labels, combine(oof, weights)), len(oof), best, variants[best]["oof_accuracy"])
         else:
             weights = select_ensemble(oof, self.data.labels, self.config.max_ensemble, start=start)
         affordable = self.clock.budget * 1.02 - self.clock.elapsed() - WRITE_SECONDS
