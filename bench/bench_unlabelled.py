@@ -64,7 +64,7 @@ def write_part(heading: str, argv: list[str] | None, started: float, body: str) 
     """Write one section of bench/results/unlabelled.md (with the ``--note`` lines); ``write_section`` keeps the
     file's other sections (this script's and ``bench_unlabelled_semi``'s)."""
     write_section(RESULTS, heading, bench_command("bench.bench_unlabelled", argv), started,
-                  body.rstrip("\n") + "\n" + ("\n" + note_lines(NOTES) if NOTES else ""))
+                  body.rstrip("\n") + "\n" + note_lines(NOTES))
 
 
 def truth_of(labels_csv: Path) -> tuple[list[str], list[str]]:
