@@ -13,9 +13,9 @@
    stopped; so is one whose next epoch (as long as its last) or remaining folds would not fit the budget.
 3. The final model is the committee (the probes of every backbone at its own resolution, averaged with equal
    weights: no selection) unless the best candidate beats it by more than the winner's curse explains (``sqrt(2 ln m)``
-   paired standard errors for the best of ``m``); then the best
-   candidate or a greedy ensemble of several (``autofit.ensemble``) when that lowers the out-of-fold cross-entropy
-   without lowering out-of-fold accuracy. The final model is refit on all labelled items.
+   paired standard errors for the best of ``m``); then the best candidate or a greedy ensemble of several
+   (``autofit.ensemble``) when that lowers the out-of-fold cross-entropy without lowering out-of-fold accuracy. The
+   final model is refit on all labelled items.
 
 The output is an ordinary run folder (``model/``, ``metrics.json`` with ``accuracy_split: "cv"``) plus
 ``leaderboard.json`` / ``leaderboard.md``. Finished candidates are stored atomically in the staging folder, so an

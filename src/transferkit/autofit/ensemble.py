@@ -74,6 +74,13 @@ def paired_standard_error(labels: np.ndarray, first: np.ndarray, second: np.ndar
     return float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("inf")
 
 
+def within_errors(labels: np.ndarray, best: np.ndarray, other: np.ndarray, errors: float = 1.0) -> bool:
+    """True when ``best``'s accuracy exceeds ``other``'s by at most ``errors`` paired standard errors
+    (:func:`paired_standard_error`); a gap of exactly that many is within (floating point must not decide)."""
+    gap = accuracy(labels, best) - accuracy(labels, other)
+    return gap <= errors * paired_standard_error(labels, best, other) + 1e-12
+
+
 def preferred_start(oof: dict[str, np.ndarray], labels: np.ndarray, prior: dict[str, int]) -> tuple[str, str]:
     """(the candidate to build the final model on, the one with the best out-of-fold accuracy). The first is the
     second, unless candidates with a stronger ``prior`` (a preference measured on benchmarks) are within one paired
@@ -84,9 +91,7 @@ def preferred_start(oof: dict[str, np.ndarray], labels: np.ndarray, prior: dict[
         return accuracy(labels, oof[n]), -log_loss(labels, oof[n])
 
     best = max(oof, key=rank)
-    top = accuracy(labels, oof[best])
-    tied = [n for n in oof
-            if top - accuracy(labels, oof[n]) <= paired_standard_error(labels, oof[best], oof[n]) + 1e-12]
+    tied = [n for n in oof if within_errors(labels, oof[best], oof[n])]
     return max(tied, key=lambda n: (prior.get(n, 0), *rank(n))), best
 
 
@@ -108,9 +113,7 @@ def committee(oof: dict[str, np.ndarray], labels: np.ndarray, members: list[str]
     if len(ranked) < 2:
         return {}
     average = sum(oof[m] for m in ranked) / len(ranked)
-    gap = accuracy(labels, oof[best]) - accuracy(labels, average)
-    allowed = max(1.0, math.sqrt(2 * math.log(len(oof)))) * paired_standard_error(labels, oof[best], average)
-    if gap > allowed + 1e-12:  # (a gap of exactly the allowance is within it)
+    if not within_errors(labels, oof[best], average, max(1.0, math.sqrt(2 * math.log(len(oof))))):
         return {}
     return {m: 1.0 / len(ranked) for m in ranked}
 

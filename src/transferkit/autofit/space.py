@@ -39,8 +39,8 @@ class Candidate:
     #: preference measured on benchmarks (higher: preferred) that decides between candidates whose cross-validated
     #: accuracies are within one paired standard error of the best (autofit.ensemble.preferred_start); 0 = none
     prior: int = 0
-    #: member of the committee (autofit.ensemble.committee): the candidates averaged without selection when selecting
-    #: among all of them on the out-of-fold predictions would not be better by more than its own noise
+    #: member of the committee (autofit.ensemble.committee): the candidates averaged with equal weights, without
+    #: selection, unless the best candidate beats their average by more than the winner's curse explains
     committee: bool = False
 
     @property
@@ -75,7 +75,8 @@ def image_space(backbones: list[str] | None = None, sizes: list[int] | None = No
     (LP-FT), the probes at 3/4 resolution, then the other trained candidates. Each EfficientNet also gets a
     multi-stage probe at its own resolution (:data:`POOL_STAGES`), after the final-layer probes. The final-layer and
     multi-stage probes at each backbone's own resolution form the committee (``Candidate.committee``). The probe's C
-    is fixed at 1 (cross-validated C in {0.1, 1, 10} gained nothing on Fashion-MNIST 20/class: bench/results/auto_fashion.md)."""
+    is fixed at 1 (cross-validated C in {0.1, 1, 10} gained nothing on Fashion-MNIST 20/class:
+    bench/results/auto_fashion.md)."""
     backbones = backbones or list(LITE_NATIVE)
 
     def resolutions(backbone: str) -> list[int]:

@@ -25,7 +25,7 @@ a class, so averaging pulls each item towards its group and away from the bounda
 groups. Measured (k-means, k = 10, EfficientNet-Lite0 224 px, 2,000 items, 3 seeds; NMI before -> after):
 Fashion-MNIST test images 0.670 -> 0.683, training images 0.661 -> 0.677, MNIST digits 0.478 -> 0.572. ARI rose on
 MNIST (0.35 -> 0.44) and fell on Fashion-MNIST (0.57 -> 0.54). N = 10 is the neighbourhood ``--k auto`` uses, not
-tuned per dataset (N = 5 and 20 were within 0.012 NMI of it); ``python -m bench.k_criteria --normalise``.
+tuned per dataset (N = 5 and 20 were within 0.012 NMI of it); ``python -m bench.k_criteria --smooth``.
 
 ``--method spectral``: spectral clustering (Ng, Jordan & Weiss 2002; scikit-learn ``SpectralClustering``) on the
 same 10-nearest-neighbour graph, k given or chosen as above.
