@@ -221,3 +221,103 @@ def test_text_pretrain_keeps_mean_pooling_for_the_probe(tmp_path, tiny_bert_dir)
     mask = batch["attention_mask"].unsqueeze(-1).float()
     manual = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
     assert np.allclose(loaded.encode(words), manual, atol=1e-5)
+
+
+# --- --objective scan (SCAN: neighbour-consistency clustering, for `cluster`) -------------------------------------
+
+
+def test_neighbour_consistency_loss_prefers_agreeing_confident_neighbours_and_all_clusters_in_use():
+    from transferkit.engine.objectives import NeighbourConsistencyObjective
+
+    objective = NeighbourConsistencyObjective(entropy_weight=1.0)
+    confident = 20 * torch.eye(4)  # four items, each sure of its own cluster: the mean assignment is uniform
+    agree = objective(None, {}, (confident, confident))
+    disagree = objective(None, {}, (confident, confident.roll(1, dims=0)))
+    collapsed = objective(None, {}, (20 * torch.eye(4)[[0, 0, 0, 0]], 20 * torch.eye(4)[[0, 0, 0, 0]]))
+    assert agree < disagree  # neighbours in different clusters cost
+    assert agree < collapsed  # one cluster for everything costs the entropy term
+    assert abs(float(agree) + np.log(4.0)) < 1e-3  # consistency ~0, minus the entropy log 4
+
+
+def test_neighbour_pair_sampler_pairs_each_item_with_one_of_its_partners_repeatably():
+    from transferkit.engine.sampling import NeighbourPairSampler
+
+    partners = np.array([[1, 2], [0, 2], [0, 1], [4, 5], [3, 5], [3, 4]])
+    sampler = NeighbourPairSampler(partners, seed=3)
+    first = list(sampler)
+    assert sorted(i for i, _ in first) == list(range(6))  # every item once per epoch
+    assert all(j in partners[i] for i, j in first)  # its partner from its own row only
+    assert list(sampler) == first  # the same epoch, the same pairs (resume)
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+
+
+def test_efficientnet_splits_at_its_head_convolution():
+    from transferkit.backbones import create_backbone
+
+    backbone = create_backbone("efficientnet_lite0", pretrained=False, image_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = backbone.forward_features(x)
+        assert backbone.forward_below(x, 1).shape == (2, 320, 2, 2)  # the head convolution's input
+        assert backbone.forward_below(x, 2).shape == (2, 192, 2, 2)  # the last stage's input
+        for top in range(1, len(backbone.layer_groups())):
+            assert torch.allclose(backbone.forward_top(backbone.forward_below(x, top), top), features, atol=1e-5)
+    assert set(backbone.model.conv_head.parameters()) <= set(backbone.layer_groups()[-1].parameters())
+    assert backbone.splits_into_groups()
+    staged = create_backbone("efficientnet_lite0", pretrained=False, image_size=64, pool_stages=[3])
+    assert not staged.splits_into_groups()  # its embedding also reads an earlier stage
+
+
+def test_scan_pretrain_trains_only_the_top_group_from_cached_lower_layers(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from transferkit.backbones import create_backbone
+    from transferkit.backbones.efficientnet import EfficientNetLite
+    from transferkit.selftaught.pretrain import pretrain
+
+    _images(tmp_path / "pool")
+    calls = {"below": 0}
+    original = EfficientNetLite.forward_below
+
+    def counted(self, inputs, top_groups=1):
+        calls["below"] += 1
+        return original(self, inputs, top_groups)
+
+    monkeypatch.setattr(EfficientNetLite, "forward_below", counted)
+    result = pretrain(data=str(tmp_path / "pool"), backbone="efficientnet_lite0", out=str(tmp_path / "bb"),
+                      objective="scan", clusters="3", neighbours=2, batch_size=4, image_size=32, progress=False)
+    assert calls["below"] == 1  # 12 images, one batch: the lower layers ran once, never in the 10 epochs
+    provenance = json.loads((result.path / "backbone.json").read_text())["provenance"]
+    assert provenance["objective"].startswith("SCAN") and "cached" in provenance["objective"]
+    assert provenance["epochs"] == 10 and provenance["lr"] == 3e-3 and provenance["trained_layer_groups"] == 1
+    base = create_backbone("efficientnet_lite0", image_size=32)
+    trained = load_file(str(result.path / "weights.safetensors"))
+    names = {id(p): n for n, p in base.named_parameters()}
+    groups = base.layer_groups()
+    state = base.state_dict()
+    assert all(torch.equal(state[names[id(p)]], trained[names[id(p)]]) for g in groups[:-1] for p in g.parameters())
+    assert not torch.equal(state["model.conv_head.weight"], trained["model.conv_head.weight"])
+    assert torch.equal(state["model.bn2.running_mean"], trained["model.bn2.running_mean"])  # statistics frozen
+
+
+def test_scan_pretrain_without_a_split_runs_the_whole_backbone_and_picks_k(tmp_path):
+    _images(tmp_path / "pool")
+    result = _pretrain(tmp_path, tmp_path / "bb", objective="scan", neighbours=3, train_groups=2)
+    objective = json.loads((result.path / "backbone.json").read_text())["provenance"]["objective"]
+    assert "cached" not in objective and "chosen as `cluster --k auto`" in objective
+    assert np.isfinite(result.summary["final_loss"])
+
+
+@pytest.mark.parametrize("case", ["scan_on_text", "bad_clusters", "unknown_objective"])
+def test_objective_options_are_checked_at_the_boundary(tmp_path, capsys, case):
+    _images(tmp_path / "pool", n=4)
+    (tmp_path / "texts.csv").write_text("text\nhello there\ngood day\n")
+    data, extra = {"scan_on_text": (tmp_path / "texts.csv", ["--objective", "scan"]),
+                   "bad_clusters": (tmp_path / "pool", ["--objective", "scan", "--clusters", "1"]),
+                   "unknown_objective": (tmp_path / "pool", ["--objective", "byol"])}[case]
+    assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "bb"), *extra, "--epochs", "1",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and ("objective" in err[0] or "clusters" in err[0])
+    assert not (tmp_path / "bb").exists()

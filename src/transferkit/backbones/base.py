@@ -104,6 +104,20 @@ class Backbone(nn.Module, ABC):
     def pretrained_class_names(self) -> list[str] | None:
         return None
 
+    # --- split below the top layer groups: cache what lies below, train only the top (self-taught clustering) ------
+    def splits_into_groups(self) -> bool:
+        """Whether ``forward_top(forward_below(x, n), n) == forward_features(x)`` holds for every n in
+        1..len(layer_groups()) - 1, with the top n layer groups and everything after them in ``forward_top``."""
+        return False
+
+    def forward_below(self, inputs: Any, top_groups: int = 1) -> torch.Tensor:
+        """The input of the top ``top_groups`` layer groups (run once and cached when only those train)."""
+        raise NotImplementedError(f"{type(self).__name__} does not split between its layer groups")
+
+    def forward_top(self, below: torch.Tensor, top_groups: int = 1) -> torch.Tensor:
+        """The embedding from :meth:`forward_below`'s output: the top ``top_groups`` layer groups, then pooling."""
+        raise NotImplementedError(f"{type(self).__name__} does not split between its layer groups")
+
     # --- bookkeeping ---------------------------------------------------------------------------------
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

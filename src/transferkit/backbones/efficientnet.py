@@ -151,6 +151,27 @@ class EfficientNetLite(TimmBackbone):
     def blocks(self) -> list[nn.Module]:
         return [block for stage in self.model.blocks for block in stage]
 
+    def splits_into_groups(self) -> bool:
+        return self.feature_stage is None and not self.pool_stages
+
+    def _group_forwards(self) -> list[Any]:
+        """One callable per layer group, in order (stem, stages 0-6, head convolution with its batch norm)."""
+        model = self.model
+        return [lambda x: model.bn1(model.conv_stem(x)), *model.blocks, lambda x: model.bn2(model.conv_head(x))]
+
+    def forward_below(self, inputs: torch.Tensor, top_groups: int = 1) -> torch.Tensor:
+        """The feature map entering the top ``top_groups`` groups (1: the head convolution's input, 320 x 7 x 7 at
+        224 px)."""
+        for forward in self._group_forwards()[:-top_groups]:
+            inputs = forward(inputs)
+        return inputs
+
+    def forward_top(self, below: torch.Tensor, top_groups: int = 1) -> torch.Tensor:
+        """The top ``top_groups`` groups, then global average pooling: the 1280-wide embedding."""
+        for forward in self._group_forwards()[-top_groups:]:
+            below = forward(below)
+        return self.model.forward_head(below, pre_logits=True)
+
     def suggested_lora_targets(self) -> list[str]:
         # Pointwise convs only: peft's LoRA on the depthwise convs needs rank divisible by the channel count.
         return ["conv_pw", "conv_pwl"]

@@ -21,7 +21,9 @@ def register(subparsers) -> None:
         ("pretrain", PretrainConfig, run_pretrain_command, "the summary",
          "Continue self-supervised pretraining of a backbone on unlabelled in-domain data.",
          "Images: a SimCLR-style two-view contrastive objective (NT-Xent) on the backbone's own training "
-         "augmentations; text: masked-language modelling through transformers. --out is a backbone folder "
+         "augmentations (the default: a better backbone for fit), or with --objective scan SCAN's "
+         "neighbour-consistency clustering objective (a better backbone for cluster); text: masked-language "
+         "modelling through transformers. --out is a backbone folder "
          "(weights.safetensors + backbone.json with provenance) that --backbone of fit and cluster accept like a "
          "registry name."),
     ]

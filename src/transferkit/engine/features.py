@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,9 +83,18 @@ def extract_features(
 
 def _features(backbone: Backbone, data: LabeledData, batch_size: int, progress: bool,
               device: str | torch.device | None) -> np.ndarray:
+    features = embed_items(backbone, data, backbone.forward_features, device, progress, batch_size)
+    return features if features is not None else np.zeros((0, backbone.feature_dim), np.float32)
+
+
+def embed_items(backbone: Backbone, data: LabeledData, forward: Any, device: str | torch.device | None = None,
+                progress: bool = True, batch_size: int = 64, description: str = "features",
+                dtype: torch.dtype = torch.float32) -> np.ndarray | None:
+    """``forward(inputs)`` (e.g. ``backbone.forward_features``) on the eval-mode inputs of every item of ``data``,
+    in order, stored as ``dtype``; computed where the backbone is (``device``: place it there first). None for no
+    items."""
     from transferkit.data.loader import make_loader
 
     loader = make_loader(data, backbone, batch_size=batch_size, train=False)
-    batches = (batch["inputs"] for batch in progress_bar(loader, f"features ({data.name})", enabled=progress))
-    features = predict_batches(backbone, batches, lambda inputs: backbone.forward_features(inputs).float(), device)
-    return features if features is not None else np.zeros((0, backbone.feature_dim), np.float32)
+    batches = (batch["inputs"] for batch in progress_bar(loader, f"{description} ({data.name})", enabled=progress))
+    return predict_batches(backbone, batches, lambda inputs: forward(inputs).to(dtype), device)

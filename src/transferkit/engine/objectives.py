@@ -112,6 +112,27 @@ class ContrastiveObjective(Objective):
         return F.cross_entropy(similarity, targets)
 
 
+class NeighbourConsistencyObjective(Objective):
+    """SCAN's clustering loss (Van Gansbeke et al. 2020, eq. 2): for the cluster probabilities ``p = softmax(logits)``
+    of a batch of items and of one mined nearest neighbour of each, ``L = -1/B sum_i log <p_i, p_j(i)> +
+    w * sum_c pbar_c log pbar_c`` with ``pbar`` the batch's mean assignment of the items. The first term makes
+    neighbours agree and be confident; the second (the negative entropy of ``pbar``, weight ``w``) keeps every
+    cluster in use, so the trivial one-cluster solution is excluded. ``outputs`` is the pair (items' logits,
+    neighbours' logits)."""
+
+    name = "scan"
+
+    def __init__(self, weight: float = 1.0, entropy_weight: float = 2.0) -> None:
+        super().__init__(weight)
+        self.entropy_weight = float(entropy_weight)
+
+    def forward(self, model: nn.Module, batch: dict[str, Any], outputs: Any) -> torch.Tensor:
+        items, neighbours = (F.softmax(logits.float(), dim=1) for logits in outputs)
+        consistency = -torch.log((items * neighbours).sum(1).clamp_min(1e-8)).mean()
+        mean = items.mean(0)
+        return consistency + self.entropy_weight * (mean * torch.log(mean.clamp_min(1e-8))).sum()
+
+
 class ModelLossObjective(Objective):
     """The loss a library model computes itself (``outputs.loss``, e.g. masked-LM in transformers)."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import Sampler
@@ -29,3 +30,19 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n
+
+
+class NeighbourPairSampler(EpochShuffleSampler):
+    """Yields ``(i, j)``: the items in a random order drawn from ``seed + epoch`` (as :class:`EpochShuffleSampler`),
+    each with a partner ``j`` drawn uniformly from its row of ``partners`` (an ``(n, k)`` index array) by the same
+    generator, so a resumed run sees the same pairs."""
+
+    def __init__(self, partners: Any, seed: int = 0) -> None:
+        super().__init__(len(partners), seed)
+        self.partners = torch.as_tensor(partners, dtype=torch.long)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=generator)
+        columns = torch.randint(self.partners.shape[1], (self.n,), generator=generator)
+        return iter(zip(order.tolist(), self.partners[order, columns].tolist()))

@@ -7,6 +7,13 @@
   (``engine.objectives.ContrastiveObjective``); the head is discarded afterwards. Batch norm runs in training mode,
   so its statistics move to the unlabelled domain in every layer; ``--train-groups N`` trains only the top N
   layer groups (cheaper steps on CPU, and the lower layers keep their pretrained filters).
+* Images, ``--objective scan`` (for clustering): SCAN (Van Gansbeke et al. 2020): every item's nearest
+  neighbours are mined once in the starting backbone's embedding, then the backbone and a clustering head
+  ``Linear(width, clusters)`` learn to give an item and a random one of its neighbours the same confident cluster,
+  with an entropy term that keeps every cluster in use (``engine.objectives.NeighbourConsistencyObjective``). By
+  default only the top layer group trains (the head convolution of EfficientNet-Lite), so what lies below it is
+  computed once and cached (backbones that split between groups), and an epoch costs a fraction of a forward
+  pass. The clustering head is discarded.
 * Text: masked-language modelling (Devlin et al. 2019) through transformers: ``AutoModelForMaskedLM`` around the
   backbone's encoder, masking by ``DataCollatorForLanguageModeling`` (tokenizer-based: no nltk data needed);
   the loss is the model's own (``engine.objectives.ModelLossObjective``). The MLM head is discarded afterwards.
@@ -23,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -35,6 +43,15 @@ logger = logging.getLogger(__name__)
 
 
 BATCH_NORM_MODES = ("frozen", "train")
+IMAGE_OBJECTIVES = ("simclr", "scan")
+TEXT_OBJECTIVES = ("masked-lm",)
+#: the defaults of each objective (an unset --lr, --epochs, --head-lr-scale, --train-groups takes these); measured
+#: on Fashion-MNIST (simclr: the probe; scan: clustering NMI on held-out images, bench/results/unlabelled.md)
+OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "simclr": {"lr": 1e-4, "epochs": 5, "head_lr_scale": 10.0, "train_groups": None},
+    "scan": {"lr": 3e-3, "epochs": 10, "head_lr_scale": 1.0, "train_groups": 1},
+    "masked-lm": {"lr": 1e-4, "epochs": 5, "head_lr_scale": 10.0, "train_groups": None},
+}
 
 
 @dataclass
@@ -46,19 +63,33 @@ class PretrainConfig:
     backbone: str | None = field(default=None, metadata={"help": "The backbone to continue from (registry name or "
                                  "an earlier pretrain folder); default efficientnet_lite0 / minilm."})
     out: str = field(default="", metadata={"help": "Backbone folder to write (use it as --backbone OUT)."})
-    epochs: int = field(default=5, metadata={"help": "Passes over the unlabelled data."})
+    objective: str | None = field(default=None, metadata={"help": "Images: simclr (default; two-view contrastive: "
+                                  "a better backbone for the probe) or scan (neighbour-consistency clustering: a "
+                                  "better backbone for `cluster`). Text: masked-lm."})
+    epochs: int | None = field(default=None, metadata={"help": "Passes over the unlabelled data (default: simclr 5, "
+                               "scan 10, masked-lm 5)."})
     batch_size: int = field(default=64, metadata={"help": "Items per step (images: 2 views each; larger batches "
                                                   "give the contrastive loss more negatives)."})
-    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (small: the backbone is pretrained)."})
+    lr: float | None = field(default=None, metadata={"help": "AdamW learning rate (default: simclr and masked-lm "
+                             "1e-4, small: the whole backbone is pretrained; scan 3e-3: only the top group trains)."})
     temperature: float = field(default=0.2, metadata={"help": "Images: NT-Xent temperature."})
     crop_scale: float = field(default=0.3, metadata={"help": "Images: smallest area share of a view's random "
                               "resized crop (SimCLR's views differ mostly by cropping; 1 = no cropping)."})
-    head_lr_scale: float = field(default=10.0, metadata={"help": "Images: learning rate of the new projection head "
-                                 "as a multiple of --lr (the backbone stays close to its pretrained weights)."})
+    head_lr_scale: float | None = field(default=None, metadata={"help": "Images: learning rate of the new projection "
+                                        "(simclr) or clustering (scan) head as a multiple of --lr (default: simclr 10, "
+                                        "the backbone stays close to its pretrained weights; scan 1)."})
     projection_dim: int = field(default=128, metadata={"help": "Images: output width of the projection head."})
     train_groups: int | None = field(default=None, metadata={"help": "Train only the top N layer groups of the "
                                      "backbone (the rest frozen: cheaper steps, closer to the pretrained weights). "
-                                     "Default: all."})
+                                     "Default: simclr and masked-lm all, scan 1 (with 1, what lies below the top "
+                                     "group is computed once and cached)."})
+    clusters: str = field(default="auto", metadata={"help": "scan: size of the clustering head, or auto: the k "
+                          "`cluster --k auto` picks on the starting backbone's embedding of the data."})
+    neighbours: int = field(default=20, metadata={"help": "scan: nearest neighbours mined per item (in the starting "
+                            "backbone's embedding, cosine); each step pairs an item with one of them."})
+    entropy_weight: float = field(default=2.0, metadata={"help": "scan: weight of the entropy of the mean cluster "
+                                  "assignment (keeps every cluster in use). SCAN's 5 was below 2 on Fashion-MNIST "
+                                  "training and test images and MNIST digits (bench/results/unlabelled.md)."})
     batch_norm: str = field(default="frozen", metadata={"help": "Images: 'frozen' keeps every batch-norm layer's "
                             "running statistics (its scale and shift still learn), 'train' re-estimates them on the "
                             "augmented views. Measured on Fashion-MNIST (5,000 images, 1 epoch): train lost 3.7 "
@@ -79,19 +110,47 @@ class PretrainConfig:
             raise TransferkitError("no data given", "pass --data FOLDER_OR_TEXT_FILE")
         if not self.out:
             raise TransferkitError("no --out given", "pass --out BACKBONE_DIR")
-        check_count("--epochs", self.epochs, 1)
+        if self.objective is not None and self.objective not in (*IMAGE_OBJECTIVES, *TEXT_OBJECTIVES):
+            raise TransferkitError(f"invalid --objective '{self.objective}'",
+                                   f"choose one of {', '.join((*IMAGE_OBJECTIVES, *TEXT_OBJECTIVES))}")
+        if self.epochs is not None:
+            check_count("--epochs", self.epochs, 1)
         check_count("--batch-size", self.batch_size, 2)
+        check_count("--neighbours", self.neighbours, 1)
+        check_number("--entropy-weight", self.entropy_weight, 0, None)
+        if self.clusters != "auto":
+            try:
+                clusters = int(self.clusters)
+            except ValueError:
+                clusters = 0
+            if clusters < 2:
+                raise TransferkitError(f"invalid --clusters '{self.clusters}'", "pass an integer >= 2 or auto")
         check_count("--projection-dim", self.projection_dim, 1)
         if self.train_groups is not None:
             check_count("--train-groups", self.train_groups, 1)
-        check_number("--lr", self.lr, 0, None, low_open=True)
+        if self.lr is not None:
+            check_number("--lr", self.lr, 0, None, low_open=True)
         check_number("--temperature", self.temperature, 0, None, low_open=True)
         check_number("--crop-scale", self.crop_scale, 0, 1, low_open=True)
-        check_number("--head-lr-scale", self.head_lr_scale, 0, None, low_open=True)
+        if self.head_lr_scale is not None:
+            check_number("--head-lr-scale", self.head_lr_scale, 0, None, low_open=True)
         check_number("--mask-probability", self.mask_probability, 0, 1, low_open=True, high_open=True)
         if self.batch_norm not in BATCH_NORM_MODES:
             raise TransferkitError(f"invalid --batch-norm '{self.batch_norm}'",
                                    f"choose one of {', '.join(BATCH_NORM_MODES)}")
+
+    def resolve(self, modality: str) -> None:
+        """Fill the objective (by ``modality``) and its defaults (:data:`OBJECTIVE_DEFAULTS`) where unset; refuse an
+        objective of the other modality."""
+        allowed = IMAGE_OBJECTIVES if modality == "image" else TEXT_OBJECTIVES
+        if self.objective is None:
+            self.objective = allowed[0]
+        if self.objective not in allowed:
+            raise TransferkitError(f"--objective {self.objective} does not apply to {modality} data",
+                                   f"use one of {', '.join(allowed)}")
+        for key, value in OBJECTIVE_DEFAULTS[self.objective].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
 
 
 @dataclass
@@ -159,29 +218,125 @@ class TwoViewCollator:
                 "labels": torch.full((len(index),), -1, dtype=torch.long), "index": torch.as_tensor(index)}
 
 
-class ContrastiveModel(nn.Module):
-    """Backbone + SimCLR projection head ``Linear -> ReLU -> Linear``; ``forward`` returns both views' projections.
+class _PretrainModel(nn.Module):
+    """A backbone with a head that is discarded after pretraining. ``freeze_batch_norm``: the backbone's batch-norm
+    layers stay in eval mode in training, so their running statistics keep the pretrained values (re-estimating
+    them on heavily augmented views shifts the features that a probe on clean images reads)."""
 
-    ``freeze_batch_norm``: the backbone's batch-norm layers stay in eval mode in training, so their running
-    statistics keep the pretrained values (re-estimating them on heavily augmented views shifts the features that
-    a probe on clean images reads)."""
-
-    def __init__(self, backbone: Any, projection_dim: int, freeze_batch_norm: bool = True) -> None:
+    def __init__(self, backbone: Any, freeze_batch_norm: bool = True) -> None:
         super().__init__()
         self.backbone = backbone
         self.freeze_batch_norm = freeze_batch_norm
-        width = backbone.feature_dim
-        self.projection = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, projection_dim))
 
-    def train(self, mode: bool = True) -> ContrastiveModel:
+    def train(self, mode: bool = True) -> _PretrainModel:
         super().train(mode)
         if mode and self.freeze_batch_norm:
             keep_batch_norm_statistics(self.backbone)
         return self
 
+    def head_parameters(self) -> list[nn.Parameter]:  # pragma: no cover - every subclass has one
+        raise NotImplementedError
+
+
+class ContrastiveModel(_PretrainModel):
+    """Backbone + SimCLR projection head ``Linear -> ReLU -> Linear``; ``forward`` returns both views' projections."""
+
+    def __init__(self, backbone: Any, projection_dim: int, freeze_batch_norm: bool = True) -> None:
+        super().__init__(backbone, freeze_batch_norm)
+        width = backbone.feature_dim
+        self.projection = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, projection_dim))
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.projection.parameters())
+
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.projection(self.backbone.forward_features(batch["inputs"])),
                 self.projection(self.backbone.forward_features(batch["view2"])))
+
+
+class ClusteringModel(_PretrainModel):
+    """Backbone + SCAN's clustering head ``Linear(width, clusters)``; ``forward`` returns the cluster logits of the
+    items (``inputs``) and of their neighbours (``view2``). ``top_groups``: the inputs are the cached outputs of
+    :meth:`~transferkit.backbones.base.Backbone.forward_below` for that many top groups, so only ``forward_top``
+    runs (None: the inputs are images)."""
+
+    def __init__(self, backbone: Any, clusters: int, freeze_batch_norm: bool = True,
+                 top_groups: int | None = None) -> None:
+        super().__init__(backbone, freeze_batch_norm)
+        self.top_groups = top_groups
+        self.head = nn.Linear(backbone.feature_dim, clusters)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.head.parameters())
+
+    def embed(self, inputs: Any) -> torch.Tensor:
+        if self.top_groups is None:
+            return self.backbone.forward_features(inputs)
+        return self.backbone.forward_top(inputs, self.top_groups)
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(self.embed(batch["inputs"])), self.head(self.embed(batch["view2"]))
+
+
+class NeighbourPairs(Dataset):
+    """``dataset[(i, j)] = (item i, item j, i)`` for the pairs of a :class:`~transferkit.engine.sampling.
+    NeighbourPairSampler`: rows of ``cached`` (float16 outputs of the layers below the top group, returned as
+    float32) or, without a cache, the clean (eval-mode) preprocessed items of ``data``."""
+
+    def __init__(self, data: LabeledData, backbone: Any, cached: torch.Tensor | None = None) -> None:
+        self.data, self.backbone, self.cached = data, backbone, cached
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def _item(self, i: int) -> Any:
+        if self.cached is not None:
+            return self.cached[i].float()
+        return self.backbone.preprocess(self.data.items[i], False)
+
+    def __getitem__(self, pair: tuple[int, int]) -> tuple[Any, Any, int]:
+        i, j = pair
+        return self._item(i), self._item(j), i
+
+
+def mine_neighbours(embeddings: np.ndarray, neighbours: int) -> np.ndarray:
+    """``(n, neighbours)`` indices of every item's nearest other items (cosine), SCAN's mined neighbours."""
+    from sklearn.neighbors import NearestNeighbors
+
+    from transferkit.selftaught.cluster import l2_normalise
+
+    neighbours = min(neighbours, len(embeddings) - 1)
+    return NearestNeighbors(n_neighbors=neighbours).fit(l2_normalise(embeddings)).kneighbors()[1]
+
+
+def cluster_pairs(backbone: Any, data: LabeledData, config: PretrainConfig) -> tuple[
+        NeighbourPairs, np.ndarray, int, str]:
+    """SCAN's inputs: the dataset (with the layers below the trained groups cached when the backbone splits there;
+    float16, upcast per batch), the mined neighbours, the number of clusters and how it was chosen."""
+    from transferkit.engine.features import embed_items
+    from transferkit.engine.placement import predict_batches
+    from transferkit.selftaught.cluster import choose_k, l2_normalise
+
+    cached = None
+    top = config.train_groups
+    if top is not None and top < len(backbone.layer_groups()) and backbone.splits_into_groups():
+        cached = torch.from_numpy(embed_items(backbone, data, lambda x: backbone.forward_below(x, top),
+                                              config.device, config.progress, dtype=torch.float16,
+                                              description=f"layers below the top {top} group(s)"))
+        embeddings = predict_batches(backbone, (cached[i: i + 256].float() for i in range(0, len(cached), 256)),
+                                     lambda x: backbone.forward_top(x, top), config.device)
+    else:
+        embeddings = embed_items(backbone, data, backbone.forward_features, config.device, config.progress)
+    partners = mine_neighbours(embeddings, config.neighbours)
+    if config.clusters == "auto":
+        clusters, _ = choose_k(l2_normalise(embeddings), seed=config.seed)
+        how = f"{clusters} (chosen as `cluster --k auto` does, on the starting embedding)"
+    else:
+        clusters, how = int(config.clusters), config.clusters
+        if clusters > len(data):
+            raise TransferkitError(f"--clusters {clusters} is larger than the number of items ({len(data)})",
+                                   f"pass --clusters {len(data)} or less, or auto")
+    return NeighbourPairs(data, backbone, cached), partners, clusters, how
 
 
 def _two_view_forward(model: nn.Module, batch: dict[str, Any]) -> Any:
@@ -245,10 +400,15 @@ class MaskingCollator:
 # --- the command --------------------------------------------------------------------------------------------------
 
 
-def _loader(data: LabeledData, backbone: Any, config: PretrainConfig) -> DataLoader:
+def _loader(data: LabeledData, backbone: Any, config: PretrainConfig,
+            pairs: tuple[NeighbourPairs, np.ndarray] | None = None) -> DataLoader:
     from transferkit.data.loader import TorchDataset
-    from transferkit.engine.sampling import EpochShuffleSampler
+    from transferkit.engine.sampling import EpochShuffleSampler, NeighbourPairSampler
 
+    if pairs is not None:
+        dataset, partners = pairs
+        return DataLoader(dataset, batch_size=min(config.batch_size, len(data)), sampler=NeighbourPairSampler(
+            partners, config.seed), drop_last=len(data) > config.batch_size, collate_fn=TwoViewCollator(backbone))
     if data.modality == "image":
         dataset: Dataset = TwoViews(data, backbone, config.crop_scale)
         collate: Any = TwoViewCollator(backbone)
@@ -272,14 +432,13 @@ def freeze_lower_groups(backbone: Any, train_groups: int | None) -> int:
 
 
 def _param_groups(model: nn.Module, config: PretrainConfig) -> list[dict[str, Any]] | None:
-    """Images: the backbone at ``--lr``, the new projection head at ``--lr x --head-lr-scale`` (it starts random and
-    must catch up before its gradients are worth following). Text: every parameter at ``--lr`` (engine default)."""
-    if not isinstance(model, ContrastiveModel):
+    """Images: the backbone at ``--lr``, the new head at ``--lr x --head-lr-scale`` (it starts random and must
+    catch up before its gradients are worth following). Text: every parameter at ``--lr`` (engine default)."""
+    if not isinstance(model, _PretrainModel):
         return None
     return [{"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": config.lr,
              "name": "backbone"},
-            {"params": list(model.projection.parameters()), "lr": config.lr * config.head_lr_scale,
-             "name": "projection"}]
+            {"params": model.head_parameters(), "lr": config.lr * config.head_lr_scale, "name": "head"}]
 
 
 def pretrain(**options: Any) -> PretrainResult:
@@ -297,7 +456,11 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     from transferkit.backbones import check_backbone_name, create_backbone, self_taught_spec
     from transferkit.backbones.self_taught import SPEC_FORMAT, write_backbone_folder
     from transferkit.data import load_unlabelled
-    from transferkit.engine.objectives import ContrastiveObjective, ModelLossObjective
+    from transferkit.engine.objectives import (
+        ContrastiveObjective,
+        ModelLossObjective,
+        NeighbourConsistencyObjective,
+    )
     from transferkit.engine.trainer import TrainConfig, Trainer, seed_everything
     from transferkit.rundir import CHECKPOINT_DIR, OutputFolder
     from transferkit.selftaught import backbone_for
@@ -313,20 +476,32 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
         raise TransferkitError(f"'{config.data}' holds {len(data)} item(s); pretraining needs at least 2",
                                "add more unlabelled items")
     name, backbone_options = backbone_for(config.backbone, data, config.data, config.image_size)
+    config.resolve(data.modality)
     seed_everything(config.seed)
     backbone = create_backbone(name, pretrained=True, **backbone_options)
-    if data.modality == "image":
+    if data.modality == "text" and (not hasattr(backbone, "tokenizer") or not hasattr(backbone, "model")):
+        raise TransferkitError(f"text backbone '{name}' is not a transformers encoder", "use minilm or hf:<path>")
+    trained_groups = freeze_lower_groups(backbone, config.train_groups)
+    pairs = None
+    if config.objective == "simclr":
         model: nn.Module = ContrastiveModel(backbone, config.projection_dim, config.batch_norm == "frozen")
         objective: Any = ContrastiveObjective(temperature=config.temperature)
         objective_name = (f"SimCLR NT-Xent (temperature {config.temperature}, two views: random resized crop "
                           f"{config.crop_scale:g}-1, flip, colour jitter; batch-norm statistics {config.batch_norm})")
+    elif config.objective == "scan":
+        dataset, partners, clusters, how = cluster_pairs(backbone, data, config)
+        pairs = (dataset, partners)
+        model = ClusteringModel(backbone, clusters, config.batch_norm == "frozen",
+                                config.train_groups if dataset.cached is not None else None)
+        objective = NeighbourConsistencyObjective(entropy_weight=config.entropy_weight)
+        objective_name = (f"SCAN neighbour consistency (clusters {how}, {partners.shape[1]} mined neighbours, "
+                          f"entropy weight {config.entropy_weight:g}; clean images"
+                          f"{', the layers below the trained groups cached' if dataset.cached is not None else ''}; "
+                          f"batch-norm statistics {config.batch_norm})")
     else:
-        if not hasattr(backbone, "tokenizer") or not hasattr(backbone, "model"):
-            raise TransferkitError(f"text backbone '{name}' is not a transformers encoder", "use minilm or hf:<path>")
         model = MaskedLMModel(backbone)
         objective = ModelLossObjective()
         objective_name = f"masked-LM (transformers, {config.mask_probability:.0%} of tokens)"
-    trained_groups = freeze_lower_groups(backbone, config.train_groups)
     train = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, weight_decay=0.01,
                         schedule="cosine", early_stopping=0, seed=config.seed, device=config.device)
     resuming = folder.begin()
@@ -334,7 +509,7 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
         trainer = Trainer(model, [objective], train, forward_fn=_two_view_forward, monitor=("loss", "min"),
                           checkpoint_dir=folder.stage / CHECKPOINT_DIR, progress=config.progress,
                           param_groups=_param_groups(model, config))
-        result = trainer.fit(_loader(data, backbone, config))
+        result = trainer.fit(_loader(data, backbone, config, pairs))
         losses = [row.get("train_loss") for row in result.history]
         base = self_taught_spec(name)
         spec = {
@@ -362,4 +537,4 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     return PretrainResult(folder.out, summary)
 
 
-__all__ = ["PretrainConfig", "PretrainResult", "pretrain", "run_pretrain"]
+__all__ = ["ClusteringModel", "PretrainConfig", "PretrainResult", "pretrain", "run_pretrain"]
