@@ -101,8 +101,6 @@ def selftaught_cluster_section(args: argparse.Namespace, argv: list[str] | None)
     """`cluster --k 10` on the self-taught Fashion-MNIST backbone (pretrained on the 5,000-image pool, which holds no
     test image) vs the bare pipeline (scikit-learn KMeans(10, n_init=10) on the original backbone's features) at
     the self-taught backbone's resolution and at 224 px, on the same 2,000 test images, seeds 0..S-1."""
-    from transferkit.cli.main import main as cli
-
     started = time.perf_counter()
     pretrained = pretrain_backbone("fashion")
     size = PROBE_TASKS["fashion"]["image_size"]
@@ -110,12 +108,7 @@ def selftaught_cluster_section(args: argparse.Namespace, argv: list[str] | None)
     items, truth = truth_of(labels_csv)
 
     def ours(backbone: str, out: Path, s: int) -> dict:
-        command = ["cluster", "--data", str(folder), "--out", str(out), "--k", "10", "--labels", str(labels_csv),
-                   "--backbone", backbone, "--image-size", str(size), "--seed", str(s), "--cache-dir",
-                   str(CACHE / "features"), "--overwrite", "--no-progress", "--no-map"]
-        assert cli(command) == 0
-        metrics = json.loads((out / "metrics.json").read_text())
-        return {"nmi": metrics["nmi"], "ari": metrics["ari"]}
+        return cluster_k10(folder, labels_csv, backbone, out, s, "--image-size", str(size))
 
     fashion = variant("fashion")
     self_taught, original = (f"transferkit cluster --k 10, {which} backbone ({size} px)"
@@ -135,18 +128,7 @@ def selftaught_cluster_section(args: argparse.Namespace, argv: list[str] | None)
             rows.setdefault(f"bare: original backbone features ({label}) + k-means", []).append(
                 cached(CACHE, f"bare-{label.replace(' ', '')}-s{seed}", lambda s=seed, f=features: kmeans_nmi(f, truth, s)))
 
-    lines = ["| method | NMI (mean ± SD over seeds) | ARI |", "|---|---|---|"]
-    lines += [f"| {name} | {spread([c['nmi'] for c in cells])} | {spread([c['ari'] for c in cells])} |"
-              for name, cells in rows.items()]
-    names = list(rows)
-    ours_nmi = [c["nmi"] for c in rows[names[0]]]
-    notes = []
-    for name in names[1:]:
-        paired = [a - b["nmi"] for a, b in zip(ours_nmi, rows[name])]
-        verdict = ("the self-taught backbone's own share, `--smooth` on both sides" if name.startswith("transferkit")
-                   else f"target >= +0.03: {'met' if statistics.mean(paired) >= 0.03 else 'NOT met'}")
-        notes.append(f"- self-taught `cluster` - {name}: {statistics.mean(paired):+.3f} NMI (per seed "
-                     f"{', '.join(f'{d:+.3f}' for d in paired)}; {verdict}).")
+    lines, notes = paired_nmi_table(rows, "self-taught", "the self-taught backbone's own share, `--smooth` on both sides")
     body = "\n".join(lines) + (
         f"\n\n{args.n} Fashion-MNIST test images (the clustering section's), {args.seeds} k-means seeds; the "
         f"self-taught backbone is the one of the Fashion-MNIST probe section (`{pretrained['command']}`).\n\n"
@@ -160,39 +142,18 @@ def scan_cluster_section(args: argparse.Namespace, argv: list[str] | None) -> No
     on the 5,000-image pool with seed s, then `cluster --k 10 --seed s` on the 2,000 test images with that backbone,
     s = 0..S-1 (the spread includes the pretraining's); against the clustering section's cells at 224 px: `cluster`
     on the original backbone and the bare pipeline (KMeans(10, n_init=10) on the original features)."""
-    import os
-    import subprocess
-    import sys
-
-    from transferkit.cli.main import main as cli
-
     started = time.perf_counter()
     folder, labels_csv = write_images(args.n)
     items, truth = truth_of(labels_csv)
     pool = pool_for("fashion")
 
     def pretrain(seed: int) -> dict:
-        out = CACHE / "backbones" / f"fashion-scan-s{seed}"
-        command = [sys.executable, "-m", "transferkit", "pretrain", "--data", str(pool), "--objective", "scan",
-                   "--out", str(out), "--seed", str(seed), "--overwrite"]
-        load_before, begun = os.getloadavg()[0], time.perf_counter()
-        log = CACHE / "logs" / f"pretrain-fashion-scan-s{seed}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("w") as stream:
-            if subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT).returncode != 0:
-                raise RuntimeError(f"pretrain failed: see {log}")
-        return {"wall_seconds": time.perf_counter() - begun, "load_before": load_before,
-                "load_after": os.getloadavg()[0], "command": " ".join(["transferkit", *command[3:]]),
-                "provenance": json.loads((out / "backbone.json").read_text())["provenance"]}
+        return run_pretrain_command(["--data", str(pool), "--objective", "scan", "--seed", str(seed)],
+                                    CACHE / "backbones" / f"fashion-scan-s{seed}", f"pretrain-fashion-scan-s{seed}")
 
     def ours(seed: int) -> dict:
-        out = CACHE / "runs" / f"scan-k10-s{seed}"
-        command = ["cluster", "--data", str(folder), "--out", str(out), "--k", "10", "--labels", str(labels_csv),
-                   "--backbone", str(CACHE / "backbones" / f"fashion-scan-s{seed}"), "--seed", str(seed),
-                   "--cache-dir", str(CACHE / "features"), "--overwrite", "--no-progress", "--no-map"]
-        assert cli(command) == 0
-        metrics = json.loads((out / "metrics.json").read_text())
-        return {"nmi": metrics["nmi"], "ari": metrics["ari"]}
+        return cluster_k10(folder, labels_csv, str(CACHE / "backbones" / f"fashion-scan-s{seed}"),
+                           CACHE / "runs" / f"scan-k10-s{seed}", seed)
 
     name = "transferkit cluster --k 10, SCAN self-taught backbone (224 px)"
     rows: dict[str, list[dict]] = {name: [], "transferkit cluster --k 10, original backbone (224 px)": [],
@@ -209,17 +170,7 @@ def scan_cluster_section(args: argparse.Namespace, argv: list[str] | None) -> No
         rows["transferkit cluster --k 10, original backbone (224 px)"].append(json.loads(section_cell.read_text()))
         rows["bare: original backbone features (224 px) + k-means"].append(
             cached(CACHE, f"features-s{seed}", lambda s=seed: kmeans_nmi(features, truth, s)))
-    lines = ["| method | NMI (mean ± SD over seeds) | ARI |", "|---|---|---|"]
-    lines += [f"| {row} | {spread([c['nmi'] for c in values])} | {spread([c['ari'] for c in values])} |"
-              for row, values in rows.items()]
-    ours_nmi = [c["nmi"] for c in rows[name]]
-    notes = []
-    for row in list(rows)[1:]:
-        paired = [a - b["nmi"] for a, b in zip(ours_nmi, rows[row])]
-        verdict = ("the self-taught backbone's own share" if row.startswith("transferkit")
-                   else f"target >= +0.03: {'met' if statistics.mean(paired) >= 0.03 else 'NOT met'}")
-        notes.append(f"- SCAN self-taught `cluster` - {row}: {statistics.mean(paired):+.3f} NMI (per seed "
-                     f"{', '.join(f'{d:+.3f}' for d in paired)}; {verdict}).")
+    lines, notes = paired_nmi_table(rows, "SCAN self-taught", "the self-taught backbone's own share")
     walls = [p["wall_seconds"] for p in pretrains]
     provenance = pretrains[0]["provenance"]
     body = "\n".join(lines) + (
@@ -235,6 +186,36 @@ def spread(values: list[float], digits: int = 3) -> str:
     """``mean ± sample SD`` of ``values`` to ``digits`` decimals."""
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+
+
+def cluster_k10(folder: Path, labels_csv: Path, backbone: str, out: Path, seed: int, *extra: str) -> dict:
+    """NMI / ARI of `transferkit cluster --k 10` on ``folder`` with ``backbone`` (features cached in the section's
+    cache; no t-SNE map, which is not measured)."""
+    from transferkit.cli.main import main as cli
+
+    command = ["cluster", "--data", str(folder), "--out", str(out), "--k", "10", "--labels", str(labels_csv),
+               "--backbone", backbone, *extra, "--seed", str(seed), "--cache-dir", str(CACHE / "features"),
+               "--overwrite", "--no-progress", "--no-map"]
+    assert cli(command) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {"nmi": metrics["nmi"], "ari": metrics["ari"]}
+
+
+def paired_nmi_table(rows: dict[str, list[dict]], ours: str, own_share: str) -> tuple[list[str], list[str]]:
+    """The NMI / ARI table of ``rows`` (the first row is ours) and one note per other row: the paired NMI difference
+    per seed, with ``own_share`` for `transferkit` rows and the issue's +0.03 verdict for the bare pipelines."""
+    lines = ["| method | NMI (mean ± SD over seeds) | ARI |", "|---|---|---|"]
+    lines += [f"| {name} | {spread([c['nmi'] for c in cells])} | {spread([c['ari'] for c in cells])} |"
+              for name, cells in rows.items()]
+    names = list(rows)
+    notes = []
+    for name in names[1:]:
+        paired = [a["nmi"] - b["nmi"] for a, b in zip(rows[names[0]], rows[name])]
+        verdict = (own_share if name.startswith("transferkit")
+                   else f"target >= +0.03: {'met' if statistics.mean(paired) >= 0.03 else 'NOT met'}")
+        notes.append(f"- {ours} `cluster` - {name}: {statistics.mean(paired):+.3f} NMI (per seed "
+                     f"{', '.join(f'{d:+.3f}' for d in paired)}; {verdict}).")
+    return lines, notes
 
 
 SECTIONS = ("cluster", "probe-fashion", "probe-tweets", "cluster-selftaught", "cluster-scan")
@@ -404,37 +385,42 @@ def pool_for(task: str) -> Path:
     return path
 
 
-def pretrain_backbone(task: str) -> dict:
-    """Run `transferkit pretrain` on the task's pool once (cached); returns its provenance + wall time + load."""
+def run_pretrain_command(arguments: list[str], out: Path, name: str) -> dict:
+    """`transferkit pretrain ARGUMENTS --out OUT --overwrite` in a subprocess, its output in logs/NAME.log (the
+    progress bar, to follow a long run); returns its provenance, wall time, load and command line."""
     import os
     import subprocess
     import sys
 
+    command = [sys.executable, "-m", "transferkit", "pretrain", *arguments, "--out", str(out), "--overwrite"]
+    load_before = os.getloadavg()[0]
+    begun = time.perf_counter()
+    log = CACHE / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as stream:
+        code = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise RuntimeError(f"pretrain failed: see {log}")
+    provenance = json.loads((out / "backbone.json").read_text())["provenance"]
+    return {"wall_seconds": time.perf_counter() - begun, "load_before": load_before,
+            "threads": os.environ.get("OMP_NUM_THREADS", "default"),
+            "load_after": os.getloadavg()[0], "command": " ".join(["transferkit", *command[3:]]),
+            "provenance": provenance}
+
+
+def pretrain_backbone(task: str) -> dict:
+    """Run `transferkit pretrain` on the task's pool once (cached); returns its provenance + wall time + load."""
     spec, settings = PROBE_TASKS[task], PRETRAIN[task]
-    out = CACHE / "backbones" / variant(task)
 
     def compute() -> dict:
-        command = [sys.executable, "-m", "transferkit", "pretrain", "--data", str(pool_for(task)), "--backbone",
-                   spec["backbone"], "--out", str(out), "--seed", "0", "--overwrite"]
+        arguments = ["--data", str(pool_for(task)), "--backbone", spec["backbone"], "--seed", "0"]
         if spec["image_size"]:
-            command += ["--image-size", str(spec["image_size"])]
+            arguments += ["--image-size", str(spec["image_size"])]
         if task == "tweets":
-            command += ["--text-column", "text"]
+            arguments += ["--text-column", "text"]
         for key, value in settings.items():
-            command += [f"--{key.replace('_', '-')}", str(value)]
-        load_before = os.getloadavg()[0]
-        begun = time.perf_counter()
-        log = CACHE / "logs" / f"pretrain-{variant(task)}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("w") as stream:  # the progress bar, to follow a long run
-            code = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT).returncode
-        if code != 0:
-            raise RuntimeError(f"pretrain failed: see {log}")
-        provenance = json.loads((out / "backbone.json").read_text())["provenance"]
-        return {"wall_seconds": time.perf_counter() - begun, "load_before": load_before,
-                "threads": os.environ.get("OMP_NUM_THREADS", "default"),
-                "load_after": os.getloadavg()[0], "command": " ".join(["transferkit", *command[3:]]),
-                "provenance": provenance}
+            arguments += [f"--{key.replace('_', '-')}", str(value)]
+        return run_pretrain_command(arguments, CACHE / "backbones" / variant(task), f"pretrain-{variant(task)}")
 
     return cached(CACHE, f"pretrain-{variant(task)}", compute)
 

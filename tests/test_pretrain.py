@@ -309,12 +309,13 @@ def test_scan_pretrain_without_a_split_runs_the_whole_backbone_and_picks_k(tmp_p
     assert np.isfinite(result.summary["final_loss"])
 
 
-@pytest.mark.parametrize("case", ["scan_on_text", "bad_clusters", "unknown_objective"])
+@pytest.mark.parametrize("case", ["scan_on_text", "bad_clusters", "too_many_clusters", "unknown_objective"])
 def test_objective_options_are_checked_at_the_boundary(tmp_path, capsys, case):
     _images(tmp_path / "pool", n=4)
     (tmp_path / "texts.csv").write_text("text\nhello there\ngood day\n")
     data, extra = {"scan_on_text": (tmp_path / "texts.csv", ["--objective", "scan"]),
                    "bad_clusters": (tmp_path / "pool", ["--objective", "scan", "--clusters", "1"]),
+                   "too_many_clusters": (tmp_path / "pool", ["--objective", "scan", "--clusters", "9"]),
                    "unknown_objective": (tmp_path / "pool", ["--objective", "byol"])}[case]
     assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "bb"), *extra, "--epochs", "1",
                  "--no-progress"]) == 2

@@ -138,15 +138,23 @@ def l2_normalise(features: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def smooth_features(x: np.ndarray, neighbours: int = NEIGHBOURS) -> np.ndarray:
-    """``normalise((x_i + sum of x_j over i's ``neighbours`` nearest neighbours) / (neighbours + 1))`` for every row
-    of the L2-normalised ``x``: one step of kNN-graph feature propagation. ``neighbours=0`` returns ``x``."""
+def nearest_neighbours(x: np.ndarray, neighbours: int) -> np.ndarray:
+    """``(n, min(neighbours, n - 1))`` indices of every row's nearest other rows of ``x`` (Euclidean: cosine on
+    L2-normalised rows); ``(n, 0)`` when ``neighbours`` is 0."""
     from sklearn.neighbors import NearestNeighbors
 
     neighbours = min(neighbours, len(x) - 1)
     if neighbours < 1:
+        return np.zeros((len(x), 0), dtype=np.int64)
+    return NearestNeighbors(n_neighbors=neighbours).fit(x).kneighbors()[1]  # no query: each row's own excluded
+
+
+def smooth_features(x: np.ndarray, neighbours: int = NEIGHBOURS) -> np.ndarray:
+    """``normalise((x_i + sum of x_j over i's ``neighbours`` nearest neighbours) / (neighbours + 1))`` for every row
+    of the L2-normalised ``x``: one step of kNN-graph feature propagation. ``neighbours=0`` returns ``x``."""
+    index = nearest_neighbours(x, neighbours)
+    if index.shape[1] == 0:
         return x
-    _, index = NearestNeighbors(n_neighbors=neighbours).fit(x).kneighbors()  # no query: each item's own row excluded
     return l2_normalise(x + x[index].sum(1))
 
 

@@ -139,15 +139,18 @@ class PretrainConfig:
             raise TransferkitError(f"invalid --batch-norm '{self.batch_norm}'",
                                    f"choose one of {', '.join(BATCH_NORM_MODES)}")
 
-    def resolve(self, modality: str) -> None:
+    def resolve(self, modality: str, items: int) -> None:
         """Fill the objective (by ``modality``) and its defaults (:data:`OBJECTIVE_DEFAULTS`) where unset; refuse an
-        objective of the other modality."""
+        objective of the other modality and more ``--clusters`` than ``items``."""
         allowed = IMAGE_OBJECTIVES if modality == "image" else TEXT_OBJECTIVES
         if self.objective is None:
             self.objective = allowed[0]
         if self.objective not in allowed:
             raise TransferkitError(f"--objective {self.objective} does not apply to {modality} data",
                                    f"use one of {', '.join(allowed)}")
+        if self.clusters != "auto" and int(self.clusters) > items:
+            raise TransferkitError(f"--clusters {self.clusters} is larger than the number of items ({items})",
+                                   f"pass --clusters {items} or less, or auto")
         for key, value in OBJECTIVE_DEFAULTS[self.objective].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
@@ -299,23 +302,13 @@ class NeighbourPairs(Dataset):
         return self._item(i), self._item(j), i
 
 
-def mine_neighbours(embeddings: np.ndarray, neighbours: int) -> np.ndarray:
-    """``(n, neighbours)`` indices of every item's nearest other items (cosine), SCAN's mined neighbours."""
-    from sklearn.neighbors import NearestNeighbors
-
-    from transferkit.selftaught.cluster import l2_normalise
-
-    neighbours = min(neighbours, len(embeddings) - 1)
-    return NearestNeighbors(n_neighbors=neighbours).fit(l2_normalise(embeddings)).kneighbors()[1]
-
-
 def cluster_pairs(backbone: Any, data: LabeledData, config: PretrainConfig) -> tuple[
         NeighbourPairs, np.ndarray, int, str]:
     """SCAN's inputs: the dataset (with the layers below the trained groups cached when the backbone splits there;
     float16, upcast per batch), the mined neighbours, the number of clusters and how it was chosen."""
     from transferkit.engine.features import embed_items
     from transferkit.engine.placement import predict_batches
-    from transferkit.selftaught.cluster import choose_k, l2_normalise
+    from transferkit.selftaught.cluster import choose_k, l2_normalise, nearest_neighbours
 
     cached = None
     top = config.train_groups
@@ -327,15 +320,13 @@ def cluster_pairs(backbone: Any, data: LabeledData, config: PretrainConfig) -> t
                                      lambda x: backbone.forward_top(x, top), config.device)
     else:
         embeddings = embed_items(backbone, data, backbone.forward_features, config.device, config.progress)
-    partners = mine_neighbours(embeddings, config.neighbours)
+    x = l2_normalise(embeddings)
+    partners = nearest_neighbours(x, config.neighbours)  # SCAN's mined neighbours (cosine)
     if config.clusters == "auto":
-        clusters, _ = choose_k(l2_normalise(embeddings), seed=config.seed)
+        clusters, _ = choose_k(x, seed=config.seed)
         how = f"{clusters} (chosen as `cluster --k auto` does, on the starting embedding)"
     else:
         clusters, how = int(config.clusters), config.clusters
-        if clusters > len(data):
-            raise TransferkitError(f"--clusters {clusters} is larger than the number of items ({len(data)})",
-                                   f"pass --clusters {len(data)} or less, or auto")
     return NeighbourPairs(data, backbone, cached), partners, clusters, how
 
 
@@ -476,7 +467,7 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
         raise TransferkitError(f"'{config.data}' holds {len(data)} item(s); pretraining needs at least 2",
                                "add more unlabelled items")
     name, backbone_options = backbone_for(config.backbone, data, config.data, config.image_size)
-    config.resolve(data.modality)
+    config.resolve(data.modality, len(data))
     seed_everything(config.seed)
     backbone = create_backbone(name, pretrained=True, **backbone_options)
     if data.modality == "text" and (not hasattr(backbone, "tokenizer") or not hasattr(backbone, "model")):
