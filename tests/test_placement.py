@@ -330,6 +330,21 @@ def test_prediction_evaluation_and_features_run_on_the_models_device(spy):
     assert all(_tagged(p) for p in model.parameters())
 
 
+def test_embed_items_into_a_memory_mapped_file_runs_on_the_models_device_and_equals_the_in_memory_result(
+        spy, tmp_path):
+    from transferkit.engine.features import embed_items
+
+    data = _data(10, "val")
+    expected = _cpu(lambda: embed_items(_model().backbone, data, _model().backbone.forward_features, progress=False,
+                                        batch_size=4))
+    model = PlacementSpy.place(_model())
+    mapped = embed_items(model.backbone, data, model.backbone.forward_features, progress=False, batch_size=4,
+                         dtype=torch.float16, out=tmp_path / "maps.npy")
+    assert isinstance(mapped, np.memmap) and mapped.dtype == np.float16 and Path(mapped.filename).is_file()
+    np.testing.assert_allclose(mapped, expected, rtol=1e-3, atol=1e-3)  # every batch, in order (float16)
+    assert module_device(model.backbone) == FAKE
+
+
 def _cpu(fn):
     """Run ``fn`` outside the spy (the reference answer)."""
     from torch.overrides import _pop_mode_temporarily

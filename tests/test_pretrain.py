@@ -4,6 +4,7 @@ to the same weights, and refuses bad input in one line."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -274,6 +275,7 @@ def test_scan_pretrain_trains_only_the_top_group_from_cached_lower_layers(tmp_pa
 
     from transferkit.backbones import create_backbone
     from transferkit.backbones.efficientnet import EfficientNetLite
+    from transferkit.selftaught import pretrain as pretrain_module
     from transferkit.selftaught.pretrain import pretrain
 
     _images(tmp_path / "pool")
@@ -285,9 +287,20 @@ def test_scan_pretrain_trains_only_the_top_group_from_cached_lower_layers(tmp_pa
         return original(self, inputs, top_groups)
 
     monkeypatch.setattr(EfficientNetLite, "forward_below", counted)
+    caches = []
+    original_pairs = pretrain_module.NeighbourPairs.__init__
+
+    def recorded(self, data, backbone, cached=None):
+        caches.append((type(cached), Path(cached.filename), cached.shape))
+        original_pairs(self, data, backbone, cached)
+
+    monkeypatch.setattr(pretrain_module.NeighbourPairs, "__init__", recorded)
     result = pretrain(data=str(tmp_path / "pool"), backbone="efficientnet_lite0", out=str(tmp_path / "bb"),
                       objective="scan", clusters="3", neighbours=2, batch_size=4, image_size=32, progress=False)
     assert calls["below"] == 1  # 12 images, one batch: the lower layers ran once, never in the 10 epochs
+    (kind, path, shape), = caches  # memory-mapped from a scratch file in the stage, deleted before publishing
+    assert kind is np.memmap and path.parent.name.startswith(".bb") and shape[0] == 12
+    assert not path.exists() and not list(tmp_path.rglob("scan-inputs*"))
     provenance = json.loads((result.path / "backbone.json").read_text())["provenance"]
     assert provenance["objective"].startswith("SCAN") and "cached" in provenance["objective"]
     assert provenance["epochs"] == 10 and provenance["lr"] == 3e-3 and provenance["trained_layer_groups"] == 1

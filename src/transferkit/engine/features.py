@@ -20,7 +20,7 @@ import torch
 
 from transferkit.backbones import Backbone
 from transferkit.data.base import LabeledData
-from transferkit.engine.placement import predict_batches
+from transferkit.engine.placement import iter_predictions, predict_batches
 from transferkit.engine.sharding import is_main_process, sharded_slices
 from transferkit.progress import progress as progress_bar
 
@@ -89,12 +89,26 @@ def _features(backbone: Backbone, data: LabeledData, batch_size: int, progress: 
 
 def embed_items(backbone: Backbone, data: LabeledData, forward: Any, device: str | torch.device | None = None,
                 progress: bool = True, batch_size: int = 64, description: str = "features",
-                dtype: torch.dtype = torch.float32) -> np.ndarray | None:
+                dtype: torch.dtype = torch.float32, out: Path | None = None) -> np.ndarray | None:
     """``forward(inputs)`` (e.g. ``backbone.forward_features``) on the eval-mode inputs of every item of ``data``,
     in order, stored as ``dtype``; computed where the backbone is (``device``: place it there first). None for no
-    items."""
+    items. ``out``: written batch by batch to that ``.npy`` file instead of memory and returned memory-mapped
+    (read-only), for outputs larger than the memory (e.g. feature maps of 100,000 images)."""
     from transferkit.data.loader import make_loader
 
     loader = make_loader(data, backbone, batch_size=batch_size, train=False)
     batches = (batch["inputs"] for batch in progress_bar(loader, f"{description} ({data.name})", enabled=progress))
-    return predict_batches(backbone, batches, lambda inputs: forward(inputs).to(dtype), device)
+    if out is None:
+        return predict_batches(backbone, batches, lambda inputs: forward(inputs).to(dtype), device)
+    array = None
+    row = 0
+    for chunk in iter_predictions(backbone, batches, lambda inputs: forward(inputs).to(dtype), device):
+        if array is None:
+            array = np.lib.format.open_memmap(out, mode="w+", dtype=chunk.dtype, shape=(len(data), *chunk.shape[1:]))
+        array[row: row + len(chunk)] = chunk
+        row += len(chunk)
+    if array is None:
+        return None
+    array.flush()
+    del array
+    return np.load(out, mmap_mode="r")

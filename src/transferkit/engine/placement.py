@@ -141,13 +141,21 @@ def predict_batches(module: torch.nn.Module, batches: Iterable[Any], forward: Ca
     """``forward(batch on the module's device)`` for every batch, in inference mode, concatenated as CPU numpy:
     one array, or a tuple of arrays when ``forward`` returns a tuple of tensors (None without batches). Each
     batch's outputs leave the device as soon as they are computed."""
-    with inference(module, device) as target:
-        chunks = [_outputs_to_numpy(forward(to_device(batch, target))) for batch in batches]
+    chunks = list(iter_predictions(module, batches, forward, device))
     if not chunks:
         return None
     if isinstance(chunks[0], tuple):
         return tuple(np.concatenate(parts) for parts in zip(*chunks))
     return np.concatenate(chunks)
+
+
+def iter_predictions(module: torch.nn.Module, batches: Iterable[Any], forward: Callable[[Any], Any],
+                     device: str | torch.device | None = None) -> Iterator[Any]:
+    """:func:`predict_batches` one batch at a time: yields each batch's outputs as CPU numpy (for callers that
+    write them out instead of holding them all)."""
+    with inference(module, device) as target:
+        for batch in batches:
+            yield _outputs_to_numpy(forward(to_device(batch, target)))
 
 
 def _outputs_to_numpy(outputs: Any) -> Any:

@@ -12,8 +12,9 @@
   ``Linear(width, clusters)`` learn to give an item and a random one of its neighbours the same confident cluster,
   with an entropy term that keeps every cluster in use (``engine.objectives.NeighbourConsistencyObjective``). By
   default only the top layer group trains (the head convolution of EfficientNet-Lite), so what lies below it is
-  computed once and cached (backbones that split between groups), and an epoch costs a fraction of a forward
-  pass. The clustering head is discarded.
+  computed once and cached (backbones that split between groups; float16, memory-mapped from a scratch file in
+  the output's stage folder, so a pool larger than the memory fits), and an epoch costs a fraction of a forward
+  pass. The clustering head and the cache are discarded.
 * Text: masked-language modelling (Devlin et al. 2019) through transformers: ``AutoModelForMaskedLM`` around the
   backbone's encoder, masking by ``DataCollatorForLanguageModeling`` (tokenizer-based: no nltk data needed);
   the loss is the model's own (``engine.objectives.ModelLossObjective``). The MLM head is discarded afterwards.
@@ -26,6 +27,9 @@ The output folder (kind ``pretrain``) holds ``weights.safetensors`` (the backbon
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,10 +287,11 @@ class ClusteringModel(_PretrainModel):
 
 class NeighbourPairs(Dataset):
     """``dataset[(i, j)] = (item i, item j, i)`` for the pairs of a :class:`~transferkit.engine.sampling.
-    NeighbourPairSampler`: rows of ``cached`` (float16 outputs of the layers below the top group, returned as
-    float32) or, without a cache, the clean (eval-mode) preprocessed items of ``data``."""
+    NeighbourPairSampler`: rows of ``cached`` (float16 outputs of the layers below the top group, an array or a
+    memory-mapped file, returned as float32 tensors) or, without a cache, the clean (eval-mode) preprocessed items
+    of ``data``."""
 
-    def __init__(self, data: LabeledData, backbone: Any, cached: torch.Tensor | None = None) -> None:
+    def __init__(self, data: LabeledData, backbone: Any, cached: np.ndarray | None = None) -> None:
         self.data, self.backbone, self.cached = data, backbone, cached
 
     def __len__(self) -> int:
@@ -294,7 +299,7 @@ class NeighbourPairs(Dataset):
 
     def _item(self, i: int) -> Any:
         if self.cached is not None:
-            return self.cached[i].float()
+            return torch.from_numpy(np.asarray(self.cached[i], dtype=np.float32))
         return self.backbone.preprocess(self.data.items[i], False)
 
     def __getitem__(self, pair: tuple[int, int]) -> tuple[Any, Any, int]:
@@ -302,10 +307,11 @@ class NeighbourPairs(Dataset):
         return self._item(i), self._item(j), i
 
 
-def cluster_pairs(backbone: Any, data: LabeledData, config: PretrainConfig) -> tuple[
+def cluster_pairs(backbone: Any, data: LabeledData, config: PretrainConfig, cache_file: Path) -> tuple[
         NeighbourPairs, np.ndarray, int, str]:
-    """SCAN's inputs: the dataset (with the layers below the trained groups cached when the backbone splits there;
-    float16, upcast per batch), the mined neighbours, the number of clusters and how it was chosen."""
+    """SCAN's inputs: the dataset (with the layers below the trained groups cached when the backbone splits there:
+    float16 in the memory-mapped ``cache_file``, upcast per batch), the mined neighbours, the number of clusters
+    and how it was chosen."""
     from transferkit.engine.features import embed_items
     from transferkit.engine.placement import predict_batches
     from transferkit.selftaught.cluster import choose_k, l2_normalise, nearest_neighbours
@@ -313,11 +319,11 @@ def cluster_pairs(backbone: Any, data: LabeledData, config: PretrainConfig) -> t
     cached = None
     top = config.train_groups
     if top is not None and top < len(backbone.layer_groups()) and backbone.splits_into_groups():
-        cached = torch.from_numpy(embed_items(backbone, data, lambda x: backbone.forward_below(x, top),
-                                              config.device, config.progress, dtype=torch.float16,
-                                              description=f"layers below the top {top} group(s)"))
-        embeddings = predict_batches(backbone, (cached[i: i + 256].float() for i in range(0, len(cached), 256)),
-                                     lambda x: backbone.forward_top(x, top), config.device)
+        cached = embed_items(backbone, data, lambda x: backbone.forward_below(x, top), config.device,
+                             config.progress, dtype=torch.float16, description=f"layers below the top {top} group(s)",
+                             out=cache_file)
+        chunks = (torch.from_numpy(np.asarray(cached[i: i + 256], dtype=np.float32)) for i in range(0, len(data), 256))
+        embeddings = predict_batches(backbone, chunks, lambda x: backbone.forward_top(x, top), config.device)
     else:
         embeddings = embed_items(backbone, data, backbone.forward_features, config.device, config.progress)
     x = l2_normalise(embeddings)
@@ -432,6 +438,33 @@ def _param_groups(model: nn.Module, config: PretrainConfig) -> list[dict[str, An
             {"params": model.head_parameters(), "lr": config.lr * config.head_lr_scale, "name": "head"}]
 
 
+def _objective(backbone: Any, data: LabeledData, config: PretrainConfig, cache_file: Path) -> tuple[
+        nn.Module, Any, str, tuple[NeighbourPairs, np.ndarray] | None]:
+    """The model, objective, its description and (scan) the neighbour pairs for ``config.objective``."""
+    from transferkit.engine.objectives import (
+        ContrastiveObjective,
+        ModelLossObjective,
+        NeighbourConsistencyObjective,
+    )
+
+    if config.objective == "simclr":
+        return (ContrastiveModel(backbone, config.projection_dim, config.batch_norm == "frozen"),
+                ContrastiveObjective(temperature=config.temperature),
+                f"SimCLR NT-Xent (temperature {config.temperature}, two views: random resized crop "
+                f"{config.crop_scale:g}-1, flip, colour jitter; batch-norm statistics {config.batch_norm})", None)
+    if config.objective == "scan":
+        dataset, partners, clusters, how = cluster_pairs(backbone, data, config, cache_file)
+        model = ClusteringModel(backbone, clusters, config.batch_norm == "frozen",
+                                config.train_groups if dataset.cached is not None else None)
+        return (model, NeighbourConsistencyObjective(entropy_weight=config.entropy_weight),
+                f"SCAN neighbour consistency (clusters {how}, {partners.shape[1]} mined neighbours, entropy weight "
+                f"{config.entropy_weight:g}; clean images"
+                f"{', the layers below the trained groups cached' if dataset.cached is not None else ''}; "
+                f"batch-norm statistics {config.batch_norm})", (dataset, partners))
+    return (MaskedLMModel(backbone), ModelLossObjective(),
+            f"masked-LM (transformers, {config.mask_probability:.0%} of tokens)", None)
+
+
 def pretrain(**options: Any) -> PretrainResult:
     """Python API of ``transferkit pretrain`` (options as its flags)."""
     from transferkit.config import build
@@ -443,15 +476,21 @@ def pretrain(**options: Any) -> PretrainResult:
     return run_pretrain(config)
 
 
+@contextmanager
+def _scratch_files(folder: Path, pattern: str) -> Iterator[None]:
+    """Delete ``folder``'s files matching ``pattern`` when the block ends, however it ends (they are ours: written
+    into our own stage folder)."""
+    try:
+        yield
+    finally:
+        for path in folder.glob(pattern):
+            path.unlink(missing_ok=True)
+
+
 def run_pretrain(config: PretrainConfig) -> PretrainResult:
     from transferkit.backbones import check_backbone_name, create_backbone, self_taught_spec
     from transferkit.backbones.self_taught import SPEC_FORMAT, write_backbone_folder
     from transferkit.data import load_unlabelled
-    from transferkit.engine.objectives import (
-        ContrastiveObjective,
-        ModelLossObjective,
-        NeighbourConsistencyObjective,
-    )
     from transferkit.engine.trainer import TrainConfig, Trainer, seed_everything
     from transferkit.rundir import CHECKPOINT_DIR, OutputFolder
     from transferkit.selftaught import backbone_for
@@ -473,34 +512,19 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     if data.modality == "text" and (not hasattr(backbone, "tokenizer") or not hasattr(backbone, "model")):
         raise TransferkitError(f"text backbone '{name}' is not a transformers encoder", "use minilm or hf:<path>")
     trained_groups = freeze_lower_groups(backbone, config.train_groups)
-    pairs = None
-    if config.objective == "simclr":
-        model: nn.Module = ContrastiveModel(backbone, config.projection_dim, config.batch_norm == "frozen")
-        objective: Any = ContrastiveObjective(temperature=config.temperature)
-        objective_name = (f"SimCLR NT-Xent (temperature {config.temperature}, two views: random resized crop "
-                          f"{config.crop_scale:g}-1, flip, colour jitter; batch-norm statistics {config.batch_norm})")
-    elif config.objective == "scan":
-        dataset, partners, clusters, how = cluster_pairs(backbone, data, config)
-        pairs = (dataset, partners)
-        model = ClusteringModel(backbone, clusters, config.batch_norm == "frozen",
-                                config.train_groups if dataset.cached is not None else None)
-        objective = NeighbourConsistencyObjective(entropy_weight=config.entropy_weight)
-        objective_name = (f"SCAN neighbour consistency (clusters {how}, {partners.shape[1]} mined neighbours, "
-                          f"entropy weight {config.entropy_weight:g}; clean images"
-                          f"{', the layers below the trained groups cached' if dataset.cached is not None else ''}; "
-                          f"batch-norm statistics {config.batch_norm})")
-    else:
-        model = MaskedLMModel(backbone)
-        objective = ModelLossObjective()
-        objective_name = f"masked-LM (transformers, {config.mask_probability:.0%} of tokens)"
     train = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, weight_decay=0.01,
                         schedule="cosine", early_stopping=0, seed=config.seed, device=config.device)
     resuming = folder.begin()
     with folder:
-        trainer = Trainer(model, [objective], train, forward_fn=_two_view_forward, monitor=("loss", "min"),
-                          checkpoint_dir=folder.stage / CHECKPOINT_DIR, progress=config.progress,
-                          param_groups=_param_groups(model, config))
-        result = trainer.fit(_loader(data, backbone, config, pairs))
+        with _scratch_files(folder.stage, "scan-inputs.*.npy"):
+            # scan's cache of the lower layers: memory-mapped in the stage (one file per process), never published
+            model, objective, objective_name, pairs = _objective(backbone, data, config,
+                                                                 folder.stage / f"scan-inputs.{os.getpid()}.npy")
+            trainer = Trainer(model, [objective], train, forward_fn=_two_view_forward, monitor=("loss", "min"),
+                              checkpoint_dir=folder.stage / CHECKPOINT_DIR, progress=config.progress,
+                              param_groups=_param_groups(model, config))
+            result = trainer.fit(_loader(data, backbone, config, pairs))
+            del pairs  # the memory map closes before its file is deleted
         losses = [row.get("train_loss") for row in result.history]
         base = self_taught_spec(name)
         spec = {
