@@ -240,6 +240,26 @@ def test_neighbour_consistency_loss_prefers_agreeing_confident_neighbours_and_al
     assert abs(float(agree) + np.log(4.0)) < 1e-3  # consistency ~0, minus the entropy log 4
 
 
+def test_several_clustering_heads_train_together_with_the_mean_of_their_losses():
+    from transferkit.backbones import create_backbone
+    from transferkit.engine.objectives import NeighbourConsistencyObjective
+    from transferkit.selftaught.pretrain import ClusteringModel
+
+    objective = NeighbourConsistencyObjective(entropy_weight=2.0)
+    generator = torch.Generator().manual_seed(0)
+    items, neighbours = torch.randn(6, 3, 4, generator=generator), torch.randn(6, 3, 4, generator=generator)
+    single = [objective(None, {}, (items[:, h], neighbours[:, h])) for h in range(3)]
+    assert torch.allclose(objective(None, {}, (items, neighbours)), torch.stack(single).mean())
+    assert not torch.allclose(single[0], single[1])  # the heads' losses differ: the mean is not one of them
+    backbone = create_backbone("efficientnet_lite0", pretrained=False, image_size=32)
+    model = ClusteringModel(backbone, clusters=4, heads=3)
+    x = torch.randn(2, 3, 32, 32)
+    first, second = model({"inputs": x, "view2": x.flip(-1)})
+    assert first.shape == second.shape == (2, 3, 4)
+    weights = model.head.weight.view(3, 4, -1)
+    assert not torch.allclose(weights[0], weights[1])  # independently initialised heads
+
+
 def test_neighbour_pair_sampler_pairs_each_item_with_one_of_its_partners_repeatably():
     from transferkit.engine.sampling import NeighbourPairSampler
 
@@ -303,6 +323,7 @@ def test_scan_pretrain_trains_only_the_top_group_from_cached_lower_layers(tmp_pa
     assert not path.exists() and not list(tmp_path.rglob("scan-inputs*"))
     provenance = json.loads((result.path / "backbone.json").read_text())["provenance"]
     assert provenance["objective"].startswith("SCAN") and "cached" in provenance["objective"]
+    assert "5 head(s) of 3 clusters" in provenance["objective"]  # the default heads
     assert provenance["epochs"] == 10 and provenance["lr"] == 3e-3 and provenance["trained_layer_groups"] == 1
     base = create_backbone("efficientnet_lite0", image_size=32)
     trained = load_file(str(result.path / "weights.safetensors"))

@@ -118,7 +118,8 @@ class NeighbourConsistencyObjective(Objective):
     w * sum_c pbar_c log pbar_c`` with ``pbar`` the batch's mean assignment of the items. The first term makes
     neighbours agree and be confident; the second (the negative entropy of ``pbar``, weight ``w``) keeps every
     cluster in use, so the trivial one-cluster solution is excluded. ``outputs`` is the pair (items' logits,
-    neighbours' logits)."""
+    neighbours' logits), each ``(B, clusters)`` or ``(B, heads, clusters)`` for several heads trained together (as
+    SCAN trains them): then ``L`` is the mean of the heads' losses."""
 
     name = "scan"
 
@@ -127,10 +128,12 @@ class NeighbourConsistencyObjective(Objective):
         self.entropy_weight = float(entropy_weight)
 
     def forward(self, model: nn.Module, batch: dict[str, Any], outputs: Any) -> torch.Tensor:
-        items, neighbours = (F.softmax(logits.float(), dim=1) for logits in outputs)
-        consistency = -torch.log((items * neighbours).sum(1).clamp_min(1e-8)).mean()
-        mean = items.mean(0)
-        return consistency + self.entropy_weight * (mean * torch.log(mean.clamp_min(1e-8))).sum()
+        items, neighbours = (F.softmax(logits.float(), dim=-1) for logits in outputs)
+        if items.dim() == 2:
+            items, neighbours = items.unsqueeze(1), neighbours.unsqueeze(1)
+        consistency = -torch.log((items * neighbours).sum(-1).clamp_min(1e-8)).mean()  # over items and heads
+        mean = items.mean(0)  # (heads, clusters)
+        return consistency + self.entropy_weight * (mean * torch.log(mean.clamp_min(1e-8))).sum(-1).mean()
 
 
 class ModelLossObjective(Objective):
