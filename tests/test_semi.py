@@ -182,3 +182,100 @@ def test_accept_per_class_takes_each_class_share():
     assert thresholds == {0: 0.9, 1: 0.7}
     tau, share = confidence_level(p, np.array([0, 1, 1, 1, 1, 0]), 0.9)
     assert tau == 0.7 and share == pytest.approx(4 / 6)
+
+
+# --- consistency on cached lower-layer maps ------------------------------------------------------------------
+
+
+def test_map_views_flip_and_shift_weakly_and_cut_and_drop_channels_strongly():
+    from transferkit.engine.lower_maps import map_views
+
+    maps = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4) + 1
+    generator = torch.Generator().manual_seed(0)
+    weak = [map_views(maps, False, generator, shift=0) for _ in range(32)]
+    # without a shift a weak view is the map or its mirror image, and both occur
+    assert all(torch.equal(w[i], maps[i]) or torch.equal(w[i], maps[i].flip(-1)) for w in weak for i in range(2))
+    assert {torch.equal(w[0], maps[0]) for w in weak} == {True, False}
+    shifted = map_views(maps, False, torch.Generator().manual_seed(1), shift=1)
+    assert shifted.shape == maps.shape
+    strong = map_views(maps, True, torch.Generator().manual_seed(2), shift=0, cut=0.5, channel_drop=0.0)
+    zeros = (strong == 0).all(1)  # a zeroed 2 x 2 square in every item, across all channels
+    assert [int(z.sum()) for z in zeros] == [4, 4]
+    dropped = map_views(maps.repeat(1, 100, 1, 1), True, torch.Generator().manual_seed(3), shift=0, cut=0.0,
+                        channel_drop=0.2)
+    zero_channels = float((dropped == 0).all(-1).all(-1).float().mean())
+    assert 0.1 < zero_channels < 0.3
+    # the kept channels are rescaled by 1 / (1 - p)
+    assert float(dropped.abs().max()) == pytest.approx(float(maps.max()) * 1.25)
+
+
+def test_cached_maps_through_the_top_groups_equal_the_whole_forward_pass():
+    from transferkit.backbones import create_backbone
+    from transferkit.engine.lower_maps import BelowInputs, trained_top_groups
+    from transferkit.model import TaskSpec, TransferModel
+    from transferkit.strategies.finetune import Finetune, FinetuneConfig
+
+    torch.manual_seed(0)
+    backbone = create_backbone("efficientnet_lite0", pretrained=False, image_size=32)
+    model = TransferModel(backbone, [TaskSpec("label", "classify", ["a", "b"])]).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        whole = model(x).logits
+        cached = model(BelowInputs(backbone.forward_below(x, 2), 2)).logits
+    assert torch.allclose(whole, cached, atol=1e-5)
+    Finetune(FinetuneConfig(unfreeze="2")).prepare(model)
+    assert trained_top_groups(backbone) == 2
+    Finetune(FinetuneConfig(unfreeze="all")).prepare(model)
+    assert trained_top_groups(backbone) is None  # everything trains: nothing to cache
+    small = create_backbone("small_cnn", pretrained=False, image_size=32)
+    assert trained_top_groups(small) is None  # no split between groups
+
+
+def test_accelerate_and_placement_move_cached_map_batches_to_the_device():
+    from accelerate.utils import send_to_device
+
+    from transferkit.engine.lower_maps import BelowInputs
+    from transferkit.engine.placement import to_device
+
+    batch = {"inputs": BelowInputs(torch.ones(2, 3, 4, 4), 2), "labels": torch.zeros(2)}
+    for moved in (send_to_device(batch, torch.device("meta")), to_device(batch, torch.device("meta"))):
+        assert moved["inputs"].maps.device.type == "meta" and moved["inputs"].groups == 2
+
+
+def test_consistency_with_the_top_groups_training_reads_cached_maps_once(tmp_path, isolated_cache, monkeypatch):
+    from transferkit.backbones.efficientnet import EfficientNetLite
+    from transferkit.model import load_model
+
+    items = {"below": 0, "calls": []}
+    original = EfficientNetLite.forward_below
+
+    def counted(self, inputs, top_groups=1):
+        items["calls"].append(top_groups)
+        items["below"] += len(inputs)
+        return original(self, inputs, top_groups)
+
+    monkeypatch.setattr(EfficientNetLite, "forward_below", counted)
+    data = _labelled(tmp_path / "data", 10)
+    unlabelled, labels = _unlabelled(tmp_path / "u", 16)
+    out = tmp_path / "run"
+    assert main(["fit", "--data", str(data), "--unlabelled", str(unlabelled), "--unlabelled-labels", str(labels),
+                 "--strategy", "finetune", "--unfreeze", "2", "--semi", "consistency", "--semi-threshold", "0.5",
+                 "--semi-epochs", "3", "--protocol", "holdout", "--backbone", "efficientnet_lite0", "--image-size",
+                 "32", "--epochs", "1", "--batch-size", "8", "--threads", "1", "--no-progress", "--out",
+                 str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    semi = metrics["semi"]
+    assert semi["views"].startswith("views of cached maps below the top 2 layer groups")
+    assert sum(r["seen"] for r in semi["rounds"]) > 16  # three passes over the 16 unlabelled items
+    train_and_val = metrics["dataset_sizes"]["train"] + metrics["dataset_sizes"]["val"]
+    # the lower layers ran once per labelled, validation and unlabelled item, never during the epochs
+    assert set(items["calls"]) == {2} and items["below"] == train_and_val + 16
+    trained, _ = load_model(out)
+    from transferkit.backbones import create_backbone
+
+    base = create_backbone("efficientnet_lite0", image_size=32)
+    state, after = base.state_dict(), trained.backbone.state_dict()
+    groups = base.layer_groups()
+    names = {id(p): n for n, p in base.named_parameters()}
+    assert all(torch.equal(state[names[id(p)]], after[names[id(p)]]) for g in groups[:-2] for p in g.parameters())
+    assert not torch.equal(state["model.conv_head.weight"], after["model.conv_head.weight"])

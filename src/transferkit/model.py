@@ -96,6 +96,10 @@ class TransferModel(nn.Module):
         return ModelOutput(features, {name: head(features) for name, head in self.heads.items()})
 
     def forward(self, inputs: Any) -> ModelOutput:
+        from transferkit.engine.lower_maps import BelowInputs
+
+        if isinstance(inputs, BelowInputs):  # cached lower-layer maps: only the top groups run
+            return self.forward_head(self.backbone.forward_top(inputs.maps, inputs.groups))
         return self.forward_head(self.backbone.forward_features(inputs))
 
     def train(self, mode: bool = True) -> TransferModel:

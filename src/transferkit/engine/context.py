@@ -64,6 +64,9 @@ class RunContext:
     feature_transform: Callable[[LabeledData, np.ndarray], np.ndarray] | None = None
     #: where the heads were initialised from (``--init-from``); strategies keep them instead of a probe start
     heads_from: str | None = None
+    #: train on cached lower-layer maps (engine/lower_maps.py): the top this-many layer groups are all that
+    #: trains, the layers below run once per item, and augmentation happens on the maps; None: raw inputs
+    below_groups: int | None = None
 
     def scored_out_of_fold(self) -> bool:
         """True when the run's ``accuracy`` is the cross-validation out-of-fold estimate: ``--protocol cv`` ran and
@@ -90,6 +93,14 @@ class RunContext:
 
         return make_loader(data, backbone, batch_size=self.train.batch_size, train=train, seed=self.train.seed)
 
+    def map_loader(self, data: LabeledData, backbone: Backbone, train: bool) -> DataLoader:
+        """Batches of ``data``'s cached lower-layer maps (``below_groups``; weak map views when ``train``)."""
+        from transferkit.engine.lower_maps import lower_maps, map_loader
+
+        assert self.below_groups is not None
+        return map_loader(lower_maps(backbone, data, self.below_groups, self.progress), data.labels,
+                          self.below_groups, self.train.batch_size, train, self.train.seed)
+
     def all_objectives(self, model: TransferModel, strategy: Strategy) -> list[Objective]:
         task = self.task_objectives or [CrossEntropyObjective(label_smoothing=self.label_smoothing)]
         if self.task_weight != 1.0:
@@ -108,10 +119,15 @@ class RunContext:
 
     # --- training ------------------------------------------------------------------------------------------
     def train_with_engine(self, model: TransferModel, strategy: Strategy) -> TrainResult:
-        """End-to-end training on raw inputs (augmentation on) through the one engine."""
+        """End-to-end training on raw inputs (augmentation on) through the one engine; with ``below_groups`` on the
+        cached lower-layer maps of the labelled items instead (map views as augmentation)."""
         backbone = model.backbone
-        train_loader = self.loader(self.splits.train, backbone, train=True)
-        val_loader = self.loader(self.splits.val, backbone, train=False) if len(self.splits.val) else None
+        if self.below_groups is not None:
+            train_loader = self.map_loader(self.splits.train, backbone, train=True)
+            val_loader = self.map_loader(self.splits.val, backbone, train=False) if len(self.splits.val) else None
+        else:
+            train_loader = self.loader(self.splits.train, backbone, train=True)
+            val_loader = self.loader(self.splits.val, backbone, train=False) if len(self.splits.val) else None
         aux = {name: self.loader(data, backbone, train=True) for name, data in self.aux_data.items()}
         aux.update({name: factory(backbone) for name, factory in self.aux_loaders.items()})
         trainer = self._trainer(model, self.all_objectives(model, strategy),

@@ -107,8 +107,11 @@ def place(module: torch.nn.Module, device: str | torch.device | None = None) -> 
 
 
 def to_device(batch: Any, device: str | torch.device) -> Any:
-    """Move a tensor, or a (nested) dict / list / tuple of tensors, to ``device``; anything else as is."""
+    """Move a tensor, or a (nested) dict / list / tuple of tensors, or an object with its own ``.to(device)`` (e.g.
+    ``lower_maps.BelowInputs``), to ``device``; anything else as is."""
     if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if callable(getattr(batch, "to", None)) and not isinstance(batch, torch.nn.Module):
         return batch.to(device)
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}
