@@ -122,12 +122,9 @@ class RunContext:
         """End-to-end training on raw inputs (augmentation on) through the one engine; with ``below_groups`` on the
         cached lower-layer maps of the labelled items instead (map views as augmentation)."""
         backbone = model.backbone
-        if self.below_groups is not None:
-            train_loader = self.map_loader(self.splits.train, backbone, train=True)
-            val_loader = self.map_loader(self.splits.val, backbone, train=False) if len(self.splits.val) else None
-        else:
-            train_loader = self.loader(self.splits.train, backbone, train=True)
-            val_loader = self.loader(self.splits.val, backbone, train=False) if len(self.splits.val) else None
+        split_loader = self.loader if self.below_groups is None else self.map_loader
+        train_loader = split_loader(self.splits.train, backbone, train=True)
+        val_loader = split_loader(self.splits.val, backbone, train=False) if len(self.splits.val) else None
         aux = {name: self.loader(data, backbone, train=True) for name, data in self.aux_data.items()}
         aux.update({name: factory(backbone) for name, factory in self.aux_loaders.items()})
         trainer = self._trainer(model, self.all_objectives(model, strategy),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,13 +66,15 @@ def trained_top_groups(backbone: nn.Module) -> int | None:
     return k if k < len(groups) else None
 
 
-def lower_maps(backbone: Any, data: LabeledData, groups: int, progress: bool = True) -> np.ndarray:
+def lower_maps(backbone: Any, data: LabeledData, groups: int, progress: bool = True, device: Any = None,
+               out: Path | None = None) -> np.ndarray:
     """The output of every layer below the top ``groups`` groups on the eval-mode inputs of ``data``, in order,
-    as float16, computed where the backbone is."""
+    as float16, computed on ``device`` (None: where the backbone is); ``out``: written to that ``.npy`` file and
+    returned memory-mapped (pools larger than the memory)."""
     from transferkit.engine.features import embed_items
 
-    maps = embed_items(backbone, data, lambda inputs: backbone.forward_below(inputs, groups), progress=progress,
-                       description="lower layers, once", dtype=torch.float16)
+    maps = embed_items(backbone, data, lambda inputs: backbone.forward_below(inputs, groups), device, progress,
+                       description=f"layers below the top {groups} group(s)", dtype=torch.float16, out=out)
     if maps is None:
         raise ValueError(f"no items in '{data.name}' to compute lower-layer maps of")
     return maps

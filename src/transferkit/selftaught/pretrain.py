@@ -321,15 +321,14 @@ def cluster_pairs(backbone: Any, data: LabeledData, config: PretrainConfig, cach
     float16 in the memory-mapped ``cache_file``, upcast per batch), the mined neighbours, the number of clusters
     and how it was chosen."""
     from transferkit.engine.features import embed_items
+    from transferkit.engine.lower_maps import lower_maps
     from transferkit.engine.placement import predict_batches
     from transferkit.selftaught.cluster import choose_k, l2_normalise, nearest_neighbours
 
     cached = None
     top = config.train_groups
     if top is not None and top < len(backbone.layer_groups()) and backbone.splits_into_groups():
-        cached = embed_items(backbone, data, lambda x: backbone.forward_below(x, top), config.device,
-                             config.progress, dtype=torch.float16, description=f"layers below the top {top} group(s)",
-                             out=cache_file)
+        cached = lower_maps(backbone, data, top, config.progress, config.device, out=cache_file)
         chunks = (torch.from_numpy(np.asarray(cached[i: i + 256], dtype=np.float32)) for i in range(0, len(data), 256))
         embeddings = predict_batches(backbone, chunks, lambda x: backbone.forward_top(x, top), config.device)
     else:
