@@ -37,6 +37,32 @@ def _unlabelled(root: Path, n: int, offset: int = 100) -> tuple[Path, Path]:
     return root, labels
 
 
+def _count_items(monkeypatch, cls: type, method: str) -> list[tuple[int, tuple]]:
+    """Patch ``cls.method(self, inputs, *args)`` to record ``(len(inputs), args)`` of every call."""
+    calls: list[tuple[int, tuple]] = []
+    original = getattr(cls, method)
+
+    def counted(self, inputs, *args):
+        calls.append((len(inputs), args))
+        return original(self, inputs, *args)
+
+    monkeypatch.setattr(cls, method, counted)
+    return calls
+
+
+def _top_groups_consistency(tmp_path: Path, per_class: int, unlabelled_items: int, options: list[str]
+                            ) -> tuple[Path, dict]:
+    """``fit --strategy finetune --unfreeze 2 --semi consistency`` on EfficientNet-Lite0 at 32 px: (run, metrics)."""
+    data = _labelled(tmp_path / "data", per_class)
+    unlabelled, labels = _unlabelled(tmp_path / "u", unlabelled_items)
+    out = tmp_path / "run"
+    assert main(["fit", "--data", str(data), "--unlabelled", str(unlabelled), "--unlabelled-labels", str(labels),
+                 "--strategy", "finetune", "--unfreeze", "2", "--semi", "consistency", "--backbone",
+                 "efficientnet_lite0", "--image-size", "32", "--batch-size", "8", "--threads", "1", "--no-progress",
+                 "--out", str(out), *options]) == 0
+    return out, json.loads((out / "metrics.json").read_text())
+
+
 def _pseudo_ids(run: Path) -> set[str]:
     with open(run / "pseudo_labels.csv", newline="") as fh:
         return {row["id"] for row in csv.DictReader(fh)}
@@ -246,30 +272,15 @@ def test_consistency_with_the_top_groups_training_reads_cached_maps_once(tmp_pat
     from transferkit.backbones.efficientnet import EfficientNetLite
     from transferkit.model import load_model
 
-    items = {"below": 0, "calls": []}
-    original = EfficientNetLite.forward_below
-
-    def counted(self, inputs, top_groups=1):
-        items["calls"].append(top_groups)
-        items["below"] += len(inputs)
-        return original(self, inputs, top_groups)
-
-    monkeypatch.setattr(EfficientNetLite, "forward_below", counted)
-    data = _labelled(tmp_path / "data", 10)
-    unlabelled, labels = _unlabelled(tmp_path / "u", 16)
-    out = tmp_path / "run"
-    assert main(["fit", "--data", str(data), "--unlabelled", str(unlabelled), "--unlabelled-labels", str(labels),
-                 "--strategy", "finetune", "--unfreeze", "2", "--semi", "consistency", "--semi-threshold", "0.5",
-                 "--semi-epochs", "3", "--protocol", "holdout", "--backbone", "efficientnet_lite0", "--image-size",
-                 "32", "--epochs", "1", "--batch-size", "8", "--threads", "1", "--no-progress", "--out",
-                 str(out)]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
+    below = _count_items(monkeypatch, EfficientNetLite, "forward_below")
+    out, metrics = _top_groups_consistency(tmp_path, 10, 16, ["--semi-threshold", "0.5", "--semi-epochs", "3",
+                                                              "--protocol", "holdout", "--epochs", "1"])
     semi = metrics["semi"]
     assert semi["views"].startswith("views of cached maps below the top 2 layer groups")
     assert sum(r["seen"] for r in semi["rounds"]) > 16  # three passes over the 16 unlabelled items
     train_and_val = metrics["dataset_sizes"]["train"] + metrics["dataset_sizes"]["val"]
     # the lower layers ran once per labelled, validation and unlabelled item, never during the epochs
-    assert set(items["calls"]) == {2} and items["below"] == train_and_val + 16
+    assert {args[0] for _, args in below} == {2} and sum(n for n, _ in below) == train_and_val + 16
     trained, _ = load_model(out)
     from transferkit.backbones import create_backbone
 
@@ -279,3 +290,19 @@ def test_consistency_with_the_top_groups_training_reads_cached_maps_once(tmp_pat
     names = {id(p): n for n, p in base.named_parameters()}
     assert all(torch.equal(state[names[id(p)]], after[names[id(p)]]) for g in groups[:-2] for p in g.parameters())
     assert not torch.equal(state["model.conv_head.weight"], after["model.conv_head.weight"])
+
+
+def test_cv_folds_of_consistency_with_the_top_groups_training_share_the_labelled_maps(tmp_path, isolated_cache,
+                                                                                       monkeypatch):
+    from transferkit.backbones.efficientnet import EfficientNetLite
+
+    below = _count_items(monkeypatch, EfficientNetLite, "forward_below")
+    whole = _count_items(monkeypatch, EfficientNetLite, "forward_features")
+    _, metrics = _top_groups_consistency(tmp_path, 6, 10, ["--semi-epochs", "2", "--protocol", "cv", "--epochs", "2",
+                                                           "--batch-size", "4"])
+    assert metrics["accuracy_split"] == "cv" and len(metrics["cv"]["fold_accuracies"]) == metrics["cv"]["k"] >= 2
+    assert metrics["semi"]["views"].startswith("views of cached maps below the top 2 layer groups")
+    # the k folds and the final run read the 12 labelled items' maps, computed once; the unlabelled items once
+    assert sum(n for n, _ in below) == 12 + 10
+    # the whole network ran only for the probe start's features of the 12 labelled items: no fold trained on raw inputs
+    assert sum(n for n, _ in whole) == 12

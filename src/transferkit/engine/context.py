@@ -26,6 +26,7 @@ from transferkit.engine.trainer import TrainConfig, Trainer, TrainResult, defaul
 
 if TYPE_CHECKING:
     from transferkit.backbones import Backbone
+    from transferkit.engine.lower_maps import LowerMapPool
     from transferkit.model import TransferModel
     from transferkit.strategies.base import Strategy
 
@@ -67,6 +68,8 @@ class RunContext:
     #: train on cached lower-layer maps (engine/lower_maps.py): the top this-many layer groups are all that
     #: trains, the layers below run once per item, and augmentation happens on the maps; None: raw inputs
     below_groups: int | None = None
+    #: with ``below_groups``: the labelled items' maps, computed once for the folds and the final run
+    map_pool: LowerMapPool | None = None
 
     def scored_out_of_fold(self) -> bool:
         """True when the run's ``accuracy`` is the cross-validation out-of-fold estimate: ``--protocol cv`` ran and
@@ -98,8 +101,9 @@ class RunContext:
         from transferkit.engine.lower_maps import lower_maps, map_loader
 
         assert self.below_groups is not None
-        return map_loader(lower_maps(backbone, data, self.below_groups, self.progress), data.labels,
-                          self.below_groups, self.train.batch_size, train, self.train.seed)
+        maps = (self.map_pool.maps(data) if self.map_pool is not None
+                else lower_maps(backbone, data, self.below_groups, self.progress))
+        return map_loader(maps, data.labels, self.below_groups, self.train.batch_size, train, self.train.seed)
 
     def all_objectives(self, model: TransferModel, strategy: Strategy) -> list[Objective]:
         task = self.task_objectives or [CrossEntropyObjective(label_smoothing=self.label_smoothing)]

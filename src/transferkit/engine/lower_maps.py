@@ -80,6 +80,26 @@ def lower_maps(backbone: Any, data: LabeledData, groups: int, progress: bool = T
     return maps
 
 
+class LowerMapPool:
+    """The lower-layer maps of a pool of items (every labelled item), computed on first use and shared by the runs
+    that train on its subsets: the cross-validation folds and the final run read rows by item id. Valid because the
+    layers below the top ``groups`` never train (:func:`trained_top_groups`); items outside the pool are computed
+    on their own."""
+
+    def __init__(self, backbone: Any, pool: LabeledData, groups: int, progress: bool = True) -> None:
+        self.backbone, self.pool, self.groups, self.progress = backbone, pool, groups, progress
+        self.position = {item_id: i for i, item_id in enumerate(pool.ids)}
+        self._maps: np.ndarray | None = None
+
+    def maps(self, data: LabeledData) -> np.ndarray:
+        positions = [self.position.get(item_id) for item_id in data.ids]
+        if len(self.position) != len(self.pool) or any(p is None for p in positions):
+            return lower_maps(self.backbone, data, self.groups, self.progress)
+        if self._maps is None:
+            self._maps = lower_maps(self.backbone, self.pool, self.groups, self.progress)
+        return self._maps[np.asarray(positions, dtype=np.int64)]
+
+
 def map_views(maps: torch.Tensor, strong: bool, generator: torch.Generator, shift: int = SHIFT, cut: float = CUT,
               channel_drop: float = CHANNEL_DROP) -> torch.Tensor:
     """A weak (flip, shift) or strong (also cutout and channel dropout) view of a batch ``(B, C, H, W)`` of maps."""

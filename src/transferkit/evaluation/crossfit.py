@@ -254,7 +254,8 @@ def _train_fold(model: TransferModel, strategy: Strategy, context: RunContext, e
     fold_context = _FoldContext(
         splits=DataSplits(train=train, val=val, test=None), train=train_cfg, label_smoothing=context.label_smoothing,
         checkpoint_dir=None, run_dir=None, cache_dir=context.cache_dir, progress=False,
-        evaluate_fn=recording_evaluate, pool_features=features)
+        evaluate_fn=recording_evaluate, pool_features=features, below_groups=context.below_groups,
+        map_pool=context.map_pool)
     for ext in extensions:
         if ext.name == "anchor":  # objectives anchored to this fold's copy of the initial weights
             fold_context = ext.configure(fold_context, model, fit)

@@ -16,7 +16,8 @@ More data of the *same* domain without labels (a folder of images, flat or neste
   the one engine like the others, fed by an auxiliary loader of weak / strong views.
 
 Settings are chosen on the labels before any unlabelled item is used: under ``--protocol cv`` the supervised
-folds choose the epochs as for any run, and their out-of-fold predictions choose the confidence level (the
+folds choose the epochs as for any run (when only the top layer groups train, they train on the same cached-map
+views as the final consistency run, every labelled item's lower layers computed once for all folds), and their out-of-fold predictions choose the confidence level (the
 largest share of the most confident items, and the lowest confidence, whose out-of-fold accuracy reaches
 ``--semi-precision``); under holdout the teacher's validation predictions do. Then *one* semi-supervised run uses
 every label. Unlabelled items that are also labelled, validation or test items (same id, or the same content)
@@ -281,6 +282,7 @@ class SemiExtension(FitExtension):
     # --- before training ---------------------------------------------------------------------------------
     def configure(self, context: RunContext, model: TransferModel, fit: FitConfig) -> RunContext:
         from transferkit.data import load_unlabelled
+        from transferkit.engine.lower_maps import LowerMapPool, trained_top_groups
 
         c = self.config
         splits = context.splits
@@ -298,6 +300,13 @@ class SemiExtension(FitExtension):
                                    "test item", "pass unlabelled items that are not in --data")
         self.unlabelled = data
         self.truth = known_labels(c.unlabelled_labels, data, list(splits.class_names))
+        below = trained_top_groups(model.backbone) if data.modality == "image" else None
+        if below is not None and c.semi != "self-training":
+            # consistency with only the top groups training: the supervised folds and the final run train the
+            # labelled items on map views too (the settings they choose are the final run's), each item's lower
+            # layers computed once for all of them
+            context = dataclasses.replace(context, below_groups=below, map_pool=LowerMapPool(
+                model.backbone, splits.train, below, context.progress))
         self.summary = {"unlabelled": str(c.unlabelled), "unlabelled_items_given": given,
                         "dropped_as_labelled_val_or_test": dropped, "unlabelled_items_used": len(data)}
         context.notes.append(f"unlabelled: {len(data)} items from '{c.unlabelled}'"
