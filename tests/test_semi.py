@@ -270,11 +270,25 @@ def test_accelerate_and_placement_move_cached_map_batches_to_the_device():
 
 def test_consistency_with_the_top_groups_training_reads_cached_maps_once(tmp_path, isolated_cache, monkeypatch):
     from transferkit.backbones.efficientnet import EfficientNetLite
+    from transferkit.engine import lower_maps as lower_maps_module
     from transferkit.model import load_model
 
     below = _count_items(monkeypatch, EfficientNetLite, "forward_below")
+    scratch: list = []
+    original = lower_maps_module.lower_maps
+
+    def recorded(*args, out=None, **kwargs):
+        maps = original(*args, out=out, **kwargs)
+        if out is not None:
+            scratch.append((Path(out), isinstance(maps, np.memmap)))
+        return maps
+
+    monkeypatch.setattr(lower_maps_module, "lower_maps", recorded)
     out, metrics = _top_groups_consistency(tmp_path, 10, 16, ["--semi-threshold", "0.5", "--semi-epochs", "3",
                                                               "--protocol", "holdout", "--epochs", "1"])
+    # the unlabelled maps were memory-mapped from a scratch file in the stage folder, which was not published
+    assert len(scratch) == 1 and scratch[0][1] and scratch[0][0].name.startswith("unlabelled-maps.")
+    assert not scratch[0][0].exists() and not list(out.glob("unlabelled-maps.*"))
     semi = metrics["semi"]
     assert semi["views"].startswith("views of cached maps below the top 2 layer groups")
     assert sum(r["seen"] for r in semi["rounds"]) > 16  # three passes over the 16 unlabelled items

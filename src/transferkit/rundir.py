@@ -34,6 +34,8 @@ import datetime
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +108,17 @@ def jsonable(obj: Any) -> Any:
 
 
 # --- what a folder is -------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def scratch_files(folder: Path, pattern: str) -> Iterator[None]:
+    """Delete ``folder``'s files matching ``pattern`` when the block ends, however it ends (they are ours: written
+    into our own stage folder, e.g. memory-mapped caches that must not be published)."""
+    try:
+        yield
+    finally:
+        for path in Path(folder).glob(pattern):
+            path.unlink(missing_ok=True)
 
 
 def staging_dir(out: str | Path) -> Path:

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -485,23 +483,12 @@ def pretrain(**options: Any) -> PretrainResult:
     return run_pretrain(config)
 
 
-@contextmanager
-def _scratch_files(folder: Path, pattern: str) -> Iterator[None]:
-    """Delete ``folder``'s files matching ``pattern`` when the block ends, however it ends (they are ours: written
-    into our own stage folder)."""
-    try:
-        yield
-    finally:
-        for path in folder.glob(pattern):
-            path.unlink(missing_ok=True)
-
-
 def run_pretrain(config: PretrainConfig) -> PretrainResult:
     from transferkit.backbones import check_backbone_name, create_backbone, self_taught_spec
     from transferkit.backbones.self_taught import SPEC_FORMAT, write_backbone_folder
     from transferkit.data import load_unlabelled
     from transferkit.engine.trainer import TrainConfig, Trainer, seed_everything
-    from transferkit.rundir import CHECKPOINT_DIR, OutputFolder
+    from transferkit.rundir import CHECKPOINT_DIR, OutputFolder, scratch_files
     from transferkit.selftaught import backbone_for
 
     config.validate()
@@ -525,7 +512,7 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
                         schedule="cosine", early_stopping=0, seed=config.seed, device=config.device)
     resuming = folder.begin()
     with folder:
-        with _scratch_files(folder.stage, "scan-inputs.*.npy"):
+        with scratch_files(folder.stage, "scan-inputs.*.npy"):
             # scan's cache of the lower layers: memory-mapped in the stage (one file per process), never published
             model, objective, objective_name, pairs = _objective(backbone, data, config,
                                                                  folder.stage / f"scan-inputs.{os.getpid()}.npy")

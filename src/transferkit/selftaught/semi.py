@@ -36,8 +36,10 @@ import csv
 import dataclasses
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,6 +73,8 @@ SELF_TRAINING_PASSES = 2.0
 DEFAULT_STRATEGY = "finetune"
 AUTO_METHOD = "consistency"
 PSEUDO_LABELS_FILE = "pseudo_labels.csv"
+#: consistency on cached maps: the unlabelled items' maps, one scratch file per process in the stage folder
+UNLABELLED_MAPS = "unlabelled-maps.*.npy"
 #: consistency on cached lower-layer maps (only the top groups train, e.g. ``--unfreeze 2``): passes over the
 #: unlabelled pool when --semi-epochs is not given. A pass there costs a fraction of a full forward pass; measured on
 #: 1,800 held-out Fashion-MNIST training images (20 labels per class + the 5,000-image pool, EfficientNet-Lite0 224 px,
@@ -431,6 +435,7 @@ class SemiExtension(FitExtension):
 
     def _consistency(self, context: RunContext, model: TransferModel, strategy: Strategy) -> TrainResult:
         from transferkit.engine.lower_maps import lower_maps, map_view_loader, trained_top_groups
+        from transferkit.rundir import scratch_files
         from transferkit.selftaught.consistency import (
             BATCH_KEY,
             ConsistencyObjective,
@@ -447,8 +452,11 @@ class SemiExtension(FitExtension):
             tau, _, where = self._choose_level(self._held_out(context, model, strategy) if context.cv is not None
                                                else None)
         train = context.train
-        # only the top groups train: the layers below run once per item and the views are made on their maps
+        # only the top groups train: the layers below run once per item and the views are made on their maps,
+        # memory-mapped from a scratch file in the run's stage folder (a pool larger than the memory), deleted after
         below = trained_top_groups(model.backbone) if data.modality == "image" else None
+        scratch = (None if context.run_dir is None or below is None
+                   else Path(context.run_dir) / UNLABELLED_MAPS.replace("*", str(os.getpid())))
         passes = c.semi_epochs if c.semi_epochs is not None else (CACHED_PASSES if below is not None else None)
         epochs = max(train.epochs, consistency_epochs(len(context.splits.train), len(data), train.batch_size,
                                                       c.semi_ratio, passes))
@@ -465,14 +473,15 @@ class SemiExtension(FitExtension):
                      "cutout + channel dropout)")
 
             def unlabelled_loader(backbone: Any) -> Any:
-                return map_view_loader(lower_maps(backbone, data, below, context.progress), below, unlabelled_batch,
-                                       train.seed, truth)
+                maps = lower_maps(backbone, data, below, context.progress, out=scratch)
+                return map_view_loader(maps, below, unlabelled_batch, train.seed, truth)
         run = dataclasses.replace(
             context, train=dataclasses.replace(train, epochs=epochs), objectives=[*context.objectives, objective],
             aux_loaders={**context.aux_loaders, BATCH_KEY: unlabelled_loader}, below_groups=below)
         logger.info("consistency: tau %.3f (%s), %d epochs, %d unlabelled items per step, %s", tau, where, epochs,
                     unlabelled_batch, views)
-        result = strategy.train(model, run)
+        with scratch_files(Path(context.run_dir), UNLABELLED_MAPS) if scratch is not None else nullcontext():
+            result = strategy.train(model, run)
         epochs_rows = objective.summary()
         self.summary.update(tau=round(tau, 4), tau_chosen_by=where, epochs=epochs, views=views, rounds=epochs_rows)
         return result
