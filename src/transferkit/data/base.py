@@ -139,6 +139,22 @@ class LabeledData:
         )
 
 
+class ItemPositions:
+    """Where each item of a pool sits, by id, so that arrays computed once over the pool (features, lower-layer
+    maps) serve any subset of it (cross-validation folds, the refit)."""
+
+    def __init__(self, pool: LabeledData) -> None:
+        self.index = {item_id: i for i, item_id in enumerate(pool.ids)}
+        self.unique = len(self.index) == len(pool)
+
+    def of(self, data: LabeledData) -> np.ndarray | None:
+        """The pool positions of ``data``'s items, in order; None when one is not in the pool (or its ids repeat)."""
+        positions = [self.index.get(item_id) for item_id in data.ids]
+        if not self.unique or any(p is None for p in positions):
+            return None
+        return np.asarray(positions, dtype=np.int64)
+
+
 def sort_class_names(names: Iterable[str]) -> list[str]:
     """Class names in label order: by numeric value when every name is a number (so "2" < "10" and class
     "k" gets index k for names 0..K-1), else alphabetically. Used for class folders and label columns alike."""

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from transferkit.data.base import LabeledData
+from transferkit.data.base import ItemPositions, LabeledData
 
 #: the measured views (Fashion-MNIST, 20 labels per class + 5,000 unlabelled images, EfficientNet-Lite0 224 px,
 #: top 2 groups): bench/results/unlabelled.md
@@ -88,16 +88,16 @@ class LowerMapPool:
 
     def __init__(self, backbone: Any, pool: LabeledData, groups: int, progress: bool = True) -> None:
         self.backbone, self.pool, self.groups, self.progress = backbone, pool, groups, progress
-        self.position = {item_id: i for i, item_id in enumerate(pool.ids)}
+        self.positions = ItemPositions(pool)
         self._maps: np.ndarray | None = None
 
     def maps(self, data: LabeledData) -> np.ndarray:
-        positions = [self.position.get(item_id) for item_id in data.ids]
-        if len(self.position) != len(self.pool) or any(p is None for p in positions):
+        positions = self.positions.of(data)
+        if positions is None:
             return lower_maps(self.backbone, data, self.groups, self.progress)
         if self._maps is None:
             self._maps = lower_maps(self.backbone, self.pool, self.groups, self.progress)
-        return self._maps[np.asarray(positions, dtype=np.int64)]
+        return self._maps[positions]
 
 
 def map_views(maps: torch.Tensor, strong: bool, generator: torch.Generator, shift: int = SHIFT, cut: float = CUT,

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from transferkit.data.base import DataSplits, LabeledData, SubsetSource
+from transferkit.data.base import DataSplits, ItemPositions, LabeledData, SubsetSource
 from transferkit.engine.context import RunContext
 from transferkit.errors import TransferkitError
 from transferkit.evaluation.protocol import CVResult, FoldOutput, check_cross_validatable, cross_validate
@@ -184,17 +184,17 @@ class _PoolFeatures:
 
     def __init__(self, context: RunContext, model: TransferModel, pool: LabeledData) -> None:
         self.context, self.backbone, self.pool = context, model.backbone, pool
-        self.position = {item_id: i for i, item_id in enumerate(pool.ids)}
+        self.positions = ItemPositions(pool)
         self._features: np.ndarray | None = None
         self._digest: str | None = None
 
     def rows(self, data: LabeledData) -> np.ndarray:
-        positions = [self.position.get(i) for i in data.ids]
-        if any(p is None for p in positions) or len(self.position) != len(self.pool):
+        positions = self.positions.of(data)
+        if positions is None:
             raise KeyError("not a subset of the labelled pool")
         if self._features is None:
             self._features = self.context.features(self.backbone, self.pool)
-        return self._features[np.asarray(positions, dtype=np.int64)]
+        return self._features[positions]
 
     def features(self, backbone: Any, data: LabeledData) -> np.ndarray | None:
         """Rows of the pool's features when ``backbone`` still has the pool backbone's weights, else None."""

@@ -17,9 +17,9 @@ More data of the *same* domain without labels (a folder of images, flat or neste
 
 Settings are chosen on the labels before any unlabelled item is used: under ``--protocol cv`` the supervised
 folds choose the epochs as for any run (when only the top layer groups train, they train on the same cached-map
-views as the final consistency run, every labelled item's lower layers computed once for all folds), and their out-of-fold predictions choose the confidence level (the
-largest share of the most confident items, and the lowest confidence, whose out-of-fold accuracy reaches
-``--semi-precision``); under holdout the teacher's validation predictions do. Then *one* semi-supervised run uses
+views as the final consistency run, every labelled item's lower layers computed once for all folds), and their
+out-of-fold predictions choose the confidence level (the largest share of the most confident items, and the lowest
+confidence, whose out-of-fold accuracy reaches ``--semi-precision``); under holdout the teacher's validation predictions do. Then *one* semi-supervised run uses
 every label. Unlabelled items that are also labelled, validation or test items (same id, or the same content)
 are dropped before anything is pseudo-labelled, so pseudo-labels never touch validation or test items.
 
@@ -434,7 +434,7 @@ class SemiExtension(FitExtension):
         return row
 
     def _consistency(self, context: RunContext, model: TransferModel, strategy: Strategy) -> TrainResult:
-        from transferkit.engine.lower_maps import lower_maps, map_view_loader, trained_top_groups
+        from transferkit.engine.lower_maps import lower_maps, map_view_loader
         from transferkit.rundir import scratch_files
         from transferkit.selftaught.consistency import (
             BATCH_KEY,
@@ -452,9 +452,10 @@ class SemiExtension(FitExtension):
             tau, _, where = self._choose_level(self._held_out(context, model, strategy) if context.cv is not None
                                                else None)
         train = context.train
-        # only the top groups train: the layers below run once per item and the views are made on their maps,
-        # memory-mapped from a scratch file in the run's stage folder (a pool larger than the memory), deleted after
-        below = trained_top_groups(model.backbone) if data.modality == "image" else None
+        # only the top groups train (``configure`` decided): the layers below run once per item and the views are
+        # made on their maps, memory-mapped from a scratch file in the run's stage folder (a pool larger than the
+        # memory), deleted after
+        below = context.below_groups
         scratch = (None if context.run_dir is None or below is None
                    else Path(context.run_dir) / UNLABELLED_MAPS.replace("*", str(os.getpid())))
         passes = c.semi_epochs if c.semi_epochs is not None else (CACHED_PASSES if below is not None else None)
@@ -477,7 +478,7 @@ class SemiExtension(FitExtension):
                 return map_view_loader(maps, below, unlabelled_batch, train.seed, truth)
         run = dataclasses.replace(
             context, train=dataclasses.replace(train, epochs=epochs), objectives=[*context.objectives, objective],
-            aux_loaders={**context.aux_loaders, BATCH_KEY: unlabelled_loader}, below_groups=below)
+            aux_loaders={**context.aux_loaders, BATCH_KEY: unlabelled_loader})
         logger.info("consistency: tau %.3f (%s), %d epochs, %d unlabelled items per step, %s", tau, where, epochs,
                     unlabelled_batch, views)
         with scratch_files(Path(context.run_dir), UNLABELLED_MAPS) if scratch is not None else nullcontext():
