@@ -106,6 +106,45 @@ def test_ensemble_folder_loads_as_one_model_averaging_members(auto_run, tmp_path
     assert np.allclose(ensemble.predict_proba(items), 0.25 * plain + 0.75 * flipped, atol=1e-6)
 
 
+def test_probes_of_one_backbone_share_its_forward_pass_at_prediction(folder, tmp_path, monkeypatch):
+    """auto's committee holds a final-layer and a multi-stage probe of each backbone: the final embedding is the last
+    columns of the multi-stage features, so one pass per view serves both heads, with the same probabilities as each
+    member on its own. A member whose weights differ keeps its own pass."""
+    import torch
+
+    from transferkit.api import EnsembleModel, load
+    from transferkit.autofit.ensemble import save_ensemble
+    from transferkit.backbones import create_backbone
+    from transferkit.backbones.timm_backbone import TimmBackbone
+    from transferkit.data import load_data
+    from transferkit.model import TaskSpec, TransferModel
+
+    def probe(seed: int, **options) -> TransferModel:
+        torch.manual_seed(seed)
+        return TransferModel(create_backbone("efficientnet_lite0", pretrained=True, image_size=32, **options),
+                             [TaskSpec("label", "classify", ["bright", "dark"])]).eval()
+
+    final, stages, other = probe(0), probe(1, pool_stages=[3, 4]), probe(2)
+    with torch.no_grad():
+        other.backbone.model.conv_head.weight.mul_(1.01)  # another backbone: no sharing
+    strategy = {"name": "linear-probe", "options": {}}
+    save_ensemble(tmp_path / "ens", [(final, strategy, {"tta": "hflip"}), (stages, strategy, {"tta": "hflip"}),
+                                     (other, strategy, {"tta": "hflip"})], [0.5, 0.3, 0.2])
+    ensemble = load(tmp_path / "ens")
+    assert isinstance(ensemble, EnsembleModel)
+    data = load_data(str(folder)).train
+    passes = []
+    forward = TimmBackbone.forward_features
+    monkeypatch.setattr(TimmBackbone, "forward_features", lambda self, x: passes.append(len(x)) or forward(self, x))
+    shared = ensemble.predict_proba_data(data)
+    assert ensemble.groups_ == [[1, 0], [2]]
+    assert sum(passes) == 2 * 2 * len(data)  # (the multi-stage host + the other backbone) x (image, mirror image)
+    passes.clear()
+    separate = sum(w * m.predict_proba_data(data) for w, m in zip(ensemble.weights, ensemble.members))
+    assert sum(passes) == 3 * 2 * len(data)
+    assert np.allclose(shared, separate, atol=1e-5) and not np.allclose(shared[:, 0], 0.5, atol=1e-3)
+
+
 def test_select_ensemble_adds_members_only_when_they_help():
     labels = np.array([0, 0, 1, 1])
     good = np.array([[0.9, 0.1], [0.6, 0.4], [0.4, 0.6], [0.2, 0.8]])

@@ -210,11 +210,23 @@ class EnsembleModel(LoadedModel):
             raise TransferkitError(f"the members of the ensemble in '{folder}' have different classes",
                                    "re-run `transferkit auto`")
         super().__init__(self.members[0].module, config, path)
+        self.groups_: list[list[int]] | None = None  # members sharing a forward pass, found on first prediction
 
     def predict_proba_data(self, data, batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        total = sum(self.weights)
-        return sum(w / total * m.predict_proba_data(data, batch_size, progress)
-                   for m, w in zip(self.members, self.weights))
+        """The weighted mean of the members' probabilities; members whose features are columns of another's
+        (auto's final-layer and multi-stage probes of one backbone) share that member's forward pass."""
+        from transferkit.autofit.ensemble import group_probabilities, shared_feature_groups
+
+        if self.groups_ is None:
+            self.groups_ = shared_feature_groups(self.members)
+        total, mean = sum(self.weights), 0.0
+        for group in self.groups_:
+            if len(group) == 1:
+                parts = [self.members[group[0]].predict_proba_data(data, batch_size, progress)]
+            else:
+                parts = group_probabilities([self.members[i] for i in group], data, batch_size, progress)
+            mean = mean + sum(self.weights[i] / total * p for i, p in zip(group, parts))
+        return mean  # type: ignore[return-value]
 
 
 def evaluate(model: str | Path | LoadedModel, data: str, *, text_column: str | None = None,

@@ -138,3 +138,75 @@ def save_ensemble(folder: Path, members: list[tuple[Any, dict[str, Any], dict[st
               "tasks": [t.to_dict() for t in first.tasks], ENSEMBLE_KEY: {"members": paths, "weights": weights},
               **(extra or {})}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+# --- prediction: members that can share one forward pass ---------------------------------------------------------
+
+#: backbone options that only change which features are returned, not how the final embedding is computed
+_PREFIX_OPTIONS = ("pool_stages",)
+
+
+def shares_features(host: Any, other: Any) -> bool:
+    """True when ``other``'s features are the last columns of ``host``'s for every input (both loaded models): the
+    same architecture, preprocessing, weights and test-time augmentation, ``host`` at most adding the pooled
+    earlier stages of a multi-stage probe (``pool_stages``, placed before the final embedding). Then one forward
+    pass of ``host``'s backbone serves both heads: auto's committee holds a final-layer and a multi-stage probe of
+    each backbone, so sharing halves its passes at prediction."""
+    import torch
+
+    a, b = host.module.backbone, other.module.backbone
+    if type(a) is not type(b) or a.spec.name != b.spec.name or host.config.get("tta") != other.config.get("tta"):
+        return False
+    if a.feature_dim < b.feature_dim:
+        return False
+    mine, theirs = dict(a.spec.options), dict(b.spec.options)
+    if mine != theirs:  # only the host may add pooled stages, and then the other must return the final embedding
+        if any(theirs.get(k) for k in _PREFIX_OPTIONS) or theirs.get("feature_stage") is not None:
+            return False
+        if {k: v for k, v in mine.items() if k not in _PREFIX_OPTIONS} != theirs:
+            return False
+    state_a, state_b = a.state_dict(), b.state_dict()
+    return state_a.keys() == state_b.keys() and all(
+        state_a[k].shape == state_b[k].shape and torch.equal(state_a[k].cpu(), state_b[k].cpu()) for k in state_a)
+
+
+def shared_feature_groups(members: list[Any]) -> list[list[int]]:
+    """Member indices grouped so that the first of each group (the widest features) serves the others
+    (:func:`shares_features`); every member is in exactly one group."""
+    order = sorted(range(len(members)), key=lambda i: (-members[i].module.backbone.feature_dim, i))
+    groups: list[list[int]] = []
+    for i in order:
+        group = next((g for g in groups if shares_features(members[g[0]], members[i])), None)
+        if group is None:
+            groups.append([i])
+        else:
+            group.append(i)
+    return groups
+
+
+def group_probabilities(members: list[Any], data: Any, batch_size: int, progress: bool) -> list[np.ndarray]:
+    """Class probabilities of each of ``members`` (one group of :func:`shared_feature_groups`, host first) from one
+    pass of the host's backbone per test-time view; each member's head reads its last columns of the features."""
+    import torch
+
+    from transferkit.engine.features import embed_items
+    from transferkit.engine.placement import predict_batches
+
+    host = members[0]
+    views = [data]
+    if host.config.get("tta") == "hflip" and data.modality == "image":
+        from transferkit.autofit.training import mirrored
+
+        views.append(mirrored(data))
+    backbone = host.module.backbone
+    features = [embed_items(backbone, view, backbone.forward_features, progress=progress, batch_size=batch_size,
+                            description="predicting") for view in views]
+    out = []
+    for member in members:
+        model, width = member.module, member.module.backbone.feature_dim
+        total = 0.0
+        for x in features:
+            total = total + predict_batches(model, [torch.as_tensor(x[:, -width:])], lambda f, m=model, t=member:
+                                            torch.softmax(m.forward_head(f).logits.float() / t.temperature, dim=-1))
+        out.append(total / len(features))
+    return out
