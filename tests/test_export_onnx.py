@@ -190,6 +190,38 @@ def test_auto_ensemble_exports_to_one_onnx_graph_and_to_a_plain_model_folder(tmp
     np.testing.assert_allclose(plain.predict_proba(files), expected, atol=1e-5)  # LoRA merged: rounding only
 
 
+def test_probes_of_one_backbone_share_it_in_the_exported_graph(tmp_path):
+    """auto's committee pairs a final-layer and a multi-stage probe of each backbone: the graph runs that backbone
+    once per view (two inputs, the image and its mirror image; the file about one backbone's size, not two) and
+    still gives the PyTorch ensemble's probabilities."""
+    import torch
+
+    from transferkit.autofit.ensemble import save_ensemble
+    from transferkit.backbones import create_backbone
+    from transferkit.export.onnx import export_onnx
+    from transferkit.model import TaskSpec, TransferModel, save_model
+
+    def probe(seed: int, **options) -> TransferModel:
+        torch.manual_seed(seed)
+        return TransferModel(create_backbone("efficientnet_lite0", pretrained=True, image_size=32, **options),
+                             [TaskSpec("label", "classify", ["h", "v"])]).eval()
+
+    strategy = {"name": "linear-probe", "options": {}}
+    final, stages = probe(0), probe(1, pool_stages=[3, 4])
+    save_ensemble(tmp_path / "auto", [(final, strategy, {"tta": "hflip"}), (stages, strategy, {"tta": "hflip"})],
+                  [0.5, 0.5])
+    save_model(final, tmp_path / "one", strategy, extra={"tta": "hflip"})
+    shared, one = export_onnx(tmp_path / "auto", tmp_path / "auto-onnx"), export_onnx(tmp_path / "one", tmp_path / "one-onnx")
+    import onnx
+
+    assert [i.name for i in onnx.load(str(shared / "model.onnx")).graph.input] == ["pixels_0", "pixels_1"]
+    assert (shared / "model.onnx").stat().st_size < 1.1 * (one / "model.onnx").stat().st_size
+    write_striped_folder(tmp_path / "data", 3)
+    files = sorted(str(p) for p in (tmp_path / "data").rglob("*.png"))
+    np.testing.assert_allclose(transferkit.load(shared).predict_proba(files),
+                               transferkit.load(tmp_path / "auto", device="cpu").predict_proba(files), atol=1e-5)
+
+
 def test_safetensors_export_of_a_plain_run_keeps_its_weights(tmp_path):
     for cls in ("h", "v"):
         (tmp_path / "data" / cls).mkdir(parents=True)

@@ -17,7 +17,9 @@ graph whose first output ``probabilities`` is the weighted mean of the members' 
 :class:`transferkit.api.EnsembleModel` computes them. Its members may need different inputs, so the graph has one
 input per distinct *view* (``pixels_0``, ``pixels_1``, ... or ``input_ids_0`` / ``attention_mask_0``, ...): one
 per member preprocessing (resolution, crop, normalisation, tokenizer), and one more for the mirror image of a
-member with flip TTA. ``preprocess.json`` (``"kind": "ensemble"``) lists every view's preprocessing, which
+member with flip TTA. Members whose features are columns of another member's (auto's final-layer and multi-stage
+probes of one backbone) read them from that member's backbone: the graph holds and runs it once per view.
+``preprocess.json`` (``"kind": "ensemble"``) lists every view's preprocessing, which
 ``transferkit`` runs in Python before the graph; the resizing is done there (PIL, as in training), not in the
 graph, so the export reproduces the PyTorch ensemble to rounding error. The members' raw logits follow as
 outputs ``logits_<member>_<view>``. ``parity.json`` then also holds the end-to-end comparison with the PyTorch
@@ -195,7 +197,9 @@ class _Graph:
     def build_ensemble(members: list[dict[str, Any]], views: list[dict[str, Any]], input_names: list[str]):
         """An ensemble: the weighted mean of the members' probabilities (each member: softmax of its first head's
         logits / its temperature, averaged over its views, i.e. plain and mirror image under flip TTA), then
-        every member's logits per view."""
+        every member's logits per view. A member whose features are the last ``width`` columns of its ``host``'s
+        (:func:`transferkit.autofit.ensemble.shares_features`) reads them from the host's one backbone pass, so the
+        graph holds and runs that backbone once."""
         import torch
 
         class EnsembleGraph(torch.nn.Module):
@@ -206,11 +210,16 @@ class _Graph:
             def forward(self, *inputs):
                 named = dict(zip(input_names, inputs))
                 total, logits = None, []
+                features: dict[tuple[int, int], Any] = {}  # (host member, view): its backbone's features, once
                 for module, member in zip(self.members, members):
                     probabilities = None
                     for v in member["views"]:
-                        tensors = tuple(named[n] for n in views[v]["graph_inputs"])
-                        out = module(_batch(_view_keys(views[v]), tensors)).outputs[module.tasks[0].name]
+                        key = (member["host"], v)
+                        if key not in features:
+                            tensors = tuple(named[n] for n in views[v]["graph_inputs"])
+                            host = self.members[member["host"]].backbone
+                            features[key] = host.forward_features(_batch(_view_keys(views[v]), tensors))
+                        out = module.forward_head(features[key][:, -member["width"]:]).outputs[module.tasks[0].name]
                         logits.append(out)
                         p = torch.softmax(out / member["temperature"], dim=-1)
                         probabilities = p if probabilities is None else probabilities + p
@@ -324,17 +333,21 @@ def _export_ensemble(ensemble: Any, parts: list[Any], weights: list[float], stag
     """One graph for an ``auto`` ensemble (module docstring) of the loaded models ``parts`` (``ensemble`` itself
     may be a single model with flip TTA): views deduplicated over members, probabilities averaged in the graph;
     parity against the graph in PyTorch and against ``ensemble.predict_proba`` itself."""
+    from transferkit.autofit.ensemble import shared_feature_groups
+
     views: list[dict[str, Any]] = []
-    members: list[dict[str, Any]] = []
-    total = sum(weights)
-    for member, weight in zip(parts, weights):
+    host_of = {i: group[0] for group in shared_feature_groups(parts) for i in group}
+    member_views: dict[int, list[int]] = {}
+    for i, member in enumerate(parts):  # the views of each member that runs its own backbone, in member order
+        if host_of[i] != i:
+            continue
         backbone = member.module.backbone
         base = preprocess_spec(backbone)
         mirrors = [False, True] if member.config.get("tta") == "hflip" and base["kind"] == "image" else [False]
         indices = []
         for mirror in mirrors:
             key = {**base, "mirror": mirror, "backbone": backbone.spec.to_dict()}
-            found = next((i for i, v in enumerate(views) if v["key"] == key), None)
+            found = next((j for j, v in enumerate(views) if v["key"] == key), None)
             if found is None:
                 found = len(views)
                 view = {**base, "mirror": mirror, "name": f"view{found}", "key": key}
@@ -346,10 +359,13 @@ def _export_ensemble(ensemble: Any, parts: list[Any], weights: list[float], stag
                     view["graph_inputs"] = [f"pixels_{found}"]
                 views.append(view)
             indices.append(found)
-        members.append({"module": member.module, "views": indices, "weight": weight / total,
-                        "temperature": float(member.temperature), "backbone": backbone.spec.name,
-                        "strategy": member.config.get("strategy", {}).get("name"),
-                        "tta": member.config.get("tta"), "path": str(member.path)})
+        member_views[i] = indices
+    total = sum(weights)
+    members = [{"module": member.module, "views": member_views[host_of[i]], "weight": weight / total,
+                "temperature": float(member.temperature), "backbone": member.module.backbone.spec.name,
+                "strategy": member.config.get("strategy", {}).get("name"), "tta": member.config.get("tta"),
+                "path": str(member.path), "host": host_of[i], "width": member.module.backbone.feature_dim}
+               for i, (member, weight) in enumerate(zip(parts, weights))]
     for view in views:
         del view["key"]
     spec = {"kind": "ensemble", "modality": ensemble.modality, "views": views}
