@@ -143,6 +143,7 @@ def test_probes_of_one_backbone_share_its_forward_pass_at_prediction(folder, tmp
     separate = sum(w * m.predict_proba_data(data) for w, m in zip(ensemble.weights, ensemble.members))
     assert sum(passes) == 3 * 2 * len(data)
     assert np.allclose(shared, separate, atol=1e-5) and not np.allclose(shared[:, 0], 0.5, atol=1e-3)
+    assert ensemble.predict_proba_data(data.subset(np.arange(0))).shape == (0, 2)  # no items: no rows, as a member
 
 
 def test_select_ensemble_adds_members_only_when_they_help():

@@ -193,6 +193,8 @@ def group_probabilities(members: list[Any], data: Any, batch_size: int, progress
     from transferkit.engine.placement import predict_batches
 
     host = members[0]
+    if not len(data):  # as a member alone answers: no rows
+        return [np.zeros((0, len(member.classes_))) for member in members]
     views = [data]
     if host.config.get("tta") == "hflip" and data.modality == "image":
         from transferkit.autofit.training import mirrored
