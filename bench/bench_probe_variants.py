@@ -110,25 +110,22 @@ def labelled_rows(labels: np.ndarray, seed: int) -> np.ndarray:
 
 
 def probe_probabilities(train: list[np.ndarray], y: np.ndarray, test: list[np.ndarray], c: float) -> np.ndarray:
-    """Mean probabilities over the ``test`` views of an L2 logistic regression trained on all ``train`` views."""
-    import torch
+    """Mean probabilities over the ``test`` views of auto's probe (L2 logistic regression) trained on all ``train``
+    views."""
+    from transferkit.autofit import training
 
-    from transferkit.engine.solvers import fit_logistic_regression
-
-    weight, bias = fit_logistic_regression(np.concatenate(train), np.tile(y, len(train)), int(y.max()) + 1, c=c,
-                                           max_iter=100)
-    probabilities = [torch.softmax(torch.as_tensor(x, dtype=torch.float64) @ weight.double().T + bias.double(), -1)
-                     for x in test]
-    return (sum(probabilities) / len(probabilities)).numpy()
-
-
-def sqrt_l2(x: np.ndarray) -> np.ndarray:
-    x = np.sqrt(np.clip(x, 0, None))
-    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12) * np.sqrt(x.shape[1])
+    weight, bias = training.fit_probe_head(np.concatenate(train), np.tile(y, len(train)), int(y.max()) + 1, c)
+    return sum(training.probe_probabilities(weight, bias, x) for x in test) / len(test)
 
 
 def l2(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to length sqrt(dimension) (unit length would need a much larger C)."""
     return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12) * np.sqrt(x.shape[1])
+
+
+def sqrt_l2(x: np.ndarray) -> np.ndarray:
+    """The power transform: square root of the (non-negative) features, then :func:`l2`."""
+    return l2(np.sqrt(np.clip(x, 0, None)))
 
 
 def stage_z(x: np.ndarray, ref: np.ndarray) -> np.ndarray:

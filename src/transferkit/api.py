@@ -133,16 +133,21 @@ class LoadedModel:
         self.refuse_language_model()
         return self.predict_proba_data(self._as_data(items), batch_size)
 
-    def predict_proba_data(self, data, batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        """Class probabilities for every item of a LabeledData, with the model's test-time augmentation (``tta``
-        in its config: ``hflip`` averages each image with its mirror image) and temperature."""
-        probabilities = predict_proba_model(self.module, data, batch_size, progress, temperature=self.temperature)
+    def test_views(self, data) -> list:
+        """``data`` as the model sees it at prediction: with flip test-time augmentation (``tta`` in its config:
+        ``hflip``) the images and their mirror images, whose probabilities are averaged."""
         if self.config.get("tta") == "hflip" and data.modality == "image":
             from transferkit.autofit.training import mirrored
 
-            probabilities = 0.5 * (probabilities + predict_proba_model(self.module, mirrored(data), batch_size,
-                                                                       temperature=self.temperature))
-        return probabilities
+            return [data, mirrored(data)]
+        return [data]
+
+    def predict_proba_data(self, data, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """Class probabilities for every item of a LabeledData, with the model's test-time augmentation
+        (:meth:`test_views`) and temperature."""
+        views = self.test_views(data)
+        return sum(predict_proba_model(self.module, view, batch_size, progress and i == 0,
+                                       temperature=self.temperature) for i, view in enumerate(views)) / len(views)
 
     def predict(self, items: Any, batch_size: int = 64) -> list[str]:
         probabilities = self.predict_proba(items, batch_size)

@@ -195,14 +195,9 @@ def group_probabilities(members: list[Any], data: Any, batch_size: int, progress
     host = members[0]
     if not len(data):  # as a member alone answers: no rows
         return [np.zeros((0, len(member.classes_))) for member in members]
-    views = [data]
-    if host.config.get("tta") == "hflip" and data.modality == "image":
-        from transferkit.autofit.training import mirrored
-
-        views.append(mirrored(data))
     backbone = host.module.backbone
     features = [embed_items(backbone, view, backbone.forward_features, progress=progress, batch_size=batch_size,
-                            description="predicting") for view in views]
+                            description="predicting") for view in host.test_views(data)]
     out = []
     for member in members:
         model, width = member.module, member.module.backbone.feature_dim

@@ -19,9 +19,10 @@ Settings are chosen on the labels before any unlabelled item is used: under ``--
 folds choose the epochs as for any run (when only the top layer groups train, they train on the same cached-map
 views as the final consistency run, every labelled item's lower layers computed once for all folds), and their
 out-of-fold predictions choose the confidence level (the largest share of the most confident items, and the lowest
-confidence, whose out-of-fold accuracy reaches ``--semi-precision``); under holdout the teacher's validation predictions do. Then *one* semi-supervised run uses
-every label. Unlabelled items that are also labelled, validation or test items (same id, or the same content)
-are dropped before anything is pseudo-labelled, so pseudo-labels never touch validation or test items.
+confidence, whose out-of-fold accuracy reaches ``--semi-precision``); under holdout the teacher's validation
+predictions do. Then *one* semi-supervised run uses every label. Unlabelled items that are also labelled,
+validation or test items (same id, or the same content) are dropped before anything is pseudo-labelled, so
+pseudo-labels never touch validation or test items.
 
 ``metrics.json["semi"]`` records the unlabelled items used, the acceptance rate per round (self-training) or per
 epoch (consistency) and, where the unlabelled items' labels are known (``--unlabelled-labels CSV`` with columns
