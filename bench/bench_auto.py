@@ -113,29 +113,36 @@ def cell_auto(task: str, seed: int, budget: str, lock: str | None = None) -> dic
 
 def test_probabilities(model, test, cache_dir: Path = CACHE / "features") -> np.ndarray:
     """The model's probabilities on the test items; linear-probe members score from cached features (the same
-    numbers as running the network, without recomputing 2,000 forward passes per member on a loaded machine)."""
+    numbers as running the network, without recomputing 2,000 forward passes per member on a loaded machine), and
+    members whose features are the last columns of another's (autofit.ensemble.shares_features: a backbone's
+    final-layer and multi-stage probes) read that member's features, as the ensemble does at prediction."""
     import torch
 
     from transferkit.api import EnsembleModel
-    from transferkit.autofit.training import mirrored
+    from transferkit.autofit.ensemble import shared_feature_groups
     from transferkit.engine.features import extract_features
 
     members = list(zip(model.members, model.weights)) if isinstance(model, EnsembleModel) else [(model, 1.0)]
     total = sum(w for _, w in members)
     out = 0.0
-    for member, weight in members:
-        if member.config.get("strategy", {}).get("name") != "linear-probe":
+    is_probe = [m.config.get("strategy", {}).get("name") == "linear-probe" for m, _ in members]
+    probes = [pair for pair, probe in zip(members, is_probe) if probe]
+    for (member, weight), probe in zip(members, is_probe):
+        if not probe:
             out = out + weight / total * member.predict_proba_data(test)
-            continue
-        views = [test, mirrored(test)] if member.config.get("tta") == "hflip" else [test]
-        probabilities = 0.0
-        for view in views:
-            x = torch.as_tensor(extract_features(member.module.backbone, view, cache_dir=cache_dir,
-                                                 progress=False))
-            with torch.no_grad():
-                logits = member.module.forward_head(x).logits
-            probabilities = probabilities + torch.softmax(logits.float(), -1).numpy() / len(views)
-        out = out + weight / total * probabilities
+    for group in shared_feature_groups([m for m, _ in probes]):
+        host = probes[group[0]][0]
+        views = [extract_features(host.module.backbone, view, cache_dir=cache_dir, progress=False)
+                 for view in host.test_views(test)]
+        for i in group:
+            member, weight = probes[i]
+            width = member.module.backbone.feature_dim
+            probabilities = 0.0
+            for x in views:
+                with torch.no_grad():
+                    logits = member.module.forward_head(torch.as_tensor(x[:, -width:])).logits
+                probabilities = probabilities + torch.softmax(logits.float(), -1).numpy() / len(views)
+            out = out + weight / total * probabilities
     return np.asarray(out)
 
 

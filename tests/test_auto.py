@@ -173,20 +173,22 @@ def test_auto_resume_skips_finished_candidates(folder, tmp_path, monkeypatch):
 
     monkeypatch.setattr(auto_module.AutoSearch, "score", interrupting)
     config = dict(data=str(folder), out=str(out), time_budget="10m", strategies=["linear-probe"],
-                  **{**SMALL, "image_sizes": [32, 40]})  # two probe candidates: the second one is interrupted
+                  **{**SMALL, "image_sizes": [32, 40]})  # probe candidates: the second one is interrupted
     with pytest.raises(KeyboardInterrupt):
         run_auto(AutoConfig(**config))
     stage = out.parent / f".{out.name}.partial"
     assert not out.exists() and len(list((stage / "checkpoint" / "candidates").glob("*.json"))) == 1
+    first = calls[0]  # the multi-stage probe at 32 px, finished before the interruption
+    assert first == "multi-stage_probe_C=1_efficientnet_lite0_32", calls
     with pytest.raises(TransferkitError):  # neither --resume nor --overwrite
         run_auto(AutoConfig(**config))
     calls.clear()
     monkeypatch.setattr(auto_module.AutoSearch, "score", lambda self, c, r: (calls.append(c.slug), original(self, c, r))[1])
     run = run_auto(AutoConfig(**config, resume=True))
-    first = "probe_C=1_efficientnet_lite0_32"
-    assert first not in calls and calls, calls
+    assert first not in calls and "probe_C=1_efficientnet_lite0_32" in calls, calls
     board = json.loads((run.path / "leaderboard.json").read_text())
-    assert any(r["name"].startswith("probe C=1 efficientnet_lite0@32") and r["status"] == "done" for r in board["leaderboard"])
+    for name in ("multi-stage probe C=1 efficientnet_lite0@32", "probe C=1 efficientnet_lite0@32"):
+        assert any(r["name"].startswith(name) and r["status"] == "done" for r in board["leaderboard"]), name
 
 
 @pytest.mark.parametrize("per_class,classes,budget,fragment", [
@@ -269,6 +271,35 @@ def _search(folder, tmp_path, **options):
     return AutoSearch(config, config.validate(), time.time())
 
 
+def test_final_layer_probe_reads_the_multi_stage_table_without_a_forward_pass(folder, tmp_path, monkeypatch):
+    """The multi-stage probe of a backbone is scored first; the final-layer probe of the same backbone and resolution
+    then reads the last columns of its table (no forward pass): the same features as its own
+    extraction, and the same out-of-fold scores."""
+    from transferkit.autofit import training
+    from transferkit.autofit.space import POOL_STAGES, Candidate
+
+    final = Candidate("efficientnet_lite0", "linear-probe", 32, {"probe_c": 1.0}, "features", "probe C=1")
+    stages = Candidate("efficientnet_lite0", "linear-probe", 32, {"probe_c": 1.0, "pool_stages": list(POOL_STAGES)},
+                       "features", "multi-stage probe C=1")
+    own = _search(folder, tmp_path / "own", cache_dir=str(tmp_path / "cache-own"))
+    alone = own.score(final, refit=1.0)
+    search = _search(folder, tmp_path / "shared", cache_dir=str(tmp_path / "cache-shared"))
+    assert search.estimate(final)[0] > 1.0  # nothing to read from yet
+    search.score(stages, refit=1.0)
+    assert search.estimate(final) == (1.0, 1.0)
+    extractions = []
+    monkeypatch.setattr(training.FeatureTable, "_extract", lambda *a: extractions.append(a) or [])
+    shared = search.score(final, refit=1.0)
+    table = search.feature_table(final)
+    assert not extractions and table.computed == 0 and table.backbone.feature_dim == table.x.shape[1] == 1280
+    reference = own.feature_table(final)
+    assert np.allclose(table.x, reference.x, atol=1e-4) and np.allclose(table.x_mirror, reference.x_mirror, atol=1e-4)
+    for a, b in zip(alone["variants"], shared["variants"]):
+        assert a["name"] == b["name"] and np.allclose(a["oof_probabilities"], b["oof_probabilities"], atol=1e-4)
+    # another resolution has its own table
+    assert search.host_table(Candidate("efficientnet_lite0", "linear-probe", 40, {"probe_c": 1.0})) is None
+
+
 def test_trained_candidates_race_the_leader_on_the_same_items(folder, tmp_path, monkeypatch):
     """A trained candidate (3 folds) is stopped after its first fold when it trails the leader's out-of-fold
     predictions (5 folds) on the very items that fold validated; its out-of-fold rows are not compared by fold index."""
@@ -320,12 +351,13 @@ def test_image_space_tries_native_probes_then_top_block_lp_ft_with_fewer_folds()
 
     space = default_space("image")
     names = [c.name for c in space]
-    assert names[:7] == ["probe C=1 efficientnet_lite0@112", "probe C=1 efficientnet_lite0@224",
-                         "probe C=1 efficientnet_lite1@240", "probe C=1 efficientnet_lite2@260",
-                         "multi-stage probe C=1 efficientnet_lite0@224", "multi-stage probe C=1 efficientnet_lite1@240",
-                         "multi-stage probe C=1 efficientnet_lite2@260"]
-    assert all(c.options["pool_stages"] == list(POOL_STAGES) for c in space[4:7])
-    assert not any("pool_stages" in c.options for c in space[:4])
+    # each multi-stage probe before the final-layer probe of its backbone, which reads its table's last columns
+    assert names[:7] == ["probe C=1 efficientnet_lite0@112", "multi-stage probe C=1 efficientnet_lite0@224",
+                         "probe C=1 efficientnet_lite0@224", "multi-stage probe C=1 efficientnet_lite1@240",
+                         "probe C=1 efficientnet_lite1@240", "multi-stage probe C=1 efficientnet_lite2@260",
+                         "probe C=1 efficientnet_lite2@260"]
+    assert all(c.options["pool_stages"] == list(POOL_STAGES) for c in space[1:7:2])
+    assert not any("pool_stages" in c.options for c in [space[0], *space[2:7:2]])
     top = space[7]
     assert (top.strategy, top.image_size, top.options["unfreeze"], top.folds) == ("finetune", 224, "3", TRAIN_FOLDS)
     assert all(c.options["probe_c"] == 1.0 and c.folds is None for c in space if c.kind == "features")

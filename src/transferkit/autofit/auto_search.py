@@ -251,7 +251,7 @@ class AutoSearch:
         """(seconds to score by CV, seconds to refit on every item) of ``candidate``."""
         n = len(self.data)
         if candidate.kind == "features":
-            if self.table_key(candidate) in self.tables:
+            if self.table_key(candidate) in self.tables or self.host_table(candidate) is not None:
                 return 1.0, 1.0
             copies = 2 if self.data.modality == "image" else 1
             return 3.0 + copies * n * self.inference_seconds(candidate), 1.0
@@ -457,11 +457,22 @@ class AutoSearch:
         """Candidates with the same key share one feature table (backbone, resolution, pooled stages)."""
         return candidate.backbone, candidate.image_size, tuple(candidate.options.get("pool_stages") or ())
 
+    def host_table(self, candidate: Candidate):
+        """A finished table whose last columns are ``candidate``'s features (a multi-stage table of the same backbone
+        and resolution, for a final-layer probe), or None."""
+        backbone, size, stages = self.table_key(candidate)
+        if stages:
+            return None
+        return next((t for (b, s, pooled), t in self.tables.items() if (b, s) == (backbone, size) and pooled), None)
+
     def feature_table(self, candidate: Candidate):
         from transferkit.autofit.training import FeatureTable
 
         key = self.table_key(candidate)
-        if key not in self.tables:
+        host = self.host_table(candidate) if key not in self.tables else None
+        if host is not None:
+            self.tables[key] = FeatureTable.last_columns(host, candidate, self.config.seed)
+        elif key not in self.tables:
             table = FeatureTable(candidate, self.data, self.cache_dir, self.config.seed, self.check_time)
             if table.computed:  # not read from the cache: a real speed measurement
                 self.speed[key[:2]] = table.seconds / table.computed

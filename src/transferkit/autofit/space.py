@@ -71,12 +71,12 @@ TRAIN_FOLDS = 3
 
 def image_space(backbones: list[str] | None = None, sizes: list[int] | None = None) -> list[Candidate]:
     """The image search space, in the order it is tried: the cheapest probe (a result early, even on a slow machine),
-    the probe of every backbone at its own resolution (the strongest cheap candidates), the first trained candidate
-    (LP-FT), the probes at 3/4 resolution, then the other trained candidates. Each EfficientNet also gets a
-    multi-stage probe at its own resolution (:data:`POOL_STAGES`), after the final-layer probes. The final-layer and
-    multi-stage probes at each backbone's own resolution form the committee (``Candidate.committee``). The probe's C
-    is fixed at 1 (cross-validated C in {0.1, 1, 10} gained nothing on Fashion-MNIST 20/class:
-    bench/results/auto_fashion.md)."""
+    the probes of every backbone at its own resolution (the strongest cheap candidates), the first trained candidate
+    (LP-FT), the probes at 3/4 resolution, then the other trained candidates. Each EfficientNet gets a multi-stage
+    probe at its own resolution (:data:`POOL_STAGES`) before its final-layer probe, which reads the last columns of
+    the multi-stage features (one forward pass for both). The final-layer and multi-stage probes at each backbone's
+    own resolution form the committee (``Candidate.committee``). The probe's C is fixed at 1 (cross-validated C in
+    {0.1, 1, 10} gained nothing on Fashion-MNIST 20/class: bench/results/auto_fashion.md)."""
     backbones = backbones or list(LITE_NATIVE)
 
     def resolutions(backbone: str) -> list[int]:
@@ -95,8 +95,9 @@ def image_space(backbones: list[str] | None = None, sizes: list[int] | None = No
     ordered: list[Candidate] = []
     if not sizes:
         ordered.append(probe(first, LITE_NATIVE.get(first, 224) // 2))
-    ordered += [probe(b, resolutions(b)[0]) for b in backbones]
-    ordered += [multi_stage_probe(b, resolutions(b)[0]) for b in backbones if b in LITE_NATIVE]
+    for b in backbones:  # the multi-stage probe first: the final-layer probe reads its last columns, no extra pass
+        native = resolutions(b)[0]
+        ordered += [multi_stage_probe(b, native), probe(b, native)] if b in LITE_NATIVE else [probe(b, native)]
     # LP-FT of the top blocks at the backbone's own resolution: the frozen lower blocks cost one forward pass per
     # item and epoch and no backward pass, which makes native-resolution training affordable
     strategy, label, options = TRAINED_TOP

@@ -102,6 +102,19 @@ class FeatureTable:
                 self.computed += len(chunk)
         return [np.concatenate(p) for p in parts]
 
+    @classmethod
+    def last_columns(cls, host: FeatureTable, candidate: Candidate, seed: int) -> FeatureTable:
+        """``candidate``'s table read from ``host``'s without a forward pass: a final-layer probe's features are the
+        last columns of the multi-stage probe's of the same backbone (``pool_stages`` puts the pooled earlier stages
+        first; autofit.ensemble.shares_features relies on the same)."""
+        table = cls.__new__(cls)
+        table.backbone = create_candidate_backbone(candidate, seed)
+        width = table.backbone.feature_dim
+        table.x = host.x[:, -width:]
+        table.x_mirror = None if host.x_mirror is None else host.x_mirror[:, -width:]
+        table.computed, table.seconds, table.position, table.label_x = 0, 0.0, host.position, None
+        return table
+
     def rows(self, data: LabeledData) -> np.ndarray:
         return np.asarray([self.position[i] for i in data.ids], dtype=np.int64)
 
