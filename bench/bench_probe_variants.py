@@ -12,6 +12,10 @@ EfficientNet-Lite0 features of each labelled image and its mirror image, test im
   of few-shot classification, Hu et al. 2021 "PT-MAP"), z-scored per stage (multi-stage probe).
 * ``resolution``: the final-layer probe at 288 px instead of the native 224 px, alone and added to the committee of
   the 224 px final-layer and multi-stage probes.
+* ``polarity``: the probes on the negative images (``ImageOps.invert``: white garments on black become dark garments on
+  white, as in catalogue photos), alone and averaged with the probes of the images as they are.
+* ``batch norm``: the backbone's batch-norm statistics re-estimated on the 2,000 images and their mirror images before
+  extracting features (AdaBN, Li et al. 2016; transductive, so an upper bound of what the labelled images alone give).
 
     python -m bench.bench_probe_variants [--seeds 3]
 """
@@ -72,6 +76,12 @@ def views() -> dict[str, Callable]:
     return out
 
 
+def polarity_views() -> dict[str, Callable]:
+    from PIL import ImageOps
+
+    return {"invert": ImageOps.invert, "invert mirrored": lambda im: ImageOps.mirror(ImageOps.invert(im))}
+
+
 def then_mirrored(view: Callable) -> Callable:
     from PIL import ImageOps
 
@@ -88,7 +98,7 @@ def features(images: list, view: str, size: int, stages: bool, rows: np.ndarray 
     if path.is_file():
         return np.load(path)
     rows = np.arange(len(images)) if rows is None else rows
-    transform = (lambda im: im) if view == "plain" else views()[view]
+    transform = (lambda im: im) if view == "plain" else {**views(), **polarity_views()}[view]
     items = [transform(images[i]) for i in rows]
     data = LabeledData(items, np.zeros(len(items), dtype=np.int64), ["x"], "image", [f"{i}#{view}" for i in rows])
     backbone = create_backbone("efficientnet_lite0", image_size=size, **({"pool_stages": [3, 4]} if stages else {}))
@@ -101,6 +111,43 @@ def features(images: list, view: str, size: int, stages: bool, rows: np.ndarray 
     np.save(path.with_suffix(".tmp.npy"), full)
     path.with_suffix(".tmp.npy").replace(path)
     return full
+
+
+def adabn_features(images: list) -> dict[str, np.ndarray]:
+    """Multi-stage Lite0 features (224 px) of the images and their mirror images after re-estimating every batch-norm
+    layer's statistics on all of them (cumulative average over batches of 64 in a fixed shuffled order), cached."""
+    import torch
+    from PIL import ImageOps
+
+    from transferkit.backbones import create_backbone
+    from transferkit.data.base import LabeledData
+    from transferkit.engine.features import extract_features
+
+    paths = {v: CACHE / f"lite0-224-stages-adabn-all-{v}.npy" for v in ("plain", "mirror")}
+    if all(path.is_file() for path in paths.values()):
+        return {v: np.load(path) for v, path in paths.items()}
+    backbone = create_backbone("efficientnet_lite0", image_size=224, pool_stages=[3, 4])
+    for layer in backbone.modules():
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            layer.reset_running_stats()
+            layer.momentum = None  # a cumulative average
+    both = images + [ImageOps.mirror(im) for im in images]
+    order = np.random.default_rng(0).permutation(len(both))
+    backbone.train()
+    with torch.no_grad():
+        for start in range(0, len(order), 64):
+            backbone(torch.stack([backbone.preprocess(both[i]) for i in order[start:start + 64]]))
+    backbone.eval()
+    out = {}
+    for view, path in paths.items():
+        items = images if view == "plain" else both[len(images):]
+        data = LabeledData(items, np.zeros(len(items), dtype=np.int64), ["x"], "image", [f"{i}#adabn-{view}"
+                                                                                      for i in range(len(items))])
+        out[view] = extract_features(backbone, data, progress=False)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        np.save(path.with_suffix(".tmp.npy"), out[view])
+        path.with_suffix(".tmp.npy").replace(path)
+    return out
 
 
 def labelled_rows(labels: np.ndarray, seed: int) -> np.ndarray:
@@ -206,6 +253,20 @@ def main(argv: list[str] | None = None) -> int:
     add("resolution", "committee: 224 px final + multi-stage (today's Lite0 pair)", committee, committee)
     add("resolution", "committee + the 288 px final-layer probe",
         [(a + b + c) / 3 for a, b, c in zip(reference, multi, at_288)], committee)
+
+    negative = {"plain": features(images, "invert", 224, True), "mirror": features(images, "invert mirrored", 224, True)}
+    negative_final = {v: x[:, -FINAL:] for v, x in negative.items()}
+    add("polarity", "final layer, negative images", probe(negative_final, pm), reference)
+    negative_multi = probe(negative, pm)
+    add("polarity", "multi-stage, negative images", negative_multi, multi)
+    negative_pair = [(a + b) / 2 for a, b in zip(probe(negative_final, pm), negative_multi)]
+    add("polarity", "committee: the Lite0 pair on negative images", negative_pair, committee)
+    add("polarity", "committee: the Lite0 pair on both polarities (4 probes)",
+        [(a + b) / 2 for a, b in zip(committee, negative_pair)], committee)
+    adapted = adabn_features(images)
+    add("batch norm", "final layer, statistics re-estimated on the 2,000 images (AdaBN)",
+        probe({v: x[:, -FINAL:] for v, x in adapted.items()}, pm), reference)
+    add("batch norm", "multi-stage, statistics re-estimated (AdaBN)", probe(adapted, pm), multi)
 
     lines = ["| study | probe | accuracy on the 1,800 other images (mean ± sd) | per seed | vs today, paired (points, "
              "per seed) |", "|---|---|---|---|---|"]
