@@ -112,14 +112,12 @@ def cell_auto(task: str, seed: int, budget: str, lock: str | None = None) -> dic
 
 
 def test_probabilities(model, test, cache_dir: Path = CACHE / "features") -> np.ndarray:
-    """The model's probabilities on the test items; linear-probe members score from cached features (the same
-    numbers as running the network, without recomputing 2,000 forward passes per member on a loaded machine), and
-    members whose features are the last columns of another's (autofit.ensemble.shares_features: a backbone's
-    final-layer and multi-stage probes) read that member's features, as the ensemble does at prediction."""
-    import torch
-
+    """The model's probabilities on the test items, as the ensemble predicts (autofit.ensemble.group_probabilities:
+    a backbone's final-layer and multi-stage probes read one pass of its features), except that linear-probe
+    members read their features from a cache (the same numbers as running the network, without recomputing 2,000
+    forward passes per seed on a loaded machine)."""
     from transferkit.api import EnsembleModel
-    from transferkit.autofit.ensemble import shared_feature_groups
+    from transferkit.autofit.ensemble import group_probabilities, shared_feature_groups
     from transferkit.engine.features import extract_features
 
     members = list(zip(model.members, model.weights)) if isinstance(model, EnsembleModel) else [(model, 1.0)]
@@ -131,18 +129,9 @@ def test_probabilities(model, test, cache_dir: Path = CACHE / "features") -> np.
         if not probe:
             out = out + weight / total * member.predict_proba_data(test)
     for group in shared_feature_groups([m for m, _ in probes]):
-        host = probes[group[0]][0]
-        views = [extract_features(host.module.backbone, view, cache_dir=cache_dir, progress=False)
-                 for view in host.test_views(test)]
-        for i in group:
-            member, weight = probes[i]
-            width = member.module.backbone.feature_dim
-            probabilities = 0.0
-            for x in views:
-                with torch.no_grad():
-                    logits = member.module.forward_head(torch.as_tensor(x[:, -width:])).logits
-                probabilities = probabilities + torch.softmax(logits.float(), -1).numpy() / len(views)
-            out = out + weight / total * probabilities
+        parts = group_probabilities([probes[i][0] for i in group], test, 64, False, features_of=lambda backbone, view:
+                                    extract_features(backbone, view, cache_dir=cache_dir, progress=False))
+        out = out + sum(probes[i][1] / total * p for i, p in zip(group, parts))
     return np.asarray(out)
 
 

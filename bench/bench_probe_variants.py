@@ -92,25 +92,37 @@ def features(images: list, view: str, size: int, stages: bool, rows: np.ndarray 
     """Features of ``images`` (their ``rows`` only, zeros elsewhere) under ``view`` ("plain" or one of
     :func:`views`), cached."""
     from transferkit.backbones import create_backbone
-    from transferkit.data.base import LabeledData
 
     path = CACHE / f"lite0-{size}-{'stages' if stages else 'final'}-{view.replace(' ', '_')}.npy"
     if path.is_file():
         return np.load(path)
     rows = np.arange(len(images)) if rows is None else rows
     transform = (lambda im: im) if view == "plain" else {**views(), **polarity_views()}[view]
-    items = [transform(images[i]) for i in rows]
-    data = LabeledData(items, np.zeros(len(items), dtype=np.int64), ["x"], "image", [f"{i}#{view}" for i in rows])
     backbone = create_backbone("efficientnet_lite0", image_size=size, **({"pool_stages": [3, 4]} if stages else {}))
-    from transferkit.engine.features import extract_features
-
-    x = extract_features(backbone, data, progress=False)
+    x = extract_and_save(backbone, [transform(images[i]) for i in rows], [f"{i}#{view}" for i in rows], None)
     full = np.zeros((len(images), x.shape[1]), dtype=np.float32)
     full[rows] = x
-    CACHE.mkdir(parents=True, exist_ok=True)
-    np.save(path.with_suffix(".tmp.npy"), full)
-    path.with_suffix(".tmp.npy").replace(path)
+    save(path, full)
     return full
+
+
+def extract_and_save(backbone, items: list, ids: list[str], path: Path | None) -> np.ndarray:
+    """``backbone``'s features of ``items`` (named ``ids``), saved to ``path`` when given."""
+    from transferkit.data.base import LabeledData
+    from transferkit.engine.features import extract_features
+
+    data = LabeledData(items, np.zeros(len(items), dtype=np.int64), ["x"], "image", ids)
+    x = extract_features(backbone, data, progress=False)
+    if path is not None:
+        save(path, x)
+    return x
+
+
+def save(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` to ``path`` atomically (a temporary file, then a rename)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.save(path.with_suffix(".tmp.npy"), array)
+    path.with_suffix(".tmp.npy").replace(path)
 
 
 def adabn_features(images: list) -> dict[str, np.ndarray]:
@@ -120,8 +132,6 @@ def adabn_features(images: list) -> dict[str, np.ndarray]:
     from PIL import ImageOps
 
     from transferkit.backbones import create_backbone
-    from transferkit.data.base import LabeledData
-    from transferkit.engine.features import extract_features
 
     paths = {v: CACHE / f"lite0-224-stages-adabn-all-{v}.npy" for v in ("plain", "mirror")}
     if all(path.is_file() for path in paths.values()):
@@ -138,16 +148,9 @@ def adabn_features(images: list) -> dict[str, np.ndarray]:
         for start in range(0, len(order), 64):
             backbone(torch.stack([backbone.preprocess(both[i]) for i in order[start:start + 64]]))
     backbone.eval()
-    out = {}
-    for view, path in paths.items():
-        items = images if view == "plain" else both[len(images):]
-        data = LabeledData(items, np.zeros(len(items), dtype=np.int64), ["x"], "image", [f"{i}#adabn-{view}"
-                                                                                      for i in range(len(items))])
-        out[view] = extract_features(backbone, data, progress=False)
-        CACHE.mkdir(parents=True, exist_ok=True)
-        np.save(path.with_suffix(".tmp.npy"), out[view])
-        path.with_suffix(".tmp.npy").replace(path)
-    return out
+    return {view: extract_and_save(backbone, images if view == "plain" else both[len(images):],
+                                   [f"{i}#adabn-{view}" for i in range(len(images))], path)
+            for view, path in paths.items()}
 
 
 def labelled_rows(labels: np.ndarray, seed: int) -> np.ndarray:

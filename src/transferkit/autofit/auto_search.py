@@ -469,11 +469,9 @@ class AutoSearch:
         from transferkit.autofit.training import FeatureTable
 
         key = self.table_key(candidate)
-        host = self.host_table(candidate) if key not in self.tables else None
-        if host is not None:
-            self.tables[key] = FeatureTable.last_columns(host, candidate, self.config.seed)
-        elif key not in self.tables:
-            table = FeatureTable(candidate, self.data, self.cache_dir, self.config.seed, self.check_time)
+        if key not in self.tables:
+            table = FeatureTable(candidate, self.data, self.cache_dir, self.config.seed, self.check_time,
+                                 host=self.host_table(candidate))
             if table.computed:  # not read from the cache: a real speed measurement
                 self.speed[key[:2]] = table.seconds / table.computed
                 static = STATIC_SECONDS_PER_ITEM.get(candidate.backbone, 0.05) * (

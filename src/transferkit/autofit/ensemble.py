@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -184,9 +185,11 @@ def shared_feature_groups(members: list[Any]) -> list[list[int]]:
     return groups
 
 
-def group_probabilities(members: list[Any], data: Any, batch_size: int, progress: bool) -> list[np.ndarray]:
+def group_probabilities(members: list[Any], data: Any, batch_size: int, progress: bool,
+                        features_of: Callable[[Any, Any], np.ndarray] | None = None) -> list[np.ndarray]:
     """Class probabilities of each of ``members`` (one group of :func:`shared_feature_groups`, host first) from one
-    pass of the host's backbone per test-time view; each member's head reads its last columns of the features."""
+    pass of the host's backbone per test-time view; each member's head reads its last columns of the features.
+    ``features_of(backbone, view)`` replaces that pass (e.g. features read from a cache)."""
     import torch
 
     from transferkit.engine.features import embed_items
@@ -196,8 +199,11 @@ def group_probabilities(members: list[Any], data: Any, batch_size: int, progress
     if not len(data):  # as a member alone answers: no rows
         return [np.zeros((0, len(member.classes_))) for member in members]
     backbone = host.module.backbone
-    features = [embed_items(backbone, view, backbone.forward_features, progress=progress, batch_size=batch_size,
-                            description="predicting") for view in host.test_views(data)]
+    if features_of is None:
+        def features_of(backbone: Any, view: Any) -> np.ndarray:
+            return embed_items(backbone, view, backbone.forward_features, progress=progress, batch_size=batch_size,
+                               description="predicting")
+    features = [features_of(backbone, view) for view in host.test_views(data)]
     out = []
     for member in members:
         model, width = member.module, member.module.backbone.feature_dim

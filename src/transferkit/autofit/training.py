@@ -69,12 +69,20 @@ class FeatureTable:
     """Features of every labelled item (and of its mirror image, for images) under one frozen backbone."""
 
     def __init__(self, candidate: Candidate, data: LabeledData, cache_dir: Path | None, seed: int,
-                 check_time: Callable[[float], None] | None = None) -> None:
+                 check_time: Callable[[float], None] | None = None, host: FeatureTable | None = None) -> None:
+        """With ``host`` (a table of the same items), ``candidate``'s features are read from its last columns without a
+        forward pass: a final-layer probe's features are the last columns of the multi-stage probe's of the same
+        backbone (``pool_stages`` puts the pooled earlier stages first; autofit.ensemble.shares_features relies on
+        the same)."""
         self.backbone = create_candidate_backbone(candidate, seed)
-        views = [data, mirrored(data)] if data.modality == "image" else [data]
         self.computed = 0  # items extracted now (not read from the cache): what ``seconds`` measures
         started = time.perf_counter()  # extraction only: the speed measurement that calibrates cost estimates
-        features = self._extract(views, cache_dir, check_time)
+        if host is not None:
+            width = self.backbone.feature_dim
+            features = [host.x[:, -width:]] + ([] if host.x_mirror is None else [host.x_mirror[:, -width:]])
+        else:
+            views = [data, mirrored(data)] if data.modality == "image" else [data]
+            features = self._extract(views, cache_dir, check_time)
         self.x, self.x_mirror = features[0], (features[1] if len(features) > 1 else None)
         self.seconds = time.perf_counter() - started
         self.position = {item_id: i for i, item_id in enumerate(data.ids)}
@@ -101,19 +109,6 @@ class FeatureTable:
             if time.perf_counter() - chunk_started > 0.05:  # computed, not read from the cache (a file load: ~1 ms)
                 self.computed += len(chunk)
         return [np.concatenate(p) for p in parts]
-
-    @classmethod
-    def last_columns(cls, host: FeatureTable, candidate: Candidate, seed: int) -> FeatureTable:
-        """``candidate``'s table read from ``host``'s without a forward pass: a final-layer probe's features are the
-        last columns of the multi-stage probe's of the same backbone (``pool_stages`` puts the pooled earlier stages
-        first; autofit.ensemble.shares_features relies on the same)."""
-        table = cls.__new__(cls)
-        table.backbone = create_candidate_backbone(candidate, seed)
-        width = table.backbone.feature_dim
-        table.x = host.x[:, -width:]
-        table.x_mirror = None if host.x_mirror is None else host.x_mirror[:, -width:]
-        table.computed, table.seconds, table.position, table.label_x = 0, 0.0, host.position, None
-        return table
 
     def rows(self, data: LabeledData) -> np.ndarray:
         return np.asarray([self.position[i] for i in data.ids], dtype=np.int64)
