@@ -16,6 +16,8 @@ EfficientNet-Lite0 features of each labelled image and its mirror image, test im
   white, as in catalogue photos), alone and averaged with the probes of the images as they are.
 * ``batch norm``: the backbone's batch-norm statistics re-estimated on the 2,000 images and their mirror images before
   extracting features (AdaBN, Li et al. 2016; transductive, so an upper bound of what the labelled images alone give).
+* ``grid``: each map averaged over a grid of cells instead of globally (the backbone's ``pool_grid``, one level of a
+  spatial pyramid, Lazebnik et al. 2006): the probe sees where in the image a feature is.
 
     python -m bench.bench_probe_variants [--seeds 3]
 """
@@ -31,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import bench_command, note_lines, write_section
+from transferkit.autofit.space import POOL_GRID
 
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / "cache" / "probe_variants"
@@ -88,17 +91,20 @@ def then_mirrored(view: Callable) -> Callable:
     return lambda image: ImageOps.mirror(view(image))
 
 
-def features(images: list, view: str, size: int, stages: bool, rows: np.ndarray | None = None) -> np.ndarray:
+def features(images: list, view: str, size: int, stages: bool, rows: np.ndarray | None = None,
+             grid: tuple[int, ...] = ()) -> np.ndarray:
     """Features of ``images`` (their ``rows`` only, zeros elsewhere) under ``view`` ("plain" or one of
-    :func:`views`), cached."""
+    :func:`views`), each map pooled over ``grid`` (the backbone's ``pool_grid``; empty: global averages), cached."""
     from transferkit.backbones import create_backbone
 
-    path = CACHE / f"lite0-{size}-{'stages' if stages else 'final'}-{view.replace(' ', '_')}.npy"
+    tag = f"-grid{'x'.join(map(str, grid))}" if grid else ""
+    path = CACHE / f"lite0-{size}-{'stages' if stages else 'final'}{tag}-{view.replace(' ', '_')}.npy"
     if path.is_file():
         return np.load(path)
     rows = np.arange(len(images)) if rows is None else rows
     transform = (lambda im: im) if view == "plain" else {**views(), **polarity_views()}[view]
-    backbone = create_backbone("efficientnet_lite0", image_size=size, **({"pool_stages": [3, 4]} if stages else {}))
+    backbone = create_backbone("efficientnet_lite0", image_size=size, **({"pool_stages": [3, 4]} if stages else {}),
+                               **({"pool_grid": list(grid)} if grid else {}))
     x = extract_and_save(backbone, [transform(images[i]) for i in rows], [f"{i}#{view}" for i in rows], None)
     full = np.zeros((len(images), x.shape[1]), dtype=np.float32)
     full[rows] = x
@@ -270,6 +276,14 @@ def main(argv: list[str] | None = None) -> int:
     add("batch norm", "final layer, statistics re-estimated on the 2,000 images (AdaBN)",
         probe({v: x[:, -FINAL:] for v, x in adapted.items()}, pm), reference)
     add("batch norm", "multi-stage, statistics re-estimated (AdaBN)", probe(adapted, pm), multi)
+    gridded = {v: features(images, v, 224, True, grid=POOL_GRID) for v in pm}
+    grid_final = {v: x[:, -FINAL * POOL_GRID[-1] ** 2:] for v, x in gridded.items()}
+    grid_final_probe, grid_multi = probe(grid_final, pm), probe(gridded, pm)
+    add("grid", f"final layer over {POOL_GRID[-1]} x {POOL_GRID[-1]} cells", grid_final_probe, reference)
+    add("grid", "multi-stage, stage 3 over 7 x 7 cells, stage 4 and the final layer over 3 x 3 (auto's probes now)",
+        grid_multi, multi)
+    add("grid", "committee: the Lite0 pair, both over grids (auto's committee now)",
+        [(a + b) / 2 for a, b in zip(grid_final_probe, grid_multi)], committee)
 
     lines = ["| study | probe | accuracy on the 1,800 other images (mean ± sd) | per seed | vs today, paired (points, "
              "per seed) |", "|---|---|---|---|---|"]

@@ -78,7 +78,8 @@ def test_auto_writes_a_run_that_evaluate_predict_and_report_use(auto_run, folder
     for r in done:  # trained candidates are scored on fewer (TRAIN_FOLDS) folds than the probes
         assert len(r["fold_accuracies"]) == (5 if r["strategy"] == "linear-probe" else 3), r
     assert all(r["seconds"] is not None for r in scored)
-    assert {"probe C=1 efficientnet_lite0@32", "probe C=1 efficientnet_lite0@32 +flip TTA"} <= {r["name"] for r in rows}
+    assert {"grid probe C=1 efficientnet_lite0@32", "grid probe C=1 efficientnet_lite0@32 +flip TTA"} <= {
+        r["name"] for r in rows}
     assert "| rank |" in (out / "leaderboard.md").read_text()
     report = transferkit.evaluate(out, str(folder), progress=False)
     assert report["n"] == 16 and report["accuracy"] >= 0.75
@@ -121,7 +122,7 @@ def test_probes_of_one_backbone_share_its_forward_pass_at_prediction(folder, tmp
 
     def probe(seed: int, **options) -> TransferModel:
         torch.manual_seed(seed)
-        return TransferModel(create_backbone("efficientnet_lite0", pretrained=True, image_size=32, **options),
+        return TransferModel(create_backbone("efficientnet_lite0", pretrained=True, **{"image_size": 32, **options}),
                              [TaskSpec("label", "classify", ["bright", "dark"])]).eval()
 
     final, stages, other = probe(0), probe(1, pool_stages=[3, 4]), probe(2)
@@ -143,6 +144,21 @@ def test_probes_of_one_backbone_share_its_forward_pass_at_prediction(folder, tmp
     separate = sum(w * m.predict_proba_data(data) for w, m in zip(ensemble.weights, ensemble.members))
     assert sum(passes) == 3 * 2 * len(data)
     assert np.allclose(shared, separate, atol=1e-5) and not np.allclose(shared[:, 0], 0.5, atol=1e-3)
+    # with grids (auto's committee): the final-layer probe's grid equals the host's final grid, so they share; a
+    # globally pooled final layer is other features and does not
+    from transferkit.autofit.ensemble import shares_features
+    from transferkit.model import save_model
+
+    def loaded(model: TransferModel, name: str):
+        save_model(model, tmp_path / name, strategy, extra={"tta": "hflip"})
+        return load(tmp_path / name)
+
+    grid_final = loaded(probe(0, image_size=64, pool_grid=[3]), "grid-final")
+    grid_host = loaded(probe(1, image_size=64, pool_stages=[3, 4], pool_grid=[7, 3, 3]), "grid-host")
+    plain_final = loaded(probe(2, image_size=64), "plain-final")
+    assert shares_features(grid_host, grid_final) and not shares_features(grid_host, plain_final)
+    host_x = grid_host.module.backbone.eval().forward_features(torch.randn(2, 3, 64, 64).clamp(-1, 1))
+    assert host_x.shape[1] == grid_host.module.backbone.feature_dim == 16 * 112 + 4 * 320 + 4 * 1280
     assert ensemble.predict_proba_data(data.subset(np.arange(0))).shape == (0, 2)  # no items: no rows, as a member
 
 
@@ -179,15 +195,15 @@ def test_auto_resume_skips_finished_candidates(folder, tmp_path, monkeypatch):
     stage = out.parent / f".{out.name}.partial"
     assert not out.exists() and len(list((stage / "checkpoint" / "candidates").glob("*.json"))) == 1
     first = calls[0]  # the multi-stage probe at 32 px, finished before the interruption
-    assert first == "multi-stage_probe_C=1_efficientnet_lite0_32", calls
+    assert first == "multi-stage_grid_probe_C=1_efficientnet_lite0_32", calls
     with pytest.raises(TransferkitError):  # neither --resume nor --overwrite
         run_auto(AutoConfig(**config))
     calls.clear()
     monkeypatch.setattr(auto_module.AutoSearch, "score", lambda self, c, r: (calls.append(c.slug), original(self, c, r))[1])
     run = run_auto(AutoConfig(**config, resume=True))
-    assert first not in calls and "probe_C=1_efficientnet_lite0_32" in calls, calls
+    assert first not in calls and "grid_probe_C=1_efficientnet_lite0_32" in calls, calls
     board = json.loads((run.path / "leaderboard.json").read_text())
-    for name in ("multi-stage probe C=1 efficientnet_lite0@32", "probe C=1 efficientnet_lite0@32"):
+    for name in ("multi-stage grid probe C=1 efficientnet_lite0@32", "grid probe C=1 efficientnet_lite0@32"):
         assert any(r["name"].startswith(name) and r["status"] == "done" for r in board["leaderboard"]), name
 
 
@@ -274,13 +290,16 @@ def _search(folder, tmp_path, **options):
 def test_final_layer_probe_reads_the_multi_stage_table_without_a_forward_pass(folder, tmp_path, monkeypatch):
     """The multi-stage probe of a backbone is scored first; the final-layer probe of the same backbone and resolution
     then reads the last columns of its table (no forward pass): the same features as its own
-    extraction, and the same out-of-fold scores."""
+    extraction, and the same out-of-fold scores; both pool their maps over grids as in the search space (at 64 px the
+    final map is 2 x 2, so the final-layer features are 2 x 2 x 1280 wide)."""
     from transferkit.autofit import training
-    from transferkit.autofit.space import POOL_STAGES, Candidate
+    from transferkit.autofit.space import POOL_GRID, POOL_STAGES, Candidate
 
-    final = Candidate("efficientnet_lite0", "linear-probe", 32, {"probe_c": 1.0}, "features", "probe C=1")
-    stages = Candidate("efficientnet_lite0", "linear-probe", 32, {"probe_c": 1.0, "pool_stages": list(POOL_STAGES)},
-                       "features", "multi-stage probe C=1")
+    final = Candidate("efficientnet_lite0", "linear-probe", 64, {"probe_c": 1.0, "pool_grid": [POOL_GRID[-1]]},
+                      "features", "grid probe C=1")
+    stages = Candidate("efficientnet_lite0", "linear-probe", 64, {"probe_c": 1.0, "pool_stages": list(POOL_STAGES),
+                                                                  "pool_grid": list(POOL_GRID)},
+                       "features", "multi-stage grid probe C=1")
     own = _search(folder, tmp_path / "own", cache_dir=str(tmp_path / "cache-own"))
     alone = own.score(final, refit=1.0)
     search = _search(folder, tmp_path / "shared", cache_dir=str(tmp_path / "cache-shared"))
@@ -291,13 +310,15 @@ def test_final_layer_probe_reads_the_multi_stage_table_without_a_forward_pass(fo
     monkeypatch.setattr(training.FeatureTable, "_extract", lambda *a: extractions.append(a) or [])
     shared = search.score(final, refit=1.0)
     table = search.feature_table(final)
-    assert not extractions and table.computed == 0 and table.backbone.feature_dim == table.x.shape[1] == 1280
+    assert not extractions and table.computed == 0 and table.backbone.feature_dim == table.x.shape[1] == 4 * 1280
     reference = own.feature_table(final)
     assert np.allclose(table.x, reference.x, atol=1e-4) and np.allclose(table.x_mirror, reference.x_mirror, atol=1e-4)
     for a, b in zip(alone["variants"], shared["variants"]):
         assert a["name"] == b["name"] and np.allclose(a["oof_probabilities"], b["oof_probabilities"], atol=1e-4)
-    # another resolution has its own table
-    assert search.host_table(Candidate("efficientnet_lite0", "linear-probe", 40, {"probe_c": 1.0})) is None
+    # another resolution, or another pooling of the final map, has its own table
+    assert search.host_table(Candidate("efficientnet_lite0", "linear-probe", 40, {"probe_c": 1.0,
+                                                                                  "pool_grid": [POOL_GRID[-1]]})) is None
+    assert search.host_table(Candidate("efficientnet_lite0", "linear-probe", 64, {"probe_c": 1.0})) is None
 
 
 def test_trained_candidates_race_the_leader_on_the_same_items(folder, tmp_path, monkeypatch):
@@ -347,17 +368,20 @@ def test_trained_candidate_stops_before_an_epoch_that_would_overrun(folder, tmp_
 
 
 def test_image_space_tries_native_probes_then_top_block_lp_ft_with_fewer_folds():
-    from transferkit.autofit.space import POOL_STAGES, TRAIN_FOLDS, default_space
+    from transferkit.autofit.space import POOL_GRID, POOL_STAGES, TRAIN_FOLDS, default_space
 
     space = default_space("image")
     names = [c.name for c in space]
     # each multi-stage probe before the final-layer probe of its backbone, which reads its table's last columns
-    assert names[:7] == ["probe C=1 efficientnet_lite0@112", "multi-stage probe C=1 efficientnet_lite0@224",
-                         "probe C=1 efficientnet_lite0@224", "multi-stage probe C=1 efficientnet_lite1@240",
-                         "probe C=1 efficientnet_lite1@240", "multi-stage probe C=1 efficientnet_lite2@260",
-                         "probe C=1 efficientnet_lite2@260"]
+    assert names[:7] == ["probe C=1 efficientnet_lite0@112", "multi-stage grid probe C=1 efficientnet_lite0@224",
+                         "grid probe C=1 efficientnet_lite0@224", "multi-stage grid probe C=1 efficientnet_lite1@240",
+                         "grid probe C=1 efficientnet_lite1@240", "multi-stage grid probe C=1 efficientnet_lite2@260",
+                         "grid probe C=1 efficientnet_lite2@260"]
     assert all(c.options["pool_stages"] == list(POOL_STAGES) for c in space[1:7:2])
+    assert all(c.options["pool_grid"] == list(POOL_GRID) for c in space[1:7:2])
+    assert all(c.options["pool_grid"] == [POOL_GRID[-1]] for c in space[2:7:2])  # the last columns of the above
     assert not any("pool_stages" in c.options for c in [space[0], *space[2:7:2]])
+    assert "pool_grid" not in space[0].options  # the cheap first probe pools globally
     top = space[7]
     assert (top.strategy, top.image_size, top.options["unfreeze"], top.folds) == ("finetune", 224, "3", TRAIN_FOLDS)
     assert all(c.options["probe_c"] == 1.0 and c.folds is None for c in space if c.kind == "features")
@@ -414,20 +438,21 @@ def test_multi_stage_probe_refit_saves_and_loads_as_an_ordinary_model(folder, tm
     """The multi-stage candidate's features (pooled stages + final layer) are part of the saved backbone: the loaded
     model predicts what the probe predicted on the search's feature table."""
     from transferkit.api import load
-    from transferkit.autofit.space import POOL_STAGES, Candidate
+    from transferkit.autofit.space import POOL_GRID, POOL_STAGES, Candidate
     from transferkit.autofit.training import FeatureTable, probe_model, probe_probabilities
     from transferkit.data import load_data
     from transferkit.model import save_model
 
     data = load_data(str(folder)).train
-    candidate = Candidate("efficientnet_lite0", "linear-probe", 32, {"probe_c": 1.0, "pool_stages": list(POOL_STAGES)},
-                          "features", "multi-stage probe C=1")
+    candidate = Candidate("efficientnet_lite0", "linear-probe", 64, {"probe_c": 1.0, "pool_stages": list(POOL_STAGES),
+                                                                     "pool_grid": list(POOL_GRID)},
+                          "features", "multi-stage grid probe C=1")
     table = FeatureTable(candidate, data, None, seed=0)
-    assert table.x.shape == (len(data), 112 + 320 + 1280)
+    assert table.x.shape == (len(data), 4 * 4 * 112 + 2 * 2 * 320 + 2 * 2 * 1280)  # grids capped at 64 px's maps
     model, strategy = probe_model(candidate, table, data, tta=False)
     save_model(model, tmp_path / "model", strategy.to_dict())
     loaded = load(tmp_path / "model")
-    assert loaded.module.backbone.pool_stages == POOL_STAGES
+    assert loaded.module.backbone.pool_stages == POOL_STAGES and loaded.module.backbone.pool_grid == POOL_GRID
     head = model.heads["label"][-1]
     expected = probe_probabilities(head.weight.detach(), head.bias.detach(), table.x)
     assert np.allclose(loaded.predict_proba_data(data), expected, atol=1e-4)

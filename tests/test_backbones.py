@@ -319,3 +319,50 @@ def test_pool_stages_concatenate_pooled_earlier_stages_before_the_final_embeddin
         create_backbone("efficientnet_lite0", pretrained=False, image_size=32, feature_stage=2, pool_stages=[3])
     with pytest.raises(TransferkitError, match="out of range"):
         create_backbone("efficientnet_lite0", pretrained=False, image_size=32, pool_stages=[9])
+
+
+def test_pool_grid_averages_each_map_over_cells_and_keeps_the_final_map_last():
+    """``pool_grid``: each pooled map over grid x grid cells (the cells of adaptive average pooling), one grid for
+    every map or one per map; the final-layer grid features are the multi-stage grid features' last columns (auto's
+    two probes share a pass); the option survives a rebuild and changes the cache key; grids are capped at the map."""
+    import torch.nn.functional as F
+
+    from transferkit.backbones.timm_backbone import grid_pool
+    from transferkit.data.base import LabeledData
+    from transferkit.engine.features import feature_cache_key
+
+    maps = torch.randn(2, 5, 7, 7)
+    np.testing.assert_allclose(grid_pool(maps, 2).reshape(2, 4, 5).permute(0, 2, 1).reshape(2, 5, 2, 2).numpy(),
+                               F.adaptive_avg_pool2d(maps, 2).numpy(), atol=1e-6)
+    np.testing.assert_allclose(grid_pool(maps, 1).numpy(), maps.mean(dim=(2, 3)).numpy(), atol=1e-6)
+    torch.manual_seed(0)
+    plain = create_backbone("efficientnet_lite0", pretrained=False, image_size=64, augment=False)
+    final = create_backbone("efficientnet_lite0", pretrained=False, image_size=64, augment=False, pool_grid=2)
+    multi = create_backbone("efficientnet_lite0", pretrained=False, image_size=64, augment=False,
+                            pool_grid=[4, 2, 2], pool_stages=[3, 4])
+    # at 64 px the final map is 2 x 2, stage 3's 4 x 4
+    assert final.stage_grids == (2,) and final.feature_dim == 4 * 1280
+    assert multi.stage_grids == (4, 2, 2) and multi.feature_dim == 16 * 112 + 4 * 320 + 4 * 1280
+    assert final.pretrained_head() is None and not final.splits_into_groups()
+    final.load_state_dict(plain.state_dict()), multi.load_state_dict(plain.state_dict())
+    plain.eval(), final.eval(), multi.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        final_map = plain.model.forward_features(x)
+        stage3 = plain.model.forward_intermediates(x, indices=[3], intermediates_only=True)[0]
+        grid_features, multi_features = final.forward_features(x), multi.forward_features(x)
+    np.testing.assert_allclose(grid_features.numpy(), grid_pool(final_map, 2).numpy(), atol=1e-5)
+    np.testing.assert_allclose(multi_features[:, :16 * 112].numpy(), grid_pool(stage3, 4).numpy(), atol=1e-5)
+    np.testing.assert_allclose(multi_features[:, -4 * 1280:].numpy(), grid_features.numpy(), atol=1e-5)
+    assert not np.allclose(grid_features[:, :1280].numpy(), final_map.mean(dim=(2, 3)).numpy(), atol=1e-3)
+    data = LabeledData([np.zeros((8, 8), np.uint8)], np.array([0]), ["a"], "image", ["x"])
+    assert feature_cache_key(final, data) != feature_cache_key(plain, data)
+    rebuilt = backbone_from_spec(multi.spec)
+    assert rebuilt.pool_grid == (4, 2, 2) and rebuilt.stage_grids == (4, 2, 2) and rebuilt.feature_dim == multi.feature_dim
+    tiny = create_backbone("efficientnet_lite0", pretrained=False, image_size=32, pool_grid=3, pool_stages=[3])
+    assert tiny.stage_grids == (2, 1)  # never finer than the map itself (2 x 2 and 1 x 1 at 32 px)
+    for wrong in (0, [2, 2]):  # a grid below 1; two grids for the one (final) map
+        with pytest.raises(TransferkitError, match="does not fit 1 pooled map"):
+            create_backbone("efficientnet_lite0", pretrained=False, image_size=32, pool_grid=wrong)
+    with pytest.raises(TransferkitError, match="cannot be combined"):
+        create_backbone("efficientnet_lite0", pretrained=False, image_size=32, feature_stage=2, pool_grid=2)

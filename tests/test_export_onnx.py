@@ -75,11 +75,14 @@ def test_image_run_exports_to_onnx_with_parity_and_runs_on_onnxruntime(tmp_path,
 
 
 def test_multi_stage_probe_exports_to_onnx_with_parity(tmp_path):
-    """``--pool-stages`` (pooled earlier stages + final features, as auto's multi-stage probe) traces into the graph."""
+    """``--pool-stages`` with ``--pool-grid`` (pooled earlier stages + final features, each over a grid of cells, as
+    auto's multi-stage probe) traces into the graph."""
     write_striped_folder(tmp_path / "data", 6)
-    run = transferkit.fit(str(tmp_path / "data"), backbone="efficientnet_lite0", pretrained=False, image_size=32,
-                          pool_stages=[3, 4], out=str(tmp_path / "run"), progress=False, seed=0, protocol="holdout")
-    assert json.loads((run.path / "model" / "config.json").read_text())["backbone"]["options"]["pool_stages"] == [3, 4]
+    run = transferkit.fit(str(tmp_path / "data"), backbone="efficientnet_lite0", pretrained=False, image_size=64,
+                          pool_stages=[3, 4], pool_grid=[4, 2, 2], out=str(tmp_path / "run"), progress=False, seed=0,
+                          protocol="holdout")
+    options = json.loads((run.path / "model" / "config.json").read_text())["backbone"]["options"]
+    assert options["pool_stages"] == [3, 4] and options["pool_grid"] == [4, 2, 2]
     assert main(["export", "--model", str(run.path), "--format", "onnx", "--out", str(tmp_path / "onnx")]) == 0
     parity = json.loads((tmp_path / "onnx" / "parity.json").read_text())
     assert parity["max_abs_logit_diff"] <= 1e-4 and parity["agreement"] == 1.0

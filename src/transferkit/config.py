@@ -60,6 +60,12 @@ class FitConfig:
                                           "the pooled outputs of these earlier feature stages, concatenated before "
                                           "the last layer's features (Head2Toe-style multi-stage probe; e.g. "
                                           "--pool-stages 3 --pool-stages 4 on EfficientNet)."})
+    pool_grid: list[int] | None = field(default=None, metadata={"help": "Image backbones (repeatable): average the "
+                                        "last layer's map, and each --pool-stages map, over a grid of N x N cells "
+                                        "instead of globally, so the probe sees where in the image a feature is. One "
+                                        "value for every map, or one per map: the pooled stages in order, then the "
+                                        "last layer (e.g. --pool-stages 3 --pool-stages 4 --pool-grid 7 --pool-grid "
+                                        "3 --pool-grid 3, auto's multi-stage probe). Default 1: global averages."})
     max_length: int | None = field(default=None, metadata={"help": "Token limit of text backbones (default: the "
                                    "backbone's own; 128 for --task causal-lm)."})
     augment: bool = field(default=True, metadata={"help": "Training-time augmentation (flips, crops, jitter)."})

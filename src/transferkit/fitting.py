@@ -153,6 +153,7 @@ def build_backbone(name: str, fit: FitConfig, train: TrainConfig, splits: DataSp
     misplaced = [flag for flag, value, modality in (("--image-size", fit.image_size, "image"),
                                                      ("--feature-stage", fit.feature_stage, "image"),
                                                      ("--pool-stages", fit.pool_stages, "image"),
+                                                     ("--pool-grid", fit.pool_grid, "image"),
                                                      ("--max-length", fit.max_length, "text"))
                  if value is not None and splits.modality != modality]
     if misplaced:
@@ -167,6 +168,8 @@ def build_backbone(name: str, fit: FitConfig, train: TrainConfig, splits: DataSp
             options["feature_stage"] = fit.feature_stage
         if fit.pool_stages:
             options["pool_stages"] = fit.pool_stages
+        if fit.pool_grid is not None:
+            options["pool_grid"] = fit.pool_grid
     elif fit.max_length:
         options["max_length"] = fit.max_length
     seed_everything(train.seed)

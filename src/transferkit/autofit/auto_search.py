@@ -453,17 +453,20 @@ class AutoSearch:
                 "oof_probabilities": np.round(oof, 6).tolist()}
 
     @staticmethod
-    def table_key(candidate: Candidate) -> tuple[str, int | None, tuple[int, ...]]:
-        """Candidates with the same key share one feature table (backbone, resolution, pooled stages)."""
-        return candidate.backbone, candidate.image_size, tuple(candidate.options.get("pool_stages") or ())
+    def table_key(candidate: Candidate) -> tuple[str, int | None, tuple[int, ...], tuple[int, ...]]:
+        """Candidates with the same key share one feature table (backbone, resolution, pooled stages, pooling
+        grid)."""
+        return (candidate.backbone, candidate.image_size, tuple(candidate.options.get("pool_stages") or ()),
+                tuple(candidate.options.get("pool_grid") or ()))
 
     def host_table(self, candidate: Candidate):
         """A finished table whose last columns are ``candidate``'s features (a multi-stage table of the same backbone
-        and resolution, for a final-layer probe), or None."""
-        backbone, size, stages = self.table_key(candidate)
+        and resolution whose final map is pooled over the same grid, for a final-layer probe), or None."""
+        backbone, size, stages, grid = self.table_key(candidate)
         if stages:
             return None
-        return next((t for (b, s, pooled), t in self.tables.items() if (b, s) == (backbone, size) and pooled), None)
+        return next((t for (b, s, pooled, g), t in self.tables.items()
+                     if (b, s) == (backbone, size) and pooled and g[-1:] == grid[-1:]), None)
 
     def feature_table(self, candidate: Candidate):
         from transferkit.autofit.training import FeatureTable

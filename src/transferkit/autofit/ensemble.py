@@ -149,10 +149,10 @@ _PREFIX_OPTIONS = ("pool_stages",)
 
 def shares_features(host: Any, other: Any) -> bool:
     """True when ``other``'s features are the last columns of ``host``'s for every input (both loaded models): the
-    same architecture, preprocessing, weights and test-time augmentation, ``host`` at most adding the pooled
-    earlier stages of a multi-stage probe (``pool_stages``, placed before the final embedding). Then one forward
-    pass of ``host``'s backbone serves both heads: auto's committee holds a final-layer and a multi-stage probe of
-    each backbone, so sharing halves its passes at prediction."""
+    same architecture, preprocessing, weights, test-time augmentation and pooling of the final map (``pool_grid``),
+    ``host`` at most adding the pooled earlier stages of a multi-stage probe (``pool_stages``, placed before the
+    final embedding). Then one forward pass of ``host``'s backbone serves both heads: auto's committee holds a
+    final-layer and a multi-stage probe of each backbone, so sharing halves its passes at prediction."""
     import torch
 
     a, b = host.module.backbone, other.module.backbone
@@ -160,7 +160,10 @@ def shares_features(host: Any, other: Any) -> bool:
         return False
     if a.feature_dim < b.feature_dim:
         return False
+    if getattr(a, "stage_grids", ())[-1:] != getattr(b, "stage_grids", ())[-1:]:  # the final map's pooling grid
+        return False
     mine, theirs = dict(a.spec.options), dict(b.spec.options)
+    mine.pop("pool_grid", None), theirs.pop("pool_grid", None)  # compared above: the final map's grid is what counts
     if mine != theirs:  # only the host may add pooled stages, and then the other must return the final embedding
         if any(theirs.get(k) for k in _PREFIX_OPTIONS) or theirs.get("feature_stage") is not None:
             return False

@@ -58,6 +58,8 @@ def create_candidate_backbone(candidate: Candidate, seed: int):
         options["augment"] = bool(candidate.options["augment"])
     if candidate.options.get("pool_stages"):
         options["pool_stages"] = list(candidate.options["pool_stages"])
+    if candidate.options.get("pool_grid"):
+        options["pool_grid"] = list(candidate.options["pool_grid"])
     seed_everything(seed)
     return create_backbone(candidate.backbone, pretrained=True, **options)
 

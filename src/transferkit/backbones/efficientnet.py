@@ -138,8 +138,10 @@ class EfficientNetLite(TimmBackbone):
         imagenet_head: nn.Linear | None,
         feature_stage: int | None = None,
         pool_stages: Sequence[int] | None = None,
+        pool_grid: int | Sequence[int] | None = None,
     ) -> None:
-        super().__init__(model, spec, image_size, augment, feature_stage=feature_stage, pool_stages=pool_stages)
+        super().__init__(model, spec, image_size, augment, feature_stage=feature_stage, pool_stages=pool_stages,
+                         pool_grid=pool_grid)
         # Stored outside the module tree: not a backbone parameter, not in state_dict(), never trained.
         self.__dict__["_imagenet_head"] = imagenet_head
 
@@ -152,7 +154,7 @@ class EfficientNetLite(TimmBackbone):
         return [block for stage in self.model.blocks for block in stage]
 
     def splits_into_groups(self) -> bool:
-        return self.feature_stage is None and not self.pool_stages
+        return self.feature_stage is None and not self.pool_stages and not self.pool_grid
 
     def _group_forwards(self) -> list[Any]:
         """One callable per layer group, in order (stem, stages 0-6, head convolution with its batch norm)."""
@@ -178,7 +180,7 @@ class EfficientNetLite(TimmBackbone):
 
     def pretrained_head(self) -> nn.Module | None:
         # it reads the final features only
-        return self._imagenet_head if self.feature_stage is None and not self.pool_stages else None
+        return self._imagenet_head if self.splits_into_groups() else None
 
     def pretrained_class_names(self) -> list[str] | None:
         if self.pretrained_head() is None:
@@ -206,13 +208,17 @@ def create_efficientnet_lite(
     drop_path_rate: float = 0.0,
     feature_stage: int | None = None,
     pool_stages: Sequence[int] | None = None,
+    pool_grid: int | Sequence[int] | None = None,
     **options: Any,
 ) -> EfficientNetLite:
     """Build EfficientNet-Lite``variant``; ``pretrained=False`` never touches the weight file. ``feature_stage``
     (0-4, channels 16 / 24 / 40 / 112 / 320) takes the pooled output of an earlier stage as the embedding;
-    ``pool_stages`` (e.g. ``[3, 4]``) concatenates the pooled outputs of those stages before the final embedding."""
+    ``pool_stages`` (e.g. ``[3, 4]``) concatenates the pooled outputs of those stages before the final embedding;
+    ``pool_grid`` (e.g. 3, or ``[7, 3, 3]`` with two pooled stages) averages each of those maps over a grid of cells
+    instead of globally."""
     name = f"efficientnet_lite{variant}"
-    reject_unknown_options(name, options, ["image_size", "augment", "drop_path_rate", "feature_stage", "pool_stages"])
+    reject_unknown_options(name, options, ["image_size", "augment", "drop_path_rate", "feature_stage", "pool_stages",
+                                           "pool_grid"])
     image_size = int(image_size or _NATIVE_SIZE[variant])
     if image_size < 32:
         raise TransferkitError(
@@ -236,7 +242,7 @@ def create_efficientnet_lite(
     spec = BackboneSpec(
         name, {"image_size": image_size, "augment": augment, "drop_path_rate": drop_path_rate}
     )
-    return EfficientNetLite(model, spec, image_size, augment, imagenet_head, feature_stage, pool_stages)
+    return EfficientNetLite(model, spec, image_size, augment, imagenet_head, feature_stage, pool_stages, pool_grid)
 
 
 for _variant in (0, 1, 2):

@@ -66,6 +66,18 @@ def image_transform(
     )
 
 
+def grid_pool(feature_map: torch.Tensor, grid: int) -> torch.Tensor:
+    """``feature_map`` (N, C, H, W) averaged over ``grid`` x ``grid`` cells (the cells of ``adaptive_avg_pool2d``:
+    rows floor(i H / grid) to ceil((i + 1) H / grid), overlapping when ``grid`` does not divide H), flattened to
+    (N, grid * grid * C) with the channels of one cell together. Static slices, so ONNX export traces it."""
+    if grid == 1:
+        return feature_map.mean(dim=(2, 3))
+    height, width = feature_map.shape[-2:]
+    rows = [(i * height // grid, -(-(i + 1) * height // grid)) for i in range(grid)]
+    cols = [(j * width // grid, -(-(j + 1) * width // grid)) for j in range(grid)]
+    return torch.cat([feature_map[:, :, r0:r1, c0:c1].mean(dim=(2, 3)) for r0, r1 in rows for c0, c1 in cols], dim=1)
+
+
 class TimmBackbone(Backbone):
     """A timm model without classifier; the embedding is its pooled pre-logits features."""
 
@@ -80,6 +92,7 @@ class TimmBackbone(Backbone):
         in_chans: int = 3,
         feature_stage: int | None = None,
         pool_stages: Sequence[int] | None = None,
+        pool_grid: int | Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -98,6 +111,13 @@ class TimmBackbone(Backbone):
             self.feature_dim += sum(self._stage_channels()[s] for s in self.pool_stages)
             spec.options["pool_stages"] = list(self.pool_stages)
         config = resolve_data_config({}, model=model)
+        self.image_size = int(image_size or config["input_size"][-1])
+        self.pool_grid: tuple[int, ...] = ()  # empty: global averages
+        self.stage_grids: tuple[int, ...] = ()  # with pool_grid: the grid of each pooled stage, then of the final map
+        grids = [pool_grid] if isinstance(pool_grid, int) else list(pool_grid or [])
+        if any(int(g) != 1 for g in grids):
+            self._set_pool_grid([int(g) for g in grids], in_chans)
+            spec.options["pool_grid"] = list(self.pool_grid)
         if in_chans not in (1, 3):
             raise TransferkitError(
                 f"backbone '{spec.name}' expects {in_chans} input channels", "use in_chans=1 or in_chans=3"
@@ -106,7 +126,6 @@ class TimmBackbone(Backbone):
         if len(mean) != in_chans:  # grey input to an RGB-normalised model: average the statistics
             mean, std = (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans
         self.image_mode = "L" if in_chans == 1 else "RGB"
-        self.image_size = int(image_size or config["input_size"][-1])
         self.augment = augment
         self.normalization = {
             "mean": mean,
@@ -116,6 +135,36 @@ class TimmBackbone(Backbone):
         }
         self._eval_transform = image_transform(self.image_size, train=False, **self.normalization)
         self._train_transform = image_transform(self.image_size, train=augment, **self.normalization)
+
+    def _set_pool_grid(self, grids: list[int], in_chans: int) -> None:
+        """Average each pooled map over a grid of cells instead of globally (one level of a spatial pyramid; Lazebnik
+        et al. 2006), so that a probe sees where in the image a feature is: ``grids`` is one grid for every map, or
+        one per map (the ``pool_stages`` in order, then the final map), each capped at its map's size. The cells'
+        averages are concatenated, the channels of one cell together."""
+        maps_count = len(self.pool_stages) + 1
+        if any(g < 1 for g in grids) or len(grids) not in (1, maps_count):
+            raise TransferkitError(f"pool_grid {grids} does not fit {maps_count} pooled map(s)",
+                                   f"give one grid (>= 1) for every map, or {maps_count}: the pooled stages in order, "
+                                   "then the final map")
+        if self.feature_stage is not None:
+            raise TransferkitError("feature_stage and pool_grid cannot be combined", "drop one of them")
+        self.pool_grid = tuple(grids)
+        was_training = self.model.training
+        self.model.eval()  # the one probe pass must not move batch-norm statistics
+        with torch.no_grad():
+            final, maps = self._final_and_stage_maps(torch.zeros(1, in_chans, self.image_size, self.image_size))
+        self.model.train(was_training)
+        wanted = grids * maps_count if len(grids) == 1 else grids
+        self.stage_grids = tuple(min(g, m.shape[-1]) for g, m in zip(wanted, [*maps, final]))
+        channels = [m.shape[1] for m in maps] + [final.shape[1]]
+        self.feature_dim = sum(c * g * g for c, g in zip(channels, self.stage_grids))
+
+    def _final_and_stage_maps(self, inputs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The final feature map and the maps of ``pool_stages``, from one pass."""
+        if self.pool_stages:
+            final, maps = self.model.forward_intermediates(inputs, indices=list(self.pool_stages))
+            return final, list(maps)
+        return self.model.forward_features(inputs), []
 
     def _stage_channels(self) -> list[int]:
         return [int(info["num_chs"]) for info in getattr(self.model, "feature_info", [])]
@@ -140,6 +189,9 @@ class TimmBackbone(Backbone):
             (feature_map,) = self.model.forward_intermediates(inputs, indices=[self.feature_stage],
                                                              intermediates_only=True, stop_early=True)
             return feature_map.mean(dim=(2, 3))
+        if self.pool_grid:
+            final, maps = self._final_and_stage_maps(inputs)
+            return torch.cat([grid_pool(m, g) for m, g in zip([*maps, final], self.stage_grids)], dim=1)
         if self.pool_stages:
             final, maps = self.model.forward_intermediates(inputs, indices=list(self.pool_stages))
             pooled = [feature_map.mean(dim=(2, 3)) for feature_map in maps]
@@ -190,6 +242,7 @@ class TimmBackbone(Backbone):
             f"|crop_pct={norm['crop_pct']}|mean={norm['mean']}|std={norm['std']}"
             + (f"|stage={self.feature_stage}" if self.feature_stage is not None else "")
             + (f"|pool={','.join(map(str, self.pool_stages))}" if self.pool_stages else "")
+            + (f"|grid={','.join(map(str, self.stage_grids))}" if self.pool_grid else "")
         )
 
 
@@ -214,6 +267,7 @@ def create_timm_backbone(
     checkpoint_path: str | None = None,
     feature_stage: int | None = None,
     pool_stages: Sequence[int] | None = None,
+    pool_grid: int | Sequence[int] | None = None,
     **timm_kwargs: Any,
 ) -> TimmBackbone:
     """``timm.create_model(target, pretrained=..., num_classes=0, **timm_kwargs)``.
@@ -252,6 +306,6 @@ def create_timm_backbone(
         options["checkpoint_path"] = str(checkpoint_path)
     in_chans = int(timm_kwargs.get("in_chans", 3))
     backbone = TimmBackbone(model, BackboneSpec(f"timm:{target}", options), image_size, augment, in_chans,
-                            feature_stage, pool_stages)
+                            feature_stage, pool_stages, pool_grid)
     backbone.spec.options["image_size"] = backbone.image_size
     return backbone
