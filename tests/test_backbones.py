@@ -366,3 +366,5 @@ def test_pool_grid_averages_each_map_over_cells_and_keeps_the_final_map_last():
             create_backbone("efficientnet_lite0", pretrained=False, image_size=32, pool_grid=wrong)
     with pytest.raises(TransferkitError, match="cannot be combined"):
         create_backbone("efficientnet_lite0", pretrained=False, image_size=32, feature_stage=2, pool_grid=2)
+    with pytest.raises(TransferkitError, match="pool_grid needs feature maps"):  # a vision transformer's tokens
+        create_backbone("timm:vit_tiny_patch16_224", pretrained=False, pool_grid=2)

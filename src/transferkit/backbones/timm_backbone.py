@@ -111,6 +111,10 @@ class TimmBackbone(Backbone):
             self.feature_dim += sum(self._stage_channels()[s] for s in self.pool_stages)
             spec.options["pool_stages"] = list(self.pool_stages)
         config = resolve_data_config({}, model=model)
+        if in_chans not in (1, 3):
+            raise TransferkitError(
+                f"backbone '{spec.name}' expects {in_chans} input channels", "use in_chans=1 or in_chans=3"
+            )
         self.image_size = int(image_size or config["input_size"][-1])
         self.pool_grid: tuple[int, ...] = ()  # empty: global averages
         self.stage_grids: tuple[int, ...] = ()  # with pool_grid: the grid of each pooled stage, then of the final map
@@ -118,10 +122,6 @@ class TimmBackbone(Backbone):
         if any(int(g) != 1 for g in grids):
             self._set_pool_grid([int(g) for g in grids], in_chans)
             spec.options["pool_grid"] = list(self.pool_grid)
-        if in_chans not in (1, 3):
-            raise TransferkitError(
-                f"backbone '{spec.name}' expects {in_chans} input channels", "use in_chans=1 or in_chans=3"
-            )
         mean, std = tuple(config["mean"]), tuple(config["std"])
         if len(mean) != in_chans:  # grey input to an RGB-normalised model: average the statistics
             mean, std = (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans
@@ -154,6 +154,9 @@ class TimmBackbone(Backbone):
         with torch.no_grad():
             final, maps = self._final_and_stage_maps(torch.zeros(1, in_chans, self.image_size, self.image_size))
         self.model.train(was_training)
+        if final.dim() != 4 or any(m.dim() != 4 for m in maps):
+            raise TransferkitError(f"pool_grid needs feature maps, and '{self.spec.name}' returns tokens",
+                                   "drop pool_grid (it applies to convolutional backbones such as EfficientNet)")
         wanted = grids * maps_count if len(grids) == 1 else grids
         self.stage_grids = tuple(min(g, m.shape[-1]) for g, m in zip(wanted, [*maps, final]))
         channels = [m.shape[1] for m in maps] + [final.shape[1]]
