@@ -343,7 +343,7 @@ def test_pool_grid_averages_each_map_over_cells_and_keeps_the_final_map_last():
     # at 64 px the final map is 2 x 2, stage 3's 4 x 4
     assert final.stage_grids == (2,) and final.feature_dim == 4 * 1280
     assert multi.stage_grids == (4, 2, 2) and multi.feature_dim == 16 * 112 + 4 * 320 + 4 * 1280
-    assert final.pretrained_head() is None and not final.splits_into_groups()
+    assert final.pretrained_head() is None and final.splits_into_groups() and not multi.splits_into_groups()
     final.load_state_dict(plain.state_dict()), multi.load_state_dict(plain.state_dict())
     plain.eval(), final.eval(), multi.eval()
     x = torch.randn(2, 3, 64, 64)
@@ -354,6 +354,9 @@ def test_pool_grid_averages_each_map_over_cells_and_keeps_the_final_map_last():
     np.testing.assert_allclose(grid_features.numpy(), grid_pool(final_map, 2).numpy(), atol=1e-5)
     np.testing.assert_allclose(multi_features[:, :16 * 112].numpy(), grid_pool(stage3, 4).numpy(), atol=1e-5)
     np.testing.assert_allclose(multi_features[:, -4 * 1280:].numpy(), grid_features.numpy(), atol=1e-5)
+    with torch.no_grad():  # cached-map training: the final grid pools after the top groups
+        split = final.forward_top(final.forward_below(x, 2), 2)
+    np.testing.assert_allclose(split.numpy(), grid_features.numpy(), atol=1e-5)
     assert not np.allclose(grid_features[:, :1280].numpy(), final_map.mean(dim=(2, 3)).numpy(), atol=1e-3)
     data = LabeledData([np.zeros((8, 8), np.uint8)], np.array([0]), ["a"], "image", ["x"])
     assert feature_cache_key(final, data) != feature_cache_key(plain, data)

@@ -255,6 +255,19 @@ def test_cached_maps_through_the_top_groups_equal_the_whole_forward_pass():
     assert trained_top_groups(backbone) is None  # everything trains: nothing to cache
     small = create_backbone("small_cnn", pretrained=False, image_size=32)
     assert trained_top_groups(small) is None  # no split between groups
+    # a grid over the final map pools after the top groups, so it trains on cached maps too; earlier stages do not
+    grid = create_backbone("efficientnet_lite0", pretrained=False, image_size=64, pool_grid=2)
+    grid_model = TransferModel(grid, [TaskSpec("label", "classify", ["a", "b"])]).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        whole = grid_model(x).logits
+        cached = grid_model(BelowInputs(grid.forward_below(x, 2), 2)).logits
+    assert grid.feature_dim == 4 * 1280 and torch.allclose(whole, cached, atol=1e-5)
+    Finetune(FinetuneConfig(unfreeze="2")).prepare(grid_model)
+    assert trained_top_groups(grid) == 2
+    staged = create_backbone("efficientnet_lite0", pretrained=False, image_size=64, pool_grid=2, pool_stages=[3])
+    Finetune(FinetuneConfig(unfreeze="2")).prepare(TransferModel(staged, [TaskSpec("label", "classify", ["a", "b"])]))
+    assert trained_top_groups(staged) is None  # its embedding reads stage 3's map, below the top groups
 
 
 def test_accelerate_and_placement_move_cached_map_batches_to_the_device():

@@ -26,7 +26,7 @@ from transferkit.backbones.base import (
     ModuleGroup,
     reject_unknown_options,
 )
-from transferkit.backbones.timm_backbone import TimmBackbone
+from transferkit.backbones.timm_backbone import TimmBackbone, grid_pool
 from transferkit.engine.placement import module_device, place, predict_batches
 from transferkit.errors import TransferkitError
 
@@ -154,7 +154,8 @@ class EfficientNetLite(TimmBackbone):
         return [block for stage in self.model.blocks for block in stage]
 
     def splits_into_groups(self) -> bool:
-        return self.feature_stage is None and not self.pool_stages and not self.pool_grid
+        # a grid over the final map only is pooling after the top group; earlier stages' maps are not
+        return self.feature_stage is None and not self.pool_stages
 
     def _group_forwards(self) -> list[Any]:
         """One callable per layer group, in order (stem, stages 0-6, head convolution with its batch norm)."""
@@ -169,9 +170,12 @@ class EfficientNetLite(TimmBackbone):
         return inputs
 
     def forward_top(self, below: torch.Tensor, top_groups: int = 1) -> torch.Tensor:
-        """The top ``top_groups`` groups, then global average pooling: the 1280-wide embedding."""
+        """The top ``top_groups`` groups, then global average pooling (the 1280-wide embedding), or with ``pool_grid``
+        the averages over the final map's grid cells."""
         for forward in self._group_forwards()[-top_groups:]:
             below = forward(below)
+        if self.pool_grid:
+            return grid_pool(below, self.stage_grids[-1])
         return self.model.forward_head(below, pre_logits=True)
 
     def suggested_lora_targets(self) -> list[str]:
@@ -179,8 +183,9 @@ class EfficientNetLite(TimmBackbone):
         return ["conv_pw", "conv_pwl"]
 
     def pretrained_head(self) -> nn.Module | None:
-        # it reads the final features only
-        return self._imagenet_head if self.splits_into_groups() else None
+        # it reads the globally pooled final features only
+        return self._imagenet_head if self.feature_stage is None and not self.pool_stages and not self.pool_grid \
+            else None
 
     def pretrained_class_names(self) -> list[str] | None:
         if self.pretrained_head() is None:
