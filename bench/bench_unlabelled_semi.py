@@ -358,18 +358,46 @@ CACHED_METHODS = {
 }
 
 
+#: --part fm-grid: the frozen multi-stage grid features of auto's committee (Lite0 224 px: stage 3 over 7 x 7 cells,
+#: stage 4 and the last map over 3 x 3), a linear probe with and without self-training on the unlabelled pool
+GRID_OPTIONS = ["--strategy", "linear-probe", "--pool-stages", "3", "--pool-stages", "4", "--pool-grid", "7",
+                "--pool-grid", "3", "--pool-grid", "3"]
+GRID_METHODS = {
+    "supervised linear probe, multi-stage grid features (no unlabelled data)": GRID_OPTIONS,
+    "linear probe, multi-stage grid features + self-training": [*GRID_OPTIONS, "--semi", "self-training"],
+}
+
+
 def part_fm_cached(args: argparse.Namespace, argv: list[str] | None, started: float) -> None:
     """The 5,000-image benchmark at 224 px with the top two groups training (consistency on cached maps), against
     the same strategy without unlabelled data and scikit-learn's logistic regression on the same 224 px features."""
-    methods = {name: options for name, options in CACHED_METHODS.items() if wanted(args, name)}
-    cells: dict[str, list[dict]] = {name: [] for name in CACHED_METHODS}
+    part_fm_224(args, argv, started, CACHED_METHODS, "fmc", "top 2 groups on cached maps",
+                "only the top 2 layer groups train (`--unfreeze 2`), so consistency training computes the layers below "
+                "once per item and makes its weak / strong views on their maps")
+
+
+def part_fm_grid(args: argparse.Namespace, argv: list[str] | None, started: float) -> None:
+    """The 5,000-image benchmark at 224 px on auto's frozen multi-stage grid features: linear probe with and without
+    self-training, against scikit-learn's logistic regression on the globally pooled 224 px features."""
+    part_fm_224(args, argv, started, GRID_METHODS, "fmg", "frozen multi-stage grid features",
+                "the backbone stays frozen; the probe reads stage 3 averaged over 7 x 7 cells, stage 4 and the last "
+                "map over 3 x 3 (auto's committee features); self-training refits it on the labels plus accepted "
+                "pseudo-labels (2 rounds)")
+
+
+def part_fm_224(args: argparse.Namespace, argv: list[str] | None, started: float, all_methods: dict[str, list[str]],
+                tag: str, title: str, description: str) -> None:
+    """Rows ``all_methods`` (one named "supervised ..." is the baseline of the paired column) on the 5,000-image
+    benchmark at the backbone's 224 px, with scikit-learn's logistic regression on the same 224 px features."""
+    methods = {name: options for name, options in all_methods.items() if wanted(args, name)}
+    cells: dict[str, list[dict]] = {name: [] for name in all_methods}
     frozen: list[dict] = []
     for seed in range(args.seeds):
         paths = write_data(seed, 20, args.pool, split_layout=True)
         frozen.append(cached(CACHE / "cells", f"frozen-lr224-fm-u{args.pool}-s{seed}",
                              lambda p=paths: frozen_baselines(p, FEATURES, False)))
-        for name, options in CACHED_METHODS.items():
-            key = cell_key(f"fmc-u{args.pool}", name, seed)
+        for name, options in all_methods.items():
+            key = cell_key(f"{tag}-u{args.pool}", name, seed)
             if name not in methods and not (CACHE / "cells" / f"{key}.json").is_file():
                 continue
             extra = [] if "supervised" in name else ["--unlabelled", str(paths["unlabelled"]),
@@ -378,7 +406,7 @@ def part_fm_cached(args: argparse.Namespace, argv: list[str] | None, started: fl
                 p, CACHE / "runs" / k, ["--protocol", "cv", "--seed", str(s), "--cache-dir", str(FEATURES), *o, *e],
                 args.timed)))
     cells = {name: runs for name, runs in cells.items() if runs}
-    supervised = cells.get("supervised finetune, top 2 groups (no unlabelled data)", [])
+    supervised = next((runs for name, runs in cells.items() if name.startswith("supervised")), [])
     lr = [f["logistic_regression"] for f in frozen]
     lines = ["| method | test accuracy | vs supervised, paired (points) | vs logistic regression, paired (points) | "
              "wall per run (s) | pseudo-labels |", "|---|---|---|---|---|---|",
@@ -393,13 +421,12 @@ def part_fm_cached(args: argparse.Namespace, argv: list[str] | None, started: fl
                           f"`{runs[0]['command']}`" for name, runs in cells.items())
     body = "\n".join(lines) + (
         f"\n\nFashion-MNIST: the same labelled images (20 per class, seeded), {args.pool} unlabelled and 2,000 test "
-        "images as the 112 px section; EfficientNet-Lite0 at its own 224 px; only the top 2 layer groups train "
-        "(`--unfreeze 2`), so consistency training computes the layers below once per item and makes its weak / "
-        "strong views on their maps; `--protocol cv` (settings chosen in the supervised folds, one semi-supervised "
+        f"images as the 112 px section; EfficientNet-Lite0 at its own 224 px; {description}; "
+        "`--protocol cv` (settings chosen in the supervised folds, one semi-supervised "
         f"run on every label); {len(frozen)} seed(s). Wall times: the whole `fit` command"
         f"{', timed under `flock /work/wt/bench.lock` at normal priority' if args.timed else ' (NOT timed runs)'}."
         f"\n\n{per_seed}\n" + notes(args))
-    write_section(RESULTS, f"Semi-supervised fit --unlabelled at 224 px, top 2 groups on cached maps (Fashion-MNIST, "
+    write_section(RESULTS, f"Semi-supervised fit --unlabelled at 224 px, {title} (Fashion-MNIST, "
                   f"20 labels per class + {args.pool} unlabelled)", bench_command("bench.bench_unlabelled_semi", argv),
                   started, body)
 
@@ -449,7 +476,7 @@ def part_small(args: argparse.Namespace, argv: list[str] | None, started: float)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", choices=("fm", "fm-cached", "small"), default="fm")
+    parser.add_argument("--part", choices=("fm", "fm-cached", "fm-grid", "small"), default="fm")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--pool", type=int, default=5000)
     parser.add_argument("--image-size", type=int, default=112, help="Our rows' resolution (0: the backbone's 224).")
@@ -461,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--note", action="append", default=[], help="A line added to the section (repeatable).")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    {"fm": part_fm, "fm-cached": part_fm_cached, "small": part_small}[args.part](args, argv, started)
+    {"fm": part_fm, "fm-cached": part_fm_cached, "fm-grid": part_fm_grid, "small": part_small}[args.part](args, argv, started)
     return 0
 
 
