@@ -184,8 +184,7 @@ class EfficientNetLite(TimmBackbone):
 
     def pretrained_head(self) -> nn.Module | None:
         # it reads the globally pooled final features only
-        return self._imagenet_head if self.feature_stage is None and not self.pool_stages and not self.pool_grid \
-            else None
+        return self._imagenet_head if self.splits_into_groups() and not self.pool_grid else None
 
     def pretrained_class_names(self) -> list[str] | None:
         if self.pretrained_head() is None:
