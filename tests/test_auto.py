@@ -207,15 +207,16 @@ def test_auto_resume_skips_finished_candidates(folder, tmp_path, monkeypatch):
         assert any(r["name"].startswith(name) and r["status"] == "done" for r in board["leaderboard"]), name
 
 
-@pytest.mark.parametrize("per_class,classes,budget,fragment", [
-    (8, ("bright", "dark"), "0", "time-budget"),
-    (1, ("bright", "dark"), "1m", "single example"),
-    (6, ("bright",), "1m", "single class"),
+@pytest.mark.parametrize("per_class,classes,budget,extra,fragment", [
+    (8, ("bright", "dark"), "0", [], "time-budget"),
+    (1, ("bright", "dark"), "1m", [], "single example"),
+    (6, ("bright",), "1m", [], "single class"),
+    (8, ("bright", "dark"), "1m", ["--device", "cuda:7"], "--device 'cuda:7'"),
 ])
-def test_auto_bad_input_exits_2_with_one_line(tmp_path, per_class, classes, budget, fragment):
+def test_auto_bad_input_exits_2_with_one_line(tmp_path, per_class, classes, budget, extra, fragment):
     data = write_folder(tmp_path / "data", per_class, classes)
     result = subprocess.run([sys.executable, "-m", "transferkit", "auto", "--data", str(data), "--out",
-                             str(tmp_path / "out"), "--time-budget", budget, "--backbones", "small_cnn"],
+                             str(tmp_path / "out"), "--time-budget", budget, "--backbones", "small_cnn", *extra],
                             capture_output=True, text=True, timeout=120)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2, result.stderr

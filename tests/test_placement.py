@@ -450,6 +450,72 @@ def test_fisher_pass_runs_on_the_models_device(spy):
     assert all(float(v.sum()) > 0 for v in fisher.values())
 
 
+def test_task_heads_are_built_on_the_models_device(tmp_path, spy):
+    """``--task`` replaces the heads after ``fit`` placed the model: the new heads must join it on the device
+    (FISH's Fisher pass runs the model before the engine would move anything)."""
+    from transferkit.data.loader import make_loader
+    from transferkit.strategies.fish import fisher_diagonal
+    from transferkit.tasks.extension import TasksConfig, TasksExtension
+
+    context = _context(tmp_path)
+    for part in (context.splits.train, context.splits.val):
+        part.columns["size"] = np.arange(len(part), dtype=np.float64)
+    model = PlacementSpy.place(_model())
+    context = TasksExtension(TasksConfig(task=["classify", "size:regress"])).configure(context, model, None)
+    assert set(model.heads) == {"label", "size"}
+    assert all(_tagged(p) for p in model.parameters())
+    loader = make_loader(context.splits.train, model.backbone, batch_size=3, train=False)
+    assert all(float(v.sum()) > 0 for v in fisher_diagonal(model, loader, batches=2).values())
+
+
+def test_auto_extracts_fits_and_times_its_candidates_on_its_device(monkeypatch, spy):
+    """``auto --device``: a probe candidate's features and head, and the speed measurement of a trained candidate,
+    on the device the candidates train on (not the CPU, which would also mis-time them)."""
+    import transferkit.engine.placement as placement
+    from transferkit.autofit.space import Candidate
+    from transferkit.autofit.training import FeatureTable, probe_model, seconds_per_item, split_options
+
+    real = placement.resolve_device
+    monkeypatch.setattr(placement, "resolve_device", lambda spec="auto": FAKE if spec == "cuda" else real(spec))
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    data = _data(12, "train")
+    probe = Candidate("test-tiny-4d", "linear-probe", None, {"probe_c": 1.0}, "features", "probe C=1")
+    table = FeatureTable(probe, data, None, 0, device="cuda")
+    assert module_device(table.backbone) == FAKE and table.x.shape == (12, 3)
+    model, _ = probe_model(probe, table, data, tta=False)
+    assert all(_tagged(p) for p in model.parameters())
+    trained = Candidate("test-tiny-4d", "finetune", None, {"epochs": 1}, "train", "fine-tune")
+    train_item, infer = seconds_per_item(trained, data, 0, "cuda")
+    assert train_item > 0 and infer > 0 and waited == [FAKE] * 3  # two timed training steps, one inference
+    assert split_options(trained, 0, "cpu")[0].device == "cpu"
+
+
+def test_an_adapted_runs_source_only_baseline_is_scored_on_the_models_device(tmp_path, monkeypatch):
+    """``evaluate`` of an ``--adapt`` run also scores the saved source-only baseline: beside the adapted model on
+    its device, not on the CPU where it was loaded."""
+    import transferkit
+    import transferkit.inference as inference
+    from tests.test_adaptation import FAST, _write_domain
+    from transferkit.cli.main import main
+
+    source, target = _write_domain(tmp_path / "source", 16, 0, False), _write_domain(tmp_path / "target", 12, 1, True)
+    test = _write_domain(tmp_path / "target_test", 10, 2, True)
+    out = tmp_path / "dann"
+    assert main(["fit", "--data", str(source), *FAST, str(tmp_path / "cache"), "--strategy", "finetune",
+                 "--head-init", "random", "--adapt", "dann", "--target-data", str(target), "--out", str(out)]) == 0
+    expected = transferkit.evaluate(str(out), str(test), progress=False)["source_only_accuracy"]
+    scored_on, evaluate_model = [], inference.evaluate_model
+    monkeypatch.setattr(inference, "evaluate_model",
+                        lambda module, *a, **k: scored_on.append(module_device(module)) or evaluate_model(module, *a, **k))
+    loaded = transferkit.load(str(out), device="cpu")
+    PlacementSpy.place(loaded.module)
+    with PlacementSpy():
+        report = transferkit.evaluate(loaded, str(test), progress=False)
+    assert report["source_only_accuracy"] == pytest.approx(expected)
+    assert scored_on == [FAKE]  # the baseline, loaded from its folder, was placed beside the model
+
+
 def test_in_context_scoring_runs_on_the_lms_device(tiny_llama_dir, spy):
     from transferkit.zeroshot.incontext import label_log_likelihoods, load_causal_lm
 
@@ -514,6 +580,34 @@ def test_rng_states_are_json_and_restore_every_generator():
     first = (random.random(), np.random.rand(), torch.rand(1).item())
     set_rng_states(states)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_rng_states_carry_the_apple_gpus_generator(monkeypatch):
+    """On an MPS machine dropout masks come from the MPS generator: a resumed run must restore it too."""
+    import transferkit.engine.placement as placement
+
+    generator = {"state": torch.arange(16, dtype=torch.uint8)}
+    monkeypatch.setattr(placement, "_mps_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: generator["state"].clone())
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda state: generator.update(state=state))
+    states = json.loads(json.dumps(rng_states()))
+    assert states["mps"] == list(range(16))
+    generator["state"] = torch.zeros(16, dtype=torch.uint8)  # the run went on drawing
+    set_rng_states(states)
+    assert generator["state"].tolist() == list(range(16))
+    monkeypatch.setattr(placement, "_mps_available", lambda: False)
+    set_rng_states({**states, "mps": [0] * 16})  # a checkpoint from a Mac resumed elsewhere: MPS state ignored
+    assert generator["state"].tolist() == list(range(16))
+
+
+def test_peak_memory_measures_the_device_the_run_used(monkeypatch):
+    """``--device cpu`` on a CUDA machine reports the process's memory, not the (unused) CUDA allocator's."""
+    from transferkit.fitting import peak_memory_mb
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 0.0)
+    assert peak_memory_mb("cpu") > 10  # this process's resident peak (MB), not the CUDA allocator's 0
+    assert peak_memory_mb(torch.device("cpu")) > 10
 
 
 def test_loaded_models_are_placed_where_asked(tmp_path):

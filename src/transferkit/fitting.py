@@ -59,9 +59,14 @@ def default_out(fit: FitConfig) -> Path:
     return Path("runs") / f"{stem}-{fit.strategy}"
 
 
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
+def peak_memory_mb(device: str | torch.device = "auto") -> float:
+    """Peak memory of the run: the CUDA allocator's peak when it ran on a CUDA device, else the process's peak
+    resident size (``--device cpu`` on a GPU machine measures the CPU, and starts no CUDA context)."""
+    from transferkit.engine.placement import resolve_device
+
+    target = resolve_device(device)
+    if target.type == "cuda":
+        return torch.cuda.max_memory_allocated(target) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
@@ -236,6 +241,8 @@ def run_metrics(model: TransferModel, backbone_name: str, strategy: Strategy, ex
                 result: TrainResult, report: dict[str, Any], eval_split: str, train_seconds: float,
                 options: dict[str, Any]) -> dict[str, Any]:
     """The content of ``metrics.json``."""
+    from transferkit.engine.placement import module_device
+
     trainable, total = model.count_parameters()
     metrics: dict[str, Any] = {
         **{k: report[k] for k in ("accuracy", "macro_f1") if k in report},
@@ -247,7 +254,7 @@ def run_metrics(model: TransferModel, backbone_name: str, strategy: Strategy, ex
         "trainable_params": trainable,
         "total_params": total,
         "train_seconds": round(train_seconds, 3),
-        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "peak_memory_mb": round(peak_memory_mb(module_device(model)), 1),
         "dataset_sizes": splits.sizes(),
         "num_classes": len(splits.class_names),
         "class_names": list(splits.class_names),
@@ -310,7 +317,7 @@ def fit_causal_lm_run(fit: FitConfig, train: TrainConfig, strategy: Strategy, co
         if not state.is_main_process:
             folder.publish()
             return Run(folder.out, {})
-        metrics.update({"peak_memory_mb": round(peak_memory_mb(), 1), "config": options})
+        metrics.update({"peak_memory_mb": round(peak_memory_mb(train.device), 1), "config": options})
         write_json(folder.stage / "metrics.json", metrics)
         history = [json.loads(line) for line in (folder.stage / "history.jsonl").read_text().splitlines()
                    if line.strip()]

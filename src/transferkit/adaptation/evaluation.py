@@ -44,6 +44,7 @@ def evaluate_hook(model: Any, data: Any, report: dict[str, Any], options: dict[s
     frame = run_frame(folder)
     if not (baseline_dir / "config.json").is_file() and frame == "none":
         return {}
+    from transferkit.engine.placement import module_device, place
     from transferkit.inference import evaluate_model
     from transferkit.model import load_model
 
@@ -55,6 +56,7 @@ def evaluate_hook(model: Any, data: Any, report: dict[str, Any], options: dict[s
         extra.update({"frame": frame, "adapted_accuracy": adapted})
     if (baseline_dir / "config.json").is_file():
         baseline, _ = load_model(baseline_dir)
+        place(baseline, module_device(model.module))  # scored where the adapted model is (``--device``)
         source_only = evaluate_model(baseline, scored, batch_size)["accuracy"]
         extra.update({"source_only_accuracy": source_only, "adaptation_gain": adapted - source_only})
     return extra

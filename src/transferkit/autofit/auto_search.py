@@ -87,6 +87,8 @@ class AutoConfig:
     max_ensemble: int = field(default=6, metadata={"help": "Most members of the final ensemble (1: no ensemble; 6 "
                                                      "holds the committee of EfficientNet-Lite0/1/2 probes)."})
     cache_dir: str | None = field(default=None, metadata={"help": "Feature cache (default ~/.cache/transferkit)."})
+    device: str = field(default="auto", metadata={"help": "Where features are extracted and candidates train: auto "
+                                                 "(a GPU when there is one), cpu, cuda, cuda:N or mps."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a finished auto folder at --out."})
     resume: bool = field(default=False, metadata={"help": "Continue an interrupted auto, keeping finished candidates."})
     progress: bool = field(default=True, metadata={"help": "Log what is being tried and the time left."})
@@ -94,6 +96,7 @@ class AutoConfig:
     def validate(self) -> float:
         """Checks the options; returns the budget in seconds."""
         from transferkit.config import parse_duration
+        from transferkit.engine.placement import check_device_spec
 
         if not self.data:
             raise TransferkitError("no data given", "pass --data PATH or a built-in dataset name")
@@ -116,6 +119,7 @@ class AutoConfig:
             raise TransferkitError(f"invalid --folds {self.folds}", "use at least 2")
         if self.max_ensemble < 1:
             raise TransferkitError(f"invalid --max-ensemble {self.max_ensemble}", "use at least 1")
+        check_device_spec(self.device)
         return budget
 
 
@@ -288,7 +292,7 @@ class AutoSearch:
         if self.clock.left() < 30 or rough > 3 * self.clock.left():  # clearly out of reach: not worth measuring
             return static
         started = time.perf_counter()
-        train_item, infer = seconds_per_item(candidate, self.data, self.config.seed)
+        train_item, infer = seconds_per_item(candidate, self.data, self.config.seed, self.config.device)
         key = self.measure_key(candidate)
         self.measured[key] = (train_item, infer, time.perf_counter() - started)
         return self.measured[key]
@@ -386,7 +390,7 @@ class AutoSearch:
                         self.check_time(seconds)
 
                 model, _ = train_candidate(candidate, train, seed=self.config.seed, cache_dir=self.cache_dir,
-                                           epoch_callback=on_epoch)
+                                           epoch_callback=on_epoch, device=self.config.device)
                 return record_tta(val, predict_plain_and_flipped(model, val))
 
         fold_scores: list[float] = []
@@ -474,7 +478,7 @@ class AutoSearch:
         key = self.table_key(candidate)
         if key not in self.tables:
             table = FeatureTable(candidate, self.data, self.cache_dir, self.config.seed, self.check_time,
-                                 host=self.host_table(candidate))
+                                 host=self.host_table(candidate), device=self.config.device)
             if table.computed:  # not read from the cache: a real speed measurement
                 self.speed[key[:2]] = table.seconds / table.computed
                 static = STATIC_SECONDS_PER_ITEM.get(candidate.backbone, 0.05) * (
@@ -548,7 +552,8 @@ class AutoSearch:
         if candidate.kind == "features":
             model, strategy = probe_model(candidate, self.feature_table(candidate), self.data, variant["tta"])
         else:
-            model, strategy = train_candidate(candidate, self.data, seed=self.config.seed, cache_dir=self.cache_dir)
+            model, strategy = train_candidate(candidate, self.data, seed=self.config.seed, cache_dir=self.cache_dir,
+                                              device=self.config.device)
         return model, strategy.to_dict(), extra
 
 

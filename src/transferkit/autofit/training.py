@@ -47,8 +47,10 @@ def mirrored(data: LabeledData) -> LabeledData:
                        [f"{i}#mirror" for i in data.ids], name=f"{data.name}#mirror")
 
 
-def create_candidate_backbone(candidate: Candidate, seed: int):
+def create_candidate_backbone(candidate: Candidate, seed: int, device: str | torch.device | None = None):
+    """``candidate``'s pretrained backbone (seeded), placed on ``device`` (None: left on the CPU)."""
     from transferkit.backbones import create_backbone
+    from transferkit.engine.placement import place
     from transferkit.engine.trainer import seed_everything
 
     options: dict[str, Any] = {}
@@ -61,7 +63,9 @@ def create_candidate_backbone(candidate: Candidate, seed: int):
     if candidate.options.get("pool_grid"):
         options["pool_grid"] = list(candidate.options["pool_grid"])
     seed_everything(seed)
-    return create_backbone(candidate.backbone, pretrained=True, **options)
+    backbone = create_backbone(candidate.backbone, pretrained=True, **options)
+    place(backbone, device)
+    return backbone
 
 
 # --- features candidates -----------------------------------------------------------------------------------------
@@ -71,12 +75,13 @@ class FeatureTable:
     """Features of every labelled item (and of its mirror image, for images) under one frozen backbone."""
 
     def __init__(self, candidate: Candidate, data: LabeledData, cache_dir: Path | None, seed: int,
-                 check_time: Callable[[float], None] | None = None, host: FeatureTable | None = None) -> None:
-        """With ``host`` (a table of the same items), ``candidate``'s features are read from its last columns without a
+                 check_time: Callable[[float], None] | None = None, host: FeatureTable | None = None,
+                 device: str | torch.device | None = None) -> None:
+        """Features are extracted on ``device`` (auto's ``--device``). With ``host`` (a table of the same items), ``candidate``'s features are read from its last columns without a
         forward pass: a final-layer probe's features are the last columns of the multi-stage probe's of the same
         backbone (``pool_stages`` puts the pooled earlier stages first; autofit.ensemble.shares_features relies on
         the same)."""
-        self.backbone = create_candidate_backbone(candidate, seed)
+        self.backbone = create_candidate_backbone(candidate, seed, device)
         self.computed = 0  # items extracted now (not read from the cache): what ``seconds`` measures
         started = time.perf_counter()  # extraction only: the speed measurement that calibrates cost estimates
         if host is not None:
@@ -160,6 +165,7 @@ def probe_fold(table: FeatureTable, train: LabeledData, val: LabeledData, c: flo
 
 def probe_model(candidate: Candidate, table: FeatureTable, data: LabeledData, tta: bool):
     """The final linear-probe TransferModel on every labelled item (with mirrored copies when ``tta``)."""
+    from transferkit.engine.placement import module_device, place
     from transferkit.model import TaskSpec, TransferModel
     from transferkit.strategies import create_strategy
     from transferkit.strategies.linear_probe import set_linear_head
@@ -172,6 +178,7 @@ def probe_model(candidate: Candidate, table: FeatureTable, data: LabeledData, tt
     model = TransferModel(table.backbone, [TaskSpec("label", "classify", list(data.class_names))])
     strategy = create_strategy("linear-probe", {"probe_c": float(candidate.options.get("probe_c", 1.0))})
     strategy.prepare(model)
+    place(model, module_device(table.backbone))  # the new head joins the backbone on its device
     set_linear_head(model, weight.float(), bias.float())
     return model.eval(), strategy
 
@@ -179,14 +186,15 @@ def probe_model(candidate: Candidate, table: FeatureTable, data: LabeledData, tt
 # --- trained candidates ------------------------------------------------------------------------------------------
 
 
-def split_options(candidate: Candidate, seed: int) -> tuple[Any, Any, dict[str, Any]]:
-    """(TrainConfig, Strategy, model options) of a trained candidate: fixed epochs, no early stopping."""
+def split_options(candidate: Candidate, seed: int, device: str = "auto") -> tuple[Any, Any, dict[str, Any]]:
+    """(TrainConfig, Strategy, model options) of a trained candidate: fixed epochs, no early stopping, trained on
+    ``device``."""
     from transferkit.config import build
     from transferkit.engine.trainer import TrainConfig
     from transferkit.strategies import strategy_class
 
     cls = strategy_class(candidate.strategy)
-    merged = {**candidate.options, "seed": seed, "early_stopping": 0}
+    merged = {**candidate.options, "seed": seed, "early_stopping": 0, "device": device}
     model_options = {k: merged.pop(k) for k in MODEL_OPTIONS if k in merged}
     train_cfg = build(TrainConfig, merged)
     strategy = cls(build(cls.config_class, merged))
@@ -199,18 +207,18 @@ def split_options(candidate: Candidate, seed: int) -> tuple[Any, Any, dict[str, 
 
 
 def train_candidate(candidate: Candidate, train: LabeledData, *, seed: int, cache_dir: Path | None,
-                    epoch_callback: Callable[[dict[str, Any]], None] | None = None):
+                    epoch_callback: Callable[[dict[str, Any]], None] | None = None, device: str = "auto"):
     """Train ``candidate`` on every item of ``train`` (plus its class-name sentences, with the option
-    ``label_examples``) for its fixed number of epochs; returns the model."""
+    ``label_examples``) for its fixed number of epochs on ``device``; returns the model."""
     from transferkit.engine.context import RunContext
     from transferkit.model import TaskSpec, TransferModel
 
-    train_cfg, strategy, model_options = split_options(candidate, seed)
+    train_cfg, strategy, model_options = split_options(candidate, seed, device)
     if candidate.options.get("label_examples"):
         from transferkit.data.label_examples import with_label_examples
 
         train = with_label_examples(train, int(candidate.options["label_examples"]))
-    backbone = create_candidate_backbone(candidate, seed)
+    backbone = create_candidate_backbone(candidate, seed, device)  # LP-FT's probe features on the device too
     model = TransferModel(backbone, [TaskSpec("label", "classify", list(train.class_names))],
                           head_dropout=float(model_options.get("head_dropout", 0.0)))
     strategy.prepare(model)
@@ -237,11 +245,14 @@ def trained_depth(candidate: Candidate) -> str:
     return str(candidate.options.get("unfreeze", "all")) if candidate.strategy == "finetune" else "all"
 
 
-def seconds_per_item(candidate: Candidate, data: LabeledData, seed: int) -> tuple[float, float]:
+def seconds_per_item(candidate: Candidate, data: LabeledData, seed: int,
+                     device: str | torch.device | None = None) -> tuple[float, float]:
     """(training seconds per item and epoch, inference seconds per item) of gradient training on ``candidate``'s
     backbone and resolution, back-propagating as deep as the candidate does (:func:`trained_depth`), measured on two
-    small batches: the cost estimate that decides whether a trained candidate fits the remaining budget."""
+    small batches on ``device`` (where the candidate will train): the cost estimate that decides whether a trained
+    candidate fits the remaining budget."""
     from transferkit.data.loader import make_loader
+    from transferkit.engine.placement import place, synchronize, to_device
     from transferkit.model import TaskSpec, TransferModel
     from transferkit.strategies import create_strategy
 
@@ -250,9 +261,10 @@ def seconds_per_item(candidate: Candidate, data: LabeledData, seed: int) -> tupl
     backbone = create_candidate_backbone(candidate, seed)
     model = TransferModel(backbone, [TaskSpec("label", "classify", list(data.class_names))])
     strategy.prepare(model)
+    target = place(model, device)
     n = min(len(data), 8)
     sample = data.subset(np.arange(n))
-    batch = next(iter(make_loader(sample, backbone, batch_size=n, train=True, seed=seed)))
+    batch = to_device(next(iter(make_loader(sample, backbone, batch_size=n, train=True, seed=seed))), target)
     params = [p for p in model.parameters() if p.requires_grad]
     timings = []
     for _ in range(2):
@@ -261,10 +273,12 @@ def seconds_per_item(candidate: Candidate, data: LabeledData, seed: int) -> tupl
         logits = model(batch["inputs"]).logits
         loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
         torch.autograd.grad(loss, params, allow_unused=True)
+        synchronize(target)  # a GPU runs asynchronously: time the work, not its queueing
         timings.append(time.perf_counter() - started)
     with torch.no_grad():
         model.eval()
         started = time.perf_counter()
         model(batch["inputs"])
+        synchronize(target)
         infer = time.perf_counter() - started
     return min(timings) / n, infer / n

@@ -120,6 +120,15 @@ def to_device(batch: Any, device: str | torch.device) -> Any:
     return batch
 
 
+def synchronize(device: str | torch.device) -> None:
+    """Wait until ``device`` has finished its queued work (GPUs run asynchronously), e.g. before reading a clock."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     """A tensor as a numpy array, from any device (detached, through the CPU)."""
     return tensor.detach().cpu().numpy()
@@ -170,7 +179,7 @@ def _outputs_to_numpy(outputs: Any) -> Any:
 
 def rng_states() -> dict[str, Any]:
     """Every RNG a run draws from, as plain data (lists of ints), for a pickle-free checkpoint: Python's, numpy's,
-    torch's CPU generator and, on a GPU machine, the generator of every CUDA device."""
+    torch's CPU generator and, on a GPU machine, the generator of every CUDA device or of the Apple GPU (MPS)."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     return {
@@ -178,11 +187,13 @@ def rng_states() -> dict[str, Any]:
         "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state().tolist(),
         "cuda": [state.tolist() for state in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "mps": torch.mps.get_rng_state().tolist() if _mps_available() else [],
     }
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
-    """Restore what ``rng_states`` returned; CUDA states are restored when this machine has as many devices."""
+    """Restore what ``rng_states`` returned; CUDA states are restored when this machine has as many devices, the
+    MPS state when it has an Apple GPU."""
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = states["numpy"]
@@ -191,7 +202,11 @@ def set_rng_states(states: dict[str, Any]) -> None:
     cuda = states.get("cuda") or []
     if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in cuda])
+    mps = states.get("mps") or []
+    if mps and _mps_available():
+        torch.mps.set_rng_state(torch.tensor(mps, dtype=torch.uint8))
 
 
 __all__ = ["DEVICE_CHOICES", "accelerator_kwargs", "check_device_spec", "inference", "module_device", "place",
-           "predict_batches", "resolve_device", "rng_states", "set_rng_states", "to_device", "to_numpy"]
+           "predict_batches", "resolve_device", "rng_states", "set_rng_states", "synchronize", "to_device",
+           "to_numpy"]

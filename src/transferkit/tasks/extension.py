@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import nn
 
-from transferkit.engine.placement import predict_batches
+from transferkit.engine.placement import module_device, place, predict_batches
 from transferkit.engine.trainer import default_forward
 from transferkit.errors import TransferkitError
 from transferkit.extensions import ExtensionConfig, FitExtension, register_extension
@@ -224,8 +224,9 @@ class TasksExtension(FitExtension):
     def configure(self, context: RunContext, model: TransferModel, fit: FitConfig) -> RunContext:
         tasks, splits = build_tasks(context.splits, self.config, context.label_smoothing)
         model.tasks = tasks
-        model.heads = nn.ModuleDict({t.name: make_head(model.backbone.feature_dim, t, model.head_dropout)
-                                     for t in tasks})
+        heads = nn.ModuleDict({t.name: make_head(model.backbone.feature_dim, t, model.head_dropout) for t in tasks})
+        place(heads, module_device(model.backbone))  # the model is already on --device; new heads join it there
+        model.heads = heads
         weights = parse_floats(self.config.task_weights, "task-weights") if self.config.task_weights else None
         self.objective = MultiTaskObjective(tasks, self.config.loss_weighting, weights, self.config.gradnorm_alpha)
         described = ", ".join(f"{t.name} ({t.options['type']})" for t in tasks)
