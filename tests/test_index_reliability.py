@@ -415,3 +415,42 @@ def test_torchrun_two_processes_build_the_same_index_as_one(base_index, tiny_enc
     assert np.abs(vectors[0] - vectors[1]).max() <= 1e-5
     assert set(sharded_index.lexical.ids.tolist()) == set(single.records)
     assert entries(tmp_path / "two") == {"CURRENT", ".lock", "v000001"}  # written once, by one process
+
+
+# --- the writer lock across a rebuild (review, item 2) -----------------------------------------------------------
+def test_a_writer_waiting_while_the_folder_is_rebuilt_locks_the_new_folder(tmp_path):
+    """A writer that opened FOLDER/.lock, then waited while a rebuild renamed FOLDER away and published a new one,
+    must end up holding the new folder's lock (not the old, renamed file): else two writers run at once."""
+    import fcntl
+    import threading
+    import time
+
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    holder = open(folder / storage.LOCK, "a+")  # noqa: SIM115 - the rebuild's lock (own open file: conflicts in this process)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    got: dict[str, object] = {}
+
+    def waiter() -> None:
+        with storage.WriterLock(folder, timeout=10) as lock:
+            got["ino"] = os.fstat(lock._fh.fileno()).st_ino
+            with open(folder / storage.LOCK, "a+") as new:  # a later writer of the new folder
+                try:
+                    fcntl.flock(new, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    got["later_writer_got_in"] = True
+                    fcntl.flock(new, fcntl.LOCK_UN)
+                except BlockingIOError:
+                    got["later_writer_got_in"] = False
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(0.5)  # the waiter opened the old .lock and polls it
+    os.rename(folder, tmp_path / "idx.old")  # the rebuild publishes a new folder in its place
+    folder.mkdir()
+    (folder / storage.LOCK).write_text("")
+    fcntl.flock(holder, fcntl.LOCK_UN)
+    holder.close()
+    thread.join(timeout=20)
+    assert not thread.is_alive()
+    assert got["ino"] == os.stat(folder / storage.LOCK).st_ino
+    assert got["later_writer_got_in"] is False

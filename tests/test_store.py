@@ -204,3 +204,62 @@ def test_missing_milvus_extra_is_one_clear_error(tiny_encoder, tmp_path, monkeyp
     err = capsys.readouterr().err
     assert "needs the 'milvus' extra" in err and "pip install 'transferkit[milvus]'" in err and one_line(err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs"]
+
+
+# --- --overwrite never loses the old index's vectors (review, item 1) ----------------------------------------------
+def collections(index: VectorIndex) -> set[str]:
+    return set(index.store.client.list_collections())
+
+
+def test_failed_rebuild_keeps_the_old_collection_and_a_published_one_drops_only_it(tiny_encoder, db, tmp_path):
+    docs = write_docs(tmp_path / "docs", DOCS)
+    base = ["index", "build", "--encoder", tiny_encoder, "--chunk-size", "30", "--chunk-overlap", "5",
+            "--store", f"milvus:{db}", "--out", str(tmp_path / "idx")]
+    assert main([*base, "--docs", str(docs)]) == 0
+    old = VectorIndex.load(tmp_path / "idx")
+    expected, old_name = results(old), old.store.spec.collection
+    # the rebuild fails after it created its collection: the old index and its vectors are intact
+    assert main([*base, "--docs", str(tmp_path / "missing"), "--overwrite"]) == 2
+    assert old_name in collections(old) and results(VectorIndex.load(tmp_path / "idx")) == expected
+    # a rebuild that is published builds into a new collection, then drops the replaced one (and only it)
+    assert main([*base, "--docs", str(docs), "--overwrite"]) == 0
+    new = VectorIndex.load(tmp_path / "idx")
+    assert new.store.spec.collection != old_name and new.store.spec.collection in collections(new)
+    assert old_name not in collections(new)
+    assert in_rank_order(results(new)) == in_rank_order(expected) and stored_ids(new) == sorted(new.records)
+
+
+def test_indexes_in_folders_of_the_same_name_get_their_own_collections(tiny_encoder, db, tmp_path):
+    docs = write_docs(tmp_path / "docs", DOCS)
+    options = {"docs": docs, "encoder": tiny_encoder, "progress": False, "chunk_size": 30, "chunk_overlap": 5,
+               "store": f"milvus:{db}"}
+    first = build_index(tmp_path / "a" / "idx", **options)
+    expected = results(first)
+    second = build_index(tmp_path / "b" / "idx", **options)
+    assert first.store.spec.collection != second.store.spec.collection
+    assert json.loads((tmp_path / "b" / "idx" / "v000001" / "meta.json").read_text())["extra"]["store"][
+        "collection"] == second.store.spec.collection
+    build_index(tmp_path / "b" / "idx", overwrite=True, **options)  # replaces b's collection, never a's
+    assert results(VectorIndex.load(tmp_path / "a" / "idx")) == expected
+
+
+def test_an_index_whose_meta_names_no_collection_uses_the_old_default(tmp_path):
+    from transferkit.memory.index import IndexMeta, _milvus_store
+
+    meta = IndexMeta(encoder={"name": "minilm"}, preprocess_signature="x", modality="text", dim=4,
+                     extra={"store": {"scheme": "milvus", "uri": str(tmp_path / "v.db")}})
+    store = _milvus_store(meta, tmp_path / "my-idx" / "v000001" / "meta.json")
+    assert store.spec.collection == "transferkit_my_idx"
+
+
+def test_overwrite_of_a_named_collection_builds_beside_it_and_refuses_another_index_s(tiny_encoder, db, tmp_path):
+    docs = write_docs(tmp_path / "docs", DOCS)
+    options = {"docs": docs, "encoder": tiny_encoder, "progress": False, "chunk_size": 30, "chunk_overlap": 5,
+               "store": f"milvus:{db}#named"}
+    build_index(tmp_path / "one", **options)
+    with pytest.raises(TransferkitError, match="exists"):  # another index's collection: never replaced
+        build_index(tmp_path / "two", overwrite=True, **options)
+    assert not (tmp_path / "two").exists()
+    rebuilt = build_index(tmp_path / "one", overwrite=True, **options)  # its own: a new one beside it, then dropped
+    assert rebuilt.store.spec.collection.startswith("named_") and "named" not in collections(rebuilt)
+    assert stored_ids(VectorIndex.load(tmp_path / "one")) == sorted(rebuilt.records)

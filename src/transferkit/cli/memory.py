@@ -25,7 +25,8 @@ def _add_store_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", default="faiss", metavar="faiss|milvus:PATH_OR_URI[#COLLECTION]",
                         help="Where the vectors live: faiss (in the index folder, default); milvus:./vectors.db "
                              "(Milvus Lite, a local file) or milvus:http://host:19530 (a Milvus server / cluster; "
-                             "collection: transferkit_<out folder name> unless #COLLECTION is given).")
+                             "collection: transferkit_<out folder name>_<random suffix>, recorded in the index, "
+                             "unless #COLLECTION is given).")
 
 
 def _retrieval_config(args: argparse.Namespace) -> RetrievalConfig:

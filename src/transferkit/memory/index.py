@@ -42,7 +42,7 @@ from transferkit.memory.chunking import Chunk, Document, check_chunking, chunk_d
 from transferkit.memory.lexical import CONFIG_FILE, IDS_FILE, LexicalIndex
 from transferkit.memory.lexical import FOLDER as LEXICAL_FOLDER
 from transferkit.memory.retrieval import RetrievalConfig, fuse, ranking, rerank_scores
-from transferkit.memory.stores import MilvusStore, StoreSpec
+from transferkit.memory.stores import MilvusStore, StoreSpec, collection_name
 from transferkit.progress import progress as progress_bar
 from transferkit.rundir import OutputFolder
 
@@ -157,12 +157,11 @@ class VectorIndex:
         index._encoder = encoder
         return index
 
-    def open_store(self, overwrite: bool = False) -> None:
-        """Create the (empty) Milvus collection of a new index (``overwrite``: replace one of this encoder).
-        Under ``torchrun`` only the main process writes to the store."""
+    def open_store(self) -> None:
+        """Create the new, empty Milvus collection of a new index (never an existing one). Under ``torchrun``
+        only the main process writes to the store."""
         if self.store is not None and is_main_process():
-            self.store.create(self.meta.kind, {"hnsw_m": self.meta.hnsw_m, "ivf_nlist": self.meta.ivf_nlist},
-                              overwrite)
+            self.store.create(self.meta.kind, {"hnsw_m": self.meta.hnsw_m, "ivf_nlist": self.meta.ivf_nlist})
 
     @classmethod
     def load(cls, folder: str | Path) -> VectorIndex:
@@ -641,6 +640,8 @@ def encoder_tag(meta: IndexMeta) -> str:
 
 def _milvus_store(meta: IndexMeta, meta_path: Path | None = None) -> MilvusStore:
     raw = meta.extra.get("store")
+    if isinstance(raw, dict) and "collection" not in raw and meta_path is not None:  # the rule before it was recorded
+        raw = {**raw, "collection": collection_name(f"transferkit_{meta_path.parent.parent.name}")}
     valid = (isinstance(raw, dict) and raw.get("scheme") == "milvus" and isinstance(raw.get("uri"), str)
              and isinstance(raw.get("collection"), str) and raw["uri"] and raw["collection"])
     if not valid and meta_path is not None:
@@ -699,11 +700,12 @@ def build_index(out: str | Path, *, docs: str | Path | None = None, images: str 
     """Build an index of ``docs`` (folder/file/``pydoc-topics``) or ``images`` (folder) and publish it as ``out``
     with the run-folder lifecycle (:class:`transferkit.rundir.OutputFolder`, kind ``index``: staged beside ``out``,
     moved into place with its marker; ``overwrite`` replaces an index only). ``store``: ``faiss`` (default) or
-    ``milvus:PATH_OR_URI[#COLLECTION]`` (:mod:`transferkit.memory.stores`; collection ``transferkit_<out name>``)."""
+    ``milvus:PATH_OR_URI[#COLLECTION]`` (:mod:`transferkit.memory.stores`; collection
+    ``transferkit_<out name>_<random>``, recorded in meta.json)."""
     if (docs is None) == (images is None):
         raise TransferkitError("give exactly one of --docs and --images", "e.g. --docs ./notes")
     out = Path(out)
-    spec = StoreSpec.parse(store, f"transferkit_{out.name}")
+    spec = _target_spec(store, out)
     if storage.is_index_folder(out) and not overwrite:
         raise TransferkitError(f"'{out}' already holds an index",
                                "add to it with `transferkit index add`, or pass --overwrite")
@@ -721,17 +723,42 @@ def build_index(out: str | Path, *, docs: str | Path | None = None, images: str 
     return index
 
 
+def _target_spec(store: str | None, out: Path) -> StoreSpec:
+    """The parsed ``--store`` of a new index in ``out``; without ``#COLLECTION`` the collection gets a unique
+    name (``transferkit_<out name>_<random>``), so indexes in folders of the same name never share one."""
+    spec = StoreSpec.parse(store, f"transferkit_{out.name}")
+    return spec.renamed() if spec.scheme == "milvus" and "#" not in (store or "") else spec
+
+
+def _replaced_store(out: Path) -> MilvusStore | None:
+    """The Milvus store of the index in ``out`` that an ``--overwrite`` replaces (None: FAISS, no or unreadable index)."""
+    def read(version: Path, sha256: dict[str, str]) -> MilvusStore | None:
+        meta = _parse_meta(version / "meta.json", storage.check_file(version / "meta.json", sha256.get("meta.json")))
+        return _milvus_store(meta, version / "meta.json") if "store" in meta.extra else None
+
+    if not storage.is_index_folder(out):
+        return None
+    with contextlib.suppress(TransferkitError, OSError):
+        return storage.read_consistent(out, read)
+    return None
+
+
 @contextlib.contextmanager
 def _new_store(index: VectorIndex, out: Path, overwrite: bool) -> Iterator[OutputFolder]:
     """Stage ``out`` (kind ``index``) and create the index's Milvus collection, if any; the block fills ``index``,
-    then it is saved and published. On failure the stage and a collection this call created are removed."""
+    then it is saved and published. The collection is always a new one: when it would be the one of the index
+    being replaced, it gets a unique name, and the replaced index's collection is dropped only once the new
+    index is published. On failure the stage and the collection this call created are removed."""
+    replaced = _replaced_store(out) if overwrite else None
     if index.store is not None and is_main_process():
-        index.store.prepare(overwrite)  # an unreachable store or another encoder's collection: nothing written
+        # an unreachable store, another encoder's or another index's collection: nothing written
+        index.store.prepare(replaced.spec if replaced is not None else None)
+        index.meta.extra["store"] = index.store.spec.to_dict()
     folder = OutputFolder(out, "index", overwrite=overwrite)
     folder.begin()
     created = False
     try:
-        index.open_store(overwrite)
+        index.open_store()
         created = index.store is not None
         yield folder
         main = folder.is_main_process  # under torchrun every process embeds its share, the main one writes
@@ -746,6 +773,12 @@ def _new_store(index: VectorIndex, out: Path, overwrite: bool) -> Iterator[Outpu
                 index.store.drop()  # type: ignore[union-attr]
         raise
     index.folder = out
+    if replaced is not None and is_main_process() and (index.store is None or replaced.spec != index.store.spec):
+        try:
+            replaced.drop()  # published: the replaced index's vectors are no longer referenced
+        except TransferkitError as error:
+            logger.warning("the replaced index's Milvus collection '%s' could not be dropped (%s)",
+                           replaced.spec, error)
 
 
 def migrate_index(source: str | Path, out: str | Path, store: str | None = None, overwrite: bool = False,
@@ -754,7 +787,7 @@ def migrate_index(source: str | Path, out: str | Path, store: str | None = None,
     ``milvus:PATH_OR_URI[#COLLECTION]``): same ids, records, metadata and lexical side; the vectors are copied,
     not re-embedded (no encoder needed). ``source`` is only read."""
     out = Path(out)
-    spec = StoreSpec.parse(store, f"transferkit_{out.name}")
+    spec = _target_spec(store, out)
     src = VectorIndex.load(source)
     if Path(source).resolve() == out.resolve():
         raise TransferkitError("index migrate needs a new folder for the copy", "give --out another folder")

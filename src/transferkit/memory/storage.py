@@ -68,6 +68,8 @@ def _pid_alive(pid: int) -> bool:
 
 class WriterLock:
     """Exclusive writer lock of an index folder: ``flock`` on ``FOLDER/.lock``, waiting up to ``timeout`` seconds.
+    A lock won on a file that is no longer ``FOLDER/.lock`` (the folder was rebuilt and renamed away meanwhile)
+    is dropped and the new folder's file is locked instead, so two writers never hold different files.
 
     Re-entrant within a process (a save inside ``VectorIndex.updating`` reuses the lock it holds)."""
 
@@ -88,7 +90,13 @@ class WriterLock:
         while True:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                if _is_file_at(fh, path):
+                    break
+                # the folder was replaced (a rebuild renamed it away) while we waited: lock the new one's file
+                fcntl.flock(fh, fcntl.LOCK_UN)
+                fh.close()
+                fh = _reopen(path, deadline)
+                continue
             except OSError as error:
                 if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     fh.close()
@@ -121,6 +129,27 @@ class WriterLock:
             self._fh.truncate()
         fcntl.flock(self._fh, fcntl.LOCK_UN)
         self._fh.close()
+
+
+def _is_file_at(fh: Any, path: Path) -> bool:
+    """Whether the open file ``fh`` is still the file at ``path`` (not renamed away or replaced)."""
+    try:
+        here = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fh.fileno())
+    return (mine.st_dev, mine.st_ino) == (here.st_dev, here.st_ino)
+
+
+def _reopen(path: Path, deadline: float) -> Any:
+    """``path`` opened for locking, waiting (up to ``deadline``) while its folder is between two renames."""
+    while True:
+        try:
+            return open(path, "a+")  # noqa: SIM115 - held by the caller
+        except FileNotFoundError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _read_pid(path: Path) -> int | None:

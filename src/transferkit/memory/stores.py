@@ -24,6 +24,10 @@ the next writer deletes both before it changes anything. A reader holding an old
 reaches step 3 may get fewer than ``k`` hits for that one query. Milvus itself guarantees each insert / delete is
 durable once acknowledged (write-ahead log); the collection is opened with ``Strong`` consistency so a search
 sees every acknowledged write. Milvus Lite serves one process per database file.
+
+A build or migration always fills a new collection (without ``#COLLECTION``: ``transferkit_<folder>_<random>``);
+``--overwrite`` drops the replaced index's collection only after the new index folder is published, and a failed
+build drops only the collection it created.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +75,7 @@ class StoreSpec:
         if not uri:
             raise TransferkitError(f"--store '{value}' names no Milvus database",
                                    "give a local file (milvus:./vectors.db) or a server (milvus:http://host:19530)")
-        collection = _NAME.sub("_", collection or default_collection)
-        if not collection[:1].isalpha() and collection[:1] != "_":
-            collection = "tk_" + collection
+        collection = collection_name(collection or default_collection)
         remote = uri.startswith(("http://", "https://", "tcp://", "grpc://"))
         if not remote:
             uri = str(Path(uri).expanduser().resolve())
@@ -80,6 +83,10 @@ class StoreSpec:
                 raise TransferkitError(f"Milvus Lite database '{uri}' must be a file ending in .db",
                                        "e.g. --store milvus:./vectors.db")
         return cls("milvus", uri, collection)
+
+    def renamed(self) -> StoreSpec:
+        """The same store with a new, unique collection name (``NAME_<8 random hex digits>``)."""
+        return replace(self, collection=f"{self.collection}_{secrets.token_hex(4)}")
 
     @property
     def is_remote(self) -> bool:
@@ -90,6 +97,12 @@ class StoreSpec:
 
     def __str__(self) -> str:
         return "faiss" if self.scheme == "faiss" else f"milvus:{self.uri}#{self.collection}"
+
+
+def collection_name(name: str) -> str:
+    """``name`` made a valid Milvus collection name (letters, digits, ``_``; starting with a letter or ``_``)."""
+    name = _NAME.sub("_", name)
+    return name if name[:1].isalpha() or name[:1] == "_" else "tk_" + name
 
 
 def _client(uri: str) -> Any:
@@ -161,22 +174,24 @@ class MilvusStore:
                 "use another collection (--store milvus:URI#NAME) or the index that built it")
         return True
 
-    def prepare(self, overwrite: bool = False) -> bool:
-        """Check, writing nothing, that the collection can be created: the store answers, and the collection is
-        new (or, with ``overwrite``, holds this encoder's vectors). Returns whether it exists."""
-        exists = self._check(_client(self.spec.uri), must_exist=False)
-        if exists and not overwrite:
-            raise TransferkitError(f"Milvus collection '{self.spec.collection}' in '{self.spec.uri}' exists",
-                                   "pass --overwrite to replace it, or name another (--store milvus:URI#NAME)")
-        return exists
+    def prepare(self, replacing: StoreSpec | None = None) -> None:
+        """Check, writing nothing, that the collection can be created: the store answers and the collection is
+        new. When it is ``replacing`` (the collection of the index an ``--overwrite`` replaces), this store is
+        renamed to a new collection instead: the old one keeps its vectors until the new index is published."""
+        client = _client(self.spec.uri)
+        if self._check(client, must_exist=False):
+            if self.spec != replacing:
+                raise TransferkitError(f"Milvus collection '{self.spec.collection}' in '{self.spec.uri}' exists",
+                                       "name another collection (--store milvus:URI#NAME)")
+            self.spec = self.spec.renamed()
+            self.prepare()
 
-    def create(self, kind: str, options: dict[str, int], overwrite: bool = False) -> None:
-        """Create the collection (``overwrite``: replace one of the same encoder that transferkit made)."""
+    def create(self, kind: str, options: dict[str, int]) -> None:
+        """Create the (new) collection; an existing one is never replaced (see :meth:`prepare`)."""
         from pymilvus import DataType, MilvusClient
 
         client = _client(self.spec.uri)
-        if self.prepare(overwrite):
-            self._call("drop the old collection", client.drop_collection, self.spec.collection)
+        self.prepare()
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.INT64, is_primary=True)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
@@ -196,7 +211,7 @@ class MilvusStore:
                                    "migrate to another store or collection (--store milvus:URI#NAME)")
 
     def drop(self) -> None:
-        """Drop the collection (only one this run created: an interrupted build or migration)."""
+        """Drop the collection (only one this run created, or the one of an index it replaced, once published)."""
         self._call("drop the collection", self.client.drop_collection, self.spec.collection)
 
     def add(self, vectors: np.ndarray, ids: np.ndarray, batch: int = 5000) -> None:
