@@ -251,3 +251,136 @@ def test_publish_leaves_the_old_or_the_new_output_whatever_operation_fails(kill,
     else:
         pytest.fail("publish never succeeded")
     assert failures >= 5  # every operation of publish was made to fail once (rmtree, writes, fsync, 2 renames)
+
+
+# --- review findings: the writer's lock, a failed publish, foreign folders, the baseline, Ctrl-C --------------------
+
+
+def begin_with_checkpoint(out: Path, **kwargs) -> OutputFolder:
+    folder = OutputFolder(out, "run", options=OPTIONS, **kwargs)
+    folder.begin()
+    (folder.stage / "checkpoint").mkdir(exist_ok=True)
+    (folder.stage / "checkpoint" / "trainer.safetensors").write_bytes(b"x")
+    return folder
+
+
+def test_a_second_writer_of_the_same_out_is_refused_and_deletes_nothing(tmp_path):
+    """Review item 1: `fit --out x --overwrite` (or `--resume`) while `fit --out x` trains deleted (shared) its stage."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    live = begin_with_checkpoint(out)
+    before = snapshot(live.stage)
+    for options in ({"overwrite": True}, {"resume": True}):
+        with pytest.raises(TransferkitError, match=rf"another transferkit process is writing .*\(pid {os.getpid()}\)"):
+            OutputFolder(out, "run", options=OPTIONS, **options).begin()
+    other = ("import sys; from transferkit.rundir import OutputFolder; from transferkit.errors import TransferkitError\n"
+             "try:\n    OutputFolder(sys.argv[1], 'run', overwrite=True).begin()\n"
+             "except TransferkitError as exc:\n    print(exc); sys.exit(2)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    done = subprocess.run([sys.executable, "-c", other, str(out)], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 2 and "another transferkit process is writing" in done.stdout
+    assert len(done.stdout.strip().splitlines()) == 1
+    assert snapshot(live.stage) == before  # the live run's stage and checkpoint are untouched
+    (live.stage / "metrics.json").write_text("{}")
+    live.publish()
+    assert is_output(out, "run") and not (out / "checkpoint").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no stale lock file
+    publish_output(out, "run", "next", overwrite=True)  # the lock is free again
+    # a process that died while writing holds no lock: its stage is resumable
+    subprocess.run([sys.executable, "-c", "import sys; from transferkit.rundir import OutputFolder; "
+                    "OutputFolder(sys.argv[1], 'run', overwrite=True).begin(); import os; os._exit(1)", str(out)],
+                   env=env, timeout=60, check=False)
+    assert OutputFolder(out, "run", overwrite=True, resume=True).begin() is True
+
+
+def test_a_failed_publish_keeps_the_stage_and_its_checkpoint(tmp_path, monkeypatch):
+    """Review item 2: the error said the new output stays in the stage, but abandon() then deleted it."""
+    out = tmp_path / "out"
+    with pytest.raises(TransferkitError, match="stays in"), begin_with_checkpoint(out) as folder:
+        write_json(folder.stage / "metrics.json", {"done": True})
+        out.mkdir()
+        (out / "NOTES.md").write_text("mine")  # something appeared at --out during the run
+        folder.publish()
+    assert (out / "NOTES.md").read_text() == "mine" and sorted(os.listdir(out)) == ["NOTES.md"]
+    assert (folder.stage / "metrics.json").is_file() and (folder.stage / "checkpoint" / "trainer.safetensors").is_file()
+    shutil.rmtree(out)
+
+    import transferkit.rundir as rundir
+
+    real_replace = rundir.os.replace
+
+    def failing_replace(src, dst):
+        if Path(src) == folder.stage:
+            raise OSError(28, "No space left on device", str(dst))
+        return real_replace(src, dst)
+
+    with pytest.raises(OSError), begin_with_checkpoint(out, resume=True) as folder:
+        monkeypatch.setattr(rundir.os, "replace", failing_replace)
+        folder.publish()
+    monkeypatch.undo()
+    assert (folder.stage / "metrics.json").is_file() and (folder.stage / "checkpoint" / "trainer.safetensors").is_file()
+    assert OutputFolder(out, "run", resume=True, options=OPTIONS).begin() is True
+
+
+def test_overwrite_refuses_a_folder_with_metrics_and_a_model_that_is_not_ours(tmp_path):
+    """Review item 3: any metrics.json + model/ (a Keras or DVC project) counted as a run and was deleted."""
+    project = tmp_path / "project"
+    (project / "model").mkdir(parents=True)
+    (project / "model" / "weights.h5").write_bytes(b"keras")
+    (project / "metrics.json").write_text("{}")
+    (project / "NOTES.md").write_text("mine")
+    before = snapshot(project)
+    assert output_kind(project) is None and not is_output(project)
+    with pytest.raises(TransferkitError, match="not a transferkit output"):
+        OutputFolder(project, "run", overwrite=True).begin()
+    (project / "model" / "config.json").write_text(json.dumps({"format": "keras"}))
+    with pytest.raises(TransferkitError, match="not a transferkit output"):
+        OutputFolder(project, "run", overwrite=True).begin()
+    (project / "model" / "config.json").unlink()
+    assert snapshot(project) == before and not staging_dir(project).exists()
+
+
+@pytest.mark.parametrize("progress", ["checkpoint", "model"])
+def test_an_interrupted_adaptation_run_keeps_its_source_only_baseline(progress, tmp_path):
+    """Review item 4: Ctrl-C before the main training's first checkpoint removed the finished baseline."""
+    from transferkit.rundir import kept_for_resume
+
+    out = tmp_path / "out"
+    folder = OutputFolder(out, "run", options=OPTIONS)
+    folder.begin()
+    baseline = folder.stage / "source_only" / progress
+    baseline.mkdir(parents=True)
+    (baseline / ("trainer.safetensors" if progress == "checkpoint" else "config.json")).write_text("{}")
+    with pytest.raises(KeyboardInterrupt) as caught, folder:
+        raise KeyboardInterrupt
+    assert baseline.is_dir() and kept_for_resume(caught.value)
+    assert OutputFolder(out, "run", resume=True, options=OPTIONS).begin() is True
+
+
+def test_ctrl_c_suggests_resume_only_when_a_checkpoint_is_kept(tmp_path, capsys):
+    """Review item 5: every Ctrl-C said "a checkpoint is kept; ... --resume", also with nothing to resume."""
+    import argparse
+
+    from transferkit.cli.main import run_command
+
+    def stop_before_a_checkpoint(_args):
+        with OutputFolder(tmp_path / "a", "run") as folder:
+            folder.begin()
+            raise KeyboardInterrupt
+
+    def stop_after_a_checkpoint(_args):
+        with begin_with_checkpoint(tmp_path / "b"):
+            raise KeyboardInterrupt
+
+    def stop_a_command_without_output(_args):
+        raise KeyboardInterrupt
+
+    for func, resumable in ((stop_before_a_checkpoint, False), (stop_after_a_checkpoint, True),
+                            (stop_a_command_without_output, False)):
+        assert run_command(argparse.Namespace(func=func, json=False, verbose=0)) == 130
+        err = capsys.readouterr().err
+        assert err.startswith("interrupted") and len(err.strip().splitlines()) == 1
+        assert ("--resume" in err) is resumable, (func.__name__, err)
+    assert not staging_dir(tmp_path / "a").exists() and staging_dir(tmp_path / "b").is_dir()

@@ -25,12 +25,17 @@ Rules:
 * The output is built in ``.NAME.partial`` next to ``out``. Publishing moves the old output aside, the new one
   into place and only then deletes the old one; if the second move fails the old one is moved back, and a
   crash between the two moves is repaired by the next ``check()`` of that folder.
-* Under ``torchrun`` / ``accelerate launch`` only the main process writes; the others wait for it.
+* One writer per ``out``: ``begin()`` takes an exclusive lock on ``.NAME.partial.lock`` (beside the stage) and
+  ``publish()`` / ``abandon()`` release it; a second process (``--overwrite``, ``--resume``) is refused and
+  deletes nothing. A failed publish keeps the stage whole.
+* Under ``torchrun`` / ``accelerate launch`` only the main process writes (and locks); the others wait for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import json
 import os
 import shutil
@@ -46,6 +51,10 @@ MARKER_FORMAT = "transferkit-output"
 MARKER_VERSION = 1
 RUN_CONFIG = "run_config.json"
 CHECKPOINT_DIR = "checkpoint"
+#: a domain-adaptation run's source-only baseline inside the stage (its own checkpoint / model count as progress)
+BASELINE_DIR = "source_only"
+#: the formats of the models that transferkit saves (``model/config.json``): ``fit``, ``seq2seq``, ``charlm``
+MODEL_KINDS = {"transferkit-model": "run", "transferkit-seq2seq": "seq2seq", "transferkit-charlm": "charlm"}
 KINDS = ("run", "seq2seq", "charlm", "index", "export", "auto", "cluster", "pretrain", "compare")
 #: option keys that may differ between an interrupted run and its ``--resume`` (they do not change the result)
 RESUME_FREE_KEYS = frozenset({"resume", "overwrite", "progress", "no_progress", "device", "threads", "out"})
@@ -145,7 +154,7 @@ def _legacy_kind(path: Path) -> str | None:
             model_format = json.loads((path / "model" / "config.json").read_text()).get("format")
         except (OSError, ValueError, AttributeError):
             model_format = None
-        return {"transferkit-seq2seq": "seq2seq", "transferkit-charlm": "charlm"}.get(model_format, "run")
+        return MODEL_KINDS.get(model_format)  # a model/ we did not save (Keras, DVC, ...) is not ours
     if all((path / name).is_file() for name in ("index.faiss", "records.jsonl", "meta.json")):
         return "index"
     if (path / "CURRENT").is_file() and any(path.glob("v0*/meta.json")):  # an old index upgraded by `index add`
@@ -176,8 +185,14 @@ def is_output(path: str | Path, kind: str | None = None) -> bool:
 
 
 def _has_checkpoint(stage: Path) -> bool:
-    folder = stage / CHECKPOINT_DIR
-    return folder.is_dir() and any(f.is_file() for f in folder.rglob("*"))
+    """True if the stage holds work that ``--resume`` continues: a checkpoint, or a domain-adaptation run's
+    source-only baseline (its checkpoint or its finished model)."""
+    def holds_files(folder: Path) -> bool:
+        return folder.is_dir() and any(f.is_file() for f in folder.rglob("*"))
+
+    baseline = stage / BASELINE_DIR
+    return (holds_files(stage / CHECKPOINT_DIR) or holds_files(baseline / CHECKPOINT_DIR)
+            or (baseline / "model" / "config.json").is_file())
 
 
 def _is_our_stage(stage: Path) -> bool:
@@ -219,6 +234,49 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def lock_path(out: str | Path) -> Path:
+    """The lock file of ``out``'s writer: ``.NAME.partial.lock`` beside the stage (deleting the stage keeps it)."""
+    stage = staging_dir(out)
+    return stage.with_name(stage.name + ".lock")
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        pid = path.read_text().strip()
+    except OSError:
+        pid = ""
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
+def _try_lock(path: Path):
+    """Open and exclusively lock ``path`` without waiting: the open file, or None if another process holds it.
+
+    The file may be deleted by its holder on release; a lock on a file no longer at ``path`` is retried."""
+    while True:
+        fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            return None
+        except BaseException:
+            fh.close()
+            raise
+        try:
+            same = os.path.samestat(os.fstat(fh.fileno()), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fh
+        fh.close()  # released and deleted by its holder meanwhile: lock the new file
+
+
+def kept_for_resume(error: BaseException) -> bool:
+    """True if an OutputFolder kept its stage with a checkpoint when ``error`` ended the run (``--resume`` continues
+    it)."""
+    return bool(getattr(error, "transferkit_resumable", False))
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -249,6 +307,7 @@ class OutputFolder:
         self.options = jsonable(options) if options is not None else None
         self._begun = False
         self._resuming = False
+        self._lock = None  # the open, locked lock file while this (main) process writes the output
         self._state = _process_state()
 
     # --- processes ---------------------------------------------------------------------------------------
@@ -259,6 +318,51 @@ class OutputFolder:
     def _wait(self) -> None:
         if self._state is not None:
             self._state.wait_for_everyone()
+
+    # --- the writer's lock -------------------------------------------------------------------------------
+    def _busy(self, path: Path) -> TransferkitError:
+        return TransferkitError(f"another transferkit process is writing '{self.out}'{_lock_holder(path)}",
+                                "wait for it to finish or choose another --out")
+
+    def _check_unlocked(self) -> None:
+        """Refuse early if another process holds ``out``'s lock (nothing is locked here)."""
+        path = lock_path(self.out)
+        if self._lock is not None or not path.is_file():
+            return
+        fh = _try_lock(path)
+        if fh is None:
+            raise self._busy(path)
+        fh.close()
+
+    def _acquire(self) -> None:
+        """Lock ``out`` for this process until :meth:`_release` (main process only; before anything is deleted).
+
+        Under torchrun / accelerate a refusal here ends the main process, and the launcher then stops the others."""
+        if self._lock is not None:
+            return
+        path = lock_path(self.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = _try_lock(path)
+        if fh is None:
+            raise self._busy(path)
+        fh.truncate(0)
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self._lock = fh
+
+    def _release(self) -> None:
+        """Delete the lock file while still holding it, then unlock (a writer that opened it meanwhile sees that it
+        is gone and locks a new one: see ``_try_lock``)."""
+        fh, self._lock = self._lock, None
+        if fh is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(lock_path(self.out))
+            fh.close()
+
+    def __del__(self) -> None:
+        fh = getattr(self, "_lock", None)
+        if fh is not None:  # dropped without publish/abandon: unlock, so this process can write ``out`` again
+            fh.close()
 
     # --- checks ------------------------------------------------------------------------------------------
     def check(self) -> bool:
@@ -272,6 +376,7 @@ class OutputFolder:
         if self.out.exists() and not self.out.is_dir():
             raise TransferkitError(f"--out '{self.out}' is an existing file", "choose a folder path that is new")
         if self.is_main_process:
+            self._check_unlocked()
             self._repair_interrupted_publish()
         if self.out.is_dir() and any(self.out.iterdir()):
             found = output_kind(self.out)
@@ -310,7 +415,10 @@ class OutputFolder:
 
     def _repair_interrupted_publish(self) -> None:
         """After a publish that was killed: if ``out`` is missing, move the old output (set aside as
-        ``.NAME.old-PID``) back; if ``out`` is in place, delete such leftovers of finished publishes."""
+        ``.NAME.old-PID``) back; if ``out`` is in place, delete such leftovers of finished publishes and the
+        training checkpoint that the publish had not yet removed from it."""
+        if is_output(self.out) and read_marker(self.out) is not None:  # not a run of older versions: keep theirs
+            shutil.rmtree(self.out / CHECKPOINT_DIR, ignore_errors=True)
         parent = self.out.parent
         leftovers = sorted(parent.glob(f".{self.out.name}.old-*")) if parent.is_dir() else []
         for trash in leftovers:
@@ -325,42 +433,62 @@ class OutputFolder:
     # --- lifecycle ---------------------------------------------------------------------------------------
     def begin(self) -> bool:
         """Check ``out`` and create the staging folder (or keep it: ``--resume``). True = resuming."""
-        resuming = self.check()
-        self._wait()  # every process has checked before the main one creates the stage
         if self.is_main_process:
-            if not resuming and self.stage.exists():  # --overwrite of an interrupted run (checked to be ours)
-                shutil.rmtree(self.stage)
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                self.stage.mkdir(exist_ok=resuming)
-            except FileExistsError:
-                raise TransferkitError(f"another transferkit process is writing '{self.out}' ('{self.stage}' "
-                                       "appeared meanwhile)", "wait for it to finish, or choose another --out") from None
-            write_json(self.stage / MARKER, {"format": MARKER_FORMAT, "format_version": MARKER_VERSION,
-                                             "kind": self.kind, "state": "staging", "pid": os.getpid()})
-            if self.options is not None:
-                write_json(self.stage / RUN_CONFIG, self.options)
+            self._acquire()  # before check(): nothing is repaired or deleted while another process writes
+        try:
+            resuming = self.check()
+            self._wait()  # every process has checked before the main one creates the stage
+            if self.is_main_process:
+                self._create_stage(resuming)
+        except BaseException:
+            self._release()
+            raise
         self._wait()
         self._begun = True
         self._resuming = resuming
         return resuming
 
+    def _create_stage(self, resuming: bool) -> None:
+        """Create the staging folder with its marker and ``run_config.json`` (keep it when ``resuming``)."""
+        if not resuming and self.stage.exists():  # --overwrite of an interrupted run (checked to be ours)
+            shutil.rmtree(self.stage)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.stage.mkdir(exist_ok=resuming)
+        except FileExistsError:
+            raise TransferkitError(f"another transferkit process is writing '{self.out}' ('{self.stage}' "
+                                   "appeared meanwhile)", "wait for it to finish, or choose another --out") from None
+        write_json(self.stage / MARKER, {"format": MARKER_FORMAT, "format_version": MARKER_VERSION,
+                                         "kind": self.kind, "state": "staging", "pid": os.getpid()})
+        if self.options is not None:
+            write_json(self.stage / RUN_CONFIG, self.options)
+
     def publish(self) -> Path:
-        """Write the marker and move the stage into place atomically; returns ``out``."""
+        """Write the marker and move the stage into place atomically; returns ``out``.
+
+        If publishing fails, the stage is kept whole (checkpoint included) and :meth:`abandon` leaves it alone."""
         if not self._begun:
             raise RuntimeError("OutputFolder.publish() before begin()")
         if self.is_main_process:
-            shutil.rmtree(self.stage / CHECKPOINT_DIR, ignore_errors=True)  # never part of a finished output
-            if self.out.is_dir() and any(self.out.iterdir()) and not is_output(self.out, self.kind):
-                raise TransferkitError(f"'{self.out}' changed while the {self.kind} was being written and is no "
-                                       f"longer a {self.kind} output; the new one stays in '{self.stage}'",
-                                       "move it into place by hand or choose another --out")
-            from transferkit import __version__
+            try:
+                if self.out.is_dir() and any(self.out.iterdir()) and not is_output(self.out, self.kind):
+                    raise TransferkitError(f"'{self.out}' changed while the {self.kind} was being written and is "
+                                           f"no longer a {self.kind} output; the new one stays in '{self.stage}'",
+                                           "move it into place by hand or choose another --out")
+                from transferkit import __version__
 
-            write_json(self.stage / MARKER, {"format": MARKER_FORMAT, "format_version": MARKER_VERSION,
-                                             "kind": self.kind, "transferkit_version": __version__,
-                                             "created": _now()})
-            self._move_into_place()
+                write_json(self.stage / MARKER, {"format": MARKER_FORMAT, "format_version": MARKER_VERSION,
+                                                 "kind": self.kind, "transferkit_version": __version__,
+                                                 "created": _now()})
+                self._move_into_place()
+            except BaseException:
+                self._begun = False  # the finished work stays in the stage: abandon() must not remove it
+                self._release()
+                raise
+            try:
+                shutil.rmtree(self.out / CHECKPOINT_DIR, ignore_errors=True)  # never part of a finished output
+            finally:
+                self._release()
         self._wait()
         self._begun = False
         return self.out
@@ -388,8 +516,14 @@ class OutputFolder:
             return
         self._begun = False
         refused = isinstance(error, TransferkitError) and not self._resuming
-        if self.is_main_process and self.stage.is_dir() and (refused or not _has_checkpoint(self.stage)):
-            shutil.rmtree(self.stage, ignore_errors=True)
+        try:
+            if self.is_main_process and self.stage.is_dir():
+                if refused or not _has_checkpoint(self.stage):
+                    shutil.rmtree(self.stage, ignore_errors=True)
+                elif error is not None:
+                    error.transferkit_resumable = True  # the CLI then suggests --resume (see kept_for_resume)
+        finally:
+            self._release()
 
     def __enter__(self) -> OutputFolder:
         return self
@@ -399,5 +533,5 @@ class OutputFolder:
             self.abandon(exc)
 
 
-__all__ = ["KINDS", "MARKER", "OutputFolder", "is_output", "json_default", "output_kind", "read_marker",
-           "staging_dir", "write_json", "write_jsonl"]
+__all__ = ["KINDS", "MARKER", "OutputFolder", "is_output", "json_default", "kept_for_resume", "output_kind",
+           "read_marker", "staging_dir", "write_json", "write_jsonl"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from transferkit.adaptation.framing import FRAMES, framed
 from transferkit.adaptation.selection import SIGNALS
 from transferkit.errors import TransferkitError
 from transferkit.extensions import ExtensionConfig, FitExtension, register_extension
+from transferkit.rundir import BASELINE_DIR, write_json
 
 if TYPE_CHECKING:
     from transferkit.config import FitConfig
@@ -39,8 +39,6 @@ if TYPE_CHECKING:
     from transferkit.strategies.base import Strategy
 
 logger = logging.getLogger(__name__)
-
-BASELINE_DIR = "source_only"
 
 
 @dataclass
@@ -221,7 +219,7 @@ class AdaptationExtension(FitExtension):
         report = evaluate_model(baseline, test, batch_size=max(32, context.train.batch_size)) if test else {}
         info = {"source_test_accuracy": report.get("accuracy"), "best_epoch": result.best_epoch,
                 "train_seconds": round(time.perf_counter() - started, 3), "notes": baseline_context.notes}
-        (folder / "metrics.json").write_text(json.dumps(info, indent=2, default=str))
+        write_json(folder / "metrics.json", info)
         shutil.rmtree(folder / "checkpoint", ignore_errors=True)
         self.baseline = baseline
         self.summary["source_only_source_test_accuracy"] = report.get("accuracy")

@@ -128,8 +128,11 @@ def run_command(args: argparse.Namespace) -> int:
         result = args.func(args)
     except TransferkitError as exc:
         return report_error(exc, as_json)
-    except KeyboardInterrupt:
-        print("interrupted: a checkpoint is kept; run the same command with --resume to continue", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        from transferkit.rundir import kept_for_resume
+
+        hint = ": a checkpoint is kept; run the same command with --resume to continue" if kept_for_resume(exc) else ""
+        print(f"interrupted{hint}", file=sys.stderr)
         return 130
     except MemoryError as exc:
         return report_error(from_memory_error(exc), as_json)
