@@ -129,3 +129,27 @@ def test_fit_with_temperature_then_evaluate_with_fgsm(tmp_path, monkeypatch):
     assert report["adversarial_accuracy"] < report["clean_accuracy"]  # a large epsilon must hurt
     image = np.asarray(Image.open(report["attack_example_image"]).convert("L"))
     assert image.std() > 5  # a real picture, not a blank canvas
+
+
+def test_flip_figure_replaces_the_png_atomically(tmp_path, monkeypatch):
+    """The figure lands in an already published run folder: written to a temporary file and moved into place, so a
+    failed write leaves the previous figure whole and no temporary file behind."""
+    import os
+
+    from transferkit.evaluation.attacks import save_flip_figure
+
+    example = {"clean": torch.full((1, 6, 6), 0.2), "adversarial": torch.full((1, 6, 6), 0.3), "label": 0,
+               "clean_prediction": 0, "clean_p": 0.9, "adv_prediction": 1, "adv_p": 0.6}
+    result = {"example": example, "normalisation": None}
+    path = tmp_path / "run" / "fgsm_example.png"
+    assert save_flip_figure(result, ["a", "b"], 0.1, path) == path
+    assert path.read_bytes().startswith(b"\x89PNG") and sorted(os.listdir(path.parent)) == ["fgsm_example.png"]
+    previous = path.read_bytes()
+
+    def failing_replace(src, dst):
+        raise OSError(28, "No space left on device", str(dst))
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        save_flip_figure(result, ["b", "a"], 0.2, path)
+    assert path.read_bytes() == previous and sorted(os.listdir(path.parent)) == ["fgsm_example.png"]

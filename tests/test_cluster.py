@@ -137,7 +137,8 @@ def test_cluster_python_api_on_texts_writes_examples(tmp_path, tiny_bert_dir):
     assert "## cluster" in (run.path / "examples.md").read_text()
 
 
-@pytest.mark.parametrize("case", ["empty", "modality", "k_too_large", "label_columns", "bad_k"])
+@pytest.mark.parametrize("case", ["empty", "modality", "k_too_large", "label_columns", "bad_k", "empty_label",
+                                  "null_label"])
 def test_cluster_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, case):
     data = tmp_path / "photos"
     _colour_folder(data, per=2)
@@ -155,10 +156,20 @@ def test_cluster_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, ca
         bad = tmp_path / "labels.csv"
         bad.write_text("path,class\nb/dark0.png,dark\n")
         args += ["--data", str(data), "--labels", str(bad)]
+    elif case == "empty_label":  # an empty label is not a class of its own (NMI / ARI would count it as one)
+        bad = tmp_path / "labels.csv"
+        bad.write_text("item,label\nb/dark0.png,dark\nb/dark1.png,\n")
+        args += ["--data", str(data), "--labels", str(bad)]
+    elif case == "null_label":
+        bad = tmp_path / "labels.jsonl"
+        bad.write_text('{"item": "b/dark0.png", "label": null}\n')
+        args += ["--data", str(data), "--labels", str(bad)]
     else:
         args += ["--data", str(data), "--k", "1"]
     out = tmp_path / "run"
     assert main(["cluster", "--out", str(out), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
+    if case.endswith("_label"):
+        assert ("line 3 " if case == "empty_label" else "line 1 ") in err[0] and "no label" in err[0], err
     assert not out.exists() and not any(p.name.startswith(".run") for p in tmp_path.iterdir())

@@ -243,3 +243,55 @@ def test_auto_protocol_is_resolved_once_for_every_cell(tmp_path):
     assert protocol(["linear-probe", "finetune"], protocol="cv") == "cv"
     # an extension that trains on a validation split gives holdout, as it does in `fit --protocol auto`
     assert protocol(["linear-probe"], adapt="coral", target_data=data) == "holdout"
+
+
+@pytest.mark.parametrize("case", ["leaderboard_not_an_object", "foreign_folder", "run_folder"])
+def test_compare_refuses_a_bad_out_folder_with_one_line_and_changes_nothing(tmp_path, capsys, case):
+    from transferkit.cli.main import main
+
+    data = _tiny_image_folder(tmp_path / "data")
+    out = tmp_path / "cmp"
+    out.mkdir()
+    if case == "leaderboard_not_an_object":
+        kept = out / "leaderboard.json"
+        kept.write_text("[1, 2, 3]")
+    elif case == "foreign_folder":
+        kept = out / "notes.txt"
+        kept.write_text("my own notes")
+    else:  # an ordinary run folder (legacy layout: metrics.json + model/config.json)
+        (out / "model").mkdir()
+        (out / "model" / "config.json").write_text(json.dumps({"format": "transferkit-model"}))
+        kept = out / "metrics.json"
+        kept.write_text("{}")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    content = kept.read_text()
+    assert main(["compare", "--data", str(data), "--backbones", "small_cnn", "--strategies", "linear-probe",
+                 "--seeds", "1", "--out", str(out), "--no-isolate", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(out) in err[0], err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before and kept.read_text() == content
+
+
+def test_compare_rewrites_its_leaderboard_atomically(tmp_path, monkeypatch, capsys):
+    """A re-run that fails while writing (full disk) keeps the previous leaderboard.json and report.html whole."""
+    import os
+
+    from transferkit.cli.main import main
+
+    monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path / "cache"))
+    data = _tiny_image_folder(tmp_path / "data")
+    out = tmp_path / "cmp"
+    args = ["compare", "--data", str(data), "--backbones", "small_cnn", "--strategies", "linear-probe", "--seeds",
+            "1", "--out", str(out), "--no-isolate", "--image-size", "8"]
+    assert main(args) == 0
+    before = {name: (out / name).read_bytes() for name in ("leaderboard.json", "report.html")}
+    listing = sorted(os.listdir(out))
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    capsys.readouterr()
+    assert main(args) == 2  # the finished cell is reused; only the writes fail
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: the disk is full")
+    assert {name: (out / name).read_bytes() for name in before} == before and sorted(os.listdir(out)) == listing

@@ -284,3 +284,25 @@ def test_multitask_run_exports_every_head_as_a_graph_output_with_parity(tmp_path
     np.testing.assert_allclose(count, reference["count"].numpy(), atol=1e-4)
     np.testing.assert_allclose(size, reference["size"].numpy(), atol=1e-4)
     assert transferkit.load(tmp_path / "onnx").classes_ == torch_model.classes_
+
+
+def test_damaged_onnx_export_exits_2_with_one_line_naming_the_file(tmp_path, capsys):
+    write_striped_folder(tmp_path / "data", 4)
+    run = transferkit.fit(str(tmp_path / "data"), backbone="small_cnn", strategy="linear-probe", epochs=1,
+                          batch_size=8, out=str(tmp_path / "run"), progress=False, seed=0)
+    export = tmp_path / "onnx"
+    assert main(["export", "--model", str(run.path), "--format", "onnx", "--out", str(export)]) == 0
+    config, preprocess = (export / "config.json").read_text(), (export / "preprocess.json").read_text()
+    image = str(next((tmp_path / "data").rglob("*.png")))
+    text_spec = {"kind": "text", "inputs": ["input_ids"], "max_length": 8}  # valid JSON without "tokenizer"
+    cases = [("preprocess.json", "{not json"), ("preprocess.json", json.dumps(text_spec)),
+             ("preprocess.json", "[1]"), ("config.json", json.dumps({**json.loads(config), "tasks": []})),
+             ("config.json", json.dumps({k: v for k, v in json.loads(config).items() if k != "modality"}))]
+    for name, damaged in cases:
+        (export / "config.json").write_text(config)
+        (export / "preprocess.json").write_text(preprocess)
+        (export / name).write_text(damaged)
+        capsys.readouterr()
+        assert main(["predict", "--model", str(export), image]) == 2, (name, damaged)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(export / name) in err[0] and "export the run again" in err[0], (damaged, err)

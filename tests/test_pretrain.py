@@ -356,3 +356,26 @@ def test_objective_options_are_checked_at_the_boundary(tmp_path, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and ("objective" in err[0] or "clusters" in err[0])
     assert not (tmp_path / "bb").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated_weights", "spec_not_an_object"])
+def test_damaged_backbone_folder_exits_2_with_one_line(tmp_path, capsys, damage):
+    from transferkit.backbones.self_taught import SPEC_FORMAT, write_backbone_folder
+
+    _images(tmp_path / "pool", n=6)
+    folder = tmp_path / "bb"
+    folder.mkdir()
+    write_backbone_folder(folder, _base_small_cnn(), {"format": SPEC_FORMAT, "modality": "image",
+                                                      "base": {"name": "small_cnn", "options": {"image_size": 16}}})
+    target = folder / ("weights.safetensors" if damage == "truncated_weights" else "backbone.json")
+    if damage == "truncated_weights":
+        target.write_bytes(target.read_bytes()[:5])
+    else:
+        target.write_text("[1, 2]")
+    capsys.readouterr()
+    out = tmp_path / "c"
+    assert main(["cluster", "--data", str(tmp_path / "pool"), "--out", str(out), "--k", "2",
+                 "--backbone", str(folder), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(target) in err[0] and "pretrain" in err[0], err
+    assert not out.exists() and not (tmp_path / ".c.partial").exists()

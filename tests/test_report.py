@@ -119,3 +119,25 @@ def test_report_renders_in_headless_chromium(compare_dir, tmp_path):
 
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.std() > 10 and len(np.unique(pixels)) > 20
+
+
+def test_report_replaces_report_html_atomically(compare_dir, tmp_path, monkeypatch, capsys):
+    """`transferkit report RUN` writes into a published run folder: a failed write (full disk) is one line, exit 2,
+    and leaves the previous report.html whole, with no temporary file behind."""
+    import os
+
+    from transferkit.cli.main import main
+
+    run = tmp_path / "run"
+    shutil.copytree(compare_dir / "runs" / "small_cnn__linear-probe__seed0", run)
+    (run / "report.html").write_text("previous report")
+    before = sorted(os.listdir(run))
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err  # (may also hold the module fixture's log lines)
+    assert err.strip().splitlines()[-1].startswith("error: the disk is full") and "Traceback" not in err
+    assert (run / "report.html").read_text() == "previous report" and sorted(os.listdir(run)) == before

@@ -13,6 +13,7 @@ from transferkit.errors import TransferkitError
 SPEC_FILE = "backbone.json"
 WEIGHTS_FILE = "weights.safetensors"
 SPEC_FORMAT = "transferkit-backbone"
+_PRETRAIN_AGAIN = "re-run `transferkit pretrain ... --out FOLDER` to write the backbone folder again"
 
 
 def write_backbone_folder(folder: str | Path, backbone: Any, spec: dict[str, Any]) -> None:
@@ -28,43 +29,39 @@ def write_backbone_folder(folder: str | Path, backbone: Any, spec: dict[str, Any
 
 def read_backbone_folder(path: str | Path) -> dict[str, Any] | None:
     """The ``backbone.json`` of a pretrain folder (checked), or None when ``path`` is not one."""
-    import json
+    from transferkit.errors import read_json
 
     path = Path(path).expanduser()
     spec_path = path / SPEC_FILE
     if not spec_path.is_file():
         return None
-    try:
-        spec = json.loads(spec_path.read_text())
-    except (OSError, ValueError) as error:
-        raise TransferkitError(f"'{spec_path}' cannot be read ({error})", "re-run `transferkit pretrain`") from error
+    spec = read_json(spec_path, "backbone spec", _PRETRAIN_AGAIN)
     base = spec.get("base") if isinstance(spec, dict) else None
-    if spec.get("format") != SPEC_FORMAT or not isinstance(base, dict) or not isinstance(base.get("name"), str):
-        raise TransferkitError(f"'{spec_path}' is not a transferkit backbone spec", "re-run `transferkit pretrain`")
+    if not isinstance(base, dict) or spec.get("format") != SPEC_FORMAT or not isinstance(base.get("name"), str):
+        raise TransferkitError(f"'{spec_path}' is not a transferkit backbone spec", _PRETRAIN_AGAIN)
     if not (path / WEIGHTS_FILE).is_file():
-        raise TransferkitError(f"backbone folder '{path}' has no {WEIGHTS_FILE}", "re-run `transferkit pretrain`")
+        raise TransferkitError(f"backbone folder '{path}' has no {WEIGHTS_FILE}", _PRETRAIN_AGAIN)
     spec["_folder"] = str(path)
     return spec
 
 
 def load_backbone_folder(spec: dict[str, Any], pretrained: bool = True, **options: Any) -> Any:
     """Build the base architecture and load the self-taught weights (``pretrained=False``: architecture only)."""
-    from safetensors.torch import load_file
-
     from transferkit.backbones import create_backbone
+    from transferkit.errors import read_safetensors
 
     base = spec["base"]
     merged = {**dict(base.get("options", {})), **options}
     backbone = create_backbone(base["name"], pretrained=False, **merged)
     if pretrained:
         weights = Path(spec["_folder"]) / WEIGHTS_FILE
-        state = load_file(str(weights))
+        state = read_safetensors(weights, "self-taught backbone weights file", _PRETRAIN_AGAIN)
         try:
             backbone.load_state_dict(state, strict=True)
         except RuntimeError as error:
             first = str(error).splitlines()[0][:200]
             raise TransferkitError(f"the weights in '{weights}' do not fit backbone '{base['name']}' ({first})",
-                                   "re-run `transferkit pretrain`") from error
+                                   _PRETRAIN_AGAIN) from error
         backbone.self_taught_from = spec["_folder"]
     backbone.is_pretrained = bool(pretrained)
     return backbone

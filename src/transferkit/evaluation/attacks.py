@@ -14,6 +14,7 @@ says so instead of a number.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +125,14 @@ def save_flip_figure(result: dict[str, Any], class_names: list[str], epsilon: fl
         ax.axis("off")
     fig.suptitle(f"true class: {class_names[ex['label']]}", fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight", facecolor="white")
-    plt.close(fig)
+    # atomic (the run folder is already published): a temporary file with the same suffix (hence format) beside it
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight", facecolor="white")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
     return path
 
 

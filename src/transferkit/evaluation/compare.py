@@ -37,7 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from transferkit.errors import TransferkitError, read_json, reading
+from transferkit.errors import TransferkitError, corrupt_file_error, read_json, reading
+from transferkit.rundir import output_kind, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -393,6 +394,20 @@ def shared_protocol(config: CompareConfig) -> str:
         return "auto"
 
 
+def check_compare_out(out: Path) -> None:
+    """Refuse an existing, non-empty ``--out`` that is not a comparison (its ``leaderboard.json``, or the
+    ``runs/`` of an interrupted one, which ``compare`` continues): nothing of another's is written into or over."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    found = output_kind(out)
+    if found is not None and found != "compare":
+        raise TransferkitError(f"'{out}' holds a transferkit {found} output, not a comparison",
+                               "choose another --out folder")
+    if found is None and not (out / LEADERBOARD_FILE).is_file() and not (out / RUNS_FOLDER).is_dir():
+        raise TransferkitError(f"'{out}' exists and is not a compare output (no {LEADERBOARD_FILE}); nothing was "
+                               "written", "choose an empty or new --out folder")
+
+
 def run_compare(config: CompareConfig) -> dict[str, Any]:
     """Run (or resume) a comparison; writes ``leaderboard.json`` and ``report.html`` into ``config.out``."""
     from transferkit.tracking import tracking_options
@@ -400,11 +415,15 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     tracking = tracking_options(config.fit_options)  # --track: not the cells' own; logged nested at the end
     config.validate()
     out = Path(config.out)
+    check_compare_out(out)
     out.mkdir(parents=True, exist_ok=True)
     previous = out / LEADERBOARD_FILE
     if previous.is_file():
-        old = read_json(previous, "compare leaderboard", "move it away, or choose another --out folder")
-        if not isinstance(old, dict) or old.get("data") != config.data:
+        fix = "move it away, or choose another --out folder"
+        old = read_json(previous, "compare leaderboard", fix)
+        if not isinstance(old, dict):
+            raise corrupt_file_error(previous, "compare leaderboard", "not a JSON object", fix)
+        if old.get("data") != config.data:
             raise TransferkitError(f"'{out}' holds a comparison on other data ({old.get('data')})",
                                    "choose another --out folder")
     started = time.perf_counter()
@@ -446,7 +465,7 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     if config.refit_best and document["recommendation"]:
         document["refit"] = refit_best(config, document["recommendation"])
     document["wall_seconds"] = round(time.perf_counter() - started, 1)
-    previous.write_text(json.dumps(document, indent=2, default=str))
+    write_json(previous, document)  # atomic: a reader sees the old leaderboard or the new one
     from transferkit.evaluation.report import write_report
 
     write_report(out)

@@ -450,6 +450,7 @@ def render_html(title: str, sections: list[str]) -> str:
 def write_report(folder: str | Path, output: str | Path | None = None) -> Path:
     """Write ``report.html`` for a run folder (``metrics.json``) or a compare folder (``leaderboard.json``)."""
     from transferkit.evaluation.compare import LEADERBOARD_FILE
+    from transferkit.rundir import write_text
 
     folder = Path(folder)
     if (folder / LEADERBOARD_FILE).is_file() and not (folder / "metrics.json").is_file():
@@ -463,6 +464,6 @@ def write_report(folder: str | Path, output: str | Path | None = None) -> Path:
                                f"({LEADERBOARD_FILE})", "pass the --out folder of `fit` or `compare`")
     path = Path(output) if output else folder / REPORT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(html_text, encoding="utf-8")
+    write_text(path, html_text)  # atomic: a reader of a published run folder sees the old report or the new one
     logger.debug("report written to %s", path)
     return path

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, corrupt_file_error, reading
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ FORMAT_VERSION = 2  # 2: ensembles (``preprocess.json`` kind "ensemble", output_
 SINGLE_FORMAT_VERSION = 1  # a single model's export is still readable by version-1 readers
 GRAPH_FILE = "model.onnx"
 PREPROCESS_FILE = "preprocess.json"
+_EXPORT_AGAIN = "export the run again with `transferkit export --format onnx`"
 PARITY_FILE = "parity.json"
 TOKENIZER_DIR = "tokenizer"
 OPSET = 18
@@ -58,9 +59,10 @@ def is_onnx_export(path: str | Path) -> bool:
     if not (path / GRAPH_FILE).is_file() or not config.is_file():
         return False
     try:
-        return json.loads(config.read_text()).get("format") == FORMAT
-    except (json.JSONDecodeError, OSError):
+        config = json.loads(config.read_text())
+    except (ValueError, OSError):
         return False
+    return isinstance(config, dict) and config.get("format") == FORMAT
 
 
 def _require_onnx() -> None:
@@ -495,13 +497,20 @@ class OnnxModel:
         from transferkit.model import TaskSpec
 
         self.path = Path(path)
-        self.config = json.loads((self.path / "config.json").read_text())
-        if self.config.get("format_version", 0) > FORMAT_VERSION:
-            raise TransferkitError(f"the export in '{path}' was written by a newer transferkit", "upgrade transferkit")
-        # the graph outputs every head; the runtime predicts the first task (a classifier)
-        self.tasks = [TaskSpec(**self.config["tasks"][0])]
-        self.temperature = float(self.config.get("temperature") or 1.0)
-        self.preprocessor = make_preprocessor(json.loads((self.path / PREPROCESS_FILE).read_text()), self.path)
+        config_path, preprocess_path = self.path / "config.json", self.path / PREPROCESS_FILE
+        with reading(config_path, "ONNX export config", _EXPORT_AGAIN):
+            self.config = json.loads(config_path.read_text(encoding="utf-8"))
+            missing = [key for key in ("tasks", "modality", "inputs", "outputs") if key not in self.config]
+            if missing:
+                raise corrupt_file_error(config_path, "ONNX export config", f"no {', '.join(missing)}", _EXPORT_AGAIN)
+            if self.config.get("format_version", 0) > FORMAT_VERSION:
+                raise TransferkitError(f"the export in '{path}' was written by a newer transferkit",
+                                       "upgrade transferkit")
+            # the graph outputs every head; the runtime predicts the first task (a classifier)
+            self.tasks = [TaskSpec(**self.config["tasks"][0])]
+            self.temperature = float(self.config.get("temperature") or 1.0)
+        with reading(preprocess_path, "ONNX preprocessing spec", _EXPORT_AGAIN):  # also a missing "tokenizer", ...
+            self.preprocessor = make_preprocessor(json.loads(preprocess_path.read_text(encoding="utf-8")), self.path)
         try:
             options = ort.SessionOptions()
             if threads:

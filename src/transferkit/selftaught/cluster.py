@@ -287,13 +287,18 @@ def item_names(data: LabeledData, spec: str) -> list[str]:
 
 def read_label_file(path: str | Path, items: list[str]) -> dict[str, str]:
     """``{item: label}`` from a CSV with columns ``item,label``; every item must be one of ``items``."""
-    from transferkit.data.text import read_table
+    from transferkit.data.text import _is_missing, read_table
 
     table = read_table(Path(path))
     missing = [c for c in ("item", "label") if c not in table.columns]
     if missing:
         raise TransferkitError(f"labels file '{path}' has no column {', '.join(missing)} (columns: "
                                f"{', '.join(table.columns)})", "give it a header row item,label")
+    for line, item, label in zip(table.lines, table.values["item"], table.values["label"]):
+        if _is_missing(label) or _is_missing(item):  # an empty / null label is not a class of its own
+            what = "label" if _is_missing(label) else "item"
+            raise TransferkitError(f"line {line} of labels file '{path}' has no {what}",
+                                   "give every row an item and a label, or leave unlabelled items out of the file")
     known = set(items)
     pairs = {str(i).strip(): str(label).strip() for i, label in zip(table.values["item"], table.values["label"])}
     unknown = sorted(i for i in pairs if i not in known)
