@@ -17,6 +17,7 @@ from transferkit.errors import TransferkitError
 from transferkit.rundir import (
     MARKER,
     OutputFolder,
+    atomic_path,
     is_output,
     json_default,
     output_kind,
@@ -57,6 +58,20 @@ def publish_output(out: Path, kind: str, content: str, overwrite: bool = False) 
 
 
 # --- the --overwrite rule ---------------------------------------------------------------------------------------
+
+
+def test_atomic_path_replaces_on_success_and_keeps_the_old_file_on_failure(tmp_path):
+    target = tmp_path / "features.npy"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.suffix == ".npy" and tmp != target  # same format, beside it
+        np.save(tmp, np.arange(3))
+        assert not target.exists()  # nothing visible before the block ends
+    assert np.load(target).tolist() == [0, 1, 2]
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        np.save(tmp, np.arange(5))
+        raise RuntimeError("interrupted")
+    assert np.load(target).tolist() == [0, 1, 2]  # the old file, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features.npy"]  # no temporary file left
 
 
 def test_overwrite_of_a_folder_that_is_not_a_run_keeps_its_files(tiny_images, tmp_path, monkeypatch, capsys):

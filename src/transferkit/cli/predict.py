@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 from pathlib import Path
 
 from transferkit.cli.options import add_device_argument, count, format_table, print_json
 from transferkit.errors import TransferkitError
+from transferkit.rundir import atomic_path
 
 
 def register(subparsers) -> None:
@@ -28,13 +28,11 @@ def write_predictions_csv(rows: list[dict], path: Path) -> None:
     """Atomically write input, prediction and one probability column per class."""
     classes = list(rows[0]["probabilities"]) if rows else []
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["input", "prediction", *[f"p({c})" for c in classes]])
         for row in rows:
             writer.writerow([row["input"], row["prediction"], *[f"{row['probabilities'][c]:.6f}" for c in classes]])
-    os.replace(tmp, path)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -109,7 +109,8 @@ def read_table(path: Path) -> Table:
     return Table(path=path, columns=columns, values=values, lines=lines)
 
 
-def _is_missing(value: Any) -> bool:
+def is_missing(value: Any) -> bool:
+    """Whether a table cell holds no value: None, NaN, or a string in ``_MISSING_STRINGS`` ("", "nan", "null", ...)."""
     if value is None:
         return True
     if isinstance(value, float) and math.isnan(value):
@@ -136,13 +137,13 @@ def _as_number(value: Any) -> float | int | None:
 
 def column_array(values: list[Any]) -> np.ndarray:
     """int64 if every present cell is an integer, float64 (NaN = missing) if numeric, else an object array."""
-    present = [v for v in values if not _is_missing(v)]
+    present = [v for v in values if not is_missing(v)]
     numbers = [_as_number(v) for v in present]
     if present and all(n is not None for n in numbers):
         if all(isinstance(n, int) for n in numbers) and len(present) == len(values):
             return np.asarray([_as_number(v) for v in values], dtype=np.int64)
-        return np.asarray([np.nan if _is_missing(v) else float(_as_number(v)) for v in values], dtype=np.float64)
-    return np.asarray(["" if _is_missing(v) else v for v in values], dtype=object)
+        return np.asarray([np.nan if is_missing(v) else float(_as_number(v)) for v in values], dtype=np.float64)
+    return np.asarray(["" if is_missing(v) else v for v in values], dtype=object)
 
 
 def _is_numeric_column(values: list[Any]) -> bool:
@@ -203,7 +204,7 @@ def _label_string(value: Any) -> str:
 def _texts(table: Table, column: str) -> list[str]:
     texts = []
     for value, line in zip(table.values[column], table.lines):
-        if _is_missing(value) or (isinstance(value, str) and not value.strip()):
+        if is_missing(value) or (isinstance(value, str) and not value.strip()):
             raise TransferkitError(
                 f"line {line} of '{table.path}' has an empty text in column '{column}'", "fill in the text or remove the row"
             )
@@ -216,7 +217,7 @@ def _texts(table: Table, column: str) -> list[str]:
 def _label_strings(table: Table, column: str) -> list[str]:
     labels = []
     for value, line in zip(table.values[column], table.lines):
-        if _is_missing(value):
+        if is_missing(value):
             raise TransferkitError(
                 f"line {line} of '{table.path}' has no label in column '{column}'", "fill in the label or remove the row"
             )
@@ -234,7 +235,7 @@ def _ids(table: Table) -> list[str]:
     folded = {c.lower(): c for c in table.columns}
     if "id" in folded:
         ids = [str(v) for v in table.values[folded["id"]]]
-        if all(not _is_missing(v) for v in table.values[folded["id"]]) and len(set(ids)) == len(ids):
+        if all(not is_missing(v) for v in table.values[folded["id"]]) and len(set(ids)) == len(ids):
             return ids
         logger.warning("column '%s' of '%s' is not a unique id; using row numbers as ids", folded["id"], table.path)
     return [f"{table.path.name}[{i}]" for i in range(len(table))]

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from transferkit.errors import TransferkitError
+from transferkit.rundir import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -102,13 +102,8 @@ def save_checkpoint(path: str | Path, sections: dict[str, dict[str, torch.Tensor
     document = {"format": FORMAT, "format_version": FORMAT_VERSION, "sections": sorted(sections), **state}
     metadata = {_METADATA_KEY: json.dumps(document, default=_json_default)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:  # atomic: an interruption leaves the previous checkpoint intact
         save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)  # atomic: an interruption leaves the previous checkpoint intact
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:

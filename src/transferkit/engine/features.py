@@ -23,6 +23,7 @@ from transferkit.data.base import LabeledData
 from transferkit.engine.placement import iter_predictions, predict_batches
 from transferkit.engine.sharding import is_main_process, sharded_slices
 from transferkit.progress import progress as progress_bar
+from transferkit.rundir import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +76,8 @@ def extract_features(
     features = parts[0] if len(parts) == 1 else np.concatenate(parts)
     if path is not None and is_main_process():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + f".{os.getpid()}.tmp.npy")
-        np.save(tmp, features)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            np.save(tmp, features)
     return features
 
 

@@ -14,7 +14,6 @@ says so instead of a number.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from transferkit.errors import TransferkitError, check_number
+from transferkit.rundir import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -125,13 +125,10 @@ def save_flip_figure(result: dict[str, Any], class_names: list[str], epsilon: fl
         ax.axis("off")
     fig.suptitle(f"true class: {class_names[ex['label']]}", fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # atomic (the run folder is already published): a temporary file with the same suffix (hence format) beside it
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight", facecolor="white")
-        os.replace(tmp, path)
+    try:  # atomic: the run folder is already published
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, bbox_inches="tight", facecolor="white")
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(fig)
     return path
 

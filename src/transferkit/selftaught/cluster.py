@@ -287,7 +287,7 @@ def item_names(data: LabeledData, spec: str) -> list[str]:
 
 def read_label_file(path: str | Path, items: list[str]) -> dict[str, str]:
     """``{item: label}`` from a CSV with columns ``item,label``; every item must be one of ``items``."""
-    from transferkit.data.text import _is_missing, read_table
+    from transferkit.data.text import is_missing, read_table
 
     table = read_table(Path(path))
     missing = [c for c in ("item", "label") if c not in table.columns]
@@ -295,8 +295,8 @@ def read_label_file(path: str | Path, items: list[str]) -> dict[str, str]:
         raise TransferkitError(f"labels file '{path}' has no column {', '.join(missing)} (columns: "
                                f"{', '.join(table.columns)})", "give it a header row item,label")
     for line, item, label in zip(table.lines, table.values["item"], table.values["label"]):
-        if _is_missing(label) or _is_missing(item):  # an empty / null label is not a class of its own
-            what = "label" if _is_missing(label) else "item"
+        if is_missing(label) or is_missing(item):  # an empty / null label is not a class of its own
+            what = "label" if is_missing(label) else "item"
             raise TransferkitError(f"line {line} of labels file '{path}' has no {what}",
                                    "give every row an item and a label, or leave unlabelled items out of the file")
     known = set(items)
@@ -344,11 +344,10 @@ def write_contact_sheet(data: LabeledData, central: dict[int, np.ndarray], sizes
 
 
 def save_png(image: Any, path: Path) -> None:
-    import os
+    from transferkit.rundir import atomic_path
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def write_examples(data: LabeledData, items: list[str], central: dict[int, np.ndarray], sizes: dict[int, int],
@@ -370,6 +369,7 @@ def write_map(x: np.ndarray, labels: np.ndarray, path: Path, seed: int) -> None:
     """A 2-D t-SNE map of (at most ``TSNE_POINTS`` seeded) items, coloured by cluster (noise grey)."""
     from transferkit.adaptation.tsne import embed_2d
     from transferkit.evaluation.report import _pyplot
+    from transferkit.rundir import atomic_path
 
     rng = np.random.default_rng(seed)
     chosen = np.arange(len(x)) if len(x) <= TSNE_POINTS else np.sort(rng.choice(len(x), TSNE_POINTS, replace=False))
@@ -389,10 +389,11 @@ def write_map(x: np.ndarray, labels: np.ndarray, path: Path, seed: int) -> None:
     axis.set_yticks([])
     axis.set_title(f"t-SNE of {len(chosen)} items' embeddings (colour: cluster)")
     figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=100)
-    plt.close(figure)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, dpi=100)
+    finally:
+        plt.close(figure)
 
 
 def write_clusters_csv(path: Path, items: list[str], clustering: Clustering) -> None:

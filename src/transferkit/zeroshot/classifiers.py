@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 
 from transferkit.engine.placement import inference, module_device, place, predict_batches, to_device
 from transferkit.errors import TransferkitError
+from transferkit.rundir import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +68,8 @@ def cached_label_embeddings(encoder: Any, labels: Sequence[str], cache_dir: Path
         return np.load(path)
     vectors = label_embeddings(encoder, labels, ("{}",))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-    np.save(tmp, vectors)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.save(tmp, vectors)
     return vectors
 
 
