@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -35,8 +36,8 @@ def bench_command(module: str, argv: list[str] | None) -> str:
 def write_section(path: Path, heading: str, command: str, started: float, body: str) -> None:
     """Write (and print) a results section: heading, the exact command, machine, this run's wall time, body. The
     file's other ``## `` sections (written by other scripts into the same topic file) are kept, in their order."""
-    section = (f"## {heading}\n\nCommand: `{command}` ({platform.machine()}, {os.cpu_count()} cores shared; "
-               f"{time.perf_counter() - started:.0f} s this run, cached cells reused)\n\n{body}")
+    section = repository_paths(f"## {heading}\n\nCommand: `{command}` ({platform.machine()}, {os.cpu_count()} cores "
+                               f"shared; {time.perf_counter() - started:.0f} s this run, cached cells reused)\n\n{body}")
     path.parent.mkdir(parents=True, exist_ok=True)
     sections = split_sections(path.read_text()) if path.is_file() else {}
     sections[heading] = section.rstrip()
@@ -44,6 +45,13 @@ def write_section(path: Path, heading: str, command: str, started: float, body: 
     tmp.write_text("\n\n".join(sections.values()) + "\n")
     tmp.replace(path)
     print(section)
+
+
+def repository_paths(text: str) -> str:
+    """``text`` with absolute paths into a checkout's ``bench/cache`` shown from the repository root
+    (``/home/me/transferkit/bench/cache/x`` -> ``bench/cache/x``): commands that cached cells recorded stay
+    reproducible from any checkout and do not show the machine's folders."""
+    return re.sub(r"(?<![\w.~-])/[^\s`'\"]*?/(bench/cache/)", r"\1", text)
 
 
 def note_lines(notes: list[str]) -> str:
