@@ -272,6 +272,27 @@ def test_compare_refuses_a_bad_out_folder_with_one_line_and_changes_nothing(tmp_
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before and kept.read_text() == content
 
 
+def test_a_second_compare_on_the_same_out_is_refused_and_changes_nothing(tmp_path, monkeypatch, capsys):
+    """While one compare (or fit) writes a folder, another compare on it exits 2 in one line and writes nothing
+    (before, it ran its cells beside the first one's and both rewrote leaderboard.json)."""
+    from transferkit.cli.main import main
+    from transferkit.rundir import lock_path, writer_lock
+
+    monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path / "cache"))
+    data = _tiny_image_folder(tmp_path / "data")
+    out = tmp_path / "cmp"
+    args = ["compare", "--data", str(data), "--backbones", "small_cnn", "--strategies", "linear-probe", "--seeds",
+            "1", "--out", str(out), "--no-isolate", "--image-size", "8"]
+    with writer_lock(out):  # the running compare (flock: a second open file of this process conflicts too)
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: another transferkit process is writing"), err
+        assert not out.exists()
+    assert not lock_path(out).exists()  # released and removed by its holder
+    assert main(args) == 0 and (out / "leaderboard.json").is_file()  # free again once the first one ends
+    assert not lock_path(out).exists()
+
+
 def test_compare_rewrites_its_leaderboard_atomically(tmp_path, monkeypatch, capsys):
     """A re-run that fails while writing (full disk) keeps the previous leaderboard.json and report.html whole."""
     import os

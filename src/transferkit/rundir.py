@@ -27,7 +27,8 @@ Rules:
   crash between the two moves is repaired by the next ``check()`` of that folder.
 * One writer per ``out``: ``begin()`` takes an exclusive lock on ``.NAME.partial.lock`` (beside the stage) and
   ``publish()`` / ``abandon()`` release it; a second process (``--overwrite``, ``--resume``) is refused and
-  deletes nothing. A failed publish keeps the stage whole.
+  deletes nothing. A failed publish keeps the stage whole. ``compare --out``, which writes its folder in place,
+  holds the same lock through :func:`writer_lock`.
 * Under ``torchrun`` / ``accelerate launch`` only the main process writes (and locks); the others wait for it.
 """
 
@@ -42,7 +43,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from transferkit.errors import TransferkitError
 
@@ -280,6 +281,44 @@ def _try_lock(path: Path):
         fh.close()  # released and deleted by its holder meanwhile: lock the new file
 
 
+def busy_error(out: str | Path, path: Path) -> TransferkitError:
+    return TransferkitError(f"another transferkit process is writing '{out}'{_lock_holder(path)}",
+                            "wait for it to finish or choose another --out")
+
+
+def acquire_writer_lock(out: str | Path) -> IO[str]:
+    """Take ``out``'s writer lock (:func:`lock_path`) without waiting: the open, locked file holding this process's
+    pid. Raises :func:`busy_error` if another process holds it. Release with :func:`release_writer_lock`."""
+    path = lock_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = _try_lock(path)
+    if fh is None:
+        raise busy_error(out, path)
+    fh.truncate(0)
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
+
+
+def release_writer_lock(out: str | Path, fh: IO[str]) -> None:
+    """Delete the lock file while still holding it, then unlock (a writer that opened it meanwhile sees that it is
+    gone and locks a new one: see ``_try_lock``)."""
+    with contextlib.suppress(OSError):
+        os.unlink(lock_path(out))
+    fh.close()
+
+
+@contextlib.contextmanager
+def writer_lock(out: str | Path) -> Iterator[None]:
+    """Hold ``out``'s writer lock for the block: for commands that write into ``out`` in place (``compare --out``)
+    rather than through an :class:`OutputFolder`; the two exclude each other on the same folder."""
+    fh = acquire_writer_lock(out)
+    try:
+        yield
+    finally:
+        release_writer_lock(out, fh)
+
+
 def kept_for_resume(error: BaseException) -> bool:
     """True if an OutputFolder kept its stage with a checkpoint when ``error`` ended the run (``--resume`` continues
     it)."""
@@ -329,10 +368,6 @@ class OutputFolder:
             self._state.wait_for_everyone()
 
     # --- the writer's lock -------------------------------------------------------------------------------
-    def _busy(self, path: Path) -> TransferkitError:
-        return TransferkitError(f"another transferkit process is writing '{self.out}'{_lock_holder(path)}",
-                                "wait for it to finish or choose another --out")
-
     def _check_unlocked(self) -> None:
         """Refuse early if another process holds ``out``'s lock (nothing is locked here)."""
         path = lock_path(self.out)
@@ -340,33 +375,20 @@ class OutputFolder:
             return
         fh = _try_lock(path)
         if fh is None:
-            raise self._busy(path)
+            raise busy_error(self.out, path)
         fh.close()
 
     def _acquire(self) -> None:
         """Lock ``out`` for this process until :meth:`_release` (main process only; before anything is deleted).
 
         Under torchrun / accelerate a refusal here ends the main process, and the launcher then stops the others."""
-        if self._lock is not None:
-            return
-        path = lock_path(self.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fh = _try_lock(path)
-        if fh is None:
-            raise self._busy(path)
-        fh.truncate(0)
-        fh.write(str(os.getpid()))
-        fh.flush()
-        self._lock = fh
+        if self._lock is None:
+            self._lock = acquire_writer_lock(self.out)
 
     def _release(self) -> None:
-        """Delete the lock file while still holding it, then unlock (a writer that opened it meanwhile sees that it
-        is gone and locks a new one: see ``_try_lock``)."""
         fh, self._lock = self._lock, None
         if fh is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(lock_path(self.out))
-            fh.close()
+            release_writer_lock(self.out, fh)
 
     def __del__(self) -> None:
         fh = getattr(self, "_lock", None)

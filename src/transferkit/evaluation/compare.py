@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from transferkit.errors import TransferkitError, corrupt_file_error, read_json, reading
-from transferkit.rundir import output_kind, write_json
+from transferkit.rundir import output_kind, write_json, writer_lock
 
 logger = logging.getLogger(__name__)
 
@@ -415,7 +415,16 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     tracking = tracking_options(config.fit_options)  # --track: not the cells' own; logged nested at the end
     config.validate()
     out = Path(config.out)
-    check_compare_out(out)
+    with writer_lock(out):  # one compare (or fit) per folder: a second one is refused and changes nothing
+        check_compare_out(out)
+        document = _compare_cells(config, out)
+    if tracking is not None:
+        track_compare(tracking, out, document)
+    return document
+
+
+def _compare_cells(config: CompareConfig, out: Path) -> dict[str, Any]:
+    """Run the missing cells into ``out/runs``, then write the leaderboard and the report."""
     out.mkdir(parents=True, exist_ok=True)
     previous = out / LEADERBOARD_FILE
     if previous.is_file():
@@ -469,8 +478,6 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     from transferkit.evaluation.report import write_report
 
     write_report(out)
-    if tracking is not None:
-        track_compare(tracking, out, document)
     return document
 
 
