@@ -39,6 +39,7 @@ from transferkit.data.base import DataSplits, ItemPositions, LabeledData, Subset
 from transferkit.engine.context import RunContext
 from transferkit.errors import TransferkitError
 from transferkit.evaluation.protocol import CVResult, FoldOutput, check_cross_validatable, cross_validate
+from transferkit.rundir import atomic_path
 
 if TYPE_CHECKING:
     from transferkit.config import FitConfig
@@ -340,13 +341,11 @@ def cv_report(cv: CVResult, pool: LabeledData) -> dict[str, Any]:
 def write_predictions(path: Path, pool: LabeledData, probabilities: np.ndarray) -> None:
     """``cv_predictions.csv``: id, label, prediction and one probability column per class."""
     names = list(pool.class_names)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["id", "label", "prediction", *(f"p_{n}" for n in names)])
         for item_id, label, p in zip(pool.ids, pool.labels, probabilities):
             writer.writerow([item_id, names[label], names[int(p.argmax())], *(f"{v:.6g}" for v in p)])
-    tmp.replace(path)
 
 
 def read_predictions(run_dir: Path, class_names: list[str]) -> dict[str, np.ndarray] | None:
