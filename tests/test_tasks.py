@@ -336,3 +336,19 @@ def test_regression_first_task_lists_fit_evaluate_and_predict(tmp_path, capsys):
     assert "size mae" in format_report(transferkit.evaluate(str(tmp_path / "b"), "stars", progress=False))
     assert main(["predict", "--model", str(tmp_path / "b"), str(tmp_path / "x.png")]) == 0
     assert "x.png" in capsys.readouterr().out
+
+
+def test_label_column_name_means_the_datasets_own_label() -> None:
+    """``--task label:classify`` (the README's multi-task example) classifies the dataset's label when the data
+    has no column called ``label``: before, it stopped with "the data has no column 'label'"."""
+    from transferkit.data.base import DataSplits
+    from transferkit.data.stars import make_stars
+    from transferkit.tasks.extension import build_tasks
+
+    data = make_stars(count=24, image_size=32, seed=2)
+    splits = DataSplits(train=data, val=data, test=None)
+    tasks, _ = build_tasks(splits, TasksConfig(task=["label:classify", "size:quantile"], quantiles="0.1,0.5,0.9"))
+    assert [t.name for t in tasks] == ["label", "size"]
+    assert tasks[0].options["column"] is None and tasks[0].class_names == data.class_names
+    with pytest.raises(TransferkitError, match="no column 'weight'"):
+        build_tasks(splits, TasksConfig(task=["label:classify", "weight:regress"]))

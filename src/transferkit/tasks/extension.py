@@ -105,7 +105,7 @@ def _column(data: LabeledData, column: str | None) -> np.ndarray:
     if column not in data.columns:
         available = ", ".join(sorted(data.columns)) or "none"
         raise TransferkitError(f"the data has no column '{column}' (columns: {available})",
-                               "name an existing column in --task COLUMN:TYPE")
+                               "name an existing column in --task COLUMN:TYPE ('label', or no COLUMN, is the label)")
     return np.asarray(data.columns[column])
 
 
@@ -148,6 +148,8 @@ def build_tasks(splits: DataSplits, config: TasksConfig,
     quantiles = parse_floats(config.quantiles, "quantiles")
     tasks = []
     for column, task_type in config.parsed():
+        if column == "label" and all("label" not in p.columns for p in parts):
+            column = None  # "label:classify" names the dataset's own label unless a column is called that
         kind, loss = TASK_TYPES[task_type]
         name = column or "label"
         options: dict[str, Any] = {"column": column, "type": task_type, "loss": loss}
