@@ -316,3 +316,23 @@ def test_compare_rewrites_its_leaderboard_atomically(tmp_path, monkeypatch, caps
     assert main(args) == 2  # the finished cell is reused; only the writes fail
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: the disk is full")
     assert {name: (out / name).read_bytes() for name in before} == before and sorted(os.listdir(out)) == listing
+
+
+def test_backbones_default_to_the_standard_backbone_of_the_datas_modality(tmp_path):
+    """The README's ``compare --data DIR --strategies linear-probe,prototypes --seeds 2 --out runs/compare``:
+    without --backbones every cell uses the backbone ``fit`` would choose (before, argparse demanded it)."""
+    from transferkit.cli.main import build_parser
+
+    args = build_parser().parse_args(["compare", "--data", "d", "--strategies", "linear-probe,prototypes",
+                                      "--seeds", "2", "--out", "runs/compare"])
+    assert args.backbones == []
+    images = _tiny_image_folder(tmp_path / "images")
+    texts = tmp_path / "reviews.csv"
+    texts.write_text("text,label\n" + "".join(f"good film {i},pos\nbad film {i},neg\n" for i in range(6)))
+    for data, expected in ((images, "efficientnet_lite0"), (texts, "minilm")):
+        config = CompareConfig(str(data), [], ["prototypes"])
+        config.resolve_backbones()
+        assert config.backbones == [expected]
+    chosen = CompareConfig(str(images), ["small_cnn"], ["prototypes"])
+    chosen.resolve_backbones()
+    assert chosen.backbones == ["small_cnn"]

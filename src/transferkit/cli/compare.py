@@ -38,7 +38,9 @@ def _register_compare(subparsers) -> None:
                     "confidence intervals over seeds, a paired t-test between the top two, and a recommendation. "
                     f"Strategies: {', '.join(strategies)}. Other fit options are passed to every cell.")
     parser.add_argument("--data", required=True, help="Labelled data (folder, .csv/.jsonl file or built-in name).")
-    parser.add_argument("--backbones", required=True, type=_split_list, help="Comma-separated backbone names.")
+    parser.add_argument("--backbones", type=_split_list, default=[],
+                        help="Comma-separated backbone names (default: the one `fit` uses for the data: "
+                             "efficientnet_lite0 for images, minilm for text).")
     parser.add_argument("--strategies", required=True, type=_split_list, help="Comma-separated strategy names.")
     parser.add_argument("--seeds", type=count(1), default=3, help="Number of seeds (0..N-1) per configuration.")
     parser.add_argument("--out", required=True, help="Folder for leaderboard.json, report.html and runs/.")

@@ -324,7 +324,7 @@ def _fit_isolated(options: dict[str, Any]) -> dict[str, Any]:
 @dataclass
 class CompareConfig:
     data: str
-    backbones: list[str]
+    backbones: list[str]  # empty: the backbone `fit` chooses for the data's modality (resolve_backbones)
     strategies: list[str]
     seeds: int = 3
     out: str = "runs/compare"
@@ -334,12 +334,23 @@ class CompareConfig:
     fit_options: dict[str, Any] = field(default_factory=dict)
     refit_best: bool = False  # hand over the recommended configuration as a run folder <out>/best
 
+    def resolve_backbones(self) -> None:
+        """No backbone named: the one ``fit`` would choose for the data (``backbones.default_backbone``)."""
+        if self.backbones:
+            return
+        from transferkit.backbones import default_backbone
+        from transferkit.data import read_labelled_parts
+
+        parts, _ = read_labelled_parts(self.data, self.fit_options.get("text_column"),
+                                       self.fit_options.get("label_column"))
+        self.backbones = [default_backbone(next(iter(parts.values())).modality)]
+
     def validate(self) -> None:
         from transferkit.strategies import list_strategies
 
-        if not self.backbones or not self.strategies:
-            raise TransferkitError("compare needs at least one backbone and one strategy",
-                                   "pass --backbones a,b and --strategies x,y")
+        if not self.strategies:
+            raise TransferkitError("compare needs at least one strategy", "pass --strategies x,y")
+        self.resolve_backbones()
         known = list_strategies()
         unknown = [s for s in self.strategies if s not in known]
         if unknown:
