@@ -454,3 +454,19 @@ def test_a_writer_waiting_while_the_folder_is_rebuilt_locks_the_new_folder(tmp_p
     assert not thread.is_alive()
     assert got["ino"] == os.stat(folder / storage.LOCK).st_ino
     assert got["later_writer_got_in"] is False
+
+
+def test_overwrite_replaces_an_index_grown_by_index_add_but_never_a_users_file(base_index, tiny_encoder, tmp_path):
+    """The index's versions written after publishing (``index add``) are its own: ``index build --overwrite``
+    replaces them; a user's file in the folder is refused, naming it, and nothing is deleted."""
+    work = tmp_path / "idx"
+    shutil.copytree(base_index, work)
+    add_to_index(work, write_docs(tmp_path / "more", NEW_DOCS), progress=False)
+    (work / "notes.txt").write_text("mine")
+    docs = write_docs(tmp_path / "docs", OLD_DOCS)
+    with pytest.raises(TransferkitError, match=r"notes\.txt.*nothing was deleted"):
+        build_index(work, docs=docs, encoder=tiny_encoder, progress=False, overwrite=True)
+    assert (work / "notes.txt").read_text() == "mine" and "c.md" in VectorIndex.load(work).sources()
+    (work / "notes.txt").unlink()
+    build_index(work, docs=docs, encoder=tiny_encoder, progress=False, overwrite=True)
+    assert set(VectorIndex.load(work).sources()) == set(OLD_DOCS)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -68,6 +69,15 @@ def test_run_report_has_learning_curves_and_cli_writes_it(compare_dir, tmp_path)
     path = write_report(compare_dir / "runs" / "small_cnn__linear-probe__seed1")
     probe_report = path.read_text()
     assert "No per-epoch history" in probe_report and 'alt="learning curves"' not in probe_report
+    marker = json.loads((path.parent / "transferkit-output.json").read_text())
+    assert "report.html" in marker["files"]  # ours: `fit --overwrite` of that run replaces it, no refusal
+
+
+def test_report_on_a_missing_folder_says_it_does_not_exist(tmp_path, capsys):
+    from transferkit.cli.main import main
+
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 _CHECK_SCRIPT = """

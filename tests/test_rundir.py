@@ -114,6 +114,28 @@ def test_overwrite_replaces_only_an_output_of_the_same_kind(tmp_path):
     assert not list(tmp_path.glob(".out.*"))  # neither the stage nor the old output is left behind
 
 
+def test_overwrite_refuses_a_finished_output_holding_a_file_transferkit_did_not_write(tmp_path, capsys):
+    """A user's notes.txt in a finished run folder: --overwrite refuses (exit 2, one line naming the file) and
+    deletes nothing; files transferkit adds to a published run later (report.html, the attack figure) are its own."""
+    from transferkit.rundir import record_file
+
+    out = tmp_path / "out"
+    publish_output(out, "run", "old")
+    assert json.loads((out / MARKER).read_text())["files"] == ["metrics.json", "model/weights.bin", "run_config.json"]
+    (out / "report.html").write_text("<html/>")  # ours, recorded in the marker: replaced by --overwrite
+    record_file(out, out / "report.html")
+    (out / "notes").mkdir()
+    (out / "notes" / "mine.txt").write_text("my notes")
+    before = snapshot(out)
+    with pytest.raises(TransferkitError, match=r"notes/mine\.txt.*nothing was deleted"):
+        OutputFolder(out, "run", overwrite=True).begin()
+    assert snapshot(out) == before and not staging_dir(out).exists()
+    (out / "notes" / "mine.txt").unlink()
+    (out / "notes").rmdir()
+    publish_output(out, "run", "new", overwrite=True)
+    assert (out / "model" / "weights.bin").read_text() == "new" and not (out / "report.html").exists()
+
+
 def test_marker_says_what_the_folder_is(tmp_path):
     out = tmp_path / "r"
     publish_output(out, "run", "x")

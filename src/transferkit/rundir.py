@@ -20,8 +20,9 @@ Rules:
   outputs of kind ``run`` (``seq2seq`` / ``charlm`` by their model's format), old indexes as ``index`` and old
   LoRA exports as ``export``.
 * ``--overwrite`` replaces only a finished output of the same kind, or an empty folder. A non-empty folder that
-  is not ours, an output of another kind, an existing file, ``.`` or a parent of the working directory is
-  refused (TransferkitError: one line, exit 2); nothing is deleted.
+  is not ours, an output of another kind, an output holding a file we did not write (the marker lists ours), an
+  existing file, ``.`` or a parent of the working directory is refused (TransferkitError: one line, exit 2);
+  nothing is deleted.
 * The output is built in ``.NAME.partial`` next to ``out``. Publishing moves the old output aside, the new one
   into place and only then deletes the old one; if the second move fails the old one is moved back, and a
   crash between the two moves is repaired by the next ``check()`` of that folder.
@@ -40,7 +41,7 @@ import fcntl
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -194,6 +195,39 @@ def is_output(path: str | Path, kind: str | None = None) -> bool:
     return found is not None and (kind is None or found == kind)
 
 
+def output_files(folder: str | Path) -> list[str]:
+    """Every file below ``folder`` as a sorted relative POSIX path (the marker and the training checkpoint
+    aside): what a published marker lists as written by transferkit."""
+    folder = Path(folder)
+    found = (p.relative_to(folder) for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+    return sorted(p.as_posix() for p in found if p.as_posix() != MARKER and p.parts[0] != CHECKPOINT_DIR)
+
+
+def foreign_files(folder: str | Path, owned: Callable[[str], bool] | None = None) -> list[str]:
+    """Files in a finished output that transferkit did not write: neither listed in its marker (written at
+    publish, extended by :func:`record_file`) nor ``owned`` (a kind whose folder changes after publishing, an
+    index's versions). An output whose marker lists no files (older versions) has none."""
+    marker = read_marker(folder)
+    if marker is None or not isinstance(marker.get("files"), list):
+        return []
+    listed = set(marker["files"])
+    return [f for f in output_files(folder) if f not in listed and not (owned is not None and owned(f))]
+
+
+def record_file(folder: str | Path, path: str | Path) -> None:
+    """Add ``path`` (a file transferkit just wrote into the finished output ``folder``, e.g. ``report.html``) to
+    the marker's list, so that ``--overwrite`` replaces it like the rest; nothing happens outside an output."""
+    folder = Path(folder)
+    marker = read_marker(folder)
+    try:
+        relative = Path(os.path.abspath(path)).relative_to(os.path.abspath(folder)).as_posix()
+    except ValueError:
+        return
+    if marker is None or not isinstance(marker.get("files"), list) or relative in marker["files"]:
+        return
+    write_json(folder / MARKER, {**marker, "files": sorted([*marker["files"], relative])})
+
+
 def _has_checkpoint(stage: Path) -> bool:
     """True if the stage holds work that ``--resume`` continues: a checkpoint, or a domain-adaptation run's
     source-only baseline (its checkpoint or its finished model)."""
@@ -341,10 +375,12 @@ class OutputFolder:
         overwrite: replace a finished output of the same kind / discard an interrupted one.
         resume: continue an interrupted run (its ``run_config.json`` must equal ``options``).
         options: the settings that reproduce the output; written to ``run_config.json`` in the stage.
+        owned: for a kind whose folder changes after publishing (an index's versions): True for a relative
+            file path that kind writes, so that ``--overwrite`` does not count it as a user's file.
     """
 
     def __init__(self, out: str | Path, kind: str, *, overwrite: bool = False, resume: bool = False,
-                 options: dict | None = None) -> None:
+                 options: dict | None = None, owned: Callable[[str], bool] | None = None) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown output kind {kind!r}; one of {', '.join(KINDS)}")
         self.out = Path(out)
@@ -353,6 +389,7 @@ class OutputFolder:
         self.overwrite = overwrite
         self.resume = resume
         self.options = jsonable(options) if options is not None else None
+        self.owned = owned
         self._begun = False
         self._resuming = False
         self._lock = None  # the open, locked lock file while this (main) process writes the output
@@ -420,6 +457,11 @@ class OutputFolder:
             if not self.overwrite:
                 raise TransferkitError(f"'{self.out}' already holds a finished {self.kind}",
                                        "pass --overwrite to replace it or choose another --out")
+            foreign = foreign_files(self.out, self.owned)
+            if foreign:
+                shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+                raise TransferkitError(f"'{self.out}' holds file(s) transferkit did not write ({shown}); nothing "
+                                       "was deleted", "move them out of the folder, or choose another --out")
         return self._check_stage()
 
     def _check_stage(self) -> bool:
@@ -510,7 +552,7 @@ class OutputFolder:
 
                 write_json(self.stage / MARKER, {"format": MARKER_FORMAT, "format_version": MARKER_VERSION,
                                                  "kind": self.kind, "transferkit_version": __version__,
-                                                 "created": _now()})
+                                                 "created": _now(), "files": output_files(self.stage)})
                 self._move_into_place()
             except BaseException:
                 self._begun = False  # the finished work stays in the stage: abandon() must not remove it

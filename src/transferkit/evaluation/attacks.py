@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from transferkit.errors import TransferkitError, check_number
-from transferkit.rundir import atomic_path
+from transferkit.rundir import atomic_path, record_file
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +166,8 @@ def evaluate_hook(model: Any, data: Any, report: dict[str, Any], options: dict[s
     if result["example"] is not None:
         from transferkit.evaluation.calibration import run_folder_of
 
-        target = Path(options.get("attack_image") or run_folder_of(model.path) / f"{attack}_example.png")
+        run_folder = run_folder_of(model.path)
+        target = Path(options.get("attack_image") or run_folder / f"{attack}_example.png")
         extra["attack_example_image"] = str(save_flip_figure(result, list(model.classes_), epsilon, target))
+        record_file(run_folder, target)  # ours when it lands in the run folder: --overwrite replaces it
     return extra

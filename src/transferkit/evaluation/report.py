@@ -450,9 +450,12 @@ def render_html(title: str, sections: list[str]) -> str:
 def write_report(folder: str | Path, output: str | Path | None = None) -> Path:
     """Write ``report.html`` for a run folder (``metrics.json``) or a compare folder (``leaderboard.json``)."""
     from transferkit.evaluation.compare import LEADERBOARD_FILE
-    from transferkit.rundir import write_text
+    from transferkit.rundir import record_file, write_text
 
     folder = Path(folder)
+    if not folder.is_dir():
+        raise TransferkitError(f"'{folder}' does not exist" if not folder.exists() else f"'{folder}' is a file",
+                               "pass the --out folder of `fit` or `compare`")
     if (folder / LEADERBOARD_FILE).is_file() and not (folder / "metrics.json").is_file():
         with reading(folder / LEADERBOARD_FILE, "compare leaderboard", "run the compare again"):
             html_text = render_html(f"transferkit comparison: {folder.name}", compare_sections(folder))
@@ -465,5 +468,6 @@ def write_report(folder: str | Path, output: str | Path | None = None) -> Path:
     path = Path(output) if output else folder / REPORT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, html_text)  # atomic: a reader of a published run folder sees the old report or the new one
+    record_file(folder, path)  # ours: a later --overwrite of the run replaces it
     logger.debug("report written to %s", path)
     return path

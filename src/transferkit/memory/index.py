@@ -754,7 +754,7 @@ def _new_store(index: VectorIndex, out: Path, overwrite: bool) -> Iterator[Outpu
         # an unreachable store, another encoder's or another index's collection: nothing written
         index.store.prepare(replaced.spec if replaced is not None else None)
         index.meta.extra["store"] = index.store.spec.to_dict()
-    folder = OutputFolder(out, "index", overwrite=overwrite)
+    folder = OutputFolder(out, "index", overwrite=overwrite, owned=storage.written_by_index)
     folder.begin()
     created = False
     try:

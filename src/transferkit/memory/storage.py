@@ -55,6 +55,13 @@ _HELD: dict[Path, WriterLock] = {}  # the locks this process holds, by resolved 
 T = TypeVar("T")
 
 
+def written_by_index(relative: str) -> bool:
+    """True for a file of an index folder that its storage writes after publishing (``index add``): the pointer,
+    the lock, a version folder's files, their temporary forms (``OutputFolder(owned=...)``)."""
+    top = relative.split("/", 1)[0]
+    return top in (POINTER, LOCK, *FLAT_FILES) or any(p.match(top) for p in (_VERSION, _TMP_VERSION, _TMP_POINTER))
+
+
 # --- the writer lock --------------------------------------------------------------------------------------
 def _pid_alive(pid: int) -> bool:
     try:
