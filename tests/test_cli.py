@@ -90,6 +90,23 @@ def test_predict_folder_writes_csv(trained_run, image_folder, tmp_path, capsys):
     assert lines[0] == "input,prediction,p(horizontal),p(vertical)" and len(lines) == 29
 
 
+def test_predict_never_replaces_an_existing_csv_without_overwrite(trained_run, image_folder, tmp_path, capsys,
+                                                                  monkeypatch):
+    """A folder writes predictions.csv in the working folder: an existing one (or an existing --csv) is refused in
+    one line before anything is predicted and stays as it was; --overwrite replaces it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "predictions.csv").write_text("my own table\n")
+    code, _, err = run_cli(["predict", "--model", trained_run, image_folder], capsys)
+    assert code == 2 and "predictions.csv' exists" in err and "--overwrite" in err and "Traceback" not in err
+    assert (tmp_path / "predictions.csv").read_text() == "my own table\n"
+    code, _, err = run_cli(["predict", "--model", trained_run, image_folder, "--csv", "mine.csv"], capsys)
+    assert code == 0 and len((tmp_path / "mine.csv").read_text().splitlines()) == 29
+    code, _, err = run_cli(["predict", "--model", trained_run, image_folder, "--csv", "mine.csv"], capsys)
+    assert code == 2 and "mine.csv' exists" in err
+    code, _, err = run_cli(["predict", "--model", trained_run, image_folder, "--overwrite"], capsys)
+    assert code == 0 and (tmp_path / "predictions.csv").read_text().startswith("input,prediction,")
+
+
 def test_python_api_mirrors_cli(trained_run, image_folder):
     model = transferkit.load(trained_run)
     files = sorted(str(p) for p in (image_folder / "vertical").glob("*.png"))[:3]
@@ -302,6 +319,12 @@ def test_text_csv_fit_and_predict(tmp_path, capsys):
     assert code == 0
     predictions = [row["prediction"] for row in json.loads(stdout)["predictions"]]
     assert predictions == ["positive", "negative"]
+    # a path given to a text model is a mistake, not a sentence: one line, exit 2
+    (tmp_path / "photo.png").write_bytes(b"")
+    for wrong in (tmp_path / "photo.png", "cat.jpg", tmp_path):
+        code, stdout, err = run_cli(["predict", "--model", out, "a lovely product", str(wrong)], capsys)
+        assert code == 2 and "text model" in err and str(wrong) in err and not stdout
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_fit_task_causal_lm_trains_lora_and_reports_perplexity(tiny_llama_dir, tmp_path, capsys):

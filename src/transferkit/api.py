@@ -273,9 +273,30 @@ def evaluate(model: str | Path | LoadedModel, data: str, *, text_column: str | N
     return report
 
 
+def _path_kind(item: Any) -> str | None:
+    """``"a folder"``, ``"a file"`` or ``"an image file name"`` when the text ``item`` names one, else None."""
+    if not isinstance(item, (str, Path)):
+        return None
+    path = Path(item)
+    try:
+        if path.is_dir():
+            return "a folder"
+        if path.is_file():
+            return "a file"
+    except OSError:  # a long text is no path
+        return None
+    return "an image file name" if "\n" not in str(item) and path.suffix.lower() in IMAGE_SUFFIXES else None
+
+
 def expand_inputs(inputs: list[str], modality: str) -> list[str]:
-    """Image paths, with folders expanded to the images below them (sorted)."""
+    """Image paths, with folders expanded to the images below them (sorted); for a text model the texts, none of
+    which may be a path (an image, a file or a folder given to a text model is a mistake, not a sentence)."""
     if modality != "image":
+        for item in inputs:
+            what = _path_kind(item)
+            if what is not None:
+                raise TransferkitError(f"'{item}' is {what}, but this is a text model: it classifies the texts "
+                                       "given", "pass the texts themselves (quote each one), or use an image model")
         return inputs
     expanded: list[str] = []
     for item in inputs:
