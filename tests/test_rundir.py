@@ -414,10 +414,28 @@ def test_ctrl_c_suggests_resume_only_when_a_checkpoint_is_kept(tmp_path, capsys)
     def stop_a_command_without_output(_args):
         raise KeyboardInterrupt
 
-    for func, resumable in ((stop_before_a_checkpoint, False), (stop_after_a_checkpoint, True),
-                            (stop_a_command_without_output, False)):
+    for func, resumable, discarded in ((stop_before_a_checkpoint, False, True), (stop_after_a_checkpoint, True, False),
+                                       (stop_a_command_without_output, False, False)):
         assert run_command(argparse.Namespace(func=func, json=False, verbose=0)) == 130
         err = capsys.readouterr().err
         assert err.startswith("interrupted") and len(err.strip().splitlines()) == 1
         assert ("--resume" in err) is resumable, (func.__name__, err)
+        # stopped before the first checkpoint (an epoch, or a cross-validation fold): it says nothing was kept
+        assert ("nothing was kept" in err and "cross-validation fold" in err) is discarded, (func.__name__, err)
     assert not staging_dir(tmp_path / "a").exists() and staging_dir(tmp_path / "b").is_dir()
+
+
+def test_resume_with_nothing_to_resume_says_it_starts_a_new_run(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="transferkit"):
+        assert OutputFolder(tmp_path / "new", "run", resume=True, options=OPTIONS).begin() is False
+    assert "nothing to resume" in caplog.text and "starting a new run" in caplog.text
+
+
+def test_resume_with_other_options_names_the_options_that_differ(tmp_path):
+    folder = begin_with_checkpoint(tmp_path / "r")
+    folder.abandon(KeyboardInterrupt())
+    changed = {"a": 2, "train": {"lr": 0.01, "threads": 4}}  # threads may change on --resume, lr and a may not
+    with pytest.raises(TransferkitError, match=r"used other options \(a, train\.lr\)"):
+        OutputFolder(tmp_path / "r", "run", resume=True, options=changed).begin()
+    assert OutputFolder(tmp_path / "r", "run", resume=True, options={**OPTIONS, "train": {"lr": 0.1, "threads": 2}}
+                        ).begin() is True

@@ -39,6 +39,7 @@ import contextlib
 import datetime
 import fcntl
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -47,6 +48,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from transferkit.errors import TransferkitError
+
+logger = logging.getLogger(__name__)
 
 MARKER = "transferkit-output.json"
 MARKER_FORMAT = "transferkit-output"
@@ -252,6 +255,20 @@ def comparable_options(options: Any) -> str:
     return json.dumps(options, sort_keys=True, default=json_default)
 
 
+def differing_options(previous: Any, current: Any) -> list[str]:
+    """The option names (``section.name`` one level down) whose values differ between two option dicts, the
+    resume-free keys aside."""
+    def flat(options: Any) -> dict[str, str]:
+        if not isinstance(options, dict):
+            return {}
+        loaded = json.loads(comparable_options(options))
+        return {f"{k}.{kk}" if isinstance(v, dict) else k: json.dumps(vv if isinstance(v, dict) else v, sort_keys=True)
+                for k, v in loaded.items() for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)])}
+
+    before, after = flat(previous), flat(current)
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+
+
 def _process_state():
     """Accelerate's process state under a multi-process launch (``WORLD_SIZE`` > 1), else None (one process).
 
@@ -351,6 +368,11 @@ def writer_lock(out: str | Path) -> Iterator[None]:
         yield
     finally:
         release_writer_lock(out, fh)
+
+
+def discarded_before_a_checkpoint(error: BaseException) -> bool:
+    """True if an OutputFolder removed its stage because ``error`` (Ctrl-C) came before the first checkpoint."""
+    return bool(getattr(error, "transferkit_discarded", False))
 
 
 def kept_for_resume(error: BaseException) -> bool:
@@ -467,6 +489,9 @@ class OutputFolder:
     def _check_stage(self) -> bool:
         stage = self.stage
         if not stage.exists() and not stage.is_symlink():
+            if self.resume and self.is_main_process:
+                logger.warning("nothing to resume for '%s' (no interrupted run in '%s'): starting a new run",
+                               self.out, stage)
             return False
         if not _is_our_stage(stage) or stage.is_symlink():
             raise TransferkitError(f"'{stage}' is in the way of the staging folder and was not written by "
@@ -479,7 +504,9 @@ class OutputFolder:
                 previous = None
             if self.options is None or comparable_options(previous) == comparable_options(self.options):
                 return True
-            raise TransferkitError(f"the interrupted run in '{stage}' used other options",
+            differing = differing_options(previous, self.options)
+            named = f" ({', '.join(differing[:5])})" if differing else ""
+            raise TransferkitError(f"the interrupted run in '{stage}' used other options{named}",
                                    "resume with the same options, or pass --overwrite to start again")
         if self.overwrite:
             return False
@@ -593,6 +620,8 @@ class OutputFolder:
             if self.is_main_process and self.stage.is_dir():
                 if refused or not _has_checkpoint(self.stage):
                     shutil.rmtree(self.stage, ignore_errors=True)
+                    if isinstance(error, KeyboardInterrupt):
+                        error.transferkit_discarded = True  # the CLI says that nothing was kept
                 elif error is not None:
                     error.transferkit_resumable = True  # the CLI then suggests --resume (see kept_for_resume)
         finally:

@@ -129,9 +129,12 @@ def run_command(args: argparse.Namespace) -> int:
     except TransferkitError as exc:
         return report_error(exc, as_json)
     except KeyboardInterrupt as exc:
-        from transferkit.rundir import kept_for_resume
+        from transferkit.rundir import discarded_before_a_checkpoint, kept_for_resume
 
         hint = ": a checkpoint is kept; run the same command with --resume to continue" if kept_for_resume(exc) else ""
+        if discarded_before_a_checkpoint(exc):
+            hint = (" before the first checkpoint (one is kept after every epoch, and after every cross-validation "
+                    "fold): nothing was kept; run the command again")
         print(f"interrupted{hint}", file=sys.stderr)
         return 130
     except MemoryError as exc:
