@@ -207,7 +207,9 @@ def test_image_model_routes_bad_inputs_and_shutdown(image_run, tmp_path):
         # bad inputs: always a 4xx with a one-line JSON error, and the server keeps serving
         good = files[0].read_bytes()
         assert_error(*client.upload("/predict", [("cut.png", good[: len(good) // 2])]), 400)  # truncated
-        assert_error(*client.upload("/predict", [("notes.png", b"not an image at all")]), 400)
+        status, document = client.upload("/predict", [("notes.png", b"not an image at all")])
+        assert_error(status, document, 400)
+        assert "notes.png" in document["error"] and "object at 0x" not in document["error"]  # no Python repr
         bomb = png_bytes(Image.new("L", (2000, 2000)))  # 4 MP in a few kB: refused before decoding
         assert len(bomb) < 50_000
         status, document = client.upload("/predict", [("bomb.png", bomb)])

@@ -87,6 +87,8 @@ def decode_image_bytes(data: bytes, name: str = "image", max_pixels: int = 40_00
         raise
     except Exception as error:  # any parser failure on untrusted bytes is the file's fault, never the server's
         detail = str(error).splitlines()[0] if str(error) else error.__class__.__name__
+        if isinstance(error, UnidentifiedImageError):  # PIL names the in-memory buffer's repr, not the file
+            detail = "not a recognised image format"
         raise TransferkitError(f"{name} cannot be decoded as an image ({detail})",
                                f"send a complete {', '.join(UPLOAD_FORMATS)} file") from None
 
