@@ -56,9 +56,12 @@ def _spy_engine(monkeypatch) -> list[tuple[set[str], set[str]]]:
     return calls
 
 
-def test_cv_folds_never_leak_and_the_final_model_is_refit_on_every_label(stripes, tmp_path, monkeypatch):
+def test_cv_folds_never_leak_and_the_final_model_is_refit_on_every_label(stripes, tmp_path, monkeypatch, caplog):
     calls = _spy_engine(monkeypatch)
-    run = transferkit.fit(str(stripes), strategy="finetune", epochs=3, out=str(tmp_path / "run"), **SMALL)
+    with caplog.at_level("INFO", logger="transferkit"):
+        run = transferkit.fit(str(stripes), strategy="finetune", epochs=3, out=str(tmp_path / "run"), **SMALL)
+    sizes = [r.getMessage() for r in caplog.records if " train / " in r.getMessage()]
+    assert len(sizes) == 1 and "16 train / 0 val / 0 test" in sizes[0]  # one split line: the cv one, not holdout's
     every = _all_ids(stripes)
     folds, final = calls[:-1], calls[-1]
     assert len(folds) == 5  # k = min(5, smallest class of 8)

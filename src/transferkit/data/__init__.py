@@ -204,7 +204,8 @@ def load_data(
         notes.insert(0, f"test split: {test_origin}")
     notes.extend(tiny_class_notes(splits))
     sizes = splits.sizes()
-    logger.info("%s: %d train / %d val / %d test", name, sizes["train"], sizes["val"], sizes["test"])
+    # debug: `fit` logs the sizes it trains on once --protocol has decided them (cv merges train and val)
+    logger.debug("%s: %d train / %d val / %d test", name, sizes["train"], sizes["val"], sizes["test"])
     return splits
 
 
