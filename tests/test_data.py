@@ -86,6 +86,16 @@ def test_empty_class_single_class_and_no_images_are_errors(tmp_path):
         load_data(tmp_path / "nothing")
 
 
+def test_files_in_class_folders_that_are_not_images_are_named_in_a_warning(tmp_path, caplog):
+    root = _image_folder(tmp_path / "d", {"a": 3, "b": 3})
+    (root / "a" / "notes.txt").write_text("labelling notes")
+    (root / "b" / "scan.tif").write_bytes(b"II*\x00")
+    with caplog.at_level("WARNING", logger="transferkit"):
+        data = read_image_folder(root)["all"]
+    assert len(data) == 6
+    assert "2 file(s) in the class folders" in caplog.text and "a/notes.txt, b/scan.tif" in caplog.text
+
+
 def test_numeric_class_folders_sort_by_value(tmp_path):
     data = read_image_folder(_image_folder(tmp_path / "d", {"10": 2, "2": 2, "1": 2}))["all"]
     assert data.class_names == ["1", "2", "10"]

@@ -174,8 +174,9 @@ def _visible_subfolders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _images_under(folder: Path) -> list[Path]:
-    """Image files anywhere below ``folder`` (sorted; hidden files and folders skipped)."""
+def _images_under(folder: Path, others: list[Path] | None = None) -> list[Path]:
+    """Image files anywhere below ``folder`` (sorted; hidden files and folders skipped); the other visible files
+    are appended to ``others`` when it is given (so that the caller can say they were ignored)."""
     found = []
     for path in folder.rglob("*"):
         relative_parts = path.relative_to(folder).parts
@@ -183,6 +184,8 @@ def _images_under(folder: Path) -> list[Path]:
             continue
         if is_image_file(path):
             found.append(path)
+        elif others is not None and path.is_file():
+            others.append(path)
     return sorted(found)
 
 
@@ -266,7 +269,13 @@ def _scan_class_folders(folder: Path) -> dict[str, list[Path]]:
     if loose:
         logger.warning("%d image(s) directly in '%s' are ignored: only images inside class subfolders count", len(loose), folder)
     by_name = {sub.name: sub for sub in subfolders}
-    by_class = {c: _images_under(by_name[c]) for c in sort_class_names(by_name)}
+    others: list[Path] = []
+    by_class = {c: _images_under(by_name[c], others) for c in sort_class_names(by_name)}
+    if others:
+        shown = ", ".join(sorted(p.relative_to(folder).as_posix() for p in others)[:3])
+        logger.warning("%d file(s) in the class folders of '%s' are not %s images and are ignored (%s%s)",
+                       len(others), folder, "/".join(e.lstrip(".") for e in IMAGE_EXTENSIONS), shown,
+                       ", ..." if len(others) > 3 else "")
     if not any(by_class.values()):
         raise TransferkitError(
             f"no images found in the class folders of '{folder}'", "add .png/.jpg/.jpeg/.bmp/.webp files to the class folders"
