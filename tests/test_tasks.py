@@ -352,3 +352,19 @@ def test_label_column_name_means_the_datasets_own_label() -> None:
     assert tasks[0].options["column"] is None and tasks[0].class_names == data.class_names
     with pytest.raises(TransferkitError, match="no column 'weight'"):
         build_tasks(splits, TasksConfig(task=["label:classify", "weight:regress"]))
+
+
+def test_an_infinite_regression_target_is_refused_and_a_blank_is_missing() -> None:
+    from transferkit.data.base import DataSplits
+    from transferkit.data.stars import make_stars
+    from transferkit.tasks.extension import build_tasks
+
+    data = make_stars(count=12, image_size=32, seed=3)
+    size = data.columns["size"].astype(object)
+    size[4], size[5] = "", float("nan")  # blank and NaN cells: missing targets, left out of that task's loss
+    data.columns["size"] = size
+    tasks, splits = build_tasks(DataSplits(train=data, val=data, test=None), TasksConfig(task=["classify", "size:regress"]))
+    assert np.isnan(splits.train.columns["target:size"][[4, 5]]).all()
+    size[7] = "inf"
+    with pytest.raises(TransferkitError, match=r"column 'size' has an infinite value"):
+        build_tasks(DataSplits(train=data, val=data, test=None), TasksConfig(task=["classify", "size:regress"]))

@@ -130,11 +130,16 @@ def task_targets(data: LabeledData, column: str | None, kind: str,
         return np.asarray([-1 if _is_missing(v) else lookup.get(_class_name(v), -1)
                            for v in _column(data, column).tolist()], dtype=np.int64)
     try:
-        return np.asarray([np.nan if _is_missing(v) else float(v) for v in _column(data, column).tolist()],
-                          dtype=np.float32)
+        values = np.asarray([np.nan if _is_missing(v) else float(v) for v in _column(data, column).tolist()],
+                            dtype=np.float32)
     except (TypeError, ValueError):
         raise TransferkitError(f"column '{column}' is not numeric", f"use a number column for a {kind} task") \
             from None
+    infinite = np.flatnonzero(np.isinf(values))
+    if len(infinite):
+        raise TransferkitError(f"column '{column}' has an infinite value ({data.ids[infinite[0]]})",
+                               "replace it by a finite number, or leave the cell empty (a missing target)")
+    return values
 
 
 def build_tasks(splits: DataSplits, config: TasksConfig,
