@@ -292,6 +292,20 @@ def test_export_round_trip_images_and_refusal(tmp_path):
         export_dataset("digits", out)
 
 
+def test_export_says_what_it_wrote_limits_the_test_split_and_names_dropped_columns(tmp_path, capsys):
+    from transferkit.cli.main import main
+
+    assert main(["data", "export", "digits", str(tmp_path / "d"), "--limit-per-class", "3", "--test-limit",
+                 "20"]) == 0
+    assert "{'train': 30, 'test': 20}" in capsys.readouterr().err  # train holds the validation items: one folder
+    reloaded = load_data(tmp_path / "d", test_fraction=0)
+    assert len(reloaded.test) == 20 and len(reloaded.train) + len(reloaded.val) == 30
+    assert sorted(np.bincount(reloaded.test.labels).tolist()) == [2] * 10  # stratified
+    assert main(["data", "export", "stars", str(tmp_path / "s"), "--limit-per-class", "2", "--test-limit", "6"]) == 0
+    err = capsys.readouterr().err
+    assert "count, rotation, size" in err and "not written" in err
+
+
 def test_export_round_trip_text(tmp_path):
     path = tmp_path / "t.csv"
     path.write_text("text,label,topic\n" + "".join(f"sample {i},{'ab'[i % 2]},t{i % 3}\n" for i in range(30)))

@@ -18,6 +18,9 @@ def register(subparsers) -> None:
     export.add_argument("name", help="Built-in dataset name (or a dataset path to re-export).")
     export.add_argument("dir", help="Folder to create (must not exist or be empty).")
     export.add_argument("--limit-per-class", type=count(1), help="Export only K training examples per class.")
+    export.add_argument("--test-limit", type=count(1),
+                        help="Export a fixed stratified N of the test split (default: all of it).")
+    export.add_argument("--seed", type=int, default=0, help="Which K examples per class are drawn.")
     export.set_defaults(func=run_export)
     data.set_defaults(func=lambda args: data.print_help() or 2)
 
@@ -40,6 +43,7 @@ def run_backbones(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from transferkit.data import export_dataset
 
-    path = export_dataset(args.name, args.dir, limit_per_class=args.limit_per_class)
+    path = export_dataset(args.name, args.dir, limit_per_class=args.limit_per_class, seed=args.seed,
+                          test_limit=args.test_limit)
     print(f"exported '{args.name}' to {path or args.dir}")
     return 0

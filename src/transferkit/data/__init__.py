@@ -307,12 +307,15 @@ def export_dataset(
     limit_per_class: int | None = None,
     *,
     seed: int = 0,
+    test_limit: int | None = None,
     text_column: str | None = None,
     label_column: str | None = None,
 ) -> Path:
     """Write a dataset in the on-disk format ``load_data`` reads: images as ``out/train/<class>/<id>.png``
     and ``out/test/<class>/<id>.png``; text as ``out/train.csv`` and ``out/test.csv`` (columns text, label,
-    then any extra columns). ``train`` holds the training pool (train + validation of ``load_data``).
+    then any extra columns). ``train`` holds the training pool (train + validation of ``load_data``);
+    ``test_limit`` N keeps a fixed stratified N of the test split. An image folder holds labels only: other
+    columns (e.g. ``stars``' size) are not written, with a warning.
 
     Refuses a non-empty ``out_dir``; writes into a temporary sibling folder renamed at the end, so an
     interrupted export leaves no half-written dataset behind.
@@ -321,8 +324,12 @@ def export_dataset(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise TransferkitError(f"'{out}' already exists and is not empty", "choose a new folder or empty it")
     splits = load_data(
-        name_or_path, limit_per_class=limit_per_class, seed=seed, text_column=text_column, label_column=label_column
+        name_or_path, limit_per_class=limit_per_class, seed=seed, test_limit=test_limit, text_column=text_column,
+        label_column=label_column
     )
+    if splits.modality == "image" and splits.train.columns:
+        logger.warning("columns %s are not written: an image folder holds the labels only (use '%s' itself for "
+                       "--task COLUMN:TYPE)", ", ".join(sorted(splits.train.columns)), name_or_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.parent / f".{out.name}.partial-{os.getpid()}"
     if temporary.exists():
@@ -347,5 +354,6 @@ def export_dataset(
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
-    logger.info("exported %s to %s (%s)", name_or_path, out, splits.sizes())
+    logger.info("exported %s to %s (%s)", name_or_path, out,
+                {name: sum(len(p) for p in parts) for name, parts in written.items() if parts})
     return out
