@@ -146,6 +146,39 @@ def test_interrupted_cv_resumes_at_the_first_unfinished_fold_with_the_same_resul
     assert not (out / "checkpoint").exists()  # the fold checkpoints are not part of the finished run
 
 
+def test_a_fold_interrupted_mid_way_resumes_from_its_last_epoch_with_the_same_result(stripes, tmp_path, monkeypatch,
+                                                                                     caplog):
+    """Ctrl-C in fold 2 after its epoch 2 of 3: the stage keeps fold 1 and fold 2's epoch checkpoint (with the
+    epochs' validation probabilities, the candidates of the epoch choice); --resume trains fold 2's last epoch only
+    and ends bit-identical to an uninterrupted run. Before, the fold in progress started again from epoch 1."""
+    from transferkit.engine.callbacks import Checkpointing
+
+    options = dict(strategy="finetune", epochs=3, seed=2, **SMALL)
+    reference = transferkit.fit(str(stripes), out=str(tmp_path / "reference"), **options).metrics
+    original = Checkpointing.on_epoch_end
+
+    def interrupt_fold_two_after_epoch_two(self, loop, row):
+        original(self, loop, row)
+        if self.folder.name.startswith("fold-01-") and loop.state.epoch == 2:
+            raise _Interrupt
+
+    monkeypatch.setattr(Checkpointing, "on_epoch_end", interrupt_fold_two_after_epoch_two)
+    out = tmp_path / "run"
+    with pytest.raises(_Interrupt):
+        transferkit.fit(str(stripes), out=str(out), **options)
+    cv = out.parent / f".{out.name}.partial" / "checkpoint" / "cv"
+    partial = [p for p in cv.iterdir() if p.name.startswith("fold-01-")]
+    assert sorted(p.name for p in cv.glob("*.safetensors")) == ["fold-00.safetensors"] and len(partial) == 1
+    assert (partial[0] / "trainer.safetensors").is_file()
+    monkeypatch.setattr(Checkpointing, "on_epoch_end", original)
+    with caplog.at_level("INFO", logger="transferkit"):
+        resumed = transferkit.fit(str(stripes), out=str(out), resume=True, **options).metrics
+    assert "resuming from the checkpoint after epoch 2" in caplog.text and "fold 1 restored" in caplog.text
+    assert resumed["cv"]["fold_accuracies"] == reference["cv"]["fold_accuracies"]
+    assert resumed["cv"]["chosen"] == reference["cv"]["chosen"] and resumed["accuracy"] == reference["accuracy"]
+    assert not (out / "checkpoint").exists()
+
+
 def test_temperature_scaling_under_cv_uses_the_out_of_fold_predictions(stripes, tmp_path):
     run = transferkit.fit(str(stripes), out=str(tmp_path / "run"), temperature_scale=True, **SMALL)
     record = json.loads((run.path / "calibration.json").read_text())

@@ -133,8 +133,8 @@ def run_command(args: argparse.Namespace) -> int:
 
         hint = ": a checkpoint is kept; run the same command with --resume to continue" if kept_for_resume(exc) else ""
         if discarded_before_a_checkpoint(exc):
-            hint = (" before the first checkpoint (one is kept after every epoch, and after every cross-validation "
-                    "fold): nothing was kept; run the command again")
+            hint = (" before the first checkpoint (one is written after every epoch, in cross-validation folds "
+                    "too): nothing was kept; run the command again")
         print(f"interrupted{hint}", file=sys.stderr)
         return 130
     except MemoryError as exc:

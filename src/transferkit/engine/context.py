@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from transferkit.data.base import DataSplits, LabeledData
+from transferkit.engine.callbacks import Callback
 from transferkit.engine.features import extract_features
 from transferkit.engine.objectives import CrossEntropyObjective, Objective, ScaledObjective
 from transferkit.engine.sampling import EpochShuffleSampler
@@ -56,6 +57,9 @@ class RunContext:
     notes: list[str] = field(default_factory=list)
     #: called with each epoch's history row (e.g. ``transferkit auto`` stops a candidate when its time is up)
     epoch_callback: Callable[[dict[str, Any]], None] | None = None
+    #: further engine callbacks (their state tensors are saved in every checkpoint, e.g. a cross-validation
+    #: fold's per-epoch validation probabilities)
+    callbacks: list[Callback] = field(default_factory=list)
     #: under ``--protocol cv`` the CVResult (evaluation/protocol.py): its out-of-fold predictions on every labelled
     #: item stand in for the (empty) validation split, e.g. for temperature scaling
     cv: Any = None
@@ -118,6 +122,8 @@ class RunContext:
             kwargs["epoch_callback"] = self.epoch_callback
         if self.evaluate_fn is not None:
             kwargs["evaluate_fn"] = self.evaluate_fn
+        if self.callbacks:
+            kwargs["callbacks"] = list(self.callbacks)
         return Trainer(model, objectives, self.train, param_groups=groups, forward_fn=forward_fn,
                        monitor=self.monitor, checkpoint_dir=self.checkpoint_dir, progress=self.progress, **kwargs)
 

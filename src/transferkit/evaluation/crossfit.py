@@ -29,6 +29,7 @@ import copy
 import csv
 import dataclasses
 import logging
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 
 from transferkit.data.base import DataSplits, ItemPositions, LabeledData, SubsetSource
+from transferkit.engine.callbacks import Callback
 from transferkit.engine.context import RunContext
 from transferkit.errors import TransferkitError
 from transferkit.evaluation.protocol import CVResult, FoldOutput, check_cross_validatable, cross_validate
@@ -152,11 +154,12 @@ def cross_validate_fit(model: TransferModel, strategy: Strategy, context: RunCon
         fold_train = dataclasses.replace(context.train, early_stopping=0)
         repeats = FROZEN_REPEATS if strategy.frozen_backbone and not _uses_engine(strategy) else 1
 
+        store = FoldCheckpoints(Path(context.checkpoint_dir) / "cv") if context.checkpoint_dir else None
+
         def train_and_predict(train: LabeledData, val: LabeledData) -> FoldOutput:
             return _train_fold(copy.deepcopy(initial), strategy, context, extensions, fit, features,
-                               fold_train, train, val)
+                               fold_train, train, val, checkpoint_dir=store.active if store is not None else None)
 
-        store = FoldCheckpoints(Path(context.checkpoint_dir) / "cv") if context.checkpoint_dir else None
         result = cross_validate(train_and_predict, pool, repeats=repeats, seed=seed,
                                 settings=lambda i: {"epochs": i + 1}, on_fold=progress, store=store)
         if "epochs" in result.chosen:
@@ -228,14 +231,31 @@ def _probe_folds(features: _PoolFeatures, pool: LabeledData, max_iter: int):
     return train_and_predict
 
 
+class _EpochCandidates(Callback):
+    """A fold's validation probabilities after every epoch (the candidates of the epoch choice), kept in the
+    fold's engine checkpoints so that a fold interrupted after epoch e resumes with epochs 1..e's candidates."""
+
+    def __init__(self) -> None:
+        self.per_epoch: list[np.ndarray] = []
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"candidates": torch.as_tensor(np.stack(self.per_epoch))} if self.per_epoch else {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        from transferkit.engine.placement import to_numpy
+
+        self.per_epoch = list(to_numpy(tensors["candidates"])) if "candidates" in tensors else []
+
+
 def _train_fold(model: TransferModel, strategy: Strategy, context: RunContext, extensions: list[FitExtension],
                 fit: FitConfig, features: _PoolFeatures, train_cfg: Any, train: LabeledData,
-                val: LabeledData) -> FoldOutput:
+                val: LabeledData, checkpoint_dir: Path | None = None) -> FoldOutput:
     """Train a copy of the untrained model on one fold; the validation probabilities after every epoch are
-    the candidates (one array when the strategy does not train by epochs)."""
+    the candidates (one array when the strategy does not train by epochs). ``checkpoint_dir``: where the fold's
+    engine checkpoints go (an interrupted fold resumes from its last epoch)."""
     from transferkit.engine.trainer import classification_metrics, seed_everything
 
-    per_epoch: list[np.ndarray] = []
+    recorder = _EpochCandidates()
 
     def recording_evaluate(module: Any, loader: Any, accelerator: Any, forward_fn: Any) -> dict[str, float]:
         from transferkit.engine.objectives import primary_logits
@@ -249,21 +269,21 @@ def _train_fold(model: TransferModel, strategy: Strategy, context: RunContext, e
             return output
 
         metrics = classification_metrics(module, loader, accelerator, capture)
-        per_epoch.append(probabilities)
+        recorder.per_epoch.append(probabilities)
         return metrics
 
     fold_context = _FoldContext(
         splits=DataSplits(train=train, val=val, test=None), train=train_cfg, label_smoothing=context.label_smoothing,
-        checkpoint_dir=None, run_dir=None, cache_dir=context.cache_dir, progress=False,
-        evaluate_fn=recording_evaluate, pool_features=features, below_groups=context.below_groups,
-        map_pool=context.map_pool)
+        checkpoint_dir=checkpoint_dir, run_dir=None, cache_dir=context.cache_dir, progress=False,
+        evaluate_fn=recording_evaluate, callbacks=[recorder], pool_features=features,
+        below_groups=context.below_groups, map_pool=context.map_pool)
     for ext in extensions:
         if ext.name == "anchor":  # objectives anchored to this fold's copy of the initial weights
             fold_context = ext.configure(fold_context, model, fit)
     seed_everything(train_cfg.seed)
     strategy.train(model, fold_context)
-    if per_epoch:
-        return FoldOutput(candidates=per_epoch)
+    if recorder.per_epoch:
+        return FoldOutput(candidates=recorder.per_epoch)
     return FoldOutput(fold_probabilities(model, strategy, fold_context, val))
 
 
@@ -291,15 +311,25 @@ class _FoldContext(RunContext):
 
 class FoldCheckpoints:
     """Finished folds of a run's cross-validation in its checkpoint folder (``checkpoint/cv/fold-NN.safetensors``,
-    the trainer checkpoint format: tensors plus a JSON header, never pickle). They keep an interrupted run's stage
-    folder for ``--resume``, which then trains only the folds that did not finish; publishing the run removes
-    them with the rest of the checkpoint."""
+    the trainer checkpoint format: tensors plus a JSON header, never pickle), and the engine checkpoints of the
+    fold in training (``fold-NN-KEY.partial/``, every epoch). They keep an interrupted run's stage folder for
+    ``--resume``, which then trains only the folds that did not finish, the interrupted one from its last epoch;
+    publishing the run removes them with the rest of the checkpoint."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
+        self.active: Path | None = None  # the engine checkpoints of the fold in training
 
     def path(self, index: int) -> Path:
         return self.folder / f"fold-{index:02d}.safetensors"
+
+    def start(self, index: int, key: str) -> None:
+        """Fold ``index`` (items ``key``) trains next: its epochs are checkpointed in ``fold-NN-KEY.partial``; the
+        partial epochs of another split of the items at that index (ours) are removed."""
+        self.active = self.folder / f"fold-{index:02d}-{key[:16]}.partial"
+        for stale in self.folder.glob(f"fold-{index:02d}-*.partial") if self.folder.is_dir() else []:
+            if stale != self.active:
+                shutil.rmtree(stale, ignore_errors=True)
 
     def load(self, index: int, key: str) -> FoldOutput | None:
         from transferkit.engine.checkpoint import load_checkpoint
@@ -326,6 +356,9 @@ class FoldCheckpoints:
             tensors["probabilities"] = torch.as_tensor(np.asarray(output.probabilities))
         save_checkpoint(self.path(index), {"fold": tensors},
                         {"fold_key": key, "candidates": len(output.candidates), "curves": output.curves})
+        if self.active is not None:  # the finished fold replaces its epochs' checkpoints
+            shutil.rmtree(self.active, ignore_errors=True)
+            self.active = None
 
 
 # --- results -----------------------------------------------------------------------------------------------------

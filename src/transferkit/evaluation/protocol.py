@@ -52,6 +52,9 @@ class FoldStore(Protocol):
 
     def load(self, index: int, key: str) -> FoldOutput | None: ...
 
+    def start(self, index: int, key: str) -> None:
+        """Called before fold ``index`` trains (e.g. to prepare where its epochs are checkpointed)."""
+
     def save(self, index: int, key: str, output: FoldOutput) -> None: ...
 
 
@@ -174,6 +177,8 @@ def cross_validate(train_and_predict: Callable[[LabeledData, LabeledData], np.nd
         key = fold_key(data, train_pos, val_pos) if store is not None else ""
         output = store.load(index, key) if store is not None else None
         if output is None:
+            if store is not None:
+                store.start(index, key)
             output = train_and_predict(train, val)
             if not isinstance(output, FoldOutput):
                 output = FoldOutput(np.asarray(output))
