@@ -178,3 +178,22 @@ def tiny_text_folder(tmp_path_factory):
         rows.append(" ".join(rng.choice(words, size=3)) + f",{label}")
     (root / "data.csv").write_text("\n".join(rows) + "\n")
     return {"data": root / "data.csv", "model": folder, "out": root / "run"}
+
+
+def test_contrastive_reports_the_tuned_encoder_and_head_as_trained(tmp_path, isolated_cache):
+    """The pair stage tunes the whole encoder and the head is solved, but both are frozen when metrics.json counts
+    ``requires_grad``: the run (and compare's leaderboard) said ``trainable 0``. Also an image backbone: the
+    strategy only needs ``forward_features``, as the support matrix (test_supports) trains it on small_cnn."""
+    from tests.conftest import stripes
+    from transferkit.api import fit
+
+    for cls, direction in (("horizontal", "h"), ("vertical", "v")):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(6):
+            stripes(direction, i).save(tmp_path / "data" / cls / f"{i}.png")
+    run = fit(str(tmp_path / "data"), backbone="small_cnn", image_size=16, strategy="contrastive", max_pairs=8,
+              pair_batch_size=8, out=str(tmp_path / "run"), progress=False, device="cpu", threads=1,
+              protocol="holdout", seed=0)
+    metrics = run.metrics
+    assert metrics["strategy"] == "contrastive"
+    assert metrics["trainable_params"] == metrics["total_params"] > 0  # encoder + closed-form head, nothing frozen

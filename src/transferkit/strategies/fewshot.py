@@ -315,3 +315,9 @@ class Contrastive(Strategy):
         history = [*result.history, {"epoch": len(result.history) + 1, "solver": "lbfgs-head", **metrics}]
         return TrainResult(history, len(history), metrics.get("val_accuracy"), False,
                            time.perf_counter() - started)
+
+    def metrics(self, model: TransferModel) -> dict[str, Any]:
+        """The honest trainable count for metrics.json: the whole encoder (tuned on the pairs) and the head (solved
+        in closed form). Both are frozen by the time the run counts ``requires_grad``, which would report 0."""
+        return {"trainable_params": sum(p.numel() for p in model.backbone.parameters())
+                + sum(p.numel() for p in model.heads.parameters())}
