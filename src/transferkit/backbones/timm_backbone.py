@@ -69,12 +69,17 @@ def image_transform(
 def grid_pool(feature_map: torch.Tensor, grid: int) -> torch.Tensor:
     """``feature_map`` (N, C, H, W) averaged over ``grid`` x ``grid`` cells (the cells of ``adaptive_avg_pool2d``:
     rows floor(i H / grid) to ceil((i + 1) H / grid), overlapping when ``grid`` does not divide H), flattened to
-    (N, grid * grid * C) with the channels of one cell together. Static slices, so ONNX export traces it."""
+    (N, grid * grid * C) with the channels of one cell together. Static slices, so ONNX export traces it.
+
+    The ceiling is ``(a + grid - 1) // grid``, not ``-(-a // grid)``: the ONNX exporter traces the cell bounds from
+    the map's shape and divides integers by truncation (``floordiv`` becomes ``Div``), which rounds a negative
+    quotient up, so the graph's cells ended one row / column short whenever ``grid`` does not divide the map
+    (auto's 3 x 3 grids on 4 x 4 or 7 x 7 maps). With non-negative operands floor and truncation agree."""
     if grid == 1:
         return feature_map.mean(dim=(2, 3))
     height, width = feature_map.shape[-2:]
-    rows = [(i * height // grid, -(-(i + 1) * height // grid)) for i in range(grid)]
-    cols = [(j * width // grid, -(-(j + 1) * width // grid)) for j in range(grid)]
+    rows = [(i * height // grid, ((i + 1) * height + grid - 1) // grid) for i in range(grid)]
+    cols = [(j * width // grid, ((j + 1) * width + grid - 1) // grid) for j in range(grid)]
     return torch.cat([feature_map[:, :, r0:r1, c0:c1].mean(dim=(2, 3)) for r0, r1 in rows for c0, c1 in cols], dim=1)
 
 
