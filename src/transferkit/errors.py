@@ -18,6 +18,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def listed(items: list[str], limit: int = 5) -> str:
+    """The first ``limit`` of ``items`` for a one-line message: ``"a, b, c and 4 more"``."""
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
 def _sentence(text: str) -> str:
     return " ".join(str(text).split()).rstrip(".")
 

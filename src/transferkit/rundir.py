@@ -47,7 +47,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, listed
 
 logger = logging.getLogger(__name__)
 
@@ -481,8 +481,7 @@ class OutputFolder:
                                        "pass --overwrite to replace it or choose another --out")
             foreign = foreign_files(self.out, self.owned)
             if foreign:
-                shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-                raise TransferkitError(f"'{self.out}' holds file(s) transferkit did not write ({shown}); nothing "
+                raise TransferkitError(f"'{self.out}' holds file(s) transferkit did not write ({listed(foreign)}); nothing "
                                        "was deleted", "move them out of the folder, or choose another --out")
         return self._check_stage()
 

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from transferkit.data.base import ItemSource, LabeledData, sort_class_names
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, listed
 
 logger = logging.getLogger(__name__)
 
@@ -226,9 +226,9 @@ def _verify_images(root: Path, files: list[Path]) -> None:
         except Exception:  # PIL raises many types (SyntaxError for broken PNG chunks, OSError, ...)
             bad.append(path.relative_to(root).as_posix())
     if bad:
-        listed = ", ".join(bad[:_MAX_LISTED]) + (f" and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else "")
+        shown = listed(bad, _MAX_LISTED)
         what = "an image file that cannot be opened" if len(bad) == 1 else f"{len(bad)} image files that cannot be opened"
-        raise TransferkitError(f"'{root}' contains {what}: {listed}", "remove or replace it" if len(bad) == 1 else "remove or replace them")
+        raise TransferkitError(f"'{root}' contains {what}: {shown}", "remove or replace it" if len(bad) == 1 else "remove or replace them")
 
 
 def _file_dataset(
@@ -272,10 +272,9 @@ def _scan_class_folders(folder: Path) -> dict[str, list[Path]]:
     others: list[Path] = []
     by_class = {c: _images_under(by_name[c], others) for c in sort_class_names(by_name)}
     if others:
-        shown = ", ".join(sorted(p.relative_to(folder).as_posix() for p in others)[:3])
-        logger.warning("%d file(s) in the class folders of '%s' are not %s images and are ignored (%s%s)",
-                       len(others), folder, "/".join(e.lstrip(".") for e in IMAGE_EXTENSIONS), shown,
-                       ", ..." if len(others) > 3 else "")
+        logger.warning("%d file(s) in the class folders of '%s' are not %s images and are ignored (%s)",
+                       len(others), folder, "/".join(e.lstrip(".") for e in IMAGE_EXTENSIONS),
+                       listed(sorted(p.relative_to(folder).as_posix() for p in others), 3))
     if not any(by_class.values()):
         raise TransferkitError(
             f"no images found in the class folders of '{folder}'", "add .png/.jpg/.jpeg/.bmp/.webp files to the class folders"
