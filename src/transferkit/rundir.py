@@ -247,23 +247,29 @@ def _is_our_stage(stage: Path) -> bool:
     return stage.is_dir() and (read_marker(stage) is not None or (stage / RUN_CONFIG).is_file())
 
 
-def comparable_options(options: Any) -> str:
+def _resume_relevant(options: Any) -> Any:
     """``options`` without the keys that may change on ``--resume`` (RESUME_FREE_KEYS, one level down)."""
-    if isinstance(options, dict):
-        options = {k: ({kk: vv for kk, vv in v.items() if kk not in RESUME_FREE_KEYS} if isinstance(v, dict) else v)
-                   for k, v in options.items() if k not in RESUME_FREE_KEYS}
-    return json.dumps(options, sort_keys=True, default=json_default)
+    if not isinstance(options, dict):
+        return options
+    return {k: ({kk: vv for kk, vv in v.items() if kk not in RESUME_FREE_KEYS} if isinstance(v, dict) else v)
+            for k, v in options.items() if k not in RESUME_FREE_KEYS}
+
+
+def comparable_options(options: Any) -> str:
+    """``options`` without the keys that may change on ``--resume``, as canonical JSON."""
+    return json.dumps(_resume_relevant(options), sort_keys=True, default=json_default)
 
 
 def differing_options(previous: Any, current: Any) -> list[str]:
     """The option names (``section.name`` one level down) whose values differ between two option dicts, the
     resume-free keys aside."""
     def flat(options: Any) -> dict[str, str]:
-        if not isinstance(options, dict):
+        relevant = _resume_relevant(options)
+        if not isinstance(relevant, dict):
             return {}
-        loaded = json.loads(comparable_options(options))
-        return {f"{k}.{kk}" if isinstance(v, dict) else k: json.dumps(vv if isinstance(v, dict) else v, sort_keys=True)
-                for k, v in loaded.items() for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)])}
+        pairs = [(f"{k}.{kk}", vv) for k, v in relevant.items() if isinstance(v, dict) for kk, vv in v.items()]
+        pairs += [(k, v) for k, v in relevant.items() if not isinstance(v, dict)]
+        return {name: json.dumps(value, sort_keys=True, default=json_default) for name, value in pairs}
 
     before, after = flat(previous), flat(current)
     return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
