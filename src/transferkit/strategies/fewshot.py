@@ -319,5 +319,5 @@ class Contrastive(Strategy):
     def metrics(self, model: TransferModel) -> dict[str, Any]:
         """The honest trainable count for metrics.json: the whole encoder (tuned on the pairs) and the head (solved
         in closed form). Both are frozen by the time the run counts ``requires_grad``, which would report 0."""
-        return {"trainable_params": sum(p.numel() for p in model.backbone.parameters())
-                + sum(p.numel() for p in model.heads.parameters())}
+        return {"trainable_params": model.backbone.num_parameters()
+                + sum(p.numel() for p in model.head_parameters())}
