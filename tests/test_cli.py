@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import transferkit
 from tests.conftest import stripes
@@ -88,6 +89,22 @@ def test_predict_folder_writes_csv(trained_run, image_folder, tmp_path, capsys):
     assert len(rows) == 28 and all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in rows)
     lines = csv_path.read_text().splitlines()
     assert lines[0] == "input,prediction,p(horizontal),p(vertical)" and len(lines) == 29
+
+
+def test_predict_folder_reads_the_images_training_reads(trained_run, image_folder, tmp_path, capsys):
+    """A folder given to predict is read with training's rule: TIFF images count, while macOS' '._name.png'
+    resource forks and hidden folders (.ipynb_checkpoints copies) are not images and are skipped."""
+    folder = tmp_path / "new"
+    (folder / ".ipynb_checkpoints").mkdir(parents=True)
+    for name in ("00.png", "01.png"):
+        (folder / name).write_bytes((image_folder / "vertical" / name).read_bytes())
+    Image.open(image_folder / "horizontal" / "00.png").save(folder / "scan.tif")
+    (folder / "._00.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (folder / ".ipynb_checkpoints" / "01.png").write_bytes((folder / "01.png").read_bytes())
+    code, out, err = run_cli(["predict", "--model", trained_run, str(folder), "--csv", tmp_path / "p.csv", "--json"],
+                             capsys)
+    assert code == 0, err
+    assert sorted(Path(r["input"]).name for r in json.loads(out)["predictions"]) == ["00.png", "01.png", "scan.tif"]
 
 
 def test_predict_never_replaces_an_existing_csv_without_overwrite(trained_run, image_folder, tmp_path, capsys,

@@ -89,11 +89,23 @@ def test_empty_class_single_class_and_no_images_are_errors(tmp_path):
 def test_files_in_class_folders_that_are_not_images_are_named_in_a_warning(tmp_path, caplog):
     root = _image_folder(tmp_path / "d", {"a": 3, "b": 3})
     (root / "a" / "notes.txt").write_text("labelling notes")
-    (root / "b" / "scan.tif").write_bytes(b"II*\x00")
+    (root / "b" / "scan.psd").write_bytes(b"8BPS")
     with caplog.at_level("WARNING", logger="transferkit"):
         data = read_image_folder(root)["all"]
     assert len(data) == 6
-    assert "2 file(s) in the class folders" in caplog.text and "a/notes.txt, b/scan.tif" in caplog.text
+    assert "2 file(s) in the class folders" in caplog.text and "a/notes.txt, b/scan.psd" in caplog.text
+
+
+def test_tiff_and_gif_images_are_read_like_the_other_formats(tmp_path, caplog):
+    """Microscopy and scanner images are often TIFF (16-bit grey included); predict already accepted them, so
+    training must too, with the same one set of extensions."""
+    root = _image_folder(tmp_path / "d", {"a": 2, "b": 2})
+    Image.fromarray(np.full((12, 12), 40000, dtype=np.uint16)).save(root / "a" / "scan.tif")
+    Image.fromarray(np.zeros((12, 12, 3), dtype=np.uint8)).save(root / "b" / "frame.TIFF")
+    Image.fromarray(np.zeros((12, 12), dtype=np.uint8)).save(root / "b" / "icon.gif")
+    with caplog.at_level("WARNING", logger="transferkit"):
+        data = read_image_folder(root)["all"]
+    assert len(data) == 7 and "class folders" not in caplog.text
 
 
 def test_numeric_class_folders_sort_by_value(tmp_path):

@@ -14,14 +14,12 @@ from typing import Any
 import numpy as np
 
 from transferkit.config import FitConfig, build, load_yaml_config
+from transferkit.data.images import IMAGE_EXTENSIONS, images_under
 from transferkit.errors import TransferkitError, check_count
 from transferkit.fitting import Run, fit_run
 from transferkit.inference import evaluate_features, evaluate_model, predict_proba_model  # noqa: F401 (public here too)
 
 logger = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
-
 
 # --- runs ------------------------------------------------------------------------------------------------------
 
@@ -285,7 +283,7 @@ def _path_kind(item: Any) -> str | None:
             return "a file"
     except OSError:  # a long text is no path
         return None
-    return "an image file name" if "\n" not in str(item) and path.suffix.lower() in IMAGE_SUFFIXES else None
+    return "an image file name" if "\n" not in str(item) and path.suffix.lower() in IMAGE_EXTENSIONS else None
 
 
 def expand_inputs(inputs: list[str], modality: str) -> list[str]:
@@ -302,7 +300,7 @@ def expand_inputs(inputs: list[str], modality: str) -> list[str]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            files = images_under(path)  # training's rule: hidden files and folders are no images
             if not files:
                 raise TransferkitError(f"folder '{path}' holds no images", "pass image files or a folder of images")
             expanded.extend(str(p) for p in files)

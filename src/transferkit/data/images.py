@@ -20,7 +20,9 @@ from transferkit.errors import TransferkitError, listed
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+#: the image files read everywhere (training folders, --unlabelled, predict, image search): the formats PIL decodes
+#: that cameras, scanners and microscopes write (16-bit TIFF included, see ``to_standard_mode``)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 # canonical split name -> accepted folder names (matched case-insensitively)
 SPLIT_FOLDER_NAMES: dict[str, tuple[str, ...]] = {
     "train": ("train",),
@@ -174,7 +176,7 @@ def _visible_subfolders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _images_under(folder: Path, others: list[Path] | None = None) -> list[Path]:
+def images_under(folder: Path, others: list[Path] | None = None) -> list[Path]:
     """Image files anywhere below ``folder`` (sorted; hidden files and folders skipped); the other visible files
     are appended to ``others`` when it is given (so that the caller can say they were ignored)."""
     found = []
@@ -270,7 +272,7 @@ def _scan_class_folders(folder: Path) -> dict[str, list[Path]]:
         logger.warning("%d image(s) directly in '%s' are ignored: only images inside class subfolders count", len(loose), folder)
     by_name = {sub.name: sub for sub in subfolders}
     others: list[Path] = []
-    by_class = {c: _images_under(by_name[c], others) for c in sort_class_names(by_name)}
+    by_class = {c: images_under(by_name[c], others) for c in sort_class_names(by_name)}
     if others:
         logger.warning("%d file(s) in the class folders of '%s' are not %s images and are ignored (%s)",
                        len(others), folder, "/".join(e.lstrip(".") for e in IMAGE_EXTENSIONS),
@@ -342,7 +344,7 @@ def read_image_folder(root: Path, name: str | None = None) -> dict[str, LabeledD
 def read_unlabelled_images(root: Path, name: str | None = None) -> LabeledData:
     """Every image below ``root`` (any folder structure; class folders, if any, are ignored) with label -1."""
     root = Path(root)
-    files = _images_under(root)
+    files = images_under(root)
     if not files:
         raise TransferkitError(f"no images found in '{root}'", "add .png/.jpg/.jpeg/.bmp/.webp files")
     return _file_dataset(root, files, [-1] * len(files), [], name or root.resolve().name)

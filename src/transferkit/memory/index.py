@@ -679,7 +679,7 @@ def _apply_search_params(index: Any, meta: IndexMeta) -> None:
 # --- high-level helpers (used by the CLI) -------------------------------------------------------------------
 def image_files(path: str | Path) -> tuple[list[Path], Path]:
     """Image files under a folder (or one file) and the root their sources are relative to."""
-    from transferkit.data.images import _images_under, is_image_file
+    from transferkit.data.images import images_under, is_image_file
 
     root = Path(path)
     if root.is_file():
@@ -688,7 +688,7 @@ def image_files(path: str | Path) -> tuple[list[Path], Path]:
         return [root], root.parent
     if not root.is_dir():
         raise TransferkitError(f"'{path}' does not exist", "give a folder of images")
-    files = _images_under(root)
+    files = images_under(root)
     if not files:
         raise TransferkitError(f"no image files under '{path}'", "give a folder holding .jpg/.png files")
     return files, root
