@@ -167,9 +167,11 @@ def test_plan_is_seed_major_and_options_are_routed_per_strategy():
     assert [(c.backbone, c.strategy, c.seed) for c in cells[:4]] == [
         ("a", "linear-probe", 0), ("a", "finetune", 0), ("b", "linear-probe", 0), ("b", "finetune", 0)]
     assert cells[-1].seed == 1 and cells[0].folder_name == "a__linear-probe__seed0"
-    options = {"probe_c": 0.5, "unfreeze": "2", "epochs": 3}
-    assert options_for_strategy("linear-probe", options) == {"probe_c": 0.5, "epochs": 3}
-    assert options_for_strategy("finetune", options) == {"unfreeze": "2", "epochs": 3}
+    options = {"probe_c": 0.5, "unfreeze": "2", "epochs": 3, "batch_size": 8}
+    assert options_for_strategy("linear-probe", options) == {"probe_c": 0.5, "batch_size": 8}  # lbfgs: no epochs
+    assert options_for_strategy("linear-probe", {**options, "solver": "sgd"}) == {
+        "probe_c": 0.5, "solver": "sgd", "epochs": 3, "batch_size": 8}
+    assert options_for_strategy("finetune", options) == {"unfreeze": "2", "epochs": 3, "batch_size": 8}
 
 
 def test_config_validation():

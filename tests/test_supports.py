@@ -208,3 +208,51 @@ def test_registries_refuse_a_duplicate_name():
         hook_modules([*HOOK_MODULES, HOOK_MODULES[0]])
     # the same class registered again (a module imported twice) is not a duplicate
     assert register_strategy(list_strategies()["finetune"]) is list_strategies()["finetune"]
+
+
+
+@pytest.mark.parametrize("options, named", [
+    ({"strategy": "linear-probe", "epochs": 30, "lr": 0.01}, "--epochs and --lr are not used by --strategy "
+                                                            "linear-probe: its lbfgs solver"),
+    ({"strategy": "prototypes", "schedule": "constant"}, "--schedule is not used by --strategy prototypes"),
+    ({"strategy": "knn", "epochs": 3, "lr": 0.1, "early_stopping": 2}, "--epochs, --lr and --early-stopping are "
+                                                                       "not used by --strategy knn"),
+    ({"strategy": "contrastive", "epochs": 5, "lr": 1e-4}, "--epochs and --lr are not used by --strategy "
+                                                           "contrastive: its pair stage trains with "
+                                                           "--contrastive-epochs and --contrastive-lr"),
+])
+def test_training_options_a_strategy_never_reads_are_named_in_a_warning(options, named, caplog):
+    from transferkit.fitting import warn_unused_train_options
+
+    _, train, strategy, _ = resolve_options({"data": "stars", "batch_size": 8, **options})
+    with caplog.at_level("WARNING", logger="transferkit"):
+        warn_unused_train_options(strategy, train)
+    assert named in caplog.text and "--batch-size" not in caplog.text
+
+
+@pytest.mark.parametrize("options", [
+    {"strategy": "linear-probe", "solver": "sgd", "epochs": 30, "lr": 0.01},
+    {"strategy": "finetune", "epochs": 3, "lr": 0.1, "schedule": "constant"},
+    {"strategy": "linear-probe"},  # the defaults are no user's choice
+    {"strategy": "contrastive", "optimizer": "sgd", "contrastive_epochs": 2},
+])
+def test_training_options_a_strategy_reads_raise_no_warning(options, caplog):
+    from transferkit.fitting import warn_unused_train_options
+
+    _, train, strategy, _ = resolve_options({"data": "stars", **options})
+    with caplog.at_level("WARNING", logger="transferkit"):
+        warn_unused_train_options(strategy, train)
+    assert "not used by" not in caplog.text
+
+
+def test_a_fit_names_the_unused_option_after_checking_its_inputs(tmp_path, capsys):
+    """End to end: a prototypes fit with --epochs trains and warns once; a refused one stays one line."""
+    from transferkit.cli.main import main
+
+    argv = ["fit", "--data", "stars", "--strategy", "prototypes", "--epochs", "3", "--backbone", "small_cnn",
+            "--image-size", "16", "--limit-per-class", "3", "--test-limit", "6", "--device", "cpu", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 0
+    assert capsys.readouterr().err.count("--epochs is not used by --strategy prototypes") == 1
+    (tmp_path / "file").write_text("mine")
+    assert main([*argv, "--out", str(tmp_path / "file")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -110,6 +110,7 @@ def fit_run(fit: FitConfig, train: TrainConfig, strategy: Strategy, extensions: 
     logger.info("training %s on %s (%s) with %s: %d train / %d val / %d test items, %d classes",
                 backbone_name, fit.data, splits.modality, strategy.name, len(splits.train), len(splits.val),
                 len(splits.test) if splits.test else 0, len(splits.class_names))
+    warn_unused_train_options(strategy, train)
     folder.begin()  # every input is checked: only now does anything get written
     with folder:  # a failure removes the staging folder unless it holds a checkpoint to resume from
         if splits.protocol == "cv":  # settings chosen in the folds; train_model is then the refit on every label
@@ -130,6 +131,18 @@ def fit_run(fit: FitConfig, train: TrainConfig, strategy: Strategy, extensions: 
     logger.info("%s %s; run written to %s", eval_split, ", ".join(f"{k} {metrics[k]:.4f}" for k in
                 ("accuracy", "macro_f1", "mae", "coverage") if isinstance(metrics.get(k), float)), folder.out)
     return Run(folder.out, metrics, result.history)
+
+
+def warn_unused_train_options(strategy: Strategy, train: TrainConfig) -> None:
+    """One warning naming the training options set away from their defaults that ``strategy`` never reads. A
+    warning, not a refusal like another strategy's options: ``--epochs`` / ``--lr`` are shared settings that a
+    config file passes to every strategy. Given once every input is checked, so a refused command stays one line."""
+    defaults = type(train)()
+    unused, why = strategy.unused_train_options()
+    flags = ["--" + name.replace("_", "-") for name in unused if getattr(train, name) != getattr(defaults, name)]
+    if flags:
+        named = flags[0] + " is" if len(flags) == 1 else ", ".join(flags[:-1]) + f" and {flags[-1]} are"
+        logger.warning("%s not used by --strategy %s: %s", named, strategy.name, why)
 
 
 def load_splits(fit: FitConfig, train: TrainConfig, extensions: list = (), processes: int = 1) -> DataSplits:

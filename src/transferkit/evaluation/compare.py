@@ -271,13 +271,17 @@ def plan_cells(backbones: list[str], strategies: list[str], seeds: int) -> list[
 
 def options_for_strategy(strategy: str, options: dict[str, Any]) -> dict[str, Any]:
     """Drop pass-through options that belong only to *other* registered strategies (so ``--probe-c`` can be
-    given once for a compare that also runs finetune)."""
-    from transferkit.config import option_fields
+    given once for a compare that also runs finetune) and the training options this strategy never reads (so
+    ``--epochs`` for the finetune cells is no warning in every linear-probe cell)."""
+    from transferkit.config import build, option_fields
     from transferkit.strategies import list_strategies, strategy_class
 
-    own = {f.name for f in option_fields(strategy_class(strategy).config_class)}
+    cls = strategy_class(strategy)
+    own = {f.name for f in option_fields(cls.config_class)}
     foreign = {f.name for c in list_strategies().values() for f in option_fields(c.config_class)} - own
-    return {k: v for k, v in options.items() if k.replace("-", "_") not in foreign}
+    kept = {k: v for k, v in options.items() if k.replace("-", "_") not in foreign}
+    unused, _ = cls(build(cls.config_class, {k.replace("-", "_"): v for k, v in kept.items()})).unused_train_options()
+    return {k: v for k, v in kept.items() if k.replace("-", "_") not in unused}
 
 
 def _result_from_metrics(cell: Cell, path: Path, metrics: dict[str, Any], reused: bool) -> CellResult:

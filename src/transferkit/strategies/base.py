@@ -23,6 +23,12 @@ if TYPE_CHECKING:
     from transferkit.model import TransferModel
 
 
+#: the training options (``TrainConfig``) that only steer the engine's optimiser; a strategy fitted in closed form
+#: reads none of them
+OPTIMISER_OPTIONS = ("epochs", "lr", "optimizer", "weight_decay", "momentum", "schedule", "warmup_steps",
+                     "plateau_patience", "noam_d_model", "early_stopping", "grad_clip")
+
+
 @dataclass
 class StrategyConfig:
     """Options of a strategy. Subclasses add fields with ``metadata={"help": ...}``."""
@@ -66,6 +72,12 @@ class Strategy:
         """True when training runs the engine with the context's task loss, objectives and auxiliary data, so
         regularisers, domain losses and example weights take effect; False for closed-form or own-loop fits."""
         return True
+
+    def unused_train_options(self) -> tuple[tuple[str, ...], str]:
+        """The training options (``TrainConfig`` fields) this strategy never reads, and why (one phrase naming
+        what steers it instead), so that one given explicitly is named in a warning rather than silently doing
+        nothing. Default: none (the engine trains with all of them)."""
+        return (), ""
 
     def supports(self, task_kind: str) -> bool | str:
         """True when this strategy trains runs of ``task_kind``, otherwise the reason (one phrase)."""

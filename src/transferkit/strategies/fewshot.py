@@ -32,7 +32,7 @@ from transferkit.engine.solvers import fit_logistic_regression
 from transferkit.engine.trainer import Trainer, TrainResult
 from transferkit.errors import TransferkitError
 from transferkit.strategies import register_strategy
-from transferkit.strategies.base import Strategy, StrategyConfig, freeze, unfreeze
+from transferkit.strategies.base import OPTIMISER_OPTIONS, Strategy, StrategyConfig, freeze, unfreeze
 from transferkit.strategies.linear_probe import set_linear_head
 
 if TYPE_CHECKING:
@@ -140,6 +140,9 @@ class Prototypes(Strategy):
     def trains_with_engine(self) -> bool:
         return False
 
+    def unused_train_options(self) -> tuple[tuple[str, ...], str]:
+        return OPTIMISER_OPTIONS, "it has no gradient training"
+
     def prepare(self, model: TransferModel, for_loading: bool = False) -> None:
         freeze(model.backbone)
         task = model.tasks[0]
@@ -175,6 +178,9 @@ class KNearestNeighbours(Strategy):
 
     def trains_with_engine(self) -> bool:
         return False
+
+    def unused_train_options(self) -> tuple[tuple[str, ...], str]:
+        return OPTIMISER_OPTIONS, "it has no gradient training"
 
     def prepare(self, model: TransferModel, for_loading: bool = False) -> None:
         freeze(model.backbone)
@@ -281,6 +287,11 @@ class Contrastive(Strategy):
 
     def trains_with_engine(self) -> bool:
         return False  # its own pair loss, then a closed-form head: the run's objectives never enter
+
+    def unused_train_options(self) -> tuple[tuple[str, ...], str]:
+        return (("epochs", "lr", "schedule", "warmup_steps", "early_stopping"),
+                "its pair stage trains with --contrastive-epochs and --contrastive-lr on a warm-up + cosine "
+                "schedule, then solves the head in closed form")
 
     def supports(self, task_kind: str) -> bool | str:
         return True if task_kind in self.task_kinds else "it pairs and classifies the label only"

@@ -11,7 +11,7 @@ from transferkit.engine.solvers import fit_logistic_regression
 from transferkit.engine.trainer import TrainResult
 from transferkit.errors import TransferkitError
 from transferkit.strategies import register_strategy
-from transferkit.strategies.base import Strategy, StrategyConfig
+from transferkit.strategies.base import OPTIMISER_OPTIONS, Strategy, StrategyConfig
 
 if TYPE_CHECKING:
     from transferkit.engine.context import RunContext
@@ -89,6 +89,12 @@ class LinearProbe(Strategy):
 
     def trains_with_engine(self) -> bool:
         return self.config.solver == "sgd"
+
+    def unused_train_options(self) -> tuple[tuple[str, ...], str]:
+        if self.config.solver == "sgd":
+            return (), ""
+        return OPTIMISER_OPTIONS, ("its lbfgs solver fits the head exactly (--probe-c, --probe-max-iter); "
+                                   "--solver sgd trains it with the engine's options")
 
     def train(self, model: TransferModel, context: RunContext) -> TrainResult:
         if self.config.solver == "sgd":
