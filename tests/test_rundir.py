@@ -439,3 +439,23 @@ def test_resume_with_other_options_names_the_options_that_differ(tmp_path):
         OutputFolder(tmp_path / "r", "run", resume=True, options=changed).begin()
     assert OutputFolder(tmp_path / "r", "run", resume=True, options={**OPTIONS, "train": {"lr": 0.1, "threads": 2}}
                         ).begin() is True
+
+
+def test_recording_a_file_in_the_marker_waits_for_no_writer_and_clobbers_nothing(tmp_path):
+    """record_file rewrites the marker (shared state) under the folder's writer lock: while another process
+    writes the folder (a fit --overwrite of it), it refuses in one line and the marker stays as it was."""
+    from transferkit.rundir import acquire_writer_lock, record_file, release_writer_lock
+
+    out = tmp_path / "out"
+    publish_output(out, "run", "x")
+    (out / "report.html").write_text("<html/>")
+    before = (out / MARKER).read_text()
+    held = acquire_writer_lock(out)
+    try:
+        with pytest.raises(TransferkitError, match="another transferkit process is writing"):
+            record_file(out, out / "report.html")
+    finally:
+        release_writer_lock(out, held)
+    assert (out / MARKER).read_text() == before
+    record_file(out, out / "report.html")
+    assert "report.html" in json.loads((out / MARKER).read_text())["files"]

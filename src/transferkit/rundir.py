@@ -219,16 +219,25 @@ def foreign_files(folder: str | Path, owned: Callable[[str], bool] | None = None
 
 def record_file(folder: str | Path, path: str | Path) -> None:
     """Add ``path`` (a file transferkit just wrote into the finished output ``folder``, e.g. ``report.html``) to
-    the marker's list, so that ``--overwrite`` replaces it like the rest; nothing happens outside an output."""
+    the marker's list, so that ``--overwrite`` replaces it like the rest; nothing happens outside an output. The
+    marker is shared state: it is re-read and rewritten under the folder's writer lock (:func:`busy_error` while a
+    fit or index writes the folder)."""
     folder = Path(folder)
-    marker = read_marker(folder)
     try:
         relative = Path(os.path.abspath(path)).relative_to(os.path.abspath(folder)).as_posix()
     except ValueError:
         return
-    if marker is None or not isinstance(marker.get("files"), list) or relative in marker["files"]:
+
+    def missing(marker: dict[str, Any] | None) -> bool:
+        return marker is not None and isinstance(marker.get("files"), list) and relative not in marker["files"]
+
+    if not missing(read_marker(folder)):
         return
-    write_json(folder / MARKER, {**marker, "files": sorted([*marker["files"], relative])})
+    with writer_lock(folder):
+        marker = read_marker(folder)
+        if missing(marker):
+            assert marker is not None
+            write_json(folder / MARKER, {**marker, "files": sorted([*marker["files"], relative])})
 
 
 def _has_checkpoint(stage: Path) -> bool:
