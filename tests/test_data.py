@@ -300,8 +300,36 @@ def test_export_round_trip_images_and_refusal(tmp_path):
     assert len(reloaded.train) + len(reloaded.val) == 40
     assert len(reloaded.test) == len(original.test) and reloaded.class_names == original.class_names
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # temporary folder renamed
-    with pytest.raises(TransferkitError, match="not empty"):
+    with pytest.raises(TransferkitError, match="already holds a finished dataset.*--overwrite"):
         export_dataset("digits", out)
+
+
+def test_export_is_a_run_folder_writer_overwrite_replaces_only_its_own_export(tmp_path, capsys):
+    """data export goes through the one output lifecycle: staged, locked, published with a marker; --overwrite
+    replaces an earlier export but never a folder of the user's, nor an export holding a file it did not write."""
+    from transferkit.cli.main import main
+    from transferkit.rundir import acquire_writer_lock, output_kind, release_writer_lock
+
+    out = export_dataset("digits", tmp_path / "d", limit_per_class=2, test_limit=10)
+    assert output_kind(out) == "dataset"
+    assert main(["data", "export", "digits", str(out), "--limit-per-class", "3", "--test-limit", "10",
+                 "--overwrite"]) == 0
+    assert len(load_data(out, test_fraction=0).train) + len(load_data(out, test_fraction=0).val) == 30
+    (out / "my-notes.txt").write_text("mine")
+    assert main(["data", "export", "digits", str(out), "--overwrite"]) == 2
+    assert "my-notes.txt" in capsys.readouterr().err and (out / "my-notes.txt").read_text() == "mine"
+    mine = tmp_path / "photos"
+    (mine / "cats").mkdir(parents=True)
+    (mine / "cats" / "a.txt").write_text("x")
+    assert main(["data", "export", "digits", str(mine), "--overwrite"]) == 2
+    assert (mine / "cats" / "a.txt").read_text() == "x" and "not a transferkit output" in capsys.readouterr().err
+    held = acquire_writer_lock(tmp_path / "busy")
+    try:
+        with pytest.raises(TransferkitError, match="another transferkit process is writing"):
+            export_dataset("digits", tmp_path / "busy", limit_per_class=2)
+    finally:
+        release_writer_lock(tmp_path / "busy", held)
+    assert not (tmp_path / "busy").exists()
 
 
 def test_export_says_what_it_wrote_limits_the_test_split_and_names_dropped_columns(tmp_path, capsys):

@@ -60,7 +60,7 @@ CHECKPOINT_DIR = "checkpoint"
 BASELINE_DIR = "source_only"
 #: the formats of the models that transferkit saves (``model/config.json``): ``fit``, ``seq2seq``, ``charlm``
 MODEL_KINDS = {"transferkit-model": "run", "transferkit-seq2seq": "seq2seq", "transferkit-charlm": "charlm"}
-KINDS = ("run", "seq2seq", "charlm", "index", "export", "auto", "cluster", "pretrain", "compare")
+KINDS = ("run", "seq2seq", "charlm", "index", "export", "auto", "cluster", "pretrain", "compare", "dataset")
 #: option keys that may differ between an interrupted run and its ``--resume`` (they do not change the result)
 RESUME_FREE_KEYS = frozenset({"resume", "overwrite", "progress", "no_progress", "device", "threads", "out"})
 

@@ -16,11 +16,12 @@ def register(subparsers) -> None:
     data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     export = data_sub.add_parser("export", help="Write a built-in dataset in the on-disk format.")
     export.add_argument("name", help="Built-in dataset name (or a dataset path to re-export).")
-    export.add_argument("dir", help="Folder to create (must not exist or be empty).")
+    export.add_argument("dir", help="Folder to create (new or empty; an earlier export with --overwrite).")
     export.add_argument("--limit-per-class", type=count(1), help="Export only K training examples per class.")
     export.add_argument("--test-limit", type=count(1),
                         help="Export a fixed stratified N of the test split (default: all of it).")
     export.add_argument("--seed", type=int, default=0, help="Which K examples per class are drawn.")
+    export.add_argument("--overwrite", action="store_true", help="Replace an earlier export in DIR (never other files).")
     export.set_defaults(func=run_export)
     data.set_defaults(func=lambda args: data.print_help() or 2)
 
@@ -44,6 +45,6 @@ def run_export(args: argparse.Namespace) -> int:
     from transferkit.data import export_dataset
 
     path = export_dataset(args.name, args.dir, limit_per_class=args.limit_per_class, seed=args.seed,
-                          test_limit=args.test_limit)
+                          test_limit=args.test_limit, overwrite=args.overwrite)
     print(f"exported '{args.name}' to {path or args.dir}")
     return 0

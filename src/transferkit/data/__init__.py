@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -310,6 +308,7 @@ def export_dataset(
     test_limit: int | None = None,
     text_column: str | None = None,
     label_column: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a dataset in the on-disk format ``load_data`` reads: images as ``out/train/<class>/<id>.png``
     and ``out/test/<class>/<id>.png``; text as ``out/train.csv`` and ``out/test.csv`` (columns text, label,
@@ -317,12 +316,17 @@ def export_dataset(
     ``test_limit`` N keeps a fixed stratified N of the test split. An image folder holds labels only: other
     columns (e.g. ``stars``' size) are not written, with a warning.
 
-    Refuses a non-empty ``out_dir``; writes into a temporary sibling folder renamed at the end, so an
-    interrupted export leaves no half-written dataset behind.
+    Written like every output (:class:`transferkit.rundir.OutputFolder`, kind ``dataset``): staged beside
+    ``out_dir`` and moved into place at the end under its writer lock, so an interrupted export leaves no
+    half-written dataset; ``overwrite`` replaces an earlier export only, never a folder of the user's.
     """
+    from transferkit.rundir import OutputFolder
+
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise TransferkitError(f"'{out}' already exists and is not empty", "choose a new folder or empty it")
+    options = {"data": str(name_or_path), "limit_per_class": limit_per_class, "seed": seed, "test_limit": test_limit,
+               "text_column": text_column, "label_column": label_column}
+    folder = OutputFolder(out, "dataset", overwrite=overwrite, options=options)
+    folder.check()  # a bad folder is refused before the data is read
     splits = load_data(
         name_or_path, limit_per_class=limit_per_class, seed=seed, test_limit=test_limit, text_column=text_column,
         label_column=label_column
@@ -330,30 +334,17 @@ def export_dataset(
     if splits.modality == "image" and splits.train.columns:
         logger.warning("columns %s are not written: an image folder holds the labels only (use '%s' itself for "
                        "--task COLUMN:TYPE)", ", ".join(sorted(splits.train.columns)), name_or_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir()
+    if splits.modality not in ("image", "text"):
+        raise TransferkitError(f"exporting {splits.modality} datasets is not supported", "export image or text data")
     written = {"train": [splits.train, splits.val], "test": [splits.test] if splits.test is not None else []}
-    try:
-        if splits.modality == "image":
-            class_folders = _class_folders(splits.class_names)
-            for split_name, parts in written.items():
-                if parts:
-                    _write_images(parts, temporary / split_name, class_folders)
-        elif splits.modality == "text":
-            for split_name, parts in written.items():
-                if parts:
-                    _write_texts(parts, temporary / f"{split_name}.csv")
-        else:
-            raise TransferkitError(f"exporting {splits.modality} datasets is not supported", "export image or text data")
-        if out.exists():
-            out.rmdir()
-        os.replace(temporary, out)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+    folder.begin()
+    with folder:  # an error or Ctrl-C removes the stage
+        for split_name, parts in written.items():
+            if parts and splits.modality == "image":
+                _write_images(parts, folder.stage / split_name, _class_folders(splits.class_names))
+            elif parts:
+                _write_texts(parts, folder.stage / f"{split_name}.csv")
+        folder.publish()
     logger.info("exported %s to %s (%s)", name_or_path, out,
                 {name: sum(len(p) for p in parts) for name, parts in written.items() if parts})
     return out
