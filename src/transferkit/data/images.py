@@ -346,5 +346,5 @@ def read_unlabelled_images(root: Path, name: str | None = None) -> LabeledData:
     root = Path(root)
     files = images_under(root)
     if not files:
-        raise TransferkitError(f"no images found in '{root}'", "add .png/.jpg/.jpeg/.bmp/.webp files")
+        raise TransferkitError(f"no images found in '{root}'", f"add {'/'.join(IMAGE_EXTENSIONS)} files")
     return _file_dataset(root, files, [-1] * len(files), [], name or root.resolve().name)

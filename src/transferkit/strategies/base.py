@@ -75,8 +75,8 @@ class Strategy:
 
     def unused_train_options(self) -> tuple[tuple[str, ...], str]:
         """The training options (``TrainConfig`` fields) this strategy never reads, and why (one phrase naming
-        what steers it instead), so that one given explicitly is named in a warning rather than silently doing
-        nothing. Default: none (the engine trains with all of them)."""
+        what steers it instead), so that one set by the user is named in a warning rather than silently doing
+        nothing (``fitting.warn_unused_train_options``). Default: none (the engine trains with all of them)."""
         return (), ""
 
     def supports(self, task_kind: str) -> bool | str:
