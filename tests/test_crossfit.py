@@ -270,3 +270,39 @@ def test_extensions_that_need_a_validation_split_keep_holdout_or_are_refused_und
     with pytest.raises(TransferkitError, match="--protocol cv does not support --adapt dann"):
         plan_protocol(FitConfig(data=str(stripes), protocol="cv"), 0, extensions=[Adaptation()])
     assert plan_protocol(FitConfig(data=str(stripes)), 0, processes=2).protocol == "holdout"
+
+
+def test_resume_refuses_when_the_data_changed_since_the_interruption(stripes, tmp_path, monkeypatch):
+    """Images added (or removed, or moved to another class) after Ctrl-C would put items the interrupted folds
+    trained on into other folds: --resume names the change in one line and keeps the checkpoint; with the data as
+    it was, the run resumes."""
+    import shutil
+
+    from transferkit.errors import TransferkitError
+    from transferkit.evaluation import crossfit
+
+    data = tmp_path / "data"
+    shutil.copytree(stripes, data)
+    options = dict(strategy="finetune", epochs=1, seed=1, **SMALL)
+    original, trained = crossfit._train_fold, []
+
+    def interrupt_at_fold_two(*args, **kwargs):
+        if len(trained) == 1:
+            raise _Interrupt
+        trained.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(crossfit, "_train_fold", interrupt_at_fold_two)
+    out = tmp_path / "run"
+    with pytest.raises(_Interrupt):
+        transferkit.fit(str(data), out=str(out), **options)
+    monkeypatch.setattr(crossfit, "_train_fold", original)
+    stage = out.parent / f".{out.name}.partial"
+    kept = sorted(p.name for p in (stage / "checkpoint" / "cv").iterdir())
+    new_image = data / "vertical" / "new.png"
+    new_image.write_bytes((data / "vertical" / sorted(p.name for p in (data / "vertical").iterdir())[0]).read_bytes())
+    with pytest.raises(TransferkitError, match="the data changed since the run in .* was interrupted.*--overwrite"):
+        transferkit.fit(str(data), out=str(out), resume=True, **options)
+    assert sorted(p.name for p in (stage / "checkpoint" / "cv").iterdir()) == kept and not out.exists()
+    new_image.unlink()
+    assert transferkit.fit(str(data), out=str(out), resume=True, **options).metrics["accuracy_split"] == "cv"

@@ -21,7 +21,7 @@ import torch
 
 from transferkit.config import FitConfig
 from transferkit.errors import TransferkitError
-from transferkit.rundir import OutputFolder, write_json, write_jsonl
+from transferkit.rundir import DATA_SECTION, OutputFolder, write_json, write_jsonl
 
 if TYPE_CHECKING:
     from transferkit.api import LoadedModel
@@ -111,6 +111,7 @@ def fit_run(fit: FitConfig, train: TrainConfig, strategy: Strategy, extensions: 
                 backbone_name, fit.data, splits.modality, strategy.name, len(splits.train), len(splits.val),
                 len(splits.test) if splits.test else 0, len(splits.class_names))
     warn_unused_train_options(strategy, train)
+    folder.options = {**(folder.options or {}), DATA_SECTION: {"fingerprint": splits.fingerprint()}}  # for --resume
     folder.begin()  # every input is checked: only now does anything get written
     with folder:  # a failure removes the staging folder unless it holds a checkpoint to resume from
         if splits.protocol == "cv":  # settings chosen in the folds; train_model is then the refit on every label

@@ -61,6 +61,9 @@ BASELINE_DIR = "source_only"
 #: the formats of the models that transferkit saves (``model/config.json``): ``fit``, ``seq2seq``, ``charlm``
 MODEL_KINDS = {"transferkit-model": "run", "transferkit-seq2seq": "seq2seq", "transferkit-charlm": "charlm"}
 KINDS = ("run", "seq2seq", "charlm", "index", "export", "auto", "cluster", "pretrain", "compare", "dataset")
+#: the options section that describes the data a run was trained on (``{"fingerprint": ...}``): known only once
+#: the data is read, so an early ``check()`` compares the rest, and a data change has its own message
+DATA_SECTION = "data"
 #: option keys that may differ between an interrupted run and its ``--resume`` (they do not change the result)
 RESUME_FREE_KEYS = frozenset({"resume", "overwrite", "progress", "no_progress", "device", "threads", "out"})
 
@@ -516,9 +519,17 @@ class OutputFolder:
                 previous = json.loads(saved.read_text())
             except (OSError, ValueError):
                 previous = None
-            if self.options is None or comparable_options(previous) == comparable_options(self.options):
+            current = self.options
+            if isinstance(previous, dict) and isinstance(current, dict) and not (
+                    DATA_SECTION in previous and DATA_SECTION in current):  # data not read yet (or an older run)
+                previous, current = ({k: v for k, v in o.items() if k != DATA_SECTION} for o in (previous, current))
+            if current is None or comparable_options(previous) == comparable_options(current):
                 return True
-            differing = differing_options(previous, self.options)
+            differing = differing_options(previous, current)
+            if any(name.startswith(DATA_SECTION + ".") for name in differing):
+                raise TransferkitError(f"the data changed since the run in '{stage}' was interrupted (items "
+                                       "added, removed or relabelled: its checkpoint trained on the old splits)",
+                                       "resume with the data as it was, or pass --overwrite to start again")
             named = f" ({', '.join(differing[:5])})" if differing else ""
             raise TransferkitError(f"the interrupted run in '{stage}' used other options{named}",
                                    "resume with the same options, or pass --overwrite to start again")

@@ -215,3 +215,15 @@ class DataSplits:
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test) if self.test else 0}
+
+    def fingerprint(self) -> str:
+        """SHA-256 (24 hex digits) of which item is in which split with which label and class names: what an
+        interrupted run's checkpoint relies on (``--resume`` refuses data that changed meanwhile)."""
+        h = hashlib.sha256("\0".join(self.class_names).encode())
+        for name, part in (("train", self.train), ("val", self.val), ("test", self.test)):
+            if part is None:
+                continue
+            ids = part.ids if part.ids is not None else range(len(part))
+            h.update(f"\n{name}\n".encode())
+            h.update("".join(f"{i}\0{label}\n" for i, label in zip(ids, part.labels.tolist())).encode())
+        return h.hexdigest()[:24]
