@@ -408,3 +408,19 @@ def test_split_layouts_reject_two_spellings_and_a_missing_train_split(tmp_path) 
     (texts / "train.jsonl").write_text('{"text": "a", "label": "b"}\n')
     assert find_split_files(texts) == {"train": texts / "train.jsonl", "test": texts / "test.csv"}
     assert find_split_files(tmp_path) is None
+
+
+def test_evaluation_data_may_hold_a_single_class_training_data_may_not(tmp_path):
+    """"How does my model do on these new Bag photos?": a folder (or a CSV) of one class evaluates; training on it
+    is still refused."""
+    from transferkit.data.evaluation import load_for_evaluation
+
+    root = _image_folder(tmp_path / "d", {"b": 3})
+    data = load_for_evaluation(root, ["a", "b"])
+    assert len(data) == 3 and data.labels.tolist() == [1, 1, 1] and data.class_names == ["a", "b"]
+    table = tmp_path / "t.csv"
+    table.write_text("text,label\nfine,pos\ngreat,pos\n")
+    assert load_for_evaluation(table, ["neg", "pos"]).labels.tolist() == [1, 1]
+    for single in (root, table):
+        with pytest.raises(TransferkitError, match="single class"):
+            load_data(single)

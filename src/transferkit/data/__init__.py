@@ -64,7 +64,8 @@ def _not_found(spec: str) -> TransferkitError:
     )
 
 
-def _read_folder(folder: Path, text_column: str | None, label_column: str | None) -> dict[str, LabeledData]:
+def _read_folder(folder: Path, text_column: str | None, label_column: str | None,
+                 min_classes: int = 2) -> dict[str, LabeledData]:
     if find_split_folders(folder) is None and find_split_files(folder) is not None:
         return read_text_folder(folder, text_column=text_column, label_column=label_column)
     text_files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in TEXT_EXTENSIONS)
@@ -74,21 +75,23 @@ def _read_folder(folder: Path, text_column: str | None, label_column: str | None
             f"'{folder}' holds text files ({', '.join(text_files[:3])}) but none is named train.csv/.tsv/.jsonl",
             "pass the file itself, or name the files train/val/test",
         )
-    return read_image_folder(folder)
+    return read_image_folder(folder, min_classes=min_classes)
 
 
 def _read_labelled(
-    spec: str | Path, text_column: str | None, label_column: str | None
+    spec: str | Path, text_column: str | None, label_column: str | None, min_classes: int = 2
 ) -> tuple[dict[str, LabeledData], str]:
     """The parts of a labelled dataset: ``{"all": data}`` or ``{"train", ["val"], ["test"]}``, and a
-    description of where its test split comes from."""
+    description of where its test split comes from. A folder or file of one class is refused unless
+    ``min_classes`` is 1 (data to evaluate on)."""
     path = Path(spec).expanduser()
     if path.is_dir():
-        parts = _read_folder(path, text_column, label_column)
+        parts = _read_folder(path, text_column, label_column, min_classes)
         return parts, "the test folder/file" if "test" in parts else ""
     if path.is_file():
         if path.suffix.lower() in TEXT_EXTENSIONS:
-            return {"all": read_text_file(path, text_column=text_column, label_column=label_column)}, ""
+            return {"all": read_text_file(path, text_column=text_column, label_column=label_column,
+                                          min_classes=min_classes)}, ""
         if path.suffix.lower() in IMAGE_EXTENSIONS:
             raise TransferkitError(f"'{path}' is a single image, not a dataset", "pass the folder holding the class subfolders")
         raise TransferkitError(

@@ -17,7 +17,7 @@ def load_for_evaluation(spec: str | Path, class_names: list[str], *, text_column
     from transferkit.data import read_labelled_parts
     from transferkit.data.split import carve_test
 
-    parts, _ = read_labelled_parts(spec, text_column, label_column)
+    parts, _ = read_labelled_parts(spec, text_column, label_column, min_classes=1)  # new photos of one class
     if "test" in parts:
         data = parts["test"]
     elif "all" in parts and not Path(spec).exists():  # a built-in without official test: its fixed carve

@@ -284,7 +284,7 @@ def _scan_class_folders(folder: Path) -> dict[str, list[Path]]:
     return by_class
 
 
-def _check_classes(folder: Path, by_class: dict[str, list[Path]]) -> None:
+def _check_classes(folder: Path, by_class: dict[str, list[Path]], min_classes: int = 2) -> None:
     empty = [name for name, files in by_class.items() if not files]
     if empty:
         raise TransferkitError(
@@ -292,7 +292,7 @@ def _check_classes(folder: Path, by_class: dict[str, list[Path]]) -> None:
             f"hold{'' if len(empty) > 1 else 's'} no images",
             "add images or remove the empty folder",
         )
-    if len(by_class) < 2:
+    if len(by_class) < min_classes:
         only = next(iter(by_class))
         raise TransferkitError(
             f"'{folder}' has a single class ('{only}'); a classifier needs at least two",
@@ -300,8 +300,8 @@ def _check_classes(folder: Path, by_class: dict[str, list[Path]]) -> None:
         )
 
 
-def read_image_folder(root: Path, name: str | None = None) -> dict[str, LabeledData]:
-    """Read a labelled image folder.
+def read_image_folder(root: Path, name: str | None = None, min_classes: int = 2) -> dict[str, LabeledData]:
+    """Read a labelled image folder (of at least ``min_classes`` classes: 2 to train, 1 to evaluate on).
 
     Returns ``{"all": data}`` for ``<root>/<class>/...`` or ``{"train": ..., "val": ..., "test": ...}`` (the
     folders present) for ``<root>/{train,val,test}/<class>/...``; class names come from ``train`` and
@@ -313,7 +313,7 @@ def read_image_folder(root: Path, name: str | None = None) -> dict[str, LabeledD
     splits = find_split_folders(root)
     if splits is None:
         by_class = _scan_class_folders(root)
-        _check_classes(root, by_class)
+        _check_classes(root, by_class, min_classes)
         class_names = list(by_class)
         files = [f for c in class_names for f in by_class[c]]
         labels = [i for i, c in enumerate(class_names) for _ in by_class[c]]

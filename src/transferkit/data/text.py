@@ -249,8 +249,10 @@ def read_text_file(
     labelled: bool = True,
     class_names: list[str] | None = None,
     name: str | None = None,
+    min_classes: int = 2,
 ) -> LabeledData:
-    """Read one text file into a ``LabeledData`` (modality "text").
+    """Read one text file into a ``LabeledData`` (modality "text"); a labelled file without ``class_names`` needs
+    ``min_classes`` labels (2 to train, 1 to evaluate on).
 
     ``class_names`` fixes the label index (e.g. from the training file); a label outside it is an error.
     With ``labelled=False`` labels are -1 and a label column, if present, is dropped (not kept in ``columns``),
@@ -264,7 +266,7 @@ def read_text_file(
         label_strings = _label_strings(table, label)
         if class_names is None:
             class_names = sort_class_names(set(label_strings))
-            if len(class_names) < 2:
+            if len(class_names) < min_classes:
                 raise TransferkitError(
                     f"'{path}' has a single class ('{class_names[0]}') in column '{label}'; a classifier needs at least two",
                     "add examples of other classes or choose another --label-column",
