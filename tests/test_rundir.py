@@ -459,3 +459,31 @@ def test_recording_a_file_in_the_marker_waits_for_no_writer_and_clobbers_nothing
     assert (out / MARKER).read_text() == before
     record_file(out, out / "report.html")
     assert "report.html" in json.loads((out / MARKER).read_text())["files"]
+
+
+def test_an_output_inside_the_data_folder_is_refused_and_the_default_name_is_the_folders(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """`cd photos && transferkit fit --data .` wrote runs/.-linear-probe (hidden) inside the data, and the next
+    fit read 'runs' as an empty class and advised removing it: an --out inside a data folder is refused in one line
+    (fit, auto, compare), and the default name comes from the folder's real name."""
+    from tests.conftest import stripes
+    from transferkit.cli.main import main
+    from transferkit.config import FitConfig
+    from transferkit.fitting import default_out
+
+    photos = tmp_path / "photos"
+    for cls, direction in (("h", "h"), ("v", "v")):
+        (photos / cls).mkdir(parents=True)
+        for i in range(4):
+            stripes(direction, i).save(photos / cls / f"{i}.png")
+    monkeypatch.chdir(photos)
+    assert default_out(FitConfig(data=".", strategy="linear-probe")) == Path("runs/photos-linear-probe")
+    assert default_out(FitConfig(data="./", strategy="finetune")) == Path("runs/photos-finetune")
+    before = snapshot(photos)
+    for argv in (["fit", "--data", "."], ["fit", "--data", str(photos), "--out", "h/run"],
+                 ["auto", "--data", ".", "--out", "runs/auto", "--time-budget", "60"],
+                 ["compare", "--data", ".", "--strategies", "linear-probe", "--out", "cmp"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "is inside the data folder" in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert snapshot(photos) == before and sorted(p.name for p in photos.iterdir()) == ["h", "v"]

@@ -55,7 +55,9 @@ class Run:
 
 def default_out(fit: FitConfig) -> Path:
     """``runs/<data name>-<strategy>`` when no ``--out`` is given."""
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(fit.data).name or fit.data).strip("-") or "run"
+    data = Path(fit.data)
+    name = data.resolve().name if data.is_dir() else data.name  # `--data .` is the working folder's name
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", name or str(fit.data)).strip("-.") or "run"
     return Path("runs") / f"{stem}-{fit.strategy}"
 
 
@@ -90,7 +92,7 @@ def fit_run(fit: FitConfig, train: TrainConfig, strategy: Strategy, extensions: 
     options = run_options(fit, train, strategy, extensions)
     state = PartialState(**accelerator_kwargs(train.device))
     folder = OutputFolder(fit.out or default_out(fit), "run", overwrite=fit.overwrite, resume=fit.resume,
-                          options=options)
+                          options=options, data=fit.data)
     folder.check()  # a bad --out is refused before any work; nothing is written until every input is checked
     if fit.backbone:
         check_backbone_name(fit.backbone)

@@ -350,6 +350,18 @@ def _try_lock(path: Path):
         fh.close()  # released and deleted by its holder meanwhile: lock the new file
 
 
+def refuse_out_inside_data(out: str | Path, data: str | Path | None) -> None:
+    """Refuse an ``out`` inside the folder ``data`` (when it is one): the next run would read the output as data
+    (a class folder named ``runs`` holding no images)."""
+    if data is None or not Path(data).is_dir():
+        return
+    folder = Path(data).resolve()
+    target = Path(os.path.abspath(out)).resolve()
+    if target == folder or folder in target.parents:
+        raise TransferkitError(f"--out '{out}' is inside the data folder '{data}': the next run would read it as "
+                               "data", "choose an --out outside the data folder, e.g. ../runs/NAME")
+
+
 def busy_error(out: str | Path, path: Path) -> TransferkitError:
     return TransferkitError(f"another transferkit process is writing '{out}'{_lock_holder(path)}",
                             "wait for it to finish or choose another --out")
@@ -417,10 +429,13 @@ class OutputFolder:
         options: the settings that reproduce the output; written to ``run_config.json`` in the stage.
         owned: for a kind whose folder changes after publishing (an index's versions): True for a relative
             file path that kind writes, so that ``--overwrite`` does not count it as a user's file.
+        data: the input the output is made from (``--data``); an ``out`` inside that folder is refused
+            (:func:`refuse_out_inside_data`).
     """
 
     def __init__(self, out: str | Path, kind: str, *, overwrite: bool = False, resume: bool = False,
-                 options: dict | None = None, owned: Callable[[str], bool] | None = None) -> None:
+                 options: dict | None = None, owned: Callable[[str], bool] | None = None,
+                 data: str | Path | None = None) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown output kind {kind!r}; one of {', '.join(KINDS)}")
         self.out = Path(out)
@@ -430,6 +445,7 @@ class OutputFolder:
         self.resume = resume
         self.options = jsonable(options) if options is not None else None
         self.owned = owned
+        self.data = data
         self._begun = False
         self._resuming = False
         self._lock = None  # the open, locked lock file while this (main) process writes the output
@@ -483,6 +499,7 @@ class OutputFolder:
                                    "choose a new folder for the output, e.g. runs/NAME")
         if self.out.exists() and not self.out.is_dir():
             raise TransferkitError(f"--out '{self.out}' is an existing file", "choose a folder path that is new")
+        refuse_out_inside_data(self.out, self.data)
         if self.is_main_process:
             self._check_unlocked()
             self._repair_interrupted_publish()
@@ -558,6 +575,7 @@ class OutputFolder:
     # --- lifecycle ---------------------------------------------------------------------------------------
     def begin(self) -> bool:
         """Check ``out`` and create the staging folder (or keep it: ``--resume``). True = resuming."""
+        refuse_out_inside_data(self.out, self.data)  # before the lock creates out's parent folder
         if self.is_main_process:
             self._acquire()  # before check(): nothing is repaired or deleted while another process writes
         try:

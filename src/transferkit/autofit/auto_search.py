@@ -572,7 +572,8 @@ def run_auto(config: AutoConfig, started: float | None = None, tracking: Any = N
 
     search = AutoSearch(config, budget, started)  # reads and checks the data: bad input fails before any write
     options = {k: v for k, v in asdict(config).items() if k not in ("time_budget", "progress", "overwrite", "resume")}
-    folder = OutputFolder(config.out, "auto", overwrite=config.overwrite, resume=config.resume, options=options)
+    folder = OutputFolder(config.out, "auto", overwrite=config.overwrite, resume=config.resume, options=options,
+                          data=config.data)
     folder.begin()
     try:
         results_dir = folder.stage / RESULTS_FOLDER

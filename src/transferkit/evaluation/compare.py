@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from transferkit.errors import TransferkitError, corrupt_file_error, read_json, reading
-from transferkit.rundir import output_kind, write_json, writer_lock
+from transferkit.rundir import output_kind, refuse_out_inside_data, write_json, writer_lock
 
 logger = logging.getLogger(__name__)
 
@@ -430,6 +430,7 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     tracking = tracking_options(config.fit_options)  # --track: not the cells' own; logged nested at the end
     config.validate()
     out = Path(config.out)
+    refuse_out_inside_data(out, config.data)
     with writer_lock(out):  # one compare (or fit) per folder: a second one is refused and changes nothing
         check_compare_out(out)
         document = _compare_cells(config, out)
