@@ -256,3 +256,19 @@ def test_a_fit_names_the_unused_option_after_checking_its_inputs(tmp_path, capsy
     (tmp_path / "file").write_text("mine")
     assert main([*argv, "--out", str(tmp_path / "file")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("options", [{"dataset": "stars"}, {"Data": "stars"}, {"data": "stars", "epoch": 3}])
+def test_a_misspelled_option_is_named_before_any_other_check(options, tmp_path, capsys):
+    """`dataset: photos` in a config file said "no data given" (FitConfig.validate ran first): the unknown key is
+    what is wrong, and the one line names it."""
+    from transferkit.cli.main import main
+
+    misspelled = next(k for k in options if k != "data")
+    with pytest.raises(TransferkitError, match=f"unknown option\\(s\\): {misspelled}"):
+        resolve_options(dict(options))
+    config = tmp_path / "run.yaml"
+    config.write_text("".join(f"{k}: {v}\n" for k, v in options.items()))
+    assert main(["fit", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"unknown option(s): {misspelled}" in err and len(err.strip().splitlines()) == 1

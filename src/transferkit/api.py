@@ -38,6 +38,11 @@ def resolve_options(options: dict[str, Any], config_file: str | Path | None = No
         from transferkit.selftaught.semi import DEFAULT_STRATEGY
 
         merged["strategy"] = DEFAULT_STRATEGY
+    known = {f.name for c in (FitConfig, TrainConfig, *(e.config_class for e in list_extensions().values()),
+                              *(s.config_class for s in list_strategies().values())) for f in option_fields(c)}
+    unknown = sorted(set(merged) - known)
+    if unknown:  # first: a misspelled `data` must not be reported as "no data given"
+        raise TransferkitError(f"unknown option(s): {', '.join(unknown)}", "see `transferkit fit --help`")
     fit = build(FitConfig, merged)
     fit.validate()
     train = build(TrainConfig, merged)
@@ -49,14 +54,10 @@ def resolve_options(options: dict[str, Any], config_file: str | Path | None = No
         extensions.append(ext)
     cls = strategy_class(fit.strategy)
     strategy = cls(build(cls.config_class, merged))
-    if merged:
-        other = {f.name for c in list_strategies().values() for f in option_fields(c.config_class)}
-        foreign = sorted(k for k in merged if k in other)
-        if foreign:
-            raise TransferkitError(
-                f"option(s) {', '.join('--' + k.replace('_', '-') for k in foreign)} do not apply to strategy "
-                f"'{fit.strategy}'", "remove them or choose the strategy they belong to")
-        raise TransferkitError(f"unknown option(s): {', '.join(sorted(merged))}", "see `transferkit fit --help`")
+    if merged:  # every key is known (above): what is left belongs to other strategies
+        raise TransferkitError(
+            f"option(s) {', '.join('--' + k.replace('_', '-') for k in sorted(merged))} do not apply to strategy "
+            f"'{fit.strategy}'", "remove them or choose the strategy they belong to")
     active = [e for e in extensions if e.active()]
     tasks = next((e.config.task for e in extensions if e.name == "tasks"), None)  # type: ignore[attr-defined]
     check_supported(strategy, active, run_task_kind(tasks), " ".join(f"--task {t}" for t in tasks or []), fit)
