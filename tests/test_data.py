@@ -424,3 +424,13 @@ def test_evaluation_data_may_hold_a_single_class_training_data_may_not(tmp_path)
     for single in (root, table):
         with pytest.raises(TransferkitError, match="single class"):
             load_data(single)
+
+
+def test_a_macos_zip_folder_is_skipped_like_hidden_files(tmp_path):
+    """Unzipping on macOS leaves __MACOSX/ (with ._name.png forks): it is no class, at the top or inside a class."""
+    root = _image_folder(tmp_path / "d", {"a": 2, "b": 2})
+    for junk in (root / "__MACOSX" / "a", root / "a" / "__MACOSX"):
+        junk.mkdir(parents=True)
+        (junk / "._0.png").write_bytes(b"\x00\x05\x16\x07")
+    data = read_image_folder(root)["all"]
+    assert data.class_names == ["a", "b"] and len(data) == 4

@@ -25,6 +25,7 @@ from transferkit.data.builtin import BuiltinData, builtin_names, is_builtin, loa
 from transferkit.data.images import (
     IMAGE_EXTENSIONS,
     find_split_folders,
+    is_hidden,
     read_image_folder,
     read_unlabelled_images,
 )
@@ -69,7 +70,7 @@ def _read_folder(folder: Path, text_column: str | None, label_column: str | None
     if find_split_folders(folder) is None and find_split_files(folder) is not None:
         return read_text_folder(folder, text_column=text_column, label_column=label_column)
     text_files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in TEXT_EXTENSIONS)
-    has_subfolders = any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
+    has_subfolders = any(p.is_dir() and not is_hidden(p.name) for p in folder.iterdir())
     if text_files and not has_subfolders:
         raise TransferkitError(
             f"'{folder}' holds text files ({', '.join(text_files[:3])}) but none is named train.csv/.tsv/.jsonl",

@@ -168,12 +168,18 @@ def images_from_array(
 # --- folders ------------------------------------------------------------------------------------------------
 
 
+def is_hidden(name: str) -> bool:
+    """Hidden files and folders (``.ipynb_checkpoints``, macOS' ``._x.jpg`` forks) and the ``__MACOSX`` folder that
+    unzipping on macOS leaves: never data."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(path.name)
 
 
 def _visible_subfolders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not is_hidden(p.name))
 
 
 def images_under(folder: Path, others: list[Path] | None = None) -> list[Path]:
@@ -182,7 +188,7 @@ def images_under(folder: Path, others: list[Path] | None = None) -> list[Path]:
     found = []
     for path in folder.rglob("*"):
         relative_parts = path.relative_to(folder).parts
-        if any(part.startswith(".") for part in relative_parts):
+        if any(is_hidden(part) for part in relative_parts):
             continue
         if is_image_file(path):
             found.append(path)
