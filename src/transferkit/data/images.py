@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 #: the image files read everywhere (training folders, --unlabelled, predict, image search): the formats PIL decodes
 #: that cameras, scanners and microscopes write (16-bit TIFF included, see ``to_standard_mode``)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+IMAGE_FILES = "/".join(IMAGE_EXTENSIONS)  # for messages: ".png/.jpg/..."
 # canonical split name -> accepted folder names (matched case-insensitively)
 SPLIT_FOLDER_NAMES: dict[str, tuple[str, ...]] = {
     "train": ("train",),
@@ -273,7 +274,7 @@ def _scan_class_folders(folder: Path) -> dict[str, list[Path]]:
                 f"put the images into one subfolder per class ('{folder.name}/<class>/image.png'); "
                 "for unlabelled target data use it as an unlabelled folder",
             )
-        raise TransferkitError(f"no images found in '{folder}'", "add one subfolder per class holding .png/.jpg/.jpeg/.bmp/.webp files")
+        raise TransferkitError(f"no images found in '{folder}'", f"add one subfolder per class holding {IMAGE_FILES} files")
     if loose:
         logger.warning("%d image(s) directly in '%s' are ignored: only images inside class subfolders count", len(loose), folder)
     by_name = {sub.name: sub for sub in subfolders}
@@ -281,11 +282,11 @@ def _scan_class_folders(folder: Path) -> dict[str, list[Path]]:
     by_class = {c: images_under(by_name[c], others) for c in sort_class_names(by_name)}
     if others:
         logger.warning("%d file(s) in the class folders of '%s' are not %s images and are ignored (%s)",
-                       len(others), folder, "/".join(e.lstrip(".") for e in IMAGE_EXTENSIONS),
+                       len(others), folder, IMAGE_FILES,
                        listed(sorted(p.relative_to(folder).as_posix() for p in others), 3))
     if not any(by_class.values()):
         raise TransferkitError(
-            f"no images found in the class folders of '{folder}'", "add .png/.jpg/.jpeg/.bmp/.webp files to the class folders"
+            f"no images found in the class folders of '{folder}'", f"add {IMAGE_FILES} files to the class folders"
         )
     return by_class
 
@@ -352,5 +353,5 @@ def read_unlabelled_images(root: Path, name: str | None = None) -> LabeledData:
     root = Path(root)
     files = images_under(root)
     if not files:
-        raise TransferkitError(f"no images found in '{root}'", f"add {'/'.join(IMAGE_EXTENSIONS)} files")
+        raise TransferkitError(f"no images found in '{root}'", f"add {IMAGE_FILES} files")
     return _file_dataset(root, files, [-1] * len(files), [], name or root.resolve().name)

@@ -679,7 +679,7 @@ def _apply_search_params(index: Any, meta: IndexMeta) -> None:
 # --- high-level helpers (used by the CLI) -------------------------------------------------------------------
 def image_files(path: str | Path) -> tuple[list[Path], Path]:
     """Image files under a folder (or one file) and the root their sources are relative to."""
-    from transferkit.data.images import images_under, is_image_file
+    from transferkit.data.images import IMAGE_FILES, images_under, is_image_file
 
     root = Path(path)
     if root.is_file():
@@ -690,7 +690,7 @@ def image_files(path: str | Path) -> tuple[list[Path], Path]:
         raise TransferkitError(f"'{path}' does not exist", "give a folder of images")
     files = images_under(root)
     if not files:
-        raise TransferkitError(f"no image files under '{path}'", "give a folder holding .jpg/.png files")
+        raise TransferkitError(f"no image files under '{path}'", f"give a folder holding {IMAGE_FILES} files")
     return files, root
 
 
