@@ -487,3 +487,20 @@ def test_an_output_inside_the_data_folder_is_refused_and_the_default_name_is_the
         err = capsys.readouterr().err
         assert "is inside the data folder" in err and len(err.strip().splitlines()) == 1, (argv, err)
     assert snapshot(photos) == before and sorted(p.name for p in photos.iterdir()) == ["h", "v"]
+
+
+def test_written_files_get_the_umask_default_mode_weights_included(tmp_path):
+    """safetensors writes its files owner-only (0600): a run shared with a team or served by another user could
+    not load its weights. Every atomic write and every weights file gets the mode a plain open() would give."""
+    import torch
+
+    from transferkit.rundir import write_json, write_safetensors
+
+    old = os.umask(0o022)
+    try:
+        write_safetensors(tmp_path / "w.safetensors", {"x": torch.zeros(2)})
+        write_json(tmp_path / "m.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {"w.safetensors": 0o644,
+                                                                             "m.json": 0o644}

@@ -128,14 +128,14 @@ def file_sha256(path: str | Path) -> str:
 
 def save_model(model: TransferModel, folder: str | Path, strategy: dict[str, Any], extra: dict | None = None) -> None:
     """Write ``model.safetensors`` + ``config.json`` (with the weights' SHA-256) into ``folder``."""
-    from safetensors.torch import save_file
+    from transferkit.rundir import write_safetensors
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # Cloned so that tensors sharing storage (tied weights, wrappers) are written independently.
     state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     with writing(folder / "model.safetensors"):
-        save_file(state, str(folder / "model.safetensors"))
+        write_safetensors(folder / "model.safetensors", state)
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -103,9 +103,26 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, _default_file_mode())  # some writers (safetensors) create owner-only files
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _default_file_mode() -> int:
+    """The mode ``open()`` gives a new file under the process's umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` as a safetensors file atomically, readable like any other file of the run (safetensors
+    itself creates it owner-only)."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -18,12 +18,10 @@ _PRETRAIN_AGAIN = "re-run `transferkit pretrain ... --out FOLDER` to write the b
 
 def write_backbone_folder(folder: str | Path, backbone: Any, spec: dict[str, Any]) -> None:
     """Write ``backbone``'s weights and ``spec`` into ``folder`` (a staging folder: published by the caller)."""
-    from safetensors.torch import save_file
-
-    from transferkit.rundir import write_json
+    from transferkit.rundir import write_json, write_safetensors
 
     state = {k: v.detach().cpu().clone().contiguous() for k, v in backbone.state_dict().items()}
-    save_file(state, str(Path(folder) / WEIGHTS_FILE))
+    write_safetensors(Path(folder) / WEIGHTS_FILE, state)
     write_json(Path(folder) / SPEC_FILE, spec)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from transferkit.errors import TransferkitError
-from transferkit.rundir import atomic_path
+from transferkit.rundir import write_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -94,16 +94,13 @@ def _json_default(value: Any) -> Any:
 
 def save_checkpoint(path: str | Path, sections: dict[str, dict[str, torch.Tensor]], state: dict[str, Any]) -> None:
     """Write tensors (``sections``: prefix -> {name: tensor}) and the JSON ``state`` atomically to ``path``."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     tensors = {f"{prefix}/{name}": value.detach().cpu().clone().contiguous()  # clone: no shared storage
                for prefix, group in sections.items() for name, value in group.items()}
     document = {"format": FORMAT, "format_version": FORMAT_VERSION, "sections": sorted(sections), **state}
     metadata = {_METADATA_KEY: json.dumps(document, default=_json_default)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:  # atomic: an interruption leaves the previous checkpoint intact
-        save_file(tensors, str(tmp), metadata=metadata)
+    write_safetensors(path, tensors, metadata)  # atomic: an interruption leaves the previous checkpoint intact
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:

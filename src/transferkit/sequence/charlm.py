@@ -223,13 +223,13 @@ def sample(model: CharLanguageModel, vocab: Vocabulary, length: int = 200, prime
 
 
 def save_charlm(run: CharLMRun, folder: str | Path) -> None:
-    from safetensors.torch import save_file
+    from transferkit.rundir import write_safetensors
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {"format": FORMAT, "model": run.model.config, "symbols": run.vocab.symbols}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    save_file({k: v.contiguous() for k, v in run.model.state_dict().items()}, str(folder / "model.safetensors"))
+    write_safetensors(folder / "model.safetensors", {k: v.contiguous() for k, v in run.model.state_dict().items()})
 
 
 def load_charlm(folder: str | Path) -> tuple[CharLanguageModel, Vocabulary]:

@@ -619,14 +619,14 @@ def _train_ensemble(splits: dict[str, list[tuple[str, str]]], config: Seq2SeqCon
 
 
 def save_seq2seq(run: Seq2SeqRun, folder: str | Path, extra: dict[str, Any] | None = None) -> None:
-    from safetensors.torch import save_file
+    from transferkit.rundir import write_safetensors
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {"format": FORMAT, "model": run.model.config, "source_symbols": run.source.symbols,
               "target_symbols": run.target.symbols, "max_output_len": run.max_output_len, **(extra or {})}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    save_file({k: v.contiguous() for k, v in run.model.state_dict().items()}, str(folder / "model.safetensors"))
+    write_safetensors(folder / "model.safetensors", {k: v.contiguous() for k, v in run.model.state_dict().items()})
 
 
 def read_saved_config(folder: str | Path, fmt: str, what: str, fix: str) -> tuple[Path, dict[str, Any]]:

@@ -228,11 +228,10 @@ def export_lora(model_dir: str | Path, out: str | Path, merge: bool = False, ove
     replaces only an earlier export.
     """
     from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
     from transferkit.evaluation.calibration import copy_calibration
     from transferkit.model import load_model, read_model_config, save_model
-    from transferkit.rundir import OutputFolder, write_json
+    from transferkit.rundir import OutputFolder, write_json, write_safetensors
 
     config = read_model_config(model_dir)
     options = _lora_options(config)
@@ -257,9 +256,9 @@ def export_lora(model_dir: str | Path, out: str | Path, merge: bool = False, ove
         peft_config.save_pretrained(str(stage))
         adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(
             inner, adapter_name=ADAPTER_NAME).items()}
-        save_file(adapter, str(stage / "adapter_model.safetensors"))
+        write_safetensors(stage / "adapter_model.safetensors", adapter)
         heads = {k: v.detach().cpu().contiguous() for k, v in model.heads.state_dict().items()}
-        save_file(heads, str(stage / HEAD_FILE))
+        write_safetensors(stage / HEAD_FILE, heads)
         saved = json.loads((Path(config["_folder"]) / "config.json").read_text())
         saved[EXPORT_KIND_KEY] = "adapter"
         write_json(stage / "config.json", saved)
