@@ -434,3 +434,13 @@ def test_a_macos_zip_folder_is_skipped_like_hidden_files(tmp_path):
         (junk / "._0.png").write_bytes(b"\x00\x05\x16\x07")
     data = read_image_folder(root)["all"]
     assert data.class_names == ["a", "b"] and len(data) == 4
+
+
+def test_open_image_says_a_missing_file_or_a_folder_is_one(tmp_path):
+    """`search --image nope.png` said the file "cannot be decoded ... remove or replace the file"."""
+    from transferkit.data.images import open_image
+
+    with pytest.raises(TransferkitError, match="'.*nope.png' does not exist.*check the path"):
+        open_image(tmp_path / "nope.png")
+    with pytest.raises(TransferkitError, match="is a folder, not an image file"):
+        open_image(tmp_path)

@@ -435,7 +435,7 @@ def test_resume_with_other_options_names_the_options_that_differ(tmp_path):
     folder = begin_with_checkpoint(tmp_path / "r")
     folder.abandon(KeyboardInterrupt())
     changed = {"a": 2, "train": {"lr": 0.01, "threads": 4}}  # threads may change on --resume, lr and a may not
-    with pytest.raises(TransferkitError, match=r"used other options \(a, train\.lr\)"):
+    with pytest.raises(TransferkitError, match=r"used other options \(a: 1 -> 2, train\.lr: 0\.1 -> 0\.01\)"):
         OutputFolder(tmp_path / "r", "run", resume=True, options=changed).begin()
     assert OutputFolder(tmp_path / "r", "run", resume=True, options={**OPTIONS, "train": {"lr": 0.1, "threads": 2}}
                         ).begin() is True

@@ -290,8 +290,8 @@ def comparable_options(options: Any) -> str:
 
 
 def differing_options(previous: Any, current: Any) -> list[str]:
-    """The option names (``section.name`` one level down) whose values differ between two option dicts, the
-    resume-free keys aside."""
+    """The options (``section.name`` one level down) whose values differ between two option dicts, the
+    resume-free keys aside, each as ``"name: old -> new"`` (values as JSON, shortened)."""
     def flat(options: Any) -> dict[str, str]:
         relevant = _resume_relevant(options)
         if not isinstance(relevant, dict):
@@ -300,8 +300,12 @@ def differing_options(previous: Any, current: Any) -> list[str]:
         pairs += [(k, v) for k, v in relevant.items() if not isinstance(v, dict)]
         return {name: json.dumps(value, sort_keys=True, default=json_default) for name, value in pairs}
 
+    def shown(value: str | None) -> str:
+        return "(none)" if value is None else value if len(value) <= 30 else value[:27] + "..."
+
     before, after = flat(previous), flat(current)
-    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    return [f"{k}: {shown(before.get(k))} -> {shown(after.get(k))}"
+            for k in sorted(before.keys() | after.keys()) if before.get(k) != after.get(k)]
 
 
 def _process_state():
@@ -564,7 +568,7 @@ class OutputFolder:
                 raise TransferkitError(f"the data changed since the run in '{stage}' was interrupted (items "
                                        "added, removed or relabelled: its checkpoint trained on the old splits)",
                                        "resume with the data as it was, or pass --overwrite to start again")
-            named = f" ({', '.join(differing[:5])})" if differing else ""
+            named = f" ({listed(differing)})" if differing else ""
             raise TransferkitError(f"the interrupted run in '{stage}' used other options{named}",
                                    "resume with the same options, or pass --overwrite to start again")
         if self.overwrite:

@@ -57,6 +57,9 @@ def _decoded(image: Image.Image) -> Image.Image:
 def open_image(path: Path) -> Image.Image:
     """Decode one image file fully (the file handle is closed afterwards), upright per its EXIF orientation,
     in mode ``"L"`` or ``"RGB"``."""
+    if not Path(path).is_file():
+        what = "is a folder, not an image file" if Path(path).is_dir() else "does not exist"
+        raise TransferkitError(f"image file '{path}' {what}", "check the path")
     try:
         with Image.open(path) as image:
             return _decoded(image)
