@@ -224,6 +224,36 @@ def test_auto_bad_input_exits_2_with_one_line(tmp_path, per_class, classes, budg
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
 
 
+def test_python_options_take_the_values_the_cli_takes(tmp_path, monkeypatch):
+    """``transferkit.auto(...)`` reads its options as the flags are read: a comma-separated string is a list (not its
+    characters), a number given as text is coerced, None is the default."""
+    from transferkit.autofit import auto_search
+
+    monkeypatch.setattr(auto_search, "run_auto", lambda config, **_: (config.validate(), config)[1])  # no search
+    config = transferkit.auto(str(tmp_path), out=str(tmp_path / "run"), backbones="efficientnet_lite0, minilm",
+                              image_sizes="112,224", strategies="linear-probe", folds="3", limit_per_class="5",
+                              seed="7", max_ensemble=None, overwrite="no", time_budget=90)
+    assert config.backbones == ["efficientnet_lite0", "minilm"] and config.strategies == ["linear-probe"]
+    assert config.image_sizes == [112, 224] and (config.folds, config.limit_per_class, config.seed) == (3, 5, 7)
+    assert config.max_ensemble == 6 and config.overwrite is False and config.time_budget == "90"
+    listed = transferkit.auto(str(tmp_path), out=str(tmp_path / "run"), backbones=["efficientnet_lite0"],
+                              image_sizes=[112, "224"], strategies=("linear-probe", "finetune"))
+    assert listed.image_sizes == [112, 224] and listed.strategies == ["linear-probe", "finetune"]
+
+
+@pytest.mark.parametrize("options, problem", [
+    ({"folds": "x"}, "'--folds' expects int"), ({"folds": "1"}, "invalid --folds 1"),
+    ({"limit_per_class": "0"}, "invalid --limit-per-class 0"), ({"max_ensemble": 0}, "invalid --max-ensemble 0"),
+    ({"seed": "x"}, "'--seed' expects int"), ({"seed": -1}, "invalid --seed -1"),
+    ({"image_sizes": "112,big"}, "invalid --image-sizes 112,big"), ({"overwrite": "maybe"}, "'--overwrite' expects"),
+])
+def test_python_option_errors_are_one_line_naming_the_flag(tmp_path, options, problem):
+    """Checked before the data is read: nothing is trained and nothing written."""
+    with pytest.raises(TransferkitError, match=problem) as caught:
+        transferkit.auto(str(tmp_path / "no-data"), out=str(tmp_path / "run"), **options)
+    assert "\n" not in str(caught.value) and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("strategy", ["lora", "adapter"])
 def test_peft_strategies_start_from_the_probe_head(folder, tmp_path, strategy):
     """LP-FT for LoRA and adapters: with a learning rate too small to move anything, the trained head is the

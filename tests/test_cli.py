@@ -186,7 +186,7 @@ def test_list_options_are_coerced_to_their_element_type(image_folder, tmp_path, 
     from transferkit.errors import TransferkitError
 
     assert build(FitConfig, {"pool_stages": ["3", 4]}).pool_stages == [3, 4]  # flags arrive as text
-    with pytest.raises(TransferkitError, match="pool_stages' expects int"):
+    with pytest.raises(TransferkitError, match="'--pool-stages' expects int"):
         build(FitConfig, {"pool_stages": ["x"]})
     code, _, err = run_cli(["fit", "--data", image_folder, "--pool-stages", "x", "--out", tmp_path / "bad"], capsys)
     assert code == 2 and "expects int" in err and len(err.strip().splitlines()) == 1

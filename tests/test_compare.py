@@ -181,6 +181,20 @@ def test_config_validation():
         CompareConfig("digits", ["small_cnn"], ["finetune"], fit_options={"seed": 3}).validate()
 
 
+def test_python_config_takes_the_values_the_cli_takes():
+    """``CompareConfig`` from Python reads a comma-separated string as the flags do (not its characters) and
+    coerces numbers given as text; a bad value is a TransferkitError naming the flag."""
+    config = CompareConfig("digits", "small_cnn", "linear-probe, finetune", seeds="2", cost_ratio="0.25",
+                           isolate="no")
+    config.validate()
+    assert config.backbones == ["small_cnn"] and config.strategies == ["linear-probe", "finetune"]
+    assert (config.seeds, config.cost_ratio, config.isolate) == (2, 0.25, False)
+    for bad, problem in [({"seeds": "x"}, "'--seeds' expects int"), ({"seeds": 0}, "invalid --seeds 0"),
+                         ({"cost_ratio": "lots"}, "invalid --cost-ratio 'lots'"), ({"isolate": "maybe"}, "--isolate")]:
+        with pytest.raises(TransferkitError, match=problem):
+            CompareConfig("digits", ["small_cnn"], ["finetune"], **bad).validate()
+
+
 def _tiny_image_folder(root):
     from PIL import Image
 

@@ -157,13 +157,25 @@ def coerce(value: Any, tp: type, name: str) -> Any:
 
 
 def build(cls: type, options: dict[str, Any]) -> Any:
-    """Instantiate option dataclass ``cls`` from the subset of ``options`` it owns (consumed from the dict)."""
+    """Instantiate option dataclass ``cls`` from the subset of ``options`` it owns (consumed from the dict); a value
+    of the wrong type is a TransferkitError naming its flag (``--batch-size``)."""
     register_option_class(cls)
     kwargs = {}
     for f in option_fields(cls):
         if f.name in options:
-            kwargs[f.name] = coerce(options.pop(f.name), field_base_type(f), f.name)
+            kwargs[f.name] = coerce(options.pop(f.name), field_base_type(f), "--" + f.name.replace("_", "-"))
     return cls(**kwargs)
+
+
+def split_list(values: Any) -> list[str] | None:
+    """A list option given as comma-separated text (``"a,b"``, as ``--backbones a,b``), one value, or a list of
+    either (a repeated flag), as one list of stripped texts; None when empty."""
+    if values is None:
+        return None
+    if not isinstance(values, (list, tuple)):
+        values = [values]
+    parts = [p.strip() for v in values for p in str(v).split(",") if p.strip()]
+    return parts or None
 
 
 def load_yaml_config(path: str | Path) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from transferkit.autofit.ensemble import (
     select_ensemble,
 )
 from transferkit.autofit.space import Candidate, default_space
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, check_count
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +94,8 @@ class AutoConfig:
     progress: bool = field(default=True, metadata={"help": "Log what is being tried and the time left."})
 
     def validate(self) -> float:
-        """Checks the options; returns the budget in seconds."""
-        from transferkit.config import parse_duration
+        """Checks the options (list options may be comma-separated text); returns the budget in seconds."""
+        from transferkit.config import parse_duration, split_list
         from transferkit.engine.placement import check_device_spec
 
         if not self.data:
@@ -103,9 +103,9 @@ class AutoConfig:
         if not self.out:
             raise TransferkitError("no output folder given", "pass --out RUN")
         budget = parse_duration(self.time_budget)
-        self.backbones = _split(self.backbones)
-        self.strategies = _split(self.strategies)
-        sizes = _split(self.image_sizes)
+        self.backbones = split_list(self.backbones)
+        self.strategies = split_list(self.strategies)
+        sizes = split_list(self.image_sizes)
         try:
             self.image_sizes = [int(s) for s in sizes] if sizes else None
         except ValueError:
@@ -113,20 +113,14 @@ class AutoConfig:
                                    "e.g. --image-sizes 112,224") from None
         if self.image_sizes and min(self.image_sizes) < 16:
             raise TransferkitError(f"invalid --image-sizes {min(self.image_sizes)}", "use at least 16 pixels")
-        if self.limit_per_class is not None and self.limit_per_class < 1:
-            raise TransferkitError(f"invalid --limit-per-class {self.limit_per_class}", "use a whole number >= 1")
-        if self.folds is not None and self.folds < 2:
-            raise TransferkitError(f"invalid --folds {self.folds}", "use at least 2")
-        if self.max_ensemble < 1:
-            raise TransferkitError(f"invalid --max-ensemble {self.max_ensemble}", "use at least 1")
+        self.seed = check_count("--seed", self.seed, 0, 2**32 - 1)  # NumPy's seed range
+        if self.limit_per_class is not None:
+            self.limit_per_class = check_count("--limit-per-class", self.limit_per_class, 1)
+        if self.folds is not None:
+            self.folds = check_count("--folds", self.folds, 2)
+        self.max_ensemble = check_count("--max-ensemble", self.max_ensemble, 1)
         check_device_spec(self.device)
         return budget
-
-
-def _split(values: list | None) -> list[str] | None:
-    """Repeated and comma-separated list options as one list (None when empty)."""
-    parts = [p.strip() for v in values or [] for p in str(v).split(",") if p.strip()]
-    return parts or None
 
 
 def process_start_time() -> float:

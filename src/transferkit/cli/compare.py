@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from transferkit.cli.options import add_fit_options, count, duration, format_table, number, print_json
-from transferkit.config import MAX_IMAGE_SIZE
+from transferkit.config import MAX_IMAGE_SIZE, split_list
 from transferkit.errors import TransferkitError
 
 _GLOBAL_ARGS = {"func", "command", "verbose", "quiet"}
@@ -14,7 +14,7 @@ _COMPARE_ARGS = {"data", "backbones", "strategies", "seeds", "out", "time_budget
 
 
 def _split_list(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+    return split_list(text) or []
 
 
 def register(subparsers) -> None:

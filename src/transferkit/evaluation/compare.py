@@ -37,7 +37,14 @@ from typing import Any
 
 import numpy as np
 
-from transferkit.errors import TransferkitError, corrupt_file_error, read_json, reading
+from transferkit.errors import (
+    TransferkitError,
+    check_count,
+    check_number,
+    corrupt_file_error,
+    read_json,
+    reading,
+)
 from transferkit.rundir import output_kind, refuse_out_inside_data, write_json, writer_lock
 
 logger = logging.getLogger(__name__)
@@ -350,8 +357,17 @@ class CompareConfig:
         self.backbones = [default_backbone(next(iter(parts.values())).modality)]
 
     def validate(self) -> None:
+        """Checks the options, taking the CLI's values from Python too (``strategies="a,b"``, ``seeds="3"``)."""
+        from transferkit.config import coerce, split_list
         from transferkit.strategies import list_strategies
 
+        self.data, self.out = coerce(self.data, str, "--data"), coerce(self.out, str, "--out")
+        self.backbones = split_list(self.backbones) or []
+        self.strategies = split_list(self.strategies) or []
+        self.seeds = check_count("--seeds", coerce(self.seeds, int, "--seeds"), 1)
+        self.cost_ratio = check_number("--cost-ratio", self.cost_ratio, 0, 1)
+        self.isolate = coerce(self.isolate, bool, "--isolate")
+        self.refit_best = coerce(self.refit_best, bool, "--refit-best")
         if not self.strategies:
             raise TransferkitError("compare needs at least one strategy", "pass --strategies x,y")
         self.resolve_backbones()
@@ -359,8 +375,6 @@ class CompareConfig:
         unknown = [s for s in self.strategies if s not in known]
         if unknown:
             raise TransferkitError(f"unknown strategy {', '.join(unknown)}", f"choose from: {', '.join(known)}")
-        if self.seeds < 1:
-            raise TransferkitError(f"invalid --seeds {self.seeds}", "pass a count of at least 1")
         if self.time_budget is not None:
             from transferkit.config import parse_duration
 
@@ -369,8 +383,6 @@ class CompareConfig:
         if clash:
             raise TransferkitError(f"compare sets {', '.join(clash)} itself for every cell",
                                    "remove those options (use --backbones, --strategies, --seeds, --out)")
-        if not 0 <= self.cost_ratio <= 1:
-            raise TransferkitError(f"invalid --cost-ratio {self.cost_ratio}", "pass a fraction in [0, 1], e.g. 0.5")
         self._check_fit_options()
 
     def _check_fit_options(self) -> None:
