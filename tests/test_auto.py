@@ -377,6 +377,38 @@ def test_trained_candidates_race_the_leader_on_the_same_items(folder, tmp_path, 
     assert result["variants"][0]["cv"]["k"] == 3 and not result["variants"][0]["complete"]
 
 
+def test_leaderboard_json_has_null_log_loss_for_a_candidate_stopped_early(folder, tmp_path, monkeypatch):
+    """A raced-out candidate has no log loss (NaN in memory): leaderboard.json holds null there, strict JSON that
+    JavaScript's JSON.parse reads; the report's leaderboard section still reads the file."""
+    from transferkit.autofit import auto_search, training
+    from transferkit.autofit.space import Candidate
+    from transferkit.evaluation.report import auto_sections
+
+    search = _search(folder, tmp_path)
+    leader = Candidate("efficientnet_lite0", "linear-probe", 32, {"probe_c": 1.0}, "features", "probe C=1")
+    search.results[leader.slug] = {"candidate": leader.slug, "spec": leader.to_dict(), "status": "done",
+                                   "refit_seconds": 1.0, "variants": [{
+                                       "name": leader.name, "candidate": leader.slug, "tta": False, "complete": True,
+                                       "log_loss": 0.1, "oof_accuracy": 1.0,
+                                       "cv": {"k": 5, "fold_accuracies": [1.0] * 5, "mean": 1.0, "sd": 0.0},
+                                       "oof_probabilities": np.eye(2)[search.data.labels].tolist()}]}
+    monkeypatch.setattr(training, "train_candidate", lambda *a, **k: (None, None))
+    monkeypatch.setattr(training, "predict_plain_and_flipped", lambda model, val: {"plain": 1.0 - np.eye(2)[val.labels]})
+    monkeypatch.setattr(auto_search, "RACING_MIN_ITEMS", 4)
+    raced = Candidate("efficientnet_lite0", "finetune", 32, {"epochs": 1}, "train", "LP-FT", folds=3)
+    search.results[raced.slug] = search.score(raced, refit=1.0)
+    assert search.results[raced.slug]["status"].startswith("stopped after fold 1/3")
+    auto_search.write_leaderboard(tmp_path, search, {leader.name: 1.0})
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not strict JSON: {constant}")
+
+    board = json.loads((tmp_path / "leaderboard.json").read_text(), parse_constant=refuse)
+    rows = {row["name"]: row for row in board["leaderboard"]}
+    assert rows[raced.name]["log_loss"] is None and rows[leader.name]["log_loss"] == 0.1
+    assert "probe C=1" in "".join(auto_sections(tmp_path))
+
+
 def test_trained_candidate_stops_before_an_epoch_that_would_overrun(folder, tmp_path, monkeypatch):
     """After every epoch the search checks that the next epoch (as long as the last one) still fits the budget."""
     from transferkit.autofit.auto_search import _Stopped

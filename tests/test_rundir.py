@@ -20,9 +20,11 @@ from transferkit.rundir import (
     atomic_path,
     is_output,
     json_default,
+    jsonable,
     output_kind,
     staging_dir,
     write_json,
+    write_jsonl,
 )
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")  # tests/conftest.py
@@ -221,6 +223,31 @@ def test_json_default_handles_numpy_and_paths(tmp_path):
     value = {"i": np.int64(3), "f": np.float32(0.5), "b": np.bool_(True), "a": np.arange(2), "p": tmp_path}
     assert json.loads(json.dumps(value, default=json_default)) == {"i": 3, "f": 0.5, "b": True, "a": [0, 1],
                                                                     "p": str(tmp_path)}
+
+
+def refuse_non_finite(constant: str) -> None:
+    """``json.loads(..., parse_constant=...)``: a strict parser (JavaScript's JSON.parse) refuses NaN / Infinity."""
+    raise ValueError(f"not strict JSON: {constant}")
+
+
+def test_json_files_hold_null_for_nan_and_infinity(tmp_path, capsys):
+    """Every JSON file transferkit writes (write_json, write_jsonl) and every --json document is strict JSON: a
+    NaN or infinite number, NumPy's included, becomes null."""
+    from transferkit.cli.options import print_json
+
+    document = {"nan": float("nan"), "inf": [float("inf"), -np.inf], "numpy": np.float32("nan"),
+                "array": np.array([0.5, np.nan]), "nested": {"pair": (1.5, np.float64("-inf"))}, "ok": 0.25}
+    expected = {"nan": None, "inf": [None, None], "numpy": None, "array": [0.5, None], "nested": {"pair": [1.5, None]},
+                "ok": 0.25}
+    write_json(tmp_path / "metrics.json", document)
+    assert json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse_non_finite) == expected
+    write_jsonl(tmp_path / "history.jsonl", [document, {"train_loss": float("nan"), "epoch": 1}])
+    rows = [json.loads(line, parse_constant=refuse_non_finite)
+            for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert rows == [expected, {"train_loss": None, "epoch": 1}]
+    assert jsonable(document) == expected  # as the file reads back
+    print_json(document)
+    assert json.loads(capsys.readouterr().out, parse_constant=refuse_non_finite) == expected
 
 
 # --- fault injection: every file operation of publish fails in turn ---------------------------------------------

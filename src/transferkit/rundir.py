@@ -40,6 +40,7 @@ import datetime
 import fcntl
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -72,7 +73,8 @@ RESUME_FREE_KEYS = frozenset({"resume", "overwrite", "progress", "no_progress", 
 
 
 def json_default(value: Any) -> Any:
-    """``json.dumps(..., default=json_default)``: NumPy scalars and arrays, paths, sets; anything else as text."""
+    """``json.dumps(..., default=json_default)``: NumPy scalars and arrays, paths, sets; anything else as text
+    (non-finite numbers as None, see :func:`finite`)."""
     try:
         import numpy as np
     except ImportError:  # pragma: no cover - numpy is a dependency
@@ -83,12 +85,29 @@ def json_default(value: Any) -> Any:
         if isinstance(value, np.integer):
             return int(value)
         if isinstance(value, np.floating):
-            return float(value)
+            return finite(float(value))
         if isinstance(value, np.ndarray):
-            return value.tolist()
+            return finite(value.tolist())
     if isinstance(value, (set, frozenset)):
-        return sorted(value, key=str)
+        return finite(sorted(value, key=str))
     return str(value)  # Path and everything else
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (in nested dicts, lists and tuples) as None: JSON has no NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value
+
+
+def json_text(obj: Any, indent: int | None = None) -> str:
+    """``obj`` as strict JSON, which every parser reads: NaN and infinity as null (:func:`finite`), NumPy values and
+    paths by :func:`json_default`; ``allow_nan=False`` makes a non-finite number that slipped through fail loudly."""
+    return json.dumps(finite(obj), indent=indent, default=json_default, allow_nan=False)
 
 
 @contextlib.contextmanager
@@ -131,13 +150,14 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON atomically (temporary file + ``os.replace``): readers see old or new."""
-    _atomic_write_text(Path(path), json.dumps(obj, indent=2, default=json_default) + "\n")
+    """Write ``obj`` as indented strict JSON (:func:`json_text`: NaN as null) atomically (temporary file +
+    ``os.replace``): readers see old or new."""
+    _atomic_write_text(Path(path), json_text(obj, indent=2) + "\n")
 
 
 def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    """One JSON document per line (e.g. ``history.jsonl``), written atomically."""
-    _atomic_write_text(Path(path), "".join(json.dumps(row, default=json_default) + "\n" for row in rows))
+    """One strict JSON document per line (e.g. ``history.jsonl``; :func:`json_text`), written atomically."""
+    _atomic_write_text(Path(path), "".join(json_text(row) + "\n" for row in rows))
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -147,7 +167,7 @@ def write_text(path: str | Path, text: str) -> None:
 
 def jsonable(obj: Any) -> Any:
     """``obj`` as it reads back from JSON (tuples become lists, paths strings, ...)."""
-    return json.loads(json.dumps(obj, default=json_default))
+    return json.loads(json_text(obj))
 
 
 # --- what a folder is -------------------------------------------------------------------------------------------
@@ -699,5 +719,5 @@ class OutputFolder:
             self.abandon(exc)
 
 
-__all__ = ["KINDS", "MARKER", "OutputFolder", "is_output", "json_default", "kept_for_resume", "output_kind",
-           "read_marker", "staging_dir", "write_json", "write_jsonl"]
+__all__ = ["KINDS", "MARKER", "OutputFolder", "finite", "is_output", "json_default", "json_text", "kept_for_resume",
+           "output_kind", "read_marker", "staging_dir", "write_json", "write_jsonl"]

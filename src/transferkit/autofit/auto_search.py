@@ -587,11 +587,7 @@ def run_auto(config: AutoConfig, started: float | None = None, tracking: Any = N
         metrics = final_metrics(search, weights, oof, classification_report)
         write_json(folder.stage / "metrics.json", metrics)
         write_jsonl(folder.stage / "history.jsonl", [])
-        leaderboard = leaderboard_rows(search, weights)
-        write_json(folder.stage / LEADERBOARD_JSON, {"data": config.data, "k": search.k, "seed": config.seed,
-                                                     "budget_seconds": budget, "final": weights,
-                                                     "leaderboard": leaderboard})
-        (folder.stage / LEADERBOARD_MD).write_text(leaderboard_markdown(leaderboard, weights, search))
+        write_leaderboard(folder.stage, search, weights)
         from transferkit.autofit.publish import track_auto, write_auto_card
 
         write_auto_card(folder.stage, metrics, name=Path(config.out).name)
@@ -641,6 +637,18 @@ def final_metrics(search: AutoSearch, weights: dict[str, float], oof: np.ndarray
                            "limit_per_class": search.config.limit_per_class, "test_fraction": 0.0},
                    "train": {"seed": search.config.seed}, "auto": asdict(search.config)},
     }
+
+
+def write_leaderboard(folder: Path, search: AutoSearch, weights: dict[str, float]) -> None:
+    """``leaderboard.json`` (strict JSON: a candidate stopped early has ``"log_loss": null``) and ``leaderboard.md``
+    into ``folder``."""
+    from transferkit.rundir import write_json
+
+    rows = leaderboard_rows(search, weights)
+    write_json(folder / LEADERBOARD_JSON, {"data": search.config.data, "k": search.k, "seed": search.config.seed,
+                                           "budget_seconds": search.clock.budget, "final": weights,
+                                           "leaderboard": rows})
+    (folder / LEADERBOARD_MD).write_text(leaderboard_markdown(rows, weights, search))
 
 
 def leaderboard_rows(search: AutoSearch, weights: dict[str, float]) -> list[dict[str, Any]]:

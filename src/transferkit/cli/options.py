@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
@@ -102,6 +101,8 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def print_json(document: Any) -> None:
-    """Exactly one JSON document on stdout."""
-    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+    """Exactly one strict JSON document on stdout (NaN as null, as in the files: ``rundir.json_text``)."""
+    from transferkit.rundir import json_text
+
+    sys.stdout.write(json_text(document, indent=2) + "\n")
     sys.stdout.flush()

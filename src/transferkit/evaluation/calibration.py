@@ -17,7 +17,6 @@ the ECE after T beside it. Every evaluation reports ``ece`` and ``reliability`` 
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 
 from transferkit.errors import TransferkitError
 from transferkit.extensions import ExtensionConfig, FitExtension, register_extension
+from transferkit.rundir import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class TemperatureScaling(FitExtension):
     @staticmethod
     def _record(context: Any, record: dict[str, Any]) -> dict[str, Any]:
         if context.run_dir is not None:
-            (Path(context.run_dir) / CALIBRATION_FILE).write_text(json.dumps(record, indent=2))
+            write_json(Path(context.run_dir) / CALIBRATION_FILE, record)
         logger.info("temperature %.3f fitted on %d items of the %s (ECE %.4f -> %.4f)", record["temperature"],
                     record["n"], record["fitted_on"], record["val_ece_before"], record["val_ece_after"])
         return {"temperature": record["temperature"], "val_ece_before_temperature": record["val_ece_before"],
