@@ -444,3 +444,14 @@ def test_open_image_says_a_missing_file_or_a_folder_is_one(tmp_path):
         open_image(tmp_path / "nope.png")
     with pytest.raises(TransferkitError, match="is a folder, not an image file"):
         open_image(tmp_path)
+
+
+def test_symlinked_subfolders_inside_a_class_are_followed_once(tmp_path):
+    """A class folder that links in another folder of its images (a common way to assemble a dataset) counts
+    them; a link back to an ancestor is no endless loop."""
+    root = _image_folder(tmp_path / "d", {"a": 2, "b": 2})
+    extra = _image_folder(tmp_path / "elsewhere", {"more": 3}) / "more"
+    (root / "a" / "linked").symlink_to(extra, target_is_directory=True)
+    (root / "b" / "loop").symlink_to(root / "b", target_is_directory=True)
+    data = read_image_folder(root)["all"]
+    assert len(data) == 7 and sum(1 for i in data.ids if i.startswith("a/linked/")) == 3

@@ -187,17 +187,25 @@ def _visible_subfolders(folder: Path) -> list[Path]:
 
 
 def images_under(folder: Path, others: list[Path] | None = None) -> list[Path]:
-    """Image files anywhere below ``folder`` (sorted; hidden files and folders skipped); the other visible files
-    are appended to ``others`` when it is given (so that the caller can say they were ignored)."""
-    found = []
-    for path in folder.rglob("*"):
-        relative_parts = path.relative_to(folder).parts
-        if any(is_hidden(part) for part in relative_parts):
+    """Image files anywhere below ``folder`` (sorted; hidden files and folders skipped; linked folders followed,
+    each real folder once, so a link to an ancestor is no loop); the other visible files are appended to
+    ``others`` when it is given (so that the caller can say they were ignored)."""
+    import os
+
+    found, seen = [], set()
+    for current, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(current)
+        if real in seen:
+            folders.clear()
             continue
-        if is_image_file(path):
-            found.append(path)
-        elif others is not None and path.is_file():
-            others.append(path)
+        seen.add(real)
+        folders[:] = sorted(name for name in folders if not is_hidden(name))
+        for name in files:
+            path = Path(current) / name
+            if is_image_file(path):
+                found.append(path)
+            elif others is not None and not is_hidden(name) and path.is_file():
+                others.append(path)
     return sorted(found)
 
 
