@@ -306,3 +306,30 @@ def test_resume_refuses_when_the_data_changed_since_the_interruption(stripes, tm
     assert sorted(p.name for p in (stage / "checkpoint" / "cv").iterdir()) == kept and not out.exists()
     new_image.unlink()
     assert transferkit.fit(str(data), out=str(out), resume=True, **options).metrics["accuracy_split"] == "cv"
+
+
+def test_train_seconds_of_a_resumed_run_include_the_interrupted_part(stripes, tmp_path, monkeypatch):
+    """metrics.json's train_seconds (compare's cost) counted only the resumed process: the time before Ctrl-C is
+    kept with the checkpoint and added."""
+    import time
+
+    from transferkit.evaluation import crossfit
+
+    options = dict(strategy="finetune", epochs=1, seed=1, **SMALL)
+    original, trained = crossfit._train_fold, []
+
+    def slow_then_interrupt(*args, **kwargs):
+        if len(trained) == 1:
+            raise _Interrupt
+        trained.append(1)
+        time.sleep(1.5)  # the interrupted part takes clearly longer than anything the resumed one does besides
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(crossfit, "_train_fold", slow_then_interrupt)
+    out = tmp_path / "run"
+    with pytest.raises(_Interrupt):
+        transferkit.fit(str(stripes), out=str(out), **options)
+    monkeypatch.setattr(crossfit, "_train_fold", original)
+    started = time.perf_counter()
+    metrics = transferkit.fit(str(stripes), out=str(out), resume=True, **options).metrics
+    assert metrics["train_seconds"] > time.perf_counter() - started + 1.0

@@ -121,7 +121,7 @@ def fit_run(fit: FitConfig, train: TrainConfig, strategy: Strategy, extensions: 
 
             cross_validate_fit(model, strategy, context, extensions, fit)
         result = train_model(model, strategy, extensions, context)
-        train_seconds = time.perf_counter() - started
+        train_seconds = folder.seconds_before + time.perf_counter() - started  # interrupted attempts included
         if not state.is_main_process:
             folder.publish()  # waits for the main process
             return Run(folder.out, {}, result.history)

@@ -43,6 +43,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,6 +57,8 @@ MARKER = "transferkit-output.json"
 MARKER_FORMAT = "transferkit-output"
 MARKER_VERSION = 1
 RUN_CONFIG = "run_config.json"
+#: wall seconds the interrupted attempts of a stage worked (in its checkpoint folder: never part of an output)
+ELAPSED_FILE = "elapsed.json"
 CHECKPOINT_DIR = "checkpoint"
 #: a domain-adaptation run's source-only baseline inside the stage (its own checkpoint / model count as progress)
 BASELINE_DIR = "source_only"
@@ -489,6 +492,9 @@ class OutputFolder:
         self.data = data
         self._begun = False
         self._resuming = False
+        self._begun_at = 0.0
+        #: wall seconds the interrupted attempts that a ``--resume`` continues had worked (0 for a new output)
+        self.seconds_before = 0.0
         self._lock = None  # the open, locked lock file while this (main) process writes the output
         self._state = _process_state()
 
@@ -630,7 +636,15 @@ class OutputFolder:
         self._wait()
         self._begun = True
         self._resuming = resuming
+        self._begun_at = time.monotonic()
+        self.seconds_before = self._read_elapsed() if resuming else 0.0
         return resuming
+
+    def _read_elapsed(self) -> float:
+        try:
+            return float(json.loads((self.stage / CHECKPOINT_DIR / ELAPSED_FILE).read_text())["seconds"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0.0
 
     def _create_stage(self, resuming: bool) -> None:
         """Create the staging folder with its marker and ``run_config.json`` (keep it when ``resuming``)."""
@@ -706,8 +720,12 @@ class OutputFolder:
                     shutil.rmtree(self.stage, ignore_errors=True)
                     if isinstance(error, KeyboardInterrupt):
                         error.transferkit_discarded = True  # the CLI says that nothing was kept
-                elif error is not None:
-                    error.transferkit_resumable = True  # the CLI then suggests --resume (see kept_for_resume)
+                else:  # kept for --resume: with the seconds worked so far (a resumed run's total counts them)
+                    (self.stage / CHECKPOINT_DIR).mkdir(exist_ok=True)
+                    write_json(self.stage / CHECKPOINT_DIR / ELAPSED_FILE,
+                               {"seconds": round(self.seconds_before + time.monotonic() - self._begun_at, 3)})
+                    if error is not None:
+                        error.transferkit_resumable = True  # the CLI then suggests --resume (see kept_for_resume)
         finally:
             self._release()
 
