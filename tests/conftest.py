@@ -74,6 +74,20 @@ def isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TRANSFERKIT_PROGRESS", "0")
 
 
+@pytest.fixture
+def opened_images(monkeypatch) -> list[str]:
+    """Every file PIL opens during the test, in order: how many images were decoded by a given moment."""
+    original = Image.open
+    opened: list[str] = []
+
+    def counting(fp, *args, **kwargs):
+        opened.append(str(fp))
+        return original(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", counting)
+    return opened
+
+
 def interrupt_seq2seq_validation(monkeypatch, at: int):
     """Make seq2seq training raise KeyboardInterrupt (Ctrl-C) at its ``at``-th validation; returns the original
     ``seq2seq_metrics`` so the caller can restore it before resuming."""

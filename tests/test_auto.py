@@ -162,6 +162,43 @@ def test_probes_of_one_backbone_share_its_forward_pass_at_prediction(folder, tmp
     assert ensemble.predict_proba_data(data.subset(np.arange(0))).shape == (0, 2)  # no items: no rows, as a member
 
 
+def test_ensemble_predicts_a_folder_decoding_each_image_once_one_batch_at_a_time(folder, tmp_path, monkeypatch,
+                                                                                 opened_images):
+    """transferkit.predict on a folder decoded every image before the first forward pass: an ensemble now decodes
+    batch_size images at a time, each once for all its members and test-time views, with the probabilities of the
+    lazily read folder."""
+    import torch
+
+    from transferkit.api import load
+    from transferkit.autofit.ensemble import save_ensemble
+    from transferkit.backbones import create_backbone
+    from transferkit.backbones.timm_backbone import TimmBackbone
+    from transferkit.data.images import read_unlabelled_images
+    from transferkit.model import TaskSpec, TransferModel
+
+    def probe(seed: int, **options) -> TransferModel:
+        torch.manual_seed(seed)
+        return TransferModel(create_backbone("efficientnet_lite0", pretrained=True, image_size=32, **options),
+                             [TaskSpec("label", "classify", ["bright", "dark"])]).eval()
+
+    strategy = {"name": "linear-probe", "options": {}}
+    save_ensemble(tmp_path / "ens", [(probe(0), strategy, {"tta": "hflip"}),
+                                     (probe(1, pool_stages=[3, 4]), strategy, {"tta": "hflip"}),
+                                     (probe(2), strategy, {})], [0.5, 0.3, 0.2])
+    ensemble = load(tmp_path / "ens")
+    passes = []
+    forward = TimmBackbone.forward_features
+    monkeypatch.setattr(TimmBackbone, "forward_features",
+                        lambda self, x: passes.append(len(opened_images)) or forward(self, x))
+    rows = transferkit.predict(ensemble, [str(folder)], batch_size=3)
+    assert len(rows) == len(opened_images) == 16  # every image decoded once, for every member and view
+    assert sorted(set(passes)) == [3, 6, 9, 12, 15, 16]  # each batch's passes see that batch and earlier ones
+    data = read_unlabelled_images(folder)
+    assert [Path(row["input"]) for row in rows] == [folder / i for i in data.ids]
+    np.testing.assert_allclose([list(row["probabilities"].values()) for row in rows],
+                               ensemble.predict_proba_data(data, batch_size=3), atol=1e-6)
+
+
 def test_select_ensemble_adds_members_only_when_they_help():
     labels = np.array([0, 0, 1, 1])
     good = np.array([[0.9, 0.1], [0.6, 0.4], [0.4, 0.6], [0.2, 0.8]])

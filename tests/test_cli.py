@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 
 import transferkit
-from tests.conftest import stripes
+from tests.conftest import ANIMALS, MUSIC, stripes
 from transferkit.cli.main import main
+from transferkit.errors import TransferkitError
 
 SMALL = ["--backbone", "small_cnn", "--epochs", "3", "--batch-size", "8", "--lr", "0.01"]
 
@@ -89,6 +90,104 @@ def test_predict_folder_writes_csv(trained_run, image_folder, tmp_path, capsys):
     assert len(rows) == 28 and all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in rows)
     lines = csv_path.read_text().splitlines()
     assert lines[0] == "input,prediction,p(horizontal),p(vertical)" and len(lines) == 29
+
+
+def test_predict_on_a_folder_decodes_one_batch_at_a_time(trained_run, image_folder, tmp_path, capsys,
+                                                         opened_images, monkeypatch):
+    """predict decoded every image of a folder before its first batch (2.7 GB for 200 photos, whatever
+    --batch-size): now each forward pass finds only its own and earlier batches decoded, and the rows are those of
+    the file-backed data that evaluate reads lazily (same order, same probabilities)."""
+    from transferkit.data.images import read_unlabelled_images
+    from transferkit.model import TransferModel
+
+    forward, passes = TransferModel.forward, []
+
+    def counting(self, inputs):
+        passes.append((len(opened_images), len(inputs)))
+        return forward(self, inputs)
+
+    monkeypatch.setattr(TransferModel, "forward", counting)
+    code, out, err = run_cli(["predict", "--model", trained_run, image_folder, "--batch-size", "8", "--csv",
+                              tmp_path / "p.csv", "--json"], capsys)
+    assert code == 0, err
+    rows = json.loads(out)["predictions"]
+    assert len(rows) == len(opened_images) == 28 and [n for _, n in passes] == [8, 8, 8, 4]
+    assert [decoded for decoded, _ in passes] == [8, 16, 24, 28]
+    data = read_unlabelled_images(image_folder)
+    expected = transferkit.load(trained_run).predict_proba_data(data, batch_size=8)
+    assert [Path(row["input"]) for row in rows] == [image_folder / i for i in data.ids]
+    np.testing.assert_allclose([list(row["probabilities"].values()) for row in rows], expected, atol=1e-6)
+
+
+def test_python_predict_takes_one_path_or_image_as_one_input(trained_run, image_folder):
+    """transferkit.predict(model, "x.png") iterated the string (one character at a time; "/" walked the whole file
+    system), a Path or a PIL image was a TypeError and so was [PIL image]: each is one input, as for model.predict;
+    one folder stands for its images."""
+    model = transferkit.load(trained_run)
+    file = image_folder / "vertical" / "03.png"
+    expected = model.predict_proba([str(file)])[0]
+    image = Image.open(file)
+    for one in (file, str(file), image, [image], [np.asarray(image)]):
+        rows = transferkit.predict(model, one)
+        assert len(rows) == 1 and rows[0]["prediction"] == "vertical"
+        np.testing.assert_allclose(list(rows[0]["probabilities"].values()), expected, atol=1e-6)
+    assert [row["input"] for row in transferkit.predict(model, [file, image])] == [str(file), "item[1]"]
+    assert len(transferkit.predict(model, str(image_folder / "vertical"))) == 14
+
+
+def test_python_api_refuses_what_is_no_image_in_one_line(trained_run, image_folder):
+    """model.predict([array]), (None), ([3]) on an image model were TypeErrors from pathlib, batch_size=0 torch's
+    ValueError and a folder "does not exist": numpy images are images now (one H x W (x C) array, a batch N x H x W,
+    or a list), the rest is one line naming the problem and the fix."""
+    model = transferkit.load(trained_run)
+    file = image_folder / "horizontal" / "00.png"
+    pixels = np.asarray(Image.open(file))
+    np.testing.assert_allclose(model.predict_proba([pixels]), model.predict_proba(file), atol=1e-6)
+    np.testing.assert_allclose(model.predict_proba(pixels / 255.0), model.predict_proba(file), atol=1e-6)
+    np.testing.assert_allclose(model.predict_proba(np.stack([pixels, pixels.T])),
+                               model.predict_proba([file, pixels.T]), atol=1e-6)
+    cases = [(None, "cannot predict None"), ([3], "input 0 (int 3)"), ([file, np.zeros(5)], "input 1 (a float64 "),
+             (object(), "cannot predict object"), ({"a": file}, "cannot predict dict"),
+             (image_folder / "vertical", "is a folder"), ([image_folder / "none.png"], "does not exist")]
+    for bad, message in cases:
+        with pytest.raises(TransferkitError) as info:
+            model.predict(bad)
+        assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+    assert "transferkit.predict(model, [folder])" in str(pytest.raises(TransferkitError, model.predict,
+                                                                        str(image_folder)).value)
+    for batch_size in (0, -1, 2.5):
+        with pytest.raises(TransferkitError, match="invalid batch_size"):
+            model.predict([file], batch_size=batch_size)
+
+
+@pytest.fixture(scope="module")
+def text_run(tiny_bert_dir, tmp_path_factory) -> Path:
+    """A linear probe on a tiny BERT: texts about animals or music."""
+    folder = tmp_path_factory.mktemp("text-run")
+    rng = np.random.default_rng(0)
+    rows = ["text,label"] + [f"{' '.join(rng.choice(ANIMALS if i % 2 else MUSIC, 2 + i % 4))},"
+                             f"{'animals' if i % 2 else 'music'}" for i in range(16)]
+    (folder / "texts.csv").write_text("\n".join(rows) + "\n")
+    return transferkit.fit(str(folder / "texts.csv"), backbone=f"hf:{tiny_bert_dir}", strategy="linear-probe",
+                           out=str(folder / "run"), progress=False, seed=0, max_length=16).path
+
+
+def test_python_predict_on_a_text_model_takes_one_text_and_refuses_non_texts(text_run):
+    """transferkit.predict(model, "a text") predicted every character; model.predict(None) or ([1, 2]) predicted the
+    strings "None", "1", "2". A str is one text, anything but str is refused in one line."""
+    model = transferkit.load(text_run)
+    rows = transferkit.predict(model, "the cat sat on the mat")
+    assert [row["input"] for row in rows] == ["the cat sat on the mat"]
+    assert rows[0]["prediction"] == model.predict("the cat sat on the mat")[0]
+    assert model.predict_proba("the cat sat on the mat").shape == (1, 2)
+    for bad in (None, [1, 2], ["the cat", None], 3, [Path("the cat")], b"the cat"):
+        with pytest.raises(TransferkitError, match="a text model takes texts") as info:
+            model.predict(bad)
+        assert "\n" not in str(info.value)
+    with pytest.raises(TransferkitError, match="a text model takes texts"):
+        transferkit.predict(model, [1, 2])
+    with pytest.raises(TransferkitError, match="invalid batch_size"):
+        model.predict_proba(["the cat"], batch_size=0)
 
 
 def test_predict_folder_reads_the_images_training_reads(trained_run, image_folder, tmp_path, capsys):

@@ -123,6 +123,37 @@ def test_grid_that_does_not_divide_the_map_exports_the_same_cells(tmp_path):
     assert parity["max_abs_logit_diff"] <= 1e-4
 
 
+def test_onnx_export_reads_images_one_batch_at_a_time_and_evaluates_like_a_run(tmp_path, monkeypatch,
+                                                                              opened_images):
+    """An ONNX export decoded every input before its first batch and transferkit.evaluate(export) the whole folder
+    up front; OnnxModel had no evaluate() (LoadedModel has) and batch_size=0 was a raw ValueError from range()."""
+    from transferkit.data import images
+    from transferkit.errors import TransferkitError
+    from transferkit.export.onnx import export_onnx
+
+    write_striped_folder(tmp_path / "data", 6)
+    run = transferkit.fit(str(tmp_path / "data"), backbone="small_cnn", strategy="finetune", epochs=1, batch_size=4,
+                          out=str(tmp_path / "run"), progress=False, seed=0)
+    onnx_model = transferkit.load(export_onnx(run.path, tmp_path / "onnx", samples=4))
+    files = sorted(str(p) for p in (tmp_path / "data").rglob("*.png"))
+    batches, preprocess, decoded = [], onnx_model.preprocessor, [opened_images]  # decoded[0]: the images so far
+    onnx_model.preprocessor = lambda items: batches.append((len(decoded[0]), len(items))) or preprocess(items)
+    opened_images.clear()
+    probabilities = onnx_model.predict_proba(files, batch_size=5)
+    assert batches == [(5, 5), (10, 5), (12, 2)]
+    np.testing.assert_allclose(probabilities, transferkit.load(run.path).predict_proba(files), atol=1e-5)
+    decoded[0], open_image = [], images.open_image  # evaluate opens every file to verify it: count decodes
+    monkeypatch.setattr(images, "open_image", lambda path: decoded[0].append(path) or open_image(path))
+    batches.clear()
+    report = onnx_model.evaluate(str(tmp_path / "data"), batch_size=5)
+    assert batches == [(5, 5), (10, 5), (12, 2)]
+    assert report["accuracy"] == transferkit.evaluate(run.path, str(tmp_path / "data"), progress=False)["accuracy"]
+    with pytest.raises(TransferkitError, match="invalid batch_size 0"):
+        onnx_model.predict(files, batch_size=0)
+    with pytest.raises(TransferkitError, match="is a folder"):
+        onnx_model.predict(str(tmp_path / "data"))
+
+
 @pytest.mark.parametrize("strategy", ["linear-probe", "lora"])
 def test_text_run_exports_to_onnx_with_its_tokenizer(strategy, tiny_bert_dir, tmp_path):
     rng = np.random.default_rng(0)

@@ -8,14 +8,17 @@
 from __future__ import annotations
 
 import logging
+import reprlib
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from transferkit.config import FitConfig, build, load_yaml_config
+from transferkit.data.base import LabeledData
 from transferkit.data.images import IMAGE_EXTENSIONS, images_under
-from transferkit.errors import TransferkitError, check_count
+from transferkit.errors import TransferkitError, check_count, from_os_error
 from transferkit.fitting import Run, fit_run
 from transferkit.inference import evaluate_features, evaluate_model, predict_proba_model  # noqa: F401 (public here too)
 
@@ -108,20 +111,9 @@ class LoadedModel:
         """A ``--task causal-lm`` run: it scores perplexity and generates text instead of predicting classes."""
         return self.config.get("task") == "causal-lm"
 
-    def _as_data(self, items: Any):
-        from transferkit.data.base import LabeledData
-
-        if isinstance(items, (str, Path)) or not isinstance(items, (list, tuple)):
-            items = [items]
-        raw, ids = [], []
-        for i, item in enumerate(items):
-            if self.modality == "image":
-                raw.append(_open_image(item))
-                ids.append(str(item) if isinstance(item, (str, Path)) else f"item[{i}]")
-            else:
-                raw.append(str(item))
-                ids.append(f"item[{i}]")
-        return LabeledData(raw, np.full(len(raw), -1), self.classes_, self.modality, ids, name="inputs")
+    def _as_data(self, items: Any) -> LabeledData:
+        """``items`` (see :func:`as_inputs`) as a LabeledData whose images are decoded only when read."""
+        return input_data(items, self.modality, self.classes_)
 
     def refuse_language_model(self) -> None:
         if self.is_language_model:
@@ -129,8 +121,15 @@ class LoadedModel:
                                    "use `transferkit generate --model RUN \"prompt\"` or evaluate its perplexity")
 
     def predict_proba(self, items: Any, batch_size: int = 64) -> np.ndarray:
+        """Class probabilities of ``items``: one image file, PIL image, numpy image or text, or a list of them
+        (:func:`as_inputs`; a folder is refused: :func:`predict` expands folders). At most ``batch_size`` images
+        are decoded at a time, each once however many test-time views or ensemble members read it."""
         self.refuse_language_model()
-        return self.predict_proba_data(self._as_data(items), batch_size)
+        check_count("batch_size", batch_size)
+        data = self._as_data(items)
+        parts = [self.predict_proba_data(decoded_slice(data, start, batch_size), batch_size)
+                 for start in range(0, len(data), batch_size)]
+        return np.concatenate(parts) if parts else self.predict_proba_data(data, batch_size)
 
     def test_views(self, data) -> list:
         """``data`` as the model sees it at prediction: with flip test-time augmentation (``tta`` in its config:
@@ -156,14 +155,78 @@ class LoadedModel:
         return evaluate(self, data, **options)
 
 
-def _open_image(item: Any):
+# --- prediction inputs ------------------------------------------------------------------------------------------
+
+_ACCEPTED = {"image": "an image model takes image file paths, PIL images or numpy images (H x W or H x W x C)",
+             "text": "a text model takes texts (str)"}
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"a {value.dtype} array of shape {value.shape}"
+    return "None" if value is None else f"{type(value).__name__} {reprlib.repr(value)}"
+
+
+def _is_image_array(value: Any) -> bool:
+    """An H x W or H x W x C (C = 1, 3 or 4) numeric array: one image (see ``backbones.base.array_image``)."""
+    return (isinstance(value, np.ndarray) and value.dtype.kind in "biuf" and value.size > 0
+            and (value.ndim == 2 or (value.ndim == 3 and value.shape[-1] in (1, 3, 4))))
+
+
+def as_inputs(items: Any, modality: str) -> list[Any]:
+    """``items`` as a list of single inputs, nothing read yet. One str, Path or PIL image, or one numpy image, is
+    one input (a text is never split into characters); a list, tuple or other iterable holds one input per
+    element, a numpy array of images (N x H x W or N x H x W x C) one per row. An image model takes file paths,
+    PIL images and numpy images, a text model str; anything else is a TransferkitError naming it."""
+    from PIL import Image
+
+    kind = "image" if modality == "image" else "text"
+    single = (str, Path, Image.Image)
+    if isinstance(items, single) or (kind == "image" and _is_image_array(items)):
+        items = [items]
+    elif items is None or isinstance(items, (bytes, bytearray, Mapping)) or not isinstance(items, Iterable):
+        raise TransferkitError(f"cannot predict {_described(items)}: {_ACCEPTED[kind]}",
+                               "pass one input or a list of them")
+    inputs = list(items)
+    for i, item in enumerate(inputs):
+        if not ((isinstance(item, single) or _is_image_array(item)) if kind == "image" else isinstance(item, str)):
+            raise TransferkitError(f"cannot predict input {i} ({_described(item)}): {_ACCEPTED[kind]}",
+                                   "pass only such inputs" if kind == "image" else
+                                   "pass only texts (str(value) if the values are texts)")
+    return inputs
+
+
+def input_name(item: Any, position: int) -> str:
+    """How a prediction names an input: its path or text, else its position (``item[3]``: an image object)."""
+    return str(item) if isinstance(item, (str, Path)) else f"item[{position}]"
+
+
+def image_file(item: str | Path) -> Path:
+    """The image file ``item`` names; a folder or a missing file is a TransferkitError."""
+    path = Path(item)
+    try:
+        if path.is_dir():
+            raise TransferkitError(f"'{path}' is a folder, not an image file",
+                                   "pass its image files, or give the folder to transferkit.predict(model, [folder]) "
+                                   "or `transferkit predict`, which predict every image below it")
+        if not path.is_file():
+            raise TransferkitError(f"image '{path}' does not exist", "check the path")
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise from_os_error(exc) from None
+    return path
+
+
+def decode_image(item: Any):
+    """One image input as a PIL image: a file decoded (and closed), a numpy image converted, a PIL image as is."""
     from PIL import Image, UnidentifiedImageError
+
+    from transferkit.backbones.base import array_image
 
     if isinstance(item, Image.Image):
         return item
-    path = Path(item)
-    if not path.is_file():
-        raise TransferkitError(f"image '{path}' does not exist", "check the path")
+    if isinstance(item, np.ndarray):
+        return array_image(item)
+    path = image_file(item)
     try:
         with Image.open(path) as image:
             image.load()
@@ -171,6 +234,42 @@ def _open_image(item: Any):
     except (UnidentifiedImageError, OSError) as exc:
         raise TransferkitError(f"cannot read image '{path}' ({exc.__class__.__name__})",
                                "remove or replace the file") from None
+
+
+class DecodedImages(Sequence):
+    """Image inputs decoded one at a time, when read (:func:`decode_image`): a folder of photos is never all in
+    memory."""
+
+    def __init__(self, inputs: list[Any]) -> None:
+        self.inputs = inputs
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [decode_image(item) for item in self.inputs[i]]
+        return decode_image(self.inputs[i])
+
+
+def input_data(items: Any, modality: str, class_names: list[str]) -> LabeledData:
+    """``items`` (:func:`as_inputs`) as an unlabelled LabeledData; every image path is checked first, but images
+    are decoded only when read (e.g. batch by batch by a DataLoader)."""
+    inputs = as_inputs(items, modality)
+    if modality == "image":
+        for item in inputs:
+            if isinstance(item, (str, Path)):
+                image_file(item)
+    raw = DecodedImages(inputs) if modality == "image" else inputs
+    return LabeledData(raw, np.full(len(inputs), -1), list(class_names), modality,
+                       [input_name(item, i) for i, item in enumerate(inputs)], name="inputs")
+
+
+def decoded_slice(data: LabeledData, start: int, size: int) -> LabeledData:
+    """Items ``start:start + size`` of ``data`` read into memory (decoded once, for every view that reads them)."""
+    end = min(start + size, len(data))
+    return LabeledData(list(data.items[start:end]), data.labels[start:end], list(data.class_names), data.modality,
+                       data.ids[start:end], name=data.name)
 
 
 def load(path: str | Path, device: str = "auto", threads: int = 0) -> LoadedModel:
@@ -257,7 +356,7 @@ def evaluate(model: str | Path | LoadedModel, data: str, *, text_column: str | N
         from transferkit.evaluation.metrics import classification_report
 
         keep = eval_data.labels >= 0
-        probabilities = loaded.predict_proba([eval_data.items[i] for i in np.flatnonzero(keep)], batch_size)
+        probabilities = loaded.predict_proba_data(eval_data.subset(np.flatnonzero(keep)), batch_size)
         return classification_report(eval_data.labels[keep], probabilities, loaded.classes_)
     if loaded.module.tasks[0].kind != "classify":  # regression first: the task metrics are the report
         from transferkit.tasks.extension import first_task_report
@@ -287,8 +386,8 @@ def _path_kind(item: Any) -> str | None:
     return "an image file name" if "\n" not in str(item) and path.suffix.lower() in IMAGE_EXTENSIONS else None
 
 
-def expand_inputs(inputs: list[str], modality: str) -> list[str]:
-    """Image paths, with folders expanded to the images below them (sorted); for a text model the texts, none of
+def expand_inputs(inputs: list[Any], modality: str) -> list[Any]:
+    """Image inputs, with folders expanded to the images below them (sorted); for a text model the texts, none of
     which may be a path (an image, a file or a folder given to a text model is a mistake, not a sentence)."""
     if modality != "image":
         for item in inputs:
@@ -297,10 +396,10 @@ def expand_inputs(inputs: list[str], modality: str) -> list[str]:
                 raise TransferkitError(f"'{item}' is {what}, but this is a text model: it classifies the texts "
                                        "given", "pass the texts themselves (quote each one), or use an image model")
         return inputs
-    expanded: list[str] = []
+    expanded: list[Any] = []
     for item in inputs:
-        path = Path(item)
-        if path.is_dir():
+        path = Path(item) if isinstance(item, (str, Path)) else None
+        if path is not None and path.is_dir():
             files = images_under(path)  # training's rule: hidden files and folders are no images
             if not files:
                 raise TransferkitError(f"folder '{path}' holds no images", "pass image files or a folder of images")
@@ -310,25 +409,30 @@ def expand_inputs(inputs: list[str], modality: str) -> list[str]:
     return expanded
 
 
-def predict(model: str | Path | LoadedModel, inputs: list[str], batch_size: int = 64,
+def predict(model: str | Path | LoadedModel, inputs: Any, batch_size: int = 64,
             device: str = "auto") -> list[dict[str, Any]]:
     """One row per input: ``{"input", "prediction", "probabilities": {class: p}}``; ``device`` places a model
-    loaded from a folder. Under ``torchrun`` every process predicts one contiguous slice of the (expanded) inputs
-    and every process returns all rows, in input order (:mod:`transferkit.engine.sharding`)."""
+    loaded from a folder. ``inputs``: one input or a list of them (:func:`as_inputs`: image files, PIL or numpy
+    images, or texts); a folder stands for the images below it (sorted). ``"input"`` is a file's path or the text,
+    else ``item[i]`` (i: the position among the expanded inputs). At most ``batch_size`` images are decoded at a
+    time. Under ``torchrun`` every process predicts one contiguous slice of the (expanded) inputs and every process
+    returns all rows, in input order (:mod:`transferkit.engine.sharding`)."""
     from transferkit.engine.sharding import sharded_slices
 
     check_count("--batch-size", batch_size)
     loaded = load(model, device) if isinstance(model, (str, Path)) else model  # a LoadedModel or an OnnxModel
     loaded.refuse_language_model()
-    items = expand_inputs(list(inputs), loaded.modality)
-    parts = sharded_slices(lambda start, end: prediction_rows(loaded, items[start:end], items[start:end], batch_size),
+    items = expand_inputs(as_inputs(inputs, loaded.modality), loaded.modality)
+    names = [input_name(item, i) for i, item in enumerate(items)]
+    parts = sharded_slices(lambda start, end: prediction_rows(loaded, items[start:end], names[start:end], batch_size),
                            len(items), "inputs")
     return [row for part in parts for row in part]
 
 
 def prediction_rows(loaded: LoadedModel, items: list[Any], names: list[Any],
                     batch_size: int = 64) -> list[dict[str, Any]]:
-    """``predict``'s rows for ``items`` (paths, PIL images or texts), each row's ``"input"`` taken from ``names``."""
+    """``predict``'s rows for ``items`` (image files, PIL or numpy images, or texts), each row's ``"input"`` taken
+    from ``names``; images are decoded ``batch_size`` at a time."""
     if loaded.tasks[0].kind != "classify" or len(loaded.tasks) > 1:  # every task's prediction
         from transferkit.tasks.extension import predict_task_rows
 

@@ -206,21 +206,25 @@ def reject_unknown_options(backbone_name: str, options: dict[str, Any], allowed:
         )
 
 
-def as_pil_image(item: Any, mode: str) -> Any:
-    """A PIL image in ``mode`` ("RGB" or "L") from a PIL image or an HxW / HxWxC array.
+def array_image(item: Any) -> Any:
+    """A PIL image from an HxW / HxWxC (C = 1, 3 or 4) array: float arrays with values in [0, 1] are scaled by
+    255; other values are clipped to 0..255."""
+    import numpy as np
+    from PIL import Image
 
-    Float arrays with values in [0, 1] are scaled by 255; other values are clipped to 0..255.
-    """
+    array = np.asarray(item)
+    if array.dtype.kind == "f" and array.size and float(array.max()) <= 1.0:
+        array = array * 255.0
+    array = np.clip(array, 0, 255).astype(np.uint8)
+    return Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array)
+
+
+def as_pil_image(item: Any, mode: str) -> Any:
+    """A PIL image in ``mode`` ("RGB" or "L") from a PIL image or an array (:func:`array_image`)."""
     from PIL import Image
 
     if not isinstance(item, Image.Image):
-        import numpy as np
-
-        array = np.asarray(item)
-        if array.dtype.kind == "f" and array.size and float(array.max()) <= 1.0:
-            array = array * 255.0
-        array = np.clip(array, 0, 255).astype(np.uint8)
-        item = Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array)
+        item = array_image(item)
     return item if item.mode == mode else item.convert(mode)
 
 

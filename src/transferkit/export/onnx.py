@@ -25,20 +25,21 @@ graph, so the export reproduces the PyTorch ensemble to rounding error. The memb
 outputs ``logits_<member>_<view>``. ``parity.json`` then also holds the end-to-end comparison with the PyTorch
 ensemble (maximum probability difference, agreement).
 
-``load(OUT)`` returns an :class:`OnnxModel` (``predict``, ``predict_proba``, ``classes_``): ``transferkit
-predict / evaluate / serve --model OUT`` then run onnxruntime, without PyTorch weights.
+``load(OUT)`` returns an :class:`OnnxModel` (``predict``, ``predict_proba``, ``evaluate``, ``classes_``):
+``transferkit predict / evaluate / serve --model OUT`` then run onnxruntime, without PyTorch weights.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from transferkit.errors import TransferkitError, corrupt_file_error, reading
+from transferkit.errors import TransferkitError, check_count, corrupt_file_error, reading
 
 logger = logging.getLogger(__name__)
 
@@ -533,16 +534,16 @@ class OnnxModel:
     def refuse_language_model(self) -> None:
         return None
 
-    def _items(self, items: Any) -> list[Any]:
-        from transferkit.api import _open_image
-
-        if isinstance(items, (str, Path)) or not isinstance(items, (list, tuple)):
-            items = [items]
-        return [_open_image(item) if self.modality == "image" else str(item) for item in items]
-
     def first_output(self, items: Any, batch_size: int = 64) -> np.ndarray:
-        """The graph's first output for ``items``: the first head's logits, or an ensemble's probabilities."""
-        items = self._items(items)
+        """The graph's first output for ``items`` (``transferkit.api.as_inputs``: one input or a list of them):
+        the first head's logits, or an ensemble's probabilities."""
+        from transferkit.api import input_data
+
+        return self._first_output(input_data(items, self.modality, self.classes_).items, batch_size)
+
+    def _first_output(self, items: Sequence[Any], batch_size: int) -> np.ndarray:
+        """The first output for a sequence of items read (images decoded) one batch at a time."""
+        check_count("batch_size", batch_size)
         chunks = []
         for start in range(0, len(items), batch_size):
             arrays = self.preprocessor(items[start:start + batch_size])
@@ -550,13 +551,27 @@ class OnnxModel:
                                            {n: arrays[n] for n in self.config["inputs"]})[0])
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes_)), np.float32)
 
-    def predict_proba(self, items: Any, batch_size: int = 64) -> np.ndarray:
+    def _probabilities(self, first_output: np.ndarray) -> np.ndarray:
         if self.config.get("output_kind") == "probabilities":  # an ensemble: averaged in the graph
-            return self.first_output(items, batch_size).astype(np.float64)
-        logits = self.first_output(items, batch_size).astype(np.float64) / self.temperature
+            return first_output.astype(np.float64)
+        logits = first_output.astype(np.float64) / self.temperature
         logits -= logits.max(axis=1, keepdims=True)
         exp = np.exp(logits)
         return exp / exp.sum(axis=1, keepdims=True)
 
+    def predict_proba(self, items: Any, batch_size: int = 64) -> np.ndarray:
+        return self._probabilities(self.first_output(items, batch_size))
+
+    def predict_proba_data(self, data: Any, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """Class probabilities for every item of a LabeledData (its images read one batch at a time), like
+        ``LoadedModel.predict_proba_data``; ``progress`` is accepted for the same signature."""
+        return self._probabilities(self._first_output(data.items, batch_size))
+
     def predict(self, items: Any, batch_size: int = 64) -> list[str]:
         return [self.classes_[i] for i in self.predict_proba(items, batch_size).argmax(axis=1)]
+
+    def evaluate(self, data: str, **options: Any) -> dict[str, Any]:
+        """``transferkit.evaluate(self, data, **options)``: accuracy, macro-F1, ... on labelled ``data``."""
+        from transferkit.api import evaluate
+
+        return evaluate(self, data, **options)
