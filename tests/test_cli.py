@@ -206,6 +206,27 @@ def test_predict_folder_reads_the_images_training_reads(trained_run, image_folde
     assert sorted(Path(r["input"]).name for r in json.loads(out)["predictions"]) == ["00.png", "01.png", "scan.tif"]
 
 
+def test_predict_decodes_a_file_as_training_and_evaluate_do(trained_run, tmp_path):
+    """A phone photo stores its rotation in EXIF: training and evaluate see it upright (open_image), so predict must
+    too. A horizontal-stripes image stored rotated (vertical stripes) with EXIF orientation 6 is horizontal; 16-bit
+    grey is rescaled the same way."""
+    import transferkit
+    from transferkit.data.images import open_image
+
+    upright = stripes("h", 3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    upright.rotate(90, expand=True).save(tmp_path / "phone.png", exif=exif)
+    wide = (np.asarray(stripes("v", 4), dtype=np.uint16) * 200).astype(np.uint16)
+    Image.fromarray(wide).save(tmp_path / "scan.tif")
+    model = transferkit.load(trained_run)
+    for name in ("phone.png", "scan.tif"):
+        row = transferkit.predict(model, tmp_path / name)[0]
+        expected = model.predict_proba([open_image(tmp_path / name)])[0]
+        assert np.allclose(list(row["probabilities"].values()), expected, atol=1e-6), name
+    assert transferkit.predict(model, tmp_path / "phone.png")[0]["prediction"] == "horizontal"
+
+
 def test_predict_never_replaces_an_existing_csv_without_overwrite(trained_run, image_folder, tmp_path, capsys,
                                                                   monkeypatch):
     """A folder writes predictions.csv in the working folder: an existing one (or an existing --csv) is refused in

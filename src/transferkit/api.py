@@ -217,23 +217,19 @@ def image_file(item: str | Path) -> Path:
 
 
 def decode_image(item: Any):
-    """One image input as a PIL image: a file decoded (and closed), a numpy image converted, a PIL image as is."""
-    from PIL import Image, UnidentifiedImageError
+    """One image input as a PIL image, as training and ``evaluate`` see it: a file decoded (and closed) by
+    ``data.images.open_image`` (upright per its EXIF orientation, 16-bit grey rescaled), a PIL image in the same
+    standard mode, a numpy image converted."""
+    from PIL import Image
 
     from transferkit.backbones.base import array_image
+    from transferkit.data.images import open_image, to_standard_mode
 
     if isinstance(item, Image.Image):
-        return item
+        return to_standard_mode(item)
     if isinstance(item, np.ndarray):
         return array_image(item)
-    path = image_file(item)
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except (UnidentifiedImageError, OSError) as exc:
-        raise TransferkitError(f"cannot read image '{path}' ({exc.__class__.__name__})",
-                               "remove or replace the file") from None
+    return open_image(image_file(item))
 
 
 class DecodedImages(Sequence):
