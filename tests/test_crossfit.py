@@ -272,6 +272,28 @@ def test_extensions_that_need_a_validation_split_keep_holdout_or_are_refused_und
     assert plan_protocol(FitConfig(data=str(stripes)), 0, processes=2).protocol == "holdout"
 
 
+def _interrupt_at_the_second_fold(monkeypatch, data: Path, out: Path, options: dict, pause: float = 0.0) -> None:
+    """Fit ``data`` into ``out`` and press Ctrl-C as the second cv fold starts (the first one takes ``pause`` s
+    longer), leaving a stage to resume."""
+    import time
+
+    from transferkit.evaluation import crossfit
+
+    original, trained = crossfit._train_fold, []
+
+    def interrupt_at_fold_two(*args, **kwargs):
+        if trained:
+            raise _Interrupt
+        trained.append(1)
+        time.sleep(pause)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(crossfit, "_train_fold", interrupt_at_fold_two)
+    with pytest.raises(_Interrupt):
+        transferkit.fit(str(data), out=str(out), **options)
+    monkeypatch.setattr(crossfit, "_train_fold", original)
+
+
 def test_resume_refuses_when_the_data_changed_since_the_interruption(stripes, tmp_path, monkeypatch):
     """Images added (or removed, or moved to another class) after Ctrl-C would put items the interrupted folds
     trained on into other folds: --resume names the change in one line and keeps the checkpoint; with the data as
@@ -279,24 +301,12 @@ def test_resume_refuses_when_the_data_changed_since_the_interruption(stripes, tm
     import shutil
 
     from transferkit.errors import TransferkitError
-    from transferkit.evaluation import crossfit
 
     data = tmp_path / "data"
     shutil.copytree(stripes, data)
     options = dict(strategy="finetune", epochs=1, seed=1, **SMALL)
-    original, trained = crossfit._train_fold, []
-
-    def interrupt_at_fold_two(*args, **kwargs):
-        if len(trained) == 1:
-            raise _Interrupt
-        trained.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(crossfit, "_train_fold", interrupt_at_fold_two)
     out = tmp_path / "run"
-    with pytest.raises(_Interrupt):
-        transferkit.fit(str(data), out=str(out), **options)
-    monkeypatch.setattr(crossfit, "_train_fold", original)
+    _interrupt_at_the_second_fold(monkeypatch, data, out, options)
     stage = out.parent / f".{out.name}.partial"
     kept = sorted(p.name for p in (stage / "checkpoint" / "cv").iterdir())
     new_image = data / "vertical" / "new.png"
@@ -313,23 +323,10 @@ def test_train_seconds_of_a_resumed_run_include_the_interrupted_part(stripes, tm
     kept with the checkpoint and added."""
     import time
 
-    from transferkit.evaluation import crossfit
-
     options = dict(strategy="finetune", epochs=1, seed=1, **SMALL)
-    original, trained = crossfit._train_fold, []
-
-    def slow_then_interrupt(*args, **kwargs):
-        if len(trained) == 1:
-            raise _Interrupt
-        trained.append(1)
-        time.sleep(1.5)  # the interrupted part takes clearly longer than anything the resumed one does besides
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(crossfit, "_train_fold", slow_then_interrupt)
     out = tmp_path / "run"
-    with pytest.raises(_Interrupt):
-        transferkit.fit(str(stripes), out=str(out), **options)
-    monkeypatch.setattr(crossfit, "_train_fold", original)
+    # the interrupted part takes clearly longer than anything the resumed one does besides training
+    _interrupt_at_the_second_fold(monkeypatch, stripes, out, options, pause=1.5)
     started = time.perf_counter()
     metrics = transferkit.fit(str(stripes), out=str(out), resume=True, **options).metrics
     assert metrics["train_seconds"] > time.perf_counter() - started + 1.0
