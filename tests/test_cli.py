@@ -227,6 +227,17 @@ def test_predict_decodes_a_file_as_training_and_evaluate_do(trained_run, tmp_pat
     assert transferkit.predict(model, tmp_path / "phone.png")[0]["prediction"] == "horizontal"
 
 
+def test_predict_json_on_a_folder_writes_no_default_csv(trained_run, image_folder, tmp_path, capsys, monkeypatch):
+    """--json prints every row on stdout: the folder's default predictions.csv is not written as a side effect
+    (nor refused when one exists); an explicit --csv still is."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "predictions.csv").write_text("my own table\n")
+    code, out, err = run_cli(["predict", "--model", trained_run, image_folder, "--json"], capsys)
+    assert code == 0, err
+    assert len(json.loads(out)["predictions"]) == 28 and "csv" not in json.loads(out)
+    assert (tmp_path / "predictions.csv").read_text() == "my own table\n"
+
+
 def test_predict_never_replaces_an_existing_csv_without_overwrite(trained_run, image_folder, tmp_path, capsys,
                                                                   monkeypatch):
     """A folder writes predictions.csv in the working folder: an existing one (or an existing --csv) is refused in

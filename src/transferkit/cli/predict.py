@@ -16,7 +16,7 @@ def register(subparsers) -> None:
     parser.add_argument("--model", required=True, help="Run folder written by `transferkit fit`.")
     parser.add_argument("inputs", nargs="+", help="Image files or folders (image models), or texts (text models).")
     parser.add_argument("--csv", help="Write predictions with class probabilities to this CSV file "
-                                      "(default predictions.csv when a folder is given).")
+                                      "(default predictions.csv when a folder is given, except with --json).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing --csv file.")
     parser.add_argument("--top", type=count(1), default=3, help="Classes shown per input in the table.")
     parser.add_argument("--batch-size", type=count(1), default=64)
@@ -43,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise TransferkitError(f"invalid --top {args.top}", "use a whole number >= 1")
     model = load(args.model, args.device)
-    csv_path = args.csv or ("predictions.csv" if model.modality == "image" and any(Path(i).is_dir()
-                                                                                   for i in args.inputs) else None)
+    folder_given = model.modality == "image" and any(Path(i).is_dir() for i in args.inputs)
+    csv_path = args.csv or ("predictions.csv" if folder_given and not args.json else None)  # --json: all on stdout
     if csv_path and Path(csv_path).exists() and not (args.overwrite and Path(csv_path).is_file()):
         raise TransferkitError(f"'{csv_path}' exists; nothing was predicted or written",
                                "pass --csv NEW_FILE, or --overwrite to replace it" if Path(csv_path).is_file()
