@@ -352,3 +352,27 @@ def test_backbones_default_to_the_standard_backbone_of_the_datas_modality(tmp_pa
     chosen = CompareConfig(str(images), ["small_cnn"], ["prototypes"])
     chosen.resolve_backbones()
     assert chosen.backbones == ["small_cnn"]
+
+
+def test_compare_reuses_a_finished_cell_only_with_the_same_options_and_data(tmp_path, monkeypatch):
+    """A second compare into the same --out with other options (or, interrupted before its leaderboard, other
+    data) reused every finished cell and then reported the new options: it is refused in one line naming what
+    differs. The same data written another way (./data) is the same data."""
+    monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path / "cache"))
+    data = _tiny_image_folder(tmp_path / "data")
+    out = tmp_path / "cmp"
+    fit_options = {"epochs": 1, "image_size": 8, "batch_size": 8}
+
+    def compare(data_spec: str, **changes) -> dict:
+        return run_compare(CompareConfig(data_spec, ["small_cnn"], ["finetune"], seeds=1, out=str(out),
+                                         isolate=False, fit_options={**fit_options, **changes}))
+
+    compare(str(data))
+    monkeypatch.chdir(tmp_path)
+    assert [c["reused"] for c in compare("./data")["cells"]] == [True]
+    with pytest.raises(TransferkitError, match=r"trained with other options \(train\.epochs: 1 -> 3\).*another --out"):
+        compare(str(data), epochs=3)
+    (out / "leaderboard.json").unlink()  # as after an interruption: the cells are the only record
+    other = _tiny_image_folder(tmp_path / "other")
+    with pytest.raises(TransferkitError, match=r"fit\.data"):
+        compare(str(other))

@@ -42,6 +42,7 @@ from transferkit.errors import (
     check_count,
     check_number,
     corrupt_file_error,
+    listed,
     read_json,
     reading,
 )
@@ -451,6 +452,39 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     return document
 
 
+def same_data(a: Any, b: Any) -> bool:
+    """True if two ``--data`` values name the same data: equal text, or the same existing file or folder."""
+    if a == b:
+        return True
+    try:
+        return a is not None and b is not None and Path(a).exists() and Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def refuse_other_cell_options(path: Path, options: dict[str, Any]) -> None:
+    """Refuse to reuse the finished cell in ``path`` when its ``run_config.json`` differs from the run ``options``
+    would make (the data aside when it names the same data): the leaderboard would report settings its cells were
+    not trained with. A cell without ``run_config.json`` (older versions) is reused as before."""
+    from transferkit.api import resolve_options
+    from transferkit.fitting import run_options
+    from transferkit.rundir import DATA_SECTION, RUN_CONFIG, differing_options
+
+    saved = path / RUN_CONFIG
+    if not saved.is_file():
+        return
+    previous = read_json(saved, "finished cell's options", "delete that cell's folder to train it again")
+    if not isinstance(previous, dict):
+        return
+    current = run_options(*resolve_options(dict(options)))
+    if same_data(previous.get("fit", {}).get("data"), options["data"]):
+        current["fit"]["data"] = previous["fit"]["data"]
+    differing = differing_options({k: v for k, v in previous.items() if k != DATA_SECTION}, current)
+    if differing:
+        raise TransferkitError(f"the finished cell '{path}' was trained with other options ({listed(differing)})",
+                               "compare with the options it used, or choose another --out folder")
+
+
 def _compare_cells(config: CompareConfig, out: Path) -> dict[str, Any]:
     """Run the missing cells into ``out/runs``, then write the leaderboard and the report."""
     out.mkdir(parents=True, exist_ok=True)
@@ -460,7 +494,7 @@ def _compare_cells(config: CompareConfig, out: Path) -> dict[str, Any]:
         old = read_json(previous, "compare leaderboard", fix)
         if not isinstance(old, dict):
             raise corrupt_file_error(previous, "compare leaderboard", "not a JSON object", fix)
-        if old.get("data") != config.data:
+        if not same_data(old.get("data"), config.data):
             raise TransferkitError(f"'{out}' holds a comparison on other data ({old.get('data')})",
                                    "choose another --out folder")
     started = time.perf_counter()
@@ -470,7 +504,12 @@ def _compare_cells(config: CompareConfig, out: Path) -> dict[str, Any]:
     for i, cell in enumerate(cells, 1):
         path = out / RUNS_FOLDER / cell.folder_name
         metrics_file = path / "metrics.json"
+        options = {**options_for_strategy(cell.strategy, config.fit_options), "data": config.data,
+                   "backbone": cell.backbone, "strategy": cell.strategy, "seed": cell.seed, "out": str(path),
+                   "resume": True, "protocol": protocol}
+        options.setdefault("progress", False)
         if metrics_file.is_file() and (path / "model").is_dir():
+            refuse_other_cell_options(path, options)
             with reading(metrics_file, "finished cell's metrics", "delete that cell's folder to train it again"):
                 results.append(_result_from_metrics(cell, path, read_json(metrics_file, "metrics file"), reused=True))
             logger.info("[%d/%d] %s seed %d: finished earlier, reused", i, len(cells), cell.key, cell.seed)
@@ -481,10 +520,6 @@ def _compare_cells(config: CompareConfig, out: Path) -> dict[str, Any]:
                                       message=f"time budget of {config.time_budget:g} s used up"))
             continue
         logger.info("[%d/%d] %s seed %d ...", i, len(cells), cell.key, cell.seed)
-        options = {**options_for_strategy(cell.strategy, config.fit_options), "data": config.data,
-                   "backbone": cell.backbone, "strategy": cell.strategy, "seed": cell.seed, "out": str(path),
-                   "resume": True, "protocol": protocol}
-        options.setdefault("progress", False)
         metrics = _fit_isolated(options) if config.isolate else _fit_cell(options)
         if "error" in metrics:
             logger.warning("%s seed %d failed: %s", cell.key, cell.seed, metrics["error"])
