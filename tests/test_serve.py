@@ -223,6 +223,11 @@ def test_image_model_routes_bad_inputs_and_shutdown(image_run, tmp_path):
         assert_error(status, json.loads(data), 413)
         status, data, _ = client.request("POST", "/v2/models/stripes/infer", b"{not json", "application/json")
         assert_error(status, json.loads(data), 400)
+        for depth in (2000, 900):  # too deep for the JSON parser / for a recursive walk of the tensor data
+            nested = {"inputs": [{"name": "input", "shape": [1], "datatype": "BYTES", "data": "x"}]}
+            body = json.dumps(nested).replace('"x"', "[" * depth + '"aGk="' + "]" * depth).encode()
+            status, data, _ = client.request("POST", "/v2/models/stripes/infer", body, "application/json")
+            assert_error(status, json.loads(data), 400)
         status, data, _ = client.request("POST", "/v2/models/stripes/infer", b"{}", "text/plain")
         assert_error(status, json.loads(data), 415)
         for bad in ({"inputs": [{"name": "input", "shape": [1], "datatype": "FP32", "data": [1.0]}]},

@@ -209,6 +209,9 @@ def _media_type(request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+_END = object()
+
+
 async def read_json(request, what: str = "the body") -> dict[str, Any]:
     if _media_type(request) != "application/json":
         raise ApiError(415, f"{what} must be JSON (Content-Type: application/json), got "
@@ -218,18 +221,26 @@ async def read_json(request, what: str = "the body") -> dict[str, Any]:
         document = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"{what} is not valid JSON ({getattr(exc, 'msg', exc.__class__.__name__)})") from None
+    except RecursionError:
+        raise ApiError(400, f"{what} nests JSON arrays or objects too deeply") from None
     if not isinstance(document, dict):
         raise ApiError(400, f"{what} must be a JSON object")
     return document
 
 
 def _flatten(data: Any) -> list[Any]:
-    """Tensor data in row-major order, whether sent flat or nested (both are allowed by the protocol)."""
-    if not isinstance(data, list):
-        return [data]
+    """Tensor data in row-major order, whether sent flat or nested (both are allowed by the protocol); iterative,
+    so a deeply nested request is no RecursionError."""
     flat: list[Any] = []
-    for element in data:
-        flat.extend(_flatten(element) if isinstance(element, list) else [element])
+    stack = [iter([data])]
+    while stack:
+        element = next(stack[-1], _END)
+        if element is _END:
+            stack.pop()
+        elif isinstance(element, list):
+            stack.append(iter(element))
+        else:
+            flat.append(element)
     return flat
 
 
