@@ -333,3 +333,11 @@ def test_cv_folds_of_consistency_with_the_top_groups_training_share_the_labelled
     assert sum(n for n, _ in below) == 12 + 10
     # the whole network ran only for the probe start's features of the 12 labelled items: no fold trained on raw inputs
     assert sum(n for n, _ in whole) == 12
+
+
+def test_the_views_are_described_per_modality():
+    """metrics.json["semi"]["views"] said "RandAugment + cutout" for a text run, which uses word dropout."""
+    from transferkit.selftaught.consistency import view_description
+
+    assert "RandAugment" in view_description("image") and "RandAugment" not in view_description("text")
+    assert "word dropout" in view_description("text")

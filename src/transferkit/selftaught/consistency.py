@@ -59,6 +59,12 @@ def strong_text(text: str, rng: random.Random, drop: float = 0.15) -> str:
     return " ".join(kept)
 
 
+def view_description(modality: str) -> str:
+    """What the weak and strong views of ``modality`` inputs are (``metrics.json["semi"]["views"]``, the log)."""
+    strong = "RandAugment + cutout" if modality == "image" else "word dropout (15%) + one swap of two words"
+    return f"input views (weak: the backbone's training augmentation; strong: {strong})"
+
+
 class WeakStrongViews(Dataset):
     """``dataset[i] = (weak view, strong view, i)`` of the unlabelled items (seeded through Python's ``random``,
     which the engine seeds and checkpoints)."""

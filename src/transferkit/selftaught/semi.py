@@ -441,6 +441,7 @@ class SemiExtension(FitExtension):
             BATCH_KEY,
             ConsistencyObjective,
             consistency_epochs,
+            view_description,
             view_loader,
         )
 
@@ -466,7 +467,7 @@ class SemiExtension(FitExtension):
         objective = ConsistencyObjective(tau, c.semi_weight, steps)
         unlabelled_batch = train.batch_size * c.semi_ratio
         if below is None:
-            views = "input views (weak: the backbone's training augmentation; strong: RandAugment + cutout)"
+            views = view_description(data.modality)
 
             def unlabelled_loader(backbone: Any) -> Any:
                 return view_loader(data, backbone, unlabelled_batch, train.seed, truth)
