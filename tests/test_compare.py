@@ -376,3 +376,21 @@ def test_compare_reuses_a_finished_cell_only_with_the_same_options_and_data(tmp_
     other = _tiny_image_folder(tmp_path / "other")
     with pytest.raises(TransferkitError, match=r"fit\.data"):
         compare(str(other))
+
+
+def test_ctrl_c_in_compare_says_that_the_same_command_continues(tmp_path, monkeypatch, capsys):
+    """compare has no --resume (running it again continues); a Ctrl-C inside a cell said '--resume'."""
+    from transferkit.cli.main import main
+    from transferkit.evaluation import compare as compare_module
+
+    def interrupted_cell(*_args, **_kwargs):
+        error = KeyboardInterrupt()
+        error.transferkit_resumable = True  # as a cell's fit leaves it after its first checkpoint
+        raise error
+
+    monkeypatch.setattr(compare_module, "_compare_cells", interrupted_cell)
+    data = _tiny_image_folder(tmp_path / "data")
+    assert main(["compare", "--data", str(data), "--backbones", "small_cnn", "--strategies", "linear-probe",
+                 "--out", str(tmp_path / "cmp")]) == 130
+    err = capsys.readouterr().err
+    assert "run the same compare command again" in err and "--resume" not in err

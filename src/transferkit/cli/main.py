@@ -135,6 +135,8 @@ def run_command(args: argparse.Namespace) -> int:
         if discarded_before_a_checkpoint(exc):
             hint = (" before the first checkpoint (one is written after every epoch, in cross-validation folds "
                     "too): nothing was kept; run the command again")
+        if getattr(exc, "transferkit_hint", None):  # a command that continues in its own way (compare)
+            hint = f": {exc.transferkit_hint}"
         print(f"interrupted{hint}", file=sys.stderr)
         return 130
     except MemoryError as exc:

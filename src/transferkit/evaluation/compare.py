@@ -446,10 +446,19 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     refuse_out_inside_data(out, config.data)
     with writer_lock(out):  # one compare (or fit) per folder: a second one is refused and changes nothing
         check_compare_out(out)
-        document = _compare_cells(config, out)
+        try:
+            document = _compare_cells(config, out)
+        except KeyboardInterrupt as exc:  # compare has no --resume: running it again continues
+            exc.transferkit_hint = RERUN_HINT  # type: ignore[attr-defined]
+            raise
     if tracking is not None:
         track_compare(tracking, out, document)
     return document
+
+
+#: what the CLI says after Ctrl-C in a comparison
+RERUN_HINT = ("run the same compare command again to continue (finished cells are reused, an interrupted cell "
+              "resumes from its last checkpoint)")
 
 
 def same_data(a: Any, b: Any) -> bool:
