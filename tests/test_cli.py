@@ -519,3 +519,23 @@ def test_modality_specific_options_on_the_wrong_data_exit_2(image_folder, tmp_pa
                            capsys)
     assert code == 2 and "--max-length does not apply to image data" in err and "Traceback" not in err
     assert not (tmp_path / "r").exists() and not (tmp_path / ".r.partial").exists()
+
+
+def test_evaluate_reads_the_columns_the_model_was_trained_on(tmp_path, capsys):
+    """A model trained with --label-column topic was refused on the same CSV by evaluate, which read 'label'."""
+    path = tmp_path / "notes.csv"
+    sport = ["the match ended in a draw", "a late goal won the cup", "the team trained all week",
+             "fans cheered the striker", "the coach praised the defence", "a record crowd at the final"]
+    money = ["shares fell after the report", "the bank raised interest rates", "markets closed higher today",
+             "the budget deficit grew", "investors sold their bonds", "inflation slowed last month"]
+    rows = ["body,topic,label"] + [f'"{t}",sport,{"ab"[i % 2]}' for i, t in enumerate(sport)] + \
+        [f'"{t}",money,{"ab"[i % 2]}' for i, t in enumerate(money)]
+    path.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    code, _, err = run_cli(["fit", "--data", path, "--text-column", "body", "--label-column", "topic", "--out", out,
+                            "--test-fraction", "0"], capsys)
+    assert code == 0, err
+    code, stdout, err = run_cli(["evaluate", "--model", out, "--data", path, "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["labels"] == ["money", "sport"] and report["n"] == 12

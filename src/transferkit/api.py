@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import reprlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -344,7 +345,9 @@ def evaluate(model: str | Path | LoadedModel, data: str, *, text_column: str | N
         from transferkit.tasks.causal_lm import evaluate_perplexity
 
         return evaluate_perplexity(loaded.module, data, text_column, batch_size)
-    eval_data = load_for_evaluation(data, loaded.classes_, text_column=text_column, label_column=label_column)
+    trained_text, trained_label = training_columns(loaded)  # unless given: the columns the model learned from
+    eval_data = load_for_evaluation(data, loaded.classes_, text_column=text_column or trained_text,
+                                    label_column=label_column or trained_label)
     if eval_data.modality != loaded.modality:
         raise TransferkitError(f"the model takes {loaded.modality} input but '{data}' is {eval_data.modality} data",
                                "evaluate on data of the kind the model was trained on")
@@ -365,6 +368,22 @@ def evaluate(model: str | Path | LoadedModel, data: str, *, text_column: str | N
     report = classification_report(eval_data.labels[keep], probabilities[keep], loaded.classes_)
     report.update(run_evaluation_hooks(loaded, eval_data, report, options))
     return report
+
+
+def training_columns(loaded: Any) -> tuple[str | None, str | None]:
+    """(``--text-column``, ``--label-column``) the run of ``loaded`` was trained with (its ``run_config.json``);
+    (None, None) when not given there or not known (an ONNX export, a model without its run folder)."""
+    from transferkit.evaluation.calibration import run_folder_of
+    from transferkit.rundir import RUN_CONFIG
+
+    path = getattr(loaded, "path", None)
+    saved = run_folder_of(path) / RUN_CONFIG if path is not None else None
+    try:
+        fit = json.loads(saved.read_text()).get("fit", {}) if saved is not None and saved.is_file() else {}
+    except (OSError, ValueError, AttributeError):
+        fit = {}
+    columns = (fit.get("text_column"), fit.get("label_column")) if isinstance(fit, dict) else (None, None)
+    return tuple(c if isinstance(c, str) else None for c in columns)  # type: ignore[return-value]
 
 
 def _path_kind(item: Any) -> str | None:
