@@ -186,6 +186,37 @@ def test_missing_label_and_empty_text_name_the_line(tmp_path):
         load_data(jsonl)
 
 
+
+@pytest.mark.parametrize("delimiter, word", [(";", "semicolons"), ("\t", "tabs")])
+def test_csv_separated_by_semicolons_or_tabs_is_read_with_that_delimiter(tmp_path, caplog, delimiter, word):
+    path = tmp_path / "x.csv"
+    rows = [f"text{delimiter}label"] + [f'"a; b, c {i}"{delimiter}{["neg", "pos"][i % 2]}' for i in range(6)]
+    path.write_text("\n".join(rows) + "\n")
+    with caplog.at_level("INFO", logger="transferkit"):
+        splits = load_data(path, test_fraction=0)
+    assert splits.class_names == ["neg", "pos"] and splits.train.items[0].startswith("a; b, c")
+    assert f"separated by {word}" in caplog.text
+    comma = tmp_path / "comma.csv"
+    comma.write_text('text,label\n"x;y\tz",a\nw,b\n')
+    caplog.clear()
+    with caplog.at_level("INFO", logger="transferkit"):
+        assert load_unlabelled(comma).items == ["x;y\tz", "w"]
+    assert "separated by" not in caplog.text
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be"])
+def test_utf16_file_with_a_bom_is_decoded_as_utf16(tmp_path, caplog, encoding):
+    path = tmp_path / "x.csv"
+    text = "text,label\n" + "".join(f"café {i},{['neg', 'pos'][i % 2]}\n" for i in range(6))
+    path.write_bytes(text.encode(encoding) if encoding == "utf-16" else "\ufeff".encode(encoding) + text.encode(encoding))
+    with caplog.at_level("WARNING", logger="transferkit"):
+        splits = load_data(path, test_fraction=0)
+    assert splits.class_names == ["neg", "pos"] and sorted(splits.train.items)[0] == "café 0"
+    assert "latin-1" not in caplog.text
+
+
+
+
 # --- splits -------------------------------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ Empty texts and missing labels are errors naming the line: silently dropping row
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -45,12 +46,36 @@ class Table:
 
 
 def _decode(path: Path) -> str:
+    """The text of ``path``: UTF-16 if it starts with a UTF-16 BOM, else UTF-8 (BOM ignored), else latin-1."""
     raw = path.read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError as error:
+            raise TransferkitError(
+                f"'{path}' starts with a UTF-16 byte-order mark but is not valid UTF-16 ({error.reason})",
+                "save it again as UTF-8 (Excel: CSV UTF-8)",
+            ) from error
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         logger.warning("'%s' is not valid UTF-8; reading it as latin-1", path)
         return raw.decode("latin-1")
+
+
+def _delimiter(path: Path, content: str) -> str:
+    """"\t" for a .tsv; for a .csv "," unless its header holds no comma but ";" or tabs (outside quotes)."""
+    if path.suffix.lower() == ".tsv":
+        return "\t"
+    header = next(csv.reader(io.StringIO(content, newline="")), [])
+    if len(header) != 1:
+        return ","
+    widths = {d: len(next(csv.reader(io.StringIO(content, newline=""), delimiter=d), [])) for d in (";", "\t")}
+    delimiter = max(widths, key=lambda d: widths[d])
+    if widths[delimiter] < 2:
+        return ","
+    logger.info("'%s' is separated by %s, not commas: reading it so", path, "semicolons" if delimiter == ";" else "tabs")
+    return delimiter
 
 
 def read_table(path: Path) -> Table:
@@ -85,7 +110,7 @@ def read_table(path: Path) -> Table:
             lines.append(line_number)
     else:
         csv.field_size_limit(2**31 - 1)  # long documents exceed the default of 131,072 characters
-        reader = csv.reader(io.StringIO(content, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        reader = csv.reader(io.StringIO(content, newline=""), delimiter=_delimiter(path, content))
         header = next(reader, None)
         if header is None:
             raise TransferkitError(f"'{path}' is empty", "add a header row and one row per example")
