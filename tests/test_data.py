@@ -215,6 +215,25 @@ def test_utf16_file_with_a_bom_is_decoded_as_utf16(tmp_path, caplog, encoding):
     assert "latin-1" not in caplog.text
 
 
+def test_labels_that_differ_only_in_case_spacing_or_number_format_are_warned_about_not_merged(tmp_path, caplog):
+    path = tmp_path / "x.csv"
+    labels = ["negative", "Negative", "very  good", "very good", "0", "0.0", "pos"]
+    path.write_text("text,label\n" + "".join(f"t {i},{label}\n" for i, label in enumerate(labels * 2)))
+    with caplog.at_level("WARNING", logger="transferkit"):
+        splits = load_data(path, test_fraction=0)
+    assert len(splits.class_names) == 7
+    warnings = [r.getMessage() for r in caplog.records if "separate classes" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "'Negative' and 'negative' differ only in case" in warnings[0]
+    assert "'0' and '0.0' are the same number" in warnings[0]
+    assert "'very  good' and 'very good' differ only in spacing" in warnings[0]
+    assert "write them identically" in warnings[0]
+    caplog.clear()
+    path.write_text("text,label\n" + "".join(f"t {i},{['neg', 'Pos', '1', '10'][i % 4]}\n" for i in range(8)))
+    with caplog.at_level("WARNING", logger="transferkit"):
+        load_data(path, test_fraction=0)
+    assert "separate classes" not in caplog.text
+
 
 
 # --- splits -------------------------------------------------------------------------------------------------

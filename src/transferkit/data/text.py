@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from transferkit.data.base import LabeledData, sort_class_names
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, listed
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +253,38 @@ def _label_strings(table: Table, column: str) -> list[str]:
                 f"line {line} of '{table.path}' has a list of labels; multi-label data is not supported",
                 "give each row a single label",
             ) from error
+    _warn_lookalike_labels(table.path, labels)
     return labels
+
+
+def _quoted(names: list[str]) -> str:
+    return ", ".join(f"'{n}'" for n in names[:-1]) + f" and '{names[-1]}'"
+
+
+def _warn_lookalike_labels(path: Path, labels: list[str]) -> None:
+    """Warn (not merge: trained models rely on class names) about labels that differ only in case or spacing,
+    or are the same number written differently ("0" and "0.0")."""
+    groups: dict[tuple[str, Any], set[str]] = {}
+    for label in set(labels):
+        number = _as_number(label)
+        key = ("number", float(number)) if number is not None else ("text", " ".join(label.split()).casefold())
+        groups.setdefault(key, set()).add(label)
+    found = []
+    for (kind, _), names in sorted(groups.items(), key=lambda item: sorted(item[1])):
+        if len(names) < 2:
+            continue
+        if kind == "number":
+            how = "are the same number"
+        elif len({" ".join(n.split()) for n in names}) == 1:
+            how = "differ only in spacing"
+        else:
+            how = "differ only in case" if len({n.casefold() for n in names}) == 1 else "differ only in case and spacing"
+        found.append(f"{_quoted(sorted(names))} {how}")
+    if found:
+        logger.warning(
+            "'%s': labels %s; they are separate classes. If they mean the same class, write them identically in the file",
+            path, listed(found, limit=3),
+        )
 
 
 def _ids(table: Table) -> list[str]:
