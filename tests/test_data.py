@@ -235,6 +235,18 @@ def test_labels_that_differ_only_in_case_spacing_or_number_format_are_warned_abo
     assert "separate classes" not in caplog.text
 
 
+def test_unlabelled_txt_file_is_one_text_per_non_empty_line(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_bytes("\ufefffirst note \n\n  second, note\r\n   \nthird".encode())
+    data = load_unlabelled(path)
+    assert data.items == ["first note", "second, note", "third"] and set(data.labels) == {-1}
+    assert data.modality == "text" and data.class_names == []
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(TransferkitError, match="'.*empty.txt' is empty"):
+        load_unlabelled(tmp_path / "empty.txt")
+    with pytest.raises(TransferkitError, match="not a supported dataset file"):
+        load_data(path)
+
 
 # --- splits -------------------------------------------------------------------------------------------------
 

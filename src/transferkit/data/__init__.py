@@ -37,7 +37,13 @@ from transferkit.data.split import (
     stratified_subset,
     tiny_class_notes,
 )
-from transferkit.data.text import TEXT_EXTENSIONS, find_split_files, read_text_file, read_text_folder
+from transferkit.data.text import (
+    TEXT_EXTENSIONS,
+    UNLABELLED_TEXT_EXTENSIONS,
+    find_split_files,
+    read_text_file,
+    read_text_folder,
+)
 from transferkit.errors import TransferkitError
 
 logger = logging.getLogger(__name__)
@@ -215,8 +221,8 @@ def load_unlabelled(spec: str | Path, *, text_column: str | None = None, test_fr
     """Unlabelled data (labels -1, no class names), e.g. the target domain of domain adaptation.
 
     A folder gives every image below it (class subfolders are ignored; with a train/val/test layout only the
-    ``train`` folder); a .csv/.tsv/.jsonl file gives its text column; a built-in gives every example except
-    its test split (official, or the same fixed carve ``load_data`` uses), so target-test labels stay unseen.
+    ``train`` folder); a .csv/.tsv/.jsonl file gives its text column, a .txt file its non-empty lines; a built-in
+    gives every example except its test split (official, or the same fixed carve ``load_data`` uses), so target-test labels stay unseen.
     """
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -229,10 +235,10 @@ def load_unlabelled(spec: str | Path, *, text_column: str | None = None, test_fr
             return read_text_file(text_files["train"], text_column=text_column, labelled=False, name=path.resolve().name)
         return read_unlabelled_images(path)
     if path.is_file():
-        if path.suffix.lower() not in TEXT_EXTENSIONS:
+        if path.suffix.lower() not in UNLABELLED_TEXT_EXTENSIONS:
             raise TransferkitError(
                 f"'{path}' is not a supported dataset file ({path.suffix or 'no extension'})",
-                "use a .csv, .tsv or .jsonl file, or a folder of images",
+                "use a .txt (one text per line), .csv, .tsv or .jsonl file, or a folder of images",
             )
         return read_text_file(path, text_column=text_column, labelled=False)
     if is_builtin(str(spec)):

@@ -1,5 +1,8 @@
 """Text datasets from ``.csv`` / ``.tsv`` / ``.jsonl`` files (one example per row) or folders holding
-``train`` / ``val`` / ``test`` files of those kinds.
+``train`` / ``val`` / ``test`` files of those kinds; unlabelled texts may also be a ``.txt`` file (one per line).
+
+Files are decoded as UTF-8 (a BOM is ignored), UTF-16 when they start with its BOM, else latin-1 (with a warning).
+A ``.csv`` whose header holds no comma but semicolons or tabs is read with that delimiter.
 
 Column choice: ``text_column`` defaults to the first of ``TEXT_COLUMN_CANDIDATES`` present (case-insensitive),
 else the only non-numeric column; ``label_column`` to the first of ``LABEL_COLUMN_CANDIDATES``. Every other
@@ -27,6 +30,7 @@ from transferkit.errors import TransferkitError, listed
 logger = logging.getLogger(__name__)
 
 TEXT_EXTENSIONS = (".csv", ".tsv", ".jsonl")
+UNLABELLED_TEXT_EXTENSIONS = TEXT_EXTENSIONS + (".txt",)
 TEXT_COLUMN_CANDIDATES = ("text", "sentence", "content", "review", "document")
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "class", "category", "sentiment", "target")
 _MISSING_STRINGS = {"", "nan", "null"}
@@ -310,10 +314,13 @@ def read_text_file(
     """Read one text file into a ``LabeledData`` (modality "text"); a labelled file without ``class_names`` needs
     ``min_classes`` labels (2 to train, 1 to evaluate on).
 
+    An unlabelled ``.txt`` file is read with :func:`read_text_lines`.
     ``class_names`` fixes the label index (e.g. from the training file); a label outside it is an error.
     With ``labelled=False`` labels are -1 and a label column, if present, is dropped (not kept in ``columns``),
     so target-domain labels cannot leak into training batches.
     """
+    if Path(path).suffix.lower() == ".txt" and not labelled:
+        return read_text_lines(path, name=name)
     table = read_table(path)
     text, label = choose_columns(table, text_column, label_column, labelled)
     texts = _texts(table, text)
@@ -348,6 +355,22 @@ def read_text_file(
         ids=_ids(table),
         name=name or Path(path).stem,
         columns={c: column_array(table.values[c]) for c in extra},
+    )
+
+
+def read_text_lines(path: Path, *, name: str | None = None) -> LabeledData:
+    """Unlabelled texts of a ``.txt`` file: one per non-empty line, stripped (decoded as :func:`_decode` does)."""
+    path = Path(path)
+    texts = [line.strip() for line in _decode(path).splitlines() if line.strip()]
+    if not texts:
+        raise TransferkitError(f"'{path}' is empty", "write one text per line")
+    return LabeledData(
+        items=texts,
+        labels=np.full(len(texts), -1, dtype=np.int64),
+        class_names=[],
+        modality="text",
+        ids=[f"{path.name}[{i}]" for i in range(len(texts))],
+        name=name or path.stem,
     )
 
 

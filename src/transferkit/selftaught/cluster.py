@@ -61,7 +61,8 @@ class ClusterConfig:
     """What to cluster, with which backbone and method, and where to write the result."""
 
     data: str = field(default="", metadata={"help": "Unlabelled data: a folder of images (any nesting; class folders "
-                                           "are ignored) or a .csv/.tsv/.jsonl file of texts."})
+                                           "are ignored), a .txt file (one text per line) or a "
+                                           ".csv/.tsv/.jsonl file of texts."})
     out: str | None = field(default=None, metadata={"help": "Output folder (default runs/<data>-cluster)."})
     k: str = field(default="auto", metadata={"help": "Number of clusters (an integer >= 2), or auto: the k in "
                                              "2..min(20, n-1) whose k-means clustering has the highest modularity "

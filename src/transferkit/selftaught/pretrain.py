@@ -61,7 +61,7 @@ class PretrainConfig:
     """What to pretrain on, from which backbone, for how long, and where to write the new backbone."""
 
     data: str = field(default="", metadata={"help": "Unlabelled in-domain data: a folder of images or a "
-                                           ".csv/.tsv/.jsonl file of texts."})
+                                           ".txt (one text per line) or .csv/.tsv/.jsonl file of texts."})
     backbone: str | None = field(default=None, metadata={"help": "The backbone to continue from (registry name or "
                                  "an earlier pretrain folder); default efficientnet_lite0 / minilm."})
     out: str = field(default="", metadata={"help": "Backbone folder to write (use it as --backbone OUT)."})

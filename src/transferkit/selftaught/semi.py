@@ -94,8 +94,8 @@ CV_CAVEAT = ("accuracy is the supervised cross-validation estimate (labels only)
 @dataclass
 class SemiConfig(ExtensionConfig):
     unlabelled: str | None = field(default=None, metadata={"help": "More data of the same domain without labels: "
-                                   "a folder of images (flat or nested) or a .csv/.tsv/.jsonl file of texts; "
-                                   "semi-supervised training (--semi)."})
+                                   "a folder of images (flat or nested), a .txt file (one text per line) or a "
+                                   ".csv/.tsv/.jsonl file of texts; semi-supervised training (--semi)."})
     semi: str | None = field(default=None, metadata={"help": "With --unlabelled: self-training (pseudo-labels, "
                              "several rounds), consistency (FixMatch objective) or auto (default: the measured "
                              "best for the strategy)."})
