@@ -449,14 +449,24 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_text_csv_fit_and_predict(tmp_path, capsys):
-    path = tmp_path / "reviews.csv"
-    good = ["great product, works perfectly", "I love it, excellent quality", "fantastic, highly recommend",
-            "wonderful experience, very happy", "superb value and great service", "really good, would buy again"]
-    bad = ["terrible, broke after a day", "awful quality, very disappointed", "worst purchase ever, avoid",
-           "horrible service and a bad product", "poor, do not buy this", "really bad, I want a refund"]
-    rows = ["review,sentiment"] + [f'"{t}",positive' for t in good] + [f'"{t}",negative' for t in bad]
+def _text_csv(path: Path, header: str, texts: dict[str, list[str]]) -> Path:
+    """A CSV of quoted texts and their class (then, when ``header`` has a third column, a/b alternating)."""
+    extra = header.count(",") > 1
+    rows = [header] + [f'"{t}",{name}' + (f',{"ab"[i % 2]}' if extra else "")
+                       for name, items in texts.items() for i, t in enumerate(items)]
     path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+REVIEWS = {"positive": ["great product, works perfectly", "I love it, excellent quality", "fantastic, highly recommend",
+                        "wonderful experience, very happy", "superb value and great service",
+                        "really good, would buy again"],
+           "negative": ["terrible, broke after a day", "awful quality, very disappointed", "worst purchase ever, avoid",
+                        "horrible service and a bad product", "poor, do not buy this", "really bad, I want a refund"]}
+
+
+def test_text_csv_fit_and_predict(tmp_path, capsys):
+    path = _text_csv(tmp_path / "reviews.csv", "review,sentiment", REVIEWS)
     out = tmp_path / "text-run"
     code, _, err = run_cli(["fit", "--data", path, "--out", out, "--test-fraction", "0"], capsys)
     assert code == 0, err
@@ -523,14 +533,7 @@ def test_modality_specific_options_on_the_wrong_data_exit_2(image_folder, tmp_pa
 
 def test_evaluate_reads_the_columns_the_model_was_trained_on(tmp_path, capsys):
     """A model trained with --label-column topic was refused on the same CSV by evaluate, which read 'label'."""
-    path = tmp_path / "notes.csv"
-    sport = ["the match ended in a draw", "a late goal won the cup", "the team trained all week",
-             "fans cheered the striker", "the coach praised the defence", "a record crowd at the final"]
-    money = ["shares fell after the report", "the bank raised interest rates", "markets closed higher today",
-             "the budget deficit grew", "investors sold their bonds", "inflation slowed last month"]
-    rows = ["body,topic,label"] + [f'"{t}",sport,{"ab"[i % 2]}' for i, t in enumerate(sport)] + \
-        [f'"{t}",money,{"ab"[i % 2]}' for i, t in enumerate(money)]
-    path.write_text("\n".join(rows) + "\n")
+    path = _text_csv(tmp_path / "notes.csv", "body,topic,label", REVIEWS)  # 'label' is not the class here
     out = tmp_path / "run"
     code, _, err = run_cli(["fit", "--data", path, "--text-column", "body", "--label-column", "topic", "--out", out,
                             "--test-fraction", "0"], capsys)
@@ -538,4 +541,4 @@ def test_evaluate_reads_the_columns_the_model_was_trained_on(tmp_path, capsys):
     code, stdout, err = run_cli(["evaluate", "--model", out, "--data", path, "--json"], capsys)
     assert code == 0, err
     report = json.loads(stdout)
-    assert report["labels"] == ["money", "sport"] and report["n"] == 12
+    assert report["labels"] == ["negative", "positive"] and report["n"] == 12
