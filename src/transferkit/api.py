@@ -70,6 +70,13 @@ def resolve_options(options: dict[str, Any], config_file: str | Path | None = No
     return fit, train, strategy, active
 
 
+def recorded_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The settings a fit with ``options`` records in its ``run_config.json`` (the data's fingerprint aside)."""
+    from transferkit.fitting import run_options
+
+    return run_options(*resolve_options(dict(options)))
+
+
 def fit(data: str | None = None, *, config: str | Path | None = None, **options: Any) -> Run:
     """Train a model on ``data`` and write a run folder; see ``transferkit fit --help`` for every option.
 

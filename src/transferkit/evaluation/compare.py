@@ -475,8 +475,7 @@ def refuse_other_cell_options(path: Path, options: dict[str, Any]) -> None:
     """Refuse to reuse the finished cell in ``path`` when its ``run_config.json`` differs from the run ``options``
     would make (the data aside when it names the same data): the leaderboard would report settings its cells were
     not trained with. A cell without ``run_config.json`` (older versions) is reused as before."""
-    from transferkit.api import resolve_options
-    from transferkit.fitting import run_options
+    from transferkit.api import recorded_options
     from transferkit.rundir import DATA_SECTION, RUN_CONFIG, differing_options
 
     saved = path / RUN_CONFIG
@@ -485,7 +484,7 @@ def refuse_other_cell_options(path: Path, options: dict[str, Any]) -> None:
     previous = read_json(saved, "finished cell's options", "delete that cell's folder to train it again")
     if not isinstance(previous, dict):
         return
-    current = run_options(*resolve_options(dict(options)))
+    current = recorded_options(options)
     if same_data(previous.get("fit", {}).get("data"), options["data"]):
         current["fit"]["data"] = previous["fit"]["data"]
     differing = differing_options({k: v for k, v in previous.items() if k != DATA_SECTION}, current)
