@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import reprlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -237,7 +236,7 @@ def decode_image(item: Any):
         return to_standard_mode(item)
     if isinstance(item, np.ndarray):
         return array_image(item)
-    return open_image(image_file(item))
+    return open_image(Path(item))  # input_data checked every path up front (image_file)
 
 
 class DecodedImages(Sequence):
@@ -381,14 +380,11 @@ def training_columns(loaded: Any) -> tuple[str | None, str | None]:
     """(``--text-column``, ``--label-column``) the run of ``loaded`` was trained with (its ``run_config.json``);
     (None, None) when not given there or not known (an ONNX export, a model without its run folder)."""
     from transferkit.evaluation.calibration import run_folder_of
-    from transferkit.rundir import RUN_CONFIG
+    from transferkit.rundir import read_options
 
     path = getattr(loaded, "path", None)
-    saved = run_folder_of(path) / RUN_CONFIG if path is not None else None
-    try:
-        fit = json.loads(saved.read_text()).get("fit", {}) if saved is not None and saved.is_file() else {}
-    except (OSError, ValueError, AttributeError):
-        fit = {}
+    options = read_options(run_folder_of(path)) if path is not None else None
+    fit = options.get("fit") if isinstance(options, dict) else None
     columns = (fit.get("text_column"), fit.get("label_column")) if isinstance(fit, dict) else (None, None)
     return tuple(c if isinstance(c, str) else None for c in columns)  # type: ignore[return-value]
 

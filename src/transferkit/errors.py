@@ -24,6 +24,11 @@ def listed(items: list[str], limit: int = 5) -> str:
     return ", ".join(items[:limit]) + more
 
 
+def spoken(items: list[str]) -> str:
+    """``items`` as a sentence names them: ``"a"``, ``"a and b"``, ``"a, b and c"``."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + f" and {items[-1]}"
+
+
 def _sentence(text: str) -> str:
     return " ".join(str(text).split()).rstrip(".")
 

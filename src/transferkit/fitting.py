@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from transferkit.config import FitConfig
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, spoken
 from transferkit.rundir import DATA_SECTION, OutputFolder, write_json, write_jsonl
 
 if TYPE_CHECKING:
@@ -144,8 +144,8 @@ def warn_unused_train_options(strategy: Strategy, train: TrainConfig) -> None:
     unused, why = strategy.unused_train_options()
     flags = ["--" + name.replace("_", "-") for name in unused if getattr(train, name) != getattr(defaults, name)]
     if flags:
-        named = flags[0] + " is" if len(flags) == 1 else ", ".join(flags[:-1]) + f" and {flags[-1]} are"
-        logger.warning("%s not used by --strategy %s: %s", named, strategy.name, why)
+        logger.warning("%s %s not used by --strategy %s: %s", spoken(flags), "is" if len(flags) == 1 else "are",
+                       strategy.name, why)
 
 
 def load_splits(fit: FitConfig, train: TrainConfig, extensions: list = (), processes: int = 1) -> DataSplits:

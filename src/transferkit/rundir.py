@@ -283,6 +283,14 @@ def record_file(folder: str | Path, path: str | Path) -> None:
             write_json(folder / MARKER, {**marker, "files": sorted([*marker["files"], relative])})
 
 
+def read_options(folder: str | Path) -> Any:
+    """The options a run folder (or its stage) recorded in ``run_config.json``; None when missing or unreadable."""
+    try:
+        return json.loads((Path(folder) / RUN_CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _has_checkpoint(stage: Path) -> bool:
     """True if the stage holds work that ``--resume`` continues: a checkpoint, or a domain-adaptation run's
     source-only baseline (its checkpoint or its finished model)."""
@@ -578,11 +586,7 @@ class OutputFolder:
             raise TransferkitError(f"'{stage}' is in the way of the staging folder and was not written by "
                                    "transferkit", "move or rename it")
         if self.resume:
-            saved = stage / RUN_CONFIG
-            try:
-                previous = json.loads(saved.read_text())
-            except (OSError, ValueError):
-                previous = None
+            previous = read_options(stage)
             current = self.options
             if isinstance(previous, dict) and isinstance(current, dict) and not (
                     DATA_SECTION in previous and DATA_SECTION in current):  # data not read yet (or an older run)

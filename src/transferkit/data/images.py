@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -190,8 +191,6 @@ def images_under(folder: Path, others: list[Path] | None = None) -> list[Path]:
     """Image files anywhere below ``folder`` (sorted; hidden files and folders skipped; linked folders followed,
     each real folder once, so a link to an ancestor is no loop); the other visible files are appended to
     ``others`` when it is given (so that the caller can say they were ignored)."""
-    import os
-
     found, seen = [], set()
     for current, folders, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(current)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from transferkit.data.base import LabeledData, sort_class_names
-from transferkit.errors import TransferkitError, listed
+from transferkit.errors import TransferkitError, listed, spoken
 
 logger = logging.getLogger(__name__)
 
@@ -261,10 +261,6 @@ def _label_strings(table: Table, column: str) -> list[str]:
     return labels
 
 
-def _quoted(names: list[str]) -> str:
-    return ", ".join(f"'{n}'" for n in names[:-1]) + f" and '{names[-1]}'"
-
-
 def _warn_lookalike_labels(path: Path, labels: list[str]) -> None:
     """Warn (not merge: trained models rely on class names) about labels that differ only in case or spacing,
     or are the same number written differently ("0" and "0.0")."""
@@ -283,7 +279,8 @@ def _warn_lookalike_labels(path: Path, labels: list[str]) -> None:
             how = "differ only in spacing"
         else:
             how = "differ only in case" if len({n.casefold() for n in names}) == 1 else "differ only in case and spacing"
-        found.append(f"{_quoted(sorted(names))} {how}")
+        quoted = [f"'{n}'" for n in sorted(names)]
+        found.append(f"{spoken(quoted)} {how}")
     if found:
         logger.warning(
             "'%s': labels %s; they are separate classes. If they mean the same class, write them identically in the file",
