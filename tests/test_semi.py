@@ -210,6 +210,21 @@ def test_accept_per_class_takes_each_class_share():
     assert tau == 0.7 and share == pytest.approx(4 / 6)
 
 
+def test_no_pseudo_label_is_accepted_when_no_held_out_confidence_reaches_the_precision():
+    """When even the most confident held-out prediction is wrong, no share of the unlabelled items is trustworthy:
+    nothing is accepted (no 'at least one per class' floor)."""
+    from transferkit.selftaught.semi import accept_per_class, confidence_level, student_epochs
+
+    p = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.45, 0.55]])
+    tau, share = confidence_level(p, np.array([1, 0, 0, 1]), 0.9)  # the most confident is wrong
+    assert share == 0.0 and tau == 1.0
+    accepted, _, thresholds = accept_per_class(p, share)
+    assert not accepted.any() and thresholds == {}
+    # a student with nothing accepted trains like its teacher, not for the unlabelled pool's passes
+    assert student_epochs(2.0, 5000, 200, 0, 7) == 7
+    assert student_epochs(2.0, 5000, 200, 100, 7) == 50
+
+
 # --- consistency on cached lower-layer maps ------------------------------------------------------------------
 
 

@@ -199,18 +199,28 @@ def with_pseudo_labels(labelled: LabeledData, unlabelled: LabeledData, accepted:
                        name=f"{labelled.name}+pseudo{int(accepted.sum())}")
 
 
+def student_epochs(passes: float, n_unlabelled: int, n_train: int, n_accepted: int, labelled_epochs: int) -> int:
+    """A student's epochs: ``passes`` over the unlabelled pool's size, counted in epochs of its training set (labels
+    plus accepted pseudo-labels); with nothing accepted, the teacher's own ``labelled_epochs`` (no longer run)."""
+    if n_accepted == 0:
+        return labelled_epochs
+    return max(1, int(np.ceil(passes * n_unlabelled / max(1, n_train))))
+
+
 # --- thresholds ----------------------------------------------------------------------------------------------
 
 
 def confidence_level(probabilities: np.ndarray, labels: np.ndarray, precision: float) -> tuple[float, float]:
     """(the lowest confidence, the share of items) down to which the most confident held-out items are still
-    correct at least ``precision`` of the time (at least the single most confident item)."""
+    correct at least ``precision`` of the time; (1.0, 0.0) when not even the most confident item is."""
     confidence = probabilities.max(1)
     order = np.argsort(-confidence, kind="stable")
     correct = (probabilities.argmax(1) == labels)[order]
     running = np.cumsum(correct) / np.arange(1, len(order) + 1)
     reached = np.flatnonzero(running >= precision)
-    last = int(reached[-1]) if len(reached) else 0
+    if not len(reached):
+        return 1.0, 0.0
+    last = int(reached[-1])
     return float(confidence[order][last]), (last + 1) / len(order)
 
 
@@ -354,6 +364,10 @@ class SemiExtension(FitExtension):
             return DEFAULT_TAU, DEFAULT_ACCEPT, "defaults (no held-out predictions)"
         probabilities, labels, where = held_out
         tau, share = confidence_level(probabilities, labels, self.config.semi_precision)
+        if share == 0.0:
+            logger.warning("no held-out prediction is correct at precision %.2f, not even the most confident one: "
+                           "self-training accepts no pseudo-label and consistency only the most confident (tau "
+                           "0.99); lower --semi-precision or add labels", self.config.semi_precision)
         return min(max(tau, 0.5), 0.99), share, where
 
     def _self_training(self, context: RunContext, model: TransferModel, strategy: Strategy) -> TrainResult:
@@ -390,7 +404,8 @@ class SemiExtension(FitExtension):
                       for i in range(len(pseudo))]
             train = with_pseudo_labels(context.splits.train, self.unlabelled, accepted, pseudo)
             passes = SELF_TRAINING_PASSES if c.semi_epochs is None else c.semi_epochs
-            epochs = max(1, int(np.ceil(passes * len(self.unlabelled) / max(1, len(train)))))
+            epochs = student_epochs(passes, len(self.unlabelled), len(train), int(accepted.sum()),
+                                    context.train.epochs)
             student = model if r == c.semi_rounds else copy.deepcopy(model)
             result = strategy.train(student, self._round_context(
                 context, base_dir, r, dataclasses.replace(context.splits, train=train), epochs))
