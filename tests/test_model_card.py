@@ -106,6 +106,15 @@ def test_card_of_a_cross_validated_run_reports_out_of_fold_numbers_not_a_held_ou
     assert "0.9000 +- 0.2236" in card and "epochs = 2" in card
 
 
+def test_card_shows_the_value_the_folds_chose_not_the_configured_default():
+    metrics = {"accuracy": 0.85, "accuracy_split": "cv", "n_eval": 40, "backbone": "minilm",
+               "cv": {"k": 4, "repeats": 3, "seed": 0, "fold_accuracies": [0.8, 0.9], "mean": 0.85, "sd": 0.05,
+                      "chosen": {"probe_c": 0.01}},
+               "config": {"strategy": {"name": "linear-probe", "options": {"probe_c": 1.0, "solver": "lbfgs"}}}}
+    card = model_card(metrics, name="probe")
+    assert "with probe_c=0.01 (chosen in the folds), solver=lbfgs" in card and "probe_c=1.0" not in card
+
+
 def test_write_model_card_names_the_published_run_and_replaces_atomically(tmp_path):
     stage = tmp_path / ".my-run.partial"
     stage.mkdir()

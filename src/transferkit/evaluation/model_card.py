@@ -286,8 +286,9 @@ def model_card(metrics: dict[str, Any], *, command: str | None = None, name: str
             "metrics": entries}]}]
     classes = list(metrics.get("class_names", []))
     sizes = metrics.get("dataset_sizes") or {}
-    strategy_options = {k: v for k, v in ((config.get("strategy") or {}).get("options") or {}).items()
-                        if v is not None}
+    chosen = (metrics.get("cv") or {}).get("chosen") or {}
+    strategy_options = {k: f"{chosen[k]} (chosen in the folds)" if k in chosen else v
+                        for k, v in ((config.get("strategy") or {}).get("options") or {}).items() if v is not None}
     lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
              f"# {name}", "",
              summary or f"A `{strategy}` adaptation of `{backbone}` to `{data}`, trained with transferkit {__version__}.",
