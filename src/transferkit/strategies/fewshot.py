@@ -128,20 +128,25 @@ def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     return F.normalize(sums / counts.unsqueeze(1), dim=-1)
 
 
-@register_strategy
-class Prototypes(Strategy):
-    name = "prototypes"
-    config_class = PrototypesConfig
-    description = "class means of normalised embeddings, cosine similarity (no gradient training)"
+class EmbeddingStrategy(Strategy):
+    """A strategy without gradient training: the frozen backbone's embeddings of the labelled items set the head."""
+
     frozen_backbone = True
     task_kinds = ("label",)
-    config: PrototypesConfig
 
     def trains_with_engine(self) -> bool:
         return False
 
     def unused_train_options(self) -> tuple[tuple[str, ...], str]:
         return OPTIMISER_OPTIONS, "it has no gradient training"
+
+
+@register_strategy
+class Prototypes(EmbeddingStrategy):
+    name = "prototypes"
+    config_class = PrototypesConfig
+    description = "class means of normalised embeddings, cosine similarity (no gradient training)"
+    config: PrototypesConfig
 
     def prepare(self, model: TransferModel, for_loading: bool = False) -> None:
         freeze(model.backbone)
@@ -168,19 +173,11 @@ class KNNConfig(StrategyConfig):
 
 
 @register_strategy
-class KNearestNeighbours(Strategy):
+class KNearestNeighbours(EmbeddingStrategy):
     name = "knn"
     config_class = KNNConfig
     description = "k nearest labelled embeddings vote (cosine; no gradient training)"
-    frozen_backbone = True
-    task_kinds = ("label",)
     config: KNNConfig
-
-    def trains_with_engine(self) -> bool:
-        return False
-
-    def unused_train_options(self) -> tuple[tuple[str, ...], str]:
-        return OPTIMISER_OPTIONS, "it has no gradient training"
 
     def prepare(self, model: TransferModel, for_loading: bool = False) -> None:
         freeze(model.backbone)
