@@ -190,6 +190,57 @@ def test_python_predict_on_a_text_model_takes_one_text_and_refuses_non_texts(tex
         model.predict_proba(["the cat"], batch_size=0)
 
 
+def test_predict_a_text_file_predicts_every_text_of_it(tiny_bert_dir, trained_run, tmp_path, capsys, monkeypatch):
+    """A .csv / .tsv / .jsonl / .txt file given to a text model was refused as 'a file': it stands for its texts
+    (the column the run was trained with, or --text-column; a .txt: one text per non-empty line), in file order,
+    and like a folder of images writes predictions.csv (never over an existing one without --overwrite)."""
+    rng = np.random.default_rng(0)
+    rows = ["body,topic"] + [f"{' '.join(rng.choice(ANIMALS if i % 2 else MUSIC, 3))},{'animals' if i % 2 else 'music'}"
+                             for i in range(16)]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    run = transferkit.fit(str(tmp_path / "train.csv"), backbone=f"hf:{tiny_bert_dir}", strategy="linear-probe",
+                          out=str(tmp_path / "run"), progress=False, seed=0, max_length=16, text_column="body",
+                          label_column="topic").path
+    texts = ["the cat sat on the mat", "guitar playing today", "a dog fell"]
+    expected = transferkit.load(run).predict_proba(texts)
+    monkeypatch.chdir(tmp_path)
+    # 'body' is no default text column and 'title' is another text column: the trained column decides
+    (tmp_path / "new.csv").write_text("id,title,body\n" + "".join(f'{i},"t{i}","{t}"\n' for i, t in enumerate(texts)))
+    code, out, err = run_cli(["predict", "--model", run, "new.csv"], capsys)
+    assert code == 0, err
+    lines = (tmp_path / "predictions.csv").read_text().splitlines()
+    assert lines[0] == "input,prediction,p(animals),p(music)" and [line.split(",")[0] for line in lines[1:]] == texts
+    assert "predictions written to predictions.csv" in out
+    probabilities = [[float(v) for v in line.split(",")[2:]] for line in lines[1:]]
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    code, _, err = run_cli(["predict", "--model", run, "new.csv"], capsys)  # an existing predictions.csv stays
+    assert code == 2 and "predictions.csv' exists" in err and "--overwrite" in err
+    # --text-column; a .jsonl and a literal text together; --json alone writes no file
+    (tmp_path / "new.jsonl").write_text("".join(json.dumps({"sentence": t, "label": "x"}) + "\n" for t in texts[:2]))
+    code, out, err = run_cli(["predict", "--model", run, "new.jsonl", texts[2], "--text-column", "sentence",
+                              "--json"], capsys)
+    assert code == 0, err
+    rows = json.loads(out)["predictions"]
+    assert [r["input"] for r in rows] == texts and "csv" not in json.loads(out)
+    np.testing.assert_allclose([list(r["probabilities"].values()) for r in rows], expected, atol=1e-5)
+    # a .txt: one text per non-empty line (UTF-16 with its BOM too)
+    (tmp_path / "new.txt").write_text("\n".join(texts[:1] + ["", "  "] + texts[1:]) + "\n", encoding="utf-16")
+    code, out, err = run_cli(["predict", "--model", run, "new.txt", "--csv", "txt.csv", "--json"], capsys)
+    assert code == 0, err
+    assert [r["input"] for r in json.loads(out)["predictions"]] == texts
+    assert len((tmp_path / "txt.csv").read_text().splitlines()) == 4
+    assert [r["input"] for r in transferkit.predict(run, Path("new.txt"))] == texts  # Python: a Path too
+    # bad input: one line, exit 2, nothing written
+    for args, message in ((["new.csv", "--text-column", "nope", "--csv", "a.csv"], "has no column 'nope'"),
+                          (["notes.pdf", "--csv", "a.csv"], "is a file, but this is a text model")):
+        (tmp_path / "notes.pdf").write_bytes(b"%PDF")
+        code, out, err = run_cli(["predict", "--model", run, *args], capsys)
+        assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "a.csv").exists() and not out
+    code, _, err = run_cli(["predict", "--model", trained_run, "x.png", "--text-column", "body"], capsys)
+    assert code == 2 and "--text-column" in err and "image model" in err
+
+
 def test_predict_folder_reads_the_images_training_reads(trained_run, image_folder, tmp_path, capsys):
     """A folder given to predict is read with training's rule: TIFF images count, while macOS' '._name.png'
     resource forks and hidden folders (.ipynb_checkpoints copies) are not images and are skipped."""

@@ -18,6 +18,7 @@ import numpy as np
 from transferkit.config import FitConfig, build, load_yaml_config
 from transferkit.data.base import LabeledData
 from transferkit.data.images import IMAGE_EXTENSIONS, images_under
+from transferkit.data.text import UNLABELLED_TEXT_EXTENSIONS, read_text_file
 from transferkit.errors import TransferkitError, check_count, from_os_error
 from transferkit.fitting import Run, fit_run
 from transferkit.inference import evaluate_features, evaluate_model, predict_proba_model  # noqa: F401 (public here too)
@@ -180,11 +181,12 @@ def _is_image_array(value: Any) -> bool:
             and (value.ndim == 2 or (value.ndim == 3 and value.shape[-1] in (1, 3, 4))))
 
 
-def as_inputs(items: Any, modality: str) -> list[Any]:
+def as_inputs(items: Any, modality: str, text_files: bool = False) -> list[Any]:
     """``items`` as a list of single inputs, nothing read yet. One str, Path or PIL image, or one numpy image, is
     one input (a text is never split into characters); a list, tuple or other iterable holds one input per
     element, a numpy array of images (N x H x W or N x H x W x C) one per row. An image model takes file paths,
-    PIL images and numpy images, a text model str; anything else is a TransferkitError naming it."""
+    PIL images and numpy images, a text model str (and, with ``text_files``, the Path of a file of texts:
+    :func:`stands_for_many`); anything else is a TransferkitError naming it."""
     from PIL import Image
 
     kind = "image" if modality == "image" else "text"
@@ -196,7 +198,8 @@ def as_inputs(items: Any, modality: str) -> list[Any]:
                                "pass one input or a list of them")
     inputs = list(items)
     for i, item in enumerate(inputs):
-        if not ((isinstance(item, single) or _is_image_array(item)) if kind == "image" else isinstance(item, str)):
+        if not ((isinstance(item, single) or _is_image_array(item)) if kind == "image" else
+                isinstance(item, str) or (text_files and stands_for_many(item, "text"))):
             raise TransferkitError(f"cannot predict input {i} ({_described(item)}): {_ACCEPTED[kind]}",
                                    "pass only such inputs" if kind == "image" else
                                    "pass only texts (str(value) if the values are texts)")
@@ -404,16 +407,36 @@ def _path_kind(item: Any) -> str | None:
     return "an image file name" if "\n" not in str(item) and path.suffix.lower() in IMAGE_EXTENSIONS else None
 
 
-def expand_inputs(inputs: list[Any], modality: str) -> list[Any]:
-    """Image inputs, with folders expanded to the images below them (sorted); for a text model the texts, none of
-    which may be a path (an image, a file or a folder given to a text model is a mistake, not a sentence)."""
+def stands_for_many(item: Any, modality: str) -> bool:
+    """Whether the input ``item`` stands for several: a folder (of images) for an image model, a .csv / .tsv /
+    .jsonl / .txt file (of texts) for a text model."""
+    what = _path_kind(item)
+    if modality == "image":
+        return what == "a folder"
+    return what == "a file" and Path(item).suffix.lower() in UNLABELLED_TEXT_EXTENSIONS
+
+
+def expand_inputs(inputs: list[Any], modality: str, text_column: str | None = None) -> list[Any]:
+    """Image inputs, with folders expanded to the images below them (sorted); for a text model the texts, with
+    each .csv / .tsv / .jsonl file expanded to the texts of its ``text_column`` (default: the documented
+    candidates) and each .txt file to its non-empty lines, in file order (the readers of ``fit --unlabelled``).
+    No other path may be given to a text model (an image, another file or a folder is a mistake, not a sentence)."""
     if modality != "image":
+        texts: list[Any] = []
         for item in inputs:
+            if stands_for_many(item, modality):
+                texts.extend(read_text_file(Path(item), text_column=text_column, labelled=False).items)
+                continue
             what = _path_kind(item)
             if what is not None:
                 raise TransferkitError(f"'{item}' is {what}, but this is a text model: it classifies the texts "
-                                       "given", "pass the texts themselves (quote each one), or use an image model")
-        return inputs
+                                       "given", "pass the texts themselves (quote each one), a .csv / .tsv / .jsonl "
+                                       "/ .txt file of them, or use an image model")
+            texts.append(item)
+        return texts
+    if text_column is not None:
+        raise TransferkitError(f"--text-column '{text_column}' was given, but this is an image model",
+                               "drop --text-column: it names the text column of a file of texts for a text model")
     expanded: list[Any] = []
     for item in inputs:
         path = Path(item) if isinstance(item, (str, Path)) else None
@@ -428,10 +451,11 @@ def expand_inputs(inputs: list[Any], modality: str) -> list[Any]:
 
 
 def predict(model: str | Path | LoadedModel, inputs: Any, batch_size: int = 64,
-            device: str = "auto") -> list[dict[str, Any]]:
+            device: str = "auto", text_column: str | None = None) -> list[dict[str, Any]]:
     """One row per input: ``{"input", "prediction", "probabilities": {class: p}}``; ``device`` places a model
     loaded from a folder. ``inputs``: one input or a list of them (:func:`as_inputs`: image files, PIL or numpy
-    images, or texts); a folder stands for the images below it (sorted). ``"input"`` is a file's path or the text,
+    images, or texts); a folder stands for the images below it (sorted), a .csv / .tsv / .jsonl / .txt file for its
+    texts (:func:`expand_inputs`; ``text_column`` default: the run's own). ``"input"`` is a file's path or the text,
     else ``item[i]`` (i: the position among the expanded inputs). At most ``batch_size`` images are decoded at a
     time. Under ``torchrun`` every process predicts one contiguous slice of the (expanded) inputs and every process
     returns all rows, in input order (:mod:`transferkit.engine.sharding`)."""
@@ -440,7 +464,8 @@ def predict(model: str | Path | LoadedModel, inputs: Any, batch_size: int = 64,
     check_count("--batch-size", batch_size)
     loaded = load(model, device) if isinstance(model, (str, Path)) else model  # a LoadedModel or an OnnxModel
     loaded.refuse_language_model()
-    items = expand_inputs(as_inputs(inputs, loaded.modality), loaded.modality)
+    text_column = text_column or (training_columns(loaded)[0] if loaded.modality != "image" else None)
+    items = expand_inputs(as_inputs(inputs, loaded.modality, text_files=True), loaded.modality, text_column)
     names = [input_name(item, i) for i, item in enumerate(items)]
     parts = sharded_slices(lambda start, end: prediction_rows(loaded, items[start:end], names[start:end], batch_size),
                            len(items), "inputs")

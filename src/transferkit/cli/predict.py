@@ -1,4 +1,5 @@
-"""``transferkit predict``: classify images (files or folders) or texts with a trained model."""
+"""``transferkit predict``: classify images (files or folders) or texts (given, or files of them) with a trained
+model."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ from transferkit.rundir import atomic_path
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("predict", help="Predict classes for image files, folders or texts.")
+    parser = subparsers.add_parser("predict", help="Predict classes for image files, folders, texts or files of texts.")
     parser.add_argument("--model", required=True, help="Run folder written by `transferkit fit`.")
-    parser.add_argument("inputs", nargs="+", help="Image files or folders (image models), or texts (text models).")
+    parser.add_argument("inputs", nargs="+", help="Image files or folders (image models), or texts and "
+                                                  ".csv/.tsv/.jsonl/.txt files of them (text models).")
+    parser.add_argument("--text-column", help="Column of the texts in a .csv/.tsv/.jsonl input "
+                                              "(default: the column the model was trained on).")
     parser.add_argument("--csv", help="Write predictions with class probabilities to this CSV file "
-                                      "(default predictions.csv when a folder is given, except with --json).")
+                                      "(default predictions.csv when a folder or a file of texts is given, "
+                                      "except with --json).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing --csv file.")
     parser.add_argument("--top", type=count(1), default=3, help="Classes shown per input in the table.")
     parser.add_argument("--batch-size", type=count(1), default=64)
@@ -37,19 +42,19 @@ def write_predictions_csv(rows: list[dict], path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from transferkit.api import load, predict
+    from transferkit.api import load, predict, stands_for_many
     from transferkit.engine.sharding import is_main_process
 
     if args.top < 1:
         raise TransferkitError(f"invalid --top {args.top}", "use a whole number >= 1")
     model = load(args.model, args.device)
-    folder_given = model.modality == "image" and any(Path(i).is_dir() for i in args.inputs)
-    csv_path = args.csv or ("predictions.csv" if folder_given and not args.json else None)  # --json: all on stdout
+    many_given = any(stands_for_many(i, model.modality) for i in args.inputs)  # a folder, a file of texts
+    csv_path = args.csv or ("predictions.csv" if many_given and not args.json else None)  # --json: all on stdout
     if csv_path and Path(csv_path).exists() and not (args.overwrite and Path(csv_path).is_file()):
         raise TransferkitError(f"'{csv_path}' exists; nothing was predicted or written",
                                "pass --csv NEW_FILE, or --overwrite to replace it" if Path(csv_path).is_file()
                                else "pass --csv with a file name")
-    rows = predict(model, args.inputs, batch_size=args.batch_size)  # under torchrun: split, all rows everywhere
+    rows = predict(model, args.inputs, batch_size=args.batch_size, text_column=args.text_column)  # under torchrun: split, all rows everywhere
     if not is_main_process():  # the main process alone writes and prints the merged predictions
         return 0
     if csv_path:
