@@ -345,3 +345,35 @@ def test_serve_refuses_bad_setup(image_run, tmp_path, capsys, monkeypatch):
     assert main(["serve", "--model", str(image_run)]) == 2
     err = capsys.readouterr().err
     assert "serve' extra" in err and len(err.strip().splitlines()) == 1
+
+
+def test_max_image_pixels_is_the_servers_limit_not_pils(image_run, monkeypatch):
+    """PIL refuses images above its own limit (Image.MAX_IMAGE_PIXELS, ~89.5 MP: a warning, that the decoder turned
+    into an error, and above twice that an error) whatever --max-image-pixels said. serve, a dedicated process,
+    raises PIL's limit to --max-image-pixels (never lowers it), and uploads are refused above --max-image-pixels
+    with the server's own message. PIL's limit stands in small here: 1,000 pixels."""
+    from transferkit.data.images import decode_image_bytes
+    from transferkit.errors import TransferkitError
+    from transferkit.serving import app as serving
+    from transferkit.serving.app import ServeConfig
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    image = png_bytes(Image.new("L", (40, 40)))  # 1,600 pixels: above PIL's limit, below twice it
+    assert decode_image_bytes(image, "a.png", 5000).size == (40, 40)
+    with pytest.raises(TransferkitError, match="a.png has 40x40 pixels, more than the limit of 1,500"):
+        decode_image_bytes(image, "a.png", 1500)
+
+    def loaded(config):
+        raise TransferkitError("stop here", "(the test)")
+
+    monkeypatch.setattr(serving, "load_service", loaded)
+    with pytest.raises(TransferkitError, match="stop here"):
+        serving.serve(ServeConfig(model=str(image_run), max_image_pixels=500))
+    assert Image.MAX_IMAGE_PIXELS == 1000  # a lower limit is the server's check, not PIL's
+    with pytest.raises(TransferkitError, match="stop here"):
+        serving.serve(ServeConfig(model=str(image_run), max_image_pixels=5000))
+    assert Image.MAX_IMAGE_PIXELS == 5000
+    large = png_bytes(Image.new("L", (60, 60)))  # 3,600 pixels: above twice PIL's default here
+    assert decode_image_bytes(large, "b.png", 5000).size == (60, 60)
+    with pytest.raises(TransferkitError, match="b.png has 60x60 pixels, more than the limit of 3,000"):
+        decode_image_bytes(large, "b.png", 3000)

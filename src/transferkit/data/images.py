@@ -76,14 +76,16 @@ UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF")
 
 def decode_image_bytes(data: bytes, name: str = "image", max_pixels: int = 40_000_000) -> Image.Image:
     """Decode an untrusted image file's bytes like ``open_image``. Decompression bombs are refused before any
-    pixel is decoded (width x height from the header must be <= ``max_pixels``), only ``UPLOAD_FORMATS`` are
-    parsed, and a truncated file is an error (PIL's ``LOAD_TRUNCATED_IMAGES`` is left off)."""
+    pixel is decoded (width x height from the header must be <= ``max_pixels``: the limit, whatever PIL's own
+    ``Image.MAX_IMAGE_PIXELS`` warns about; PIL still refuses twice its own, which ``transferkit serve`` raises to
+    ``max_pixels``), only ``UPLOAD_FORMATS`` are parsed, and a truncated file is an error (PIL's
+    ``LOAD_TRUNCATED_IMAGES`` is left off)."""
     import io
     import warnings
 
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels is the limit, checked here
             with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as image:
                 width, height = image.size
                 if width * height > max_pixels:

@@ -595,6 +595,13 @@ def serve(config: ServeConfig) -> None:
     except ModuleNotFoundError as exc:
         raise TransferkitError(f"`transferkit serve` needs the 'serve' extra ({exc.name} is missing)",
                                "pip install 'transferkit[serve]'") from None
+    from PIL import Image
+
+    # PIL refuses images above twice its process-wide MAX_IMAGE_PIXELS (~89.5 MP by default) before the server's
+    # own check could allow them: this process only serves, so PIL's limit is raised to --max-image-pixels (never
+    # lowered: a smaller --max-image-pixels is decode_image_bytes' check, with its own message)
+    if Image.MAX_IMAGE_PIXELS is not None and config.max_image_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = config.max_image_pixels
     token = read_token(config.token_file) if config.token_file else None
     service = load_service(config)
     application = create_app(service, token)
