@@ -372,3 +372,26 @@ def test_damaged_onnx_export_exits_2_with_one_line_naming_the_file(tmp_path, cap
         assert main(["predict", "--model", str(export), image]) == 2, (name, damaged)
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and str(export / name) in err[0] and "export the run again" in err[0], (damaged, err)
+
+
+def test_onnx_evaluate_refuses_hook_options_it_cannot_apply(tmp_path, capsys):
+    """evaluate on an ONNX export returned the plain report and silently ignored --attack, --temperature-scale and
+    the other evaluation hooks' options (they need the PyTorch model): each set one is named in one line, exit 2."""
+    from transferkit.errors import TransferkitError
+    from transferkit.export.onnx import export_onnx
+
+    write_striped_folder(tmp_path / "data", 6)
+    run = transferkit.fit(str(tmp_path / "data"), backbone="small_cnn", strategy="finetune", epochs=1, batch_size=4,
+                          out=str(tmp_path / "run"), progress=False, seed=0)
+    export = export_onnx(run.path, tmp_path / "onnx", samples=4)
+    data = str(tmp_path / "data")
+    assert main(["evaluate", "--model", str(export), "--data", data, "--json"]) == 0  # the defaults: the report
+    assert "accuracy" in json.loads(capsys.readouterr().out)
+    for flags, named in ((["--attack", "fgsm"], "--attack"), (["--temperature-scale"], "--temperature-scale"),
+                         (["--attack", "fgsm", "--epsilon", "0.1"], "--attack and --epsilon")):
+        assert main(["evaluate", "--model", str(export), "--data", data, *flags]) == 2
+        out, err = capsys.readouterr()
+        assert f"{named} cannot be used with an ONNX export" in err and "run folder" in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and not out
+    with pytest.raises(TransferkitError, match="--attack cannot be used with an ONNX export"):
+        transferkit.load(export).evaluate(data, attack="fgsm")

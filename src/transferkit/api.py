@@ -19,7 +19,7 @@ from transferkit.config import FitConfig, build, load_yaml_config
 from transferkit.data.base import LabeledData
 from transferkit.data.images import IMAGE_EXTENSIONS, images_under
 from transferkit.data.text import UNLABELLED_TEXT_EXTENSIONS, read_text_file
-from transferkit.errors import TransferkitError, check_count, from_os_error
+from transferkit.errors import TransferkitError, check_count, from_os_error, spoken
 from transferkit.fitting import Run, fit_run
 from transferkit.inference import evaluate_features, evaluate_model, predict_proba_model  # noqa: F401 (public here too)
 
@@ -346,10 +346,15 @@ def evaluate(model: str | Path | LoadedModel, data: str, *, text_column: str | N
     ``options`` go to the evaluation hooks (see ``transferkit.evaluation.hooks``), e.g. ``attack="fgsm"``.
     """
     from transferkit.data.evaluation import load_for_evaluation
-    from transferkit.evaluation.hooks import run_evaluation_hooks
+    from transferkit.evaluation.hooks import run_evaluation_hooks, set_hook_flags
 
     check_count("--batch-size", batch_size)
     loaded = load(model, device) if isinstance(model, (str, Path)) else model  # a LoadedModel or an OnnxModel
+    flags = [] if isinstance(loaded, LoadedModel) else set_hook_flags(options)  # an ONNX export: the plain report
+    if flags:
+        raise TransferkitError(f"{spoken(flags)} cannot be used with an ONNX export: the evaluation hooks need the "
+                               "PyTorch model (an attack its gradients)",
+                               f"evaluate the run folder the export was made from, or drop {spoken(flags)}")
     if loaded.is_language_model:
         from transferkit.tasks.causal_lm import evaluate_perplexity
 

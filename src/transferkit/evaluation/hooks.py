@@ -35,6 +35,22 @@ def add_hook_arguments(parser: Any) -> None:
         module.add_arguments(parser)
 
 
+def set_hook_flags(options: dict[str, Any]) -> list[str]:
+    """The hook flags that ``options`` (``evaluate``'s keyword options, or its parsed CLI arguments) set away from
+    their defaults, e.g. ``["--attack", "--epsilon"]``; a flag of a ``store_true`` / ``store_false`` pair is the
+    one whose value was given (``--no-source-only``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_hook_arguments(parser)
+    flags: dict[str, str] = {}
+    for action in parser._actions:
+        value = options.get(action.dest, action.default)
+        if action.dest not in flags and value != action.default and (action.const is None or action.const == value):
+            flags[action.dest] = action.option_strings[0]
+    return list(flags.values())
+
+
 def run_evaluation_hooks(model: Any, data: Any, report: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     for module in hook_modules():
