@@ -215,6 +215,20 @@ def test_utf16_file_with_a_bom_is_decoded_as_utf16(tmp_path, caplog, encoding):
     assert "latin-1" not in caplog.text
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-8-sig", "latin-1"])
+def test_causal_lm_passages_are_decoded_as_the_other_text_readers_decode(tmp_path, encoding):
+    """read_passages read a .txt as UTF-8 with replacement characters: a UTF-16 file (Windows Notepad's "Unicode")
+    became mojibake passages and latin-1 lost its accents; it decodes as every other text reader. A .tsv was read
+    as raw text, header and tabs included; it is a table, like .csv and .jsonl."""
+    from transferkit.tasks.causal_lm import read_passages
+
+    documents = [f"le café numéro {i} est ouvert tous les jours de la semaine" for i in range(3)]
+    (tmp_path / "notes.txt").write_bytes("\n\n".join(documents).encode(encoding))
+    assert read_passages(tmp_path / "notes.txt") == documents
+    (tmp_path / "notes.tsv").write_text("id\ttext\n" + "".join(f"{i}\t{d}\n" for i, d in enumerate(documents)))
+    assert read_passages(tmp_path / "notes.tsv") == documents
+
+
 def test_labels_that_differ_only_in_case_spacing_or_number_format_are_warned_about_not_merged(tmp_path, caplog):
     path = tmp_path / "x.csv"
     labels = ["negative", "Negative", "very  good", "very good", "0", "0.0", "pos"]

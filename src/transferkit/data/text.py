@@ -49,7 +49,7 @@ class Table:
         return len(self.lines)
 
 
-def _decode(path: Path) -> str:
+def decode_text(path: Path) -> str:
     """The text of ``path``: UTF-16 if it starts with a UTF-16 BOM, else UTF-8 (BOM ignored), else latin-1."""
     raw = path.read_bytes()
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
@@ -91,7 +91,7 @@ def read_table(path: Path) -> Table:
             f"'{path}' is not a supported text file ({suffix or 'no extension'})",
             "use a .csv, .tsv or .jsonl file, or a folder of images",
         )
-    content = _decode(path)
+    content = decode_text(path)
     columns: list[str] = []
     rows: list[dict[str, Any]] = []
     lines: list[int] = []
@@ -356,9 +356,9 @@ def read_text_file(
 
 
 def read_text_lines(path: Path, *, name: str | None = None) -> LabeledData:
-    """Unlabelled texts of a ``.txt`` file: one per non-empty line, stripped (decoded as :func:`_decode` does)."""
+    """Unlabelled texts of a ``.txt`` file: one per non-empty line, stripped (decoded as :func:`decode_text` does)."""
     path = Path(path)
-    texts = [line.strip() for line in _decode(path).splitlines() if line.strip()]
+    texts = [line.strip() for line in decode_text(path).splitlines() if line.strip()]
     if not texts:
         raise TransferkitError(f"'{path}' is empty", "write one text per line")
     return LabeledData(

@@ -49,13 +49,14 @@ IGNORE_INDEX = -100
 
 
 def read_passages(path: str | Path, text_column: str | None = None, words_per_passage: int = 120) -> list[str]:
-    """Passages of a .txt (blank-line separated, cut to about ``words_per_passage`` words) or a table's column."""
+    """Passages of a .txt (blank-line separated, cut to about ``words_per_passage`` words) or a table's column
+    (.csv, .tsv, .jsonl); files are decoded as every text reader decodes them (:func:`data.text.decode_text`)."""
     path = Path(path)
     if not path.is_file():
-        raise TransferkitError(f"text file '{path}' does not exist", "pass a .txt, .jsonl or .csv file")
-    if path.suffix.lower() in (".jsonl", ".csv"):
-        from transferkit.data.text import read_table
+        raise TransferkitError(f"text file '{path}' does not exist", "pass a .txt, .csv, .tsv or .jsonl file")
+    from transferkit.data.text import TEXT_EXTENSIONS, decode_text, read_table
 
+    if path.suffix.lower() in TEXT_EXTENSIONS:  # .csv, .tsv, .jsonl
         table = read_table(path)
         column = text_column or "text"
         if column not in table.columns:
@@ -63,7 +64,7 @@ def read_passages(path: str | Path, text_column: str | None = None, words_per_pa
                                    "name the text column with --text-column")
         documents = [str(value) for value in table.values[column] if value not in (None, "")]
     else:
-        documents = re.split(r"\n\s*\n", path.read_text(encoding="utf-8", errors="replace"))
+        documents = re.split(r"\n\s*\n", decode_text(path))  # UTF-8, UTF-16 with its BOM, else latin-1
     passages = []
     for document in documents:
         words = document.split()
