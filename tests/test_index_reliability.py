@@ -461,7 +461,7 @@ def test_overwrite_replaces_an_index_grown_by_index_add_but_never_a_users_file(b
     replaces them; a user's file in the folder is refused, naming it, and nothing is deleted."""
     work = tmp_path / "idx"
     shutil.copytree(base_index, work)
-    add_to_index(work, write_docs(tmp_path / "more", NEW_DOCS), progress=False)
+    add_to_index(work, write_docs(tmp_path / "more", {"c.md": NEW_DOCS["c.md"]}), progress=False)
     (work / "notes.txt").write_text("mine")
     docs = write_docs(tmp_path / "docs", OLD_DOCS)
     with pytest.raises(TransferkitError, match=r"notes\.txt.*nothing was deleted"):

@@ -110,8 +110,9 @@ def test_index_round_trip_metadata_add_remove(notes, tmp_path, tiny_encoder):
     extra = tmp_path / "more"
     extra.mkdir()
     (extra / "d.md").write_text("reset the power")
-    (extra / "a.md").write_text("the market today")  # same source as an indexed file: replaced
-    assert add_to_index(out, extra, progress=False) == 2
+    assert add_to_index(out, extra, progress=False) == 1
+    (notes / "a.md").write_text("the market today")  # the same file again: its source is replaced
+    assert add_to_index(out, notes / "a.md", progress=False) == 1
     grown = VectorIndex.load(out)
     assert grown.sources() == ["a.md", "c.jsonl", "d.md", "sub/b.txt"]
     assert [r["text"] for r in grown.records.values() if r["source"] == "a.md"] == ["the market today"]
@@ -322,6 +323,49 @@ def test_cli_index_build_add_remove_info(notes, tmp_path, tiny_encoder, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["sources"] == ["e.txt", "sub/b.txt"] and info["kind"] == "hnsw" and info["chunk_size"] == 30
     assert main(["index", "remove", out, "--source", "nope.md"]) == 2
+
+
+def test_index_add_from_another_folder_never_replaces_a_source_of_the_same_name(notes, tmp_path, tiny_encoder,
+                                                                                capsys):
+    """`index add IDX ./b` replaced the indexed a.md (or x.png) of ./notes with ./b's a.md, silently: sources are
+    relative to the folder given. Adding a folder again still replaces its changed files; a same-named file of
+    another folder is refused in one line (nothing added), naming it and the folder it came from."""
+    from transferkit.cli.main import main
+
+    out = str(tmp_path / "idx")
+    assert main(["index", "build", "--docs", str(notes), "--encoder", tiny_encoder, "--out", out]) == 0
+    other = tmp_path / "other"
+    (other / "sub").mkdir(parents=True)
+    (other / "a.md").write_text("the market today")
+    (other / "sub" / "b.txt").write_text("reset the device")
+    (other / "new.md").write_text("power the mat")
+    capsys.readouterr()
+    assert main(["index", "add", out, str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "a.md, sub/b.txt" in err and str(notes.resolve()) in err and "index remove" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    index = VectorIndex.load(out)
+    assert index.sources() == ["a.md", "c.jsonl", "sub/b.txt"]
+    assert [r["text"] for r in index.records.values() if r["source"] == "a.md"] == ["the cat sat on the mat"]
+    with pytest.raises(TransferkitError, match="from another folder"):
+        add_to_index(out, other / "a.md", progress=False)
+    assert main(["index", "remove", out, "--source", "a.md", "--source", "sub/"]) == 0  # the documented way
+    assert main(["index", "add", out, str(other)]) == 0
+    assert [r["text"] for r in VectorIndex.load(out).records.values() if r["source"] == "a.md"] == ["the market today"]
+    (other / "a.md").write_text("the dog sat today")  # the same folder again: its changed file is replaced
+    assert main(["index", "add", out, str(other)]) == 0
+    assert [r["text"] for r in VectorIndex.load(out).records.values() if r["source"] == "a.md"] == ["the dog sat today"]
+
+    from PIL import Image  # images: the same rule
+    for folder, value in (("a", 0), ("b", 255)):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (32, 32), (value, value, value)).save(tmp_path / folder / "x.png")
+    images = str(tmp_path / "images-idx")
+    assert main(["index", "build", "--images", str(tmp_path / "a"), "--encoder", "small_cnn", "--out", images]) == 0
+    capsys.readouterr()
+    assert main(["index", "add", images, str(tmp_path / "b")]) == 2
+    assert "x.png" in capsys.readouterr().err and len(VectorIndex.load(images)) == 1
+    assert main(["index", "add", images, str(tmp_path / "a" / "x.png")]) == 0  # the same file: replaced
 
 
 def test_cli_ask_extractive_json(minilm_corpus_index, capsys):

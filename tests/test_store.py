@@ -22,7 +22,7 @@ from transferkit.memory.stores import StoreSpec  # noqa: E402
 
 DOCS = {"a.md": "the cat sat on the mat", "b.txt": "the dog plays guitar today " * 3,
         "c.md": "a man fell on the market today", "d.md": "someone is playing the guitar on a mat"}
-MORE = {"e.md": "the cat is playing today", "a.md": "a dog sat on the market"}  # a.md is replaced
+MORE = {"e.md": "the cat is playing today", "a.md": "a dog sat on the market"}  # added to docs: a.md is replaced
 QUERIES = ["cat on a mat", "guitar", "market today", "dog", "someone fell"]
 
 
@@ -77,7 +77,7 @@ def test_store_spec_parsing(tmp_path):
 
 
 def test_milvus_build_add_remove_search_equal_faiss(tiny_encoder, db, tmp_path):
-    docs, more = write_docs(tmp_path / "docs", DOCS), write_docs(tmp_path / "more", MORE)
+    docs = write_docs(tmp_path / "docs", DOCS)
     options = {"encoder": tiny_encoder, "progress": False, "chunk_size": 30, "chunk_overlap": 5}
     faiss_index = build_index(tmp_path / "f", docs=docs, **options)
     milvus_index = build_index(tmp_path / "m", docs=docs, store=f"milvus:{db}#parity", **options)
@@ -85,6 +85,7 @@ def test_milvus_build_add_remove_search_equal_faiss(tiny_encoder, db, tmp_path):
     assert not (tmp_path / "m" / "v000001" / "index.faiss").exists()  # the vectors are in the collection
     for step in ("build", "add", "remove"):
         if step == "add":
+            more = write_docs(docs, MORE)  # the folder again (a source of another folder is refused)
             assert add_to_index(tmp_path / "f", more, progress=False) == add_to_index(tmp_path / "m", more,
                                                                                       progress=False)
         elif step == "remove":
@@ -155,7 +156,7 @@ def test_interrupted_writes_leave_a_consistent_index_cleaned_by_the_next_writer(
     for hits in after.search(["guitar today"] * 2, 20, retrieval="dense"):
         assert {h.id for h in hits}.isdisjoint(retired) and len(hits) == len(after)
     # the next writer deletes both leftovers before changing anything
-    add_to_index(folder, more, progress=False)
+    add_to_index(folder, write_docs(docs, MORE), progress=False)  # the folder again: a.md replaced
     final = VectorIndex.load(folder)
     assert stored_ids(final) == sorted(final.records)  # leftovers of both crashes and this add's own are gone
     assert not set(retired) & set(final.meta.extra["store_retired"])  # the list holds only this add's replaced ids

@@ -70,7 +70,8 @@ def register(subparsers) -> None:
 
     add = actions.add_parser("add", help="Add (or replace) documents / images in an existing index.")
     add.add_argument("index", help="Index folder.")
-    add.add_argument("path", help="Folder or file to add (sources relative to it; same source = replaced).")
+    add.add_argument("path", help="Folder or file to add (sources relative to it; a source added before from the "
+                                  "same folder is replaced, one from another folder refused).")
     add.add_argument("--batch-size", type=count(1), default=32)
     _add_lock_timeout(add)
     add.set_defaults(func=run_add)

@@ -36,9 +36,16 @@ import torch
 from transferkit.backbones import Backbone, BackboneSpec, backbone_from_spec, create_backbone
 from transferkit.engine.placement import predict_batches
 from transferkit.engine.sharding import is_main_process, launched_processes, sharded
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, listed, spoken
 from transferkit.memory import storage
-from transferkit.memory.chunking import Chunk, Document, check_chunking, chunk_document, read_documents
+from transferkit.memory.chunking import (
+    BUILTIN_CORPORA,
+    Chunk,
+    Document,
+    check_chunking,
+    chunk_document,
+    read_documents,
+)
 from transferkit.memory.lexical import CONFIG_FILE, IDS_FILE, LexicalIndex
 from transferkit.memory.lexical import FOLDER as LEXICAL_FOLDER
 from transferkit.memory.retrieval import RetrievalConfig, fuse, ranking, rerank_scores
@@ -483,7 +490,7 @@ class VectorIndex:
 
         if self.meta.modality != "image":
             raise TransferkitError("this index holds text", "add documents with --docs, or build an image index")
-        sources = [p.relative_to(root).as_posix() if p != root else p.name for p in paths]
+        sources = image_sources(paths, root)
 
         def embed_files(files: Sequence[Path]) -> np.ndarray:
             vectors = [np.zeros((0, self.meta.dim), np.float32)]
@@ -496,21 +503,46 @@ class VectorIndex:
         records = [{"source": s, "text": "", "start": None, "end": None} for s in sources]
         return sources, vectors, records
 
-    def replace_sources(self, sources: Sequence[str], vectors: np.ndarray, records: list[dict[str, Any]]) -> int:
-        """Remove what the index holds of ``sources``, then add ``vectors`` / ``records``. Returns vectors added."""
+    def check_origin(self, sources: Sequence[str], origin: str) -> None:
+        """Refuse ``sources`` of the folder ``origin`` (:func:`source_folder`) that the index holds from another
+        folder: adding them would replace different files of the same relative name. (Records without an origin,
+        of an index built before origins were recorded, are replaced as before.)"""
+        wanted = set(sources)
+        clashes = {r["source"]: r["origin"] for r in self.records.values()
+                   if r["source"] in wanted and r.get("origin", origin) != origin}
+        if clashes:
+            names, folders = sorted(clashes), sorted({f"'{f}'" for f in clashes.values()})
+            raise TransferkitError(f"the index already holds {listed(names)} from another folder "
+                                   f"({spoken(folders)}); adding '{origin}' would replace them",
+                                   f"rename them, or remove the indexed ones first (`transferkit index remove INDEX "
+                                   f"--source {names[0]}`)")
+
+    def replace_sources(self, sources: Sequence[str], vectors: np.ndarray, records: list[dict[str, Any]],
+                        origin: str | None = None) -> int:
+        """Remove what the index holds of ``sources``, then add ``vectors`` / ``records``; returns vectors added.
+        With ``origin`` (the folder the sources are relative to) each record keeps it, and a source the index holds
+        from another folder is refused (:meth:`check_origin`)."""
+        if origin is not None:
+            self.check_origin(sources, origin)
+            for record in records:
+                record["origin"] = origin
         replaced = sorted(set(sources) & set(self.sources()))
         if replaced:
             logger.info("replacing %d sources already in the index", len(replaced))
             self.remove_sources(replaced)
         return len(self.add_vectors(vectors, records))
 
-    def add_documents(self, documents: Sequence[Document], batch_size: int = 32, progress: bool = True) -> int:
-        """Chunk, embed and add documents; a source already in the index is replaced. Returns chunks added."""
-        return self.replace_sources(*self.embed_documents(documents, batch_size, progress))
+    def add_documents(self, documents: Sequence[Document], batch_size: int = 32, progress: bool = True,
+                      origin: str | None = None) -> int:
+        """Chunk, embed and add documents; a source already in the index is replaced (``origin``: see
+        :meth:`replace_sources`). Returns chunks added."""
+        return self.replace_sources(*self.embed_documents(documents, batch_size, progress), origin=origin)
 
     def add_images(self, paths: Sequence[Path], root: Path, batch_size: int = 32, progress: bool = True) -> int:
-        """Embed and add image files (``source`` relative to ``root``); a source already present is replaced."""
-        return self.replace_sources(*self.embed_images(paths, root, batch_size, progress))
+        """Embed and add image files (``source`` relative to ``root``, their origin); a source already present
+        from ``root`` is replaced, one from another folder refused (:meth:`replace_sources`)."""
+        return self.replace_sources(*self.embed_images(paths, root, batch_size, progress),
+                                    origin=source_folder(root))
 
 
 # --- reading a version ------------------------------------------------------------------------------------
@@ -677,6 +709,20 @@ def _apply_search_params(index: Any, meta: IndexMeta) -> None:
 
 
 # --- high-level helpers (used by the CLI) -------------------------------------------------------------------
+def source_folder(path: str | Path) -> str:
+    """The origin of the sources of ``path`` given to ``index build`` / ``add``: the absolute folder they are
+    relative to (a file's parent), or a built-in corpus' name."""
+    if str(path) in BUILTIN_CORPORA:
+        return str(path)
+    root = Path(path).resolve()
+    return (root.parent if root.is_file() else root).as_posix()
+
+
+def image_sources(paths: Sequence[Path], root: Path) -> list[str]:
+    """The sources of image files: their paths relative to ``root`` (a file's name when it is ``root``)."""
+    return [p.relative_to(root).as_posix() if p != root else p.name for p in paths]
+
+
 def image_files(path: str | Path) -> tuple[list[Path], Path]:
     """Image files under a folder (or one file) and the root their sources are relative to."""
     from transferkit.data.images import IMAGE_FILES, images_under, is_image_file
@@ -714,7 +760,7 @@ def build_index(out: str | Path, *, docs: str | Path | None = None, images: str 
     index = VectorIndex.create(backbone, kind, store=spec, **options)
     with _new_store(index, out, overwrite):
         if docs is not None:
-            index.add_documents(read_documents(docs), batch_size, progress)
+            index.add_documents(read_documents(docs), batch_size, progress, origin=source_folder(docs))
         else:
             files, root = image_files(images)  # type: ignore[arg-type]
             index.add_images(files, root, batch_size, progress)
@@ -822,10 +868,14 @@ def add_to_index(folder: str | Path, path: str | Path, batch_size: int = 32, pro
     embedded first (split across processes under ``torchrun``), then the index is re-read, changed and committed
     under its writer lock by one process, so concurrent adds all land."""
     snapshot = VectorIndex.load(folder)
+    origin = source_folder(path)
     if snapshot.meta.modality == "text":
-        prepared = snapshot.embed_documents(read_documents(path), batch_size, progress)
+        documents = read_documents(path)
+        snapshot.check_origin([d.source for d in documents], origin)  # refused before anything is embedded
+        prepared = snapshot.embed_documents(documents, batch_size, progress)
     else:
         files, root = image_files(path)
+        snapshot.check_origin(image_sources(files, root), origin)
         prepared = snapshot.embed_images(files, root, batch_size, progress)
     state = launched_processes()
     if state is not None and not state.is_main_process:  # under torchrun: embedded its share, the main one writes
@@ -836,7 +886,7 @@ def add_to_index(folder: str | Path, path: str | Path, batch_size: int = 32, pro
             if not index.same_setup(snapshot):
                 raise TransferkitError(f"index '{folder}' was rebuilt with another encoder or chunking while adding",
                                        "run the add again")
-            return index.replace_sources(*prepared)
+            return index.replace_sources(*prepared, origin=origin)
     finally:
         if state is not None:
             state.wait_for_everyone()
