@@ -91,6 +91,17 @@ def test_read_documents_relative_sources_and_jsonl_records(notes):
     assert len(topics) > 50 and any(d.source == "with" for d in topics)
 
 
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-8-sig"])
+def test_read_documents_decodes_as_the_other_text_readers_decode(tmp_path, encoding):
+    """Documents were read as UTF-8 with replacement characters: a UTF-16 note became mojibake and a .jsonl saved
+    with a BOM failed on its first line; they are decoded as every text reader decodes them."""
+    (tmp_path / "note.md").write_bytes("le café est ouvert".encode(encoding))
+    (tmp_path / "rows.jsonl").write_bytes((json.dumps({"text": "déjà vu"}, ensure_ascii=False) + "\n").encode(encoding))
+    assert [(d.source, d.text) for d in read_documents(tmp_path)] == [("note.md", "le café est ouvert"),
+                                                                      ("rows.jsonl", "déjà vu")]
+
+
 # --- index -----------------------------------------------------------------------------------------------------
 def test_index_round_trip_metadata_add_remove(notes, tmp_path, tiny_encoder):
     out = tmp_path / "idx"

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from transferkit.data.text import decode_text
 from transferkit.errors import TransferkitError
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ def chunk_document(document: Document, size: int = 500, overlap: int = 100, unit
 
 
 def _read_jsonl(path: Path, source: str) -> Iterator[Document]:
-    for line_number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    for line_number, line in enumerate(decode_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -136,7 +137,8 @@ def pydoc_topics() -> list[Document]:
 def read_documents(path: str | Path) -> list[Document]:
     """Documents of a folder (recursively), of one file, or of a built-in corpus (``pydoc-topics``).
 
-    ``source`` is relative to the folder (to the file's parent for a single file), with ``/`` separators.
+    ``source`` is relative to the folder (to the file's parent for a single file), with ``/`` separators. Files
+    are decoded as every text reader decodes them (:func:`transferkit.data.text.decode_text`).
     """
     if str(path) in BUILTIN_CORPORA:
         return pydoc_topics()
@@ -158,7 +160,7 @@ def read_documents(path: str | Path) -> list[Document]:
         if file.suffix.lower() == ".jsonl":
             documents.extend(_read_jsonl(file, source))
         else:
-            documents.append(Document(source, file.read_text(encoding="utf-8", errors="replace")))
+            documents.append(Document(source, decode_text(file)))
     if not documents:
         raise TransferkitError(f"no documents in '{path}'", f"put {'/'.join(DOC_SUFFIXES)} files in it")
     return documents
