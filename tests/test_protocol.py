@@ -119,6 +119,31 @@ def test_oof_probabilities_average_the_repeats():
     np.testing.assert_allclose(result.oof_probabilities, 0.5)
 
 
+def test_each_repeat_reports_its_own_single_model_out_of_fold_accuracy():
+    """The averaged probabilities are a small ensemble; each repeat alone predicts every item once by one model."""
+    data = _data([6, 6])
+    calls = iter(range(100))
+
+    def one_right_repeat(train, val):  # repeat 0 is always right, repeat 1 right on class 0 only
+        repeat = next(calls) // 2
+        p = np.zeros((len(val), 2))
+        p[np.arange(len(val)), data.labels[val.ids_positions] if repeat == 0 else 0] = 1.0
+        return p
+
+    data_positions = {i: n for n, i in enumerate(data.ids)}
+    _subset = data.subset
+
+    def subset(positions, name=None):
+        part = _subset(positions, name=name)
+        part.ids_positions = np.asarray([data_positions[i] for i in part.ids])
+        return part
+
+    data.subset = subset
+    result = cross_validate(one_right_repeat, data, k=2, repeats=2)
+    assert result.repeat_accuracies == [1.0, 0.5]
+    assert result.summary()["repeat_accuracies"] == [1.0, 0.5]
+
+
 def test_choices_are_made_on_the_mean_curve_across_folds():
     data = _data([6, 6])
     curves = iter([[1.0, 0.5, 0.6], [1.0, 0.7, 0.4], [0.9, 0.6, 0.55]])

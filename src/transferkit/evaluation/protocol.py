@@ -78,7 +78,7 @@ class CVResult:
     mean: float  # mean of the fold accuracies
     sd: float  # their sample standard deviation (0 with a single fold)
     oof_probabilities: np.ndarray  # (n_items, n_classes), averaged over repeats
-    oof_accuracy: float  # accuracy of the averaged OOF probabilities
+    oof_accuracy: float  # accuracy of the OOF probabilities averaged over the repeats
     chosen: dict[str, Any]  # settings chosen inside the folds (epochs, C, lr, ...)
     seed: int = 0
     #: positions (into the data) of each fold's validation items, in the order of ``fold_accuracies``
@@ -88,11 +88,20 @@ class CVResult:
     #: with candidates: the pooled OOF ``accuracy`` and ``loss`` (cross-entropy) of each candidate
     candidate_scores: list[dict[str, float]] = field(default_factory=list)
 
+    @property
+    def repeat_accuracies(self) -> list[float]:
+        """Per repeat, the out-of-fold accuracy of that repeat alone: every item predicted once, by one model that
+        did not see it (``oof_accuracy`` scores the repeats' averaged probabilities, a small ensemble)."""
+        hits = [float(a) * len(v) for a, v in zip(self.fold_accuracies, self.fold_validation)]
+        sizes = [len(v) for v in self.fold_validation]
+        return [round(sum(hits[r * self.k:(r + 1) * self.k]) / sum(sizes[r * self.k:(r + 1) * self.k]), 6)
+                for r in range(self.repeats)] if len(sizes) == self.k * self.repeats else []
+
     def summary(self) -> dict[str, Any]:
         """The ``cv`` entry of ``metrics.json``."""
         return {"k": self.k, "repeats": self.repeats, "seed": self.seed,
                 "fold_accuracies": [round(a, 6) for a in self.fold_accuracies], "mean": self.mean, "sd": self.sd,
-                "oof_accuracy": self.oof_accuracy, "chosen": self.chosen}
+                "oof_accuracy": self.oof_accuracy, "repeat_accuracies": self.repeat_accuracies, "chosen": self.chosen}
 
 
 def default_k(labels: np.ndarray | Sequence[int], max_k: int = MAX_FOLDS) -> int:
