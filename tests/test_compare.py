@@ -372,6 +372,12 @@ def test_compare_reuses_a_finished_cell_only_with_the_same_options_and_data(tmp_
     assert [c["reused"] for c in compare("./data")["cells"]] == [True]
     with pytest.raises(TransferkitError, match=r"trained with other options \(train\.epochs: 1 -> 3\).*another --out"):
         compare(str(data), epochs=3)
+    import shutil
+
+    shutil.copy(data / "dark" / "0.png", data / "dark" / "new.png")  # the same folder, one more image
+    with pytest.raises(TransferkitError, match=r"trained on other data.*items added, removed or relabelled"):
+        compare(str(data))
+    (data / "dark" / "new.png").unlink()
     (out / "leaderboard.json").unlink()  # as after an interruption: the cells are the only record
     other = _tiny_image_folder(tmp_path / "other")
     with pytest.raises(TransferkitError, match=r"fit\.data"):

@@ -77,6 +77,15 @@ def recorded_options(options: dict[str, Any]) -> dict[str, Any]:
     return run_options(*resolve_options(dict(options)))
 
 
+def data_fingerprint(options: dict[str, Any]) -> str:
+    """The fingerprint of the data a fit with ``options`` would train on (which item is in which split with which
+    label), as its ``run_config.json`` records it for ``--resume`` and compare's reuse of a finished cell."""
+    from transferkit.fitting import split_data
+
+    fit, train, _, extensions = resolve_options(dict(options))
+    return split_data(fit, train, extensions).fingerprint()
+
+
 def fit(data: str | None = None, *, config: str | Path | None = None, **options: Any) -> Run:
     """Train a model on ``data`` and write a run folder; see ``transferkit fit --help`` for every option.
 

@@ -102,6 +102,7 @@ def fit_run(fit: FitConfig, train: TrainConfig, strategy: Strategy, extensions: 
                                  state)
     started = time.perf_counter()
     splits = load_splits(fit, train, extensions, state.num_processes)
+    data_print = splits.fingerprint()  # of the data as read (api.data_fingerprint): before any extension's change
     backbone_name = fit.backbone or default_backbone(splits.modality)
     backbone = build_backbone(backbone_name, fit, train, splits)
     model = build_model(fit, train, backbone, splits, strategy)
@@ -113,7 +114,7 @@ def fit_run(fit: FitConfig, train: TrainConfig, strategy: Strategy, extensions: 
                 backbone_name, fit.data, splits.modality, strategy.name, len(splits.train), len(splits.val),
                 len(splits.test) if splits.test else 0, len(splits.class_names))
     warn_unused_train_options(strategy, train)
-    folder.options = {**(folder.options or {}), DATA_SECTION: {"fingerprint": splits.fingerprint()}}  # for --resume
+    folder.options = {**(folder.options or {}), DATA_SECTION: {"fingerprint": data_print}}  # for --resume
     folder.begin()  # every input is checked: only now does anything get written
     with folder:  # a failure removes the staging folder unless it holds a checkpoint to resume from
         if splits.protocol == "cv":  # settings chosen in the folds; train_model is then the refit on every label
@@ -151,12 +152,17 @@ def warn_unused_train_options(strategy: Strategy, train: TrainConfig) -> None:
 def load_splits(fit: FitConfig, train: TrainConfig, extensions: list = (), processes: int = 1) -> DataSplits:
     """The splits of ``--data`` under ``--protocol`` (seeded), with their notes logged: train / val / test for
     holdout; under cv every labelled item in train (val empty, test only when the data gives one)."""
-    from transferkit.evaluation.crossfit import plan_protocol
-
-    splits = plan_protocol(fit, train.seed, extensions=extensions, processes=processes)
+    splits = split_data(fit, train, extensions, processes)
     for note in splits.notes:
         logger.info("data: %s", note)
     return splits
+
+
+def split_data(fit: FitConfig, train: TrainConfig, extensions: list = (), processes: int = 1) -> DataSplits:
+    """:func:`load_splits` without logging its notes."""
+    from transferkit.evaluation.crossfit import plan_protocol
+
+    return plan_protocol(fit, train.seed, extensions=extensions, processes=processes)
 
 
 def _wrong_modality(name: str, modality: str, data_modality: str) -> TransferkitError:

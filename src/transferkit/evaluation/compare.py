@@ -473,9 +473,9 @@ def same_data(a: Any, b: Any) -> bool:
 
 def refuse_other_cell_options(path: Path, options: dict[str, Any]) -> None:
     """Refuse to reuse the finished cell in ``path`` when its ``run_config.json`` differs from the run ``options``
-    would make (the data aside when it names the same data): the leaderboard would report settings its cells were
-    not trained with. A cell without ``run_config.json`` (older versions) is reused as before."""
-    from transferkit.api import recorded_options
+    would make (the data's name aside when it names the same data), or when its data's fingerprint differs from the
+    data's now: the leaderboard would report settings or data its cells were not trained with. A cell without ``run_config.json`` (older versions) is reused as before."""
+    from transferkit.api import data_fingerprint, recorded_options
     from transferkit.rundir import DATA_SECTION, RUN_CONFIG, differing_options
 
     saved = path / RUN_CONFIG
@@ -491,6 +491,11 @@ def refuse_other_cell_options(path: Path, options: dict[str, Any]) -> None:
     if differing:
         raise TransferkitError(f"the finished cell '{path}' was trained with other options ({listed(differing)})",
                                "compare with the options it used, or choose another --out folder")
+    recorded = previous.get(DATA_SECTION)
+    if isinstance(recorded, dict) and recorded.get("fingerprint") != data_fingerprint(options):
+        raise TransferkitError(f"the finished cell '{path}' was trained on other data (items added, removed or "
+                               "relabelled since)", "choose another --out folder, or delete that cell's folder to "
+                               "train it again")
 
 
 def _compare_cells(config: CompareConfig, out: Path) -> dict[str, Any]:
