@@ -139,7 +139,6 @@ def digits_cells(seed: int, quick: bool, methods: tuple[str, ...] = DIGITS_METHO
 def classical_coral(run: Path, base: dict[str, Any], tag: str) -> dict[str, Any]:
     """CORAL + logistic regression on the source-only network's features; saves the features for SKADA."""
     from transferkit.adaptation.coral import CoralMap
-    from transferkit.adaptation.framing import framed
     from transferkit.data import load_data, load_unlabelled
     from transferkit.data.evaluation import load_for_evaluation
     from transferkit.engine.features import extract_features
@@ -150,7 +149,7 @@ def classical_coral(run: Path, base: dict[str, Any], tag: str) -> dict[str, Any]
     splits = load_data(base["data"], limit_per_class=base["limit_per_class"], seed=base["seed"])
     parts = {"source": splits.train, "target": load_unlabelled(base["target"]),
              "target_test": load_for_evaluation(base["target"], model.class_names)}
-    x = {name: extract_features(model.backbone, framed(data, base["frame"]), progress=False)
+    x = {name: extract_features(model.backbone, data, progress=False)  # framed by the model (base["frame"])
          for name, data in parts.items()}
     folder = CACHE / "features_npy" / tag
     folder.mkdir(parents=True, exist_ok=True)

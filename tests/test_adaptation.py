@@ -14,11 +14,11 @@ from PIL import Image
 import transferkit
 from transferkit.adaptation.coral import coral_matrix, coral_transform, covariance, deep_coral_loss
 from transferkit.adaptation.feature_augmentation import SOURCE, TARGET, augment_features, fit_augmented_head
-from transferkit.adaptation.framing import frame_array
 from transferkit.adaptation.grl import GradientReversal, grl_schedule, reverse_gradient
 from transferkit.adaptation.importance import density_ratio_weights, effective_sample_size
 from transferkit.adaptation.selection import prediction_entropy, soft_neighbourhood_density
 from transferkit.cli.main import main
+from transferkit.data.framing import frame_array, frame_image
 
 # --- gradient reversal -------------------------------------------------------------------------------------------
 
@@ -318,3 +318,120 @@ def test_fashion_pairs_have_a_labelled_degraded_copy_of_the_source(tmp_path):
     pair_source, pair_target = read_pairs(out / "pairs.csv")
     assert len(pair_source) == len(pair_target) == 6
     assert len(list((out / "target_test").rglob("*.png"))) == 5
+
+
+# --- the frame travels with the model ---------------------------------------------------------------------------
+
+
+def write_bar_digits(root: Path, n_per_class: int, seed: int, canvas: int, bar: tuple[int, int]) -> Path:
+    """Digit-like images (ink bright on dark): a ``vertical`` or ``horizontal`` bar of ``bar`` (length, width)
+    pixels at a random place of a ``canvas`` x ``canvas`` grid, so only framing puts both domains alike."""
+    rng = np.random.default_rng(seed)
+    for name in ("horizontal", "vertical"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            image = rng.integers(0, 20, (canvas, canvas)).astype(np.uint8)
+            top, left = rng.integers(0, canvas - bar[0] + 1, 2)
+            image[top:top + bar[1], left:left + bar[0]] = 255
+            Image.fromarray(image if name == "horizontal" else image.T).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def framed_run(tmp_path_factory):
+    """A DANN run with ``--frame mnist`` (source: bars in 16x16; target: short bars in 40x40), and the shapes of
+    every image framed while it trained."""
+    root = tmp_path_factory.mktemp("framed")
+    source = write_bar_digits(root / "source", 12, 0, 16, (10, 3))
+    target = write_bar_digits(root / "target", 8, 1, 40, (8, 2))
+    target_test = write_bar_digits(root / "target_test", 6, 2, 40, (8, 2))
+    import transferkit.data.framing as framing
+
+    shapes: list[tuple[int, ...]] = []
+    original = framing.frame_array
+
+    def recording(image, *args, **kwargs):
+        shapes.append(np.asarray(image).shape)
+        return original(image, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(framing, "frame_array", recording)
+        code = main(["fit", "--data", str(source), *FAST, str(root / "cache"), "--strategy", "finetune",
+                     "--adapt", "dann", "--target-data", str(target), "--frame", "mnist", "--lr", "0.01",
+                     "--epochs", "4", "--head-init", "random", "--no-freeze-bn", "--out", str(root / "run"), "--json"])
+    assert code == 0
+    return {"run": root / "run", "source": source, "target_test": target_test, "shapes": shapes}
+
+
+def test_training_frames_every_image_exactly_once(framed_run):
+    shapes = set(framed_run["shapes"])
+    assert (16, 16) in shapes and (40, 40) in shapes  # source and target images were framed
+    assert (28, 28) not in shapes  # never a framed image framed again
+
+
+def test_a_framed_digit_framed_again_is_unchanged():
+    rng = np.random.default_rng(0)
+    digit = rng.integers(0, 30, (9, 13)).astype(np.uint8)
+    digit[2:7, 3:11] = 200
+    once = frame_array(digit)
+    np.testing.assert_array_equal(frame_array(once), once)
+
+
+def test_the_frame_is_part_of_the_saved_model_and_of_predict(framed_run, capsys):
+    run = framed_run["run"]
+    for folder in (run / "model", run / "source_only" / "model"):  # the baseline is framed the same way
+        config = json.loads((folder / "config.json").read_text())
+        assert config["backbone"]["options"]["frame"] == "mnist"
+    files = sorted(str(p) for p in framed_run["target_test"].rglob("*.png"))[::3]
+    unframed = [Image.open(f).convert("L") for f in files]
+    framed = [frame_image(image) for image in unframed]
+    loaded = transferkit.load(run)
+    np.testing.assert_allclose(loaded.predict_proba(unframed), loaded.predict_proba(framed), atol=1e-6)
+    assert main(["predict", "--model", str(run), "--json", *files]) == 0  # the CLI path frames too
+    rows = json.loads(capsys.readouterr().out)["predictions"]
+    assert [r["prediction"] for r in rows] == loaded.predict(framed)
+
+
+def _framed_accuracy(model_path: Path, folder: Path) -> float:
+    """Accuracy of the model on ``folder``'s images framed here, by hand."""
+    loaded = transferkit.load(model_path)
+    files = sorted(folder.rglob("*.png"))
+    framed = [frame_image(Image.open(f)) for f in files]
+    labels = [loaded.classes_.index(f.parent.name) for f in files]
+    return float((loaded.predict_proba(framed).argmax(1) == np.asarray(labels)).mean())
+
+
+def test_evaluate_scores_a_framed_run_on_framed_data(framed_run):
+    run, target_test = framed_run["run"], framed_run["target_test"]
+    report = transferkit.evaluate(run, str(target_test), progress=False)
+    assert report["accuracy"] == pytest.approx(_framed_accuracy(run, target_test))
+    assert report["adapted_accuracy"] == report["accuracy"] and report["frame"] == "mnist"
+    assert sum(map(sum, report["confusion_matrix"])) == 12
+    baseline = run / "source_only" / "model"  # learned the framed bars (the adapted net did not, in 4 epochs)
+    assert report["source_only_accuracy"] == pytest.approx(_framed_accuracy(baseline, target_test)) == 1.0
+    assert transferkit.evaluate(baseline, str(target_test), progress=False)["accuracy"] == 1.0  # unframed: 0.5
+
+
+def test_a_run_written_before_the_frame_was_saved_takes_it_from_its_metrics(framed_run, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(framed_run["run"], old)
+    for folder in (old / "model", old / "source_only" / "model"):  # as fit wrote them before: no frame option
+        path = folder / "config.json"
+        config = json.loads(path.read_text())
+        del config["backbone"]["options"]["frame"]
+        path.write_text(json.dumps(config))
+    files = sorted(str(p) for p in framed_run["target_test"].rglob("*.png"))[::3]
+    for sub in ("", "source_only/model"):
+        np.testing.assert_allclose(transferkit.load(old / sub).predict_proba(files),
+                                   transferkit.load(framed_run["run"] / sub).predict_proba(files), atol=1e-6)
+    report = transferkit.evaluate(old, str(framed_run["target_test"]), progress=False)
+    assert report["accuracy"] == pytest.approx(_framed_accuracy(framed_run["run"], framed_run["target_test"]))
+    metrics = json.loads((old / "metrics.json").read_text())
+    metrics["adaptation"]["frame"] = "none"  # an unframed old run stays unframed
+    (old / "metrics.json").write_text(json.dumps(metrics))
+    unframed = [Image.open(f).convert("L") for f in files]
+    framed = [frame_image(image) for image in unframed]
+    loaded = transferkit.load(old)
+    assert not np.allclose(loaded.predict_proba(unframed), loaded.predict_proba(framed), atol=1e-6)

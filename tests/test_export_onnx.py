@@ -154,6 +154,28 @@ def test_onnx_export_reads_images_one_batch_at_a_time_and_evaluates_like_a_run(t
         onnx_model.predict(str(tmp_path / "data"))
 
 
+def test_framed_run_exports_its_frame_and_predicts_like_the_run_on_unframed_images(tmp_path):
+    """``fit --frame mnist``: the frame is a PIL step before resizing, so it stays outside the graph, but the export's
+    preprocessing runs it (the run frames every input): unframed images get the run's probabilities."""
+    from tests.test_adaptation import write_bar_digits
+    from transferkit.data.framing import frame_image
+    from transferkit.export.onnx import export_onnx
+
+    data = write_bar_digits(tmp_path / "data", 6, 0, 40, (8, 2))
+    run = transferkit.fit(str(data), backbone="small_cnn", strategy="finetune", frame="mnist", epochs=1,
+                          batch_size=4, out=str(tmp_path / "run"), progress=False, seed=0)
+    export = export_onnx(run.path, tmp_path / "onnx", samples=4)
+    assert json.loads((export / "preprocess.json").read_text())["frame"] == "mnist"
+    assert json.loads((export / "config.json").read_text())["format_version"] == 3  # older readers would not frame
+    assert "frame it MNIST-style" in (export / "README.md").read_text()
+    files = sorted(str(p) for p in data.rglob("*.png"))
+    onnx_model, torch_model = transferkit.load(export), transferkit.load(run.path)
+    expected = torch_model.predict_proba(files)
+    np.testing.assert_allclose(onnx_model.predict_proba(files), expected, atol=1e-5)
+    framed = [frame_image(Image.open(f)) for f in files]
+    np.testing.assert_allclose(onnx_model.predict_proba(framed), expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("strategy", ["linear-probe", "lora"])
 def test_text_run_exports_to_onnx_with_its_tokenizer(strategy, tiny_bert_dir, tmp_path):
     rng = np.random.default_rng(0)

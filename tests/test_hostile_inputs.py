@@ -185,6 +185,7 @@ def _edit_config(run: Path, edit) -> None:
     ("class list shorter than the head", lambda c: c["tasks"][0]["class_names"].pop(), "classes for a head"),
     ("unknown backbone", lambda c: c["backbone"].update(name="resnet9000"), "unknown backbone"),
     ("a width of 10^5", lambda c: c["backbone"]["options"].update(width=10**5), "do not fit"),  # 720 GB: not allocated
+    ("unknown frame", lambda c: c["backbone"]["options"].update(frame="square"), "unknown frame 'square'"),
     ("no tasks", lambda c: c.pop("tasks"), "no tasks"),
     ("format_version text", lambda c: c.update(format_version="one"), "format_version"),
     ("tasks not a list", lambda c: c.update(tasks={"a": 1}), "no tasks"),

@@ -296,6 +296,8 @@ def load_model(folder: str | Path) -> tuple[TransferModel, dict[str, Any]]:
             if on_meta is not None:
                 _check_fit(weights, config, on_meta, shapes)
             model = _build(config)
+            if model.backbone.modality == "image" and "frame" not in config["backbone"].get("options", {}):
+                model.backbone.set_frame(legacy_frame(folder))  # saved before the frame was part of the spec
     except TransferkitError as exc:
         if str(folder) in exc.problem:
             raise
@@ -317,6 +319,23 @@ def load_model(folder: str | Path) -> tuple[TransferModel, dict[str, Any]]:
     model.load_state_dict(state, strict=True)
     model.eval()
     return model, config
+
+
+def legacy_frame(folder: Path) -> str:
+    """The ``fit --frame`` of a model saved before the frame was part of its backbone spec: its run's metrics.json
+    says it (``adaptation.frame``; the run of a source-only baseline ``<run>/source_only/model`` is ``<run>``).
+    "none" when no readable metrics.json says so."""
+    from transferkit.data.framing import FRAMES
+    from transferkit.rundir import BASELINE_DIR
+
+    run = folder.parent.parent if folder.parent.name == BASELINE_DIR else folder.parent
+    try:
+        metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # no metrics.json (a model folder on its own) or an unreadable one
+        return "none"
+    adaptation = metrics.get("adaptation") if isinstance(metrics, dict) else None
+    frame = adaptation.get("frame") if isinstance(adaptation, dict) else None
+    return frame if frame in FRAMES else "none"
 
 
 def _take_learned_sizes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from transferkit.adaptation.base import INPUTS, AdaptationMethod, adaptation_class, list_adaptations
-from transferkit.adaptation.framing import FRAMES, framed
 from transferkit.adaptation.selection import SIGNALS
+from transferkit.data.framing import FRAMES
 from transferkit.errors import TransferkitError
 from transferkit.extensions import ExtensionConfig, FitExtension, register_extension
 from transferkit.rundir import BASELINE_DIR, write_json
@@ -63,7 +63,9 @@ class AdaptationConfig(ExtensionConfig):
                                                               "without target labels: entropy, snd or "
                                                               "source-val."})
     frame: str = field(default="none", metadata={"help": "Image framing of source and target: none, or mnist "
-                                                 "(crop to the ink, fit a 20x20 box in 28x28, centre by mass)."})
+                                                 "(crop to the ink, fit a 20x20 box in 28x28, centre by mass); "
+                                                 "saved with the model: predict, evaluate, serve and ONNX "
+                                                 "exports frame their inputs too."})
     coral_reg: float = field(default=1.0, metadata={"help": "CORAL: the r of (C + r I), in units of each "
                                                     "domain's mean feature variance (1: the paper's +I on "
                                                     "features scaled to unit variance; SKADA's reg=0.5)."})
@@ -165,18 +167,17 @@ class AdaptationExtension(FitExtension):
         if self.method is not None:
             self.method.fit = fit
         splits = context.splits
-        if c.frame != "none":
-            splits = dataclasses.replace(splits, train=framed(splits.train, c.frame), val=framed(splits.val, c.frame),
-                                         test=None if splits.test is None else framed(splits.test, c.frame))
-            context.notes.append(f"images framed '{c.frame}' (source and target alike)")
+        if c.frame != "none" and splits.modality == "image":  # the model's preprocessing: every image framed once
+            model.backbone.set_frame(c.frame)
+            context.notes.append(f"images framed '{c.frame}' (source and target alike; saved with the model)")
         if c.target_data is not None:
             from transferkit.data import load_unlabelled
 
-            self.target = self._check_modality(framed(load_unlabelled(c.target_data, text_column=fit.text_column),
-                                                      c.frame), splits.modality, "--target-data")
+            self.target = self._check_modality(load_unlabelled(c.target_data, text_column=fit.text_column),
+                                               splits.modality, "--target-data")
             context.notes.append(f"adaptation: {c.adapt}, unlabelled target '{c.target_data}' "
                                  f"({len(self.target)} items)")
-        return dataclasses.replace(context, splits=splits)
+        return context
 
     def train(self, context: RunContext, model: TransferModel, strategy: Strategy) -> TrainResult | None:
         """The source-only baseline first (same strategy, budget and initial weights), then the adapted run."""

@@ -65,14 +65,13 @@ class FeatureAugmentation(AdaptationMethod):
 
     def train(self, strategy: Strategy, model: TransferModel, context: RunContext,
               target: LabeledData | None) -> TrainResult:
-        from transferkit.adaptation.framing import framed
         from transferkit.data import load_data
 
         c, fit = self.config, self.fit
         assert c.target_labelled is not None and fit is not None
         target_splits = load_data(c.target_labelled, text_column=fit.text_column, label_column=fit.label_column,
                                   limit_per_class=c.target_limit_per_class, seed=context.train.seed)
-        labelled = framed(target_splits.train, c.frame)
+        labelled = target_splits.train  # framed under --frame by the backbone, as the source is
         if labelled.modality != context.splits.modality:
             raise TransferkitError(f"--target-labelled holds {labelled.modality} data but the source data is "
                                    f"{context.splits.modality}", "give target data of the same kind as --data")

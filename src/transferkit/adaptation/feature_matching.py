@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from transferkit.adaptation.base import AdaptationMethod, register_adaptation
-from transferkit.adaptation.framing import framed
 from transferkit.data.base import ItemSource, LabeledData
 from transferkit.engine.objectives import Objective
 from transferkit.errors import TransferkitError
@@ -75,9 +74,9 @@ def _files_as_data(paths: list[Path], name: str) -> LabeledData:
                        ids=[str(p) for p in paths], name=name)
 
 
-def read_pairs(csv_path: str | Path, frame: str = "none") -> tuple[LabeledData, LabeledData]:
+def read_pairs(csv_path: str | Path) -> tuple[LabeledData, LabeledData]:
     """(source items, target items) of a ``source path,target path`` CSV (a header row is allowed; paths are
-    relative to the CSV's folder)."""
+    relative to the CSV's folder). Framed, under ``--frame``, by the backbone that reads them."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise TransferkitError(f"pairs file '{csv_path}' does not exist", "pass a CSV of source path,target path")
@@ -96,7 +95,7 @@ def read_pairs(csv_path: str | Path, frame: str = "none") -> tuple[LabeledData, 
             if not path.is_file():
                 raise TransferkitError(f"'{path}' (row {number} of '{csv_path}') does not exist", "fix the pairs file")
             out.append(path)
-    return framed(_files_as_data(source, "pairs/source"), frame), framed(_files_as_data(target, "pairs/target"), frame)
+    return _files_as_data(source, "pairs/source"), _files_as_data(target, "pairs/target")
 
 
 class FeatureMatchingObjective(Objective):
@@ -160,7 +159,7 @@ class FeatureMatching(AdaptationMethod):
               target: LabeledData | None) -> TrainResult:
         assert self.config.pairs is not None
         result = strategy.train(model, context)
-        pairs = read_pairs(self.config.pairs, self.config.frame)
+        pairs = read_pairs(self.config.pairs)
         history = match_features(model, pairs, context)
         context.notes.append(f"feature matching on {len(pairs[0])} source/target pairs: the target pipeline "
                              "(backbone copy) was trained to reproduce the source pipeline's features; head shared")

@@ -128,11 +128,13 @@ def backbone_modality(name: str) -> str:
 
 
 def create_backbone(name: str, pretrained: bool = True, **options: Any) -> Backbone:
-    """Build a backbone by registry name. ``pretrained=False`` builds the architecture only (random weights)."""
+    """Build a backbone by registry name. ``pretrained=False`` builds the architecture only (random weights). The
+    option ``frame`` (``fit --frame``) is every backbone's: :meth:`Backbone.set_frame`."""
     from transferkit.config import MAX_IMAGE_SIZE
     from transferkit.errors import check_count
 
     _load_modules()
+    frame = options.pop("frame", "none")
     if options.get("image_size") is not None:  # every image backbone: refused before any tensor is allocated
         options["image_size"] = check_count("image_size", options["image_size"], 1, MAX_IMAGE_SIZE)
     if name in _REGISTRY:
@@ -145,12 +147,15 @@ def create_backbone(name: str, pretrained: bool = True, **options: Any) -> Backb
     elif (spec := self_taught_spec(name)) is not None:  # a `transferkit pretrain` folder
         from transferkit.backbones.self_taught import load_backbone_folder
 
-        return load_backbone_folder(spec, pretrained=pretrained, **options)
+        backbone = load_backbone_folder(spec, pretrained=pretrained, **options)  # sets is_pretrained itself
+        backbone.set_frame(frame)
+        return backbone
     else:
         check_backbone_name(name)
         raise AssertionError("unreachable")
     # True when the weights come from pretraining (a from-scratch architecture never has them).
     backbone.is_pretrained = bool(pretrained and getattr(backbone, "has_pretrained_weights", True))
+    backbone.set_frame(frame)
     return backbone
 
 

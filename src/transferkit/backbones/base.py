@@ -60,6 +60,8 @@ class Backbone(nn.Module, ABC):
         cover every parameter of the backbone exactly once. ``unfreeze K`` = the last K groups.
       * ``preprocess_signature()`` is a string that changes whenever preprocessing changes; with the weights'
         identity it keys the on-disk feature cache.
+      * an image backbone reads every item through ``input_image(item, mode)``, which frames it first when the
+        model was trained with ``fit --frame`` (:meth:`set_frame`; saved in the spec, so a loaded model frames too).
     """
 
     spec: BackboneSpec
@@ -69,6 +71,8 @@ class Backbone(nn.Module, ABC):
     has_pretrained_weights: bool = True
     #: set by ``create_backbone``: whether this instance carries pretrained weights
     is_pretrained: bool = False
+    #: ``fit --frame``: how every input image is framed before the transform ("none": as given; :meth:`set_frame`)
+    frame: str = "none"
 
     @abstractmethod
     def forward_features(self, inputs: Any) -> torch.Tensor: ...
@@ -87,6 +91,34 @@ class Backbone(nn.Module, ABC):
 
     def preprocess_signature(self) -> str:
         return f"{self.spec.name}:{sorted(self.spec.options.items())}"
+
+    # --- framing (``fit --frame``): part of the preprocessing, saved in the spec's options ----------------------
+    def set_frame(self, frame: str) -> None:
+        """Frame every input image with ``frame`` (``transferkit.data.framing.FRAMES``) before the transform, and
+        record it in the spec (``options["frame"]``), so that the saved model frames its inputs too."""
+        from transferkit.data.framing import FRAMES
+
+        if frame not in FRAMES:
+            from transferkit.errors import TransferkitError
+
+            raise TransferkitError(f"unknown frame '{frame}'", f"choose one of: {', '.join(FRAMES)}")
+        if frame != "none" and self.modality != "image":
+            from transferkit.errors import TransferkitError
+
+            raise TransferkitError(f"backbone '{self.spec.name}' takes {self.modality} input: it cannot frame "
+                                   "images", "drop the frame (--frame none)")
+        self.frame = frame
+        self.spec.options.pop("frame", None)
+        if frame != "none":
+            self.spec.options["frame"] = frame
+
+    def input_image(self, item: Any, mode: str) -> Any:
+        """One input item as the PIL image in ``mode`` that the transform takes, framed by :attr:`frame`."""
+        return input_image(item, mode, self.frame)
+
+    def frame_signature(self) -> str:
+        """The frame's part of :meth:`preprocess_signature` ("" without one)."""
+        return "" if self.frame == "none" else f"|frame={self.frame}"
 
     # --- hooks used by parameter-efficient strategies (issue 3) -------------------------------------
     def suggested_lora_targets(self) -> list[str]:
@@ -226,6 +258,16 @@ def as_pil_image(item: Any, mode: str) -> Any:
     if not isinstance(item, Image.Image):
         item = array_image(item)
     return item if item.mode == mode else item.convert(mode)
+
+
+def input_image(item: Any, mode: str, frame: str = "none") -> Any:
+    """``item`` (a PIL image or an array) as a PIL image in ``mode``, framed first unless ``frame`` is "none"
+    (:func:`transferkit.data.framing.frame_image`): what an image backbone and an ONNX export's preprocessing read."""
+    if frame != "none":
+        from transferkit.data.framing import frame_image
+
+        item = frame_image(as_pil_image(item, "L"))
+    return as_pil_image(item, mode)
 
 
 #: moves a tensor or nested dict / list of tensors to a device (the placement layer's ``to_device``)

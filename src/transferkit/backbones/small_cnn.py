@@ -20,7 +20,6 @@ from transferkit.backbones.base import (
     Backbone,
     BackboneInfo,
     BackboneSpec,
-    as_pil_image,
     reject_unknown_options,
 )
 from transferkit.errors import TransferkitError
@@ -102,10 +101,10 @@ class SmallCNN(Backbone):
 
     def preprocess(self, item: Any, train: bool = False) -> torch.Tensor:
         transform = self._train_transform if train else self._eval_transform
-        return transform(as_pil_image(item, self.image_mode))
+        return transform(self.input_image(item, self.image_mode))
 
     def preprocess_signature(self) -> str:
-        return f"small_cnn|{self.image_mode}|size={self.image_size}|bilinear|mean=0.5|std=0.5"
+        return f"small_cnn|{self.image_mode}|size={self.image_size}|bilinear|mean=0.5|std=0.5{self.frame_signature()}"
 
 
 def _info() -> BackboneInfo:

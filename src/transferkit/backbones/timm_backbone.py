@@ -25,7 +25,6 @@ from transferkit.backbones.base import (
     Backbone,
     BackboneInfo,
     BackboneSpec,
-    as_pil_image,
     group_from_parameter_names,
 )
 from transferkit.errors import TransferkitError
@@ -241,13 +240,13 @@ class TimmBackbone(Backbone):
 
     def preprocess(self, item: Any, train: bool = False) -> torch.Tensor:
         transform = self._train_transform if train else self._eval_transform
-        return transform(as_pil_image(item, self.image_mode))
+        return transform(self.input_image(item, self.image_mode))
 
     def preprocess_signature(self) -> str:
         norm = self.normalization
         return (
             f"{self.spec.name}|{self.image_mode}|size={self.image_size}|{norm['interpolation']}"
-            f"|crop_pct={norm['crop_pct']}|mean={norm['mean']}|std={norm['std']}"
+            f"|crop_pct={norm['crop_pct']}|mean={norm['mean']}|std={norm['std']}{self.frame_signature()}"
             + (f"|stage={self.feature_stage}" if self.feature_stage is not None else "")
             + (f"|pool={','.join(map(str, self.pool_stages))}" if self.pool_stages else "")
             + (f"|grid={','.join(map(str, self.stage_grids))}" if self.pool_grid else "")

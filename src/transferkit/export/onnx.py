@@ -6,8 +6,9 @@
   named after it), batch size dynamic (and sequence length for text). LoRA runs are merged first, so the graph
   holds plain layers.
 * ``preprocess.json`` (+ ``README.md`` beside the graph): what runs before the graph, in Python. Images: decode,
-  convert to the mode (``L``/``RGB``), resize and centre-crop, scale to [0, 1], normalise with mean/std,
-  layout NCHW float32. Texts: the tokenizer saved in ``tokenizer/`` (padding, truncation to ``max_length``).
+  frame (``"frame"``: a run trained with ``fit --frame``; a PIL step, so outside the graph), convert to the mode
+  (``L``/``RGB``), resize and centre-crop, scale to [0, 1], normalise with mean/std, layout NCHW float32. Texts:
+  the tokenizer saved in ``tokenizer/`` (padding, truncation to ``max_length``).
 * ``config.json``: classes, tasks, softmax temperature and the graph's input / output names.
 * ``parity.json``: PyTorch against onnxruntime on sample inputs at export time (max absolute logit difference
   and agreement of the predicted class), at two batch sizes.
@@ -44,8 +45,10 @@ from transferkit.errors import TransferkitError, check_count, corrupt_file_error
 logger = logging.getLogger(__name__)
 
 FORMAT = "transferkit-onnx"
-FORMAT_VERSION = 2  # 2: ensembles (``preprocess.json`` kind "ensemble", output_kind "probabilities")
+FORMAT_VERSION = 3  # the newest version this reader reads
 SINGLE_FORMAT_VERSION = 1  # a single model's export is still readable by version-1 readers
+ENSEMBLE_FORMAT_VERSION = 2  # ensembles (``preprocess.json`` kind "ensemble", output_kind "probabilities")
+FRAMED_FORMAT_VERSION = 3  # framed images (``preprocess.json`` "frame"): older readers refuse, never skip, it
 GRAPH_FILE = "model.onnx"
 PREPROCESS_FILE = "preprocess.json"
 _EXPORT_AGAIN = "export the run again with `transferkit export --format onnx`"
@@ -87,14 +90,16 @@ def preprocess_spec(backbone: Any) -> dict[str, Any]:
         raise TransferkitError(f"ONNX export supports image and text models, not {backbone.modality} ones",
                                "export with --format safetensors")
     mode = getattr(backbone, "image_mode", "RGB")
+    framing = {"frame": backbone.frame} if backbone.frame != "none" else {}  # backbones.base.input_image
     normalization = getattr(backbone, "normalization", None)
     if normalization is not None:  # timm-style: resize to size / crop_pct, centre crop (timm's eval transform)
-        return {"kind": "image", "mode": mode, "size": int(backbone.image_size), "resize": "shorter-side+center-crop",
-                "interpolation": normalization["interpolation"], "crop_pct": float(normalization["crop_pct"]),
-                "mean": list(normalization["mean"]), "std": list(normalization["std"]), "layout": "NCHW"}
+        return {"kind": "image", **framing, "mode": mode, "size": int(backbone.image_size),
+                "resize": "shorter-side+center-crop", "interpolation": normalization["interpolation"],
+                "crop_pct": float(normalization["crop_pct"]), "mean": list(normalization["mean"]),
+                "std": list(normalization["std"]), "layout": "NCHW"}
     if backbone.spec.name == "small_cnn":
         channels = 1 if mode == "L" else 3
-        return {"kind": "image", "mode": mode, "size": int(backbone.image_size), "resize": "exact",
+        return {"kind": "image", **framing, "mode": mode, "size": int(backbone.image_size), "resize": "exact",
                 "interpolation": "bilinear", "crop_pct": 1.0, "mean": [0.5] * channels, "std": [0.5] * channels,
                 "layout": "NCHW"}
     raise TransferkitError(f"backbone '{backbone.spec.name}' has no documented preprocessing for ONNX",
@@ -133,9 +138,9 @@ class Preprocessor:
             return {name: np.asarray(encoded[name], dtype=np.int64) for name in self.spec["inputs"]}
         import torch
 
-        from transferkit.backbones.base import as_pil_image
+        from transferkit.backbones.base import input_image
 
-        images = [as_pil_image(item, self.spec["mode"]) for item in items]
+        images = [input_image(item, self.spec["mode"], self.spec.get("frame", "none")) for item in items]
         if self.spec.get("mirror"):  # the flip-TTA view: the mirror image, preprocessed the same way
             from PIL import ImageOps
 
@@ -323,7 +328,8 @@ def _export_single(loaded: Any, stage: Path, samples: int) -> tuple[dict, dict, 
     graph = _Graph.build(model, input_names)
     _write_graph(graph, stage, arrays, output_names)
     parity = check_parity(graph, stage / GRAPH_FILE, preprocessor, items, input_names)
-    config = {"format": FORMAT, "format_version": SINGLE_FORMAT_VERSION, "modality": model.backbone.modality,
+    version = FRAMED_FORMAT_VERSION if spec.get("frame") else SINGLE_FORMAT_VERSION
+    config = {"format": FORMAT, "format_version": version, "modality": model.backbone.modality,
               "tasks": [t.to_dict() for t in model.tasks], "temperature": loaded.temperature,
               "inputs": input_names, "outputs": output_names, "output_kind": "logits",
               "backbone": model.backbone.spec.to_dict(), "strategy": loaded.config.get("strategy", {}).get("name"),
@@ -383,7 +389,8 @@ def _export_ensemble(ensemble: Any, parts: list[Any], weights: list[float], stag
     parity = check_parity(graph, stage / GRAPH_FILE, preprocessor, items, input_names, probabilities=True)
     parity["ensemble"] = _ensemble_parity(ensemble, stage / GRAPH_FILE, preprocessor, items)
     tasks = [parts[0].module.tasks[0].to_dict()]
-    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "modality": ensemble.modality, "tasks": tasks,
+    version = FRAMED_FORMAT_VERSION if any(v.get("frame") for v in views) else ENSEMBLE_FORMAT_VERSION
+    config = {"format": FORMAT, "format_version": version, "modality": ensemble.modality, "tasks": tasks,
               "temperature": 1.0, "inputs": input_names, "outputs": output_names, "output_kind": "probabilities",
               "members": [{k: v for k, v in m.items() if k != "module"} for m in members],
               "strategy": "ensemble", "opset": OPSET}
@@ -431,7 +438,9 @@ def check_parity(graph: Any, onnx_path: Path, preprocessor: Any, items: list[Any
 
 
 def _image_steps(spec: dict[str, Any], name: str) -> str:
-    return (f"1. decode the image file and convert it to mode `{spec['mode']}`"
+    framing = (f", frame it MNIST-style (`frame: {spec['frame']}`: grey, crop to the ink, scale the longer side to "
+               "20 px, centre by mass in 28x28: `transferkit.data.framing.frame_image`)" if spec.get("frame") else "")
+    return (f"1. decode the image file{framing} and convert it to mode `{spec['mode']}`"
             + (", then mirror it left-right\n" if spec.get("mirror") else "\n")
             + (f"2. resize to exactly {spec['size']}x{spec['size']} ({spec['interpolation']})\n"
                if spec["resize"] == "exact" else

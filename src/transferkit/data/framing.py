@@ -5,18 +5,18 @@ et al. 1998); scikit-learn's UCI digits fill their 8x8 grid edge to edge. Resizi
 digits about 40% larger than MNIST's. :func:`frame_image` crops to the ink's bounding box, scales the longer
 side to ``box`` pixels (aspect ratio kept) and pastes it centred by mass in a ``size`` x ``size`` canvas:
 MNIST's own convention, so both domains end up framed alike (``--frame mnist``).
+
+The frame is part of a model's preprocessing (``Backbone.set_frame``, saved in its backbone spec): training,
+``predict``, ``evaluate``, ``serve`` and an ONNX export's Python-side preprocessing all frame each input once,
+through :func:`transferkit.backbones.base.input_image`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import numpy as np
 from PIL import Image
 
-from transferkit.data.base import ItemSource, LabeledData
-
+#: the values of ``fit --frame`` ("none": images as given)
 FRAMES = ("none", "mnist")
 MNIST_SIZE, MNIST_BOX = 28, 20
 
@@ -46,37 +46,3 @@ def frame_array(image: np.ndarray, size: int = MNIST_SIZE, box: int = MNIST_BOX,
 def frame_image(image: Image.Image, size: int = MNIST_SIZE, box: int = MNIST_BOX) -> Image.Image:
     """PIL version of :func:`frame_array` (the image is converted to grey)."""
     return Image.fromarray(frame_array(np.asarray(image.convert("L")), size, box))
-
-
-class _FrameLoader:
-    """Picklable ``i -> framed PIL image`` over another item sequence."""
-
-    def __init__(self, items: Sequence[Any], size: int, box: int) -> None:
-        self.items = items
-        self.size = size
-        self.box = box
-
-    def __call__(self, i: int) -> Image.Image:
-        item = self.items[i]
-        image = item if isinstance(item, Image.Image) else Image.open(item)
-        return frame_image(image, self.size, self.box)
-
-
-class _Fingerprint:
-    def __init__(self, value: bytes) -> None:
-        self.value = value
-
-    def __call__(self) -> bytes:
-        return self.value
-
-
-def framed(data: LabeledData, frame: str, size: int = MNIST_SIZE, box: int = MNIST_BOX) -> LabeledData:
-    """``data`` with every image re-framed lazily (``frame='mnist'``) or unchanged (``'none'`` / text data)."""
-    if frame == "none" or data.modality != "image":
-        return data
-    if frame != "mnist":
-        raise ValueError(f"unknown frame {frame!r}; choose one of {FRAMES}")
-    fingerprint = f"{data.fingerprint()}|framed-{frame}-{size}-{box}".encode()
-    return LabeledData(items=ItemSource(len(data), _FrameLoader(data.items, size, box), _Fingerprint(fingerprint)),
-                       labels=data.labels, class_names=list(data.class_names), modality=data.modality,
-                       ids=list(data.ids), name=data.name, columns=dict(data.columns))
