@@ -575,6 +575,27 @@ def test_fit_task_causal_lm_rejects_other_tasks_and_missing_file(tmp_path, capsy
     assert code == 2 and "does not exist" in err and not (tmp_path / "b").exists()
 
 
+def test_fit_task_causal_lm_resume_refuses_an_edited_text_file(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """A causal-lm run records its passages' fingerprint: --resume on an edited file is refused naming it."""
+    import transferkit.tasks.causal_lm as causal_lm
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("\n\n".join(f"passage {i}: the cat sat on the mat and looked out." for i in range(12)))
+
+    def interrupted(data, backbone, strategy, train, stage, *args, **kwargs):
+        (stage / "checkpoint").mkdir()
+        (stage / "checkpoint" / "trainer.safetensors").write_bytes(b"0")  # as after an epoch
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(causal_lm, "run_causal_lm", interrupted)
+    args = ["fit", "--data", notes, "--task", "causal-lm", "--backbone", f"hf-causal:{tiny_llama_dir}",
+            "--strategy", "lora", "--epochs", "1", "--out", tmp_path / "lm"]
+    assert run_cli(args, capsys)[0] == 130 and (tmp_path / ".lm.partial" / "checkpoint").is_dir()
+    notes.write_text(notes.read_text().replace("passage 3:", "passage three:"))
+    code, _, err = run_cli([*args, "--resume"], capsys)
+    assert code == 2 and "the data changed" in err and "notes.txt' differs" in err and "Traceback" not in err
+
+
 def test_modality_specific_options_on_the_wrong_data_exit_2(image_folder, tmp_path, capsys):
     code, _, err = run_cli(["fit", "--data", image_folder, *SMALL, "--max-length", "32", "--out", tmp_path / "r"],
                            capsys)

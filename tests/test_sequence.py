@@ -456,3 +456,40 @@ def test_resumed_seq2seq_averages_the_same_epochs_as_an_uninterrupted_run(tmp_pa
     assert resumed.metrics["checkpoint_averaging"]["epochs"] == 3
     for a, b in zip(reference.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_resume_of_charlm_and_seq2seq_pairs_refuses_changed_data(tmp_path, monkeypatch) -> None:
+    """An interrupted charlm / seq2seq-pairs run records its data's content: resuming on an edited file (same
+    path, same symbols) is refused in one line naming the file; the file as it was resumes."""
+    import transferkit.sequence.charlm as charlm
+    from transferkit.sequence.runs import fit_charlm, fit_seq2seq
+
+    book = tmp_path / "book.txt"
+    book.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    small = {"epochs": 1, "hidden_size": 8, "embedding_dim": 4, "num_layers": 1, "bptt": 16, "batch_size": 4,
+             "progress": False}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    original = charlm.save_charlm
+    monkeypatch.setattr(charlm, "save_charlm", interrupted)  # after the first epoch's checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        fit_charlm(tmp_path / "lm", book, **small)
+    monkeypatch.setattr(charlm, "save_charlm", original)
+    book.write_text("the lazy dog jumps over the quick brown fox. " * 20)  # same symbols, other text
+    with pytest.raises(TransferkitError, match=r"the data changed since .* \(the content of '.*book\.txt' differs"):
+        fit_charlm(tmp_path / "lm", book, resume=True, **small)
+    book.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    assert fit_charlm(tmp_path / "lm", book, resume=True, **small).path.is_dir()
+
+    pairs = tmp_path / "pairs.tsv"
+    rows = [f"{n:05b}\t{n}" for n in range(32)]
+    pairs.write_text("\n".join(rows) + "\n")
+    interrupt_seq2seq_validation(monkeypatch, 2)
+    options = {"epochs": 3, "hidden_size": 8, "embedding_dim": 4, "batch_size": 8, "progress": False}
+    with pytest.raises(KeyboardInterrupt):
+        fit_seq2seq(tmp_path / "p", pairs=pairs, **options)
+    pairs.write_text("\n".join(rows[:-1] + ["11111\t13"]) + "\n")  # one target changed
+    with pytest.raises(TransferkitError, match=r"the data changed since .* \(the content of '.*pairs\.tsv' differs"):
+        fit_seq2seq(tmp_path / "p", pairs=pairs, resume=True, **options)

@@ -21,7 +21,7 @@ import torch
 
 from transferkit.config import FitConfig
 from transferkit.errors import TransferkitError, spoken
-from transferkit.rundir import DATA_SECTION, OutputFolder, write_json, write_jsonl
+from transferkit.rundir import DATA_SECTION, OutputFolder, data_section, write_json, write_jsonl
 
 if TYPE_CHECKING:
     from transferkit.api import LoadedModel
@@ -330,6 +330,7 @@ def fit_causal_lm_run(fit: FitConfig, train: TrainConfig, strategy: Strategy, co
     lm_options = CausalLMOptions(text_column=column or fit.text_column, heldout_fraction=fit.val_fraction,
                                  max_length=fit.max_length or 128)
     passages = read_passages(fit.data, lm_options.text_column, lm_options.words_per_passage)  # checked first
+    folder.options = {**(folder.options or {}), DATA_SECTION: data_section(fit.data, *passages)}  # for --resume
     folder.begin()
     with folder:
         metrics = run_causal_lm(fit.data, fit.backbone or "smollm2-135m", strategy, train, folder.stage, lm_options,

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -65,8 +66,9 @@ BASELINE_DIR = "source_only"
 #: the formats of the models that transferkit saves (``model/config.json``): ``fit``, ``seq2seq``, ``charlm``
 MODEL_KINDS = {"transferkit-model": "run", "transferkit-seq2seq": "seq2seq", "transferkit-charlm": "charlm"}
 KINDS = ("run", "seq2seq", "charlm", "index", "export", "auto", "cluster", "pretrain", "compare", "dataset")
-#: the options section that describes the data a run was trained on (``{"fingerprint": ...}``): known only once
-#: the data is read, so an early ``check()`` compares the rest, and a data change has its own message
+#: the options section that describes the data a run was trained on (``{"fingerprint": ...}``, and ``"file"`` when
+#: the data is one file: :func:`data_section`): known only once the data is read, so an early ``check()`` compares
+#: the rest, and a data change has its own message
 DATA_SECTION = "data"
 #: option keys that may differ between an interrupted run and its ``--resume`` (they do not change the result)
 RESUME_FREE_KEYS = frozenset({"resume", "overwrite", "progress", "no_progress", "device", "threads", "out"})
@@ -339,6 +341,29 @@ def differing_options(previous: Any, current: Any) -> list[str]:
             for k in sorted(before.keys() | after.keys()) if before.get(k) != after.get(k)]
 
 
+def data_section(file: str | Path, *texts: str, **described: Any) -> dict[str, Any]:
+    """The :data:`DATA_SECTION` of a run trained on the one ``file`` whose content is ``texts`` (a character LM's
+    text, seq2seq pairs): its path, the ``described`` settings and a fingerprint of the content (SHA-256, 24 hex
+    digits, as ``DataSplits.fingerprint``), so that ``--resume`` refuses an edited file naming it."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    return {"file": str(file), **described, "fingerprint": digest.hexdigest()[:24]}
+
+
+def _data_change(current: Any, differing: list[str]) -> str:
+    """What changed in the data section (``differing``: :func:`differing_options`), for the resume refusal."""
+    named = [name for name in differing if name.startswith(DATA_SECTION + ".")
+             and not name.startswith(f"{DATA_SECTION}.fingerprint:")]
+    if named:
+        return listed(named)
+    section = current.get(DATA_SECTION) if isinstance(current, dict) else None
+    file = section.get("file") if isinstance(section, dict) else None
+    if file:
+        return f"the content of '{file}' differs: its checkpoint trained on the old content"
+    return "items added, removed or relabelled: its checkpoint trained on the old splits"
+
+
 def _process_state():
     """Accelerate's process state under a multi-process launch (``WORLD_SIZE`` > 1), else None (one process).
 
@@ -595,8 +620,8 @@ class OutputFolder:
                 return True
             differing = differing_options(previous, current)
             if any(name.startswith(DATA_SECTION + ".") for name in differing):
-                raise TransferkitError(f"the data changed since the run in '{stage}' was interrupted (items "
-                                       "added, removed or relabelled: its checkpoint trained on the old splits)",
+                raise TransferkitError(f"the data changed since the run in '{stage}' was interrupted "
+                                       f"({_data_change(current, differing)})",
                                        "resume with the data as it was, or pass --overwrite to start again")
             named = f" ({listed(differing)})" if differing else ""
             raise TransferkitError(f"the interrupted run in '{stage}' used other options{named}",

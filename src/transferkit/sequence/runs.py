@@ -19,7 +19,7 @@ from typing import Any
 
 from transferkit.errors import TransferkitError
 from transferkit.fitting import Run
-from transferkit.rundir import OutputFolder, write_json, write_jsonl
+from transferkit.rundir import DATA_SECTION, OutputFolder, data_section, write_json, write_jsonl
 
 SEQ2SEQ_TASKS = ("binary-to-decimal",)
 #: engine defaults that suit these small from-scratch models (any option overrides them). seq2seq: strong decoupled
@@ -136,8 +136,10 @@ def fit_seq2seq(out: str | Path, *, task: str | None = None, pairs: str | Path |
     else:
         examples = read_pairs(pairs)  # type: ignore[arg-type]
     splits = split_pairs(examples, train_fraction, val_fraction, seed=0)
-    data: dict[str, Any] = {"task": task, "bits": bits} if task else {"pairs": str(pairs)}
-    data.update({"train_fraction": train_fraction, "val_fraction": val_fraction})
+    fractions = {"train_fraction": train_fraction, "val_fraction": val_fraction}
+    # a built-in task's pairs follow from its options; a file's content is fingerprinted (--resume refuses an edit)
+    data = ({"task": task, "bits": bits, **fractions} if task else
+            data_section(pairs, *(f"{source}\t{target}" for source, target in examples), **fractions))  # type: ignore[arg-type]
     settings = {"model": asdict(config), "train": train.to_dict()}
     folder = _output_folder(out, "seq2seq", train, overwrite=overwrite, resume=resume,
                             options={"data": data, **settings})
@@ -160,7 +162,7 @@ def fit_charlm(out: str | Path, file: str | Path, *, overwrite: bool = False, re
     data = prepare_charlm_data(text, config, train.batch_size)  # a text too short is refused before --out is touched
     settings = {"model": asdict(config), "train": train.to_dict()}
     folder = _output_folder(out, "charlm", train, overwrite=overwrite, resume=resume,
-                            options={"data": str(file), **settings})
+                            options={DATA_SECTION: data_section(file, text), **settings})  # --resume: same text
     folder.begin()
     with folder:
         run = train_charlm(text, config, train, checkpoint_dir=folder.stage / "checkpoint", progress=progress,
