@@ -470,3 +470,22 @@ def test_overwrite_replaces_an_index_grown_by_index_add_but_never_a_users_file(b
     (work / "notes.txt").unlink()
     build_index(work, docs=docs, encoder=tiny_encoder, progress=False, overwrite=True)
     assert set(VectorIndex.load(work).sources()) == set(OLD_DOCS)
+
+
+def test_index_out_inside_docs_is_refused_and_an_index_inside_docs_is_never_read(base_index, tiny_encoder,
+                                                                                  tmp_path, capsys):
+    """``index build --docs notes --out notes/idx`` is refused in one line before anything is written; an index
+    made elsewhere inside a docs folder is skipped by ``index build`` and ``index add`` (its records.jsonl is no
+    document)."""
+    docs = write_docs(tmp_path / "notes", OLD_DOCS)
+    assert main(["index", "build", "--docs", str(docs), "--out", str(docs / "idx")]) == 2
+    err = capsys.readouterr().err
+    assert "inside the data folder" in err and len(error_lines(err)) == 1 and "Traceback" not in err
+    assert sorted(p.name for p in docs.iterdir()) == sorted(OLD_DOCS)
+    with pytest.raises(TransferkitError, match="inside the data folder"):
+        build_index(docs / "sub" / "idx", docs=docs, encoder=tiny_encoder, progress=False)
+    shutil.copytree(base_index, docs / "idx")  # an index made elsewhere, moved into the docs folder
+    index = build_index(tmp_path / "mn2", docs=docs, encoder=tiny_encoder, progress=False)
+    assert set(index.sources()) == set(OLD_DOCS)
+    add_to_index(tmp_path / "mn2", docs, progress=False)
+    assert set(VectorIndex.load(tmp_path / "mn2").sources()) == set(OLD_DOCS)

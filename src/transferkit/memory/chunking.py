@@ -134,11 +134,25 @@ def pydoc_topics() -> list[Document]:
     return [Document(name, text) for name, text in sorted(topics.items())]
 
 
+def _outside_indexes(root: Path, files: list[Path]) -> list[Path]:
+    """``files`` (below the folder ``root``) without those inside a transferkit index folder below ``root``: an
+    index made inside a docs folder holds no documents (its ``records.jsonl`` would be indexed again)."""
+    from transferkit.memory.storage import is_index_folder
+
+    folders = {parent for file in files for parent in file.parents if root in parent.parents}
+    indexes = sorted(folder for folder in folders if is_index_folder(folder))
+    if indexes:
+        logger.info("skipping the transferkit index folder(s) in '%s': %s", root,
+                    ", ".join(folder.relative_to(root).as_posix() for folder in indexes))
+    return [file for file in files if not any(folder in file.parents for folder in indexes)]
+
+
 def read_documents(path: str | Path) -> list[Document]:
     """Documents of a folder (recursively), of one file, or of a built-in corpus (``pydoc-topics``).
 
     ``source`` is relative to the folder (to the file's parent for a single file), with ``/`` separators. Files
-    are decoded as every text reader decodes them (:func:`transferkit.data.text.decode_text`).
+    are decoded as every text reader decodes them (:func:`transferkit.data.text.decode_text`). Hidden files and
+    folders and transferkit index folders inside the folder are skipped.
     """
     if str(path) in BUILTIN_CORPORA:
         return pydoc_topics()
@@ -146,8 +160,9 @@ def read_documents(path: str | Path) -> list[Document]:
     if root.is_file():
         files, base = [root], root.parent
     elif root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in DOC_SUFFIXES
-                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        files = _outside_indexes(root, sorted(
+            p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in DOC_SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(root).parts)))
         base = root
     else:
         raise TransferkitError(f"'{path}' does not exist",

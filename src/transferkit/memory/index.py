@@ -51,7 +51,7 @@ from transferkit.memory.lexical import FOLDER as LEXICAL_FOLDER
 from transferkit.memory.retrieval import RetrievalConfig, fuse, ranking, rerank_scores
 from transferkit.memory.stores import MilvusStore, StoreSpec, collection_name
 from transferkit.progress import progress as progress_bar
-from transferkit.rundir import OutputFolder
+from transferkit.rundir import OutputFolder, refuse_out_inside_data
 
 logger = logging.getLogger(__name__)
 
@@ -751,6 +751,7 @@ def build_index(out: str | Path, *, docs: str | Path | None = None, images: str 
     if (docs is None) == (images is None):
         raise TransferkitError("give exactly one of --docs and --images", "e.g. --docs ./notes")
     out = Path(out)
+    refuse_out_inside_data(out, docs if docs is not None else images)  # it would index its own records
     spec = _target_spec(store, out)
     if storage.is_index_folder(out) and not overwrite:
         raise TransferkitError(f"'{out}' already holds an index",
