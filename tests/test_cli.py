@@ -596,6 +596,33 @@ def test_fit_task_causal_lm_resume_refuses_an_edited_text_file(tiny_llama_dir, t
     assert code == 2 and "the data changed" in err and "notes.txt' differs" in err and "Traceback" not in err
 
 
+def test_generate_refuses_an_empty_prompt_and_names_a_sequence_run(tiny_llama_dir, tmp_path, capsys):
+    """An empty or blank prompt (SmolLM2's tokenizer makes it 0 tokens: an internal reshape error) is refused in
+    one line, in the CLI and in generate_text; a charlm run given to generate is named as one."""
+    from transferkit.backbones import create_backbone
+    from transferkit.errors import TransferkitError
+    from transferkit.tasks.causal_lm import generate_text
+
+    for prompt, chat in (("", []), ("  \n", []), ("", ["--chat"])):
+        code, out, err = run_cli(["generate", "--backbone", f"hf-causal:{tiny_llama_dir}", prompt, *chat], capsys)
+        assert code == 2 and "the prompt is empty" in err and not out and len(err.strip().splitlines()) == 1
+    backbone = create_backbone(f"hf-causal:{tiny_llama_dir}")
+    for chat in (False, True):
+        with pytest.raises(TransferkitError, match="the prompt is empty"):
+            generate_text(backbone, " ", 3, chat=chat)
+
+    text = tmp_path / "book.txt"
+    text.write_text("the cat sat on the mat. " * 40)
+    assert main(["charlm", "train", str(text), "--out", str(tmp_path / "lm"), "--epochs", "1", "--hidden-size",
+                 "8", "--embedding-dim", "4", "--num-layers", "1", "--bptt", "10", "--batch-size", "4",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    code, _, err = run_cli(["generate", "--model", tmp_path / "lm", "the"], capsys)
+    assert code == 2 and "character language model run" in err and "charlm sample" in err
+    code, _, err = run_cli(["charlm", "train", tmp_path, "--out", tmp_path / "lm2"], capsys)
+    assert code == 2 and "is a folder" in err and "does not exist" not in err
+
+
 def test_modality_specific_options_on_the_wrong_data_exit_2(image_folder, tmp_path, capsys):
     code, _, err = run_cli(["fit", "--data", image_folder, *SMALL, "--max-length", "32", "--out", tmp_path / "r"],
                            capsys)

@@ -153,7 +153,7 @@ def save_model(model: TransferModel, folder: str | Path, strategy: dict[str, Any
 
 def read_model_config(folder: str | Path) -> dict[str, Any]:
     """The checked ``config.json`` of a model folder (or of a run folder's ``model/``), with ``_folder`` set."""
-    folder = Path(folder)
+    folder = run = Path(folder)
     if (folder / "model").is_dir():  # a run folder
         folder = folder / "model"
     path = folder / "config.json"
@@ -161,6 +161,10 @@ def read_model_config(folder: str | Path) -> dict[str, Any]:
         raise TransferkitError(f"'{folder}' holds no transferkit model (no config.json)",
                                "pass the folder that `transferkit fit --out` wrote")
     config = read_json(path, "model config", _REFIT)
+    if isinstance(config, dict) and config.get("format") in _SEQUENCE_RUNS:
+        what, command = _SEQUENCE_RUNS[config["format"]]
+        raise TransferkitError(f"'{run}' is a {what}, not a model trained by fit",
+                               f"use `transferkit {command} --model {run}`")
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise TransferkitError(f"'{path}' is not a transferkit model config", "pass a run folder written by fit")
     version = config.get("format_version", 0)
@@ -180,6 +184,9 @@ def read_model_config(folder: str | Path) -> dict[str, Any]:
 
 
 _REFIT = "restore the model folder, or train it again with `transferkit fit`"
+#: the model formats of ``seq2seq train`` / ``charlm train`` runs: what they are and the command that uses them
+_SEQUENCE_RUNS = {"transferkit-charlm": ("character language model run (charlm train)", "charlm sample"),
+                  "transferkit-seq2seq": ("seq2seq run (seq2seq train)", "seq2seq predict")}
 
 
 def check_model_config(config: dict[str, Any], path: Path) -> None:

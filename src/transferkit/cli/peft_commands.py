@@ -154,6 +154,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1 or args.temperature < 0:
         raise TransferkitError("--max-new-tokens must be >= 1 and --temperature >= 0", "pass e.g. 64 and 0.7")
+    causal_lm.check_prompt(args.prompt)  # before the model loads
     if args.model:
         from transferkit.strategies.lora import load_lora_export
 

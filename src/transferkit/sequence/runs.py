@@ -88,6 +88,8 @@ def read_pairs(path: str | Path) -> list[tuple[str, str]]:
 
 def read_text(path: str | Path) -> str:
     path = Path(path)
+    if path.is_dir():
+        raise TransferkitError(f"'{path}' is a folder, not a text file", "pass one text file, e.g. book.txt")
     if not path.is_file():
         raise TransferkitError(f"text file '{path}' does not exist", "pass a UTF-8 text file")
     try:

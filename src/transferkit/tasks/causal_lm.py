@@ -262,10 +262,19 @@ def fit_causal_lm(data: str, out: str | Path, backbone: str = "smollm2-135m", st
     return metrics
 
 
+def check_prompt(prompt: str) -> None:
+    """Refuse an empty or blank prompt: there is nothing to continue (or answer), and a tokenizer that adds no
+    start token makes it a sequence of 0 tokens, which the model cannot take."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise TransferkitError("the prompt is empty", 'give the text to continue, e.g. "Once upon a time"')
+
+
 def generate_text(backbone: CausalLMBackbone, prompt: str, max_new_tokens: int = 64, chat: bool = False,
                   temperature: float = 0.0, seed: int = 0) -> str:
     """Continue ``prompt`` (``chat``: as a user turn of the tokenizer's chat template). ``temperature`` 0 is
-    greedy decoding, above 0 sampling from ``softmax(logits / temperature)`` with a seeded generator."""
+    greedy decoding, above 0 sampling from ``softmax(logits / temperature)`` with a seeded generator. An empty
+    or blank prompt is refused (:func:`check_prompt`)."""
+    check_prompt(prompt)
     if chat:
         if temperature == 0:
             return backbone.generate(prompt, max_new_tokens=max_new_tokens)
