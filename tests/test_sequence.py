@@ -493,3 +493,36 @@ def test_resume_of_charlm_and_seq2seq_pairs_refuses_changed_data(tmp_path, monke
     pairs.write_text("\n".join(rows[:-1] + ["11111\t13"]) + "\n")  # one target changed
     with pytest.raises(TransferkitError, match=r"the data changed since .* \(the content of '.*pairs\.tsv' differs"):
         fit_seq2seq(tmp_path / "p", pairs=pairs, resume=True, **options)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16"])
+def test_seq2seq_pairs_are_decoded_as_every_text_file(tmp_path, encoding) -> None:
+    """read_pairs decodes like data.text.decode_text: UTF-16 with its BOM (was an internal UnicodeDecodeError)
+    and UTF-8 with a BOM (the BOM became a source symbol)."""
+    from transferkit.sequence.runs import read_pairs
+
+    rows = [(f"{n:04b}", str(n)) for n in range(12)]
+    path = tmp_path / "pairs.tsv"
+    path.write_text("".join(f"{s}\t{t}\n" for s, t in rows), encoding=encoding)
+    assert read_pairs(path) == rows
+
+
+def test_binary_training_files_are_refused_in_one_line(tmp_path, capsys) -> None:
+    """A binary file given to charlm train, seq2seq train --pairs or fit --task causal-lm is refused in one line
+    (the same check for all three), not trained on as control bytes; a folder is named as a folder."""
+    from transferkit.cli.main import main
+    from transferkit.sequence.runs import read_pairs, read_text
+    from transferkit.tasks.causal_lm import read_passages
+
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(bytes(range(256)) * 20)
+    for read in (read_text, read_pairs, read_passages):
+        with pytest.raises(TransferkitError, match=r"'.*blob\.txt' is not a text file \(binary content"):
+            read(binary)
+    with pytest.raises(TransferkitError, match="is a folder, not a text file"):
+        read_pairs(tmp_path)
+    assert main(["charlm", "train", str(binary), "--out", str(tmp_path / "lm")]) == 2
+    assert main(["seq2seq", "train", "--pairs", str(binary), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("binary content" in line for line in err)
+    assert not (tmp_path / "lm").exists() and not (tmp_path / "p").exists()

@@ -48,9 +48,9 @@ def register(subparsers) -> None:
 
     lm = subparsers.add_parser("charlm", help="Character-level language model: train on a text file, sample.")
     lm_actions = lm.add_subparsers(dest="action", metavar="ACTION", required=True)
-    lm_train = lm_actions.add_parser("train", help="Train on a UTF-8 text file.",
+    lm_train = lm_actions.add_parser("train", help="Train on a text file.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    lm_train.add_argument("file", help="A UTF-8 text file.")
+    lm_train.add_argument("file", help="A text file (UTF-8, UTF-16 with its BOM, else latin-1).")
     _add_train_options(lm_train, CharLMConfig, CHARLM_TRAIN_DEFAULTS, run_charlm_train)
     lm_sample = lm_actions.add_parser("sample", help="Generate text from a trained model.")
     lm_sample.add_argument("--model", required=True, help="Run folder written by `charlm train`.")

@@ -1,7 +1,8 @@
 """Text datasets from ``.csv`` / ``.tsv`` / ``.jsonl`` files (one example per row) or folders holding
 ``train`` / ``val`` / ``test`` files of those kinds; unlabelled texts may also be a ``.txt`` file (one per line).
 
-Files are decoded as UTF-8 (a BOM is ignored), UTF-16 when they start with its BOM, else latin-1 (with a warning).
+Files are decoded as UTF-8 (a BOM is ignored), UTF-16 when they start with its BOM, else latin-1 (with a warning);
+a binary file (NUL or control bytes) is refused.
 A ``.csv`` whose header holds no comma but semicolons or tabs is read with that delimiter.
 
 Column choice: ``text_column`` defaults to the first of ``TEXT_COLUMN_CANDIDATES`` present (case-insensitive),
@@ -18,6 +19,7 @@ import io
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,22 +51,39 @@ class Table:
         return len(self.lines)
 
 
+#: control characters no text holds (whitespace aside; C1 is what latin-1 makes of binary bytes)
+_CONTROL = re.compile(r"[\x01-\x08\x0e-\x1f\x7f-\x9f]")
+
+
 def decode_text(path: Path) -> str:
-    """The text of ``path``: UTF-16 if it starts with a UTF-16 BOM, else UTF-8 (BOM ignored), else latin-1."""
+    """The text of ``path``: UTF-16 if it starts with a UTF-16 BOM, else UTF-8 (BOM ignored), else latin-1.
+
+    A binary file (a NUL character, or more than a tenth control characters) is refused: it is no text to
+    read, and latin-1 would make it one of control characters."""
     raw = path.read_bytes()
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         try:
-            return raw.decode("utf-16")
+            return _refuse_binary(path, raw.decode("utf-16"))
         except UnicodeDecodeError as error:
             raise TransferkitError(
                 f"'{path}' starts with a UTF-16 byte-order mark but is not valid UTF-16 ({error.reason})",
                 "save it again as UTF-8 (Excel: CSV UTF-8)",
             ) from error
     try:
-        return raw.decode("utf-8-sig")
+        return _refuse_binary(path, raw.decode("utf-8-sig"))
     except UnicodeDecodeError:
+        text = _refuse_binary(path, raw.decode("latin-1"))
         logger.warning("'%s' is not valid UTF-8; reading it as latin-1", path)
-        return raw.decode("latin-1")
+        return text
+
+
+def _refuse_binary(path: Path, text: str) -> str:
+    """``text``, unless it is the content of a binary file (see :func:`decode_text`)."""
+    sample = text[: 1 << 20]
+    if "\0" in text or len(_CONTROL.findall(sample)) > len(sample) / 10:
+        raise TransferkitError(f"'{path}' is not a text file (binary content: NUL or control bytes)",
+                               "give a text file: UTF-8, or UTF-16 with its byte-order mark")
+    return text
 
 
 def _delimiter(path: Path, content: str) -> str:

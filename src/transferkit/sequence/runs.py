@@ -68,13 +68,24 @@ def build_configs(options: dict[str, Any], model_class: type, defaults: dict[str
     return model_config, train
 
 
-def read_pairs(path: str | Path) -> list[tuple[str, str]]:
-    """The ``source<TAB>target`` lines of a text file (at least 10)."""
-    path = Path(path)
+def _read_file(path: Path, what: str, fix: str) -> str:
+    """The text of the file ``path``, decoded as every text file (:func:`data.text.decode_text`: a binary file is
+    refused); a folder or a missing file is refused naming ``what`` it should be."""
+    from transferkit.data.text import decode_text
+
+    if path.is_dir():
+        raise TransferkitError(f"'{path}' is a folder, not a text file", fix)
     if not path.is_file():
-        raise TransferkitError(f"pairs file '{path}' does not exist", "pass a text file of 'source<TAB>target' lines")
+        raise TransferkitError(f"{what} '{path}' does not exist", fix)
+    return decode_text(path)
+
+
+def read_pairs(path: str | Path) -> list[tuple[str, str]]:
+    """The ``source<TAB>target`` lines of a text file (at least 10; decoded as every text file)."""
+    path = Path(path)
     pairs = []
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    text = _read_file(path, "pairs file", "pass a text file of 'source<TAB>target' lines")
+    for line_number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split("\t")
@@ -87,15 +98,8 @@ def read_pairs(path: str | Path) -> list[tuple[str, str]]:
 
 
 def read_text(path: str | Path) -> str:
-    path = Path(path)
-    if path.is_dir():
-        raise TransferkitError(f"'{path}' is a folder, not a text file", "pass one text file, e.g. book.txt")
-    if not path.is_file():
-        raise TransferkitError(f"text file '{path}' does not exist", "pass a UTF-8 text file")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise TransferkitError(f"'{path}' is not UTF-8 text", "convert it to UTF-8") from None
+    """The text of a file (decoded as every text file: UTF-8, UTF-16 with its BOM, else latin-1)."""
+    return _read_file(Path(path), "text file", "pass one text file, e.g. book.txt")
 
 
 def _output_folder(out: str | Path, kind: str, train: Any, **kwargs: Any) -> OutputFolder:
@@ -156,7 +160,7 @@ def fit_seq2seq(out: str | Path, *, task: str | None = None, pairs: str | Path |
 
 def fit_charlm(out: str | Path, file: str | Path, *, overwrite: bool = False, resume: bool = False,
                progress: bool = True, **options: Any) -> SequenceRun:
-    """Train a character-level language model on the UTF-8 text ``file`` and write the run folder ``out``."""
+    """Train a character-level language model on the text ``file`` and write the run folder ``out``."""
     from transferkit.sequence.charlm import CharLMConfig, prepare_charlm_data, save_charlm, train_charlm
 
     config, train = build_configs(options, CharLMConfig, CHARLM_TRAIN_DEFAULTS)
