@@ -103,6 +103,19 @@ def test_read_documents_decodes_as_the_other_text_readers_decode(tmp_path, encod
 
 
 # --- index -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("retrieval", ["dense", "lexical", "hybrid"])
+def test_search_takes_one_string_as_one_query(notes, tmp_path, tiny_encoder, retrieval):
+    """``search("a string")`` ran one query per character; one str is one query (as ``as_inputs`` rules for
+    predict): the result is the list of one query's hits, as for ``search(["a string"])``."""
+    index = build_index(tmp_path / "idx", docs=notes, encoder=tiny_encoder, progress=False, chunk_size=40,
+                        chunk_overlap=10)
+    one = index.search("the dog plays guitar", k=2, retrieval=retrieval)
+    listed = index.search(["the dog plays guitar"], k=2, retrieval=retrieval)
+    assert len(one) == 1 and [(h.source, h.start) for h in one[0]] == [(h.source, h.start) for h in listed[0]]
+    with pytest.raises(TransferkitError, match="cannot search"):
+        index.search(["the dog", 3], k=2, retrieval=retrieval)
+
+
 def test_index_round_trip_metadata_add_remove(notes, tmp_path, tiny_encoder):
     out = tmp_path / "idx"
     index = build_index(out, docs=notes, encoder=tiny_encoder, progress=False, chunk_size=40, chunk_overlap=10)

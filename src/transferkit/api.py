@@ -17,7 +17,7 @@ import numpy as np
 
 from transferkit.config import FitConfig, build, load_yaml_config
 from transferkit.data.base import LabeledData
-from transferkit.data.images import IMAGE_EXTENSIONS, images_under
+from transferkit.data.images import IMAGE_EXTENSIONS, images_under, is_image_array, is_one_input
 from transferkit.data.text import UNLABELLED_TEXT_EXTENSIONS, read_text_file
 from transferkit.errors import TransferkitError, check_count, from_os_error, spoken
 from transferkit.fitting import Run, fit_run
@@ -184,12 +184,6 @@ def _described(value: Any) -> str:
     return "None" if value is None else f"{type(value).__name__} {reprlib.repr(value)}"
 
 
-def _is_image_array(value: Any) -> bool:
-    """An H x W or H x W x C (C = 1, 3 or 4) numeric array: one image (see ``backbones.base.array_image``)."""
-    return (isinstance(value, np.ndarray) and value.dtype.kind in "biuf" and value.size > 0
-            and (value.ndim == 2 or (value.ndim == 3 and value.shape[-1] in (1, 3, 4))))
-
-
 def as_inputs(items: Any, modality: str, text_files: bool = False) -> list[Any]:
     """``items`` as a list of single inputs, nothing read yet. One str, Path or PIL image, or one numpy image, is
     one input (a text is never split into characters); a list, tuple or other iterable holds one input per
@@ -200,14 +194,14 @@ def as_inputs(items: Any, modality: str, text_files: bool = False) -> list[Any]:
 
     kind = "image" if modality == "image" else "text"
     single = (str, Path, Image.Image)
-    if isinstance(items, single) or (kind == "image" and _is_image_array(items)):
+    if is_one_input(items, modality):
         items = [items]
     elif items is None or isinstance(items, (bytes, bytearray, Mapping)) or not isinstance(items, Iterable):
         raise TransferkitError(f"cannot predict {_described(items)}: {_ACCEPTED[kind]}",
                                "pass one input or a list of them")
     inputs = list(items)
     for i, item in enumerate(inputs):
-        if not ((isinstance(item, single) or _is_image_array(item)) if kind == "image" else
+        if not ((isinstance(item, single) or is_image_array(item)) if kind == "image" else
                 isinstance(item, str) or (text_files and stands_for_many(item, "text"))):
             raise TransferkitError(f"cannot predict input {i} ({_described(item)}): {_ACCEPTED[kind]}",
                                    "pass only such inputs" if kind == "image" else

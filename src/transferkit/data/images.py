@@ -189,6 +189,19 @@ def _visible_subfolders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not is_hidden(p.name))
 
 
+def is_image_array(value: object) -> bool:
+    """An H x W or H x W x C (C = 1, 3 or 4) numeric array: one image (see ``backbones.base.array_image``)."""
+    return (isinstance(value, np.ndarray) and value.dtype.kind in "biuf" and value.size > 0
+            and (value.ndim == 2 or (value.ndim == 3 and value.shape[-1] in (1, 3, 4))))
+
+
+def is_one_input(items: object, modality: str) -> bool:
+    """True if ``items`` is one input rather than a collection of them: a str, Path or PIL image, or, for an image
+    model, one numpy image (a text is never split into characters). The rule of ``api.as_inputs`` (predict),
+    shared with ``VectorIndex.search``."""
+    return isinstance(items, (str, Path, Image.Image)) or (modality == "image" and is_image_array(items))
+
+
 def images_under(folder: Path, others: list[Path] | None = None) -> list[Path]:
     """Image files anywhere below ``folder`` (sorted; hidden files and folders skipped; linked folders followed,
     each real folder once, so a link to an ancestor is no loop); the other visible files are appended to

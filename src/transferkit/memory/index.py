@@ -419,12 +419,21 @@ class VectorIndex:
             results.append(hits)
         return results
 
-    def search(self, queries: Sequence[Any], k: int = 5, encoder: Backbone | None = None,
+    def search(self, queries: Sequence[Any] | str, k: int = 5, encoder: Backbone | None = None,
                retrieval: RetrievalConfig | str | None = None) -> list[list[SearchHit]]:
         """The ``k`` best chunks (or images) for each query: ``dense`` embeds the queries (texts, or PIL images
         for an image index) with the index's encoder, ``lexical`` scores chunks by BM25, ``hybrid`` fuses both
         (:mod:`transferkit.memory.retrieval`); a ``RetrievalConfig`` also chooses the fusion and a re-ranker.
-        ``None``: the default retrieval for the index's modality."""
+        ``None``: the default retrieval for the index's modality. One query (a str, or one image) is a list of
+        one query, as for ``predict`` (:func:`transferkit.data.images.is_one_input`): the result is then
+        ``[hits]``."""
+        from transferkit.data.images import is_one_input
+
+        queries = [queries] if is_one_input(queries, self.meta.modality) else list(queries)
+        wrong = next((i for i, q in enumerate(queries) if not isinstance(q, str)), None)
+        if self.meta.modality == "text" and wrong is not None:
+            raise TransferkitError(f"cannot search query {wrong} ({type(queries[wrong]).__name__}): a text index "
+                                   "takes texts (str)", "pass one text or a list of texts")
         config = RetrievalConfig(retrieval) if isinstance(retrieval, str) or retrieval is None else retrieval
         config = config.resolved(self.meta.modality)
         config.check()
@@ -433,17 +442,17 @@ class VectorIndex:
         if encoder is not None:
             self.check_encoder(encoder)
         if config.retrieval == "dense" and config.rerank is None:
-            return self.search_vectors(embed(self.encoder, list(queries)), k)
+            return self.search_vectors(embed(self.encoder, queries), k)
         if self.meta.modality != "text":
             raise TransferkitError(f"{config.retrieval} retrieval and re-ranking need a text index",
                                    "search an image index with --retrieval dense and no --rerank")
         depth = max(k, config.depth)
         rankings: list[dict[str, dict[int, tuple[int, float]]]] = [{} for _ in queries]
         if config.retrieval in ("dense", "hybrid"):
-            for row, scores, ids in zip(rankings, *self.search_ids(embed(self.encoder, list(queries)), depth)):
+            for row, scores, ids in zip(rankings, *self.search_ids(embed(self.encoder, queries), depth)):
                 row["dense"] = ranking(scores, ids)
         if config.retrieval in ("lexical", "hybrid"):
-            for row, scores, ids in zip(rankings, *self.lexical.search(list(queries), depth)):
+            for row, scores, ids in zip(rankings, *self.lexical.search(queries, depth)):
                 row["lexical"] = ranking(scores, ids)
         return [self._ranked_hits(query, row, k, config) for query, row in zip(queries, rankings)]
 
