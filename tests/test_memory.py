@@ -208,6 +208,31 @@ def test_sentence_windows_are_spans():
                                              "Second one!\n\nThird", "Third"]
 
 
+def test_extractive_answer_never_offers_a_sentence_cut_by_the_chunking(tmp_path, tiny_encoder):
+    """A chunk starting inside a sentence ("an assert statement when optimization is requested." of "... emits no
+    code for an assert statement when ...") or ending inside one offers only its whole sentences as answers; a
+    chunk at the start of its source, or starting right after a sentence end, keeps its first sentence."""
+    from transferkit.memory.ask import extractive_answer
+
+    sentences = ["The dog plays guitar on the mat today.", "The cat never plays guitar on the mat today.",
+                 "Reset the device power on the market today.", "The market sat on the device today."]
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text(" ".join(sentences * 3))
+    index = build_index(tmp_path / "idx", docs=docs, encoder=tiny_encoder, progress=False, chunk_size=70,
+                        chunk_overlap=25)
+    assert any(r["start"] and r["text"][0] != r["text"][0].upper() for r in index.records.values())  # cut chunks
+    whole = set(sentences) | {f"{a} {b}" for a, b in zip(sentences, sentences[1:] + sentences[:1])}
+    for question in ["the cat plays guitar", "reset the device power", "the market sat", "dog today"]:
+        hits = index.search(question, k=4)[0]
+        for hit in hits:  # each chunk alone: whatever it offers is whole sentences
+            assert extractive_answer(index, question, [hit]).answer in whole | {hit.text.strip()}
+    first = min(index.records, key=lambda i: index.records[i]["start"])
+    record = index.records[first]
+    hit = SearchHit(1, 1.0, record["source"], record["text"], record["start"], record["end"], first)
+    assert extractive_answer(index, "the dog plays guitar", [hit]).answer.startswith("The dog plays guitar")
+
+
 def test_read_citations_and_overlap_passage():
     hits = [SearchHit(1, 0.9, "a.md", "hold the reset button", 0, 5), SearchHit(2, 0.8, "b.md", "bake bread", 0, 5)]
     assert [h.source for h in read_citations("see [2], then [1] and [2] and [7]", hits)] == ["b.md", "a.md"]

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 ASK_MODES = ("generate", "extractive")
 _WORD = re.compile(r"[^\W\d_]{2,}")
 _SENTENCE_END = re.compile(r"(?<=[.!?:])\s+|\n\s*\n")
+_ENDS_SENTENCE = re.compile(r"[.!?:]\s*$|\n\s*\n\s*$")  # text that ends where a sentence ends
 _CITATION = re.compile(r"\[(\d+)\]")
 # the model starts copying the prompt: a passage of the list, or a new "Question:" / the answer instruction
 _ECHOED_PROMPT = re.compile(r"\n\s*(?:\[\d+\]\s*\(from |Question:|Answer in one)")
@@ -56,16 +57,25 @@ class Answer:
                 "passages": [h.to_json() for h in self.passages]}
 
 
-def sentence_windows(text: str, max_sentences: int = 2, min_words: int = 1) -> list[tuple[int, int]]:
+def sentence_windows(text: str, max_sentences: int = 2, min_words: int = 1, cut_start: bool = False,
+                     cut_end: bool = False) -> list[tuple[int, int]]:
     """Character spans of windows of up to ``max_sentences`` consecutive sentences of ``text`` (sentences of
-    fewer than ``min_words`` words, such as headings, are skipped)."""
+    fewer than ``min_words`` words, such as headings, are skipped). ``cut_start`` / ``cut_end``: ``text`` begins /
+    ends inside a sentence of its source (a chunk), so its first piece / its last piece without a sentence end
+    is a fragment, never a sentence (see :func:`chunk_cuts`)."""
     bounds, start = [], 0
     for match in _SENTENCE_END.finditer(text):
         if text[start:match.start()].strip():
             bounds.append((start, match.start()))
+        elif start == 0:
+            cut_start = False  # the text begins with a sentence end: its first piece is a whole sentence
         start = match.end()
     if text[start:].strip():
         bounds.append((start, len(text)))
+    if cut_start and bounds and bounds[0][0] == 0:
+        bounds = bounds[1:]
+    if cut_end and bounds and bounds[-1][1] == len(text) and not _ENDS_SENTENCE.search(text):
+        bounds = bounds[:-1]
     bounds = [(s, e) for s, e in bounds if len(_WORD.findall(text[s:e])) >= min_words]  # no headings / rules
     windows = []
     for i in range(len(bounds)):
@@ -75,13 +85,40 @@ def sentence_windows(text: str, max_sentences: int = 2, min_words: int = 1) -> l
     return windows
 
 
+def chunk_cuts(index: VectorIndex, hit: SearchHit) -> tuple[bool, bool]:
+    """Whether the chunk ``hit`` begins / ends inside a sentence of its source. The chunks of one document have
+    consecutive ids: the previous one holds the text before the chunk (a chunk at offset 0, or right after a
+    sentence end, begins a sentence; without it, any other offset counts as a cut), and a next one means the
+    chunk stops before the document's end."""
+    def neighbour(step: int) -> dict[str, Any] | None:
+        record = index.records.get(hit.id + step) if hit.id >= 0 else None
+        same = record is not None and record.get("source") == hit.source and record.get("record", 0) == hit.record
+        return record if same else None
+
+    begins_cut = False
+    if hit.start:
+        before = neighbour(-1)
+        start = before.get("start") if before else None
+        if isinstance(start, int) and start <= hit.start <= start + len(before["text"]):  # type: ignore[index]
+            preceding = before["text"][:hit.start - start]  # type: ignore[index]
+            begins_cut = bool(preceding.strip()) and not _ENDS_SENTENCE.search(preceding)
+        else:
+            begins_cut = True
+    return begins_cut, neighbour(1) is not None
+
+
 def extractive_answer(index: VectorIndex, question: str, hits: list[SearchHit],
                       max_sentences: int = 2) -> Answer:
-    """The sentence window of the retrieved chunks most similar to the question."""
+    """The sentence window of the retrieved chunks most similar to the question. A piece of a sentence that the
+    chunking cut (:func:`chunk_cuts`) is never offered; a chunk holding no whole sentence is offered whole."""
     candidates: list[tuple[SearchHit, int, int]] = []
     for hit in hits:
-        spans = sentence_windows(hit.text, max_sentences, min_words=4) or sentence_windows(hit.text, max_sentences)
+        cut_start, cut_end = chunk_cuts(index, hit)
+        spans = (sentence_windows(hit.text, max_sentences, 4, cut_start, cut_end)
+                 or sentence_windows(hit.text, max_sentences, 1, cut_start, cut_end))
         candidates += [(hit, s, e) for s, e in spans]
+    if not candidates:  # no whole sentence in any chunk: the chunks themselves
+        candidates = [(hit, 0, len(hit.text)) for hit in hits if hit.text.strip()]
     if not candidates:
         return Answer(question, "", "extractive", [], hits)
     vectors = embed(index.encoder, [hit.text[s:e] for hit, s, e in candidates])
