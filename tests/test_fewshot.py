@@ -117,6 +117,31 @@ def test_knn_k1_is_nearest_neighbour(tmp_path):
     assert _probabilities(model, [(1.0, 1.2)])[0].argmax() == 0
 
 
+def test_knn_k_above_the_labelled_examples_or_a_class_size_warns_once_naming_the_k_used(tmp_path, caplog):
+    """--knn-k larger than the labelled examples was capped silently (every prediction then the most frequent
+    class); larger than the smallest class, that class can be outvoted: one warning each, naming the numbers."""
+    import logging
+
+    def warnings() -> list[str]:
+        found = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "--knn-k" in r.getMessage()]
+        caplog.clear()
+        return found
+
+    with caplog.at_level(logging.WARNING):
+        model, strategy, _ = _fit("knn", {"knn_k": 9}, tmp_path)
+        found = warnings()
+        assert len(found) == 1 and "--knn-k 9" in found[0] and "5 labelled examples" in found[0] and "k = 5" in found[0]
+        strategy.train(model, RunContext(splits=DataSplits(_data(TRAIN, TRAIN_LABELS, "train"),
+                                                           _data([(1.0, 0.2)], [0], "val"), None),
+                                         train=TrainConfig(epochs=1), cache_dir=None, progress=False))
+        assert warnings() == []  # once per run (cv trains a fold after fold)
+        _fit("knn", {"knn_k": 3}, tmp_path)  # class 'right' holds 2 examples
+        found = warnings()
+        assert len(found) == 1 and "--knn-k 3" in found[0] and "'right'" in found[0] and "2 " in found[0]
+        _fit("knn", {"knn_k": 2}, tmp_path)
+        assert warnings() == []
+
+
 def test_contrastive_pairs_are_balanced_setfit_pairs():
     labels = np.array([0, 0, 0, 1, 1, 2])
     pairs = contrastive_pairs(labels, seed=0)

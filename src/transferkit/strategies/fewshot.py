@@ -179,6 +179,10 @@ class KNearestNeighbours(EmbeddingStrategy):
     description = "k nearest labelled embeddings vote (cosine; no gradient training)"
     config: KNNConfig
 
+    def __init__(self, config: StrategyConfig | None = None) -> None:
+        super().__init__(config)
+        self._warned: set[str] = set()  # the --knn-k warnings given in this run (see _warn_about_k)
+
     def prepare(self, model: TransferModel, for_loading: bool = False) -> None:
         freeze(model.backbone)
         task = model.tasks[0]  # the bank's size is learned: training fills it, loading resizes it to the saved one
@@ -188,11 +192,37 @@ class KNearestNeighbours(EmbeddingStrategy):
         started = time.perf_counter()
         features, labels = _labelled_features(model, context)
         task = model.tasks[0]
+        self._warn_about_k(labels, task.class_names)
         head = KNNHead(model.backbone.feature_dim, len(features), task.num_outputs, self.config.knn_k)
         head.store(features, labels)
         place(head, module_device(model))
         model.heads[task.name] = head
         return _result(_validation_metrics(model, context), started, solver="knn")
+
+    def _warn_about_k(self, labels: torch.Tensor, class_names: list[str]) -> None:
+        """Warn (once per run: cross-validation trains fold after fold) when ``--knn-k`` exceeds the labelled
+        examples (all of them vote: every prediction is the most frequent class) or the smallest class (its
+        examples can never fill the neighbourhood, so it can be outvoted)."""
+        k = self.config.knn_k
+        counts = torch.bincount(labels, minlength=len(class_names)).tolist()
+        present = [(n, name) for n, name in zip(counts, class_names) if n]
+        smallest, name = min(present) if present else (0, "")
+        if k > len(labels):
+            kind, message = "examples", (
+                f"--knn-k {k} is more than the {len(labels)} labelled examples it trains on (under --protocol cv: "
+                f"those of a fold): using k = {len(labels)}, "
+                "every example votes, so every prediction is the most frequent class; choose a smaller --knn-k "
+                f"(at most {smallest}, the smallest class)")
+        elif k > smallest:
+            kind, message = "class", (
+                f"--knn-k {k} is more than the {smallest} labelled examples of class '{name}' it trains on (under "
+                f"--protocol cv: in a fold): its examples can "
+                f"never fill the {k} nearest, so larger classes can outvote it; consider --knn-k {smallest} or fewer")
+        else:
+            return
+        if kind not in self._warned:
+            self._warned.add(kind)
+            logger.warning(message)
 
 
 # --- contrastive (SetFit) -------------------------------------------------------------------------------------
