@@ -53,6 +53,30 @@ def test_mlflow_logs_params_epochs_metrics_and_the_run_folder(image_folder, tmp_
     assert (tmp_path / "mlartifacts").is_dir()  # beside the database, not in the working directory
 
 
+def test_tracking_keeps_the_cv_protocol_and_logs_the_cv_estimate(image_folder, tmp_path):
+    """--track changes nothing that is trained: 8 items a class stay cross-validated (auto) and --protocol cv is
+    accepted; the logged run has the cv estimate, the final metrics and the refit's training curve."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    plain = fit(image_folder, tmp_path / "plain")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracked = fit(image_folder, tmp_path / "tracked", track="mlflow", track_uri=uri, track_experiment="cv")
+    assert tracked.metrics["protocol"] == plain.metrics["protocol"] == "cv"
+    assert tracked.metrics["accuracy"] == plain.metrics["accuracy"]
+    assert (tmp_path / "tracked" / "cv_predictions.csv").read_text() == \
+        (tmp_path / "plain" / "cv_predictions.csv").read_text()
+    client = MlflowClient(tracking_uri=uri)
+    [logged] = client.search_runs([client.get_experiment_by_name("cv").experiment_id])
+    assert logged.data.metrics["cv.mean"] == pytest.approx(tracked.metrics["cv"]["mean"])
+    assert logged.data.metrics["accuracy"] == pytest.approx(tracked.metrics["accuracy"])
+    assert len(client.get_metric_history(logged.info.run_id, "train_loss")) == len(tracked.history) > 0
+    assert "run/cv_predictions.csv" in {a.path for a in client.list_artifacts(logged.info.run_id, "run")}
+    explicit = fit(image_folder, tmp_path / "explicit", protocol="cv", track="tensorboard",
+                   track_uri=str(tmp_path / "tb"))
+    assert explicit.metrics["protocol"] == "cv" and (tmp_path / "tb" / "explicit").is_dir()
+
+
 def test_tensorboard_writes_epoch_and_final_scalars(image_folder, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

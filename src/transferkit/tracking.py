@@ -3,7 +3,8 @@
 Logged once the run folder is published: the options as parameters (``fit.data``, ``train.lr``,
 ``strategy.name``, ...), every numeric column of ``history.jsonl`` per epoch, the final numeric metrics of
 ``metrics.json`` (``accuracy``, ``macro_f1``, ``cv.mean``, ...), and for MLflow the run folder itself as an
-artefact (``run/``). MLflow logs to ``--track-uri``, else ``$MLFLOW_TRACKING_URI``, else a local SQLite store
+artefact (``run/``). Tracking never changes what is trained: a ``--protocol cv`` run (or ``auto`` choosing cv) stays
+cross-validated and logs its cv estimate (``cv.mean``, ...) and its refit's history. MLflow logs to ``--track-uri``, else ``$MLFLOW_TRACKING_URI``, else a local SQLite store
 ``sqlite:///mlflow.db`` (recent MLflow refuses the plain file store unless told otherwise), whose artefacts go to
 ``mlartifacts/`` beside the database; TensorBoard writes
 event files under ``--track-uri`` (default ``runs/tensorboard``) in a folder named after the run.

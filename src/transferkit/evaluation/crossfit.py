@@ -58,8 +58,9 @@ FROZEN_REPEATS = 3  # repeats of k-fold for strategies whose folds are cheap (cl
 PREDICTIONS_FILE = "cv_predictions.csv"
 #: extensions whose effect is per training run and so carries into every fold (objectives) or that the cv
 #: protocol handles itself (calibration on the OOF predictions; the data check runs once, on all labels; semi-supervised
-#: training: the folds are supervised and choose its settings, then one semi-supervised run uses every label)
-CV_EXTENSIONS = ("anchor", "calibration", "data check", "semi")
+#: training: the folds are supervised and choose its settings, then one semi-supervised run uses every label;
+#: tracking logs the published run: options, the cv estimate, final metrics, the refit's history, the run folder)
+CV_EXTENSIONS = ("anchor", "calibration", "data check", "semi", "tracking")
 
 
 def cv_max_class_size(strategy: str) -> int:
