@@ -193,3 +193,56 @@ def test_auto_and_compare_refuse_a_missing_tracker_in_one_line_before_any_work(i
     assert main(["auto", "--data", str(image_folder), "--out", str(tmp_path / "d"), "--track", "wandb"]) == 2
     assert "unknown --track 'wandb'" in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in "abcd")
+
+
+def _bad_destinations(tmp_path: Path) -> list[tuple[str, str, str]]:
+    """(--track, --track-uri, expected words) the tracker would refuse only after the run is published."""
+    (tmp_path / "afile").write_text("not a folder")
+    return [("mlflow", str(tmp_path / "mlruns_dir"), "file store"),
+            ("mlflow", (tmp_path / "mlruns_uri").as_uri(), "file store"),
+            ("mlflow", f"sqlite:///{tmp_path / 'afile' / 'sub' / 'mlflow.db'}", "not a folder"),
+            ("tensorboard", str(tmp_path / "afile" / "tb"), "not a folder")]
+
+
+def test_a_bad_tracking_destination_is_refused_in_one_line_before_any_work(image_folder, tmp_path, monkeypatch,
+                                                                          capsys):
+    pytest.importorskip("mlflow")
+    from transferkit.cli.main import main
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for i, (tracker, uri, expected) in enumerate(_bad_destinations(tmp_path)):
+        commands = [["fit", "--data", str(image_folder), "--backbone", "small_cnn", "--epochs", "1"],
+                    ["auto", "--data", str(image_folder)],
+                    ["compare", "--data", str(image_folder), "--backbones", "small_cnn", "--strategies", "finetune"]]
+        for j, command in enumerate(commands):
+            out = tmp_path / f"out{i}{j}"
+            assert main([*command, "--out", str(out), "--track", tracker, "--track-uri", uri]) == 2, command
+            error = capsys.readouterr().err.strip()
+            assert "--track-uri" in error and expected in error and len(error.splitlines()) == 1, error
+            assert not out.exists()
+    assert not (tmp_path / "mlruns_dir").exists() and not (tmp_path / "mlruns_uri").exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", str(tmp_path / "mlruns_env"))  # the environment's URI is checked too
+    assert main(["fit", "--data", str(image_folder), "--out", str(tmp_path / "env"), "--track", "mlflow"]) == 2
+    assert "$MLFLOW_TRACKING_URI" in capsys.readouterr().err and not (tmp_path / "env").exists()
+
+
+def test_a_tracker_failure_after_publishing_is_one_line_naming_the_written_run(image_folder, tmp_path, monkeypatch,
+                                                                              capsys):
+    mlflow = pytest.importorskip("mlflow")
+    from transferkit import tracking
+    from transferkit.cli.main import main
+
+    def refuse(*args, **kwargs):
+        raise mlflow.exceptions.MlflowException("the server said no\nsecond line")
+
+    monkeypatch.setattr(tracking, "log_to_mlflow", refuse)
+    out = tmp_path / "run"
+    assert main(["fit", "--data", str(image_folder), "--backbone", "small_cnn", "--epochs", "1", "--out", str(out),
+                 "--track", "mlflow", "--track-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 2
+    [error] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]  # after the log
+    assert "the server said no" in error and "second line" not in error
+    assert f"written to {out}" in error and (out / "metrics.json").is_file()
+    with pytest.raises(TransferkitError, match=f"written to {tmp_path / 'cmp'}"):  # compare's parent has no folder
+        tracking.log_runs(tracking.TrackingConfig(track="mlflow"), tracking.TrackedRun("cmp", {}, {}),
+                          output=tmp_path / "cmp")

@@ -132,7 +132,7 @@ CORRUPT_FILE_ERRORS: tuple[type[BaseException], ...] = (ValueError, RuntimeError
 
 def corrupt_file_error(path: str | Path, what: str, detail: object = None, fix: str | None = None) -> TransferkitError:
     """``'<path>' is not a valid <what> (<detail>)`` + the fix (default: write it again)."""
-    reason = f" ({_first_line(detail)})" if detail is not None and _first_line(detail) else ""
+    reason = f" ({first_line(detail)})" if detail is not None and first_line(detail) else ""
     return TransferkitError(f"'{path}' is damaged or not a valid {what}{reason}",
                             fix or "restore the file, or write it again with the transferkit command that made it")
 
@@ -155,7 +155,8 @@ def reading(path: str | Path, what: str, fix: str | None = None) -> Iterator[Non
         raise corrupt_file_error(path, what, f"{type(exc).__name__}: {exc}", fix) from None
 
 
-def _first_line(detail: object) -> str:
+def first_line(detail: object) -> str:
+    """The first line of ``detail`` as text, at most 160 characters (for one-line messages)."""
     text = str(detail).strip().splitlines()
     line = text[0] if text else ""
     return line if len(line) <= 160 else line[:157] + "..."

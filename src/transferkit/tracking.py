@@ -13,11 +13,13 @@ event files under ``--track-uri`` (default ``runs/tensorboard``) in a folder nam
 subfolders): ``auto`` a child per leaderboard candidate (its settings, cross-validated score per fold, mean and sd,
 cost in seconds, status) under a parent with the final metrics and the run folder; ``compare`` a child per cell (the
 cell's run folder logged as ``fit --track`` logs it) under a parent with the leaderboard and the recommendation.
-Everything is logged once the command's output is published (:func:`log_runs`).
+Everything is logged once the command's output is published (:func:`log_runs`); the destination is checked before
+any work (:func:`check_destination`), and a tracker failing after publishing is a one-line error naming the output.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -27,8 +29,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, first_line, from_os_error
 from transferkit.extensions import ExtensionConfig, FitExtension, register_extension
 
 logger = logging.getLogger(__name__)
@@ -62,6 +66,69 @@ def require_tracker(name: str) -> None:
     except ModuleNotFoundError:
         raise TransferkitError(f"--track {name} needs the 'track' extra ({module} is missing)",
                                "pip install 'transferkit[track]'") from None
+
+
+def mlflow_uri(config: TrackingConfig) -> tuple[str, str]:
+    """The MLflow tracking URI that ``config`` logs to, and where it came from (for messages)."""
+    if config.track_uri:
+        return config.track_uri, "--track-uri"
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"], "$MLFLOW_TRACKING_URI"
+    return DEFAULT_MLFLOW_URI, "the default --track-uri"
+
+
+def _file_store_allowed() -> bool:
+    """Whether MLflow accepts its file store (a plain folder); from MLflow 3.x only with ``MLFLOW_ALLOW_FILE_STORE``."""
+    try:
+        from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+    except ImportError:  # an MLflow from before the file store's maintenance mode
+        return True
+    return bool(MLFLOW_ALLOW_FILE_STORE.get())
+
+
+def _check_writable(path: Path, source: str, value: str, *, file: bool = False) -> None:
+    """Refuse a destination the tracker could not create or write: folder ``path`` (or with ``file`` the database
+    file ``path``), named as ``source`` ``'value'`` in the message. Nothing is created."""
+    path = Path(os.path.abspath(path))
+    found = path if path.exists() else next(p for p in path.parents if p.exists())
+    if found == path and file and path.is_dir():
+        code = errno.EISDIR
+    elif not found.is_dir() and not (found == path and file):
+        code = errno.ENOTDIR
+    elif not os.access(found, os.W_OK | (0 if found == path and file else os.X_OK)):
+        code = errno.EACCES
+    else:
+        return
+    error = from_os_error(OSError(code, os.strerror(code), str(found)))
+    raise TransferkitError(f"{source} '{value}': {error.problem}",
+                           f"{error.fix} for {'$MLFLOW_TRACKING_URI' if source.startswith('$') else '--track-uri'}")
+
+
+def check_destination(config: TrackingConfig) -> None:
+    """Refuse, before any work, a destination the tracker would refuse only after the run is published: an MLflow
+    file store (a plain folder or ``file:`` URI, which MLflow 3 refuses unless ``MLFLOW_ALLOW_FILE_STORE=true``),
+    a SQLite database or TensorBoard folder that cannot be created or written. Remote stores are not contacted."""
+    if config.track == "tensorboard":
+        _check_writable(Path(config.track_uri or DEFAULT_TENSORBOARD_DIR), "--track-uri",
+                        config.track_uri or DEFAULT_TENSORBOARD_DIR)
+        return
+    uri, source = mlflow_uri(config)
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:  # a path (a Windows drive letter is no scheme)
+        if not _file_store_allowed():
+            folder = url2pathname(parsed.path) if parsed.scheme == "file" else uri
+            raise TransferkitError(
+                f"{source} '{uri}' is a folder, MLflow's file store, which MLflow refuses",
+                f"use a database, e.g. --track-uri sqlite:///{Path(folder) / 'mlflow.db'} (an existing store: "
+                "`mlflow migrate-filestore`), or set MLFLOW_ALLOW_FILE_STORE=true")
+    elif parsed.scheme == "sqlite" and uri.startswith("sqlite:///") and uri[len("sqlite:///"):] not in ("", ":memory:"):
+        _check_writable(Path(uri[len("sqlite:///"):]), source, uri, file=True)
+
+
+def check_tracking(config: TrackingConfig) -> None:
+    """Everything ``--track`` needs, checked before any work: the tracker's library and its destination."""
+    require_tracker(config.track)
+    check_destination(config)
 
 
 def flat_params(options: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -165,7 +232,7 @@ def log_to_mlflow(parent: TrackedRun, children: list[TrackedRun] = (), uri: str 
     """``parent`` as an MLflow run and each of ``children`` as a run nested under it; returns the parent's id."""
     from mlflow.tracking import MlflowClient
 
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_MLFLOW_URI
+    uri = uri or mlflow_uri(TrackingConfig(track="mlflow"))[0]
     client = MlflowClient(tracking_uri=uri)
     experiment_id = _mlflow_experiment(client, uri, experiment)
     parent_id = _mlflow_run(client, experiment_id, parent)
@@ -211,13 +278,24 @@ def log_to_tensorboard(parent: TrackedRun, children: list[TrackedRun] = (), logd
     return folder
 
 
-def log_runs(config: TrackingConfig, parent: TrackedRun, children: list[TrackedRun] = ()) -> str:
-    """Log ``parent`` (and its ``children``, nested) to the tracker ``config`` names; returns where (for the log)."""
-    if config.track == "mlflow":
-        run_id = log_to_mlflow(parent, children, config.track_uri, config.track_experiment)
-        where = f"MLflow run {run_id} ({config.track_uri or os.environ.get('MLFLOW_TRACKING_URI') or DEFAULT_MLFLOW_URI})"
-    else:
-        where = f"TensorBoard in {log_to_tensorboard(parent, children, config.track_uri)}"
+def log_runs(config: TrackingConfig, parent: TrackedRun, children: list[TrackedRun] = (),
+             output: Path | None = None) -> str:
+    """Log ``parent`` (and its ``children``, nested) to the tracker ``config`` names; returns where (for the log).
+    A tracker's failure is a one-line error saying that the command's ``output`` (default: the parent's folder)
+    was written all the same."""
+    try:
+        if config.track == "mlflow":
+            uri = mlflow_uri(config)[0]
+            where = f"MLflow run {log_to_mlflow(parent, children, uri, config.track_experiment)} ({uri})"
+        else:
+            where = f"TensorBoard in {log_to_tensorboard(parent, children, config.track_uri)}"
+    except Exception as exc:  # MlflowException, a database's or the disk's error: the output is complete
+        tracker = "MLflow" if config.track == "mlflow" else "TensorBoard"
+        raise TransferkitError(
+            f"the output was written to {output or parent.folder}, but logging it to {tracker} failed "
+            f"({type(exc).__name__}: {first_line(exc)})",
+            "the output is complete; to log it, fix the tracker and run the same command again (fit and auto with "
+            "--overwrite; compare reuses its finished cells), or leave out --track") from None
     logger.info("logged %s%s to %s", parent.name, f" and {len(children)} child runs" if children else "", where)
     return where
 
@@ -232,7 +310,7 @@ def tracking_options(options: dict[str, Any]) -> TrackingConfig | None:
     config.validate()
     if config.track is None:
         return None
-    require_tracker(config.track)
+    check_tracking(config)
     return config
 
 
@@ -257,7 +335,7 @@ class Tracking(FitExtension):
         return {"track tensorboard": {"track": "tensorboard", "track_uri": NEEDS_PATH}}  # mlflow: the same hook
 
     def check(self, fit: Any, strategy: Any) -> None:
-        require_tracker(self.config.track)
+        check_tracking(self.config)
 
     def published(self, run_dir: Path, metrics: dict[str, Any], history: list[dict[str, Any]]) -> None:
         log_runs(self.config, run_record(run_dir, metrics, history))

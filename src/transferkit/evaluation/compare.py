@@ -589,7 +589,7 @@ def track_compare(tracking: Any, out: Path, document: dict[str, Any]) -> None:
                "fit": document.get("fit_options") or {}, "recommendation": document.get("recommendation") or {}}
     parent = TrackedRun(out.resolve().name, options, metrics, files=[out / LEADERBOARD_FILE, out / "report.html"],
                         tags={"transferkit.compare_dir": str(out)})
-    log_runs(tracking, parent, children)
+    log_runs(tracking, parent, children, output=out)
 
 
 BEST_FOLDER = "best"
