@@ -261,6 +261,23 @@ def test_auto_bad_input_exits_2_with_one_line(tmp_path, per_class, classes, budg
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
 
 
+def test_a_backbone_of_the_other_modality_is_refused_as_fit_refuses_it_before_the_search(folder, tmp_path, capsys):
+    from transferkit.cli.main import main
+
+    csv = tmp_path / "tweets.csv"
+    csv.write_text("text,label\n" + "".join(f"item {i},{'ab'[i % 2]}\n" for i in range(12)))
+    for data, backbone, problem in ((folder, "minilm", "backbone 'minilm' takes text input but the data is image"),
+                                    (csv, "efficientnet_lite0",
+                                     "backbone 'efficientnet_lite0' takes image input but the data is text")):
+        out = tmp_path / f"out-{backbone}"
+        assert main(["auto", "--data", str(data), "--out", str(out), "--backbones", backbone]) == 2
+        [error] = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert error.startswith(f"error: {problem}") and "transferkit backbones" in error, error
+        assert main(["fit", "--data", str(data), "--out", str(out), "--backbone", backbone]) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == error  # fit's one line, word for word
+        assert not out.exists()
+
+
 def test_python_options_take_the_values_the_cli_takes(tmp_path, monkeypatch):
     """``transferkit.auto(...)`` reads its options as the flags are read: a comma-separated string is a list (not its
     characters), a number given as text is coerced, None is the default."""

@@ -165,18 +165,12 @@ def split_data(fit: FitConfig, train: TrainConfig, extensions: list = (), proces
     return plan_protocol(fit, train.seed, extensions=extensions, processes=processes)
 
 
-def _wrong_modality(name: str, modality: str, data_modality: str) -> TransferkitError:
-    return TransferkitError(f"backbone '{name}' takes {modality} input but the data is {data_modality}",
-                            f"choose a {data_modality} backbone (`transferkit backbones`)")
-
-
 def build_backbone(name: str, fit: FitConfig, train: TrainConfig, splits: DataSplits) -> Backbone:
     """Backbone ``name`` with the options that apply to the data's modality (seeded)."""
-    from transferkit.backbones import backbone_modality, create_backbone
+    from transferkit.backbones import check_backbone_modality, create_backbone
     from transferkit.engine.trainer import seed_everything
 
-    if backbone_modality(name) != splits.modality:
-        raise _wrong_modality(name, backbone_modality(name), splits.modality)
+    check_backbone_modality(name, splits.modality)
     misplaced = [flag for flag, value, modality in (("--image-size", fit.image_size, "image"),
                                                      ("--feature-stage", fit.feature_stage, "image"),
                                                      ("--pool-stages", fit.pool_stages, "image"),
@@ -201,8 +195,7 @@ def build_backbone(name: str, fit: FitConfig, train: TrainConfig, splits: DataSp
         options["max_length"] = fit.max_length
     seed_everything(train.seed)
     backbone = create_backbone(name, pretrained=fit.pretrained, **options)
-    if backbone.modality != splits.modality:
-        raise _wrong_modality(name, backbone.modality, splits.modality)
+    check_backbone_modality(name, splits.modality, backbone.modality)
     return backbone
 
 

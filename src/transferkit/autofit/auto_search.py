@@ -198,9 +198,12 @@ class AutoSearch:
         if self.k > smallest:
             raise TransferkitError(f"--folds {self.k} is more than the smallest class ({smallest} items)",
                                    f"use --folds {smallest} or fewer")
+        from transferkit.backbones import check_backbone_modality, check_backbone_name, list_backbones
+
+        for name in config.backbones or []:  # refused as fit refuses it, before the search starts
+            check_backbone_modality(name, self.data.modality)
         self.space = default_space(self.data.modality, config.backbones, config.image_sizes, config.strategies,
                                    class_names=self.data.class_names)
-        from transferkit.backbones import check_backbone_name, list_backbones
 
         list_backbones()  # imports the backbone libraries now: start-up, not the first candidate's measured cost
         for name in {c.backbone for c in self.space}:

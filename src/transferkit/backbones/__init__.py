@@ -127,6 +127,18 @@ def backbone_modality(name: str) -> str:
     return backbone_info(name).modality
 
 
+def check_backbone_modality(name: str, data_modality: str, modality: str | None = None) -> None:
+    """Refuse backbone ``name`` for data of ``data_modality`` when it takes another input (``modality``: the built
+    backbone's; default: the registry's, known without building it)."""
+    modality = modality or backbone_modality(name)
+    if modality != data_modality:
+        from transferkit.errors import TransferkitError
+
+        raise TransferkitError(f"backbone '{name}' takes {modality} input but the data is {data_modality}",
+                               f"choose {'an' if data_modality[0] in 'aeiou' else 'a'} {data_modality} backbone "
+                               "(`transferkit backbones`)")
+
+
 def create_backbone(name: str, pretrained: bool = True, **options: Any) -> Backbone:
     """Build a backbone by registry name. ``pretrained=False`` builds the architecture only (random weights). The
     option ``frame`` (``fit --frame``) is every backbone's: :meth:`Backbone.set_frame`."""
