@@ -371,7 +371,26 @@ def test_multitask_run_exports_every_head_as_a_graph_output_with_parity(tmp_path
         reference = torch_model.module(torch.from_numpy(x)).outputs
     np.testing.assert_allclose(count, reference["count"].numpy(), atol=1e-4)
     np.testing.assert_allclose(size, reference["size"].numpy(), atol=1e-4)
-    assert transferkit.load(tmp_path / "onnx").classes_ == torch_model.classes_
+    export = transferkit.load(tmp_path / "onnx")
+    assert export.classes_ == torch_model.classes_
+    # predict and evaluate give every task, as the run does
+    images = [np.random.default_rng(i).integers(0, 255, (16, 16), dtype=np.uint8) for i in range(3)]
+    Image.fromarray(images[0]).save(tmp_path / "star.png")
+    images[0] = str(tmp_path / "star.png")  # a file, as the CLI passes it
+    got, expected = transferkit.predict(export, images), transferkit.predict(torch_model, images)
+    for row, reference_row in zip(got, expected):
+        assert row["tasks"]["count"] == reference_row["tasks"]["count"] == row["prediction"]
+        assert row["tasks"]["size"] == pytest.approx(reference_row["tasks"]["size"], abs=1e-4)
+    scored = transferkit.evaluate(export, "stars", progress=False, batch_size=256)
+    reference_report = transferkit.evaluate(torch_model, "stars", progress=False, batch_size=256)
+    size, reference_size = scored["tasks"]["size"], reference_report["tasks"]["size"]
+    assert size.keys() == reference_size.keys() and size["interval"] == reference_size["interval"]
+    assert {k: size[k] for k in ("mae", "coverage", "mean_interval_width", "n")} == pytest.approx(
+        {k: reference_size[k] for k in ("mae", "coverage", "mean_interval_width", "n")}, abs=1e-4)
+    assert scored["size_coverage"] == pytest.approx(reference_report["size_coverage"], abs=1e-4)
+    readme = (tmp_path / "onnx" / "README.md").read_text()
+    size_line = next(line for line in readme.splitlines() if line.startswith("- `size`"))
+    assert "quantiles" in size_line and "softmax" not in size_line, readme
 
 
 def test_damaged_onnx_export_exits_2_with_one_line_naming_the_file(tmp_path, capsys):

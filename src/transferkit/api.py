@@ -164,6 +164,12 @@ class LoadedModel:
         return sum(predict_proba_model(self.module, view, batch_size, progress and i == 0,
                                        temperature=self.temperature) for i, view in enumerate(views)) / len(views)
 
+    def task_rows(self, items: Any, batch_size: int = 64) -> list[dict[str, Any]]:
+        """Per item: every task's prediction (class name, value, or ``{quantile: value}``)."""
+        from transferkit.tasks.extension import predict_task_rows
+
+        return predict_task_rows(self.module, self._as_data(items), batch_size)
+
     def predict(self, items: Any, batch_size: int = 64) -> list[str]:
         probabilities = self.predict_proba(items, batch_size)
         return [self.classes_[i] for i in probabilities.argmax(axis=1)]
@@ -373,7 +379,9 @@ def evaluate(model: str | Path | LoadedModel, data: str, *, text_column: str | N
 
         keep = eval_data.labels >= 0
         probabilities = loaded.predict_proba_data(eval_data.subset(np.flatnonzero(keep)), batch_size)
-        return classification_report(eval_data.labels[keep], probabilities, loaded.classes_)
+        report = classification_report(eval_data.labels[keep], probabilities, loaded.classes_)
+        report.update(loaded.task_report(eval_data, batch_size))  # a multi-task run's other heads
+        return report
     if loaded.module.tasks[0].kind != "classify":  # regression first: the task metrics are the report
         from transferkit.tasks.extension import first_task_report
 
@@ -485,10 +493,8 @@ def prediction_rows(loaded: LoadedModel, items: list[Any], names: list[Any],
     """``predict``'s rows for ``items`` (image files, PIL or numpy images, or texts), each row's ``"input"`` taken
     from ``names``; images are decoded ``batch_size`` at a time."""
     if loaded.tasks[0].kind != "classify" or len(loaded.tasks) > 1:  # every task's prediction
-        from transferkit.tasks.extension import predict_task_rows
-
-        rows = predict_task_rows(loaded.module, loaded._as_data(items), batch_size)
-        first = loaded.module.tasks[0]
+        rows = loaded.task_rows(items, batch_size)
+        first = loaded.tasks[0]
         if first.kind != "classify":
             return [{"input": name, "prediction": row[first.name], "tasks": row} for name, row in zip(names, rows)]
         extra = rows

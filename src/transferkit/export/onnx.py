@@ -27,7 +27,9 @@ outputs ``logits_<member>_<view>``. ``parity.json`` then also holds the end-to-e
 ensemble (maximum probability difference, agreement).
 
 ``load(OUT)`` returns an :class:`OnnxModel` (``predict``, ``predict_proba``, ``evaluate``, ``classes_``):
-``transferkit predict / evaluate / serve --model OUT`` then run onnxruntime, without PyTorch weights.
+``transferkit predict / evaluate / serve --model OUT`` then run onnxruntime, without PyTorch weights. A multi-task
+run's export predicts and scores every task from its graph outputs (the heads' outputs: logits, values, quantiles),
+through the same code as the run (:func:`transferkit.tasks.extension.task_rows`, ``task_report_of_outputs``).
 """
 
 from __future__ import annotations
@@ -456,6 +458,21 @@ def _text_steps(spec: dict[str, Any], names: list[str]) -> str:
             "(batch, tokens)\n")
 
 
+def _output_line(task: dict[str, Any], temperature: float) -> str:
+    """What a single model's graph output of ``task`` (``TaskSpec.to_dict()``) holds: its head's output."""
+    options = task.get("options") or {}
+    name = f"`{task['name']}` (task `{options.get('column') or 'label'}:{options.get('type', task['kind'])}`)"
+    if task["kind"] == "classify":
+        return (f"{name}: raw logits (batch, classes); probabilities = softmax(logits / {temperature}); classes in "
+                f"order: {task['class_names']}")
+    if task["kind"] == "quantile":
+        offset = options.get("interval_offset") or 0.0
+        calibrated = f", the outermost two moved outward by the conformal offset {offset:.4g}" if offset else ""
+        return (f"{name}: the quantiles {options['quantiles']} (batch, {len(options['quantiles'])}) in the "
+                f"target's units, never crossing{calibrated}: as `transferkit predict` gives them")
+    return f"{name}: the predicted value (batch,) in the target's units"
+
+
 def _readme(spec: dict[str, Any], config: dict[str, Any], parity: dict[str, Any]) -> str:
     classes = config["tasks"][0]["class_names"]
     if spec["kind"] == "ensemble":
@@ -468,7 +485,8 @@ def _readme(spec: dict[str, Any], config: dict[str, Any], parity: dict[str, Any]
                             for m, member in enumerate(config["members"]))
         outputs = (f"`probabilities` (batch, classes): the weighted mean over the members of softmax(logits / "
                    f"temperature), each member averaged over its views. Members:\n\n{members}\n\nThen each member's "
-                   f"raw logits per view: {', '.join(f'`{o}`' for o in config['outputs'][1:])}.")
+                   f"raw logits per view: {', '.join(f'`{o}`' for o in config['outputs'][1:])}. Classes in order: "
+                   f"{classes}.")
         ensemble = parity["ensemble"]
         extra = (f" Against the PyTorch ensemble itself (each member with its own preprocessing and TTA): max "
                  f"|probability difference| {ensemble['max_abs_probability_diff']:.2e}, agreement "
@@ -478,13 +496,14 @@ def _readme(spec: dict[str, Any], config: dict[str, Any], parity: dict[str, Any]
     else:
         steps = _image_steps(spec, "pixels") if spec["kind"] == "image" else \
             _text_steps({**spec, "tokenizer": TOKENIZER_DIR}, ["input_ids", "attention_mask"])
-        outputs = (f"{', '.join(f'`{o}`' for o in config['outputs'])}: raw logits (batch, classes); "
-                   f"probabilities = softmax(logits / {config['temperature']}).")
+        outputs = "One output per task, in order:\n\n" + "".join(
+            f"- {_output_line(task, config['temperature'] if i == 0 else 1.0)}\n"
+            for i, task in enumerate(config["tasks"])).rstrip("\n")
         extra, head = "", ""
     return (f"# ONNX export\n\nGraph `{GRAPH_FILE}` (opset {config['opset']}), exported from `{config['source']}`. "
             f"Batch size is dynamic.\n\n"
             f"## Preprocessing (in Python, before the graph; also in `{PREPROCESS_FILE}`)\n\n{head}{steps}\n"
-            f"## Outputs\n\n{outputs} Classes in order: {classes}.\n\n"
+            f"## Outputs\n\n{outputs}\n\n"
             f"## Parity with PyTorch (at export)\n\nmax |logit difference| {parity['max_abs_logit_diff']:.2e}, "
             f"predicted-class agreement {parity['agreement']:.4f} on {parity['samples']} synthetic inputs.{extra}\n\n"
             "## Use\n\n```bash\ntransferkit predict --model THIS_FOLDER INPUT...\n"
@@ -510,14 +529,16 @@ class OnnxModel:
         config_path, preprocess_path = self.path / "config.json", self.path / PREPROCESS_FILE
         with reading(config_path, "ONNX export config", _EXPORT_AGAIN):
             self.config = json.loads(config_path.read_text(encoding="utf-8"))
-            missing = [key for key in ("tasks", "modality", "inputs", "outputs") if key not in self.config]
+            missing = [key for key in ("tasks", "modality", "inputs", "outputs") if not self.config.get(key)]
             if missing:
                 raise corrupt_file_error(config_path, "ONNX export config", f"no {', '.join(missing)}", _EXPORT_AGAIN)
             if self.config.get("format_version", 0) > FORMAT_VERSION:
                 raise TransferkitError(f"the export in '{path}' was written by a newer transferkit",
                                        "upgrade transferkit")
-            # the graph outputs every head; the runtime predicts the first task (a classifier)
-            self.tasks = [TaskSpec(**self.config["tasks"][0])]
+            # a single model's graph outputs every head, named after its task; an ensemble's, the first task's
+            self.tasks = [TaskSpec(**task) for task in self.config["tasks"]]
+            if self.config.get("output_kind") == "probabilities":
+                self.tasks = self.tasks[:1]
             self.temperature = float(self.config.get("temperature") or 1.0)
         with reading(preprocess_path, "ONNX preprocessing spec", _EXPORT_AGAIN):  # also a missing "tokenizer", ...
             self.preprocessor = make_preprocessor(json.loads(preprocess_path.read_text(encoding="utf-8")), self.path)
@@ -552,13 +573,37 @@ class OnnxModel:
 
     def _first_output(self, items: Sequence[Any], batch_size: int) -> np.ndarray:
         """The first output for a sequence of items read (images decoded) one batch at a time."""
+        return self._outputs(items, batch_size, self.config["outputs"][:1])[0]
+
+    def _outputs(self, items: Sequence[Any], batch_size: int, names: list[str]) -> list[np.ndarray]:
+        """The graph outputs ``names`` for a sequence of items read (images decoded) one batch at a time."""
         check_count("batch_size", batch_size)
-        chunks = []
+        chunks: list[list[np.ndarray]] = [[] for _ in names]
         for start in range(0, len(items), batch_size):
             arrays = self.preprocessor(items[start:start + batch_size])
-            chunks.append(self.session.run([self.config["outputs"][0]],
-                                           {n: arrays[n] for n in self.config["inputs"]})[0])
-        return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes_)), np.float32)
+            for chunk, out in zip(chunks, self.session.run(names, {n: arrays[n] for n in self.config["inputs"]})):
+                chunk.append(out)
+        if not len(items):
+            return [np.zeros((0, len(self.classes_)), np.float32) for _ in names]
+        return [np.concatenate(chunk) for chunk in chunks]
+
+    def task_rows(self, items: Any, batch_size: int = 64) -> list[dict[str, Any]]:
+        """Per item of ``items`` (as :meth:`first_output` takes them): every task's prediction (class name, value,
+        or ``{quantile: value}``), as a run gives them."""
+        from transferkit.api import input_data
+        from transferkit.tasks.extension import task_rows
+
+        read = input_data(items, self.modality, self.classes_).items
+        return task_rows(self.tasks, self._outputs(read, batch_size, [t.name for t in self.tasks]))
+
+    def task_report(self, data: Any, batch_size: int = 64) -> dict[str, Any]:
+        """Every task's metrics on labelled ``data`` (``tasks`` and ``<task>_<metric>``, as ``evaluate`` of the
+        run gives them); ``{}`` for a model with the label's head only."""
+        from transferkit.tasks.extension import task_report_of_outputs
+
+        names = [t.name for t in self.tasks]
+        return task_report_of_outputs(self.tasks, dict(zip(names, self._outputs(data.items, batch_size, names))),
+                                      data) if len(self.tasks) > 1 else {}
 
     def _probabilities(self, first_output: np.ndarray) -> np.ndarray:
         if self.config.get("output_kind") == "probabilities":  # an ensemble: averaged in the graph

@@ -38,6 +38,8 @@ from transferkit.tasks.multitask import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from transferkit.config import FitConfig
     from transferkit.data.base import DataSplits, LabeledData
     from transferkit.engine.context import RunContext
@@ -271,9 +273,13 @@ class TasksExtension(FitExtension):
 def evaluate_tasks(model: TransferModel, data: LabeledData, batch_size: int = 64) -> dict[str, dict[str, Any]]:
     """Per task of ``model``: its type and :func:`task_metrics` on ``data``, whose columns hold the targets (a
     classify column's values are matched to the task's class names by their text)."""
-    collected = _collect_on(model, data, batch_size)
+    return _scored(model.tasks, _collect_on(model, data, batch_size))
+
+
+def _scored(tasks: list[TaskSpec], collected: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, dict[str, Any]]:
+    """Per task: its type and :func:`task_metrics` of its ``(predictions, targets)`` in ``collected``."""
     return {t.name: {"type": t.options.get("type", t.kind), **task_metrics(t, *collected[t.name])}
-            for t in model.tasks if t.name in collected}
+            for t in tasks if t.name in collected}
 
 
 def calibrate_intervals(model: TransferModel, calibration_data: LabeledData | None, test_data: LabeledData | None,
@@ -335,17 +341,40 @@ def evaluate_hook(model: Any, data: LabeledData, report: dict[str, Any], options
     ``<task>_<metric>`` scalars for the readable report; ``{}`` for a model with the label's head only."""
     module = getattr(model, "module", model)
     tasks = getattr(module, "tasks", [])
-    if len(tasks) < 2 and all(t.kind == "classify" and t.options.get("column") is None for t in tasks):
+    if not scored_per_task(tasks, data):
         return {}
+    return _with_flat(evaluate_tasks(module, data, batch_size=int(options.get("batch_size", 64))))
+
+
+def scored_per_task(tasks: list[TaskSpec], data: LabeledData) -> bool:
+    """Whether a model with ``tasks`` is scored on each (not only by the label's classification report); then
+    ``data`` must have every task's column."""
+    if len(tasks) < 2 and all(t.kind == "classify" and t.options.get("column") is None for t in tasks):
+        return False
     missing = sorted({t.options["column"] for t in tasks
                       if t.options.get("column") is not None and t.options["column"] not in data.columns})
     if missing:
         raise TransferkitError(f"the evaluation data has no column(s) {', '.join(missing)} for the model's tasks",
                                "evaluate on data with every task's column")
-    per_task = evaluate_tasks(module, data, batch_size=int(options.get("batch_size", 64)))
+    return True
+
+
+def _with_flat(per_task: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``tasks`` plus ``<task>_<metric>`` scalars for the readable report."""
     flat = {f"{name}_{key}": value for name, scores in per_task.items() for key, value in scores.items()
             if key in ("accuracy", "mae", "rmse", "coverage", "mean_interval_width")}
     return {"tasks": per_task, **flat}
+
+
+def task_report_of_outputs(tasks: list[TaskSpec], outputs: dict[str, np.ndarray], data: LabeledData
+                           ) -> dict[str, Any]:
+    """:func:`evaluate_hook`'s entries from every task's outputs on ``data`` computed elsewhere (an ONNX export's
+    graph outputs, which are the heads' outputs); ``{}`` for a model with the label's head only."""
+    if not scored_per_task(tasks, data):
+        return {}
+    targets = {t.name: (outputs[t.name], task_targets(data, t.options.get("column"), t.kind, t.class_names))
+               for t in tasks}
+    return _with_flat(_scored(tasks, targets))
 
 
 def first_task_report(model: TransferModel, data: LabeledData, batch_size: int = 64) -> dict[str, Any]:
@@ -363,10 +392,15 @@ def predict_task_rows(model: TransferModel, data: LabeledData, batch_size: int =
     loader = make_loader(data, model.backbone, batch_size=batch_size, train=False)
     outputs = predict_batches(model, (batch["inputs"] for batch in loader),
                               lambda inputs: tuple(model(inputs).outputs[t.name].float() for t in model.tasks))
+    return task_rows(model.tasks, outputs or [])
+
+
+def task_rows(tasks: list[TaskSpec], outputs: Sequence[np.ndarray]) -> list[dict[str, Any]]:
+    """Per item: every task's prediction from the heads' ``outputs`` (one array per task, in task order)."""
     rows: list[dict[str, Any]] = []
-    for i in range(len(outputs[0]) if outputs is not None else 0):
+    for i in range(len(outputs[0]) if len(outputs) else 0):
         row = {}
-        for t, values in zip(model.tasks, outputs):
+        for t, values in zip(tasks, outputs):
             value = values[i]
             if t.kind == "classify":
                 row[t.name] = t.class_names[int(value.argmax())]
