@@ -130,11 +130,32 @@ def test_lora_adapter_export_restores_predictions_on_pretrained_base(tmp_path, m
 
     def seeded(name, pretrained=True, **options):  # small_cnn's "pretrained" weights: the seed-0 initialisation
         torch.manual_seed(0)
-        return real_create(name, pretrained=pretrained, **options)
+        backbone = real_create(name, pretrained=pretrained, **options)
+        backbone.is_pretrained = pretrained
+        return backbone
 
     monkeypatch.setattr(backbones, "create_backbone", seeded)
     restored, _ = load_lora_export(out)
     torch.testing.assert_close(predictions(restored, data), predictions(model, data), rtol=0, atol=0)
+    # the default export is a model folder that load (so predict, evaluate, serve) reads
+    import transferkit
+
+    loaded = transferkit.load(out, device="cpu")
+    torch.testing.assert_close(predictions(loaded.module, data), predictions(model, data), rtol=0, atol=0)
+    rows = transferkit.predict(loaded, list(data.items[:2]))
+    assert [r["prediction"] for r in rows] == [CLASSES[i] for i in predictions(model, data)[:2].argmax(1)]
+
+
+def test_lora_adapter_export_on_a_base_without_pretrained_weights_is_refused_naming_merge(tmp_path):
+    """small_cnn has no pretrained weights to put the adapter on: loading the adapter export says to merge."""
+    import transferkit
+
+    model, strategy = build("small_cnn", "lora", {"lora_r": 2, "lora_targets": [r"re:stages\.\d\.[03]"]}, width=4,
+                            feature_dim=8, in_chans=3, image_size=16)
+    save_model(model, tmp_path / "run" / "model", strategy.to_dict())
+    out = export_lora(tmp_path / "run", tmp_path / "adapter")
+    with pytest.raises(TransferkitError, match="no pretrained weights.*--merge"):
+        transferkit.load(out, device="cpu")
 
 
 def test_one_shot_lora_trains_fixed_epochs_on_one_example_per_class(tmp_path):

@@ -288,6 +288,10 @@ def load_model(folder: str | Path) -> tuple[TransferModel, dict[str, Any]]:
     meta device, before any memory is allocated), then dtypes and finiteness."""
     config = read_model_config(folder)
     folder = Path(config["_folder"])
+    if config.get("lora_export") == "adapter":  # `transferkit export` of a LoRA run: peft's adapter + the heads
+        from transferkit.strategies.lora import load_lora_export
+
+        return load_lora_export(folder)
     path = folder / "config.json"
     weights = folder / "model.safetensors"
     if not weights.is_file():

@@ -6,8 +6,8 @@
   expects them). Built without pretrained weights (architecture only), so it is fast and offline.
 * export: a LoRA run as a small peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors`` +
   the head; loads on the pretrained backbone), or with ``--merge`` as an ordinary transferkit model whose weights
-  include the LoRA update (no peft needed to predict). Both load with ``transferkit.strategies.lora
-  .load_lora_export`` (merged ones also with ``transferkit.load``). Other runs and ``auto`` ensembles are written as
+  include the LoRA update (no peft needed to predict). Both load with ``transferkit.load`` (so ``predict``,
+  ``evaluate``, ``serve``) and ``transferkit.strategies.lora.load_lora_export``. Other runs and ``auto`` ensembles are written as
   plain model folders (LoRA members merged; ``transferkit.export.safetensors``); ``--format onnx`` writes an ONNX
   graph, one graph for an ensemble (``transferkit.export.onnx``).
 * generate: a continuation (or, with ``--chat``, a chat answer) from a causal-LM run or backbone.

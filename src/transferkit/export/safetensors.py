@@ -1,7 +1,8 @@
 """``transferkit export --format safetensors`` (the default): a plain transferkit model folder that ``load`` reads.
 
-* a LoRA run: its peft adapter folder, or merged into the base weights with ``--merge``
-  (:func:`transferkit.strategies.lora.export_lora`, unchanged);
+* a LoRA run: its peft adapter folder, which ``load`` puts back on the backbone's pretrained weights
+  (:func:`transferkit.strategies.lora.load_lora_export`; a backbone without pretrained weights needs ``--merge``),
+  or merged into the base weights with ``--merge`` (:func:`transferkit.strategies.lora.export_lora`, unchanged);
 * an ``auto`` ensemble: the ensemble folder (``config.json`` with members and weights, one model folder per member
   under ``members/``), every LoRA member merged into its base weights, so no member needs peft to load;
 * any other run: its ``model/`` folder (``model.safetensors`` + ``config.json``, and ``calibration.json`` when

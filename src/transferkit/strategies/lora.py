@@ -281,6 +281,10 @@ def load_lora_export(folder: str | Path) -> tuple[TransferModel, dict[str, Any]]
         return load_model(folder)
     folder = Path(config["_folder"])
     backbone = backbone_from_spec(config["backbone"], pretrained=True)
+    if not backbone.is_pretrained:  # the adapter was trained on weights that cannot be rebuilt
+        raise TransferkitError(f"the LoRA adapter export in '{folder}' needs backbone '{config['backbone']['name']}'"
+                               "'s pretrained weights, and it has no pretrained weights",
+                               "export the run with `transferkit export --merge` (a plain model)")
     model = TransferModel(backbone, [TaskSpec(**t) for t in config["tasks"]], config.get("head_dropout", 0.0))
     Lora(LoraStrategyConfig(**_lora_options(config))).prepare(model, for_loading=True)
     result = set_peft_model_state_dict(inner_network(backbone), read_safetensors(folder / "adapter_model.safetensors"),
