@@ -68,6 +68,8 @@ def test_image_run_exports_to_onnx_with_parity_and_runs_on_onnxruntime(tmp_path,
     with running_server(["--model", export, "--name", "onnx"]) as (port, process):  # serve runs the export too
         status, answer = Client(port).upload("/predict", [(Path(f).name, Path(f).read_bytes()) for f in files[:3]])
         assert status == 200 and [r["prediction"] for r in answer["predictions"]] == [r["prediction"] for r in rows]
+        status, metadata = Client(port).json("GET", "/v2/models/onnx")  # KServe V2: the runtime that serves it
+        assert status == 200 and metadata["platform"] == "onnxruntime_onnx"
         stop_cleanly(process)
     # over an existing export without --overwrite: refused in one line
     assert main(["export", "--model", str(run.path), "--format", "onnx", "--out", str(export)]) == 2

@@ -176,6 +176,7 @@ def test_image_model_routes_bad_inputs_and_shutdown(image_run, tmp_path):
         assert client.json("GET", "/v2/models/stripes/ready") == (200, {"name": "stripes", "ready": True})
         status, metadata = client.json("GET", "/v2/models/stripes")
         assert status == 200 and metadata["inputs"] == [{"name": "input", "datatype": "BYTES", "shape": [-1]}]
+        assert metadata["platform"] == "transferkit_pytorch"
         assert {"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]} in metadata["outputs"]
         assert_error(*client.json("GET", "/v2/models/other"), 404)
         assert_error(*client.json("GET", "/v2/models/other/ready"), 404)

@@ -424,7 +424,11 @@ class App:
         outputs = ([{"name": "label", "datatype": "BYTES", "shape": [-1]},
                     {"name": "probabilities", "datatype": "FP32", "shape": [-1, n_classes]}] if service.classify
                    else [{"name": "prediction", "datatype": "BYTES", "shape": [-1]}])
-        return {"name": service.name, "versions": [], "platform": "transferkit_pytorch",
+        from transferkit.api import LoadedModel
+
+        # KServe / Triton platform names: an ONNX export runs on onnxruntime, a run folder on PyTorch
+        platform = "transferkit_pytorch" if isinstance(service.loaded, LoadedModel) else "onnxruntime_onnx"
+        return {"name": service.name, "versions": [], "platform": platform,
                 "inputs": [{"name": "input", "datatype": "BYTES", "shape": [-1]}], "outputs": outputs}
 
     async def infer(self, request: dict[str, Any]) -> dict[str, Any]:
