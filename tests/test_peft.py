@@ -158,6 +158,23 @@ def test_lora_adapter_export_on_a_base_without_pretrained_weights_is_refused_nam
         transferkit.load(out, device="cpu")
 
 
+def test_lora_run_trained_without_pretrained_weights_is_exported_merged_only(tmp_path):
+    """An adapter export is loaded on the pretrained base: a --no-pretrained run's adapter would load on other
+    weights than it was trained on, so it is refused in one line (before anything is written); --merge works."""
+    import json
+
+    model, strategy = build("small_cnn", "lora", {"lora_r": 2, "lora_targets": [r"re:stages\.\d\.[03]"]}, width=4,
+                            feature_dim=8, in_chans=3, image_size=16)
+    save_model(model, tmp_path / "run" / "model", strategy.to_dict())
+    (tmp_path / "run" / "run_config.json").write_text(json.dumps({"fit": {"pretrained": False}}))
+    with pytest.raises(TransferkitError, match="--no-pretrained.*--merge"):
+        export_lora(tmp_path / "run", tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+    merged, _ = load_model(export_lora(tmp_path / "run", tmp_path / "merged", merge=True))
+    torch.testing.assert_close(predictions(merged, image_data(size=16)), predictions(model, image_data(size=16)),
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_one_shot_lora_trains_fixed_epochs_on_one_example_per_class(tmp_path):
     """K = 1 (personalisation): the loader gives no validation split, the engine runs every epoch and keeps the
     last weights, and still only LoRA + head parameters move."""

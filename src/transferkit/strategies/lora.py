@@ -229,14 +229,19 @@ def export_lora(model_dir: str | Path, out: str | Path, merge: bool = False, ove
     """
     from peft import get_peft_model_state_dict
 
-    from transferkit.evaluation.calibration import copy_calibration
+    from transferkit.evaluation.calibration import copy_calibration, run_folder_of
     from transferkit.model import load_model, read_model_config, save_model
-    from transferkit.rundir import OutputFolder, write_json, write_safetensors
+    from transferkit.rundir import OutputFolder, read_options, write_json, write_safetensors
 
     config = read_model_config(model_dir)
     options = _lora_options(config)
     if options.get("_merged"):
         raise TransferkitError(f"'{model_dir}' is already a merged LoRA export", "export the original run instead")
+    fit = (read_options(run_folder_of(config["_folder"])) or {}).get("fit")
+    if not merge and isinstance(fit, dict) and fit.get("pretrained") is False:  # the adapter loads on the pretrained base
+        raise TransferkitError(f"the LoRA run in '{model_dir}' was trained on randomly initialised weights "
+                               "(--no-pretrained), which an adapter export cannot rebuild",
+                               "export it with --merge (a plain model)")
     folder = OutputFolder(out, "export", overwrite=overwrite)
     folder.check()
     model, config = load_model(model_dir)
