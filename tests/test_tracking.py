@@ -222,6 +222,11 @@ def test_a_bad_tracking_destination_is_refused_in_one_line_before_any_work(image
             assert "--track-uri" in error and expected in error and len(error.splitlines()) == 1, error
             assert not out.exists()
     assert not (tmp_path / "mlruns_dir").exists() and not (tmp_path / "mlruns_uri").exists()
+    from transferkit.tracking import TrackingConfig, check_destination
+
+    for remote in ("databricks", "http://127.0.0.1:5000", f"sqlite:///{tmp_path / 'new' / 'm.db'}"):
+        check_destination(TrackingConfig(track="mlflow", track_uri=remote))  # not contacted, not refused
+    assert not (tmp_path / "new").exists()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", str(tmp_path / "mlruns_env"))  # the environment's URI is checked too
     assert main(["fit", "--data", str(image_folder), "--out", str(tmp_path / "env"), "--track", "mlflow"]) == 2
     assert "$MLFLOW_TRACKING_URI" in capsys.readouterr().err and not (tmp_path / "env").exists()

@@ -114,6 +114,8 @@ def check_destination(config: TrackingConfig) -> None:
         return
     uri, source = mlflow_uri(config)
     parsed = urlparse(uri)
+    if uri in ("databricks", "databricks-uc", "uc"):  # MLflow's names of remote stores, not folders
+        return
     if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:  # a path (a Windows drive letter is no scheme)
         if not _file_store_allowed():
             folder = url2pathname(parsed.path) if parsed.scheme == "file" else uri
